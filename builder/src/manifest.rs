@@ -1,0 +1,584 @@
+//! The treefile: a TOML manifest describing one host tree.
+//!
+//! Adding a key? 1. add it to [`ManifestFile`] (all fields optional or
+//! defaulted, `deny_unknown_fields` stays on), 2. give it a merge rule in
+//! [`ManifestFile::merge_included`], 3. document it in `docs/manifest.md`,
+//! 4. cover it in `tests/manifest.rs`.
+//!
+//! Each file is parsed and checked on its own first, so an unknown key is
+//! reported with the file and line it is on; then `include`d files are merged
+//! under the including one: arrays concatenate (included first), tables merge
+//! key by key, and scalars of the including file win.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What went wrong reading a manifest. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("reading manifest {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("manifest {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("manifest {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("manifest {path}: include cycle through {again}")]
+    IncludeCycle { path: PathBuf, again: PathBuf },
+}
+
+type Result<T> = std::result::Result<T, ManifestError>;
+
+/// One manifest file as written (before includes are merged).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ManifestFile {
+    /// Other manifests to merge under this one, relative to this file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<PathBuf>,
+    /// The OSTree branch the commit lands on.
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub ref_: Option<String>,
+    /// Automatic versions are `<prefix>.<YYYYMMDD>.<serial>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_prefix: Option<String>,
+    /// Extra string metadata written into every commit.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Debian packages installed with mmdebstrap into a fresh root.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packages: Option<Packages>,
+    /// A prepared root file system (directory or tar archive) instead of packages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<PathBuf>,
+    /// Copy the running `host` executable into the tree at this path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub self_install: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileEntry>,
+    /// Paths removed from the tree after packages and files are in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove_files: Vec<String>,
+    #[serde(default, skip_serializing_if = "Units::is_empty")]
+    pub units: Units,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<User>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<Group>,
+    /// Kernel command line arguments every deployment of this tree boots with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_args: Vec<String>,
+    /// Scripts run inside the tree, without network, after everything else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub postprocess: Vec<Script>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Packages {
+    /// Debian suite, e.g. `bookworm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
+    /// Archive components; default `["main"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<String>,
+    /// One-line apt sources (`deb [opts] URI SUITE COMPONENTS`). Empty: the
+    /// build machine's own configured sources for `suite` and its
+    /// `-updates`/`-security` companions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
+    /// mmdebstrap variant; default `minbase`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub install: Vec<String>,
+    /// Packages apt must never install (pinned to priority -1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// dpkg `path-exclude` globs: files packages ship that never land in the tree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileEntry {
+    /// Source path, relative to the manifest that names it.
+    pub src: PathBuf,
+    /// Absolute destination in the tree, under /usr or /etc.
+    pub dst: String,
+    /// Octal permission bits (e.g. `0o644` or `"0644"`); default: the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+}
+
+/// File mode written either as a TOML integer (`0o755`) or an octal string (`"0755"`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Mode {
+    Int(u32),
+    Str(ModeString),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[serde(into = "String")]
+pub struct ModeString(pub u32);
+
+impl From<ModeString> for String {
+    fn from(m: ModeString) -> String {
+        format!("{:04o}", m.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModeString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .map(ModeString)
+            .map_err(|_| serde::de::Error::custom(format!("mode {s:?} is not an octal number")))
+    }
+}
+
+impl Mode {
+    pub fn bits(self) -> u32 {
+        match self {
+            Mode::Int(m) => m,
+            Mode::Str(ModeString(m)) => m,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Units {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enable: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disable: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mask: Vec<String>,
+}
+
+impl Units {
+    fn is_empty(&self) -> bool {
+        self.enable.is_empty() && self.disable.is_empty() && self.mask.is_empty()
+    }
+}
+
+/// A system user, written to sysusers.d (created at boot by systemd-sysusers).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct User {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gecos: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// Supplementary groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Group {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+}
+
+/// A postprocess script: a file (`script`) or inline text (`inline`, with a `name`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Script {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Script {
+    /// The name errors and logs use for this script.
+    pub fn display_name(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        match &self.script {
+            Some(p) => p.display().to_string(),
+            None => "inline script".into(),
+        }
+    }
+}
+
+/// A fully merged and validated manifest; all relative paths made absolute.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Manifest {
+    /// The file it was loaded from.
+    #[serde(skip)]
+    pub path: PathBuf,
+    #[serde(flatten)]
+    pub spec: ManifestFile,
+}
+
+impl Manifest {
+    /// Load a manifest and everything it includes.
+    pub fn load(path: &Path) -> Result<Manifest> {
+        let path = std::path::absolute(path).map_err(|source| ManifestError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut stack = Vec::new();
+        let spec = load_merged(&path, &mut stack)?;
+        let manifest = Manifest { path, spec };
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Parse a manifest from text, as if read from `path` (used by tests and `--dry-run`).
+    pub fn from_str_at(text: &str, path: &Path) -> Result<Manifest> {
+        let mut spec = parse_file(text, path)?;
+        absolutize(&mut spec, path.parent().unwrap_or(Path::new("/")));
+        if !spec.include.is_empty() {
+            return Err(ManifestError::Invalid {
+                path: path.to_owned(),
+                key: "include".into(),
+                message: "includes need a manifest on disk; use Manifest::load".into(),
+            });
+        }
+        let manifest = Manifest {
+            path: path.to_owned(),
+            spec,
+        };
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    pub fn ref_name(&self) -> &str {
+        self.spec.ref_.as_deref().unwrap_or_default()
+    }
+
+    /// The resolved manifest as TOML (what `--dry-run` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(&self.spec).unwrap_or_else(|e| format!("# unprintable: {e}\n"))
+    }
+
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ManifestError {
+        ManifestError::Invalid {
+            path: self.path.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let s = &self.spec;
+        let Some(r) = s.ref_.as_deref() else {
+            return Err(self.invalid("ref", "missing: every manifest needs the branch to commit to, e.g. ref = \"cairn/bookworm/x86_64/container-host\""));
+        };
+        if r.is_empty()
+            || r.starts_with('/')
+            || r.ends_with('/')
+            || r.contains("//")
+            || r.contains("..")
+            || !r
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
+            return Err(self.invalid(
+                "ref",
+                format!("{r:?} is not a valid OSTree ref (letters, digits, '-', '_', '.', '/' separated parts)"),
+            ));
+        }
+        match (&s.packages, &s.rootfs) {
+            (None, None) => {
+                return Err(self.invalid(
+                    "packages",
+                    "the tree needs a base: a [packages] table or a `rootfs` directory/tarball",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    "rootfs",
+                    "give either [packages] or `rootfs`, not both",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(p) = &s.packages {
+            if p.suite.is_none() {
+                return Err(self.invalid("packages.suite", "missing, e.g. suite = \"bookworm\""));
+            }
+            for (i, line) in p.sources.iter().enumerate() {
+                if !line.trim_start().starts_with("deb ") {
+                    return Err(self.invalid(
+                        format!("packages.sources[{i}]"),
+                        format!("{line:?} is not a one-line apt source (`deb [options] URI SUITE COMPONENT...`)"),
+                    ));
+                }
+            }
+            if let Some(v) = &p.variant {
+                const VARIANTS: &[&str] = &["minbase", "essential", "apt", "required", "important", "standard"];
+                if !VARIANTS.contains(&v.as_str()) {
+                    return Err(self.invalid(
+                        "packages.variant",
+                        format!("{v:?} is not one of {}", VARIANTS.join(", ")),
+                    ));
+                }
+            }
+            for name in p.install.iter().chain(&p.exclude) {
+                if name.is_empty() || name.contains(char::is_whitespace) || name.starts_with('-') {
+                    return Err(self.invalid("packages.install", format!("{name:?} is not a package name")));
+                }
+            }
+        }
+        if let Some(root) = &s.rootfs {
+            if !root.exists() {
+                return Err(self.invalid("rootfs", format!("{} does not exist", root.display())));
+            }
+        }
+        if let Some(dst) = &s.self_install {
+            check_tree_path(dst, true).map_err(|m| self.invalid("self-install", m))?;
+        }
+        for (i, f) in s.files.iter().enumerate() {
+            check_tree_path(&f.dst, true).map_err(|m| self.invalid(format!("files[{i}].dst"), m))?;
+            if !f.src.exists() {
+                return Err(self.invalid(
+                    format!("files[{i}].src"),
+                    format!("{} does not exist", f.src.display()),
+                ));
+            }
+            if let Some(m) = f.mode {
+                if m.bits() > 0o7777 {
+                    return Err(self.invalid(format!("files[{i}].mode"), format!("{:o} is not a permission mode", m.bits())));
+                }
+            }
+        }
+        for (i, p) in s.remove_files.iter().enumerate() {
+            check_tree_path(p, false).map_err(|m| self.invalid(format!("remove-files[{i}]"), m))?;
+        }
+        let unit_lists = [("units.enable", &s.units.enable), ("units.disable", &s.units.disable), ("units.mask", &s.units.mask)];
+        for (key, list) in unit_lists {
+            for unit in list {
+                const KINDS: &[&str] = &[".service", ".socket", ".timer", ".target", ".path", ".mount", ".slice", ".automount", ".swap", ".netdev", ".network"];
+                if unit.contains('/') || !KINDS.iter().any(|k| unit.ends_with(k)) {
+                    return Err(self.invalid(key, format!("{unit:?} is not a systemd unit name")));
+                }
+            }
+        }
+        for (i, u) in s.users.iter().enumerate() {
+            check_account_name(&u.name).map_err(|m| self.invalid(format!("users[{i}].name"), m))?;
+        }
+        for (i, g) in s.groups.iter().enumerate() {
+            check_account_name(&g.name).map_err(|m| self.invalid(format!("groups[{i}].name"), m))?;
+        }
+        for (i, k) in s.kernel_args.iter().enumerate() {
+            if k.is_empty() || k.contains(char::is_whitespace) {
+                return Err(self.invalid(format!("kernel-args[{i}]"), format!("{k:?}: one argument per entry, without spaces")));
+            }
+        }
+        for (i, sc) in s.postprocess.iter().enumerate() {
+            let key = format!("postprocess[{i}]");
+            match (&sc.script, &sc.inline) {
+                (Some(p), None) => {
+                    if !p.is_file() {
+                        return Err(self.invalid(format!("{key}.script"), format!("{} is not a file", p.display())));
+                    }
+                }
+                (None, Some(_)) => {}
+                _ => return Err(self.invalid(key, "give exactly one of `script` (a file) or `inline` (text)")),
+            }
+        }
+        Ok(())
+    }
+
+    /// SHA-256 over the manifest's meaning: the merged keys with every source
+    /// file replaced by its content digest, so moving a checkout changes nothing.
+    pub fn digest(&self) -> std::io::Result<String> {
+        let mut canon = self.spec.clone();
+        canon.include.clear();
+        for f in &mut canon.files {
+            f.src = PathBuf::from(format!("sha256:{}", file_sha256(&f.src)?));
+        }
+        for sc in &mut canon.postprocess {
+            if let Some(p) = &sc.script {
+                let digest = file_sha256(p)?;
+                if sc.name.is_none() {
+                    sc.name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                }
+                sc.script = Some(PathBuf::from(format!("sha256:{digest}")));
+            }
+        }
+        if canon.rootfs.is_some() {
+            // The base's content is hashed separately (see compose); its location is not meaning.
+            canon.rootfs = Some(PathBuf::from("rootfs"));
+        }
+        let json = serde_json::to_vec(&canon).expect("manifest serializes");
+        Ok(hex::encode(Sha256::digest(json)))
+    }
+}
+
+pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(path)?;
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Destinations must be absolute, normalized, and (for added files) under /usr or /etc:
+/// everything else is either per-machine state (/var) or generated at boot.
+fn check_tree_path(p: &str, only_usr_etc: bool) -> std::result::Result<(), String> {
+    let path = Path::new(p);
+    if !path.is_absolute() {
+        return Err(format!("{p:?} must be an absolute path"));
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(format!("{p:?} must not contain `.` or `..`"));
+    }
+    if path == Path::new("/") {
+        return Err("refusing to touch the whole tree `/`".into());
+    }
+    if only_usr_etc && !(path.starts_with("/usr") || path.starts_with("/etc")) {
+        return Err(format!(
+            "{p:?} is outside /usr and /etc: only those are part of the immutable tree (use tmpfiles.d for /var)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_account_name(name: &str) -> std::result::Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 31
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid user or group name"))
+    }
+}
+
+fn parse_file(text: &str, path: &Path) -> Result<ManifestFile> {
+    toml::from_str(text).map_err(|e| ManifestError::Parse {
+        path: path.to_owned(),
+        // toml's message already carries the line, a caret and the key.
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
+fn load_merged(path: &Path, stack: &mut Vec<PathBuf>) -> Result<ManifestFile> {
+    let canonical = path.canonicalize().map_err(|source| ManifestError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if stack.contains(&canonical) {
+        return Err(ManifestError::IncludeCycle {
+            path: stack.last().cloned().unwrap_or_default(),
+            again: canonical,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut spec = parse_file(&text, path)?;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    absolutize(&mut spec, dir);
+    stack.push(canonical);
+    let includes = std::mem::take(&mut spec.include);
+    let mut merged = ManifestFile::default();
+    for inc in &includes {
+        let included = load_merged(inc, stack)?;
+        merged = merged.merge_over(included);
+    }
+    stack.pop();
+    Ok(merged.merge_over(spec))
+}
+
+fn absolutize(spec: &mut ManifestFile, dir: &Path) {
+    let abs = |p: &mut PathBuf| {
+        if p.is_relative() {
+            *p = dir.join(&*p);
+        }
+    };
+    spec.include.iter_mut().for_each(abs);
+    spec.files.iter_mut().for_each(|f| abs(&mut f.src));
+    spec.postprocess
+        .iter_mut()
+        .filter_map(|s| s.script.as_mut())
+        .for_each(abs);
+    if let Some(r) = spec.rootfs.as_mut() {
+        abs(r)
+    }
+}
+
+impl ManifestFile {
+    /// `self` is what was merged so far (included files); `top` is the
+    /// including file, whose scalars win and whose arrays come last.
+    pub fn merge_over(self, top: ManifestFile) -> ManifestFile {
+        self.merge_included(top)
+    }
+
+    fn merge_included(self, top: ManifestFile) -> ManifestFile {
+        fn cat<T>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
+            a.extend(b);
+            a
+        }
+        let mut metadata = self.metadata;
+        metadata.extend(top.metadata);
+        let packages = match (self.packages, top.packages) {
+            (None, p) | (p, None) => p,
+            (Some(a), Some(b)) => Some(Packages {
+                suite: b.suite.or(a.suite),
+                components: cat(a.components, b.components),
+                sources: cat(a.sources, b.sources),
+                variant: b.variant.or(a.variant),
+                install: cat(a.install, b.install),
+                exclude: cat(a.exclude, b.exclude),
+                path_exclude: cat(a.path_exclude, b.path_exclude),
+            }),
+        };
+        ManifestFile {
+            include: Vec::new(),
+            ref_: top.ref_.or(self.ref_),
+            version_prefix: top.version_prefix.or(self.version_prefix),
+            metadata,
+            packages,
+            rootfs: top.rootfs.or(self.rootfs),
+            self_install: top.self_install.or(self.self_install),
+            files: cat(self.files, top.files),
+            remove_files: cat(self.remove_files, top.remove_files),
+            units: Units {
+                enable: cat(self.units.enable, top.units.enable),
+                disable: cat(self.units.disable, top.units.disable),
+                mask: cat(self.units.mask, top.units.mask),
+            },
+            users: cat(self.users, top.users),
+            groups: cat(self.groups, top.groups),
+            kernel_args: cat(self.kernel_args, top.kernel_args),
+            postprocess: cat(self.postprocess, top.postprocess),
+        }
+    }
+}

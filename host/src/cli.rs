@@ -1,0 +1,90 @@
+//! The command tree. Help text, man pages and shell completions are all
+//! generated from these definitions, so they cannot drift apart.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::compose;
+
+/// cairn: an immutable container host, composed from a manifest, updated atomically.
+#[derive(Debug, Parser)]
+#[command(name = "host", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build host trees and disk images (the CI side).
+    #[command(subcommand)]
+    Compose(compose::ComposeCommand),
+
+    /// Print a shell completion script to stdout.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+
+    /// Write man pages for `host` and every subcommand into a directory.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(short, long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Compose(cmd) => compose::run(cmd),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "host", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out } => {
+            write_man_pages(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// One page per command, named the way `man host-compose-tree` finds it.
+fn write_man_pages(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    write_page(dir, &cmd, "host")
+}
+
+fn write_page(dir: &std::path::Path, cmd: &clap::Command, name: &str) -> Result<()> {
+    let page = dir.join(format!("{name}.1"));
+    let man = clap_mangen::Man::new(cmd.clone().name(name.to_string()));
+    let mut buf = Vec::new();
+    man.render(&mut buf)?;
+    let mut file =
+        std::fs::File::create(&page).with_context(|| format!("writing {}", page.display()))?;
+    file.write_all(&buf)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_page(dir, sub, &format!("{name}-{}", sub.get_name()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

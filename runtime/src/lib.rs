@@ -1,0 +1,1 @@
+//! cairn-runtime: run application containers from immutable, content-addressed images.
