@@ -1,1 +1,11 @@
 //! cairn-runtime: run application containers from immutable, content-addressed images.
+//!
+//! Images are imported from OCI layouts/archives into an OSTree repository
+//! ([`image`]); containers run from a read-only checkout of the image commit
+//! ([`container`]), each described as an OCI runtime config ([`spec`]), with
+//! their own network namespace on a host bridge ([`net`]), cgroup v2 limits
+//! ([`cgroup`]) and a small supervising monitor process ([`monitor`]).
+
+pub mod image;
+pub mod layer;
+pub mod source;
