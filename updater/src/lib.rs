@@ -1,2 +1,24 @@
 //! cairn-updater: move a node between host trees atomically (status, upgrade,
-//! rollback, deploy, switch, cleanup, pin) over libostree's sysroot API.
+//! rollback, deploy, switch, cleanup, pin, kargs) over libostree's sysroot API.
+//!
+//! Every operation that changes a sysroot takes its lock (see [`sysroot::SysrootLock`]),
+//! and lets libostree do each write atomically: a deployment directory is
+//! written first, then the bootloader configuration is swapped in one rename.
+//! Named failpoints between those steps (feature `failpoints`, armed with the
+//! `FAILPOINTS` environment variable) let tests kill an operation anywhere.
+
+#[macro_use]
+pub mod failpoints;
+pub mod commit;
+pub mod ops;
+pub mod packages;
+pub mod pull;
+pub mod status;
+pub mod sysroot;
+
+pub use ops::{
+    cleanup, deploy, kargs, pin, rollback, switch, upgrade, CleanupOptions, KargsEdit, Outcome,
+    UpgradeOptions,
+};
+pub use status::{read_status, Status};
+pub use sysroot::{SysrootTarget, STATEROOT};

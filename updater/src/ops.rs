@@ -1,0 +1,834 @@
+//! The operations that change a sysroot: upgrade, deploy, switch, rollback,
+//! cleanup, pin, kargs. Each takes the sysroot lock for its whole duration.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ostree::gio;
+use ostree::glib;
+
+use crate::commit::{boot_files, short, CommitInfo};
+use crate::packages::PackageDiff;
+use crate::pull::{human_bytes, pull, PullRequest};
+use crate::status::{split_refspec, Origin, Roles};
+use crate::sysroot::{require_root, SysrootLock, SysrootTarget, STATEROOT};
+
+/// How an operation ended, for exit codes and follow-ups (reboot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing to do: already on that commit.
+    Unchanged,
+    /// `--check`: an update exists, nothing was downloaded or deployed.
+    UpdateAvailable { checksum: String },
+    /// `--download-only`: the commit is in the local repo, not deployed.
+    Downloaded { checksum: String },
+    /// A new deployment boots next. `staged`: finalized at shutdown.
+    Deployed { checksum: String, staged: bool },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UpgradeOptions {
+    pub check: bool,
+    pub download_only: bool,
+    /// Deploy what an earlier `--download-only` fetched, without the network.
+    pub cache_only: bool,
+    pub allow_downgrade: bool,
+    /// Show pull progress (a bar on a terminal).
+    pub progress: bool,
+}
+
+/// A locked, loaded sysroot.
+struct Session {
+    sysroot: ostree::Sysroot,
+    repo: ostree::Repo,
+    path: std::path::PathBuf,
+    _lock: SysrootLock,
+}
+
+impl Session {
+    fn begin(target: &SysrootTarget, what: &str, out: &mut dyn Write) -> Result<Self> {
+        require_root(what)?;
+        let sysroot = target.open()?;
+        let lock = SysrootLock::acquire(&sysroot, out)?;
+        let repo = sysroot.repo();
+        Ok(Session {
+            repo,
+            path: target.path().to_path_buf(),
+            sysroot,
+            _lock: lock,
+        })
+    }
+
+    fn booted(&self) -> bool {
+        self.sysroot.booted_deployment().is_some()
+    }
+
+    /// The deployment new ones are based on: booted, or index 0.
+    fn merge_deployment(&self) -> Result<ostree::Deployment> {
+        self.sysroot
+            .merge_deployment(Some(STATEROOT))
+            .ok_or_else(|| {
+                anyhow!(
+                    "no `{STATEROOT}` deployment in {}: install the system first",
+                    self.path.display()
+                )
+            })
+    }
+
+    fn origin_of(&self, d: &ostree::Deployment) -> Result<Origin> {
+        d.origin()
+            .as_ref()
+            .and_then(Origin::from_keyfile)
+            .ok_or_else(|| {
+                anyhow!(
+                    "deployment {}.{} has no origin refspec: use `host switch REMOTE:REF`",
+                    d.csum(),
+                    d.deployserial()
+                )
+            })
+    }
+}
+
+fn new_origin(
+    sysroot: &ostree::Sysroot,
+    refspec: &str,
+    override_commit: Option<&str>,
+) -> glib::KeyFile {
+    let kf = sysroot.origin_new_from_refspec(refspec);
+    if let Some(c) = override_commit {
+        kf.set_string("origin", "override-commit", c);
+    }
+    kf
+}
+
+fn remote_of(origin: &Origin) -> Result<&str> {
+    origin.remote.as_deref().ok_or_else(|| {
+        anyhow!(
+            "origin refspec `{}` names no remote: use `host switch REMOTE:REF`",
+            origin.refspec
+        )
+    })
+}
+
+/// Print "from -> to" and the package diff.
+fn show_change(out: &mut dyn Write, from: &CommitInfo, to: &CommitInfo) -> Result<()> {
+    writeln!(out, "  {} -> {}", from.describe(), to.describe())?;
+    writeln!(
+        out,
+        "  Timestamp: {} -> {}",
+        from.timestamp_rfc3339(),
+        to.timestamp_rfc3339()
+    )?;
+    if from.has_packages && to.has_packages {
+        let diff = PackageDiff::between(&from.packages, &to.packages);
+        writeln!(out, "  Packages: {}", diff.summary())?;
+        for line in diff.lines() {
+            writeln!(out, "    {line}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuse before writing anything if /boot cannot hold the new kernel and initramfs.
+fn check_boot_space(s: &Session, csum: &str, what: &str) -> Result<()> {
+    let Some(new) = boot_files(&s.repo, csum)? else {
+        return Ok(());
+    };
+    for d in s.sysroot.deployments() {
+        if let Some(b) = boot_files(&s.repo, &d.csum())? {
+            if b.files == new.files {
+                // Same kernel and initramfs: libostree reuses the files in /boot.
+                return Ok(());
+            }
+        }
+    }
+    let boot = s.path.join("boot");
+    let st = nix::sys::statvfs::statvfs(&boot)
+        .with_context(|| format!("checking free space in {}", boot.display()))?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    // Room for the loader entries written next to them.
+    let need = new.size() + 64 * 1024;
+    if free < need {
+        bail!(
+            "not enough space in {}: the kernel and initramfs of {what} (kernel {}) need {}, \
+             only {} is free. Nothing was changed. Free space with `host cleanup -r` \
+             (removes the rollback deployment) and try again",
+            boot.display(),
+            new.kernel_version,
+            human_bytes(need),
+            human_bytes(free)
+        );
+    }
+    Ok(())
+}
+
+/// Write a new deployment of `csum`: staged on a booted system (finalized at
+/// shutdown, so /etc edits made before the reboot are merged), written
+/// directly on a non-booted sysroot.
+fn write_deployment(
+    s: &Session,
+    csum: &str,
+    origin: &glib::KeyFile,
+    kargs: Option<&[&str]>,
+    what: &str,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let merge = s.merge_deployment()?;
+    check_boot_space(s, csum, what)?;
+    failpoint!("deploy::before-write");
+    let opts = ostree::SysrootDeployTreeOpts {
+        override_kernel_argv: kargs,
+        ..Default::default()
+    };
+    if s.booted() {
+        s.sysroot
+            .stage_tree_with_options(
+                Some(STATEROOT),
+                csum,
+                Some(origin),
+                Some(&merge),
+                &opts,
+                gio::Cancellable::NONE,
+            )
+            .with_context(|| format!("staging a deployment of {what}"))?;
+        failpoint!("deploy::after-stage");
+        writeln!(
+            out,
+            "Staged {what}: it is finalized at shutdown and boots next (changes to /etc made before the reboot are kept)."
+        )?;
+        return Ok(Outcome::Deployed {
+            checksum: csum.to_string(),
+            staged: true,
+        });
+    }
+    let new = s
+        .sysroot
+        .deploy_tree_with_options(
+            Some(STATEROOT),
+            csum,
+            Some(origin),
+            Some(&merge),
+            Some(&opts),
+            gio::Cancellable::NONE,
+        )
+        .with_context(|| format!("writing a deployment of {what}"))?;
+    failpoint!("deploy::after-deploy-tree");
+    s.sysroot
+        .simple_write_deployment(
+            Some(STATEROOT),
+            &new,
+            Some(&merge),
+            ostree::SysrootSimpleWriteDeploymentFlags::NO_CLEAN,
+            gio::Cancellable::NONE,
+        )
+        .context("writing the new boot configuration")?;
+    failpoint!("deploy::after-bootloader-swap");
+    s.sysroot
+        .cleanup(gio::Cancellable::NONE)
+        .context("cleaning up old deployments")?;
+    writeln!(out, "Deployed {what}: it boots next.")?;
+    Ok(Outcome::Deployed {
+        checksum: csum.to_string(),
+        staged: false,
+    })
+}
+
+/// Is `csum` already the deployment that boots next?
+fn boots_next(s: &Session, csum: &str) -> bool {
+    s.sysroot
+        .deployments()
+        .first()
+        .is_some_and(|d| d.csum() == csum)
+}
+
+/// `host upgrade`: fetch the origin ref's head and deploy it.
+pub fn upgrade(
+    target: &SysrootTarget,
+    opts: &UpgradeOptions,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let s = Session::begin(target, "upgrade", out)?;
+    let merge = s.merge_deployment()?;
+    let origin = s.origin_of(&merge)?;
+    let remote = remote_of(&origin)?;
+    let current = CommitInfo::load(&s.repo, &merge.csum())?;
+    if let Some(c) = &origin.override_commit {
+        writeln!(
+            out,
+            "Note: the deployment was pinned to commit {} by `host deploy`; upgrading follows {} again.",
+            short(c),
+            origin.refspec
+        )?;
+    }
+    if !opts.cache_only {
+        writeln!(out, "Fetching {}…", origin.refspec)?;
+        let stats = pull(
+            &s.repo,
+            &PullRequest {
+                remote,
+                ref_: &origin.ref_,
+                commit: None,
+                commit_only: opts.check,
+                depth: 0,
+            },
+            opts.progress,
+        )?;
+        failpoint!("pull::after-pull");
+        writeln!(out, "  {}", stats.describe())?;
+    }
+    let new_csum = s
+        .repo
+        .resolve_rev(&origin.refspec, true)
+        .with_context(|| format!("resolving {}", origin.refspec))?
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has not been downloaded yet: run `host upgrade --download-only` first",
+                origin.refspec
+            )
+        })?
+        .to_string();
+    let new = CommitInfo::load(&s.repo, &new_csum)?;
+    if new_csum == current.checksum || boots_next(&s, &new_csum) {
+        writeln!(
+            out,
+            "No update: {} is already the latest on {}.",
+            new.describe(),
+            origin.refspec
+        )?;
+        return Ok(Outcome::Unchanged);
+    }
+    if new.timestamp < current.timestamp && !opts.allow_downgrade {
+        bail!(
+            "{} on {} is older than the deployed {} ({} < {}): refusing to downgrade. \
+             Pass --allow-downgrade if that is intended",
+            new.describe(),
+            origin.refspec,
+            current.describe(),
+            new.timestamp_rfc3339(),
+            current.timestamp_rfc3339()
+        );
+    }
+    writeln!(out, "Update on {}:", origin.refspec)?;
+    show_change(out, &current, &new)?;
+    if opts.check {
+        return Ok(Outcome::UpdateAvailable { checksum: new_csum });
+    }
+    if opts.cache_only {
+        let (_, state) = s.repo.load_commit(&new_csum)?;
+        if state.contains(ostree::RepoCommitState::PARTIAL) {
+            bail!(
+                "commit {} is only partly downloaded: run `host upgrade --download-only` first",
+                short(&new_csum)
+            );
+        }
+    }
+    if opts.download_only {
+        writeln!(
+            out,
+            "Downloaded {}; run `host upgrade` (or `host upgrade --cache-only`) to deploy it.",
+            new.describe()
+        )?;
+        return Ok(Outcome::Downloaded { checksum: new_csum });
+    }
+    let origin_kf = new_origin(&s.sysroot, &origin.refspec, None);
+    write_deployment(&s, &new_csum, &origin_kf, None, &new.describe(), out)
+}
+
+/// Find a commit of `remote:ref`'s history by version or checksum (prefix).
+fn find_in_history(s: &Session, refspec: &str, wanted: &str) -> Result<CommitInfo> {
+    let head = s
+        .repo
+        .resolve_rev(refspec, false)
+        .with_context(|| format!("resolving {refspec}"))?
+        .map(|c| c.to_string())
+        .ok_or_else(|| anyhow!("{refspec} does not exist"))?;
+    let mut next = Some(head);
+    let mut seen = Vec::new();
+    while let Some(csum) = next {
+        let Ok((commit, _)) = s.repo.load_commit(&csum) else {
+            break;
+        };
+        let info = CommitInfo::from_variant(&csum, &commit);
+        let hex = wanted.len() >= 8 && wanted.chars().all(|c| c.is_ascii_hexdigit());
+        if info.version.as_deref() == Some(wanted) || (hex && csum.starts_with(wanted)) {
+            return Ok(info);
+        }
+        seen.push(
+            info.version
+                .clone()
+                .unwrap_or_else(|| short(&csum).to_string()),
+        );
+        next = info.parent.clone();
+    }
+    bail!(
+        "no commit with version or checksum `{wanted}` in the history of {refspec} (versions seen: {})",
+        if seen.is_empty() { "none".to_string() } else { seen.join(", ") }
+    )
+}
+
+/// `host deploy VERSION|CHECKSUM`: deploy one commit from the origin ref's history.
+pub fn deploy(
+    target: &SysrootTarget,
+    wanted: &str,
+    progress: bool,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let s = Session::begin(target, "deploy", out)?;
+    let merge = s.merge_deployment()?;
+    let origin = s.origin_of(&merge)?;
+    let remote = remote_of(&origin)?;
+    let current = CommitInfo::load(&s.repo, &merge.csum())?;
+    writeln!(out, "Fetching the history of {}…", origin.refspec)?;
+    pull(
+        &s.repo,
+        &PullRequest {
+            remote,
+            ref_: &origin.ref_,
+            commit: None,
+            commit_only: true,
+            depth: -1,
+        },
+        progress,
+    )?;
+    let found = find_in_history(&s, &origin.refspec, wanted)?;
+    if found.checksum == current.checksum || boots_next(&s, &found.checksum) {
+        writeln!(
+            out,
+            "{} is already deployed and boots next.",
+            found.describe()
+        )?;
+        return Ok(Outcome::Unchanged);
+    }
+    writeln!(out, "Fetching {}…", found.describe())?;
+    let stats = pull(
+        &s.repo,
+        &PullRequest {
+            remote,
+            ref_: &origin.ref_,
+            commit: Some(&found.checksum),
+            commit_only: false,
+            depth: 0,
+        },
+        progress,
+    )?;
+    failpoint!("pull::after-pull");
+    writeln!(out, "  {}", stats.describe())?;
+    writeln!(out, "Deploying from {}:", origin.refspec)?;
+    show_change(out, &current, &found)?;
+    let origin_kf = new_origin(&s.sysroot, &origin.refspec, Some(&found.checksum));
+    write_deployment(
+        &s,
+        &found.checksum,
+        &origin_kf,
+        None,
+        &found.describe(),
+        out,
+    )
+}
+
+/// `host switch REMOTE:REF`: move the node to another ref (and remote).
+pub fn switch(
+    target: &SysrootTarget,
+    refspec: &str,
+    progress: bool,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let (remote, ref_) = split_refspec(refspec);
+    let remote = remote.ok_or_else(|| {
+        anyhow!("`{refspec}` is not REMOTE:REF (for example cairn:cairn/bookworm/x86_64/container-host)")
+    })?;
+    let s = Session::begin(target, "switch", out)?;
+    let remotes: Vec<String> = s.repo.remote_list().iter().map(|r| r.to_string()).collect();
+    if !remotes.contains(&remote) {
+        bail!(
+            "remote `{remote}` is not configured in {}/ostree/repo (configured: {})",
+            s.path.display(),
+            if remotes.is_empty() {
+                "none".to_string()
+            } else {
+                remotes.join(", ")
+            }
+        );
+    }
+    let merge = s.merge_deployment()?;
+    let current = CommitInfo::load(&s.repo, &merge.csum())?;
+    writeln!(out, "Fetching {refspec}…")?;
+    let stats = pull(
+        &s.repo,
+        &PullRequest {
+            remote: &remote,
+            ref_: &ref_,
+            commit: None,
+            commit_only: false,
+            depth: 0,
+        },
+        progress,
+    )?;
+    failpoint!("pull::after-pull");
+    writeln!(out, "  {}", stats.describe())?;
+    let new_csum = s
+        .repo
+        .resolve_rev(refspec, false)?
+        .ok_or_else(|| anyhow!("{refspec} did not resolve after pulling it"))?
+        .to_string();
+    let new = CommitInfo::load(&s.repo, &new_csum)?;
+    let same_origin = s
+        .origin_of(&merge)
+        .map(|o| o.refspec == refspec)
+        .unwrap_or(false);
+    if same_origin && (new_csum == current.checksum || boots_next(&s, &new_csum)) {
+        writeln!(out, "Already on {refspec} at {}.", new.describe())?;
+        return Ok(Outcome::Unchanged);
+    }
+    writeln!(out, "Switching to {refspec}:")?;
+    show_change(out, &current, &new)?;
+    let origin_kf = new_origin(&s.sysroot, refspec, None);
+    write_deployment(&s, &new_csum, &origin_kf, None, &new.describe(), out)
+}
+
+fn describe_deployment(repo: &ostree::Repo, d: &ostree::Deployment) -> String {
+    match CommitInfo::load(repo, &d.csum()) {
+        Ok(c) => format!("{}.{}", c.describe(), d.deployserial()),
+        Err(_) => format!("{}.{}", short(&d.csum()), d.deployserial()),
+    }
+}
+
+/// `host rollback`: the previous deployment boots next; twice goes back.
+/// A staged deployment is dropped (with a warning): the booted one stays.
+pub fn rollback(target: &SysrootTarget, out: &mut dyn Write) -> Result<Outcome> {
+    let s = Session::begin(target, "rollback", out)?;
+    let roles = Roles::of(&s.sysroot);
+    let ds = &roles.deployments;
+    let new_order: Vec<ostree::Deployment>;
+    let next: &ostree::Deployment;
+    if let Some(st) = roles.staged {
+        writeln!(
+            out,
+            "WARNING: dropping the staged deployment {}: it will not be finalized at shutdown. \
+             Run `host upgrade` to stage it again.",
+            describe_deployment(&s.repo, &ds[st])
+        )?;
+        new_order = ds.iter().filter(|d| !d.is_staged()).cloned().collect();
+        next = new_order
+            .first()
+            .ok_or_else(|| anyhow!("no deployment would be left"))?;
+    } else if let Some(b) = roles.booted.filter(|&b| b > 0) {
+        // A pending (already written) deployment boots next: boot the booted one again.
+        new_order = std::iter::once(ds[b].clone())
+            .chain(
+                ds.iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != b)
+                    .map(|(_, d)| d.clone()),
+            )
+            .collect();
+        next = &ds[b];
+    } else {
+        let cur = roles
+            .current
+            .ok_or_else(|| anyhow!("no deployments in {}", s.path.display()))?;
+        let rb = roles.rollback().ok_or_else(|| {
+            anyhow!(
+                "there is no rollback deployment: {} is the only one",
+                describe_deployment(&s.repo, &ds[cur])
+            )
+        })?;
+        new_order = std::iter::once(ds[rb].clone())
+            .chain(std::iter::once(ds[cur].clone()))
+            .chain(
+                ds.iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != rb && *i != cur)
+                    .map(|(_, d)| d.clone()),
+            )
+            .collect();
+        next = &ds[rb];
+    }
+    let next_desc = describe_deployment(&s.repo, next);
+    failpoint!("rollback::before-write");
+    s.sysroot
+        .write_deployments(&new_order, gio::Cancellable::NONE)
+        .context("writing the new boot order")?;
+    failpoint!("rollback::after-write");
+    writeln!(out, "Rolled back: {next_desc} boots next.")?;
+    Ok(Outcome::Deployed {
+        checksum: next.csum().to_string(),
+        staged: false,
+    })
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CleanupOptions {
+    /// Remove deployments that would boot next instead of the booted one.
+    pub pending: bool,
+    /// Remove the (unpinned) deployments after the booted/default one.
+    pub rollback: bool,
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// `host cleanup`: drop pending and/or rollback deployments, then remove
+/// deployment directories, /boot files and repo objects nothing refers to.
+pub fn cleanup(
+    target: &SysrootTarget,
+    opts: &CleanupOptions,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let s = Session::begin(target, "cleanup", out)?;
+    let roles = Roles::of(&s.sysroot);
+    let rollback_from = roles.current.map(|c| c + 1).unwrap_or(usize::MAX);
+    let cur_os = roles.current.map(|c| roles.deployments[c].osname());
+    let mut keep = Vec::new();
+    let mut removed = 0;
+    for (i, d) in roles.deployments.iter().enumerate() {
+        let pending = opts.pending && roles.is_pending(i);
+        let rollback =
+            opts.rollback && i >= rollback_from && Some(d.osname()) == cur_os && !d.is_pinned();
+        if opts.rollback && i >= rollback_from && d.is_pinned() {
+            writeln!(
+                out,
+                "Keeping pinned deployment {i}: {}",
+                describe_deployment(&s.repo, d)
+            )?;
+        }
+        if pending || rollback {
+            writeln!(
+                out,
+                "Removing {} deployment {i}: {}",
+                if pending { "pending" } else { "rollback" },
+                describe_deployment(&s.repo, d)
+            )?;
+            removed += 1;
+        } else {
+            keep.push(d.clone());
+        }
+    }
+    if opts.pending && roles.booted.is_none() {
+        writeln!(
+            out,
+            "No pending deployments: {} is not booted.",
+            s.path.display()
+        )?;
+    }
+    if removed > 0 {
+        failpoint!("cleanup::before-write");
+        s.sysroot
+            .write_deployments(&keep, gio::Cancellable::NONE)
+            .context("writing the remaining deployments")?;
+    }
+    failpoint!("cleanup::before-prune");
+    let objects = s.path.join("ostree/repo/objects");
+    let before = dir_size(&objects);
+    s.sysroot
+        .cleanup(gio::Cancellable::NONE)
+        .context("removing unused deployments and pruning the repo")?;
+    let after = dir_size(&objects);
+    writeln!(
+        out,
+        "Removed {removed} deployment(s); pruned the repo: {} freed.",
+        human_bytes(before.saturating_sub(after))
+    )?;
+    Ok(if removed > 0 || before != after {
+        Outcome::Deployed {
+            checksum: String::new(),
+            staged: false,
+        }
+    } else {
+        Outcome::Unchanged
+    })
+}
+
+/// `host pin INDEX [--unpin]`: keep a deployment through upgrades and cleanups.
+pub fn pin(
+    target: &SysrootTarget,
+    index: usize,
+    pinned: bool,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let s = Session::begin(target, "pin", out)?;
+    let ds = s.sysroot.deployments();
+    let d = ds.get(index).ok_or_else(|| {
+        anyhow!(
+            "no deployment {index}: there are {} (see `host status`)",
+            ds.len()
+        )
+    })?;
+    if d.is_pinned() == pinned {
+        writeln!(
+            out,
+            "Deployment {index} is already {}.",
+            if pinned { "pinned" } else { "unpinned" }
+        )?;
+        return Ok(Outcome::Unchanged);
+    }
+    failpoint!("pin::before-write");
+    s.sysroot
+        .deployment_set_pinned(d, pinned)
+        .with_context(|| format!("changing the pin of deployment {index}"))?;
+    writeln!(
+        out,
+        "Deployment {index} ({}) is now {}.",
+        describe_deployment(&s.repo, d),
+        if pinned { "pinned" } else { "unpinned" }
+    )?;
+    Ok(Outcome::Deployed {
+        checksum: d.csum().to_string(),
+        staged: false,
+    })
+}
+
+/// Kernel argument edits, applied in order: delete, replace, append.
+#[derive(Debug, Clone, Default)]
+pub struct KargsEdit {
+    pub append: Vec<String>,
+    pub delete: Vec<String>,
+    pub replace: Vec<String>,
+}
+
+impl KargsEdit {
+    pub fn is_empty(&self) -> bool {
+        self.append.is_empty() && self.delete.is_empty() && self.replace.is_empty()
+    }
+
+    /// Apply to a kernel command line; `ostree=` is libostree's and left alone.
+    pub fn apply(&self, current: &str) -> Result<Vec<String>> {
+        let ka = ostree::KernelArgs::from_string(current);
+        for d in &self.delete {
+            ka.delete(d)
+                .with_context(|| format!("deleting kernel argument `{d}`: it is not set"))?;
+        }
+        for r in &self.replace {
+            ka.replace(r);
+        }
+        for a in &self.append {
+            ka.append(a);
+        }
+        Ok(ka.to_strv().iter().map(|s| s.to_string()).collect())
+    }
+}
+
+/// `host kargs`: print the kernel arguments, or deploy the same commit again
+/// with edited ones.
+pub fn kargs(target: &SysrootTarget, edit: &KargsEdit, out: &mut dyn Write) -> Result<Outcome> {
+    if edit.is_empty() {
+        let sysroot = target.open()?;
+        let d = sysroot
+            .merge_deployment(Some(STATEROOT))
+            .ok_or_else(|| anyhow!("no `{STATEROOT}` deployment in {}", target.path().display()))?;
+        let options = d
+            .bootconfig()
+            .and_then(|b| b.get("options"))
+            .unwrap_or_default();
+        writeln!(out, "{options}")?;
+        return Ok(Outcome::Unchanged);
+    }
+    let s = Session::begin(target, "kargs", out)?;
+    let merge = s.merge_deployment()?;
+    let current = merge
+        .bootconfig()
+        .and_then(|b| b.get("options"))
+        .map(|o| o.to_string())
+        .unwrap_or_default();
+    let new = edit.apply(&current)?;
+    let current_list: Vec<&str> = current.split_whitespace().collect();
+    if new
+        .iter()
+        .map(String::as_str)
+        .eq(current_list.iter().copied())
+    {
+        writeln!(out, "Kernel arguments unchanged.")?;
+        return Ok(Outcome::Unchanged);
+    }
+    writeln!(out, "Kernel arguments: {}", new.join(" "))?;
+    let refs: Vec<&str> = new.iter().map(String::as_str).collect();
+    let origin = merge
+        .origin()
+        .ok_or_else(|| anyhow!("deployment {} has no origin", merge.csum()))?;
+    let info = CommitInfo::load(&s.repo, &merge.csum())?;
+    write_deployment(
+        &s,
+        &merge.csum(),
+        &origin,
+        Some(&refs),
+        &info.describe(),
+        out,
+    )
+}
+
+/// `--reboot` only makes sense on the running system.
+pub fn ensure_can_reboot(target: &SysrootTarget) -> Result<()> {
+    let sysroot = target.open()?;
+    if sysroot.booted_deployment().is_none() {
+        bail!(
+            "--reboot needs a booted cairn system; {} is not the running system",
+            target.path().display()
+        );
+    }
+    Ok(())
+}
+
+/// Reboot the running system (through systemd, so staged deployments are finalized).
+pub fn reboot() -> Result<()> {
+    let status = std::process::Command::new("systemctl")
+        .arg("reboot")
+        .status()
+        .context("running `systemctl reboot`")?;
+    if !status.success() {
+        bail!("`systemctl reboot` failed ({status})");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kargs_edits_apply_in_order() {
+        let edit = KargsEdit {
+            append: vec!["quiet".into()],
+            delete: vec!["console=ttyS0".into()],
+            replace: vec!["root=LABEL=newroot".into()],
+        };
+        let out = edit
+            .apply("root=LABEL=root rw console=ttyS0 ostree=/ostree/boot.1/cairn/x/0")
+            .unwrap();
+        assert_eq!(
+            out,
+            [
+                "root=LABEL=newroot",
+                "rw",
+                "ostree=/ostree/boot.1/cairn/x/0",
+                "quiet"
+            ]
+        );
+    }
+
+    #[test]
+    fn deleting_a_missing_karg_is_an_error() {
+        let edit = KargsEdit {
+            delete: vec!["nosuch=1".into()],
+            ..Default::default()
+        };
+        let err = edit.apply("rw").unwrap_err();
+        assert!(format!("{err:#}").contains("nosuch=1"), "{err:#}");
+    }
+}

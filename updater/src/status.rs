@@ -1,0 +1,370 @@
+//! `host status`: the deployments of a sysroot as data first (serde structs,
+//! schema in docs/status-v1.schema.json), rendered second (text or JSON).
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::commit::{format_timestamp, CommitInfo};
+use crate::packages::PackageDiff;
+use crate::sysroot::SysrootTarget;
+
+/// Value of `apiVersion`; bumped only for incompatible changes of the JSON.
+pub const API_VERSION: &str = "cairn.status/v1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub api_version: String,
+    /// The sysroot directory that was read.
+    pub sysroot: String,
+    /// True when this sysroot is the running system.
+    pub is_booted: bool,
+    /// Index of the deployment package diffs are computed against: the
+    /// booted one, or on a non-booted sysroot the default (index 0).
+    pub diff_base_index: Option<u32>,
+    pub deployments: Vec<DeploymentStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentStatus {
+    /// Position in boot order: 0 boots next.
+    pub index: u32,
+    pub stateroot: String,
+    pub checksum: String,
+    /// Deployment serial: the `.N` after the checksum in `ostree admin status`.
+    pub serial: i32,
+    pub version: Option<String>,
+    /// Commit timestamp, RFC 3339 UTC.
+    pub timestamp: String,
+    pub origin: Option<Origin>,
+    pub booted: bool,
+    pub staged: bool,
+    pub pending: bool,
+    pub rollback: bool,
+    pub pinned: bool,
+    pub kernel_args: Vec<String>,
+    /// Packages (`cairn.packages`), only with `-v`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<Vec<String>>,
+    /// Package diff against the diff base; absent for the base itself or when
+    /// a commit carries no package list.
+    pub package_diff: Option<PackageDiff>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Origin {
+    /// `remote:ref` as written in the origin file.
+    pub refspec: String,
+    pub remote: Option<String>,
+    #[serde(rename = "ref")]
+    pub ref_: String,
+    /// Set when `host deploy` pinned the origin to one commit of the ref.
+    pub override_commit: Option<String>,
+}
+
+impl Origin {
+    pub fn from_keyfile(kf: &glib::KeyFile) -> Option<Self> {
+        let refspec = kf.string("origin", "refspec").ok()?.to_string();
+        let (remote, ref_) = split_refspec(&refspec);
+        let override_commit = kf
+            .string("origin", "override-commit")
+            .ok()
+            .map(|s| s.to_string());
+        Some(Origin {
+            refspec,
+            remote,
+            ref_,
+            override_commit,
+        })
+    }
+}
+
+pub fn split_refspec(refspec: &str) -> (Option<String>, String) {
+    match refspec.split_once(':') {
+        Some((remote, r)) => (Some(remote.to_string()), r.to_string()),
+        None => (None, refspec.to_string()),
+    }
+}
+
+/// The roles of the deployments in a loaded sysroot, computed once.
+pub(crate) struct Roles {
+    pub deployments: Vec<ostree::Deployment>,
+    /// Booted, or on a non-booted sysroot the default deployment.
+    pub current: Option<usize>,
+    pub booted: Option<usize>,
+    pub staged: Option<usize>,
+}
+
+impl Roles {
+    pub fn of(sysroot: &ostree::Sysroot) -> Self {
+        let deployments = sysroot.deployments();
+        let booted_d = sysroot.booted_deployment();
+        let booted = booted_d
+            .as_ref()
+            .and_then(|b| deployments.iter().position(|d| d.equal(b)));
+        let staged = deployments.iter().position(|d| d.is_staged());
+        let current = booted.or(if deployments.is_empty() {
+            None
+        } else {
+            Some(0)
+        });
+        Roles {
+            deployments,
+            current,
+            booted,
+            staged,
+        }
+    }
+
+    /// Deployments before the booted one: they boot next (staged or written).
+    pub fn is_pending(&self, i: usize) -> bool {
+        matches!(self.booted, Some(b) if i < b)
+    }
+
+    /// The first deployment after the current one, of the same stateroot.
+    pub fn rollback(&self) -> Option<usize> {
+        let cur = self.current?;
+        let os = self.deployments[cur].osname();
+        (cur + 1..self.deployments.len()).find(|&i| self.deployments[i].osname() == os)
+    }
+}
+
+/// Read the status of a sysroot. `verbose` adds package lists.
+pub fn read_status(target: &SysrootTarget, verbose: bool) -> Result<Status> {
+    let sysroot = target.open()?;
+    let repo = sysroot.repo();
+    let roles = Roles::of(&sysroot);
+    let rollback = roles.rollback();
+    let commits = roles
+        .deployments
+        .iter()
+        .map(|d| CommitInfo::load(&repo, &d.csum()))
+        .collect::<Result<Vec<_>>>()?;
+    let base = roles.current.map(|i| &commits[i]);
+    let mut deployments = Vec::new();
+    for (i, d) in roles.deployments.iter().enumerate() {
+        let c = &commits[i];
+        let kernel_args = d
+            .bootconfig()
+            .and_then(|b| b.get("options"))
+            .map(|o| o.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default();
+        let package_diff = match base {
+            Some(b) if Some(i) != roles.current && b.has_packages && c.has_packages => {
+                Some(PackageDiff::between(&b.packages, &c.packages))
+            }
+            _ => None,
+        };
+        deployments.push(DeploymentStatus {
+            index: i as u32,
+            stateroot: d.osname().to_string(),
+            checksum: d.csum().to_string(),
+            serial: d.deployserial(),
+            version: c.version.clone(),
+            timestamp: format_timestamp(c.timestamp),
+            origin: d.origin().as_ref().and_then(Origin::from_keyfile),
+            booted: roles.booted == Some(i),
+            staged: d.is_staged(),
+            pending: roles.is_pending(i),
+            rollback: rollback == Some(i),
+            pinned: d.is_pinned(),
+            kernel_args,
+            packages: verbose.then(|| c.packages.clone()),
+            package_diff,
+        });
+    }
+    Ok(Status {
+        api_version: API_VERSION.to_string(),
+        sysroot: target.path().display().to_string(),
+        is_booted: roles.booted.is_some(),
+        diff_base_index: roles.current.map(|i| i as u32),
+        deployments,
+    })
+}
+
+impl Status {
+    /// Keep only the booted deployment (the default one on a non-booted sysroot).
+    pub fn only_booted(mut self) -> Self {
+        let base = self.diff_base_index;
+        self.deployments.retain(|d| Some(d.index) == base);
+        self
+    }
+
+    pub fn write_json(&self, out: &mut dyn Write) -> Result<()> {
+        serde_json::to_writer_pretty(&mut *out, self).context("writing status JSON")?;
+        writeln!(out)?;
+        Ok(())
+    }
+
+    /// Human text: `●` marks the booted deployment.
+    pub fn write_text(&self, out: &mut dyn Write, verbose: bool) -> Result<()> {
+        if !self.is_booted {
+            writeln!(
+                out,
+                "Sysroot {} (not booted: index 0 boots next; diffs are against it)",
+                self.sysroot
+            )?;
+        }
+        if self.deployments.is_empty() {
+            writeln!(out, "No deployments.")?;
+        }
+        for d in &self.deployments {
+            let mark = if d.booted { "●" } else { " " };
+            let mut flags = Vec::new();
+            for (set, name) in [
+                (d.staged, "staged"),
+                (d.pending && !d.staged, "pending"),
+                (d.rollback, "rollback"),
+                (d.pinned, "pinned"),
+            ] {
+                if set {
+                    flags.push(name);
+                }
+            }
+            let flags = if flags.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", flags.join(", "))
+            };
+            writeln!(
+                out,
+                "{mark} {} {} {}{flags}",
+                d.index,
+                d.stateroot,
+                d.origin
+                    .as_ref()
+                    .map(|o| o.refspec.as_str())
+                    .unwrap_or("(no origin)")
+            )?;
+            writeln!(
+                out,
+                "      Version: {} ({})",
+                d.version.as_deref().unwrap_or("(none)"),
+                d.timestamp
+            )?;
+            writeln!(out, "       Commit: {}.{}", d.checksum, d.serial)?;
+            if let Some(o) = d.origin.as_ref().and_then(|o| o.override_commit.as_ref()) {
+                writeln!(out, "     Override: commit {o} (set by `host deploy`)")?;
+            }
+            if let Some(diff) = &d.package_diff {
+                writeln!(out, "         Diff: {}", diff.summary())?;
+                if verbose {
+                    for line in diff.lines() {
+                        writeln!(out, "               {line}")?;
+                    }
+                }
+            }
+            if verbose {
+                writeln!(out, "  Kernel args: {}", d.kernel_args.join(" "))?;
+                if let Some(p) = &d.packages {
+                    writeln!(out, "     Packages: {}", p.len())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Status {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn golden(name: &str, actual: &str) {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, actual).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(
+            actual, want,
+            "rendering differs from {path} (UPDATE_GOLDEN=1 rewrites it)"
+        );
+    }
+
+    #[test]
+    fn text_of_booted_system_with_staged_update() {
+        let status = fixture("status-booted-staged.json");
+        let mut out = Vec::new();
+        status.write_text(&mut out, false).unwrap();
+        golden("status-booted-staged.txt", &String::from_utf8(out).unwrap());
+    }
+
+    #[test]
+    fn verbose_text_lists_package_changes() {
+        let status = fixture("status-booted-staged.json");
+        let mut out = Vec::new();
+        status.write_text(&mut out, true).unwrap();
+        golden(
+            "status-booted-staged-verbose.txt",
+            &String::from_utf8(out).unwrap(),
+        );
+    }
+
+    #[test]
+    fn text_of_non_booted_sysroot() {
+        let status = fixture("status-sysroot.json");
+        let mut out = Vec::new();
+        status.write_text(&mut out, false).unwrap();
+        golden("status-sysroot.txt", &String::from_utf8(out).unwrap());
+    }
+
+    #[test]
+    fn json_round_trips_with_stable_keys() {
+        let status = fixture("status-booted-staged.json");
+        let mut out = Vec::new();
+        status.write_json(&mut out).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(value["apiVersion"], API_VERSION);
+        let d0 = &value["deployments"][0];
+        for key in [
+            "index",
+            "stateroot",
+            "checksum",
+            "serial",
+            "version",
+            "timestamp",
+            "origin",
+            "booted",
+            "staged",
+            "pending",
+            "rollback",
+            "pinned",
+            "kernelArgs",
+            "packageDiff",
+        ] {
+            assert!(d0.get(key).is_some(), "key {key} missing from {d0}");
+        }
+        assert_eq!(d0["origin"]["ref"], "cairn/bookworm/x86_64/container-host");
+        let back: Status = serde_json::from_value(value).unwrap();
+        assert_eq!(back, status);
+    }
+
+    #[test]
+    fn booted_filter_keeps_the_base_only() {
+        let status = fixture("status-booted-staged.json").only_booted();
+        assert_eq!(status.deployments.len(), 1);
+        assert!(status.deployments[0].booted);
+    }
+
+    #[test]
+    fn refspec_splits_at_the_first_colon() {
+        assert_eq!(
+            split_refspec("cairn:cairn/bookworm/x86_64/container-host"),
+            (
+                Some("cairn".to_string()),
+                "cairn/bookworm/x86_64/container-host".to_string()
+            )
+        );
+        assert_eq!(split_refspec("local/ref"), (None, "local/ref".to_string()));
+    }
+}

@@ -1,0 +1,100 @@
+//! Opening and locking the sysroot: small RAII wrappers over libostree.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ostree::gio;
+
+/// The stateroot (osname) every cairn node uses.
+pub const STATEROOT: &str = "cairn";
+
+/// Which sysroot to act on: the running system, or a mounted disk.
+#[derive(Debug, Clone)]
+pub struct SysrootTarget {
+    path: Option<PathBuf>,
+}
+
+impl SysrootTarget {
+    /// The running system (`/`).
+    pub fn booted() -> Self {
+        SysrootTarget { path: None }
+    }
+
+    /// A sysroot at `dir` (for example a mounted, non-booted disk).
+    pub fn at(dir: impl Into<PathBuf>) -> Self {
+        SysrootTarget {
+            path: Some(dir.into()),
+        }
+    }
+
+    pub fn from_option(dir: Option<PathBuf>) -> Self {
+        SysrootTarget { path: dir }
+    }
+
+    /// The directory, `/` for the running system.
+    pub fn path(&self) -> &Path {
+        self.path.as_deref().unwrap_or(Path::new("/"))
+    }
+
+    /// Open and load the sysroot (no lock: for reading).
+    pub fn open(&self) -> Result<ostree::Sysroot> {
+        let path = self.path();
+        let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(path)));
+        sysroot.load(gio::Cancellable::NONE).with_context(|| {
+            format!(
+                "loading the OSTree sysroot at {} (is it a cairn system disk? \
+                 pass --sysroot DIR for a mounted one)",
+                path.display()
+            )
+        })?;
+        Ok(sysroot)
+    }
+}
+
+/// Changing a sysroot needs root; say so up front instead of failing halfway.
+pub fn require_root(what: &str) -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("`host {what}` changes the system's deployments and must run as root (try: sudo host {what} …)");
+    }
+    Ok(())
+}
+
+/// The sysroot lock, held for the guard's lifetime and released on drop.
+/// Only one operation changes a sysroot at a time; a second one waits here.
+pub struct SysrootLock {
+    sysroot: ostree::Sysroot,
+}
+
+impl SysrootLock {
+    /// Take the lock, waiting (and saying so on `out`) if another operation holds it.
+    /// The sysroot is (re)loaded once the lock is held.
+    pub fn acquire(sysroot: &ostree::Sysroot, out: &mut dyn Write) -> Result<Self> {
+        let got = sysroot
+            .try_lock()
+            .context("taking the sysroot lock (ostree/lock)")?;
+        if !got {
+            writeln!(
+                out,
+                "Waiting for the sysroot lock: another `host` or `ostree` operation is running…"
+            )?;
+            out.flush()?;
+            sysroot
+                .lock()
+                .context("waiting for the sysroot lock (ostree/lock)")?;
+        }
+        let guard = SysrootLock {
+            sysroot: sysroot.clone(),
+        };
+        sysroot
+            .load(gio::Cancellable::NONE)
+            .context("reloading the sysroot after taking its lock")?;
+        Ok(guard)
+    }
+}
+
+impl Drop for SysrootLock {
+    fn drop(&mut self) {
+        self.sysroot.unlock();
+    }
+}
