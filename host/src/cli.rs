@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::compose;
+use crate::node;
 
 /// cairn: an immutable container host, composed from a manifest, updated atomically.
 #[derive(Debug, Parser)]
@@ -28,6 +29,9 @@ pub enum Command {
     #[command(subcommand)]
     Compose(compose::ComposeCommand),
 
+    #[command(flatten)]
+    Node(node::NodeCommand),
+
     /// Print a shell completion script to stdout.
     Completions {
         /// The shell to complete for.
@@ -45,6 +49,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Compose(cmd) => compose::run(cmd),
+        Command::Node(cmd) => node::run(cmd, cli.verbose),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "host", &mut std::io::stdout());
