@@ -514,7 +514,7 @@ pub fn resolve(repo: &ostree::Repo, reference: &str) -> Result<ImageInfo> {
             .transpose()?;
         return list(repo)?
             .into_iter()
-            .find(|i| i.manifest_digest == d && base_name.as_ref().is_none_or(|n| *n == i.name))
+            .find(|i| i.manifest_digest == d && base_name.as_ref().map_or(true, |n| *n == i.name))
             .ok_or_else(|| {
                 anyhow!("no image {reference} in the store: import it with `host app import`")
             });

@@ -6,6 +6,10 @@
 //! their own network namespace on a host bridge ([`net`]), cgroup v2 limits
 //! ([`cgroup`]) and a small supervising monitor process ([`monitor`]).
 
+pub mod cgroup;
 pub mod image;
 pub mod layer;
+pub mod net;
 pub mod source;
+pub mod spec;
+pub mod state;

@@ -1,0 +1,264 @@
+//! What the runtime keeps on disk under its root directory, and how it tells
+//! a live container from a dead one after a crash or a reboot.
+//!
+//! ```text
+//! <root>/repo                    OSTree repository of images (bare)
+//! <root>/checkouts/<commit>      read-only trees, one per image commit
+//! <root>/net/<bridge>.json       address allocations
+//! <root>/containers/<name>/      container.json (what was asked)
+//!                                config.json    (the OCI runtime config)
+//!                                state.json     (what the monitor saw)
+//!                                container.log  (stdout and stderr)
+//!                                scaffold/, rootfs/ (mount points)
+//! ```
+
+use std::fs;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::Limits;
+use crate::net::NetworkConfig;
+
+/// Default state directory on a node.
+pub const DEFAULT_ROOT: &str = "/var/lib/cairn";
+
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub root: PathBuf,
+}
+
+impl Paths {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn repo(&self) -> PathBuf {
+        self.root.join("repo")
+    }
+    pub fn checkouts(&self) -> PathBuf {
+        self.root.join("checkouts")
+    }
+    pub fn net(&self) -> PathBuf {
+        self.root.join("net")
+    }
+    pub fn containers(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+    pub fn container(&self, name: &str) -> PathBuf {
+        self.containers().join(name)
+    }
+}
+
+/// What to do when the container's process exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    #[default]
+    No,
+    OnFailure,
+    Always,
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "no" => Self::No,
+            "on-failure" => Self::OnFailure,
+            "always" => Self::Always,
+            _ => bail!("--restart {s:?}: use no, on-failure or always"),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthConfig {
+    /// Run with `/bin/sh -c` inside the container.
+    pub cmd: String,
+    pub interval_ms: u64,
+    /// Consecutive failures before the container counts as unhealthy.
+    pub retries: u32,
+}
+
+/// What was asked for when the container was created (never changes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub image_commit: String,
+    pub manifest_digest: String,
+    pub created: String,
+    pub ip: Option<Ipv4Addr>,
+    pub network: Option<NetworkConfig>,
+    /// Host end of the veth pair.
+    pub host_if: String,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    pub health: Option<HealthConfig>,
+    /// `--rm`: remove everything once the container exits for good.
+    #[serde(default)]
+    pub auto_remove: bool,
+    /// Seconds between SIGTERM and SIGKILL on stop.
+    pub stop_timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    #[default]
+    Created,
+    Running,
+    Restarting,
+    Exited,
+    /// The container could not be started at all (see `error`).
+    Failed,
+    /// Recorded as running, but its monitor is gone (crash or reboot).
+    Dead,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string));
+        f.write_str(&s.unwrap_or_default())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthState {
+    pub status: Health,
+    pub failing_streak: u32,
+    pub last_exit: Option<i32>,
+    pub last_check: Option<String>,
+}
+
+/// What the monitor last wrote down.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ContainerState {
+    pub status: Status,
+    pub monitor_pid: Option<i32>,
+    pub monitor_start: Option<u64>,
+    pub boot_id: String,
+    /// Host pid of the container's first process.
+    pub pid: Option<i32>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i32>,
+    pub restarts: u32,
+    pub error: Option<String>,
+    pub health: Option<HealthState>,
+    /// Set by `stop`: the monitor must not restart it.
+    #[serde(default)]
+    pub stop_requested: bool,
+}
+
+impl ContainerState {
+    /// Whether the monitor that wrote this is still alive (same boot, same
+    /// process, not a reused pid).
+    pub fn monitor_alive(&self) -> bool {
+        match (self.monitor_pid, self.monitor_start) {
+            (Some(pid), Some(start)) => {
+                self.boot_id == boot_id() && proc_start_time(pid) == Some(start)
+            }
+            _ => false,
+        }
+    }
+
+    /// The status to show: a running container whose monitor is gone is dead.
+    pub fn observed(&self) -> Status {
+        match self.status {
+            Status::Running | Status::Restarting | Status::Created if !self.monitor_alive() => {
+                Status::Dead
+            }
+            s => s,
+        }
+    }
+}
+
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Kernel boot id: tells a reboot apart from a live host.
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Start time of a process (clock ticks since boot), field 22 of /proc/PID/stat.
+pub fn proc_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Write a file so readers never see half of it.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(data)?;
+    drop(f);
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    write_atomic(path, &serde_json::to_vec_pretty(v)?)
+}
+
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let b = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&b).with_context(|| format!("parsing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_uses_pid_start_time_and_boot_id() {
+        let me = std::process::id() as i32;
+        let mut st = ContainerState {
+            status: Status::Running,
+            monitor_pid: Some(me),
+            monitor_start: proc_start_time(me),
+            boot_id: boot_id(),
+            ..Default::default()
+        };
+        assert!(st.monitor_alive());
+        assert_eq!(st.observed(), Status::Running);
+        st.monitor_start = st.monitor_start.map(|s| s + 1); // a reused pid
+        assert_eq!(st.observed(), Status::Dead);
+        st.monitor_start = proc_start_time(me);
+        st.boot_id = "another-boot".into();
+        assert_eq!(st.observed(), Status::Dead);
+        st.status = Status::Exited;
+        assert_eq!(st.observed(), Status::Exited);
+        assert_eq!(Status::Restarting.to_string(), "restarting");
+    }
+
+    #[test]
+    fn restart_policy_syntax() {
+        assert_eq!(
+            "on-failure".parse::<RestartPolicy>().unwrap(),
+            RestartPolicy::OnFailure
+        );
+        assert!("sometimes".parse::<RestartPolicy>().is_err());
+    }
+}
