@@ -122,38 +122,41 @@ pub struct FileEntry {
 }
 
 /// File mode written either as a TOML integer (`0o755`) or an octal string (`"0755"`).
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
-#[serde(untagged)]
-pub enum Mode {
-    Int(u32),
-    Str(ModeString),
-}
-
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-#[serde(into = "String")]
-pub struct ModeString(pub u32);
-
-impl From<ModeString> for String {
-    fn from(m: ModeString) -> String {
-        format!("{:04o}", m.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for ModeString {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        u32::from_str_radix(s.trim_start_matches("0o"), 8)
-            .map(ModeString)
-            .map_err(|_| serde::de::Error::custom(format!("mode {s:?} is not an octal number")))
-    }
-}
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mode(pub u32);
 
 impl Mode {
     pub fn bits(self) -> u32 {
-        match self {
-            Mode::Int(m) => m,
-            Mode::Str(ModeString(m)) => m,
+        self.0
+    }
+}
+
+impl Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:04o}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Mode;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an octal mode such as 0o644 or \"0644\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Mode, E> {
+                u32::try_from(v)
+                    .map(Mode)
+                    .map_err(|_| E::custom(format!("mode {v} is not a permission mode")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Mode, E> {
+                u32::from_str_radix(v.trim_start_matches("0o"), 8)
+                    .map(Mode)
+                    .map_err(|_| E::custom(format!("mode {v:?} is not an octal number")))
+            }
         }
+        d.deserialize_any(V)
     }
 }
 
@@ -312,10 +315,7 @@ impl Manifest {
                 ))
             }
             (Some(_), Some(_)) => {
-                return Err(self.invalid(
-                    "rootfs",
-                    "give either [packages] or `rootfs`, not both",
-                ))
+                return Err(self.invalid("rootfs", "give either [packages] or `rootfs`, not both"))
             }
             _ => {}
         }
@@ -332,7 +332,14 @@ impl Manifest {
                 }
             }
             if let Some(v) = &p.variant {
-                const VARIANTS: &[&str] = &["minbase", "essential", "apt", "required", "important", "standard"];
+                const VARIANTS: &[&str] = &[
+                    "minbase",
+                    "essential",
+                    "apt",
+                    "required",
+                    "important",
+                    "standard",
+                ];
                 if !VARIANTS.contains(&v.as_str()) {
                     return Err(self.invalid(
                         "packages.variant",
@@ -342,7 +349,10 @@ impl Manifest {
             }
             for name in p.install.iter().chain(&p.exclude) {
                 if name.is_empty() || name.contains(char::is_whitespace) || name.starts_with('-') {
-                    return Err(self.invalid("packages.install", format!("{name:?} is not a package name")));
+                    return Err(self.invalid(
+                        "packages.install",
+                        format!("{name:?} is not a package name"),
+                    ));
                 }
             }
         }
@@ -355,7 +365,8 @@ impl Manifest {
             check_tree_path(dst, true).map_err(|m| self.invalid("self-install", m))?;
         }
         for (i, f) in s.files.iter().enumerate() {
-            check_tree_path(&f.dst, true).map_err(|m| self.invalid(format!("files[{i}].dst"), m))?;
+            check_tree_path(&f.dst, true)
+                .map_err(|m| self.invalid(format!("files[{i}].dst"), m))?;
             if !f.src.exists() {
                 return Err(self.invalid(
                     format!("files[{i}].src"),
@@ -364,17 +375,36 @@ impl Manifest {
             }
             if let Some(m) = f.mode {
                 if m.bits() > 0o7777 {
-                    return Err(self.invalid(format!("files[{i}].mode"), format!("{:o} is not a permission mode", m.bits())));
+                    return Err(self.invalid(
+                        format!("files[{i}].mode"),
+                        format!("{:o} is not a permission mode", m.bits()),
+                    ));
                 }
             }
         }
         for (i, p) in s.remove_files.iter().enumerate() {
             check_tree_path(p, false).map_err(|m| self.invalid(format!("remove-files[{i}]"), m))?;
         }
-        let unit_lists = [("units.enable", &s.units.enable), ("units.disable", &s.units.disable), ("units.mask", &s.units.mask)];
+        let unit_lists = [
+            ("units.enable", &s.units.enable),
+            ("units.disable", &s.units.disable),
+            ("units.mask", &s.units.mask),
+        ];
         for (key, list) in unit_lists {
             for unit in list {
-                const KINDS: &[&str] = &[".service", ".socket", ".timer", ".target", ".path", ".mount", ".slice", ".automount", ".swap", ".netdev", ".network"];
+                const KINDS: &[&str] = &[
+                    ".service",
+                    ".socket",
+                    ".timer",
+                    ".target",
+                    ".path",
+                    ".mount",
+                    ".slice",
+                    ".automount",
+                    ".swap",
+                    ".netdev",
+                    ".network",
+                ];
                 if unit.contains('/') || !KINDS.iter().any(|k| unit.ends_with(k)) {
                     return Err(self.invalid(key, format!("{unit:?} is not a systemd unit name")));
                 }
@@ -384,11 +414,15 @@ impl Manifest {
             check_account_name(&u.name).map_err(|m| self.invalid(format!("users[{i}].name"), m))?;
         }
         for (i, g) in s.groups.iter().enumerate() {
-            check_account_name(&g.name).map_err(|m| self.invalid(format!("groups[{i}].name"), m))?;
+            check_account_name(&g.name)
+                .map_err(|m| self.invalid(format!("groups[{i}].name"), m))?;
         }
         for (i, k) in s.kernel_args.iter().enumerate() {
             if k.is_empty() || k.contains(char::is_whitespace) {
-                return Err(self.invalid(format!("kernel-args[{i}]"), format!("{k:?}: one argument per entry, without spaces")));
+                return Err(self.invalid(
+                    format!("kernel-args[{i}]"),
+                    format!("{k:?}: one argument per entry, without spaces"),
+                ));
             }
         }
         for (i, sc) in s.postprocess.iter().enumerate() {
@@ -396,11 +430,19 @@ impl Manifest {
             match (&sc.script, &sc.inline) {
                 (Some(p), None) => {
                     if !p.is_file() {
-                        return Err(self.invalid(format!("{key}.script"), format!("{} is not a file", p.display())));
+                        return Err(self.invalid(
+                            format!("{key}.script"),
+                            format!("{} is not a file", p.display()),
+                        ));
                     }
                 }
                 (None, Some(_)) => {}
-                _ => return Err(self.invalid(key, "give exactly one of `script` (a file) or `inline` (text)")),
+                _ => {
+                    return Err(self.invalid(
+                        key,
+                        "give exactly one of `script` (a file) or `inline` (text)",
+                    ))
+                }
             }
         }
         Ok(())

@@ -13,7 +13,7 @@ use crate::node;
 
 /// cairn: an immutable container host, composed from a manifest, updated atomically.
 #[derive(Debug, Parser)]
-#[command(name = "host", version, propagate_version = true, max_term_width = 100)]
+#[command(name = "host", version, max_term_width = 100)]
 pub struct Cli {
     /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides it.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]

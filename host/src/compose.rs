@@ -1,13 +1,194 @@
 //! `host compose …`: the CI side, over `cairn_builder`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
-use clap::Subcommand;
+use anyhow::{Context, Result};
+use cairn_builder::compose::{compose_tree, ComposeOptions, Outcome};
+use cairn_builder::manifest::Manifest;
+use cairn_builder::progress::Progress;
+use clap::{Args, Subcommand};
 
 #[derive(Debug, Subcommand)]
-pub enum ComposeCommand {}
+pub enum ComposeCommand {
+    /// Compose a host tree from a TOML manifest and commit it to an OSTree repository.
+    ///
+    /// Prints the new commit's checksum and version. The ref moves only once the
+    /// commit is complete; on any error the repository is left as it was.
+    Tree(TreeArgs),
+
+    /// Show the package and file differences between two commits.
+    ///
+    /// FROM and TO are refs, versions or commit checksums.
+    Diff(DiffArgs),
+
+    /// Write a bootable disk image of a composed commit.
+    Image(crate::compose_image::ImageArgs),
+}
+
+/// Where composes write by default: `build/` under the current directory
+/// (the checkout, when run as the README says).
+fn default_repo() -> PathBuf {
+    PathBuf::from("build/repo")
+}
+
+#[derive(Debug, Args)]
+pub struct TreeArgs {
+    /// The manifest (TOML) describing the tree.
+    pub manifest: PathBuf,
+
+    /// OSTree repository to commit to; created as an `archive` repo if missing.
+    #[arg(long, env = "CAIRN_REPO", default_value_os_t = default_repo())]
+    pub repo: PathBuf,
+
+    /// Cache of downloaded packages, apt indices and installed package stages.
+    #[arg(long, env = "CAIRN_CACHE", default_value = "build/cache")]
+    pub cache: PathBuf,
+
+    /// Version for this commit instead of the automatic `<prefix>.<date>.<serial>`.
+    #[arg(long)]
+    pub version: Option<String>,
+
+    /// Print the resolved manifest and package set; build nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Write no commit if the inputs (manifest, packages, files, scripts) equal
+    /// those of the ref's current commit.
+    #[arg(long)]
+    pub unless_changed: bool,
+
+    /// Sign the commit with this GPG key id.
+    #[arg(long, value_name = "KEYID")]
+    pub gpg_sign: Option<String>,
+
+    /// GPG home directory holding the signing key.
+    #[arg(long, value_name = "DIR", requires = "gpg_sign")]
+    pub gpg_homedir: Option<PathBuf>,
+
+    /// Create a new repository in `bare-user` mode instead of `archive`.
+    #[arg(long, hide = true)]
+    pub bare_user: bool,
+
+    /// No progress output; only the result lines.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The repository holding both commits.
+    #[arg(long, env = "CAIRN_REPO", default_value_os_t = default_repo())]
+    pub repo: PathBuf,
+
+    /// Older commit: ref, version or checksum.
+    pub from: String,
+
+    /// Newer commit: ref, version or checksum.
+    pub to: String,
+
+    /// Print the difference as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    /// List every changed file, not just the counts.
+    #[arg(short = 'f', long)]
+    pub files: bool,
+}
 
 pub fn run(cmd: ComposeCommand) -> Result<ExitCode> {
-    match cmd {}
+    match cmd {
+        ComposeCommand::Tree(args) => tree(args),
+        ComposeCommand::Diff(args) => diff(args),
+        ComposeCommand::Image(args) => crate::compose_image::run(args),
+    }
+}
+
+fn tree(args: TreeArgs) -> Result<ExitCode> {
+    let manifest = Manifest::load(&args.manifest)?;
+    let mut opts = ComposeOptions::new(args.repo.clone(), args.cache.clone());
+    opts.version = args.version;
+    opts.dry_run = args.dry_run;
+    opts.unless_changed = args.unless_changed;
+    opts.gpg_sign = args.gpg_sign;
+    opts.gpg_homedir = args.gpg_homedir;
+    opts.progress = Progress::new(args.quiet);
+    if args.bare_user {
+        opts.repo_mode = ostree::RepoMode::BareUser;
+    }
+    opts.host_binary = Some(std::env::current_exe().context("locating the running host binary")?);
+    match compose_tree(&manifest, &opts)? {
+        Outcome::Committed {
+            refname,
+            checksum,
+            version,
+            content_checksum,
+            packages,
+        } => {
+            println!("ref {refname}");
+            println!("commit {checksum}");
+            println!("version {version}");
+            println!("content-checksum {content_checksum}");
+            println!("packages {packages}");
+        }
+        Outcome::Unchanged {
+            refname,
+            checksum,
+            version,
+        } => {
+            println!("no changes: {refname} is already at these inputs");
+            println!("commit {checksum}");
+            if let Some(v) = version {
+                println!("version {v}");
+            }
+        }
+        Outcome::DryRun {
+            refname,
+            manifest,
+            packages,
+            input_hash,
+        } => {
+            println!("# ref {refname}\n# input hash {input_hash}\n");
+            print!("{manifest}");
+            if !packages.is_empty() {
+                println!("\n# {} packages", packages.len());
+                for p in packages {
+                    println!("# {p}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn diff(args: DiffArgs) -> Result<ExitCode> {
+    let repo = cairn_builder::repo::open(&args.repo)?;
+    let d = cairn_builder::diff::diff_commits(&repo, &args.from, &args.to)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v = |v: &Option<String>| v.clone().unwrap_or_else(|| "(no version)".into());
+    println!("from {} {}", v(&d.from_version), d.from);
+    println!("to   {} {}", v(&d.to_version), d.to);
+    println!("packages: {}", d.packages.summary());
+    print!("{}", d.packages);
+    println!(
+        "files: {} modified, {} removed, {} added",
+        d.files.modified.len(),
+        d.files.removed.len(),
+        d.files.added.len()
+    );
+    if args.files {
+        for f in &d.files.modified {
+            println!("  M {f}");
+        }
+        for f in &d.files.removed {
+            println!("  D {f}");
+        }
+        for f in &d.files.added {
+            println!("  A {f}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

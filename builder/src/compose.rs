@@ -1,0 +1,425 @@
+//! `compose tree`: manifest → prepared root → one OSTree commit on the manifest's ref.
+//!
+//! The pipeline, in order: resolve the base (apt simulation or a rootfs
+//! digest) → input hash → no-op check → version → stage (cached mmdebstrap
+//! output or the rootfs) copied into a work directory → files, units, users,
+//! kernel arguments, postprocess, removals → OSTree layout → commit and ref
+//! move in one libostree transaction. Nothing touches the repository before
+//! the tree is complete, so a failure or an interruption leaves it as it was.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::apt::PackageSet;
+use crate::manifest::Manifest;
+use crate::progress::Progress;
+use crate::repo::{self, NewCommit};
+use crate::{stage, tree};
+
+/// Bump when the meaning of the input hash changes.
+const INPUT_FORMAT: &str = "cairn-input-v1";
+
+pub struct ComposeOptions {
+    /// Repository to commit into; created (in `repo_mode`) if missing.
+    pub repo: PathBuf,
+    pub repo_mode: ostree::RepoMode,
+    /// Downloaded packages, apt indices and installed package stages.
+    pub cache: PathBuf,
+    /// Explicit version instead of the automatic `<prefix>.<date>.<serial>`.
+    pub version: Option<String>,
+    pub dry_run: bool,
+    /// Write nothing when the input hash equals the ref's head.
+    pub unless_changed: bool,
+    /// The `host` executable to install where the manifest's `self-install` says.
+    pub host_binary: Option<PathBuf>,
+    /// Fixed time for the commit and the automatic version (reproducible builds).
+    pub source_date_epoch: Option<i64>,
+    /// GPG key to sign the commit with, and the keyring directory.
+    pub gpg_sign: Option<String>,
+    pub gpg_homedir: Option<PathBuf>,
+    pub progress: Progress,
+}
+
+impl ComposeOptions {
+    pub fn new(repo: PathBuf, cache: PathBuf) -> ComposeOptions {
+        ComposeOptions {
+            repo,
+            repo_mode: ostree::RepoMode::Archive,
+            cache,
+            version: None,
+            dry_run: false,
+            unless_changed: false,
+            host_binary: None,
+            source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
+                .ok()
+                .and_then(|s| s.parse().ok()),
+            gpg_sign: None,
+            gpg_homedir: None,
+            progress: Progress::silent(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Committed {
+        refname: String,
+        checksum: String,
+        version: String,
+        content_checksum: String,
+        packages: usize,
+    },
+    Unchanged {
+        refname: String,
+        checksum: String,
+        version: Option<String>,
+    },
+    DryRun {
+        refname: String,
+        manifest: String,
+        packages: Vec<String>,
+        input_hash: String,
+    },
+}
+
+/// The base of the tree, resolved but not yet installed.
+enum Base {
+    Packages(stage::ResolvedPackages),
+    Rootfs { path: PathBuf, digest: String },
+}
+
+pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcome> {
+    let progress = &opts.progress;
+    // Directories the compose creates get the same modes on every machine.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let refname = manifest.ref_name().to_string();
+    std::fs::create_dir_all(&opts.cache)
+        .with_context(|| format!("creating cache directory {}", opts.cache.display()))?;
+    let _lock = CacheLock::acquire(&opts.cache, progress)?;
+
+    let base = if let Some(pkgs) = &manifest.spec.packages {
+        Base::Packages(stage::resolve(pkgs, &opts.cache, progress)?)
+    } else {
+        let path = manifest
+            .spec
+            .rootfs
+            .clone()
+            .expect("validated: packages or rootfs");
+        let digest = stage::rootfs_digest(&path)?;
+        Base::Rootfs { path, digest }
+    };
+
+    let host_binary = match (&manifest.spec.self_install, &opts.host_binary) {
+        (Some(_), None) => bail!(
+            "manifest {}: key `self-install` needs the host binary to install; \
+             run the compose through `host compose tree`",
+            manifest.path.display()
+        ),
+        (Some(_), Some(b)) => Some(b.clone()),
+        (None, _) => None,
+    };
+    let input_hash = input_hash(manifest, &base, host_binary.as_deref())?;
+
+    if opts.dry_run {
+        let packages = match &base {
+            Base::Packages(r) => r.set.to_lines(),
+            Base::Rootfs { .. } => Vec::new(),
+        };
+        return Ok(Outcome::DryRun {
+            refname,
+            manifest: manifest.to_toml(),
+            packages,
+            input_hash,
+        });
+    }
+
+    let repo = repo::open_or_create(&opts.repo, opts.repo_mode)?;
+    check_writable(&opts.repo)?;
+    let head = repo::ref_head(&repo, &refname)?;
+    let history = repo::history(&repo, &refname)?;
+    if opts.unless_changed {
+        if let Some(head_info) = history.first() {
+            if head_info.string("cairn.inputhash").as_deref() == Some(input_hash.as_str()) {
+                return Ok(Outcome::Unchanged {
+                    refname,
+                    checksum: head_info.checksum.clone(),
+                    version: head_info.version(),
+                });
+            }
+        }
+    }
+
+    let now = opts
+        .source_date_epoch
+        .unwrap_or_else(|| chrono::Utc::now().timestamp());
+    let existing: Vec<String> = history.iter().filter_map(|c| c.version()).collect();
+    let version = match &opts.version {
+        Some(v) => {
+            if existing.contains(v) {
+                bail!("version {v} already exists on ref {refname}; versions are never reused: pick another or omit --version");
+            }
+            v.clone()
+        }
+        None => next_version(manifest.spec.version_prefix.as_deref(), now, &existing),
+    };
+
+    // Work in the cache's file system so copies can reflink and renames stay cheap.
+    let work_parent = opts.cache.join("work");
+    clean_stale_work(&work_parent)?;
+    std::fs::create_dir_all(&work_parent)?;
+    let work = tempfile::Builder::new()
+        .prefix("compose-")
+        .tempdir_in(&work_parent)?;
+    let root = work.path().join("rootfs");
+
+    let step = progress.step("preparing the tree");
+    match &base {
+        Base::Packages(resolved) => {
+            drop(step);
+            let pkgs = manifest.spec.packages.as_ref().expect("packages base");
+            let staged = stage::ensure_stage(pkgs, resolved, &opts.cache, progress)?;
+            let step = progress.step("preparing the tree");
+            step.message("copying the package stage");
+            stage::copy_tree(&staged.rootfs, &root)?;
+            customize(
+                manifest,
+                &root,
+                host_binary.as_deref(),
+                &refname,
+                &version,
+                now,
+            )?;
+            step.finish("");
+        }
+        Base::Rootfs { path, .. } => {
+            step.message("unpacking the base rootfs");
+            stage::unpack_rootfs(path, &root)?;
+            customize(
+                manifest,
+                &root,
+                host_binary.as_deref(),
+                &refname,
+                &version,
+                now,
+            )?;
+            step.finish("");
+        }
+    }
+    let installed = match root.join("var/lib/dpkg/status").exists() {
+        true => crate::apt::installed_packages(&root.join("var/lib/dpkg"))?,
+        false => PackageSet::default(),
+    };
+    let facts = tree::ostree_layout(&root)?;
+
+    let step = progress.step("committing");
+    let mut metadata: BTreeMap<String, glib::Variant> = BTreeMap::new();
+    use glib::prelude::ToVariant;
+    for (k, v) in &manifest.spec.metadata {
+        metadata.insert(k.clone(), v.to_variant());
+    }
+    metadata.insert("version".into(), version.to_variant());
+    metadata.insert("cairn.inputhash".into(), input_hash.to_variant());
+    let digest = manifest.digest().context("hashing the manifest's files")?;
+    metadata.insert("cairn.manifest-digest".into(), digest.to_variant());
+    metadata.insert("cairn.packages".into(), installed.to_lines().to_variant());
+    metadata.insert("cairn.kargs".into(), manifest.spec.kernel_args.to_variant());
+    if let Some(k) = &facts.kernel {
+        metadata.insert("cairn.kernel".into(), k.to_variant());
+    }
+    let subject = format!("{refname} {version}");
+    let checksum = repo::write_commit(
+        &repo,
+        &root,
+        NewCommit {
+            refname: &refname,
+            parent: head.as_deref(),
+            subject: &subject,
+            timestamp: u64::try_from(now).unwrap_or(0),
+            metadata,
+            bootable: facts.kernel.is_some(),
+            gpg_key: opts.gpg_sign.as_deref(),
+            gpg_homedir: opts.gpg_homedir.as_deref(),
+        },
+    )?;
+    let content_checksum = repo::content_checksum(&repo, &checksum)?;
+    step.finish(&checksum);
+    Ok(Outcome::Committed {
+        refname,
+        checksum,
+        version,
+        content_checksum,
+        packages: installed.0.len(),
+    })
+}
+
+fn customize(
+    manifest: &Manifest,
+    root: &Path,
+    host_binary: Option<&Path>,
+    refname: &str,
+    version: &str,
+    now: i64,
+) -> Result<()> {
+    let spec = &manifest.spec;
+    tree::add_files(root, &spec.files)?;
+    if let (Some(dst), Some(bin)) = (&spec.self_install, host_binary) {
+        tree::self_install(root, bin, dst)?;
+    }
+    tree::write_kargs(root, &spec.kernel_args)?;
+    tree::write_sysusers(root, spec)?;
+    tree::apply_units(
+        root,
+        &spec.units.enable,
+        &spec.units.disable,
+        &spec.units.mask,
+    )?;
+    let env = vec![
+        ("CAIRN_REF".to_string(), refname.to_string()),
+        ("CAIRN_VERSION".to_string(), version.to_string()),
+        ("SOURCE_DATE_EPOCH".to_string(), now.to_string()),
+    ];
+    tree::run_postprocess(root, &spec.postprocess, &env)?;
+    tree::remove_files(root, &spec.remove_files)?;
+    Ok(())
+}
+
+/// Everything that determines the tree's content, hashed: the manifest's
+/// meaning, the exact package set (or base root), and the installed binary.
+fn input_hash(manifest: &Manifest, base: &Base, host_binary: Option<&Path>) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(INPUT_FORMAT);
+    h.update("\nmanifest ");
+    h.update(manifest.digest().context("hashing the manifest's files")?);
+    match base {
+        Base::Packages(r) => {
+            h.update("\nsources\n");
+            for s in &r.sources {
+                h.update(&s.0);
+                h.update("\n");
+            }
+            h.update("packages\n");
+            for l in r.set.to_lines() {
+                h.update(l);
+                h.update("\n");
+            }
+        }
+        Base::Rootfs { digest, .. } => {
+            h.update("\nrootfs ");
+            h.update(digest);
+        }
+    }
+    if let Some(bin) = host_binary {
+        h.update("\nhost ");
+        h.update(
+            crate::manifest::file_sha256(bin)
+                .with_context(|| format!("reading {}", bin.display()))?,
+        );
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// `<prefix>.<YYYYMMDD>.<serial>`, the serial one past the highest already
+/// used on the ref that day (so a version is never handed out twice).
+pub fn next_version(prefix: Option<&str>, now: i64, existing: &[String]) -> String {
+    let date = chrono::DateTime::from_timestamp(now, 0)
+        .unwrap_or_default()
+        .format("%Y%m%d")
+        .to_string();
+    let stem = match prefix {
+        Some(p) if !p.is_empty() => format!("{p}.{date}"),
+        _ => date,
+    };
+    let serial = existing
+        .iter()
+        .filter_map(|v| {
+            v.strip_prefix(&stem)?
+                .strip_prefix('.')?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |s| s + 1);
+    format!("{stem}.{serial}")
+}
+
+fn check_writable(repo: &Path) -> Result<()> {
+    let probe = repo.join("tmp");
+    match tempfile::tempfile_in(&probe) {
+        Ok(_) => Ok(()),
+        Err(e) => bail!(
+            "repository {} is not writable ({e}); check its permissions and free space",
+            repo.display()
+        ),
+    }
+}
+
+fn clean_stale_work(dir: &Path) -> Result<()> {
+    // Only called under the cache lock, so no other compose is using these.
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for entry in rd.flatten() {
+            tracing::info!(
+                "removing leftover work directory {}",
+                entry.path().display()
+            );
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("removing leftover {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// One compose at a time per cache: they share the apt state and stages.
+struct CacheLock {
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl CacheLock {
+    fn acquire(cache: &Path, progress: &Progress) -> Result<CacheLock> {
+        let path = cache.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            Ok(l) => l,
+            Err((file, _)) => {
+                progress.note(&format!(
+                    "waiting for another compose using {}",
+                    cache.display()
+                ));
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                    .map_err(|(_, e)| e)
+                    .with_context(|| format!("locking {}", path.display()))?
+            }
+        };
+        Ok(CacheLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_count_up_per_day_and_never_repeat() {
+        let day = 1_795_000_000; // 2026-11-18
+        assert_eq!(next_version(Some("1"), day, &[]), "1.20261118.0");
+        let existing = vec![
+            "1.20261118.0".to_string(),
+            "1.20261118.4".to_string(),
+            "1.20261117.9".to_string(),
+        ];
+        assert_eq!(next_version(Some("1"), day, &existing), "1.20261118.5");
+        assert_eq!(next_version(None, day, &existing), "20261118.0");
+        assert_eq!(
+            next_version(Some("1"), day + 86_400, &existing),
+            "1.20261119.0"
+        );
+    }
+}

@@ -1,0 +1,325 @@
+//! What changed between two commits: packages (from commit metadata, so it
+//! works on metadata-only pulls) and files (by walking both trees, skipping
+//! every subtree whose checksum is unchanged).
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::repo;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PackageDiff {
+    pub added: Vec<(String, String)>,
+    pub removed: Vec<(String, String)>,
+    /// (name, from, to)
+    pub upgraded: Vec<(String, String, String)>,
+    pub downgraded: Vec<(String, String, String)>,
+}
+
+impl PackageDiff {
+    pub fn between(from: &BTreeMap<String, String>, to: &BTreeMap<String, String>) -> PackageDiff {
+        let mut d = PackageDiff::default();
+        for (name, old) in from {
+            match to.get(name) {
+                None => d.removed.push((name.clone(), old.clone())),
+                Some(new) => match compare_versions(old, new) {
+                    Ordering::Less => d.upgraded.push((name.clone(), old.clone(), new.clone())),
+                    Ordering::Greater => {
+                        d.downgraded.push((name.clone(), old.clone(), new.clone()))
+                    }
+                    Ordering::Equal => {}
+                },
+            }
+        }
+        for (name, new) in to {
+            if !from.contains_key(name) {
+                d.added.push((name.clone(), new.clone()));
+            }
+        }
+        d
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.upgraded.is_empty()
+            && self.downgraded.is_empty()
+    }
+
+    /// "3 upgraded, 1 added" (only the non-zero parts; "no changes" if none).
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = [
+            (self.upgraded.len(), "upgraded"),
+            (self.downgraded.len(), "downgraded"),
+            (self.removed.len(), "removed"),
+            (self.added.len(), "added"),
+        ]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        if parts.is_empty() {
+            "no package changes".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+impl fmt::Display for PackageDiff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (n, a, b) in &self.upgraded {
+            writeln!(f, "  upgraded   {n} {a} -> {b}")?;
+        }
+        for (n, a, b) in &self.downgraded {
+            writeln!(f, "  downgraded {n} {a} -> {b}")?;
+        }
+        for (n, v) in &self.removed {
+            writeln!(f, "  removed    {n} {v}")?;
+        }
+        for (n, v) in &self.added {
+            writeln!(f, "  added      {n} {v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Debian version ordering (`dpkg --compare-versions`): epoch, then upstream
+/// version, then revision, each compared with dpkg's rules (`~` sorts first).
+pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    fn split(v: &str) -> (u64, &str, &str) {
+        let (epoch, rest) = match v.split_once(':') {
+            Some((e, r)) if e.chars().all(|c| c.is_ascii_digit()) => (e.parse().unwrap_or(0), r),
+            _ => (0, v),
+        };
+        match rest.rsplit_once('-') {
+            Some((up, rev)) => (epoch, up, rev),
+            None => (epoch, rest, ""),
+        }
+    }
+    fn order(c: Option<char>) -> i32 {
+        match c {
+            None => 0,
+            Some('~') => -1,
+            Some(c) if c.is_ascii_digit() => 0,
+            Some(c) if c.is_ascii_alphabetic() => c as i32,
+            Some(c) => c as i32 + 256,
+        }
+    }
+    fn verrevcmp(a: &str, b: &str) -> Ordering {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() || j < b.len() {
+            let mut first_diff = 0;
+            while (i < a.len() && !a[i].is_ascii_digit()) || (j < b.len() && !b[j].is_ascii_digit())
+            {
+                let ac = order(a.get(i).map(|&c| c as char).filter(|c| !c.is_ascii_digit()));
+                let bc = order(b.get(j).map(|&c| c as char).filter(|c| !c.is_ascii_digit()));
+                if ac != bc {
+                    return ac.cmp(&bc);
+                }
+                if i < a.len() && !a[i].is_ascii_digit() {
+                    i += 1;
+                }
+                if j < b.len() && !b[j].is_ascii_digit() {
+                    j += 1;
+                }
+            }
+            while i < a.len() && a[i] == b'0' {
+                i += 1;
+            }
+            while j < b.len() && b[j] == b'0' {
+                j += 1;
+            }
+            while i < a.len() && a[i].is_ascii_digit() && j < b.len() && b[j].is_ascii_digit() {
+                if first_diff == 0 {
+                    first_diff = a[i] as i32 - b[j] as i32;
+                }
+                i += 1;
+                j += 1;
+            }
+            if i < a.len() && a[i].is_ascii_digit() {
+                return Ordering::Greater;
+            }
+            if j < b.len() && b[j].is_ascii_digit() {
+                return Ordering::Less;
+            }
+            if first_diff != 0 {
+                return first_diff.cmp(&0);
+            }
+        }
+        Ordering::Equal
+    }
+    let (ea, ua, ra) = split(a);
+    let (eb, ub, rb) = split(b);
+    ea.cmp(&eb)
+        .then_with(|| verrevcmp(ua, ub))
+        .then_with(|| verrevcmp(ra, rb))
+}
+
+/// File-level changes between two commits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FileDiff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub modified: Vec<String>,
+}
+
+/// Both halves of `compose diff`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommitDiff {
+    pub from: String,
+    pub to: String,
+    pub from_version: Option<String>,
+    pub to_version: Option<String>,
+    pub packages: PackageDiff,
+    pub files: FileDiff,
+}
+
+pub fn diff_commits(repo: &ostree::Repo, from_rev: &str, to_rev: &str) -> Result<CommitDiff> {
+    let from = repo::resolve_commit(repo, from_rev)?;
+    let to = repo::resolve_commit(repo, to_rev)?;
+    let a = repo::load_commit(repo, &from)?;
+    let b = repo::load_commit(repo, &to)?;
+    let pkgs =
+        |c: &repo::CommitInfo| crate::apt::PackageSet::from_lines(&c.strings("cairn.packages")).0;
+    let packages = PackageDiff::between(&pkgs(&a), &pkgs(&b));
+    let mut files = FileDiff::default();
+    let (ta, _) = root_tree(repo, &from)?;
+    let (tb, _) = root_tree(repo, &to)?;
+    diff_trees(repo, "", Some(&ta), Some(&tb), &mut files)?;
+    Ok(CommitDiff {
+        from,
+        to,
+        from_version: a.version(),
+        to_version: b.version(),
+        packages,
+        files,
+    })
+}
+
+fn root_tree(repo: &ostree::Repo, commit: &str) -> Result<(String, String)> {
+    let (v, _) = repo.load_commit(commit)?;
+    let contents: Vec<u8> = v.child_value(6).get().unwrap_or_default();
+    let meta: Vec<u8> = v.child_value(7).get().unwrap_or_default();
+    Ok((hex::encode(contents), hex::encode(meta)))
+}
+
+type DirTree = (BTreeMap<String, String>, BTreeMap<String, String>);
+
+fn load_dirtree(repo: &ostree::Repo, checksum: &str) -> Result<DirTree> {
+    let v = repo
+        .load_variant(ostree::ObjectType::DirTree, checksum)
+        .with_context(|| format!("loading dirtree {checksum} (is the commit fully pulled?)"))?;
+    let files: Vec<(String, Vec<u8>)> = v.child_value(0).get().unwrap_or_default();
+    let dirs: Vec<(String, Vec<u8>, Vec<u8>)> = v.child_value(1).get().unwrap_or_default();
+    Ok((
+        files
+            .into_iter()
+            .map(|(n, c)| (n, hex::encode(c)))
+            .collect(),
+        dirs.into_iter()
+            .map(|(n, c, m)| (n, format!("{}{}", hex::encode(c), hex::encode(m))))
+            .collect(),
+    ))
+}
+
+fn diff_trees(
+    repo: &ostree::Repo,
+    prefix: &str,
+    a: Option<&str>,
+    b: Option<&str>,
+    out: &mut FileDiff,
+) -> Result<()> {
+    let empty = DirTree::default();
+    let ta = match a {
+        Some(c) => load_dirtree(repo, c)?,
+        None => empty.clone(),
+    };
+    let tb = match b {
+        Some(c) => load_dirtree(repo, c)?,
+        None => empty,
+    };
+    for (name, ca) in &ta.0 {
+        match tb.0.get(name) {
+            None => out.removed.push(format!("{prefix}/{name}")),
+            Some(cb) if cb != ca => out.modified.push(format!("{prefix}/{name}")),
+            _ => {}
+        }
+    }
+    for name in tb.0.keys() {
+        if !ta.0.contains_key(name) {
+            out.added.push(format!("{prefix}/{name}"));
+        }
+    }
+    // Directory entries carry contents+meta checksums: equal means an identical subtree.
+    for (name, ca) in &ta.1 {
+        let path = format!("{prefix}/{name}");
+        match tb.1.get(name) {
+            Some(cb) if cb == ca => {}
+            Some(cb) => diff_trees(repo, &path, Some(&ca[..64]), Some(&cb[..64]), out)?,
+            None => {
+                out.removed.push(format!("{path}/"));
+            }
+        }
+    }
+    for name in tb.1.keys() {
+        if !ta.1.contains_key(name) {
+            out.added.push(format!("{prefix}/{name}/"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debian_versions_order_like_dpkg() {
+        let less = [
+            ("1.0", "1.1"),
+            ("1.0~rc1", "1.0"),
+            ("1.0", "1.0-1"),
+            ("1.0-1", "1.0-2"),
+            ("1.0-9", "1.0-10"),
+            ("2.36-9+deb12u13", "2.36-9+deb12u14"),
+            ("1:0.9", "2:0.1"),
+            ("9.9", "1:0.1"),
+            ("1.0a", "1.0b"),
+            ("1.0", "1.0a"),
+            ("1.0~~", "1.0~"),
+            ("252.38-1~deb12u1", "252.39-1~deb12u1"),
+        ];
+        for (a, b) in less {
+            assert_eq!(compare_versions(a, b), Ordering::Less, "{a} < {b}");
+            assert_eq!(compare_versions(b, a), Ordering::Greater, "{b} > {a}");
+        }
+        assert_eq!(compare_versions("1.0-1", "1.0-1"), Ordering::Equal);
+        assert_eq!(compare_versions("0:1.0", "1.0"), Ordering::Equal);
+        assert_eq!(compare_versions("1.01", "1.1"), Ordering::Equal);
+    }
+
+    #[test]
+    fn package_diff_classifies_and_summarizes() {
+        let from: BTreeMap<String, String> = [("a", "1.0"), ("b", "2.0"), ("c", "1.0"), ("d", "5")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let to: BTreeMap<String, String> = [("a", "1.1"), ("b", "1.9"), ("d", "5"), ("e", "0.1")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let d = PackageDiff::between(&from, &to);
+        assert_eq!(d.upgraded, vec![("a".into(), "1.0".into(), "1.1".into())]);
+        assert_eq!(d.downgraded, vec![("b".into(), "2.0".into(), "1.9".into())]);
+        assert_eq!(d.removed, vec![("c".into(), "1.0".into())]);
+        assert_eq!(d.added, vec![("e".into(), "0.1".into())]);
+        assert_eq!(d.summary(), "1 upgraded, 1 downgraded, 1 removed, 1 added");
+        assert_eq!(PackageDiff::default().summary(), "no package changes");
+    }
+}

@@ -1,0 +1,630 @@
+//! `host compose tree|diff` end to end, hermetic: the base is a small root the
+//! test builds itself (busybox, a fake kernel, a fake dpkg database), the
+//! repository a temp dir. Privileged tier: trees are committed as root-owned.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn require_root() {
+    assert!(
+        nix_is_root(),
+        "this test must run as root (it commits root-owned trees); run it through scripts/test"
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        require_root();
+        let env = Env {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        env.make_base();
+        env
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn write(&self, p: &str, text: &str) {
+        let path = self.path(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// A tiny Debian-like root: busybox as /bin/sh, a kernel and initramfs in
+    /// /boot, /etc, /var content, a unit, and a dpkg status file.
+    fn make_base(&self) {
+        let r = self.path("base");
+        for d in [
+            "usr/bin",
+            "usr/share",
+            "usr/lib/systemd/system",
+            "etc",
+            "var/lib/demo",
+            "var/log",
+            "boot",
+            "root",
+            "tmp",
+            "dev",
+            "home",
+        ] {
+            std::fs::create_dir_all(r.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let busybox =
+            busybox.expect("busybox-static must be installed (scripts/setup installs it)");
+        std::fs::copy(busybox, r.join("usr/bin/busybox")).unwrap();
+        for applet in ["sh", "echo", "cat", "sleep", "test", "ping"] {
+            std::os::unix::fs::symlink("busybox", r.join("usr/bin").join(applet)).unwrap();
+        }
+        self.write("base/etc/os-release", "ID=cairn-test\n");
+        self.write("base/var/log/old.log", "dropped\n");
+        self.write("base/root/.profile", "dropped\n");
+        self.write("base/boot/vmlinuz-6.1.0-test", "not really a kernel\n");
+        self.write(
+            "base/boot/initrd.img-6.1.0-test",
+            "not really an initramfs\n",
+        );
+        self.write(
+            "base/usr/lib/systemd/system/demo.service",
+            "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n",
+        );
+        self.write(
+            "base/var/lib/dpkg/status",
+            &dpkg_status(&[("busybox", "1:1.35.0-4"), ("demo", "1.0-1")]),
+        );
+        self.write("files/motd", "welcome to cairn\n");
+        self.write("files/cairn-tool", "#!/bin/sh\necho tool\n");
+    }
+
+    fn manifest(&self, extra: &str) -> PathBuf {
+        let text = format!(
+            r#"ref = "test/x86_64/base"
+version-prefix = "7"
+rootfs = "base"
+kernel-args = ["console=ttyS0", "quiet"]
+remove-files = ["/usr/share/nothing-here"]
+
+[metadata]
+"cairn.test" = "yes"
+
+[[files]]
+src = "files/motd"
+dst = "/etc/motd"
+
+[[files]]
+src = "files/cairn-tool"
+dst = "/usr/bin/cairn-tool"
+mode = "0755"
+
+[units]
+enable = ["demo.service"]
+
+[[users]]
+name = "app"
+uid = 900
+groups = ["wheel"]
+
+[[groups]]
+name = "wheel"
+gid = 10
+{extra}"#
+        );
+        let p = self.path("manifest.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn host(&self, args: &[&str]) -> Output {
+        let out = Command::new(env!("CARGO_BIN_EXE_host"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("SOURCE_DATE_EPOCH", "1795000000")
+            .env_remove("CAIRN_REPO")
+            .env_remove("CAIRN_CACHE")
+            .output()
+            .unwrap();
+        eprintln!(
+            "$ host {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn compose(&self, repo: &str, extra_args: &[&str]) -> Output {
+        let mut args = vec![
+            "compose",
+            "tree",
+            "--bare-user",
+            "--repo",
+            repo,
+            "--cache",
+            "cache",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra_args);
+        args.push("manifest.toml");
+        self.host(&args)
+    }
+
+    fn ostree(&self, repo: &str, args: &[&str]) -> String {
+        let out = Command::new("ostree")
+            .arg(format!("--repo={}", self.path(repo).display()))
+            .args(args)
+            .output()
+            .expect("stock ostree CLI (package ostree) for cross-checks");
+        assert!(
+            out.status.success(),
+            "ostree {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn ref_head(&self, repo: &str) -> Option<String> {
+        let p = self.path(repo).join("refs/heads/test/x86_64/base");
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+}
+
+fn dpkg_status(pkgs: &[(&str, &str)]) -> String {
+    pkgs.iter()
+        .map(|(n, v)| {
+            format!(
+                "Package: {n}\nStatus: install ok installed\nArchitecture: amd64\nVersion: {v}\n\n"
+            )
+        })
+        .collect()
+}
+
+fn field<'a>(out: &'a Output, key: &str) -> &'a str {
+    let stdout = std::str::from_utf8(&out.stdout).unwrap();
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} ")));
+    line.unwrap_or_else(|| panic!("no `{key}` line in output:\n{stdout}"))
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn compose_lays_out_an_ostree_tree_that_stock_tools_read() {
+    let env = Env::new();
+    env.manifest("[[postprocess]]\nname = \"stamp\"\ninline = \"echo composed > /usr/share/stamp; test -e /etc/motd\"\n");
+    let out = env.compose("repo", &[]);
+    assert!(out.status.success());
+    let commit = field(&out, "commit").to_string();
+    assert_eq!(field(&out, "version"), "7.20261118.0");
+    assert_eq!(env.ref_head("repo").as_deref(), Some(commit.as_str()));
+
+    env.ostree("repo", &["fsck"]);
+    let ls = env.ostree("repo", &["ls", "-R", &commit]);
+    for expected in [
+        "/usr/lib/modules/6.1.0-test/vmlinuz",
+        "/usr/lib/modules/6.1.0-test/initramfs.img",
+        "/usr/etc/os-release",
+        "/usr/etc/motd",
+        "/usr/bin/cairn-tool",
+        "/usr/share/stamp",
+        "/usr/lib/sysimage/dpkg/status",
+        "/usr/lib/cairn/kargs",
+        "/usr/lib/sysusers.d/cairn.conf",
+        "/usr/lib/tmpfiles.d/cairn-var.conf",
+        "/usr/etc/systemd/system/multi-user.target.wants/demo.service -> /usr/lib/systemd/system/demo.service",
+        "/home -> var/home",
+        "/root -> var/roothome",
+        "/tmp -> sysroot/tmp",
+        "/ostree -> sysroot/ostree",
+        "/usr/local -> ../var/usrlocal",
+    ] {
+        assert!(ls.lines().any(|l| l.ends_with(expected)), "ostree ls lacks {expected}:\n{ls}");
+    }
+    for absent in [
+        " /etc",
+        " /boot/",
+        " /var/",
+        "/var/log/old.log",
+        "/.profile",
+    ] {
+        assert!(
+            !ls.lines().any(|l| l.contains(absent)),
+            "ostree ls should not have {absent}:\n{ls}"
+        );
+    }
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("-00755 0 0") && l.ends_with("/usr/bin/cairn-tool")),
+        "{ls}"
+    );
+
+    let show = |key: &str| {
+        env.ostree(
+            "repo",
+            &["show", &format!("--print-metadata-key={key}"), &commit],
+        )
+    };
+    assert_eq!(show("version").trim(), "'7.20261118.0'");
+    assert_eq!(show("ostree.bootable").trim(), "true");
+    assert_eq!(show("cairn.kernel").trim(), "'6.1.0-test'");
+    assert_eq!(show("cairn.kargs").trim(), "['console=ttyS0', 'quiet']");
+    assert_eq!(
+        show("cairn.packages").trim(),
+        "['busybox=1:1.35.0-4', 'demo=1.0-1']"
+    );
+    assert_eq!(show("cairn.test").trim(), "'yes'");
+    assert_eq!(show("cairn.inputhash").trim().len(), 66);
+    let log = env.ostree("repo", &["log", "test/x86_64/base"]);
+    assert!(log.contains("ContentChecksum:"), "{log}");
+
+    let cat = |p: &str| env.ostree("repo", &["cat", &commit, p]);
+    assert_eq!(cat("/usr/lib/cairn/kargs"), "console=ttyS0\nquiet\n");
+    assert_eq!(cat("/usr/lib/sysusers.d/cairn.conf"), "# Generated by cairn from the compose manifest.\ng wheel 10\nu app 900 \"-\" - -\nm app wheel\n");
+    let tmpfiles = cat("/usr/lib/tmpfiles.d/cairn-var.conf");
+    assert!(
+        tmpfiles.contains("d /var/lib/demo 0755 0 0 - -"),
+        "{tmpfiles}"
+    );
+    assert!(
+        tmpfiles.contains("d /var/roothome 0755 0 0 - -"),
+        "{tmpfiles}"
+    );
+    assert!(
+        tmpfiles.contains("L /var/lib/dpkg - - - - ../../usr/lib/sysimage/dpkg"),
+        "{tmpfiles}"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn same_inputs_and_source_date_epoch_give_the_same_checksums() {
+    let env = Env::new();
+    env.manifest("");
+    let a = env.compose("repo-a", &[]);
+    let b = env.compose("repo-b", &[]);
+    assert!(a.status.success() && b.status.success());
+    assert_eq!(field(&a, "content-checksum"), field(&b, "content-checksum"));
+    assert_eq!(field(&a, "commit"), field(&b, "commit"));
+    // The stock tool computes the same content checksum.
+    let log = env.ostree("repo-a", &["log", "test/x86_64/base"]);
+    assert!(
+        log.contains(&format!(
+            "ContentChecksum:  {}",
+            field(&a, "content-checksum")
+        )),
+        "{log}"
+    );
+}
+
+/// Pins the exact content checksum of a fully synthetic tree (no binaries from
+/// the build machine), as rpm-ostree does: any change to the layout code or to
+/// how the tree is committed shows up here and must be deliberate.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn synthetic_tree_has_a_pinned_content_checksum() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    for d in ["usr/bin", "etc", "var/lib/x", "boot"] {
+        std::fs::create_dir_all(base.join(d)).unwrap();
+        std::fs::set_permissions(base.join(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(base.join("usr/bin/tool"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        base.join("usr/bin/tool"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(base.join("etc/hostname"), "pinned\n").unwrap();
+    std::fs::set_permissions(
+        base.join("etc/hostname"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("m.toml"),
+        "ref = \"test/pinned\"\nrootfs = \"base\"\nkernel-args = [\"quiet\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_host"))
+        .args([
+            "compose",
+            "tree",
+            "--bare-user",
+            "--repo",
+            "repo",
+            "--cache",
+            "cache",
+            "--quiet",
+            "m.toml",
+        ])
+        .current_dir(dir.path())
+        .env("SOURCE_DATE_EPOCH", "1795000000")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        field(&out, "content-checksum"),
+        "f098f1d937f946658a64a81d52129f69a5ed878fb6c0a88e71374de107e95d19",
+        "the synthetic tree's content checksum changed; if the layout change is deliberate, update the pin"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn unless_changed_writes_nothing_until_an_input_changes() {
+    let env = Env::new();
+    env.manifest("");
+    let first = env.compose("repo", &["--unless-changed"]);
+    assert!(first.status.success());
+    let head = env.ref_head("repo").unwrap();
+
+    let again = env.compose("repo", &["--unless-changed"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).starts_with("no changes"));
+    assert_eq!(
+        env.ref_head("repo").unwrap(),
+        head,
+        "a no-op compose must not move the ref"
+    );
+
+    env.write("files/motd", "a new welcome\n");
+    let changed = env.compose("repo", &["--unless-changed"]);
+    assert!(changed.status.success());
+    assert_ne!(field(&changed, "commit"), head);
+    assert_eq!(
+        field(&changed, "version"),
+        "7.20261118.1",
+        "serials count up and are never reused"
+    );
+    let parent = env.ostree(
+        "repo",
+        &["rev-parse", &format!("{}^", field(&changed, "commit"))],
+    );
+    assert_eq!(
+        parent.trim(),
+        head,
+        "the new commit's parent is the previous head"
+    );
+
+    let reused = env.compose("repo", &["--version", "7.20261118.0"]);
+    assert!(!reused.status.success());
+    assert!(String::from_utf8_lossy(&reused.stderr).contains("already exists"));
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn failing_postprocess_names_the_script_and_leaves_the_repo_as_it_was() {
+    let env = Env::new();
+    env.manifest("");
+    assert!(env.compose("repo", &[]).status.success());
+    let head = env.ref_head("repo").unwrap();
+    let refs_before = env.ostree("repo", &["refs"]);
+
+    env.manifest("[[postprocess]]\nname = \"breaks\"\ninline = \"echo about to fail; echo details >&2; exit 3\"\n");
+    let out = env.compose("repo", &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        err.contains("postprocess script breaks failed with exit status 3"),
+        "{err}"
+    );
+    assert!(
+        err.contains("about to fail") && err.contains("details"),
+        "{err}"
+    );
+    assert_eq!(env.ref_head("repo").unwrap(), head);
+    assert_eq!(env.ostree("repo", &["refs"]), refs_before);
+    env.ostree("repo", &["fsck"]);
+    let leftovers: Vec<_> = std::fs::read_dir(env.path("cache/work"))
+        .map(|r| r.count())
+        .into_iter()
+        .collect();
+    assert_eq!(
+        leftovers,
+        vec![0],
+        "the work directory is removed on failure"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn postprocess_has_no_network() {
+    let env = Env::new();
+    env.manifest(
+        "[[postprocess]]\nname = \"net\"\ninline = \"cat /proc/net/dev > /usr/share/netdev\"\n",
+    );
+    let out = env.compose("repo", &[]);
+    assert!(out.status.success());
+    let dev = env.ostree("repo", &["cat", field(&out, "commit"), "/usr/share/netdev"]);
+    let ifaces: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        ifaces,
+        vec!["lo"],
+        "postprocess must run in an empty network namespace"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn a_killed_compose_moves_no_ref_and_the_next_one_succeeds() {
+    let env = Env::new();
+    env.manifest("");
+    assert!(env.compose("repo", &[]).status.success());
+    let head = env.ref_head("repo").unwrap();
+
+    env.manifest(
+        "[[postprocess]]\nname = \"slow\"\ninline = \"touch /usr/share/started; sleep 60\"\n",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_host"))
+        .args([
+            "compose",
+            "tree",
+            "--bare-user",
+            "--repo",
+            "repo",
+            "--cache",
+            "cache",
+            "--quiet",
+            "manifest.toml",
+        ])
+        .current_dir(env.dir.path())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let started = walkdir_find(&env.path("cache/work"), "started");
+        if started {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the compose never reached its postprocess script"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap(); // SIGKILL: no cleanup code runs
+    child.wait().unwrap();
+    assert_eq!(env.ref_head("repo").unwrap(), head);
+    env.ostree("repo", &["fsck"]);
+
+    env.manifest("");
+    env.write("files/motd", "after the kill\n");
+    let out = env.compose("repo", &[]);
+    assert!(
+        out.status.success(),
+        "a compose after a killed one must succeed"
+    );
+    assert_eq!(
+        std::fs::read_dir(env.path("cache/work")).unwrap().count(),
+        0
+    );
+}
+
+fn walkdir_find(dir: &Path, name: &str) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.flatten()
+        .any(|e| e.path().join("rootfs/usr/share").join(name).exists())
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn diff_reports_packages_and_files_between_versions() {
+    let env = Env::new();
+    env.manifest("");
+    let a = env.compose("repo", &[]);
+    assert!(a.status.success());
+    env.write(
+        "base/var/lib/dpkg/status",
+        &dpkg_status(&[("busybox", "1:1.36.1-1"), ("extra", "2.0")]),
+    );
+    env.write("files/motd", "changed\n");
+    let b = env.compose("repo", &[]);
+    assert!(b.status.success());
+
+    let out = env.host(&[
+        "compose",
+        "diff",
+        "--repo",
+        "repo",
+        "-f",
+        "7.20261118.0",
+        "test/x86_64/base",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("packages: 1 upgraded, 1 removed, 1 added"),
+        "{text}"
+    );
+    assert!(
+        text.contains("upgraded   busybox 1:1.35.0-4 -> 1:1.36.1-1"),
+        "{text}"
+    );
+    assert!(text.contains("removed    demo 1.0-1"), "{text}");
+    assert!(text.contains("added      extra 2.0"), "{text}");
+    assert!(text.contains("  M /usr/etc/motd"), "{text}");
+    assert!(text.contains("  M /usr/lib/sysimage/dpkg/status"), "{text}");
+
+    let json = env.host(&[
+        "compose",
+        "diff",
+        "--repo",
+        "repo",
+        "--json",
+        field(&a, "commit"),
+        field(&b, "commit"),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["packages"]["upgraded"][0][0], "busybox");
+
+    let bad = env.host(&[
+        "compose",
+        "diff",
+        "--repo",
+        "repo",
+        "nope",
+        "test/x86_64/base",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no commit, ref or version \"nope\""));
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn rootfs_tarball_base_composes_like_the_directory() {
+    let env = Env::new();
+    let status = Command::new("tar")
+        .args(["--numeric-owner", "-czf", "base.tar.gz", "-C", "base", "."])
+        .current_dir(env.dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    env.manifest("");
+    let dir_build = env.compose("repo-dir", &[]);
+    let text = std::fs::read_to_string(env.path("manifest.toml"))
+        .unwrap()
+        .replace("rootfs = \"base\"", "rootfs = \"base.tar.gz\"");
+    std::fs::write(env.path("manifest.toml"), text).unwrap();
+    let tar_build = env.compose("repo-tar", &[]);
+    assert!(dir_build.status.success() && tar_build.status.success());
+    assert_eq!(
+        field(&dir_build, "content-checksum"),
+        field(&tar_build, "content-checksum")
+    );
+}

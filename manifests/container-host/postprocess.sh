@@ -1,0 +1,5 @@
+# Runs inside the tree, without network (see docs/manifest.md).
+# A node generates its machine id on first boot.
+: > /etc/machine-id
+# Root logs in only with a key or console access configured by the operator.
+passwd -l root >/dev/null
