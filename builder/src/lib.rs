@@ -1,4 +1,11 @@
 //! cairn-builder: compose a versioned, content-addressed host tree from a TOML
 //! manifest and commit it to an OSTree repository through libostree.
 
+pub mod apt;
+pub mod compose;
+pub mod diff;
 pub mod manifest;
+pub mod progress;
+pub mod repo;
+pub mod stage;
+pub mod tree;
