@@ -82,7 +82,9 @@ pub fn pull(repo: &ostree::Repo, req: &PullRequest, show_progress: bool) -> Resu
     if let Some(c) = req.commit {
         options.insert_value("override-commit-ids", &vec![c.to_string()].to_variant());
     }
-    let mut flags = ostree::RepoPullFlags::NONE;
+    // Verify every object, also from file:// remotes (libostree trusts local
+    // repos otherwise): a node never trusts the medium its update comes on.
+    let mut flags = ostree::RepoPullFlags::UNTRUSTED;
     if req.commit_only {
         flags |= ostree::RepoPullFlags::COMMIT_ONLY;
     }

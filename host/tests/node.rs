@@ -1,0 +1,910 @@
+//! The node commands end to end on sysroots the tests build themselves: a source
+//! archive repo with commits of tiny synthetic trees (committed through the
+//! ostree crate), a sysroot initialised through the ostree crate with a first
+//! deployment, then the real `host` binary acting on it with `--sysroot`.
+//! Stock `ostree admin status` cross-checks the result.
+//!
+//! Privileged tier: deployments are written as root.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use ostree::gio;
+use ostree::glib;
+use ostree::prelude::*;
+
+const REF: &str = "cairn/bookworm/x86_64/container-host";
+const REFSPEC: &str = "cairn:cairn/bookworm/x86_64/container-host";
+/// Commit timestamps: fixed, increasing, so downgrades are deliberate.
+const T0: u64 = 1_795_000_000;
+
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test must run as root (it writes OSTree deployments); run it through scripts/test"
+    );
+}
+
+fn host() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_host"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// One tree to commit.
+struct Tree<'a> {
+    version: &'a str,
+    hello: &'a str,
+    packages: &'a [&'a str],
+    /// Kernel bytes (the initramfs is a few bytes).
+    kernel: Vec<u8>,
+    time: u64,
+}
+
+impl<'a> Tree<'a> {
+    fn new(version: &'a str, n: u64) -> Self {
+        Tree {
+            version,
+            hello: version,
+            packages: &["bash=5.2.15-2+b2", "systemd=252.38-1~deb12u1"],
+            kernel: b"kernel 6.1.0-test".to_vec(),
+            time: T0 + n * 1000,
+        }
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    src: ostree::Repo,
+    gnupg: Option<GpgHome>,
+}
+
+impl Fixture {
+    fn src_path(&self) -> PathBuf {
+        self.dir.path().join("src")
+    }
+
+    fn sysroot(&self) -> PathBuf {
+        self.dir.path().join("sysroot")
+    }
+
+    /// Source repo with v1 on REF, a sysroot with remote `cairn` and v1 deployed.
+    fn new() -> Self {
+        Self::build(false, None)
+    }
+
+    fn build(gpg: bool, boot_tmpfs: Option<&str>) -> Self {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        let src = ostree::Repo::new_for_path(&src_path);
+        src.create(ostree::RepoMode::Archive, gio::Cancellable::NONE)
+            .unwrap();
+        let gnupg = gpg.then(|| GpgHome::new(&dir.path().join("gnupg"), "cairn test"));
+        let fx = Fixture { dir, src, gnupg };
+        let v1 = fx.commit(REF, &Tree::new("1.0", 1));
+        if let Some(g) = &fx.gnupg {
+            fx.src
+                .sign_commit(&v1, &g.key, Some(g.home_str()), gio::Cancellable::NONE)
+                .unwrap();
+        }
+
+        let sysroot_path = fx.sysroot();
+        std::fs::create_dir_all(sysroot_path.join("boot")).unwrap();
+        if let Some(size) = boot_tmpfs {
+            nix::mount::mount(
+                Some("tmpfs"),
+                &sysroot_path.join("boot"),
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some(format!("size={size}").as_str()),
+            )
+            .unwrap();
+        }
+        let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(&sysroot_path)));
+        sysroot.ensure_initialized(gio::Cancellable::NONE).unwrap();
+        sysroot.load(gio::Cancellable::NONE).unwrap();
+        sysroot
+            .init_osname("cairn", gio::Cancellable::NONE)
+            .unwrap();
+        let repo = sysroot.repo();
+        let opts = glib::VariantDict::new(None);
+        opts.insert("gpg-verify", fx.gnupg.is_some());
+        if let Some(g) = &fx.gnupg {
+            let key = fx.dir.path().join("cairn.gpg");
+            g.export(&key);
+            opts.insert("gpgkeypath", key.to_str().unwrap());
+        }
+        let url = format!("file://{}", fx.src_path().display());
+        repo.remote_add(
+            "cairn",
+            Some(&url),
+            Some(&opts.end()),
+            gio::Cancellable::NONE,
+        )
+        .unwrap();
+        repo.pull(
+            "cairn",
+            &[REF],
+            ostree::RepoPullFlags::NONE,
+            None,
+            gio::Cancellable::NONE,
+        )
+        .unwrap();
+        let csum = repo.resolve_rev(REFSPEC, false).unwrap().unwrap();
+        let origin = sysroot.origin_new_from_refspec(REFSPEC);
+        let d = sysroot
+            .deploy_tree(
+                Some("cairn"),
+                &csum,
+                Some(&origin),
+                None,
+                &["root=LABEL=root", "rw"],
+                gio::Cancellable::NONE,
+            )
+            .unwrap();
+        sysroot
+            .simple_write_deployment(
+                Some("cairn"),
+                &d,
+                None,
+                ostree::SysrootSimpleWriteDeploymentFlags::NONE,
+                gio::Cancellable::NONE,
+            )
+            .unwrap();
+        fx
+    }
+
+    /// Commit a synthetic tree to `ref_` in the source repo; returns the checksum.
+    fn commit(&self, ref_: &str, t: &Tree) -> String {
+        let root = self.dir.path().join(format!("tree-{}", t.time));
+        let _ = std::fs::remove_dir_all(&root);
+        let kdir = root.join("usr/lib/modules/6.1.0-test");
+        std::fs::create_dir_all(&kdir).unwrap();
+        std::fs::create_dir_all(root.join("usr/etc")).unwrap();
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        std::fs::write(kdir.join("vmlinuz"), &t.kernel).unwrap();
+        std::fs::write(kdir.join("initramfs.img"), b"initramfs").unwrap();
+        std::fs::write(root.join("usr/etc/os-release"), "ID=cairn\n").unwrap();
+        std::fs::write(root.join("usr/bin/hello"), t.hello).unwrap();
+
+        let parent = self.src.resolve_rev(ref_, true).unwrap();
+        let tx = self.src.auto_transaction(gio::Cancellable::NONE).unwrap();
+        let mtree = ostree::MutableTree::new();
+        let modifier = ostree::RepoCommitModifier::new(
+            ostree::RepoCommitModifierFlags::CANONICAL_PERMISSIONS,
+            None,
+        );
+        self.src
+            .write_directory_to_mtree(
+                &gio::File::for_path(&root),
+                &mtree,
+                Some(&modifier),
+                gio::Cancellable::NONE,
+            )
+            .unwrap();
+        let tree = self
+            .src
+            .write_mtree(&mtree, gio::Cancellable::NONE)
+            .unwrap();
+        let tree = tree.downcast::<ostree::RepoFile>().unwrap();
+        let meta = glib::VariantDict::new(None);
+        meta.insert("version", t.version);
+        let packages: Vec<String> = t.packages.iter().map(|p| p.to_string()).collect();
+        meta.insert_value("cairn.packages", &packages.to_variant());
+        let csum = self
+            .src
+            .write_commit_with_time(
+                parent.as_deref(),
+                Some(t.version),
+                None,
+                Some(&meta.end()),
+                &tree,
+                t.time,
+                gio::Cancellable::NONE,
+            )
+            .unwrap();
+        self.src.transaction_set_ref(None, ref_, Some(&csum));
+        tx.commit(gio::Cancellable::NONE).unwrap();
+        csum.to_string()
+    }
+
+    fn run(&self, args: &[&str], envs: &[(&str, &str)]) -> Output {
+        let sysroot = self.sysroot();
+        let mut cmd = host();
+        cmd.args(args).arg("--sysroot").arg(&sysroot);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// Run `host ARGS --sysroot …` and require success.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args, &[]);
+        assert!(
+            out.status.success(),
+            "host {args:?} failed:\n{}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Run it and require failure; returns stdout+stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args, &[]);
+        assert!(
+            !out.status.success(),
+            "host {args:?} should fail:\n{}",
+            text(&out)
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        text(&out)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).unwrap()
+    }
+
+    /// (version, checksum) per deployment, in boot order.
+    fn versions(&self) -> Vec<String> {
+        self.status()["deployments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["version"].as_str().unwrap_or("-").to_string())
+            .collect()
+    }
+
+    fn ostree_admin_status(&self) -> String {
+        let out = Command::new("ostree")
+            .arg("admin")
+            .arg("status")
+            .arg(format!("--sysroot={}", self.sysroot().display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ostree admin status: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A complete, bootable default deployment: /boot/loader points at a loader
+    /// dir whose entries name existing kernels and initramfs, and deployments.
+    fn assert_bootable(&self) {
+        let sysroot = self.sysroot();
+        let boot = sysroot.join("boot");
+        let loader = std::fs::read_link(boot.join("loader")).expect("/boot/loader symlink");
+        let entries_dir = boot.join(&loader).join("entries");
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&entries_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        assert!(
+            !entries.is_empty(),
+            "no entries in {}",
+            entries_dir.display()
+        );
+        let admin = self.ostree_admin_status();
+        let listed = admin.lines().filter(|l| l.starts_with("  cairn ")).count();
+        assert_eq!(
+            listed,
+            entries.len(),
+            "entries vs ostree admin status:\n{admin}"
+        );
+        for entry in entries {
+            let conf = std::fs::read_to_string(&entry).unwrap();
+            let field = |k: &str| {
+                conf.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{k} ")))
+                    .unwrap_or_else(|| panic!("{k} missing in {}:\n{conf}", entry.display()))
+                    .trim()
+                    .to_string()
+            };
+            for k in ["linux", "initrd"] {
+                let p = boot.join(field(k).trim_start_matches('/'));
+                let len = std::fs::metadata(&p)
+                    .unwrap_or_else(|e| panic!("{} ({k}): {e}", p.display()))
+                    .len();
+                assert!(len > 0, "{} is empty", p.display());
+            }
+            let options = field("options");
+            let ostree_arg = options
+                .split_whitespace()
+                .find_map(|o| o.strip_prefix("ostree="))
+                .unwrap_or_else(|| panic!("no ostree= in {options}"));
+            let deployment = sysroot.join(ostree_arg.trim_start_matches('/'));
+            assert!(
+                deployment.join("usr/bin/hello").is_file(),
+                "{} (from {}) is not a complete deployment",
+                deployment.display(),
+                entry.display()
+            );
+        }
+    }
+}
+
+/// Parsed `ostree admin status` (text only in 2022.7):
+/// (stateroot, checksum, serial, version, pinned, refspec) per deployment.
+fn parse_admin_status(s: &str) -> Vec<BTreeMap<&'static str, String>> {
+    let mut out: Vec<BTreeMap<&'static str, String>> = Vec::new();
+    for line in s.lines() {
+        if let Some(rest) = line.strip_prefix("  ").filter(|r| !r.starts_with(' ')) {
+            let rest = rest.trim_start_matches("* ");
+            let mut words = rest.split_whitespace();
+            let stateroot = words.next().unwrap().to_string();
+            let (csum, serial) = words.next().unwrap().rsplit_once('.').unwrap();
+            let mut m = BTreeMap::new();
+            m.insert("stateroot", stateroot);
+            m.insert("checksum", csum.to_string());
+            m.insert("serial", serial.to_string());
+            m.insert("pinned", "false".to_string());
+            out.push(m);
+        } else if let Some(v) = line.trim().strip_prefix("Version: ") {
+            out.last_mut().unwrap().insert("version", v.to_string());
+        } else if line.trim() == "Pinned: yes" {
+            out.last_mut().unwrap().insert("pinned", "true".to_string());
+        } else if let Some(r) = line.trim().strip_prefix("origin refspec: ") {
+            out.last_mut().unwrap().insert("refspec", r.to_string());
+        }
+    }
+    out
+}
+
+fn status_as_admin_fields(status: &serde_json::Value) -> Vec<BTreeMap<&'static str, String>> {
+    status["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let mut m = BTreeMap::new();
+            m.insert("stateroot", d["stateroot"].as_str().unwrap().to_string());
+            m.insert("checksum", d["checksum"].as_str().unwrap().to_string());
+            m.insert("serial", d["serial"].to_string());
+            m.insert("pinned", d["pinned"].to_string());
+            if let Some(v) = d["version"].as_str() {
+                m.insert("version", v.to_string());
+            }
+            if let Some(r) = d["origin"]["refspec"].as_str() {
+                m.insert("refspec", r.to_string());
+            }
+            m
+        })
+        .collect()
+}
+
+/// A throwaway GnuPG home with one signing key; its agent is stopped on drop.
+struct GpgHome {
+    home: PathBuf,
+    key: String,
+}
+
+impl GpgHome {
+    fn new(home: &Path, name: &str) -> Self {
+        std::fs::create_dir_all(home).unwrap();
+        std::fs::set_permissions(home, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let mut g = GpgHome {
+            home: home.to_path_buf(),
+            key: String::new(),
+        };
+        let out = g
+            .gpg()
+            .args(["--passphrase", "", "--quick-gen-key"])
+            .arg(format!("{name} <test@cairn.invalid>"))
+            .args(["ed25519", "sign", "never"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "gpg key: {}", text(&out));
+        let out = g
+            .gpg()
+            .args(["--list-keys", "--with-colons"])
+            .output()
+            .unwrap();
+        let listing = String::from_utf8(out.stdout).unwrap();
+        g.key = listing
+            .lines()
+            .find_map(|l| l.strip_prefix("fpr:"))
+            .map(|l| l.trim_matches(':').to_string())
+            .expect("fingerprint");
+        g
+    }
+
+    fn gpg(&self) -> Command {
+        let mut c = Command::new("gpg");
+        c.arg("--homedir")
+            .arg(&self.home)
+            .args(["--batch", "--pinentry-mode", "loopback"]);
+        c
+    }
+
+    fn home_str(&self) -> &str {
+        self.home.to_str().unwrap()
+    }
+
+    /// The public key, armored, for a remote's `gpgkeypath`.
+    fn export(&self, to: &Path) {
+        let out = self
+            .gpg()
+            .args(["--armor", "--export", &self.key])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && !out.stdout.is_empty(),
+            "{}",
+            text(&out)
+        );
+        std::fs::write(to, out.stdout).unwrap();
+    }
+}
+
+impl Drop for GpgHome {
+    fn drop(&mut self) {
+        let _ = Command::new("gpgconf")
+            .arg("--homedir")
+            .arg(&self.home)
+            .args(["--kill", "gpg-agent"])
+            .status();
+    }
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn upgrade_shows_the_change_and_status_agrees_with_stock_ostree() {
+    let fx = Fixture::new();
+    assert_eq!(fx.versions(), ["1.0"]);
+    let out = fx.run(&["upgrade", "--unchanged-exit-77"], &[]);
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out));
+
+    let mut t = Tree::new("2.0", 2);
+    t.packages = &["bash=5.2.15-2+b2", "jq=1.6-2.1", "systemd=252.39-1~deb12u1"];
+    let v2 = fx.commit(REF, &t);
+
+    let check = fx.ok(&["upgrade", "--check"]);
+    assert!(check.contains("1.0") && check.contains("2.0"), "{check}");
+    assert!(check.contains("1 upgraded, 1 added"), "{check}");
+    assert_eq!(fx.versions(), ["1.0"], "--check must not deploy");
+
+    let up = fx.ok(&["upgrade"]);
+    assert!(up.contains("1 upgraded, 1 added"), "{up}");
+    assert!(
+        up.contains("upgraded   systemd 252.38-1~deb12u1 -> 252.39-1~deb12u1"),
+        "{up}"
+    );
+    assert_eq!(fx.versions(), ["2.0", "1.0"]);
+    fx.assert_bootable();
+
+    let status = fx.status();
+    assert_eq!(status["apiVersion"], "cairn.status/v1");
+    let d = &status["deployments"];
+    assert_eq!(d[0]["checksum"], v2.as_str());
+    assert_eq!(d[0]["origin"]["refspec"], REFSPEC);
+    assert_eq!(d[1]["rollback"], true);
+    assert_eq!(d[0]["timestamp"], "2026-11-18T11:40:00Z");
+    // The rollback's diff is against the default (v2): the reverse change.
+    assert_eq!(d[1]["packageDiff"]["downgraded"][0]["name"], "systemd");
+    assert_eq!(d[1]["packageDiff"]["removed"][0]["name"], "jq");
+    assert_eq!(
+        status_as_admin_fields(&status),
+        parse_admin_status(&fx.ostree_admin_status()),
+        "host status --json vs ostree admin status"
+    );
+    let human = fx.ok(&["status"]);
+    assert!(human.contains(&format!("Commit: {v2}.0")), "{human}");
+    assert!(human.contains("Diff: 1 downgraded, 1 removed"), "{human}");
+    let booted = fx.ok(&["status", "--json", "--booted"]);
+    let booted: serde_json::Value = serde_json::from_str(&booted).unwrap();
+    assert_eq!(booted["deployments"].as_array().unwrap().len(), 1);
+
+    let again = fx.run(&["upgrade", "--unchanged-exit-77"], &[]);
+    assert_eq!(again.status.code(), Some(77), "{}", text(&again));
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn rollback_twice_goes_back() {
+    let fx = Fixture::new();
+    fx.commit(REF, &Tree::new("2.0", 2));
+    fx.ok(&["upgrade"]);
+    assert_eq!(fx.versions(), ["2.0", "1.0"]);
+    let out = fx.ok(&["rollback"]);
+    assert!(out.contains("1.0"), "{out}");
+    assert_eq!(fx.versions(), ["1.0", "2.0"]);
+    fx.assert_bootable();
+    fx.ok(&["rollback"]);
+    assert_eq!(fx.versions(), ["2.0", "1.0"]);
+    fx.assert_bootable();
+    assert_eq!(
+        status_as_admin_fields(&fx.status()),
+        parse_admin_status(&fx.ostree_admin_status())
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn deploy_by_version_and_downgrades_only_when_allowed() {
+    let fx = Fixture::new();
+    let v2 = fx.commit(REF, &Tree::new("2.0", 2));
+    fx.commit(REF, &Tree::new("3.0", 3));
+    fx.ok(&["upgrade"]);
+    assert_eq!(fx.versions(), ["3.0", "1.0"]);
+
+    let out = fx.ok(&["deploy", "2.0"]);
+    assert!(out.contains("3.0") && out.contains("2.0"), "{out}");
+    let status = fx.status();
+    assert_eq!(status["deployments"][0]["checksum"], v2.as_str());
+    assert_eq!(
+        status["deployments"][0]["origin"]["overrideCommit"],
+        v2.as_str()
+    );
+    fx.assert_bootable();
+    let err = fx.fails(&["deploy", "9.9"]);
+    assert!(
+        err.contains("no commit with version or checksum `9.9`"),
+        "{err}"
+    );
+
+    // Upgrading follows the ref head again.
+    fx.ok(&["upgrade"]);
+    assert_eq!(fx.versions()[0], "3.0");
+    // By checksum prefix.
+    fx.ok(&["deploy", &v2[..12]]);
+    assert_eq!(fx.versions()[0], "2.0");
+    fx.ok(&["upgrade"]);
+
+    // The server publishes an older commit (timestamp before 3.0).
+    let mut old = Tree::new("0.9", 0);
+    old.time = T0;
+    fx.commit(REF, &old);
+    let err = fx.fails(&["upgrade"]);
+    assert!(err.contains("refusing to downgrade"), "{err}");
+    assert_eq!(fx.versions()[0], "3.0");
+    fx.ok(&["upgrade", "--allow-downgrade"]);
+    assert_eq!(fx.versions()[0], "0.9");
+    fx.assert_bootable();
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn switch_pin_and_cleanup() {
+    let fx = Fixture::new();
+    let green = fx.commit("cairn/green", &Tree::new("green-1", 2));
+    let err = fx.fails(&["switch", "cairn:cairn/nosuch"]);
+    assert!(err.contains("cairn:cairn/nosuch"), "{err}");
+    let err = fx.fails(&["switch", "elsewhere:cairn/green"]);
+    assert!(
+        err.contains("remote `elsewhere` is not configured"),
+        "{err}"
+    );
+    assert_eq!(fx.versions(), ["1.0"]);
+
+    fx.ok(&["switch", "cairn:cairn/green"]);
+    let status = fx.status();
+    assert_eq!(status["deployments"][0]["checksum"], green.as_str());
+    assert_eq!(
+        status["deployments"][0]["origin"]["refspec"],
+        "cairn:cairn/green"
+    );
+    fx.assert_bootable();
+
+    // Pin the old blue deployment; two upgrades later it is still there.
+    fx.ok(&["pin", "1"]);
+    fx.commit("cairn/green", &Tree::new("green-2", 3));
+    fx.ok(&["upgrade"]);
+    fx.commit("cairn/green", &Tree::new("green-3", 4));
+    fx.ok(&["upgrade"]);
+    assert_eq!(fx.versions(), ["green-3", "green-2", "1.0"]);
+    assert_eq!(fx.status()["deployments"][2]["pinned"], true);
+    assert_eq!(
+        status_as_admin_fields(&fx.status()),
+        parse_admin_status(&fx.ostree_admin_status())
+    );
+
+    let out = fx.ok(&["cleanup", "-r"]);
+    assert!(out.contains("Keeping pinned deployment 2"), "{out}");
+    assert_eq!(fx.versions(), ["green-3", "1.0"]);
+    fx.ok(&["pin", "1", "--unpin"]);
+    fx.ok(&["cleanup", "--rollback"]);
+    assert_eq!(fx.versions(), ["green-3"]);
+    fx.assert_bootable();
+    let err = fx.fails(&["pin", "5"]);
+    assert!(err.contains("no deployment 5"), "{err}");
+    let err = fx.fails(&["rollback"]);
+    assert!(err.contains("no rollback deployment"), "{err}");
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn kargs_make_a_new_deployment_of_the_same_commit() {
+    let fx = Fixture::new();
+    let before = fx.status();
+    fx.ok(&[
+        "kargs",
+        "--append",
+        "quiet",
+        "--replace",
+        "root=LABEL=other",
+    ]);
+    let after = fx.status();
+    let d = &after["deployments"];
+    assert_eq!(d.as_array().unwrap().len(), 2);
+    assert_eq!(d[0]["checksum"], before["deployments"][0]["checksum"]);
+    let args: Vec<&str> = d[0]["kernelArgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.contains(&"quiet") && args.contains(&"root=LABEL=other"),
+        "{args:?}"
+    );
+    let printed = fx.ok(&["kargs"]);
+    assert!(printed.contains("quiet"), "{printed}");
+    let err = fx.fails(&["kargs", "--delete", "nosuch"]);
+    assert!(err.contains("nosuch"), "{err}");
+    fx.assert_bootable();
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn download_only_then_deploy_without_the_network() {
+    let fx = Fixture::new();
+    fx.commit(REF, &Tree::new("2.0", 2));
+    let out = fx.ok(&["upgrade", "--download-only"]);
+    assert!(out.contains("Downloaded 2.0"), "{out}");
+    assert_eq!(fx.versions(), ["1.0"]);
+    // The server goes away; the download is already local.
+    std::fs::rename(fx.src_path(), fx.dir.path().join("src-gone")).unwrap();
+    let err = fx.fails(&["upgrade"]);
+    assert!(err.contains("pulling"), "{err}");
+    fx.ok(&["upgrade", "--cache-only"]);
+    assert_eq!(fx.versions(), ["2.0", "1.0"]);
+    fx.assert_bootable();
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn corrupt_object_and_unreachable_server_leave_deployments_untouched() {
+    let fx = Fixture::new();
+    let before = fx.status();
+    let mut t = Tree::new("2.0", 2);
+    t.hello = "a brand new file body that is not in v1";
+    fx.commit(REF, &t);
+    // Replace every content object of the source repo that v1 did not have
+    // with the body of another (valid) object: the checksum no longer matches.
+    let objects = fx.src_path().join("objects");
+    let mut new_objects = Vec::new();
+    let mut old_object = None;
+    for dir in std::fs::read_dir(&objects).unwrap() {
+        for f in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            if p.extension().is_some_and(|e| e == "filez") {
+                let in_sysroot = fx
+                    .sysroot()
+                    .join("ostree/repo/objects")
+                    .join(p.parent().unwrap().file_name().unwrap())
+                    .join(p.file_name().unwrap())
+                    .with_extension("file")
+                    .exists();
+                if in_sysroot {
+                    old_object = Some(p);
+                } else {
+                    new_objects.push(p);
+                }
+            }
+        }
+    }
+    let donor = std::fs::read(old_object.unwrap()).unwrap();
+    for p in &new_objects {
+        std::fs::write(p, &donor).unwrap();
+    }
+    let corrupted = new_objects.len();
+    assert!(corrupted > 0);
+    let err = fx.fails(&["upgrade"]);
+    assert!(err.contains("pulling cairn:"), "{err}");
+    assert_eq!(fx.status(), before);
+    fx.assert_bootable();
+
+    // An unreachable server.
+    let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(fx.sysroot())));
+    sysroot.load(gio::Cancellable::NONE).unwrap();
+    let repo = sysroot.repo();
+    repo.remote_delete("cairn", gio::Cancellable::NONE).unwrap();
+    let opts = glib::VariantDict::new(None);
+    opts.insert("gpg-verify", false);
+    repo.remote_add(
+        "cairn",
+        Some("http://127.0.0.1:9/repo"),
+        Some(&opts.end()),
+        gio::Cancellable::NONE,
+    )
+    .unwrap();
+    let err = fx.fails(&["upgrade"]);
+    assert!(err.contains("http://127.0.0.1:9/repo"), "{err}");
+    assert_eq!(fx.status(), before);
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn unsigned_or_wrongly_signed_commits_are_refused() {
+    let fx = Fixture::build(true, None);
+    assert_eq!(fx.versions(), ["1.0"]);
+    let g = fx.gnupg.as_ref().unwrap();
+
+    fx.commit(REF, &Tree::new("2.0", 2));
+    let err = fx.fails(&["upgrade"]);
+    assert!(err.contains("GPG") || err.contains("signature"), "{err}");
+    assert_eq!(fx.versions(), ["1.0"]);
+
+    let other = GpgHome::new(&fx.dir.path().join("gnupg-other"), "someone else");
+    let v3 = fx.commit(REF, &Tree::new("3.0", 3));
+    fx.src
+        .sign_commit(
+            &v3,
+            &other.key,
+            Some(other.home_str()),
+            gio::Cancellable::NONE,
+        )
+        .unwrap();
+    let err = fx.fails(&["upgrade"]);
+    assert!(
+        err.contains("GPG") || err.contains("signature") || err.contains("key"),
+        "{err}"
+    );
+    assert_eq!(fx.versions(), ["1.0"]);
+
+    let v4 = fx.commit(REF, &Tree::new("4.0", 4));
+    fx.src
+        .sign_commit(&v4, &g.key, Some(g.home_str()), gio::Cancellable::NONE)
+        .unwrap();
+    fx.ok(&["upgrade"]);
+    assert_eq!(fx.versions(), ["4.0", "1.0"]);
+    fx.assert_bootable();
+}
+
+/// Umounts the tmpfs /boot of a fixture.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn full_boot_is_refused_before_anything_is_written() {
+    let fx = Fixture::build(false, Some("256k"));
+    let _umount = Unmount(fx.sysroot().join("boot"));
+    let before = fx.status();
+    let mut t = Tree::new("2.0", 2);
+    t.kernel = (0..400 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    fx.commit(REF, &t);
+    let err = fx.fails(&["upgrade"]);
+    assert!(err.contains("not enough space in"), "{err}");
+    assert!(err.contains("host cleanup -r"), "{err}");
+    assert_eq!(fx.status(), before);
+    fx.assert_bootable();
+    // A small kernel fits.
+    fx.commit(REF, &Tree::new("3.0", 3));
+    fx.ok(&["upgrade"]);
+    assert_eq!(fx.versions()[0], "3.0");
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn a_second_operation_waits_for_the_sysroot_lock() {
+    let fx = Fixture::new();
+    fx.commit(REF, &Tree::new("2.0", 2));
+    let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(fx.sysroot())));
+    sysroot.load(gio::Cancellable::NONE).unwrap();
+    sysroot.lock().unwrap();
+    let mut child = host()
+        .args(["upgrade", "--sysroot"])
+        .arg(fx.sysroot())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("Waiting for the sysroot lock"), "{first}");
+    assert_eq!(
+        fx.versions(),
+        ["1.0"],
+        "nothing happens while the lock is held"
+    );
+    sysroot.unlock();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{rest:?}");
+    assert_eq!(fx.versions(), ["2.0", "1.0"]);
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn sigkill_at_every_step_leaves_a_bootable_sysroot() {
+    let fx = Fixture::new();
+    let v1 = fx.status()["deployments"][0]["checksum"].clone();
+    for (n, (point, switched)) in (2..).zip([
+        ("pull::after-pull", false),
+        ("deploy::before-write", false),
+        ("deploy::after-deploy-tree", false),
+        ("deploy::after-bootloader-swap", true),
+    ]) {
+        let csum = fx.commit(REF, &Tree::new(&format!("{n}.0"), n));
+        let before = fx.status()["deployments"][0]["checksum"].clone();
+        let out = fx.run(
+            &["upgrade"],
+            &[("FAILPOINTS", &format!("{point}=return(kill)"))],
+        );
+        assert_eq!(out.status.signal(), Some(9), "{point}: {}", text(&out));
+        fx.assert_bootable();
+        let now = fx.status()["deployments"][0]["checksum"].clone();
+        if switched {
+            assert_eq!(now, csum.as_str(), "{point}");
+        } else {
+            assert_eq!(now, before, "{point}");
+        }
+        // The next run completes the job (or finds it done).
+        let out = fx.run(&["upgrade"], &[]);
+        assert!(out.status.success(), "after {point}: {}", text(&out));
+        assert_eq!(fx.status()["deployments"][0]["checksum"], csum.as_str());
+        fx.assert_bootable();
+    }
+
+    for point in ["rollback::before-write", "rollback::after-write"] {
+        let out = fx.run(
+            &["rollback"],
+            &[("FAILPOINTS", &format!("{point}=return(kill)"))],
+        );
+        assert_eq!(out.status.signal(), Some(9), "{point}: {}", text(&out));
+        fx.assert_bootable();
+    }
+    let out = fx.run(
+        &["cleanup", "-r"],
+        &[("FAILPOINTS", "cleanup::before-write=panic")],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    fx.assert_bootable();
+    let out = fx.run(
+        &["cleanup", "-r"],
+        &[("FAILPOINTS", "cleanup::before-prune=return(kill)")],
+    );
+    assert_eq!(out.status.signal(), Some(9), "{}", text(&out));
+    fx.assert_bootable();
+    fx.ok(&["cleanup"]);
+    fx.assert_bootable();
+    assert_ne!(fx.status()["deployments"][0]["checksum"], v1);
+}
+
+#[test]
+fn mutating_commands_need_root_and_say_so() {
+    if nix::unistd::Uid::effective().is_root() {
+        // Checked as an unprivileged user only; as root there is nothing to show.
+        let out = host()
+            .args(["upgrade", "--sysroot", "/nonexistent-sysroot"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("/nonexistent-sysroot"), "{err}");
+        return;
+    }
+    let out = host()
+        .args(["upgrade", "--sysroot", "/nonexistent-sysroot"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must run as root"), "{err}");
+}
