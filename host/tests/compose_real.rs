@@ -1,0 +1,135 @@
+//! Composes the shipped `manifests/container-host.toml` from real Debian
+//! packages (the machine's apt sources) and checks the tree with stock
+//! `ostree` commands. Privileged tier: root, mmdebstrap, network to the apt
+//! mirror. The package stage is cached in `<checkout>/build/cache`, shared
+//! with `scripts/compose`, so only the first run installs packages.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const REF: &str = "cairn/bookworm/x86_64/container-host";
+
+fn checkout() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
+}
+
+fn ostree(repo: &Path, args: &[&str]) -> String {
+    let out = Command::new("ostree")
+        .arg(format!("--repo={}", repo.display()))
+        .args(args)
+        .output()
+        .expect("stock ostree CLI");
+    assert!(
+        out.status.success(),
+        "ostree {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+#[ignore = "privileged: needs root, mmdebstrap and the apt mirror; run by scripts/test"]
+fn container_host_manifest_composes_a_bootable_container_host() {
+    assert!(
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
+        "this test must run as root (mmdebstrap --mode=root); run it through scripts/test"
+    );
+    let root = checkout();
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let run = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_host"));
+        cmd.args(["compose", "tree", "--bare-user", "--repo"])
+            .arg(&repo)
+            .arg("--cache")
+            .arg(root.join("build/cache"))
+            .args(extra)
+            .arg(root.join("manifests/container-host.toml"));
+        let out = cmd.output().unwrap();
+        eprintln!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "compose of container-host.toml failed");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let stdout = run(&[]);
+    let commit = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("commit "))
+        .unwrap()
+        .to_string();
+
+    let kver = ostree(&repo, &["show", "--print-metadata-key=cairn.kernel", &commit]);
+    let kver = kver.trim().trim_matches('\'').to_string();
+    assert!(kver.ends_with("-amd64"), "kernel version {kver}");
+    let ls = ostree(&repo, &["ls", "-R", &commit, "/usr"]);
+    for needed in [
+        format!("/usr/lib/modules/{kver}/vmlinuz"),
+        format!("/usr/lib/modules/{kver}/initramfs.img"),
+        "/usr/bin/host".to_string(),
+        "/usr/lib/ostree/ostree-prepare-root".to_string(),
+        "/usr/lib/systemd/network/10-uplink.network".to_string(),
+        "/usr/lib/systemd/network/20-cairn0.netdev".to_string(),
+        "/usr/lib/systemd/network/20-cairn0.network".to_string(),
+        "/usr/etc/systemd/system/multi-user.target.wants/systemd-networkd.service".to_string(),
+        "/usr/etc/fstab".to_string(),
+        "/usr/lib/sysimage/dpkg/status".to_string(),
+        "/usr/lib/x86_64-linux-gnu/libostree-1.so.1".to_string(),
+    ] {
+        assert!(
+            ls.lines().any(|l| l.contains(&needed)),
+            "tree lacks {needed}"
+        );
+    }
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("-00755 0 0") && l.ends_with("/usr/bin/host")),
+        "/usr/bin/host must be an executable file"
+    );
+    let top = ostree(&repo, &["ls", &commit, "/"]);
+    assert!(top.contains("/ostree -> sysroot/ostree") && top.contains("/home -> var/home"));
+    assert!(!top.lines().any(|l| l.ends_with(" /etc")), "/etc must be in /usr/etc:\n{top}");
+    assert_eq!(ostree(&repo, &["ls", &commit, "/boot"]).lines().count(), 1, "/boot is empty");
+    assert_eq!(ostree(&repo, &["ls", &commit, "/var"]).lines().count(), 1, "/var is empty");
+
+    let kargs = ostree(&repo, &["cat", &commit, "/usr/lib/cairn/kargs"]);
+    assert!(kargs.lines().any(|k| k == "systemd.unified_cgroup_hierarchy=1"), "{kargs}");
+    let netdev = ostree(&repo, &["cat", &commit, "/usr/lib/systemd/network/20-cairn0.netdev"]);
+    assert!(netdev.contains("Kind=bridge"));
+
+    // The initramfs is dracut's, with the ostree module that pivots into the deployment.
+    let initramfs = tmp.path().join("initramfs.img");
+    let bytes = Command::new("ostree")
+        .arg(format!("--repo={}", repo.display()))
+        .args(["cat", &commit, &format!("/usr/lib/modules/{kver}/initramfs.img")])
+        .output()
+        .unwrap();
+    std::fs::write(&initramfs, bytes.stdout).unwrap();
+    let listing = Command::new("lsinitrd").arg(&initramfs).output().expect("lsinitrd (dracut-core)");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains("ostree-prepare-root"),
+        "the initramfs lacks ostree-prepare-root"
+    );
+
+    let show = |key: &str| ostree(&repo, &["show", &format!("--print-metadata-key={key}"), &commit]);
+    assert!(show("version").trim().starts_with("'1."));
+    assert_eq!(show("ostree.bootable").trim(), "true");
+    let packages = show("cairn.packages");
+    for p in ["'systemd=", "'ostree-boot=", "'linux-image-amd64=", "'dracut="] {
+        assert!(packages.contains(p), "package list lacks {p}");
+    }
+    ostree(&repo, &["fsck"]);
+    let log = ostree(&repo, &["log", REF]);
+    assert!(log.contains("ContentChecksum:"));
+
+    // Nothing changed: no new commit, and it says so.
+    let again = run(&["--unless-changed"]);
+    assert!(again.starts_with("no changes"), "{again}");
+    assert_eq!(ostree(&repo, &["rev-parse", REF]).trim(), commit);
+}
