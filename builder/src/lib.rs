@@ -4,6 +4,7 @@
 pub mod apt;
 pub mod compose;
 pub mod diff;
+pub mod image;
 pub mod manifest;
 pub mod progress;
 pub mod repo;

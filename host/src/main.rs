@@ -3,6 +3,7 @@
 
 mod cli;
 mod compose;
+mod compose_image;
 mod node;
 
 use std::process::ExitCode;

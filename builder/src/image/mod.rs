@@ -1,0 +1,333 @@
+//! Bootable disk images of a composed commit.
+//!
+//! The disk boots on BIOS machines: GPT with a 512 MiB /boot (ext4 without
+//! `64bit`/`metadata_csum`, so extlinux can read it; GPT attribute
+//! `LegacyBIOSBootable`) and a root partition; syslinux's `gptmbr.bin` in the
+//! MBR; extlinux in `/boot/syslinux`, whose `syslinux.cfg` is a symlink into
+//! the `loader` directory that libostree's syslinux backend rewrites on every
+//! deployment change. So upgrades and rollbacks switch what boots with no code
+//! of ours in the boot path.
+//!
+//! The image is written to a temporary file next to the output and renamed
+//! into place only when everything succeeded; loop devices and mounts are
+//! held by guards that release them on every path.
+
+pub mod deploy;
+pub mod disk;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::progress::Progress;
+
+pub use deploy::SourceCommit;
+
+/// Size of the /boot partition. Each deployment with a distinct kernel keeps
+/// a kernel and initramfs there (about 60 MB for Debian's), and libostree
+/// needs room for a new one before it drops an old one.
+pub const BOOT_MIB: u64 = 512;
+/// File system label of /boot; the tree's /etc/fstab mounts `LABEL=boot`.
+pub const BOOT_LABEL: &str = "boot";
+/// File system label of the root partition; the kernel finds `root=LABEL=root`.
+pub const ROOT_LABEL: &str = "root";
+
+/// Output format of the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageFormat {
+    /// A sparse raw disk image.
+    Raw,
+    /// QEMU's copy-on-write format (converted with `qemu-img convert`).
+    #[default]
+    Qcow2,
+}
+
+impl std::str::FromStr for ImageFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            other => Err(format!("unknown image format {other:?}: use raw or qcow2")),
+        }
+    }
+}
+
+/// What to write.
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    /// OSTree repository holding the commit.
+    pub repo: PathBuf,
+    /// Ref (branch) to deploy; the deployment's origin becomes `cairn:<ref>`.
+    pub ref_: String,
+    pub format: ImageFormat,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// URL of the `cairn` remote on the node; default: file:// of `repo`.
+    pub remote_url: Option<String>,
+    /// Kernel arguments after the tree's own.
+    pub extra_kargs: Vec<String>,
+    /// Output file.
+    pub output: PathBuf,
+    /// No progress output.
+    pub quiet: bool,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct ImageReport {
+    pub output: PathBuf,
+    pub commit: String,
+    pub version: Option<String>,
+    pub kargs: Vec<String>,
+    pub remote_url: String,
+    /// Bytes the output file occupies on disk (it is sparse or qcow2).
+    pub allocated_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Parse a size like `8G`, `512M`, `8GiB` or a plain byte count (binary units).
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits_end);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {text:?}: expected a number with an optional K/M/G/T suffix"))?;
+    let shift = match unit.trim().trim_end_matches("iB").trim_end_matches('B') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        other => {
+            return Err(format!(
+                "size {text:?}: unknown unit {other:?} (use K, M, G or T)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// Smallest disk that holds /boot, the GPT and a root file system worth having.
+const MIN_SIZE: u64 = (BOOT_MIB + 1024) << 20;
+
+/// Write a bootable disk image of `opts.ref_`.
+pub fn write_image(opts: &ImageOptions) -> Result<ImageReport> {
+    let started = Instant::now();
+    let progress = Progress::new(opts.quiet);
+    if !nix::unistd::geteuid().is_root() {
+        bail!("writing a disk image needs root (loop devices, mounts); run it again as root");
+    }
+    if opts.size < MIN_SIZE {
+        bail!(
+            "disk size {} MiB is too small: /boot alone takes {BOOT_MIB} MiB; use at least {} MiB",
+            opts.size >> 20,
+            MIN_SIZE >> 20
+        );
+    }
+    let repo = std::path::absolute(&opts.repo)
+        .with_context(|| format!("resolving {}", opts.repo.display()))?;
+    let output = std::path::absolute(&opts.output)
+        .with_context(|| format!("resolving {}", opts.output.display()))?;
+    let out_dir = output
+        .parent()
+        .context("the output path has no parent directory")?
+        .to_owned();
+    let out_name = output
+        .file_name()
+        .context("the output path has no file name")?
+        .to_string_lossy()
+        .into_owned();
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("creating output directory {}", out_dir.display()))?;
+
+    let source = deploy::read_source(&repo, &opts.ref_)?;
+    let remote_url = opts
+        .remote_url
+        .clone()
+        .unwrap_or_else(|| format!("file://{}", repo.display()));
+    let kargs = deploy::kernel_args(&source.kargs, &opts.extra_kargs, ROOT_LABEL);
+    progress.note(&format!(
+        "image of {} ({}) -> {}",
+        opts.ref_,
+        source.checksum,
+        output.display()
+    ));
+
+    // Both temporary files live next to the output (same file system, so the
+    // final rename is atomic) and are deleted on drop unless persisted.
+    let raw = tempfile::Builder::new()
+        .prefix(&format!(".{out_name}."))
+        .suffix(".raw.tmp")
+        .tempfile_in(&out_dir)
+        .with_context(|| format!("creating a temporary file in {}", out_dir.display()))?;
+    raw.as_file()
+        .set_len(opts.size)
+        .with_context(|| format!("sizing {} to {} bytes", raw.path().display(), opts.size))?;
+
+    let step = progress.step("partition");
+    let layout = disk::partition(raw.path(), BOOT_MIB)?;
+    disk::install_gptmbr(raw.path())?;
+    step.finish("");
+
+    fill(
+        raw.path(),
+        &layout,
+        &repo,
+        &source,
+        opts,
+        &remote_url,
+        &kargs,
+        &progress,
+    )?;
+
+    let written = match opts.format {
+        ImageFormat::Raw => raw,
+        ImageFormat::Qcow2 => {
+            let step = progress.step("qemu-img convert");
+            let qcow = tempfile::Builder::new()
+                .prefix(&format!(".{out_name}."))
+                .suffix(".qcow2.tmp")
+                .tempfile_in(&out_dir)
+                .with_context(|| format!("creating a temporary file in {}", out_dir.display()))?;
+            let out = Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(raw.path())
+                .arg(qcow.path())
+                .output()
+                .context("running qemu-img (Debian package qemu-utils)")?;
+            if !out.status.success() {
+                bail!(
+                    "qemu-img convert to {}: {}",
+                    qcow.path().display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            drop(raw);
+            step.finish("");
+            qcow
+        }
+    };
+    let file = written
+        .persist(&output)
+        .with_context(|| format!("renaming the finished image to {}", output.display()))?;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // Temporary files are private (0600); a finished image is an ordinary file.
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("setting the mode of {}", output.display()))?;
+    let allocated_bytes = file
+        .metadata()
+        .map(|m| m.blocks() * 512)
+        .with_context(|| format!("reading {}", output.display()))?;
+    Ok(ImageReport {
+        output,
+        commit: source.checksum.clone(),
+        version: source.version.clone(),
+        kargs,
+        remote_url,
+        allocated_bytes,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// File systems, OSTree deployment and bootloader, with every loop device and
+/// mount released before returning, on success and on error alike.
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    image: &Path,
+    layout: &disk::Layout,
+    repo: &Path,
+    source: &SourceCommit,
+    opts: &ImageOptions,
+    remote_url: &str,
+    kargs: &[String],
+    progress: &Progress,
+) -> Result<()> {
+    // Guards drop in reverse order of declaration: mounts, then loop devices,
+    // then the mount point directory.
+    let dirs = disk::MountDir::new()?;
+    let step = progress.step("file systems");
+    let boot_dev = disk::LoopDevice::attach(image, layout.boot)?;
+    let root_dev = disk::LoopDevice::attach(image, layout.root)?;
+    disk::mkfs_ext4(boot_dev.path(), BOOT_LABEL, true)?;
+    disk::mkfs_ext4(root_dev.path(), ROOT_LABEL, false)?;
+    let root_mnt = disk::Mount::ext4(root_dev.path(), &dirs.path().join("root"))?;
+    let boot_mnt = disk::Mount::ext4(boot_dev.path(), &root_mnt.target().join("boot"))?;
+    deploy::prepare_boot_for_syslinux(boot_mnt.target())?;
+    disk::install_extlinux(&boot_mnt.target().join("syslinux"))?;
+    step.finish("");
+
+    let step = progress.step("deploy");
+    deploy::deploy(
+        root_mnt.target(),
+        repo,
+        source,
+        &opts.ref_,
+        remote_url,
+        kargs,
+    )?;
+    step.finish("");
+
+    let step = progress.step("unmount");
+    nix::unistd::sync();
+    boot_mnt.unmount()?;
+    root_mnt.unmount()?;
+    boot_dev.detach()?;
+    root_dev.detach()?;
+    drop(dirs);
+    step.finish("");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("8X").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
+    }
+
+    #[test]
+    fn formats() {
+        assert_eq!("raw".parse(), Ok(ImageFormat::Raw));
+        assert_eq!("qcow2".parse(), Ok(ImageFormat::Qcow2));
+        assert!("vmdk".parse::<ImageFormat>().is_err());
+    }
+
+    #[test]
+    fn refuses_tiny_disks_before_touching_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ImageOptions {
+            repo: dir.path().join("repo"),
+            ref_: "x".into(),
+            format: ImageFormat::Raw,
+            size: 100 << 20,
+            remote_url: None,
+            extra_kargs: vec![],
+            output: dir.path().join("disk.img"),
+            quiet: true,
+        };
+        let err = write_image(&opts).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("too small") || msg.contains("needs root"),
+            "{msg}"
+        );
+        assert!(!opts.output.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

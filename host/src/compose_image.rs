@@ -1,0 +1,72 @@
+//! `host compose image`: a bootable disk image of a composed commit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use cairn_builder::image::{self, ImageFormat, ImageOptions};
+use clap::Args;
+
+/// Write a BIOS-bootable disk image (GPT, /boot, root) with the commit deployed.
+///
+/// The commit is deployed through libostree into stateroot `cairn`, with
+/// origin `cairn:<REF>`; the node's repository gets a remote `cairn` pointing
+/// at --remote-url, so `host upgrade` on the booted machine knows where to
+/// look. extlinux boots whatever libostree's syslinux backend last wrote, so
+/// later upgrades and rollbacks switch the boot entry by themselves. Needs
+/// root (loop devices and mounts). Prints `image`, `commit` and `size` lines.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// OSTree repository holding the commit.
+    #[arg(long, env = "CAIRN_REPO", default_value = "build/repo")]
+    pub repo: PathBuf,
+
+    /// Ref (branch) to deploy.
+    #[arg(long = "ref", value_name = "REF")]
+    pub ref_: String,
+
+    /// Output format.
+    #[arg(long, default_value = "qcow2", value_parser = ["qcow2", "raw"])]
+    pub format: String,
+
+    /// Virtual disk size (K, M, G, T suffixes; binary units).
+    #[arg(long, default_value = "8G", value_parser = image::parse_size)]
+    pub size: u64,
+
+    /// Where the node pulls updates from (remote `cairn`); default: file:// of --repo.
+    #[arg(long, value_name = "URL")]
+    pub remote_url: Option<String>,
+
+    /// Extra kernel argument, after the tree's own (repeatable).
+    #[arg(long = "karg", value_name = "ARG")]
+    pub kargs: Vec<String>,
+
+    /// No progress output on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Output file; written under a temporary name and renamed when complete.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+pub fn run(args: ImageArgs) -> Result<ExitCode> {
+    let format: ImageFormat = args.format.parse().map_err(anyhow::Error::msg)?;
+    let report = image::write_image(&ImageOptions {
+        repo: args.repo,
+        ref_: args.ref_,
+        format,
+        size: args.size,
+        remote_url: args.remote_url,
+        extra_kargs: args.kargs,
+        output: args.output,
+        quiet: args.quiet,
+    })?;
+    println!("image {}", report.output.display());
+    println!("commit {}", report.commit);
+    if let Some(version) = &report.version {
+        println!("version {version}");
+    }
+    println!("size {}", report.allocated_bytes);
+    Ok(ExitCode::SUCCESS)
+}
