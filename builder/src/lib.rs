@@ -7,6 +7,7 @@ pub mod diff;
 pub mod image;
 pub mod manifest;
 pub mod progress;
+pub mod publish;
 pub mod repo;
 pub mod stage;
 pub mod tree;

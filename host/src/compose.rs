@@ -24,6 +24,10 @@ pub enum ComposeCommand {
 
     /// Write a bootable disk image of a composed commit.
     Image(crate::compose_image::ImageArgs),
+
+    /// Prepare a repository for serving: a static delta from the previous
+    /// commit of each ref to its head, then a fresh (optionally signed) summary.
+    Publish(crate::node::PublishArgs),
 }
 
 /// Where composes write by default: `build/` under the current directory
@@ -101,6 +105,7 @@ pub fn run(cmd: ComposeCommand) -> Result<ExitCode> {
         ComposeCommand::Tree(args) => tree(args),
         ComposeCommand::Diff(args) => diff(args),
         ComposeCommand::Image(args) => crate::compose_image::run(args),
+        ComposeCommand::Publish(args) => crate::node::publish(args),
     }
 }
 

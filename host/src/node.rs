@@ -280,3 +280,51 @@ pub fn run(cmd: NodeCommand, verbose: u8) -> Result<ExitCode> {
         }
     }
 }
+
+/// `host compose publish` (defined here so compose.rs only gains one variant).
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The OSTree repository to publish (archive mode, as composed).
+    #[arg(long, env = "CAIRN_REPO", default_value = "build/repo")]
+    pub repo: PathBuf,
+
+    /// Sign the summary with this GPG key id.
+    #[arg(long, value_name = "KEYID")]
+    pub gpg_sign: Option<String>,
+
+    /// GPG home directory holding the signing key.
+    #[arg(long, value_name = "DIR", requires = "gpg_sign")]
+    pub gpg_homedir: Option<PathBuf>,
+
+    /// Only refresh the summary; generate no static deltas.
+    #[arg(long)]
+    pub no_deltas: bool,
+}
+
+pub fn publish(args: PublishArgs) -> Result<ExitCode> {
+    use cairn_builder::publish::{publish, PublishOptions};
+    let report = publish(
+        &args.repo,
+        &PublishOptions {
+            gpg_sign: args.gpg_sign,
+            gpg_homedir: args.gpg_homedir,
+            no_deltas: args.no_deltas,
+        },
+    )?;
+    for r in &report.refs {
+        match &r.delta_from {
+            Some((from, true)) => println!("{} {}: delta from {from} generated", r.refname, r.head),
+            Some((from, false)) => println!("{} {}: delta from {from} present", r.refname, r.head),
+            None => println!("{} {}: no parent commit, no delta", r.refname, r.head),
+        }
+    }
+    println!(
+        "summary regenerated{}",
+        if report.summary_signed {
+            " and signed"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
