@@ -1,0 +1,302 @@
+//! The disk image the boot tests run: composed from the test manifest with
+//! the workspace's own `host` binary, exactly as a user would build one.
+//!
+//! Everything lands under `<workspace>/build/` (git-ignored): the test
+//! repository in `build/qemu-tests/repo`, the shared compose cache in
+//! `build/cache` (so the package stage is shared with `scripts/compose`), and
+//! images in `build/qemu-tests/images/`, named after the commit and the
+//! `host` binary that wrote them, so an unchanged tree and writer reuse the
+//! image of an earlier run.
+//!
+//! `CAIRN_TEST_REPO` (and optionally `CAIRN_TEST_REF`) point the tests at an
+//! existing repository instead of composing, e.g. to boot-test a repository
+//! that CI produced.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+/// The manifest the test image is composed from.
+pub const TEST_MANIFEST: &str = "qemu-tests/manifests/test-host.toml";
+
+/// A composed commit and a disk image of it.
+#[derive(Debug, Clone)]
+pub struct TestImage {
+    pub image: PathBuf,
+    pub repo: PathBuf,
+    pub ref_: String,
+    pub commit: String,
+    pub version: Option<String>,
+    /// `cairn.kernel` metadata of the commit.
+    pub kernel: String,
+    /// How long composing and writing the image took in this process (zero
+    /// for cached parts).
+    pub compose_time: Duration,
+    pub image_time: Duration,
+}
+
+/// The checkout this crate belongs to.
+pub fn workspace() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    dir.parent()
+        .expect("qemu-tests sits in the workspace")
+        .to_owned()
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace)
+/// or `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace().join(dir),
+        None => workspace().join("target"),
+    }
+}
+
+/// The `host` executable built from this workspace (`cargo build -p host`).
+pub fn host_binary() -> Result<PathBuf> {
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let bin = target_dir().join(profile).join("host");
+    if !bin.is_file() {
+        bail!(
+            "{} does not exist: build it first with `cargo build -p host` \
+             (scripts/test builds the whole workspace before the QEMU tests)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// `<workspace>/build/<sub>`.
+pub fn build_dir(sub: &str) -> PathBuf {
+    workspace().join("build").join(sub)
+}
+
+/// The test image, built once per test process; panics with the reason if it
+/// cannot be built (a boot test without an image must fail, loudly).
+pub fn test_image() -> &'static TestImage {
+    static IMAGE: OnceLock<std::result::Result<TestImage, String>> = OnceLock::new();
+    match IMAGE.get_or_init(|| build_test_image().map_err(|e| format!("{e:#}"))) {
+        Ok(image) => image,
+        Err(e) => panic!("building the test image failed: {e}"),
+    }
+}
+
+fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        bail!("the QEMU boot tests compose trees and write disk images, which needs root; run them as root (scripts/test does)");
+    }
+    Ok(())
+}
+
+fn build_test_image() -> Result<TestImage> {
+    require_root()?;
+    let host = host_binary()?;
+    let ws = workspace();
+
+    let started = Instant::now();
+    let (repo, ref_, commit, compose_time) = match std::env::var_os("CAIRN_TEST_REPO") {
+        Some(repo) => {
+            let repo = ws.join(repo);
+            let ref_ = std::env::var("CAIRN_TEST_REF")
+                .unwrap_or_else(|_| "cairn/bookworm/x86_64/container-host".into());
+            let commit = ostree_cli(&repo, &["rev-parse", &ref_])?;
+            (repo, ref_, commit, Duration::ZERO)
+        }
+        None => {
+            let repo = build_dir("qemu-tests/repo");
+            let (ref_, commit) = compose(&host, &repo)?;
+            (repo, ref_, commit, started.elapsed())
+        }
+    };
+    let kernel = metadata_string(&repo, &commit, "cairn.kernel")?
+        .with_context(|| format!("commit {commit} has no cairn.kernel metadata"))?;
+    let version = metadata_string(&repo, &commit, "version")?;
+
+    let images = build_dir("qemu-tests/images");
+    std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
+    let key = image_key(&commit, &host)?;
+    let image = images.join(format!("{key}.qcow2"));
+    let started = Instant::now();
+    let image_time = if image.is_file() {
+        eprintln!("qemu-tests: reusing {}", image.display());
+        Duration::ZERO
+    } else {
+        // Older images are of other commits or writers: keep only the latest.
+        for entry in std::fs::read_dir(&images)?.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        let out = run_host(
+            &host,
+            &[
+                "compose".as_ref(),
+                "image".as_ref(),
+                "--repo".as_ref(),
+                repo.as_os_str(),
+                "--ref".as_ref(),
+                ref_.as_ref(),
+                "--format".as_ref(),
+                "qcow2".as_ref(),
+                "-o".as_ref(),
+                image.as_os_str(),
+            ],
+        )?;
+        let written =
+            line_value(&out, "commit").context("`host compose image` printed no commit line")?;
+        if written != commit {
+            bail!("`host compose image` deployed {written}, expected {commit}");
+        }
+        started.elapsed()
+    };
+    Ok(TestImage {
+        image,
+        repo,
+        ref_,
+        commit,
+        version,
+        kernel,
+        compose_time,
+        image_time,
+    })
+}
+
+/// `host compose tree` of the test manifest; returns (ref, commit).
+fn compose(host: &Path, repo: &Path) -> Result<(String, String)> {
+    let ws = workspace();
+    let cache = build_dir("cache");
+    let manifest = ws.join(TEST_MANIFEST);
+    let out = run_host(
+        host,
+        &[
+            "compose".as_ref(),
+            "tree".as_ref(),
+            "--repo".as_ref(),
+            repo.as_os_str(),
+            "--cache".as_ref(),
+            cache.as_os_str(),
+            "--unless-changed".as_ref(),
+            manifest.as_os_str(),
+        ],
+    )?;
+    let commit =
+        line_value(&out, "commit").context("`host compose tree` printed no commit line")?;
+    let ref_ = match line_value(&out, "ref") {
+        Some(r) => r,
+        // Unchanged inputs: "no changes: <ref> is already at these inputs".
+        None => out
+            .lines()
+            .find_map(|l| l.strip_prefix("no changes: "))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .context("`host compose tree` printed neither a ref line nor `no changes: <ref>`")?,
+    };
+    Ok((ref_, commit))
+}
+
+/// Run the host binary from the workspace; its stderr (progress) passes
+/// through, its stdout is returned.
+fn run_host(host: &Path, args: &[&std::ffi::OsStr]) -> Result<String> {
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    eprintln!("qemu-tests: {} {}", host.display(), shown.join(" "));
+    let mut child = Command::new(host)
+        .args(args)
+        .current_dir(workspace())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", host.display()))?;
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stdout)?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "`host {}` failed ({status}); stdout:\n{stdout}",
+            shown.join(" ")
+        );
+    }
+    Ok(stdout)
+}
+
+/// The value of a `key value` line.
+pub fn line_value(out: &str, key: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .map(|v| v.trim().to_string())
+}
+
+/// The stock ostree CLI, allowed in tests to cross-check what our code did.
+pub fn ostree_cli(repo: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new("ostree")
+        .arg(format!("--repo={}", repo.display()))
+        .args(args)
+        .output()
+        .context("running the ostree CLI (Debian package ostree)")?;
+    if !out.status.success() {
+        bail!(
+            "ostree {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A string metadata key of a commit, None if absent.
+fn metadata_string(repo: &Path, commit: &str, key: &str) -> Result<Option<String>> {
+    let out = Command::new("ostree")
+        .arg(format!("--repo={}", repo.display()))
+        .args(["show", &format!("--print-metadata-key={key}"), commit])
+        .output()
+        .context("running the ostree CLI (Debian package ostree)")?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(Some(text.trim().trim_matches('\'').to_string()))
+}
+
+/// Name of an image: the commit and the writer (host binary) that made it.
+fn image_key(commit: &str, host: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    hasher.update(commit.as_bytes());
+    let mut file =
+        std::fs::File::open(host).with_context(|| format!("reading {}", host.display()))?;
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hex::encode(&hasher.finalize()[..12]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_values() {
+        let out = "ref cairn/x\ncommit abc\nversion 1.2\n";
+        assert_eq!(line_value(out, "commit").as_deref(), Some("abc"));
+        assert_eq!(line_value(out, "ref").as_deref(), Some("cairn/x"));
+        assert_eq!(line_value(out, "size"), None);
+        assert_eq!(line_value("commits 3\n", "commit"), None);
+    }
+
+    #[test]
+    fn workspace_holds_the_test_manifest() {
+        assert!(workspace().join(TEST_MANIFEST).is_file());
+    }
+}
