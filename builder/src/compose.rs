@@ -255,6 +255,62 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
     })
 }
 
+/// A directory already in the OSTree layout, committed as is (`compose commit`).
+pub struct PreparedCommit<'a> {
+    pub root: &'a Path,
+    pub refname: &'a str,
+    pub version: Option<&'a str>,
+    pub subject: Option<&'a str>,
+}
+
+/// Commits a prepared directory onto a ref, with the parent set to the ref's
+/// head. Returns (commit checksum, content checksum).
+pub fn commit_prepared(
+    opts: &ComposeOptions,
+    spec: PreparedCommit<'_>,
+) -> Result<(String, String)> {
+    if !spec.root.is_dir() {
+        bail!("{} is not a directory", spec.root.display());
+    }
+    if spec.root.join("etc").is_dir() && !spec.root.join("usr/etc").exists() {
+        bail!(
+            "{} has /etc but no /usr/etc: it is not in the OSTree layout; use `compose tree` with `rootfs = ...` to lay it out",
+            spec.root.display()
+        );
+    }
+    let repo = repo::open_or_create(&opts.repo, opts.repo_mode)?;
+    let head = repo::ref_head(&repo, spec.refname)?;
+    let now = opts
+        .source_date_epoch
+        .unwrap_or_else(|| chrono::Utc::now().timestamp());
+    let mut metadata: BTreeMap<String, glib::Variant> = BTreeMap::new();
+    use glib::prelude::ToVariant;
+    if let Some(v) = spec.version {
+        metadata.insert("version".into(), v.to_variant());
+    }
+    let bootable = spec.root.join("usr/lib/modules").is_dir();
+    let subject = spec
+        .subject
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{} commit", spec.refname));
+    let checksum = repo::write_commit(
+        &repo,
+        spec.root,
+        NewCommit {
+            refname: spec.refname,
+            parent: head.as_deref(),
+            subject: &subject,
+            timestamp: u64::try_from(now).unwrap_or(0),
+            metadata,
+            bootable,
+            gpg_key: opts.gpg_sign.as_deref(),
+            gpg_homedir: opts.gpg_homedir.as_deref(),
+        },
+    )?;
+    let content = repo::content_checksum(&repo, &checksum)?;
+    Ok((checksum, content))
+}
+
 fn customize(
     manifest: &Manifest,
     root: &Path,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
+use gio::prelude::*;
 use glib::prelude::*;
 use ostree::gio;
 
@@ -147,30 +148,52 @@ pub struct NewCommit<'a> {
     pub gpg_homedir: Option<&'a Path>,
 }
 
-/// Writes `root` as a commit and moves the ref, all inside one transaction:
-/// if anything fails the transaction is aborted and the ref is untouched.
+/// Writes `root` as a commit and moves the ref. Large subtrees are written
+/// first by worker threads (their objects only); then one transaction writes
+/// the rest, the commit, and moves the ref. If anything fails that
+/// transaction is aborted and the ref is untouched (objects already written
+/// are unreferenced until the next prune).
 pub fn write_commit(repo: &ostree::Repo, root: &Path, spec: NewCommit<'_>) -> Result<String> {
     let cancellable = gio::Cancellable::NONE;
+    let repo_path = repo
+        .path()
+        .path()
+        .ok_or_else(|| anyhow!("the repository has no local path"))?;
+    let prewritten = parallel::prewrite_subtrees(&repo_path, root)?;
     repo.prepare_transaction(cancellable)
         .context("starting an OSTree transaction")?;
     let result = (|| -> Result<String> {
         let mtree = ostree::MutableTree::new();
-        // Device nodes, sockets and fifos cannot be stored; a tree must not contain them.
-        let modifier = ostree::RepoCommitModifier::new(
-            ostree::RepoCommitModifierFlags::NONE,
-            Some(Box::new(|_repo, path, info| match info.file_type() {
-                gio::FileType::Regular | gio::FileType::Directory | gio::FileType::SymbolicLink => {
-                    ostree::RepoCommitFilterResult::Allow
-                }
-                _ => {
-                    tracing::warn!("skipping special file {path}");
-                    ostree::RepoCommitFilterResult::Skip
-                }
-            })),
-        );
+        let skip: std::collections::HashSet<String> = prewritten
+            .keys()
+            .map(|p| format!("/{}", p.display()))
+            .collect();
+        let modifier = parallel::modifier(Some(skip));
         let dir = gio::File::for_path(root);
         repo.write_directory_to_mtree(&dir, &mtree, Some(&modifier), cancellable)
             .with_context(|| format!("writing {} into the repository", root.display()))?;
+        for (rel, (contents, meta)) in &prewritten {
+            let parts: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            let (name, parents) = parts.split_last().expect("a subtree is never the root");
+            let parents: Vec<&str> = parents.iter().map(String::as_str).collect();
+            // (MutableTree::walk's binding loses the path array, so walk by lookup.)
+            let mut parent = mtree.clone();
+            for part in &parents {
+                let (_, sub) = parent
+                    .lookup(part)
+                    .with_context(|| format!("finding /{} in the tree", parents.join("/")))?;
+                parent = sub.ok_or_else(|| {
+                    anyhow!("/{} is not a directory in the tree", parents.join("/"))
+                })?;
+            }
+            let child = parent.ensure_dir(name)?;
+            if !child.fill_empty_from_dirtree(repo, contents, meta) {
+                bail!("could not graft the prewritten subtree /{}", rel.display());
+            }
+        }
         let tree = repo
             .write_mtree(&mtree, cancellable)
             .context("writing the root tree")?;
@@ -215,6 +238,166 @@ pub fn write_commit(repo: &ostree::Repo, root: &Path, spec: NewCommit<'_>) -> Re
         Err(e) => {
             let _ = repo.abort_transaction(cancellable);
             Err(e)
+        }
+    }
+}
+
+/// Spreading a commit over all cores: libostree writes one directory walk on
+/// one thread (checksums, and zlib for archive repos), so big subtrees are
+/// handed to worker threads, each with its own repository handle and
+/// transaction, and grafted into the final tree by checksum.
+mod parallel {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use anyhow::{anyhow, Context, Result};
+    use glib::prelude::*;
+    use ostree::gio;
+
+    /// Subtrees smaller than this stay in the main walk.
+    const MIN_SUBTREE: u64 = 1 << 20;
+    const MAX_DEPTH: usize = 4;
+
+    pub fn modifier(skip: Option<std::collections::HashSet<String>>) -> ostree::RepoCommitModifier {
+        ostree::RepoCommitModifier::new(
+            ostree::RepoCommitModifierFlags::NONE,
+            Some(Box::new(move |_repo, path, info| {
+                if skip.as_ref().is_some_and(|s| s.contains(path)) {
+                    return ostree::RepoCommitFilterResult::Skip;
+                }
+                // Device nodes, sockets and fifos cannot be stored in a commit.
+                match info.file_type() {
+                    gio::FileType::Regular
+                    | gio::FileType::Directory
+                    | gio::FileType::SymbolicLink => ostree::RepoCommitFilterResult::Allow,
+                    _ => {
+                        tracing::warn!("skipping special file {path}");
+                        ostree::RepoCommitFilterResult::Skip
+                    }
+                }
+            })),
+        )
+    }
+
+    /// Disjoint subtrees of `root` worth a thread each, largest first.
+    fn plan(root: &Path, threads: usize) -> Result<Vec<(PathBuf, u64)>> {
+        let mut sizes: BTreeMap<PathBuf, u64> = BTreeMap::new();
+        let mut children: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
+        for entry in walkdir::WalkDir::new(root).min_depth(1) {
+            let entry = entry.with_context(|| format!("walking {}", root.display()))?;
+            let rel = entry
+                .path()
+                .strip_prefix(root)
+                .expect("under root")
+                .to_path_buf();
+            if entry.file_type().is_dir() && entry.depth() <= MAX_DEPTH {
+                let parent = rel.parent().map(Path::to_path_buf).unwrap_or_default();
+                children.entry(parent).or_default().push(rel.clone());
+                sizes.entry(rel).or_insert(0);
+            } else if entry.file_type().is_file() {
+                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                for anc in rel.ancestors().skip(1) {
+                    if anc.as_os_str().is_empty() {
+                        break;
+                    }
+                    if let Some(s) = sizes.get_mut(anc) {
+                        *s += len;
+                    }
+                }
+            }
+        }
+        let total: u64 = children
+            .get(Path::new(""))
+            .map(|top| top.iter().map(|d| sizes[d]).sum())
+            .unwrap_or(0);
+        let target = (total / (threads as u64 * 4)).max(MIN_SUBTREE);
+        let mut out = Vec::new();
+        let mut stack: Vec<PathBuf> = children.get(Path::new("")).cloned().unwrap_or_default();
+        while let Some(dir) = stack.pop() {
+            let size = sizes[&dir];
+            let kids = children.get(&dir);
+            if size > target
+                && kids.is_some_and(|k| !k.is_empty())
+                && dir.components().count() < MAX_DEPTH
+            {
+                stack.extend(kids.into_iter().flatten().cloned());
+            } else if size >= MIN_SUBTREE {
+                out.push((dir, size));
+            }
+        }
+        out.sort_by(|a, b| b.1.cmp(&a.1));
+        Ok(out)
+    }
+
+    type Written = BTreeMap<PathBuf, (String, String)>;
+
+    pub fn prewrite_subtrees(repo_path: &Path, root: &Path) -> Result<Written> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if threads < 2 {
+            return Ok(Written::new());
+        }
+        let queue = Mutex::new(plan(root, threads)?);
+        let written = Mutex::new(Written::new());
+        std::thread::scope(|scope| -> Result<()> {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| scope.spawn(|| worker(repo_path, root, &queue, &written)))
+                .collect();
+            for w in workers {
+                w.join()
+                    .map_err(|_| anyhow!("a commit worker thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        Ok(written.into_inner().expect("no poisoned lock"))
+    }
+
+    fn worker(
+        repo_path: &Path,
+        root: &Path,
+        queue: &Mutex<Vec<(PathBuf, u64)>>,
+        written: &Mutex<Written>,
+    ) -> Result<()> {
+        let cancellable = gio::Cancellable::NONE;
+        let repo = ostree::Repo::new_for_path(repo_path);
+        repo.open(cancellable)?;
+        repo.prepare_transaction(cancellable)?;
+        let modifier = modifier(None);
+        let result = (|| -> Result<()> {
+            loop {
+                let next = queue.lock().expect("no poisoned lock").pop();
+                // pop() takes the smallest; big ones were pushed first so they run early.
+                let Some((rel, _)) = next else { return Ok(()) };
+                let mtree = ostree::MutableTree::new();
+                let dir = gio::File::for_path(root.join(&rel));
+                repo.write_directory_to_mtree(&dir, &mtree, Some(&modifier), cancellable)
+                    .with_context(|| format!("writing /{}", rel.display()))?;
+                let tree = repo.write_mtree(&mtree, cancellable)?;
+                let tree = tree
+                    .downcast::<ostree::RepoFile>()
+                    .map_err(|_| anyhow!("libostree returned a non-repo file"))?;
+                tree.ensure_resolved()?;
+                let contents = tree
+                    .tree_get_contents_checksum()
+                    .ok_or_else(|| anyhow!("no contents checksum for /{}", rel.display()))?;
+                let meta = tree
+                    .tree_get_metadata_checksum()
+                    .ok_or_else(|| anyhow!("no metadata checksum for /{}", rel.display()))?;
+                written
+                    .lock()
+                    .expect("no poisoned lock")
+                    .insert(rel, (contents.to_string(), meta.to_string()));
+            }
+        })();
+        match result {
+            Ok(()) => {
+                repo.commit_transaction(cancellable)?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = repo.abort_transaction(cancellable);
+                Err(e)
+            }
         }
     }
 }

@@ -17,6 +17,11 @@ pub enum ComposeCommand {
     /// commit is complete; on any error the repository is left as it was.
     Tree(TreeArgs),
 
+    /// Commit a directory that is already in the OSTree layout, as is.
+    ///
+    /// For trees prepared by other tools; `compose tree` lays a root out itself.
+    Commit(CommitArgs),
+
     /// Show the package and file differences between two commits.
     ///
     /// FROM and TO are refs, versions or commit checksums.
@@ -80,6 +85,28 @@ pub struct TreeArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// The prepared root directory.
+    pub rootfs: PathBuf,
+
+    /// OSTree repository to commit to; created as an `archive` repo if missing.
+    #[arg(long, env = "CAIRN_REPO", default_value_os_t = default_repo())]
+    pub repo: PathBuf,
+
+    /// The branch to commit to.
+    #[arg(long = "ref", value_name = "REF")]
+    pub refname: String,
+
+    /// Version metadata for the commit.
+    #[arg(long)]
+    pub version: Option<String>,
+
+    /// Create a new repository in `bare-user` mode instead of `archive`.
+    #[arg(long)]
+    pub bare_user: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct DiffArgs {
     /// The repository holding both commits.
     #[arg(long, env = "CAIRN_REPO", default_value_os_t = default_repo())]
@@ -104,6 +131,7 @@ pub fn run(cmd: ComposeCommand) -> Result<ExitCode> {
     match cmd {
         ComposeCommand::Tree(args) => tree(args),
         ComposeCommand::Diff(args) => diff(args),
+        ComposeCommand::Commit(args) => commit(args),
         ComposeCommand::Image(args) => crate::compose_image::run(args),
         ComposeCommand::Publish(args) => crate::node::publish(args),
     }
@@ -163,6 +191,25 @@ fn tree(args: TreeArgs) -> Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn commit(args: CommitArgs) -> Result<ExitCode> {
+    let mut opts = ComposeOptions::new(args.repo, PathBuf::new());
+    if args.bare_user {
+        opts.repo_mode = ostree::RepoMode::BareUser;
+    }
+    let (checksum, content) = cairn_builder::compose::commit_prepared(
+        &opts,
+        cairn_builder::compose::PreparedCommit {
+            root: &args.rootfs,
+            refname: &args.refname,
+            version: args.version.as_deref(),
+            subject: None,
+        },
+    )?;
+    println!("commit {checksum}");
+    println!("content-checksum {content}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -10,7 +10,10 @@ use std::process::Command;
 const REF: &str = "cairn/bookworm/x86_64/container-host";
 
 fn checkout() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn ostree(repo: &Path, args: &[&str]) -> String {
@@ -40,8 +43,12 @@ fn container_host_manifest_composes_a_bootable_container_host() {
     let root = checkout();
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
+    // A private copy: the binary is an input of the tree, and must not change
+    // between the two composes even if the workspace is rebuilt meanwhile.
+    let host = tmp.path().join("host");
+    std::fs::copy(env!("CARGO_BIN_EXE_host"), &host).unwrap();
     let run = |extra: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_host"));
+        let mut cmd = Command::new(&host);
         cmd.args(["compose", "tree", "--bare-user", "--repo"])
             .arg(&repo)
             .arg("--cache")
@@ -54,7 +61,10 @@ fn container_host_manifest_composes_a_bootable_container_host() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success(), "compose of container-host.toml failed");
+        assert!(
+            out.status.success(),
+            "compose of container-host.toml failed"
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let stdout = run(&[]);
@@ -64,7 +74,10 @@ fn container_host_manifest_composes_a_bootable_container_host() {
         .unwrap()
         .to_string();
 
-    let kver = ostree(&repo, &["show", "--print-metadata-key=cairn.kernel", &commit]);
+    let kver = ostree(
+        &repo,
+        &["show", "--print-metadata-key=cairn.kernel", &commit],
+    );
     let kver = kver.trim().trim_matches('\'').to_string();
     assert!(kver.ends_with("-amd64"), "kernel version {kver}");
     let ls = ostree(&repo, &["ls", "-R", &commit, "/usr"]);
@@ -93,35 +106,71 @@ fn container_host_manifest_composes_a_bootable_container_host() {
     );
     let top = ostree(&repo, &["ls", &commit, "/"]);
     assert!(top.contains("/ostree -> sysroot/ostree") && top.contains("/home -> var/home"));
-    assert!(!top.lines().any(|l| l.ends_with(" /etc")), "/etc must be in /usr/etc:\n{top}");
-    assert_eq!(ostree(&repo, &["ls", &commit, "/boot"]).lines().count(), 1, "/boot is empty");
-    assert_eq!(ostree(&repo, &["ls", &commit, "/var"]).lines().count(), 1, "/var is empty");
+    assert!(
+        !top.lines().any(|l| l.ends_with(" /etc")),
+        "/etc must be in /usr/etc:\n{top}"
+    );
+    assert_eq!(
+        ostree(&repo, &["ls", &commit, "/boot"]).lines().count(),
+        1,
+        "/boot is empty"
+    );
+    assert_eq!(
+        ostree(&repo, &["ls", &commit, "/var"]).lines().count(),
+        1,
+        "/var is empty"
+    );
 
     let kargs = ostree(&repo, &["cat", &commit, "/usr/lib/cairn/kargs"]);
-    assert!(kargs.lines().any(|k| k == "systemd.unified_cgroup_hierarchy=1"), "{kargs}");
-    let netdev = ostree(&repo, &["cat", &commit, "/usr/lib/systemd/network/20-cairn0.netdev"]);
+    assert!(
+        kargs
+            .lines()
+            .any(|k| k == "systemd.unified_cgroup_hierarchy=1"),
+        "{kargs}"
+    );
+    let netdev = ostree(
+        &repo,
+        &["cat", &commit, "/usr/lib/systemd/network/20-cairn0.netdev"],
+    );
     assert!(netdev.contains("Kind=bridge"));
 
     // The initramfs is dracut's, with the ostree module that pivots into the deployment.
     let initramfs = tmp.path().join("initramfs.img");
     let bytes = Command::new("ostree")
         .arg(format!("--repo={}", repo.display()))
-        .args(["cat", &commit, &format!("/usr/lib/modules/{kver}/initramfs.img")])
+        .args([
+            "cat",
+            &commit,
+            &format!("/usr/lib/modules/{kver}/initramfs.img"),
+        ])
         .output()
         .unwrap();
     std::fs::write(&initramfs, bytes.stdout).unwrap();
-    let listing = Command::new("lsinitrd").arg(&initramfs).output().expect("lsinitrd (dracut-core)");
+    let listing = Command::new("lsinitrd")
+        .arg(&initramfs)
+        .output()
+        .expect("lsinitrd (dracut-core)");
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(
         listing.contains("ostree-prepare-root"),
         "the initramfs lacks ostree-prepare-root"
     );
 
-    let show = |key: &str| ostree(&repo, &["show", &format!("--print-metadata-key={key}"), &commit]);
+    let show = |key: &str| {
+        ostree(
+            &repo,
+            &["show", &format!("--print-metadata-key={key}"), &commit],
+        )
+    };
     assert!(show("version").trim().starts_with("'1."));
     assert_eq!(show("ostree.bootable").trim(), "true");
     let packages = show("cairn.packages");
-    for p in ["'systemd=", "'ostree-boot=", "'linux-image-amd64=", "'dracut="] {
+    for p in [
+        "'systemd=",
+        "'ostree-boot=",
+        "'linux-image-amd64=",
+        "'dracut=",
+    ] {
         assert!(packages.contains(p), "package list lacks {p}");
     }
     ostree(&repo, &["fsck"]);
