@@ -364,7 +364,9 @@ pub fn ostree_layout(root: &Path) -> Result<TreeFacts> {
     }
     writeln!(tmpfiles, "{}", var_tmpfiles(&root.join("var"))?).ok();
     write_tmpfiles(root, &tmpfiles)?;
-    clear_dir(&root.join("var"))?;
+    if root.join("var").is_dir() {
+        clear_dir(&root.join("var"))?;
+    }
 
     for d in ["boot", "dev", "proc", "sys", "run", "sysroot", "var"] {
         let p = root.join(d);

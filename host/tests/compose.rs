@@ -628,3 +628,123 @@ fn rootfs_tarball_base_composes_like_the_directory() {
         field(&tar_build, "content-checksum")
     );
 }
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn gpg_signed_commits_verify_with_stock_ostree() {
+    let env = Env::new();
+    env.manifest("");
+    let home = env.path("gnupg");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let gpg = |args: &[&str]| {
+        let out = Command::new("gpg")
+            .arg("--homedir")
+            .arg(&home)
+            .args(["--batch", "--passphrase", ""])
+            .args(args)
+            .output()
+            .expect("gpg");
+        assert!(
+            out.status.success(),
+            "gpg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    gpg(&[
+        "--quick-gen-key",
+        "cairn test <test@cairn.invalid>",
+        "rsa2048",
+        "sign",
+        "never",
+    ]);
+    let listing = gpg(&["--list-keys", "--with-colons"]);
+    let fpr = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("fpr:"))
+        .and_then(|l| l.split(':').find(|f| !f.is_empty()))
+        .unwrap()
+        .to_string();
+    let out = env.compose(
+        "repo",
+        &["--gpg-sign", &fpr, "--gpg-homedir", home.to_str().unwrap()],
+    );
+    let _ = Command::new("gpgconf")
+        .arg("--homedir")
+        .arg(&home)
+        .args(["--kill", "gpg-agent"])
+        .status();
+    assert!(out.status.success());
+    // libostree verifies against keyring files (*.gpg) in a directory.
+    let keys = env.path("trusted");
+    std::fs::create_dir_all(&keys).unwrap();
+    let public = Command::new("gpg")
+        .arg("--homedir")
+        .arg(&home)
+        .args(["--export", &fpr])
+        .output()
+        .unwrap();
+    std::fs::write(keys.join("cairn-test.gpg"), public.stdout).unwrap();
+    let shown = env.ostree(
+        "repo",
+        &[
+            "show",
+            &format!("--gpg-homedir={}", keys.display()),
+            field(&out, "commit"),
+        ],
+    );
+    assert!(shown.contains("Good signature"), "{shown}");
+
+    let bad = env.compose(
+        "repo-bad",
+        &[
+            "--gpg-sign",
+            "0000DEADBEEF",
+            "--gpg-homedir",
+            home.to_str().unwrap(),
+        ],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("signing commit"));
+    assert!(
+        env.ref_head("repo-bad").is_none(),
+        "a failed signature must not move the ref"
+    );
+}
+
+/// Regression: a base root without /var (or /etc) failed in the layout step
+/// ("reading …/rootfs/var: No such file or directory").
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn rootfs_without_var_or_etc_composes() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("base/usr/share")).unwrap();
+    std::fs::write(dir.path().join("base/usr/share/x"), "x\n").unwrap();
+    std::fs::write(
+        dir.path().join("m.toml"),
+        "ref = \"x/y\"\nrootfs = \"base\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_host"))
+        .args([
+            "compose",
+            "tree",
+            "--bare-user",
+            "--repo",
+            "repo",
+            "--cache",
+            "cache",
+            "--quiet",
+            "m.toml",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -182,3 +182,31 @@ fn container_host_manifest_composes_a_bootable_container_host() {
     assert!(again.starts_with("no changes"), "{again}");
     assert_eq!(ostree(&repo, &["rev-parse", REF]).trim(), commit);
 }
+
+#[test]
+#[ignore = "privileged: needs root and the apt mirror; run by scripts/test"]
+fn an_unknown_package_fails_in_seconds_with_its_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = tmp.path().join("m.toml");
+    std::fs::write(
+        &manifest,
+        "ref = \"test/unknown\"\n[packages]\nsuite = \"bookworm\"\ninstall = [\"cairn-no-such-package\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_host"))
+        .args(["compose", "tree", "--quiet", "--repo"])
+        .arg(tmp.path().join("repo"))
+        .arg("--cache")
+        .arg(checkout().join("build/cache"))
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("does not exist in the configured sources"),
+        "{err}"
+    );
+    assert!(err.contains("cairn-no-such-package"), "{err}");
+    assert!(!tmp.path().join("repo/refs/heads/test/unknown").exists());
+}
