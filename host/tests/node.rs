@@ -333,6 +333,23 @@ impl Fixture {
     }
 }
 
+impl Drop for Fixture {
+    /// libostree makes each deployment root immutable (chattr +i): lift that so
+    /// the temp dir can be removed.
+    fn drop(&mut self) {
+        let deploy = self.sysroot().join("ostree/deploy");
+        for os in std::fs::read_dir(&deploy).into_iter().flatten().flatten() {
+            for d in std::fs::read_dir(os.path().join("deploy"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let _ = Command::new("chattr").arg("-i").arg(d.path()).status();
+            }
+        }
+    }
+}
+
 /// Parsed `ostree admin status` (text only in 2022.7):
 /// (stateroot, checksum, serial, version, pinned, refspec) per deployment.
 fn parse_admin_status(s: &str) -> Vec<BTreeMap<&'static str, String>> {
