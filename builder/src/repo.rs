@@ -280,7 +280,7 @@ mod parallel {
         )
     }
 
-    /// Disjoint subtrees of `root` worth a thread each, largest first.
+    /// Disjoint subtrees of `root` worth a thread each, smallest first.
     fn plan(root: &Path, threads: usize) -> Result<Vec<(PathBuf, u64)>> {
         let mut sizes: BTreeMap<PathBuf, u64> = BTreeMap::new();
         let mut children: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
@@ -326,7 +326,8 @@ mod parallel {
                 out.push((dir, size));
             }
         }
-        out.sort_by(|a, b| b.1.cmp(&a.1));
+        // Ascending: workers pop() from the end, so the largest subtrees start first.
+        out.sort_by_key(|(_, size)| *size);
         Ok(out)
     }
 
@@ -366,7 +367,6 @@ mod parallel {
         let result = (|| -> Result<()> {
             loop {
                 let next = queue.lock().expect("no poisoned lock").pop();
-                // pop() takes the smallest; big ones were pushed first so they run early.
                 let Some((rel, _)) = next else { return Ok(()) };
                 let mtree = ostree::MutableTree::new();
                 let dir = gio::File::for_path(root.join(&rel));
