@@ -349,6 +349,46 @@ mod tests {
         assert_eq!(back, status);
     }
 
+    /// docs/status-v1.schema.json names exactly the keys the JSON has.
+    #[test]
+    fn published_schema_matches_the_serialized_keys() {
+        let path = format!(
+            "{}/../docs/status-v1.schema.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(schema["$id"], API_VERSION);
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let value = serde_json::to_value(fixture("status-booted-staged.json")).unwrap();
+        assert_eq!(keys(&schema["properties"]), keys(&value));
+        let mut required: Vec<String> = schema["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect();
+        required.sort();
+        assert_eq!(required, keys(&value));
+        let d = &schema["$defs"]["deployment"];
+        // Deployment 1 carries the optional `packages` (written with -v).
+        assert_eq!(keys(&d["properties"]), keys(&value["deployments"][1]));
+        for deployment in value["deployments"].as_array().unwrap() {
+            for req in d["required"].as_array().unwrap() {
+                let req = req.as_str().unwrap();
+                assert!(deployment.get(req).is_some(), "required key {req} missing");
+            }
+        }
+        let origin = &d["properties"]["origin"]["oneOf"][1]["properties"];
+        assert_eq!(keys(origin), keys(&value["deployments"][0]["origin"]));
+        let diff = &d["properties"]["packageDiff"]["oneOf"][1]["properties"];
+        assert_eq!(keys(diff), keys(&value["deployments"][0]["packageDiff"]));
+    }
+
     #[test]
     fn booted_filter_keeps_the_base_only() {
         let status = fixture("status-booted-staged.json").only_booted();
