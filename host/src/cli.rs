@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
+use crate::app;
 use crate::compose;
 use crate::node;
 
@@ -32,6 +33,9 @@ pub enum Command {
     #[command(flatten)]
     Node(node::NodeCommand),
 
+    /// Application containers: import OCI images, run, supervise.
+    App(app::AppCommand),
+
     /// Print a shell completion script to stdout.
     Completions {
         /// The shell to complete for.
@@ -50,6 +54,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Compose(cmd) => compose::run(cmd),
         Command::Node(cmd) => node::run(cmd, cli.verbose),
+        Command::App(cmd) => app::run(cmd),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "host", &mut std::io::stdout());

@@ -7,9 +7,14 @@
 //! ([`cgroup`]) and a small supervising monitor process ([`monitor`]).
 
 pub mod cgroup;
+pub mod container;
+pub mod engine;
 pub mod image;
 pub mod layer;
+pub mod monitor;
 pub mod net;
 pub mod source;
 pub mod spec;
 pub mod state;
+
+pub use engine::{MonitorCommand, PsEntry, RunOptions, RunOutcome, Runtime};

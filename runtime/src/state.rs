@@ -201,11 +201,16 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Start time of a process (clock ticks since boot), field 22 of /proc/PID/stat.
+/// Start time of a live process (clock ticks since boot), field 22 of
+/// /proc/PID/stat; None for a missing or zombie process.
 pub fn proc_start_time(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = after.split_whitespace();
+    if matches!(fields.next(), Some("Z") | Some("X")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// Write a file so readers never see half of it.

@@ -1,0 +1,320 @@
+//! `host app …`: import and run application containers. Argument parsing
+//! only; the work is done by `cairn_runtime`.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Result;
+use cairn_runtime::net::{NetworkConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
+use cairn_runtime::state::{RestartPolicy, DEFAULT_ROOT};
+use cairn_runtime::{RunOptions, RunOutcome, Runtime};
+use clap::{Args, Subcommand};
+
+/// Immutable application containers: import OCI images, run, supervise.
+#[derive(Debug, Args)]
+pub struct AppCommand {
+    /// State directory: image repository, checkouts, containers, addresses.
+    #[arg(long, env = "CAIRN_ROOT", default_value = DEFAULT_ROOT, global = true)]
+    root: PathBuf,
+
+    /// Host bridge that containers attach to.
+    #[arg(long, env = "CAIRN_BRIDGE", default_value = DEFAULT_BRIDGE, global = true)]
+    bridge: String,
+
+    /// The bridge's address and prefix; containers get addresses from this subnet.
+    #[arg(long, env = "CAIRN_SUBNET", default_value = DEFAULT_SUBNET, global = true)]
+    subnet: String,
+
+    #[command(subcommand)]
+    command: AppSub,
+}
+
+#[derive(Debug, Subcommand)]
+enum AppSub {
+    /// Import an OCI image layout directory, an oci-archive tar or a docker save tar.
+    Import {
+        /// The image directory or archive.
+        path: PathBuf,
+        /// Name it NAME[:TAG] (default: the name recorded in the image).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List imported images.
+    Images {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image (refused while a container uses it).
+    Rmi {
+        /// NAME[:TAG] or NAME@sha256:…
+        image: String,
+    },
+    /// Check every object of an image against its checksum.
+    Verify {
+        /// NAME[:TAG] or NAME@sha256:…
+        image: String,
+    },
+    /// Create and start a container.
+    Run(Box<RunArgs>),
+    /// List containers with their status and health.
+    Ps {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a container: SIGTERM, then SIGKILL after the timeout.
+    Stop {
+        name: String,
+        /// Seconds to wait before SIGKILL.
+        #[arg(short = 't', long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Remove a container and everything it holds (address, veth, cgroup).
+    Rm {
+        name: String,
+        /// Stop it first if it is running.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Print a container's stdout and stderr.
+    Logs {
+        name: String,
+        /// Keep printing until the container has stopped.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command inside a running container.
+    Exec {
+        name: String,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Everything known about a container, as JSON.
+    Inspect { name: String },
+    /// Supervise a detached container (started by `run -d`).
+    #[command(hide = true)]
+    Monitor { name: String },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Container name (default: a random one).
+    #[arg(long)]
+    name: Option<String>,
+    /// Run in the background under a monitor; print the name.
+    #[arg(short, long)]
+    detach: bool,
+    /// Remove the container when it exits.
+    #[arg(long)]
+    rm: bool,
+    /// Memory limit, e.g. 256M (cgroup v2 memory.max).
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPU limit in CPUs, e.g. 0.5 (cgroup v2 cpu.max).
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Relative CPU weight 1-10000 (cgroup v2 cpu.weight).
+    #[arg(long)]
+    cpu_weight: Option<String>,
+    /// Maximum number of processes (cgroup v2 pids.max).
+    #[arg(long)]
+    pids: Option<String>,
+    /// Address on the bridge (default: the next free one).
+    #[arg(long)]
+    ip: Option<Ipv4Addr>,
+    /// `bridge` (default) or `none` (loopback only).
+    #[arg(long, default_value = "bridge", value_parser = ["bridge", "none"])]
+    network: String,
+    /// Set an environment variable (KEY=VALUE); repeatable.
+    #[arg(short, long = "env")]
+    env: Vec<String>,
+    /// Bind mount SRC:DST[:ro]; repeatable. (Long form only: -v is the global --verbose.)
+    #[arg(long = "volume")]
+    volume: Vec<String>,
+    /// Health check, run with /bin/sh -c inside the container.
+    #[arg(long)]
+    health_cmd: Option<String>,
+    /// Time between health checks.
+    #[arg(long, default_value = "10s")]
+    health_interval: String,
+    /// Consecutive failures before the container counts as unhealthy.
+    #[arg(long, default_value_t = 3)]
+    health_retries: u32,
+    /// Restart policy: no, on-failure or always (with back-off).
+    #[arg(long, default_value = "no")]
+    restart: String,
+    /// Seconds between SIGTERM and SIGKILL when stopping.
+    #[arg(long, default_value_t = 10)]
+    stop_timeout: u64,
+    /// Image: NAME[:TAG], NAME@sha256:… or sha256:…
+    image: String,
+    /// Command to run instead of the image's Cmd.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+fn runtime(cmd: &AppCommand) -> Result<Runtime> {
+    let mut rt = Runtime::new(&cmd.root, NetworkConfig::parse(&cmd.bridge, &cmd.subnet)?);
+    let (bridge, subnet) = (cmd.bridge.clone(), cmd.subnet.clone());
+    rt.monitor_command = Some(Box::new(move |root: &Path, name: &str| {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+        let mut c = std::process::Command::new(exe);
+        c.arg("app")
+            .arg("--root")
+            .arg(root)
+            .arg("--bridge")
+            .arg(&bridge);
+        c.arg("--subnet").arg(&subnet).arg("monitor").arg(name);
+        c
+    }));
+    Ok(rt)
+}
+
+pub fn run(cmd: AppCommand) -> Result<ExitCode> {
+    let rt = runtime(&cmd)?;
+    let mut out = std::io::stdout().lock();
+    match cmd.command {
+        AppSub::Import { path, name } => {
+            let info = rt.import(&path, name.as_deref())?;
+            writeln!(
+                out,
+                "imported {} {}",
+                info.reference(),
+                info.manifest_digest
+            )?;
+            writeln!(out, "commit {}", info.commit)?;
+        }
+        AppSub::Images { json } => {
+            let images = rt.images()?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &images)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "{:<30} {:<20} {:<12} COMMIT", "NAME", "TAG", "DIGEST")?;
+                for i in images {
+                    let d = i.manifest_digest.trim_start_matches("sha256:");
+                    writeln!(
+                        out,
+                        "{:<30} {:<20} {:<12} {}",
+                        i.name,
+                        i.tag,
+                        &d[..12.min(d.len())],
+                        &i.commit[..12]
+                    )?;
+                }
+            }
+        }
+        AppSub::Rmi { image } => {
+            let info = rt.rmi(&image)?;
+            writeln!(out, "removed {} {}", info.reference(), info.manifest_digest)?;
+        }
+        AppSub::Verify { image } => {
+            let (info, n) = rt.verify(&image)?;
+            writeln!(
+                out,
+                "ok {} {}: {n} objects verified",
+                info.reference(),
+                info.manifest_digest
+            )?;
+        }
+        AppSub::Run(a) => {
+            let a = *a;
+            let opts = RunOptions {
+                image: a.image,
+                name: a.name,
+                command: a.command,
+                env: a.env,
+                volumes: a.volume,
+                memory: a.memory,
+                cpus: a.cpus,
+                cpu_weight: a.cpu_weight,
+                pids: a.pids,
+                ip: a.ip,
+                no_network: a.network == "none",
+                restart: a.restart.parse::<RestartPolicy>()?,
+                health_cmd: a.health_cmd,
+                health_interval: cairn_runtime::engine::parse_duration(&a.health_interval)?,
+                health_retries: a.health_retries,
+                detach: a.detach,
+                auto_remove: a.rm,
+                stop_timeout: a.stop_timeout,
+            };
+            drop(out);
+            match rt.run(&opts)? {
+                RunOutcome::Detached { name, ip } => {
+                    let ip = ip.map(|i| format!(" {i}")).unwrap_or_default();
+                    println!("{name}{ip}");
+                }
+                RunOutcome::Exited { code, .. } => {
+                    return Ok(ExitCode::from(code.clamp(0, 255) as u8))
+                }
+            }
+        }
+        AppSub::Ps { json } => {
+            let list = rt.ps()?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &list)?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<20} {:<24} {:<11} {:<10} {:<15} {:>4} RESTARTS",
+                    "NAME", "IMAGE", "STATUS", "HEALTH", "ADDRESS", "EXIT"
+                )?;
+                for c in list {
+                    let health = c
+                        .health
+                        .map(|h| format!("{h:?}").to_lowercase())
+                        .unwrap_or_else(|| "-".into());
+                    let ip = c.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+                    let exit = c
+                        .exit_code
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "-".into());
+                    writeln!(
+                        out,
+                        "{:<20} {:<24} {:<11} {:<10} {:<15} {:>4} {}",
+                        c.name,
+                        c.image,
+                        c.status.to_string(),
+                        health,
+                        ip,
+                        exit,
+                        c.restarts
+                    )?;
+                }
+            }
+        }
+        AppSub::Stop { name, timeout } => {
+            if rt.stop(&name, std::time::Duration::from_secs(timeout))? {
+                writeln!(out, "stopped {name}")?;
+            } else {
+                writeln!(out, "{name} was not running")?;
+            }
+        }
+        AppSub::Rm { name, force } => {
+            rt.rm(&name, force)?;
+            writeln!(out, "removed {name}")?;
+        }
+        AppSub::Logs { name, follow } => rt.logs(&name, follow, &mut out)?,
+        AppSub::Exec { name, command } => {
+            drop(out);
+            let code = rt.exec(&name, &command)?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+        AppSub::Inspect { name } => {
+            serde_json::to_writer_pretty(&mut out, &rt.inspect(&name)?)?;
+            writeln!(out)?;
+        }
+        AppSub::Monitor { name } => {
+            drop(out);
+            let code = cairn_runtime::monitor::supervise(&rt, &name, true)?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

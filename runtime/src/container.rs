@@ -1,0 +1,698 @@
+//! Starting a container process from its OCI runtime config: namespaces,
+//! a read-only root, pivot_root, masked paths, capabilities, no_new_privs and
+//! seccomp — and entering a running container for `exec` and health checks.
+//!
+//! Everything that can fail for a reason the user controls is prepared in the
+//! parent; the child only performs syscalls and reports the first failure
+//! through a close-on-exec pipe (an empty pipe means the exec happened).
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::unistd::{Gid, Pid, Uid};
+use oci_spec::runtime::{LinuxSeccompAction, Spec};
+
+use crate::layer::resolve_in_root;
+
+/// What the child needs, computed before the clone.
+struct ChildPlan {
+    lowers: String,
+    rootfs: PathBuf,
+    mounts: Vec<PlannedMount>,
+    hostname: String,
+    masked: Vec<String>,
+    readonly: Vec<String>,
+    security: Security,
+    cwd: PathBuf,
+    exe: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+}
+
+struct PlannedMount {
+    destination: String,
+    source: Option<String>,
+    typ: Option<String>,
+    flags: MsFlags,
+    data: String,
+    bind: bool,
+}
+
+/// Credentials and restrictions applied right before exec.
+#[derive(Clone)]
+pub struct Security {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    bounding: HashSet<caps::Capability>,
+    effective: HashSet<caps::Capability>,
+    no_new_privs: bool,
+    seccomp: Option<seccompiler::BpfProgram>,
+}
+
+fn oci_caps(set: &Option<oci_spec::runtime::Capabilities>) -> Result<HashSet<caps::Capability>> {
+    let mut out = HashSet::new();
+    for c in set.iter().flatten() {
+        let name = serde_json::to_value(c)?;
+        let name = name.as_str().unwrap_or_default();
+        out.insert(
+            caps::Capability::from_str(name).map_err(|e| anyhow!("capability {name}: {e}"))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Compile the config's seccomp section (default allow, named syscalls
+/// refused with an errno) into a BPF program.
+pub fn compile_seccomp(spec: &Spec) -> Result<Option<seccompiler::BpfProgram>> {
+    let Some(sc) = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) else {
+        return Ok(None);
+    };
+    if sc.default_action() != LinuxSeccompAction::ScmpActAllow {
+        bail!("seccomp: only profiles with defaultAction SCMP_ACT_ALLOW are supported");
+    }
+    let mut names = Vec::new();
+    let mut errno = None;
+    for s in sc.syscalls().iter().flatten() {
+        if s.action() != LinuxSeccompAction::ScmpActErrno || s.args().is_some() {
+            bail!("seccomp: only SCMP_ACT_ERRNO rules without argument filters are supported");
+        }
+        let e = s.errno_ret().unwrap_or(libc::EPERM as u32);
+        if errno.is_some_and(|x| x != e) {
+            bail!("seccomp: all rules must return the same errno");
+        }
+        errno = Some(e);
+        names.extend(s.names().iter().cloned());
+    }
+    let rules: Vec<_> = names
+        .iter()
+        .map(|n| serde_json::json!({ "syscall": n }))
+        .collect();
+    let json = serde_json::json!({ "main": {
+        "mismatch_action": "allow",
+        "match_action": { "errno": errno.unwrap_or(libc::EPERM as u32) },
+        "filter": rules,
+    }});
+    let mut map = seccompiler::compile_from_json(
+        json.to_string().as_bytes(),
+        seccompiler::TargetArch::x86_64,
+    )
+    .map_err(|e| anyhow!("compiling the seccomp filter: {e}"))?;
+    Ok(map.remove("main"))
+}
+
+impl Security {
+    pub fn from_spec(spec: &Spec) -> Result<Self> {
+        let p = spec.process().as_ref().context("config has no process")?;
+        let c = p.capabilities().as_ref();
+        Ok(Self {
+            uid: p.user().uid(),
+            gid: p.user().gid(),
+            groups: p.user().additional_gids().clone().unwrap_or_default(),
+            bounding: oci_caps(c.map_or(&None, |c| c.bounding()))?,
+            effective: oci_caps(c.map_or(&None, |c| c.effective()))?,
+            no_new_privs: p.no_new_privileges().unwrap_or(false),
+            seccomp: compile_seccomp(spec)?,
+        })
+    }
+
+    /// Drop to the configured credentials and restrictions. Runs in the child.
+    fn apply(&self) -> Result<()> {
+        for c in caps::all() {
+            if !self.bounding.contains(&c) {
+                // Capabilities the kernel does not know fail with EINVAL: fine.
+                let _ = caps::drop(None, caps::CapSet::Bounding, c);
+            }
+        }
+        let mut groups: Vec<Gid> = vec![Gid::from_raw(self.gid)];
+        groups.extend(self.groups.iter().map(|g| Gid::from_raw(*g)));
+        nix::unistd::setgroups(&groups).context("setgroups")?;
+        let g = Gid::from_raw(self.gid);
+        nix::unistd::setresgid(g, g, g).context("setresgid")?;
+        let u = Uid::from_raw(self.uid);
+        nix::unistd::setresuid(u, u, u).context("setresuid")?;
+        let _ = caps::clear(None, caps::CapSet::Ambient);
+        caps::set(None, caps::CapSet::Inheritable, &HashSet::new())
+            .context("clearing inheritable capabilities")?;
+        if self.uid == 0 {
+            caps::set(None, caps::CapSet::Effective, &self.effective)
+                .context("setting effective capabilities")?;
+            caps::set(None, caps::CapSet::Permitted, &self.effective)
+                .context("setting permitted capabilities")?;
+        }
+        if self.no_new_privs {
+            nix::sys::prctl::set_no_new_privs().context("no_new_privs")?;
+        }
+        if let Some(bpf) = &self.seccomp {
+            seccompiler::apply_filter(bpf)
+                .map_err(|e| anyhow!("installing seccomp filter: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn mount_flags(opts: &[String]) -> (MsFlags, String, bool) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    let mut bind = false;
+    for o in opts {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => {}
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            "bind" => bind = true,
+            "rbind" => {
+                bind = true;
+                flags |= MsFlags::MS_REC;
+            }
+            other => data.push(other.to_string()),
+        }
+    }
+    (flags, data.join(","), bind)
+}
+
+fn cstring(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| anyhow!("{s:?} contains a NUL byte"))
+}
+
+impl ChildPlan {
+    fn new(spec: &Spec, lowers: &[&Path]) -> Result<Self> {
+        let root = spec.root().as_ref().context("config has no root")?;
+        let p = spec.process().as_ref().context("config has no process")?;
+        let args = p.args().clone().unwrap_or_default();
+        if args.is_empty() {
+            bail!("config has no process args");
+        }
+        let mut mounts = Vec::new();
+        for m in spec.mounts().iter().flatten() {
+            let (flags, data, bind) = mount_flags(m.options().as_deref().unwrap_or(&[]));
+            mounts.push(PlannedMount {
+                destination: m.destination().to_string_lossy().into_owned(),
+                source: m
+                    .source()
+                    .as_ref()
+                    .map(|s| s.to_string_lossy().into_owned()),
+                typ: m.typ().clone(),
+                flags,
+                data,
+                bind: bind || m.typ().as_deref() == Some("bind"),
+            });
+        }
+        let linux = spec.linux().as_ref();
+        let lowers: Vec<String> = lowers
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        for l in &lowers {
+            if l.contains(':') || l.contains(',') {
+                bail!("path {l} contains ':' or ',' and cannot be an overlay layer");
+            }
+        }
+        Ok(Self {
+            lowers: lowers.join(":"),
+            rootfs: root.path().clone(),
+            mounts,
+            hostname: spec.hostname().clone().unwrap_or_default(),
+            masked: linux
+                .and_then(|l| l.masked_paths().clone())
+                .unwrap_or_default(),
+            readonly: linux
+                .and_then(|l| l.readonly_paths().clone())
+                .unwrap_or_default(),
+            security: Security::from_spec(spec)?,
+            cwd: p.cwd().clone(),
+            exe: cstring(&args[0])?,
+            argv: args.iter().map(|a| cstring(a)).collect::<Result<_>>()?,
+            envp: p
+                .env()
+                .iter()
+                .flatten()
+                .map(|e| cstring(e))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+/// Mount points the read-only root must provide: the scaffold layer of the
+/// overlay holds them, so the shared image checkout is never touched.
+pub fn make_scaffold(
+    spec: &Spec,
+    scaffold: &Path,
+    image_root: &Path,
+    files: &[(&str, String)],
+) -> Result<()> {
+    let _ = fs::remove_dir_all(scaffold);
+    fs::create_dir_all(scaffold).with_context(|| format!("creating {}", scaffold.display()))?;
+    for m in spec.mounts().iter().flatten() {
+        let dst = m.destination();
+        if dst.to_string_lossy().starts_with("/dev/") {
+            continue; // made inside the /dev tmpfs
+        }
+        let rel = dst.strip_prefix("/").unwrap_or(dst);
+        let in_image = resolve_in_root(image_root, rel, true)?;
+        let source_is_file =
+            m.typ().as_deref() == Some("bind") && m.source().as_ref().is_some_and(|s| s.is_file());
+        let target = scaffold.join(rel);
+        if source_is_file {
+            if !in_image.is_file() {
+                fs::create_dir_all(target.parent().unwrap_or(scaffold))?;
+                fs::write(&target, "")?;
+            }
+        } else if !in_image.is_dir() {
+            fs::create_dir_all(&target)
+                .with_context(|| format!("creating mount point {}", target.display()))?;
+        }
+    }
+    for (path, content) in files {
+        let target = scaffold.join(path.trim_start_matches('/'));
+        fs::create_dir_all(target.parent().unwrap_or(scaffold))?;
+        fs::write(&target, content).with_context(|| format!("writing {}", target.display()))?;
+    }
+    Ok(())
+}
+
+fn setup_dev(dev: &Path) -> Result<()> {
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let p = dev.join(name);
+        mknod(
+            &p,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .with_context(|| format!("mknod {}", p.display()))?;
+        // mknod honours the umask: set the mode explicitly.
+        nix::sys::stat::fchmodat(
+            None,
+            &p,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )?;
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+        ("core", "/proc/kcore"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(name))?;
+    }
+    for d in ["pts", "shm", "mqueue"] {
+        fs::create_dir_all(dev.join(d))?;
+    }
+    Ok(())
+}
+
+fn child_setup(plan: &ChildPlan) -> Result<std::convert::Infallible> {
+    let none: Option<&str> = None;
+    nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).context("unshare(cgroup)")?;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .context("making / private")?;
+    let root = &plan.rootfs;
+    mount(
+        Some("overlay"),
+        root,
+        Some("overlay"),
+        MsFlags::MS_RDONLY,
+        Some(format!("lowerdir={}", plan.lowers).as_str()),
+    )
+    .with_context(|| format!("mounting the read-only root at {}", root.display()))?;
+    for m in &plan.mounts {
+        let target = resolve_in_root(root, Path::new(&m.destination), true)?;
+        let data = (!m.data.is_empty()).then_some(m.data.as_str());
+        if m.bind {
+            let src = m.source.as_deref().context("bind mount without a source")?;
+            mount(
+                Some(src),
+                &target,
+                none,
+                MsFlags::MS_BIND | (m.flags & MsFlags::MS_REC),
+                none,
+            )
+            .with_context(|| format!("bind mounting {src} at {}", m.destination))?;
+            let extra = m.flags
+                & (MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC);
+            if !extra.is_empty() {
+                mount(
+                    none,
+                    &target,
+                    none,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
+                    none,
+                )
+                .with_context(|| format!("remounting {} with its options", m.destination))?;
+            }
+        } else {
+            mount(
+                m.source.as_deref(),
+                &target,
+                m.typ.as_deref(),
+                m.flags,
+                data,
+            )
+            .with_context(|| {
+                format!(
+                    "mounting {} at {}",
+                    m.typ.as_deref().unwrap_or("?"),
+                    m.destination
+                )
+            })?;
+        }
+        if m.destination == "/dev" {
+            setup_dev(&target)?;
+        }
+    }
+    nix::unistd::sethostname(&plan.hostname).context("sethostname")?;
+    nix::unistd::chdir(root).context("chdir to the new root")?;
+    nix::unistd::pivot_root(".", ".").context("pivot_root")?;
+    umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
+    nix::unistd::chdir("/")?;
+    for p in &plan.masked {
+        match fs::metadata(p) {
+            Ok(m) if m.is_dir() => mount(
+                Some("tmpfs"),
+                p.as_str(),
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                none,
+            )
+            .with_context(|| format!("masking {p}"))?,
+            Ok(_) => mount(Some("/dev/null"), p.as_str(), none, MsFlags::MS_BIND, none)
+                .with_context(|| format!("masking {p}"))?,
+            Err(_) => {}
+        }
+    }
+    for p in &plan.readonly {
+        if fs::metadata(p).is_err() {
+            continue;
+        }
+        mount(
+            Some(p.as_str()),
+            p.as_str(),
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            none,
+        )
+        .with_context(|| format!("binding {p}"))?;
+        mount(
+            none,
+            p.as_str(),
+            none,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            none,
+        )
+        .with_context(|| format!("making {p} read-only"))?;
+    }
+    plan.security.apply()?;
+    nix::unistd::chdir(&plan.cwd)
+        .with_context(|| format!("working directory {}", plan.cwd.display()))?;
+    reset_signals();
+    nix::unistd::execve(&plan.exe, &plan.argv, &plan.envp)
+        .with_context(|| format!("executing {:?}", plan.exe))
+}
+
+/// Children start with default signal handling and nothing blocked.
+fn reset_signals() {
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
+    for s in nix::sys::signal::Signal::iterator() {
+        if !matches!(
+            s,
+            nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGSTOP
+        ) {
+            // SAFETY: restoring the default disposition installs no handler.
+            unsafe {
+                let _ = nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigDfl);
+            }
+        }
+    }
+}
+
+/// Mark every inherited descriptor above stderr close-on-exec.
+fn cloexec_from_3() {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only changes fd flags.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            4u32, /* CLOSE_RANGE_CLOEXEC */
+        );
+    }
+}
+
+fn child_main(plan: &ChildPlan, ready_w: OwnedFd, sync_r: OwnedFd, err_w: OwnedFd) -> ! {
+    let mut ready = fs::File::from(ready_w);
+    let mut sync = fs::File::from(sync_r);
+    let mut err = fs::File::from(err_w);
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    let unshared = nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC,
+    );
+    if let Err(e) = unshared {
+        let _ = err.write_all(format!("unshare: {e}").as_bytes());
+        // SAFETY: leaving the forked child without running the parent's destructors.
+        unsafe { libc::_exit(127) };
+    }
+    let _ = ready.write_all(b"r");
+    drop(ready);
+    let mut go = [0u8; 1];
+    if !matches!(sync.read(&mut go), Ok(1)) {
+        // SAFETY: as above.
+        unsafe { libc::_exit(1) };
+    }
+    cloexec_from_3();
+    let e = match child_setup(plan) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    let _ = err.write_all(format!("{e:#}").as_bytes());
+    // SAFETY: as above.
+    unsafe { libc::_exit(127) }
+}
+
+/// Start the container process described by `spec`, its root an overlay of
+/// `lowers` (read-only, top first). `prepare` runs in the parent with the
+/// child's pid once the child has its namespaces, before it goes on (network
+/// and cgroup setup); if it fails, the child is killed. Returns the child's
+/// pid once it has exec'd.
+///
+/// The child is made with fork(2) (so it is safe in a threaded process): the
+/// calling thread first unshares its pid namespace *for children*, so the
+/// child is pid 1 of a new one, then switches back.
+pub fn launch(
+    spec: &Spec,
+    lowers: &[&Path],
+    prepare: &mut dyn FnMut(Pid) -> Result<()>,
+) -> Result<Pid> {
+    let plan = ChildPlan::new(spec, lowers)?;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (sync_r, sync_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let own_pid_ns: OwnedFd = fs::File::open("/proc/thread-self/ns/pid_for_children")
+        .context("opening our pid namespace")?
+        .into();
+    nix::sched::unshare(CloneFlags::CLONE_NEWPID).context("unshare(pid)")?;
+    // SAFETY: the child only makes syscalls and ends in execve or _exit.
+    let forked = unsafe { nix::unistd::fork() };
+    let restored = nix::sched::setns(own_pid_ns.as_fd(), CloneFlags::CLONE_NEWPID);
+    let pid = match forked.context("fork")? {
+        nix::unistd::ForkResult::Child => {
+            drop((ready_r, sync_w, err_r));
+            child_main(&plan, ready_w, sync_r, err_w)
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    drop((ready_w, sync_r, err_w));
+    let kill = |pid: Pid| {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+    };
+    if let Err(e) = restored {
+        kill(pid);
+        return Err(e).context("returning to our pid namespace");
+    }
+    let mut ready = [0u8; 1];
+    if !matches!(fs::File::from(ready_r).read(&mut ready), Ok(1)) {
+        let mut msg = String::new();
+        let _ = fs::File::from(err_r).read_to_string(&mut msg);
+        kill(pid);
+        bail!("creating the container's namespaces: {msg}");
+    }
+    if let Err(e) = prepare(pid) {
+        kill(pid);
+        return Err(e);
+    }
+    let mut w = fs::File::from(sync_w);
+    if let Err(e) = w.write_all(b"g") {
+        kill(pid);
+        return Err(e).context("starting the container process");
+    }
+    drop(w);
+    let mut msg = String::new();
+    let _ = fs::File::from(err_r).read_to_string(&mut msg);
+    if !msg.is_empty() {
+        let _ = nix::sys::wait::waitpid(pid, None);
+        bail!("starting the container: {msg}");
+    }
+    Ok(pid)
+}
+
+/// How to enter a running container.
+pub struct ExecTarget {
+    pub pid: i32,
+    pub cgroup: Option<PathBuf>,
+}
+
+/// Run `argv` inside the running container `target` with the container's own
+/// credentials and restrictions (`spec`). The caller waits for the child.
+pub fn spawn_in(
+    target: &ExecTarget,
+    spec: &Spec,
+    argv: &[String],
+    env: &[String],
+    stdio: Option<(
+        std::process::Stdio,
+        std::process::Stdio,
+        std::process::Stdio,
+    )>,
+) -> Result<std::process::Child> {
+    let p = spec.process().as_ref().context("config has no process")?;
+    let security = Security::from_spec(spec)?;
+    let open = |ns: &str| -> Result<OwnedFd> {
+        let path = format!("/proc/{}/ns/{ns}", target.pid);
+        Ok(fs::File::open(&path)
+            .with_context(|| format!("opening {path}: is the container running?"))?
+            .into())
+    };
+    let namespaces: Vec<(OwnedFd, CloneFlags)> = vec![
+        (open("ipc")?, CloneFlags::CLONE_NEWIPC),
+        (open("uts")?, CloneFlags::CLONE_NEWUTS),
+        (open("net")?, CloneFlags::CLONE_NEWNET),
+        (open("cgroup")?, CloneFlags::CLONE_NEWCGROUP),
+        (open("mnt")?, CloneFlags::CLONE_NEWNS),
+    ];
+    let pid_ns = open("pid")?;
+    let own_pid_ns: OwnedFd = fs::File::open("/proc/thread-self/ns/pid_for_children")?.into();
+    let cgroup_procs = target.cgroup.as_ref().map(|c| c.join("cgroup.procs"));
+    let cwd = p.cwd().clone();
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env_clear();
+    for e in env {
+        if let Some((k, v)) = e.split_once('=') {
+            cmd.env(k, v);
+        }
+    }
+    if let Some((i, o, e)) = stdio {
+        cmd.stdin(i).stdout(o).stderr(e);
+    }
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // syscalls on descriptors opened above.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &cgroup_procs {
+                let _ = fs::write(procs, "0");
+            }
+            for (fd, flag) in &namespaces {
+                nix::sched::setns(fd.as_fd(), *flag).map_err(std::io::Error::from)?;
+            }
+            security
+                .apply()
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            nix::unistd::chdir(&cwd).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    // Children of this process land in the container's pid namespace from
+    // here until we switch back.
+    nix::sched::setns(pid_ns.as_fd(), CloneFlags::CLONE_NEWPID)
+        .context("entering the container's pid namespace")?;
+    let child = cmd.spawn();
+    nix::sched::setns(own_pid_ns.as_fd(), CloneFlags::CLONE_NEWPID)
+        .context("returning to our pid namespace")?;
+    child.with_context(|| format!("running {:?} in the container", argv[0]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_seccomp_profile_compiles() {
+        let tree = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tree.path().join("bin")).unwrap();
+        std::fs::write(tree.path().join("bin/true"), "").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            tree.path().join("bin/true"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let image = crate::image::ImageConfig {
+            cmd: vec!["/bin/true".into()],
+            ..Default::default()
+        };
+        let spec = crate::spec::build(&crate::spec::SpecInput {
+            hostname: "h",
+            image: &image,
+            image_root: tree.path(),
+            rootfs: Path::new("/r"),
+            command: &[],
+            env: &[],
+            volumes: &[],
+            limits: &Default::default(),
+            cgroups_path: None,
+        })
+        .unwrap();
+        let bpf = compile_seccomp(&spec).unwrap().unwrap();
+        assert!(bpf.len() > crate::spec::DENIED_SYSCALLS.len());
+        let sec = Security::from_spec(&spec).unwrap();
+        assert!(sec.bounding.contains(&caps::Capability::CAP_NET_RAW));
+        assert!(!sec.bounding.contains(&caps::Capability::CAP_SYS_ADMIN));
+        let (flags, data, bind) = mount_flags(&[
+            "nosuid".into(),
+            "mode=755".into(),
+            "size=1k".into(),
+            "ro".into(),
+        ]);
+        assert!(flags.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID));
+        assert_eq!((data.as_str(), bind), ("mode=755,size=1k", false));
+    }
+}

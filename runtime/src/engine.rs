@@ -1,0 +1,598 @@
+//! The operations behind `host app …`: images, run, ps, stop, rm, logs,
+//! exec, inspect. State lives under one root directory.
+
+use std::io::{Read, Seek, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+
+use crate::cgroup::{self, CgroupManager, Limits};
+use crate::image::{self, ImageInfo};
+use crate::net::{Allocator, NetworkConfig};
+use crate::spec::{self, Volume};
+use crate::state::{
+    self, read_json, write_json, ContainerRecord, ContainerState, HealthConfig, Paths,
+    RestartPolicy, Status,
+};
+
+/// Builds the command that runs `supervise` for a detached container
+/// (given the root dir and the container name). The binary knows its own
+/// command line; the library does not.
+pub type MonitorCommand = Box<dyn Fn(&Path, &str) -> std::process::Command + Send + Sync>;
+
+pub struct Runtime {
+    pub paths: Paths,
+    pub network: NetworkConfig,
+    pub cgroups: CgroupManager,
+    pub monitor_command: Option<MonitorCommand>,
+}
+
+/// Everything `host app run` takes.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub image: String,
+    pub name: Option<String>,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+    pub volumes: Vec<String>,
+    pub memory: Option<String>,
+    pub cpus: Option<String>,
+    pub cpu_weight: Option<String>,
+    pub pids: Option<String>,
+    pub ip: Option<Ipv4Addr>,
+    /// No network namespace wiring (loopback only).
+    pub no_network: bool,
+    pub restart: RestartPolicy,
+    pub health_cmd: Option<String>,
+    pub health_interval: Duration,
+    pub health_retries: u32,
+    pub detach: bool,
+    pub auto_remove: bool,
+    pub stop_timeout: u64,
+}
+
+#[derive(Debug)]
+pub enum RunOutcome {
+    Detached { name: String, ip: Option<Ipv4Addr> },
+    Exited { name: String, code: i32 },
+}
+
+/// One line of `ps`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PsEntry {
+    pub name: String,
+    pub id: String,
+    pub image: String,
+    pub status: Status,
+    pub health: Option<state::Health>,
+    pub ip: Option<Ipv4Addr>,
+    pub exit_code: Option<i32>,
+    pub restarts: u32,
+    pub created: String,
+}
+
+/// Removes what a failed `run` created, unless disarmed.
+struct Undo<'a> {
+    rt: &'a Runtime,
+    record: Option<ContainerRecord>,
+    dir: Option<PathBuf>,
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = &self.record {
+            let _ = self.rt.remove_container_files(r);
+        } else if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if !ok {
+        bail!("container name {name:?}: 1 to 63 letters, digits, '_', '.' or '-', starting with a letter or digit");
+    }
+    Ok(())
+}
+
+fn random_hex(bytes: usize) -> Result<String> {
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(hex::encode(buf))
+}
+
+impl Runtime {
+    pub fn new(root: impl Into<PathBuf>, network: NetworkConfig) -> Self {
+        Self {
+            paths: Paths::new(root),
+            network,
+            cgroups: CgroupManager::new("/sys/fs/cgroup", "cairn.slice"),
+            monitor_command: None,
+        }
+    }
+
+    pub fn repo(&self) -> Result<ostree::Repo> {
+        image::open_repo(&self.paths.repo())
+    }
+
+    // ---- images -------------------------------------------------------
+
+    pub fn import(&self, path: &Path, name: Option<&str>) -> Result<ImageInfo> {
+        image::import(&self.repo()?, path, name)
+    }
+
+    pub fn images(&self) -> Result<Vec<ImageInfo>> {
+        if !self.paths.repo().join("config").exists() {
+            return Ok(vec![]);
+        }
+        image::list(&self.repo()?)
+    }
+
+    pub fn verify(&self, reference: &str) -> Result<(ImageInfo, usize)> {
+        image::verify(&self.repo()?, reference)
+    }
+
+    /// Remove an image; refused while a container uses it.
+    pub fn rmi(&self, reference: &str) -> Result<ImageInfo> {
+        let repo = self.repo()?;
+        let info = image::resolve(&repo, reference)?;
+        for r in self.records()? {
+            if r.image_commit == info.commit {
+                bail!(
+                    "image {} is used by container {}: remove the container first (host app rm)",
+                    info.reference(),
+                    r.name
+                );
+            }
+        }
+        let removed = image::remove(&repo, &info.reference())?;
+        let still_used = image::list(&repo)?
+            .iter()
+            .any(|i| i.commit == removed.commit);
+        if !still_used {
+            let co = self.paths.checkouts().join(&removed.commit);
+            if co.exists() {
+                std::fs::remove_dir_all(&co)
+                    .with_context(|| format!("removing checkout {}", co.display()))?;
+            }
+        }
+        Ok(removed)
+    }
+
+    // ---- containers ---------------------------------------------------
+
+    fn records(&self) -> Result<Vec<ContainerRecord>> {
+        let dir = self.paths.containers();
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Ok(out);
+        };
+        for e in rd {
+            let p = e?.path().join("container.json");
+            if p.exists() {
+                out.push(read_json(&p)?);
+            }
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created));
+        Ok(out)
+    }
+
+    pub fn record(&self, name: &str) -> Result<ContainerRecord> {
+        check_name(name)?;
+        let p = self.paths.container(name).join("container.json");
+        if !p.exists() {
+            bail!("no container named {name}");
+        }
+        read_json(&p)
+    }
+
+    pub fn state(&self, name: &str) -> Result<ContainerState> {
+        Ok(read_json(&self.paths.container(name).join("state.json")).unwrap_or_default())
+    }
+
+    /// Create a container and start it: in the foreground (returns its exit
+    /// code) or under a detached monitor.
+    pub fn run(&self, opts: &RunOptions) -> Result<RunOutcome> {
+        let name = match &opts.name {
+            Some(n) => n.clone(),
+            None => format!("c-{}", random_hex(4)?),
+        };
+        check_name(&name)?;
+        let limits = Limits {
+            memory: opts
+                .memory
+                .as_deref()
+                .map(cgroup::parse_memory)
+                .transpose()?,
+            cpu_quota_us: opts.cpus.as_deref().map(cgroup::parse_cpus).transpose()?,
+            cpu_weight: opts
+                .cpu_weight
+                .as_deref()
+                .map(cgroup::parse_cpu_weight)
+                .transpose()?,
+            pids: opts.pids.as_deref().map(cgroup::parse_pids).transpose()?,
+        };
+        self.cgroups.check_supported(&limits)?;
+        let volumes = opts
+            .volumes
+            .iter()
+            .map(|v| Volume::parse(v))
+            .collect::<Result<Vec<_>>>()?;
+        let health = match &opts.health_cmd {
+            Some(cmd) => {
+                if opts.health_interval < Duration::from_millis(100) {
+                    bail!("--health-interval must be at least 100ms");
+                }
+                Some(HealthConfig {
+                    cmd: cmd.clone(),
+                    interval_ms: opts.health_interval.as_millis() as u64,
+                    retries: opts.health_retries.max(1),
+                })
+            }
+            None => None,
+        };
+        if opts.auto_remove && opts.restart != RestartPolicy::No {
+            bail!("--rm and --restart cannot be combined");
+        }
+        if opts.no_network && opts.ip.is_some() {
+            bail!("--ip needs the network (drop --network none)");
+        }
+        let repo = self.repo()?;
+        let img = image::resolve(&repo, &opts.image)?;
+        let checkout = image::ensure_checkout(&repo, &img.commit, &self.paths.checkouts())?;
+        drop(repo);
+
+        let dir = self.paths.container(&name);
+        std::fs::create_dir_all(self.paths.containers())?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                bail!("a container named {name} already exists (host app rm {name})")
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+        let mut undo = Undo {
+            rt: self,
+            record: None,
+            dir: Some(dir.clone()),
+        };
+        let id = random_hex(16)?;
+        let network = (!opts.no_network).then(|| self.network.clone());
+        let mut record = ContainerRecord {
+            id: id.clone(),
+            name: name.clone(),
+            image: img.reference(),
+            image_commit: img.commit.clone(),
+            manifest_digest: img.manifest_digest.clone(),
+            created: state::now(),
+            ip: None,
+            network: network.clone(),
+            host_if: format!("cn{}", &id[..10]),
+            limits: limits.clone(),
+            restart: opts.restart,
+            health,
+            auto_remove: opts.auto_remove,
+            stop_timeout: opts.stop_timeout,
+        };
+        undo.record = Some(record.clone());
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(&rootfs)?;
+        let cgroups_path = (cgroup::detect(&self.cgroups.root) == cgroup::Layout::Unified)
+            .then(|| PathBuf::from("/").join(&self.cgroups.slice).join(&name));
+        let spec = spec::build(&spec::SpecInput {
+            hostname: &name,
+            image: &img.config,
+            image_root: &checkout,
+            rootfs: &rootfs,
+            command: &opts.command,
+            env: &opts.env,
+            volumes: &volumes,
+            limits: &limits,
+            cgroups_path,
+        })
+        .with_context(|| format!("image {}", img.reference()))?;
+        if let Some(net) = &network {
+            record.ip = Some(Allocator::new(&self.paths.net(), net).allocate(&id, opts.ip)?);
+        }
+        let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n");
+        if let Some(ip) = record.ip {
+            hosts.push_str(&format!("{ip}\t{name}\n"));
+        }
+        let files = [
+            ("/etc/hostname", format!("{name}\n")),
+            ("/etc/hosts", hosts),
+            ("/etc/resolv.conf", resolv_conf()),
+        ];
+        crate::container::make_scaffold(&spec, &dir.join("scaffold"), &checkout, &files)?;
+        write_json(&dir.join("config.json"), &spec)?;
+        write_json(&dir.join("container.json"), &record)?;
+        write_json(&dir.join("state.json"), &ContainerState::default())?;
+        undo.record = Some(record.clone());
+
+        if !opts.detach {
+            let code = crate::monitor::supervise(self, &name, false)?;
+            std::mem::forget(undo);
+            return Ok(RunOutcome::Exited { name, code });
+        }
+        let make = self.monitor_command.as_ref().ok_or_else(|| {
+            anyhow!("this program cannot start detached containers (no monitor command)")
+        })?;
+        // The monitor points its own stdio at the log (see supervise).
+        let mut cmd = make(&self.paths.root, &name);
+        let null = std::process::Stdio::null;
+        cmd.stdin(null()).stdout(null()).stderr(null());
+        // SAFETY: setsid only detaches the monitor from our session.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().context("starting the container monitor")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = self.state(&name)?;
+            match st.status {
+                Status::Created => {}
+                Status::Failed => {
+                    let _ = child.wait();
+                    bail!(
+                        "{}",
+                        st.error
+                            .unwrap_or_else(|| "the container failed to start".into())
+                    );
+                }
+                _ => break,
+            }
+            if let Some(status) = child.try_wait()? {
+                let st = self.state(&name)?;
+                if st.status == Status::Created || st.status == Status::Failed {
+                    bail!(
+                        "the container monitor exited ({status}) before starting the container{}",
+                        st.error.map(|e| format!(": {e}")).unwrap_or_default()
+                    );
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the container did not start within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::mem::forget(undo);
+        // Reap the monitor whenever it ends, should this process live on.
+        std::thread::spawn(move || child.wait());
+        Ok(RunOutcome::Detached {
+            name,
+            ip: record.ip,
+        })
+    }
+
+    /// Release everything a container holds and delete its directory.
+    pub fn remove_container_files(&self, r: &ContainerRecord) -> Result<()> {
+        if let Some(net) = &r.network {
+            crate::net::delete_link(&r.host_if)?;
+            Allocator::new(&self.paths.net(), net).release(&r.id)?;
+        }
+        if cgroup::detect(&self.cgroups.root) == cgroup::Layout::Unified {
+            self.cgroups.remove(&r.name)?;
+        }
+        let dir = self.paths.container(&r.name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn ps(&self) -> Result<Vec<PsEntry>> {
+        let mut out = Vec::new();
+        for r in self.records()? {
+            let st = self.state(&r.name)?;
+            out.push(PsEntry {
+                status: st.observed(),
+                health: st.health.as_ref().map(|h| h.status),
+                exit_code: st.exit_code,
+                restarts: st.restarts,
+                name: r.name,
+                id: r.id,
+                image: r.image,
+                ip: r.ip,
+                created: r.created,
+            });
+        }
+        Ok(out)
+    }
+
+    /// SIGTERM, then SIGKILL after `timeout`. Returns false if it was not running.
+    pub fn stop(&self, name: &str, timeout: Duration) -> Result<bool> {
+        self.record(name)?;
+        let st = self.state(name)?;
+        match st.observed() {
+            Status::Running | Status::Restarting | Status::Created => {}
+            Status::Dead => {
+                // The monitor is gone; its child died with it (PDEATHSIG).
+                if let Some(pid) = st.pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                return Ok(false);
+            }
+            _ => return Ok(false),
+        }
+        let monitor =
+            nix::unistd::Pid::from_raw(st.monitor_pid.context("no monitor pid recorded")?);
+        nix::sys::signal::kill(monitor, nix::sys::signal::Signal::SIGTERM)
+            .context("signalling the monitor")?;
+        let gone = |deadline: Instant| -> Result<bool> {
+            while Instant::now() < deadline {
+                if !self.state(name)?.monitor_alive() {
+                    return Ok(true);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(false)
+        };
+        if gone(Instant::now() + timeout)? {
+            return Ok(true);
+        }
+        if let Some(pid) = self.state(name)?.pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if !gone(Instant::now() + Duration::from_secs(10))? {
+            bail!("container {name} did not stop; its monitor is pid {monitor}");
+        }
+        Ok(true)
+    }
+
+    /// Remove a container (stopping it first with `force`).
+    pub fn rm(&self, name: &str, force: bool) -> Result<()> {
+        let r = self.record(name)?;
+        let st = self.state(name)?;
+        match st.observed() {
+            Status::Running | Status::Restarting | Status::Created if !force => {
+                bail!("container {name} is running: stop it first (host app stop {name}) or use --force")
+            }
+            Status::Running | Status::Restarting | Status::Created | Status::Dead => {
+                self.stop(name, Duration::ZERO)?;
+            }
+            _ => {}
+        }
+        self.remove_container_files(&r)
+    }
+
+    /// Copy the log to `out`; with `follow`, keep going until the monitor ends.
+    pub fn logs(&self, name: &str, follow: bool, out: &mut dyn Write) -> Result<()> {
+        self.record(name)?;
+        let path = self.paths.container(name).join("container.log");
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(_) if !follow => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+        };
+        loop {
+            std::io::copy(&mut f, out)?;
+            out.flush()?;
+            if !follow || !self.state(name)?.monitor_alive() {
+                // One last read for what was written just before the end.
+                std::io::copy(&mut f, out)?;
+                return Ok(());
+            }
+            let pos = f.stream_position()?;
+            std::thread::sleep(Duration::from_millis(200));
+            f.seek(std::io::SeekFrom::Start(pos))?;
+        }
+    }
+
+    /// Run a command in a running container; returns its exit code.
+    pub fn exec(&self, name: &str, argv: &[String]) -> Result<i32> {
+        let r = self.record(name)?;
+        let st = self.state(name)?;
+        let pid = match (st.observed(), st.pid) {
+            (Status::Running, Some(pid)) => pid,
+            (s, _) => bail!("container {name} is not running ({s})"),
+        };
+        if argv.is_empty() {
+            bail!("exec needs a command");
+        }
+        let spec: oci_spec::runtime::Spec =
+            read_json(&self.paths.container(name).join("config.json"))?;
+        let env = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.env().clone())
+            .unwrap_or_default();
+        let checkout = self.paths.checkouts().join(&r.image_commit);
+        let mut argv = argv.to_vec();
+        argv[0] = spec::find_program(&checkout, &argv[0], &env)?;
+        let cgroup = (cgroup::detect(&self.cgroups.root) == cgroup::Layout::Unified)
+            .then(|| self.cgroups.path(name));
+        let mut child = crate::container::spawn_in(
+            &crate::container::ExecTarget { pid, cgroup },
+            &spec,
+            &argv,
+            &env,
+            None,
+        )?;
+        let status = child.wait()?;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    }
+
+    /// Everything known about a container, as JSON.
+    pub fn inspect(&self, name: &str) -> Result<serde_json::Value> {
+        let r = self.record(name)?;
+        let st = self.state(name)?;
+        let config: serde_json::Value = read_json(&self.paths.container(name).join("config.json"))?;
+        let mut state = serde_json::to_value(&st)?;
+        state["status"] = serde_json::to_value(st.observed())?;
+        Ok(serde_json::json!({ "container": r, "state": state, "config": config }))
+    }
+}
+
+/// The host's resolvers, minus loopback ones a container cannot reach.
+fn resolv_conf() -> String {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    host.lines()
+        .filter(|l| !(l.starts_with("nameserver") && (l.contains(" 127.") || l.contains(" ::1"))))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// `10s`, `500ms`, `2m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+        .with_context(|| format!("duration {s:?}: write it like 10s, 500ms or 2m"))?;
+    let secs = match unit {
+        "" | "s" => v,
+        "ms" => v / 1000.0,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => bail!("duration {s:?}: unknown unit {unit:?} (ms, s, m, h)"),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_names() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        check_name("web-1.a_b").unwrap();
+        assert!(check_name("-x").is_err());
+        assert!(check_name("a/b").is_err());
+        assert!(check_name(&"x".repeat(64)).is_err());
+    }
+}

@@ -1,0 +1,385 @@
+//! The per-container monitor: one small process per container that starts
+//! it, keeps its output in the log, reaps it, records how it ended, runs the
+//! health check and restarts it per policy with back-off.
+//!
+//! It is single-threaded and event driven: a signalfd delivers SIGCHLD and
+//! stop requests, `poll` times the health checks and back-off.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use oci_spec::runtime::Spec;
+
+use crate::container::{self, ExecTarget};
+use crate::state::{
+    read_json, write_json, ContainerRecord, ContainerState, Health, HealthState, RestartPolicy,
+    Status,
+};
+use crate::Runtime;
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A run this long resets the back-off.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
+
+struct Monitor<'a> {
+    rt: &'a Runtime,
+    record: ContainerRecord,
+    spec: Spec,
+    state: ContainerState,
+    sfd: SignalFd,
+    cgroup: Option<std::path::PathBuf>,
+}
+
+fn exit_code(ws: WaitStatus) -> Option<i32> {
+    match ws {
+        WaitStatus::Exited(_, c) => Some(c),
+        WaitStatus::Signaled(_, s, _) => Some(128 + s as i32),
+        _ => None,
+    }
+}
+
+impl Monitor<'_> {
+    fn save(&self) -> Result<()> {
+        write_json(
+            &self
+                .rt
+                .paths
+                .container(&self.record.name)
+                .join("state.json"),
+            &self.state,
+        )
+    }
+
+    fn start(&mut self) -> Result<Pid> {
+        let paths = &self.rt.paths;
+        let dir = paths.container(&self.record.name);
+        let checkout = paths.checkouts().join(&self.record.image_commit);
+        let scaffold = dir.join("scaffold");
+        let record = &self.record;
+        let cgroups = &self.rt.cgroups;
+        let has_cgroup = self.cgroup.is_some();
+        if let Some(_net) = &record.network {
+            // The previous instance's veth goes away with its namespace, but
+            // asynchronously: make sure the name is free.
+            crate::net::delete_link(&record.host_if)?;
+        }
+        container::launch(&self.spec, &[&scaffold, &checkout], &mut |pid| {
+            if has_cgroup {
+                cgroups.add_process(&record.name, pid.as_raw())?;
+            }
+            if let (Some(net), Some(ip)) = (&record.network, record.ip) {
+                crate::net::attach(net, pid.as_raw(), &record.host_if, ip)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn wait_signal(&self, timeout: Option<Duration>) -> Result<Option<Signal>> {
+        let t = match timeout {
+            Some(d) => PollTimeout::try_from(d.as_millis().min(i32::MAX as u128) as i32)
+                .unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::NONE,
+        };
+        let mut fds = [PollFd::new(self.sfd.as_fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, t) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(None),
+            Err(e) => return Err(e).context("poll"),
+        }
+        Ok(self
+            .sfd
+            .read_signal()?
+            .and_then(|si| Signal::try_from(si.ssi_signo as i32).ok()))
+    }
+
+    /// Supervise one run of the container; returns its exit code.
+    fn run_once(&mut self, pid: Pid) -> Result<i32> {
+        let health = self.record.health.clone();
+        let mut next_check = health
+            .as_ref()
+            .map(|h| Instant::now() + Duration::from_millis(h.interval_ms));
+        let mut check_pid: Option<(Pid, Instant)> = None;
+        let mut kill_at: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let deadlines = [next_check, kill_at, check_pid.map(|(_, d)| d)];
+            let timeout = deadlines
+                .iter()
+                .flatten()
+                .min()
+                .map(|d| d.saturating_duration_since(now));
+            let sig = self.wait_signal(timeout)?;
+            match sig {
+                Some(Signal::SIGCHLD) | None => {}
+                Some(s) => {
+                    // A stop request (or Ctrl-C in the foreground): pass it on, no restart.
+                    self.state.stop_requested = true;
+                    self.save()?;
+                    let _ = nix::sys::signal::kill(pid, s);
+                    kill_at.get_or_insert(
+                        Instant::now() + Duration::from_secs(self.record.stop_timeout),
+                    );
+                }
+            }
+            loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(ws) => {
+                        let Some(p) = ws.pid() else { break };
+                        if p == pid {
+                            if let Some((hp, _)) = check_pid {
+                                let _ = nix::sys::signal::kill(hp, Signal::SIGKILL);
+                            }
+                            return Ok(exit_code(ws).unwrap_or(255));
+                        }
+                        if check_pid.map(|(hp, _)| hp) == Some(p) {
+                            check_pid = None;
+                            self.record_health(exit_code(ws))?;
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            if kill_at.is_some_and(|k| now >= k) {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                kill_at = None;
+            }
+            if let Some((hp, deadline)) = check_pid {
+                if now >= deadline {
+                    // Took longer than the interval: that is a failure.
+                    let _ = nix::sys::signal::kill(hp, Signal::SIGKILL);
+                }
+            }
+            if let (Some(h), Some(at)) = (&health, next_check) {
+                if now >= at && check_pid.is_none() {
+                    let interval = Duration::from_millis(h.interval_ms);
+                    let target = ExecTarget {
+                        pid: pid.as_raw(),
+                        cgroup: self.cgroup.clone(),
+                    };
+                    let null = || std::process::Stdio::null();
+                    match container::spawn_in(
+                        &target,
+                        &self.spec,
+                        &["/bin/sh".into(), "-c".into(), h.cmd.clone()],
+                        self.spec
+                            .process()
+                            .as_ref()
+                            .and_then(|p| p.env().clone())
+                            .as_deref()
+                            .unwrap_or(&[]),
+                        Some((null(), null(), null())),
+                    ) {
+                        Ok(child) => {
+                            check_pid = Some((Pid::from_raw(child.id() as i32), now + interval))
+                        }
+                        Err(e) => {
+                            eprintln!("monitor: health check could not start: {e:#}");
+                            self.record_health(None)?;
+                        }
+                    }
+                    next_check = Some(now + interval);
+                }
+            }
+        }
+    }
+
+    fn record_health(&mut self, code: Option<i32>) -> Result<()> {
+        let retries = self.record.health.as_ref().map_or(3, |h| h.retries.max(1));
+        let h = self.state.health.get_or_insert(HealthState {
+            status: Health::Starting,
+            failing_streak: 0,
+            last_exit: None,
+            last_check: None,
+        });
+        h.last_exit = code;
+        h.last_check = Some(crate::state::now());
+        if code == Some(0) {
+            h.failing_streak = 0;
+            h.status = Health::Healthy;
+        } else {
+            h.failing_streak += 1;
+            if h.failing_streak >= retries {
+                h.status = Health::Unhealthy;
+            }
+        }
+        self.save()
+    }
+}
+
+/// Signals the monitor handles itself, blocked so only the signalfd sees them.
+fn monitor_signals() -> SigSet {
+    let mut s = SigSet::empty();
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        s.add(sig);
+    }
+    s
+}
+
+/// Supervise container `name` until it has exited for good (per its restart
+/// policy and stop requests). Returns the last exit code. `detached`: this
+/// process is the container's background monitor, so its stdin becomes
+/// /dev/null and its stdout and stderr (inherited by the container) the log.
+pub fn supervise(rt: &Runtime, name: &str, detached: bool) -> Result<i32> {
+    let dir = rt.paths.container(name);
+    if detached {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("container.log"))
+            .with_context(|| format!("opening the log of {name}"))?;
+        let null = std::fs::File::open("/dev/null")?;
+        nix::unistd::dup2(null.as_raw_fd(), 0)?;
+        nix::unistd::dup2(log.as_raw_fd(), 1)?;
+        nix::unistd::dup2(log.as_raw_fd(), 2)?;
+    }
+    let record: ContainerRecord = read_json(&dir.join("container.json"))?;
+    let spec: Spec = read_json(&dir.join("config.json"))?;
+    let mut state: ContainerState = read_json(&dir.join("state.json")).unwrap_or_default();
+    let me = std::process::id() as i32;
+    state.monitor_pid = Some(me);
+    state.monitor_start = crate::state::proc_start_time(me);
+    state.boot_id = crate::state::boot_id();
+    state.stop_requested = false;
+    state.error = None;
+    state.health = record.health.as_ref().map(|_| HealthState {
+        status: Health::Starting,
+        failing_streak: 0,
+        last_exit: None,
+        last_check: None,
+    });
+    let mask = monitor_signals();
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;
+    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC).context("signalfd")?;
+    let mut m = Monitor {
+        rt,
+        record,
+        spec,
+        state,
+        sfd,
+        cgroup: None,
+    };
+    let res = supervise_inner(&mut m);
+    if m.cgroup.is_some() {
+        if let Err(e) = rt.cgroups.remove(name) {
+            eprintln!("monitor: {e:#}");
+        }
+    }
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&mask), None);
+    match res {
+        Ok(code) => {
+            m.state.status = Status::Exited;
+            m.state.exit_code = Some(code);
+            m.state.finished_at = Some(crate::state::now());
+            m.save()?;
+            if m.record.auto_remove {
+                rt.remove_container_files(&m.record)?;
+            }
+            Ok(code)
+        }
+        Err(e) => {
+            m.state.status = Status::Failed;
+            m.state.error = Some(format!("{e:#}"));
+            m.state.finished_at = Some(crate::state::now());
+            let _ = m.save();
+            Err(e)
+        }
+    }
+}
+
+fn supervise_inner(m: &mut Monitor) -> Result<i32> {
+    let rt = m.rt;
+    if crate::cgroup::detect(&rt.cgroups.root) == crate::cgroup::Layout::Unified {
+        m.cgroup = Some(rt.cgroups.create(&m.record.name, &m.record.limits)?);
+    } else {
+        rt.cgroups.check_supported(&m.record.limits)?;
+    }
+    if let Some(net) = &m.record.network {
+        crate::net::ensure_bridge(net)?;
+    }
+    let mut backoff = BACKOFF_START;
+    let mut first = true;
+    loop {
+        let pid = match m.start() {
+            Ok(pid) => pid,
+            // The first start reports its failure to `run`; later ones are retried.
+            Err(e) if first => return Err(e),
+            Err(e) => {
+                eprintln!("monitor: restart failed: {e:#}");
+                m.state.exit_code = Some(127);
+                if !backoff_wait(m, &mut backoff)? {
+                    return Ok(127);
+                }
+                continue;
+            }
+        };
+        first = false;
+        let started = Instant::now();
+        m.state.status = Status::Running;
+        m.state.pid = Some(pid.as_raw());
+        m.state.started_at = Some(crate::state::now());
+        m.state.exit_code = None;
+        m.save()?;
+        let code = m.run_once(pid)?;
+        m.state.exit_code = Some(code);
+        m.state.pid = None;
+        m.state.finished_at = Some(crate::state::now());
+        let again = !m.state.stop_requested
+            && match m.record.restart {
+                RestartPolicy::No => false,
+                RestartPolicy::OnFailure => code != 0,
+                RestartPolicy::Always => true,
+            };
+        if !again {
+            return Ok(code);
+        }
+        if started.elapsed() >= BACKOFF_RESET_AFTER {
+            backoff = BACKOFF_START;
+        }
+        if !backoff_wait(m, &mut backoff)? {
+            return Ok(code);
+        }
+    }
+}
+
+/// Wait before a restart; false when a stop request arrived meanwhile.
+fn backoff_wait(m: &mut Monitor, backoff: &mut Duration) -> Result<bool> {
+    m.state.status = Status::Restarting;
+    m.state.restarts += 1;
+    m.save()?;
+    let until = Instant::now() + *backoff;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(true);
+        }
+        match m.wait_signal(Some(left))? {
+            Some(Signal::SIGCHLD) | None => {
+                while let Ok(ws) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    if ws == WaitStatus::StillAlive {
+                        break;
+                    }
+                }
+            }
+            Some(_) => {
+                m.state.stop_requested = true;
+                return Ok(false);
+            }
+        }
+    }
+}

@@ -1,0 +1,1058 @@
+//! Privileged tests of the runtime: real imports, namespaces, mounts, veths.
+//!
+//! They behave like `#[ignore = "privileged: needs root; run by scripts/test"]`
+//! tests (listed as ignored unless `--ignored`/`--include-ignored` is given),
+//! but run under a harness of our own, for two reasons: containers are forked
+//! from the test process, which is best kept single-threaded, and detached
+//! containers need a monitor process — this binary run as `--monitor`.
+//!
+//! Every test builds its images itself (an OCI layout of the host's static
+//! busybox), uses a temporary state root, its own bridge (`ct<pid>`) and
+//! subnet, and removes all of it in Drop guards, failed or not.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cairn_runtime::net::NetworkConfig;
+use cairn_runtime::state::{Health, RestartPolicy, Status};
+use cairn_runtime::{RunOptions, RunOutcome, Runtime};
+use sha2::Digest as _;
+
+// ---------------------------------------------------------------- harness
+
+type TestFn = fn();
+
+const TESTS: &[(&str, TestFn)] = &[
+    (
+        "import_verify_whiteouts_and_archive",
+        import_verify_whiteouts_and_archive,
+    ),
+    (
+        "digest_mismatch_is_refused_and_leaves_nothing",
+        digest_mismatch_is_refused_and_leaves_nothing,
+    ),
+    (
+        "exit_codes_and_bad_input_leave_nothing",
+        exit_codes_and_bad_input_leave_nothing,
+    ),
+    ("read_only_root_and_isolation", read_only_root_and_isolation),
+    (
+        "containers_talk_over_the_bridge",
+        containers_talk_over_the_bridge,
+    ),
+    ("health_exec_stop_and_restart", health_exec_stop_and_restart),
+    (
+        "cleanup_after_rm_and_after_a_crashed_monitor",
+        cleanup_after_rm_and_after_a_crashed_monitor,
+    ),
+];
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--monitor") {
+        // Entry point of a detached container's monitor: --monitor ROOT BRIDGE SUBNET NAME
+        let rt = runtime_at(Path::new(&args[2]), &args[3], &args[4]);
+        let code = match cairn_runtime::monitor::supervise(&rt, &args[5], true) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("monitor: {e:#}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+    let list = args.iter().any(|a| a == "--list");
+    let run_ignored = args
+        .iter()
+        .any(|a| a == "--ignored" || a == "--include-ignored");
+    let filters: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();
+    let selected: Vec<_> = TESTS
+        .iter()
+        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
+        .collect();
+    if list {
+        for (n, _) in &selected {
+            println!("{n}: test");
+        }
+        return;
+    }
+    let filtered = TESTS.len() - selected.len();
+    println!("\nrunning {} tests", selected.len());
+    if !run_ignored {
+        for (n, _) in &selected {
+            println!("test {n} ... ignored, privileged: needs root; run by scripts/test");
+        }
+        println!("\ntest result: ok. 0 passed; 0 failed; {} ignored; 0 measured; {filtered} filtered out\n", selected.len());
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        panic!("privileged runtime tests must run as root (namespaces, mounts, veths): run scripts/test as root");
+    }
+    let (mut passed, mut failed) = (0, Vec::new());
+    for (name, f) in &selected {
+        print!("test {name} ... ");
+        std::io::stdout().flush().ok();
+        let t = Instant::now();
+        match std::panic::catch_unwind(f) {
+            Ok(()) => {
+                println!("ok ({:.1}s)", t.elapsed().as_secs_f64());
+                passed += 1;
+            }
+            Err(_) => {
+                println!("FAILED");
+                failed.push(*name);
+            }
+        }
+    }
+    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
+    if !failed.is_empty() {
+        println!("\nfailures:\n    {}", failed.join("\n    "));
+    }
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; {filtered} filtered out\n",
+        failed.len()
+    );
+    if !failed.is_empty() {
+        std::process::exit(101);
+    }
+}
+
+// ---------------------------------------------------------------- fixtures
+
+fn runtime_at(root: &Path, bridge: &str, subnet: &str) -> Runtime {
+    let mut rt = Runtime::new(root, NetworkConfig::parse(bridge, subnet).unwrap());
+    let (b, s) = (bridge.to_string(), subnet.to_string());
+    rt.monitor_command = Some(Box::new(move |root: &Path, name: &str| {
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+        c.arg("--monitor").arg(root).arg(&b).arg(&s).arg(name);
+        c
+    }));
+    rt
+}
+
+static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A temporary runtime with its own root, bridge and subnet; Drop removes
+/// every container (stopping it), the bridge and the root.
+struct Env {
+    rt: Runtime,
+    _root: tempfile::TempDir,
+    layout: PathBuf,
+}
+
+impl Env {
+    fn new() -> Self {
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let pid = std::process::id();
+        let bridge = format!("ct{}x{n}", pid % 1_000_000);
+        let subnet = format!(
+            "10.{}.{}.1/24",
+            100 + (pid % 100),
+            (pid / 100 + n * 37) % 250
+        );
+        let root = tempfile::tempdir().unwrap();
+        let rt = runtime_at(root.path(), &bridge, &subnet);
+        let layout = root.path().join("busybox-oci");
+        make_busybox_layout(&layout);
+        Env {
+            rt,
+            _root: root,
+            layout,
+        }
+    }
+
+    fn import(&self) -> cairn_runtime::image::ImageInfo {
+        self.rt.import(&self.layout, None).unwrap()
+    }
+
+    fn opts(&self, name: &str, cmd: &[&str]) -> RunOptions {
+        RunOptions {
+            image: "busybox:test".into(),
+            name: Some(name.into()),
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            health_interval: Duration::from_secs(10),
+            health_retries: 3,
+            stop_timeout: 2,
+            ..Default::default()
+        }
+    }
+
+    /// Start detached and wait until it has exited; returns (exit code, log).
+    fn run_to_end(&self, opts: RunOptions) -> (i32, String) {
+        let name = opts.name.clone().unwrap();
+        let mut o = opts;
+        o.detach = true;
+        self.rt.run(&o).unwrap();
+        let st = self.wait_status(&name, &[Status::Exited], Duration::from_secs(20));
+        let mut log = Vec::new();
+        self.rt.logs(&name, false, &mut log).unwrap();
+        (
+            st.exit_code.unwrap(),
+            String::from_utf8_lossy(&log).into_owned(),
+        )
+    }
+
+    fn wait_status(
+        &self,
+        name: &str,
+        want: &[Status],
+        limit: Duration,
+    ) -> cairn_runtime::state::ContainerState {
+        let deadline = Instant::now() + limit;
+        loop {
+            let st = self.rt.state(name).unwrap();
+            if want.contains(&st.observed()) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: still {:?} (want {want:?}): {st:?}",
+                st.observed()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self, name: &str) -> String {
+        let mut log = Vec::new();
+        self.rt.logs(name, false, &mut log).unwrap();
+        String::from_utf8_lossy(&log).into_owned()
+    }
+
+    fn wait_log(&self, name: &str, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let l = self.log(name);
+            if l.contains(needle) {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: log never showed {needle:?}:\n{l}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The allocator's address → owner map, as text.
+    fn allocations(&self) -> String {
+        let f = std::fs::read(
+            self.rt
+                .paths
+                .net()
+                .join(format!("{}.json", self.rt.network.bridge)),
+        )
+        .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&f).unwrap_or_default();
+        v["allocated"].to_string()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Ok(list) = self.rt.ps() {
+            for c in list {
+                let _ = self.rt.rm(&c.name, true);
+            }
+        }
+        let _ = cairn_runtime::net::delete_link(&self.rt.network.bridge);
+    }
+}
+
+fn sha256(data: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Write a blob into the layout; returns an OCI descriptor for it.
+fn blob(layout: &Path, media: &str, data: &[u8]) -> serde_json::Value {
+    let h = sha256(data);
+    std::fs::write(layout.join("blobs/sha256").join(&h), data).unwrap();
+    serde_json::json!({ "mediaType": media, "digest": format!("sha256:{h}"), "size": data.len() })
+}
+
+fn tar_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h
+}
+
+fn add_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
+    let mut h = tar_header(tar::EntryType::Regular, mode, data.len() as u64);
+    b.append_data(&mut h, path, data).unwrap();
+}
+
+fn add_dir(b: &mut tar::Builder<Vec<u8>>, path: &str) {
+    let mut h = tar_header(tar::EntryType::Directory, 0o755, 0);
+    b.append_data(&mut h, path, std::io::empty()).unwrap();
+}
+
+/// An OCI image layout of the host's static busybox, in three layers
+/// (gzip, plain tar, zstd) that exercise whiteouts and an opaque directory.
+fn make_busybox_layout(layout: &Path) {
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    let busybox =
+        std::fs::read("/bin/busybox").expect("busybox-static is installed (scripts/setup)");
+    let applets = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .unwrap();
+    let applets = String::from_utf8(applets.stdout).unwrap();
+
+    let mut l1 = tar::Builder::new(Vec::new());
+    for d in ["bin/", "etc/", "root/", "data/", "data/sub/", "www/"] {
+        add_dir(&mut l1, d);
+    }
+    add_file(&mut l1, "bin/busybox", &busybox, 0o755);
+    for a in applets.lines().filter(|a| *a != "busybox") {
+        let mut h = tar_header(tar::EntryType::Symlink, 0o777, 0);
+        l1.append_link(&mut h, format!("bin/{a}"), "busybox")
+            .unwrap();
+    }
+    add_file(
+        &mut l1,
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+        0o644,
+    );
+    add_file(
+        &mut l1,
+        "etc/group",
+        b"root:x:0:\nnogroup:x:65534:\n",
+        0o644,
+    );
+    add_file(&mut l1, "etc/gone", b"lower layer\n", 0o644);
+    add_file(&mut l1, "data/old", b"old\n", 0o644);
+    add_file(&mut l1, "data/sub/deep", b"deep\n", 0o644);
+    add_file(&mut l1, "www/index.html", b"hello over http\n", 0o644);
+    let l1 = l1.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&l1).unwrap();
+    let l1gz = gz.finish().unwrap();
+
+    let mut l2 = tar::Builder::new(Vec::new());
+    add_dir(&mut l2, "etc/");
+    add_file(&mut l2, "etc/.wh.gone", b"", 0o644);
+    add_file(&mut l2, "etc/added", b"upper layer\n", 0o644);
+    add_dir(&mut l2, "data/");
+    add_file(&mut l2, "data/.wh..wh..opq", b"", 0o644);
+    add_file(&mut l2, "data/new", b"new\n", 0o644);
+    let l2 = l2.into_inner().unwrap();
+
+    let mut l3 = tar::Builder::new(Vec::new());
+    add_file(&mut l3, "etc/zstd-layer", b"zstd\n", 0o644);
+    let l3 = l3.into_inner().unwrap();
+    let l3z = zstd::encode_all(&l3[..], 3).unwrap();
+
+    let config = serde_json::json!({
+        "created": "2026-01-01T00:00:00Z",
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/bin"],
+            "Cmd": ["/bin/sh", "-c", "echo hello from busybox"],
+            "WorkingDir": "/",
+            "ExposedPorts": { "8080/tcp": {} },
+            "Labels": { "org.example.test": "yes" }
+        },
+        "rootfs": { "type": "layers", "diff_ids": [
+            format!("sha256:{}", sha256(&l1)),
+            format!("sha256:{}", sha256(&l2)),
+            format!("sha256:{}", sha256(&l3)),
+        ]}
+    });
+    let cfg = blob(
+        layout,
+        "application/vnd.oci.image.config.v1+json",
+        config.to_string().as_bytes(),
+    );
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": cfg,
+        "layers": [
+            blob(layout, "application/vnd.oci.image.layer.v1.tar+gzip", &l1gz),
+            blob(layout, "application/vnd.oci.image.layer.v1.tar", &l2),
+            blob(layout, "application/vnd.oci.image.layer.v1.tar+zstd", &l3z),
+        ]
+    });
+    let mut m = blob(
+        layout,
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.to_string().as_bytes(),
+    );
+    m["annotations"] =
+        serde_json::json!({ "org.opencontainers.image.ref.name": "localhost/busybox:test" });
+    let index = serde_json::json!({ "schemaVersion": 2, "manifests": [m] });
+    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+}
+
+fn descriptor_digest(layout: &Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn link_exists(name: &str) -> bool {
+    cairn_runtime::net::link_exists(name).unwrap()
+}
+
+// ---------------------------------------------------------------- tests
+
+fn import_verify_whiteouts_and_archive() {
+    let env = Env::new();
+    let info = env.import();
+    assert_eq!((info.name.as_str(), info.tag.as_str()), ("busybox", "test"));
+    assert_eq!(info.manifest_digest, descriptor_digest(&env.layout));
+    assert_eq!(
+        info.config.cmd,
+        ["/bin/sh", "-c", "echo hello from busybox"]
+    );
+    assert_eq!(info.config.exposed_ports, ["8080/tcp"]);
+    assert_eq!(
+        info.config
+            .labels
+            .get("org.example.test")
+            .map(String::as_str),
+        Some("yes")
+    );
+    let images = env.rt.images().unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].ostree_ref, "cairn/app/busybox/test");
+
+    let (v, objects) = env.rt.verify("busybox:test").unwrap();
+    assert_eq!(v.commit, info.commit);
+    assert!(objects > 5, "{objects} objects");
+    // The stock ostree CLI agrees about the ref and the repository's health.
+    let repo = env.rt.paths.repo();
+    let out = std::process::Command::new("ostree")
+        .arg(format!("--repo={}", repo.display()))
+        .args(["rev-parse", "cairn/app/busybox/test"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), info.commit);
+    let fsck = std::process::Command::new("ostree")
+        .arg(format!("--repo={}", repo.display()))
+        .arg("fsck")
+        .status()
+        .unwrap();
+    assert!(fsck.success());
+
+    // Whiteouts, the opaque dir and all three compressions, as the tree shows them.
+    let repo_h = env.rt.repo().unwrap();
+    let tree =
+        cairn_runtime::image::ensure_checkout(&repo_h, &info.commit, &env.rt.paths.checkouts())
+            .unwrap();
+    assert!(!tree.join("etc/gone").exists(), "whiteout applied");
+    assert_eq!(
+        std::fs::read_to_string(tree.join("etc/added")).unwrap(),
+        "upper layer\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tree.join("etc/zstd-layer")).unwrap(),
+        "zstd\n"
+    );
+    assert!(tree.join("data/new").exists());
+    assert!(
+        !tree.join("data/old").exists() && !tree.join("data/sub").exists(),
+        "opaque dir applied"
+    );
+    assert!(tree.join("bin/busybox").is_file());
+    assert_eq!(
+        std::fs::read_link(tree.join("bin/sh")).unwrap(),
+        Path::new("busybox")
+    );
+
+    // By digest.
+    let by_digest = env
+        .rt
+        .repo()
+        .map(|r| cairn_runtime::image::resolve(&r, &format!("busybox@{}", info.manifest_digest)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_digest.commit, info.commit);
+
+    // The same layout as an oci-archive tar: same content, same commit.
+    let archive = env.layout.with_extension("tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&archive).unwrap());
+    b.append_dir_all(".", &env.layout).unwrap();
+    b.finish().unwrap();
+    drop(b);
+    let a = env.rt.import(&archive, Some("busybox:archive")).unwrap();
+    assert_eq!(
+        root_tree(&env, &a.commit),
+        root_tree(&env, &info.commit),
+        "same tree, stored once"
+    );
+    assert_eq!(env.rt.images().unwrap().len(), 2);
+
+    // A docker save archive of the same image.
+    let dsave = env.layout.with_extension("docker.tar");
+    make_docker_save(&env.layout, &dsave);
+    let d = env.rt.import(&dsave, None).unwrap();
+    assert_eq!(d.reference(), "busybox:docker");
+    assert_eq!(root_tree(&env, &d.commit), root_tree(&env, &info.commit));
+
+    env.rt.rmi("busybox:archive").unwrap();
+    env.rt.rmi("busybox:docker").unwrap();
+    assert_eq!(env.rt.images().unwrap().len(), 1);
+    assert!(env
+        .rt
+        .rmi("busybox:archive")
+        .unwrap_err()
+        .to_string()
+        .contains("no image busybox:archive"));
+    assert!(
+        env.rt.verify("busybox:test").is_ok(),
+        "shared objects survive the prune"
+    );
+}
+
+/// The (contents, metadata) checksums of a commit's root directory.
+fn root_tree(env: &Env, commit: &str) -> String {
+    let (v, _) = env.rt.repo().unwrap().load_commit(commit).unwrap();
+    format!("{} {}", v.child_value(6), v.child_value(7))
+}
+
+/// `docker save` layout: manifest.json, <config hex>.json, uncompressed layer tars.
+fn make_docker_save(layout: &Path, out: &Path) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mdig = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(&mdig)).unwrap())
+            .unwrap();
+    let chex = manifest["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let mut b = tar::Builder::new(std::fs::File::create(out).unwrap());
+    let mut put = |name: &str, data: &[u8]| {
+        let mut h = tar_header(tar::EntryType::Regular, 0o644, data.len() as u64);
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    put(
+        &format!("{chex}.json"),
+        &std::fs::read(layout.join("blobs/sha256").join(&chex)).unwrap(),
+    );
+    let mut layers = Vec::new();
+    for (i, l) in manifest["layers"].as_array().unwrap().iter().enumerate() {
+        let hex = l["digest"].as_str().unwrap().trim_start_matches("sha256:");
+        let raw = std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap();
+        let mut plain = Vec::new();
+        std::io::copy(
+            &mut cairn_runtime::layer::decompress(std::io::BufReader::new(&raw[..])).unwrap(),
+            &mut plain,
+        )
+        .unwrap();
+        put(&format!("layer{i}/layer.tar"), &plain);
+        layers.push(format!("layer{i}/layer.tar"));
+    }
+    let m = serde_json::json!([{ "Config": format!("{chex}.json"), "RepoTags": ["busybox:docker"], "Layers": layers }]);
+    put("manifest.json", m.to_string().as_bytes());
+    b.finish().unwrap();
+}
+
+fn digest_mismatch_is_refused_and_leaves_nothing() {
+    let env = Env::new();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.layout.join("index.json")).unwrap()).unwrap();
+    let mdig = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(env.layout.join("blobs/sha256").join(&mdig)).unwrap(),
+    )
+    .unwrap();
+    // Flip one byte in the last (zstd) layer: same size, other content.
+    let lhex = manifest["layers"][2]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let lpath = env.layout.join("blobs/sha256").join(&lhex);
+    let mut data = std::fs::read(&lpath).unwrap();
+    let good = data.clone();
+    let at = data.len() - 6;
+    data[at] ^= 0x55;
+    std::fs::write(&lpath, &data).unwrap();
+    let err = format!("{:#}", env.rt.import(&env.layout, None).unwrap_err());
+    assert!(
+        err.contains("mismatch") || err.contains("zstd") || err.contains("layer 3"),
+        "{err}"
+    );
+    assert!(env.rt.images().unwrap().is_empty(), "nothing committed");
+    let leftovers: Vec<_> = std::fs::read_dir(env.rt.paths.repo().join("tmp"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("cairn-import-"))
+        .collect();
+    assert!(leftovers.is_empty(), "staging removed: {leftovers:?}");
+    std::fs::write(&lpath, &good).unwrap();
+
+    // A tampered config (content no longer matches its digest).
+    let chex = manifest["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let cpath = env.layout.join("blobs/sha256").join(&chex);
+    let cfg = std::fs::read(&cpath).unwrap();
+    std::fs::write(
+        &cpath,
+        String::from_utf8_lossy(&cfg).replace("hello from", "HELLO FROM"),
+    )
+    .unwrap();
+    let err = format!("{:#}", env.rt.import(&env.layout, None).unwrap_err());
+    assert!(err.contains("digest mismatch"), "{err}");
+    std::fs::write(&cpath, &cfg).unwrap();
+
+    // A missing blob.
+    std::fs::rename(&lpath, lpath.with_extension("away")).unwrap();
+    let err = format!("{:#}", env.rt.import(&env.layout, None).unwrap_err());
+    assert!(err.contains("missing from the image"), "{err}");
+    std::fs::rename(lpath.with_extension("away"), &lpath).unwrap();
+    assert!(env.rt.images().unwrap().is_empty());
+    env.import();
+    assert_eq!(
+        env.rt.images().unwrap().len(),
+        1,
+        "the intact image imports"
+    );
+}
+
+fn exit_codes_and_bad_input_leave_nothing() {
+    let env = Env::new();
+    env.import();
+    // Foreground: the exit status of the container process comes back.
+    let mut o = env.opts("fg", &["sh", "-c", "exit 7"]);
+    o.auto_remove = true;
+    match env.rt.run(&o).unwrap() {
+        RunOutcome::Exited { code, .. } => assert_eq!(code, 7),
+        other => panic!("{other:?}"),
+    }
+    assert!(!env.rt.paths.container("fg").exists(), "--rm removed it");
+    // The image's own Cmd.
+    let (code, log) = env.run_to_end(env.opts("cmd", &[]));
+    assert_eq!((code, log.trim()), (0, "hello from busybox"));
+    let (code, _) = env.run_to_end(env.opts("false", &["false"]));
+    assert_eq!(code, 1);
+    // pid 1 of its namespace: even SIGKILL from inside does not reach it.
+    let (code, _) = env.run_to_end(env.opts("init", &["sh", "-c", "kill -9 $$; exit 255"]));
+    assert_eq!(code, 255);
+
+    let before = env.allocations();
+    let links = |_: ()| -> std::collections::BTreeSet<String> {
+        std::fs::read_dir("/sys/class/net")
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let nlinks = links(());
+    let bad: Vec<(RunOptions, &str)> = vec![
+        (RunOptions { image: "nosuch:1".into(), ..env.opts("b1", &["true"]) }, "no image nosuch:1"),
+        (env.opts("b2", &["/bin/nosuch"]), "not found in the image"),
+        (env.opts("b3", &["nosuch-cmd"]), "not found in the image's PATH"),
+        (RunOptions { memory: Some("12Q".into()), ..env.opts("b4", &["true"]) }, "unknown unit 'Q'"),
+        (RunOptions { cpus: Some("-1".into()), ..env.opts("b5", &["true"]) }, "--cpus"),
+        (RunOptions { ip: Some(Ipv4Addr::new(192, 0, 2, 1)), ..env.opts("b6", &["true"]) }, "not a host address"),
+        (RunOptions { volumes: vec!["/nonexistent-src:/data".into()], ..env.opts("b7", &["true"]) }, "does not exist on the host"),
+        (RunOptions { image: "busybox@sha256:0000000000000000000000000000000000000000000000000000000000000000".into(), ..env.opts("b8", &["true"]) }, "no image"),
+    ];
+    for (o, want) in bad {
+        let name = o.name.clone().unwrap();
+        let err = format!("{:#}", env.rt.run(&o).unwrap_err());
+        assert!(err.contains(want), "{name}: {err}");
+        assert!(
+            !env.rt.paths.container(&name).exists(),
+            "{name}: container dir left behind"
+        );
+    }
+    // Limits on this hybrid host are refused with a clear message; on a v2
+    // host (the QEMU guest) they are applied instead.
+    if cairn_runtime::cgroup::detect(Path::new("/sys/fs/cgroup"))
+        == cairn_runtime::cgroup::Layout::Legacy
+    {
+        let err = format!(
+            "{:#}",
+            env.rt
+                .run(&RunOptions {
+                    memory: Some("64M".into()),
+                    ..env.opts("b9", &["true"])
+                })
+                .unwrap_err()
+        );
+        assert!(err.contains("unified cgroup v2"), "{err}");
+        assert!(!env.rt.paths.container("b9").exists());
+    }
+    assert_eq!(
+        env.allocations(),
+        before,
+        "no address allocation left behind"
+    );
+    let new: Vec<_> = links(()).difference(&nlinks).cloned().collect();
+    assert!(new.is_empty(), "no veth left behind: {new:?}");
+    // Name clash.
+    env.rt
+        .run(&RunOptions {
+            detach: true,
+            ..env.opts("dup", &["sleep", "30"])
+        })
+        .unwrap();
+    let err = env
+        .rt
+        .run(&RunOptions {
+            detach: true,
+            ..env.opts("dup", &["true"])
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already exists"), "{err}");
+    assert!(env
+        .rt
+        .rm("dup", false)
+        .unwrap_err()
+        .to_string()
+        .contains("is running"));
+    env.rt.rm("dup", true).unwrap();
+}
+
+fn read_only_root_and_isolation() {
+    let env = Env::new();
+    env.import();
+    let vol = tempfile::tempdir().unwrap();
+    std::fs::write(vol.path().join("in"), "from host\n").unwrap();
+    let script = r#"
+        touch /x 2>&1; echo "root-write=$?"
+        echo data > /tmp/t && echo "tmp-write=ok"
+        echo data > /run/t && echo "run-write=ok"
+        echo "pid=$$"
+        echo "hostname=$(hostname)"
+        echo "procs=$(ls /proc | grep -c '^[0-9]')"
+        echo "ifaces=$(ls /sys/class/net | sort | tr '\n' ,)"
+        grep -q ' /work' /proc/mounts && echo "host-mounts=visible" || echo "host-mounts=hidden"
+        grep NoNewPrivs /proc/self/status | tr -d '\t '
+        grep Seccomp: /proc/self/status | tr -d '\t '
+        grep CapEff /proc/self/status | tr -d '\t '
+        echo "timer_list=$(wc -c < /proc/timer_list)"
+        echo "keys=$(wc -c < /proc/keys)"
+        echo 1 > /proc/sys/kernel/ns_last_pid 2>/dev/null && echo "procsys=writable" || echo "procsys=readonly"
+        echo "vol=$(cat /vol/in)"
+        echo x > /vol/out 2>/dev/null && echo "vol-write=ok" || echo "vol-write=refused"
+        echo x > /rw/out && echo "rw-write=ok"
+        echo "user=$(id -u):$(id -g)"
+        unshare -m true 2>/dev/null && echo "unshare=allowed" || echo "unshare=denied"
+        ls /dev | sort | tr '\n' ,
+        echo
+        echo "env=$GREETING"
+    "#;
+    let rw = tempfile::tempdir().unwrap();
+    let o = RunOptions {
+        env: vec!["GREETING=hi".into()],
+        volumes: vec![
+            format!("{}:/vol:ro", vol.path().display()),
+            format!("{}:/rw", rw.path().display()),
+        ],
+        ..env.opts("iso", &["sh", "-c", script])
+    };
+    let (code, log) = env.run_to_end(o);
+    assert_eq!(code, 0, "{log}");
+    let has = |s: &str| assert!(log.contains(s), "missing {s:?} in:\n{log}");
+    has("Read-only file system");
+    has("root-write=1");
+    has("tmp-write=ok");
+    has("run-write=ok");
+    has("pid=1");
+    has("hostname=iso");
+    has("ifaces=eth0,lo,");
+    has("host-mounts=hidden");
+    has("NoNewPrivs:1");
+    has("Seccomp:2");
+    has("timer_list=0");
+    has("keys=0");
+    has("procsys=readonly");
+    has("vol=from host");
+    has("vol-write=refused");
+    has("rw-write=ok");
+    has("user=0:0");
+    has("unshare=denied");
+    has("env=hi");
+    assert!(
+        log.contains(",null,") && log.contains(",pts,") && !log.contains(",sda"),
+        "{log}"
+    );
+    let procs: u32 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("procs="))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        procs <= 4,
+        "only the container's processes are visible: {procs}"
+    );
+    assert!(
+        !log.contains("CapEff:000001ffffffffff") && !log.contains("CapEff:0000003fffffffff"),
+        "capabilities reduced: {log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("out")).unwrap(),
+        "x\n"
+    );
+    // Nothing the container did reached the image.
+    let info = env.rt.verify("busybox:test").unwrap().0;
+    let tree = env.rt.paths.checkouts().join(&info.commit);
+    assert!(!tree.join("x").exists() && !tree.join("tmp/t").exists());
+}
+
+fn containers_talk_over_the_bridge() {
+    let env = Env::new();
+    env.import();
+    let net = env.rt.network.clone();
+    let a_ip = Ipv4Addr::from(u32::from(net.gateway) + 9);
+    let a = RunOptions {
+        ip: Some(a_ip),
+        detach: true,
+        ..env.opts("srv", &["sh", "-c", "echo listening; nc -l -p 8080"])
+    };
+    match env.rt.run(&a).unwrap() {
+        RunOutcome::Detached { ip, .. } => assert_eq!(ip, Some(a_ip)),
+        other => panic!("{other:?}"),
+    }
+    env.wait_log("srv", "listening");
+    // Address in use.
+    let err = env
+        .rt
+        .run(&RunOptions {
+            ip: Some(a_ip),
+            ..env.opts("clash", &["true"])
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("in use"), "{err}");
+    assert!(!env.rt.paths.container("clash").exists());
+    // Container → container (ping and TCP), container → host.
+    let client = format!("ping -c 1 -W 3 {a_ip} >/dev/null && echo ping-ok; ping -c 1 -W 3 {} >/dev/null && echo gw-ok; for i in 1 2 3 4 5 6 7 8 9 10; do echo hello-from-b | nc -w 3 {a_ip} 8080 && break; sleep 0.3; done; echo nc=$?", net.gateway);
+    let (code, log) = env.run_to_end(env.opts("cli", &["sh", "-c", &client]));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("ping-ok") && log.contains("gw-ok") && log.contains("nc=0"),
+        "{log}"
+    );
+    env.wait_log("srv", "hello-from-b");
+    // Host → container, by address, no NAT in between.
+    let b = RunOptions {
+        detach: true,
+        ..env.opts("srv2", &["sh", "-c", "echo listening; nc -l -p 9090"])
+    };
+    let RunOutcome::Detached { ip: Some(b_ip), .. } = env.rt.run(&b).unwrap() else {
+        panic!()
+    };
+    assert_ne!(b_ip, a_ip);
+    env.wait_log("srv2", "listening");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match std::net::TcpStream::connect_timeout(&(b_ip, 9090).into(), Duration::from_secs(1)) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "connecting to {b_ip}:9090: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    s.write_all(b"hello-from-host\n").unwrap();
+    drop(s);
+    env.wait_log("srv2", "hello-from-host");
+}
+
+fn health_exec_stop_and_restart() {
+    let env = Env::new();
+    env.import();
+    let o = RunOptions {
+        detach: true,
+        health_cmd: Some("test -e /tmp/ok".into()),
+        health_interval: Duration::from_millis(200),
+        health_retries: 1,
+        stop_timeout: 1,
+        ..env.opts("hc", &["sleep", "1000"])
+    };
+    env.rt.run(&o).unwrap();
+    let health = |want: Health| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ps = env.rt.ps().unwrap();
+            let c = ps.iter().find(|c| c.name == "hc").unwrap();
+            if c.health == Some(want) {
+                assert_eq!(c.status, Status::Running);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "health never became {want:?}: {c:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    health(Health::Unhealthy);
+    assert_eq!(
+        env.rt
+            .exec("hc", &["touch".into(), "/tmp/ok".into()])
+            .unwrap(),
+        0
+    );
+    health(Health::Healthy);
+    assert_eq!(
+        env.rt
+            .exec("hc", &["sh".into(), "-c".into(), "exit 3".into()])
+            .unwrap(),
+        3
+    );
+    assert!(env
+        .rt
+        .exec("hc", &["nosuch".into()])
+        .unwrap_err()
+        .to_string()
+        .contains("not found"));
+    let inspect = env.rt.inspect("hc").unwrap();
+    assert_eq!(inspect["state"]["status"], "running");
+    assert_eq!(inspect["config"]["hostname"], "hc");
+    assert!(inspect["container"]["ip"].is_string());
+    // sleep as pid 1 ignores SIGTERM: stop escalates to SIGKILL after the timeout.
+    let t = Instant::now();
+    assert!(env.rt.stop("hc", Duration::from_secs(1)).unwrap());
+    assert!(t.elapsed() >= Duration::from_millis(900));
+    let st = env.rt.state("hc").unwrap();
+    assert_eq!((st.observed(), st.exit_code), (Status::Exited, Some(137)));
+    assert!(
+        !env.rt.stop("hc", Duration::from_secs(1)).unwrap(),
+        "already stopped"
+    );
+
+    // A shell that traps TERM stops promptly.
+    env.rt
+        .run(&RunOptions {
+            detach: true,
+            ..env.opts(
+                "term",
+                &[
+                    "sh",
+                    "-c",
+                    "trap 'echo got-term; exit 0' TERM; echo up; while true; do sleep 0.1; done",
+                ],
+            )
+        })
+        .unwrap();
+    env.wait_log("term", "up");
+    env.rt.stop("term", Duration::from_secs(10)).unwrap();
+    assert_eq!(env.rt.state("term").unwrap().exit_code, Some(0));
+    assert!(env.log("term").contains("got-term"));
+
+    // Restart on failure, with back-off, until stopped.
+    env.rt
+        .run(&RunOptions {
+            detach: true,
+            restart: RestartPolicy::OnFailure,
+            ..env.opts("flaky", &["sh", "-c", "echo run; exit 1"])
+        })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.rt.state("flaky").unwrap().restarts < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no restarts: {:?}",
+            env.rt.state("flaky").unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(env.log("flaky").matches("run").count() >= 3);
+    env.rt.stop("flaky", Duration::from_secs(2)).unwrap();
+    let st = env.wait_status("flaky", &[Status::Exited], Duration::from_secs(5));
+    assert_eq!(st.exit_code, Some(1));
+    // Exit 0 under on-failure: no restart.
+    let (code, _) = env.run_to_end(RunOptions {
+        restart: RestartPolicy::OnFailure,
+        ..env.opts("fine", &["true"])
+    });
+    assert_eq!((code, env.rt.state("fine").unwrap().restarts), (0, 0));
+}
+
+fn cleanup_after_rm_and_after_a_crashed_monitor() {
+    let env = Env::new();
+    env.import();
+    for name in ["tidy", "crash"] {
+        env.rt
+            .run(&RunOptions {
+                detach: true,
+                ..env.opts(name, &["sleep", "1000"])
+            })
+            .unwrap();
+    }
+    let rec = |n: &str| env.rt.record(n).unwrap();
+    let (tidy, crash) = (rec("tidy"), rec("crash"));
+    assert!(link_exists(&tidy.host_if) && link_exists(&crash.host_if));
+    assert!(env.allocations().contains(&tidy.id) && env.allocations().contains(&crash.id));
+
+    env.rt.rm("tidy", true).unwrap();
+    assert!(!link_exists(&tidy.host_if), "veth removed");
+    assert!(!env.allocations().contains(&tidy.id), "address released");
+    assert!(!env.rt.paths.container("tidy").exists());
+
+    // Kill the monitor hard: the container dies with it (PDEATHSIG), ps says so.
+    let st = env.rt.state("crash").unwrap();
+    let (monitor, pid) = (st.monitor_pid.unwrap(), st.pid.unwrap());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists()
+        || Path::new(&format!("/proc/{monitor}")).exists()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "container {pid} outlived its monitor"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ps = env.rt.ps().unwrap();
+    assert_eq!(
+        ps.iter().find(|c| c.name == "crash").unwrap().status,
+        Status::Dead
+    );
+    let err = env
+        .rt
+        .exec("crash", &["true".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not running"), "{err}");
+    env.rt.rm("crash", false).unwrap();
+    assert!(!link_exists(&crash.host_if));
+    assert!(!env.allocations().contains(&crash.id));
+    assert!(env.rt.ps().unwrap().is_empty());
+    // The image is free again.
+    env.rt.rmi("busybox:test").unwrap();
+    assert!(env.rt.images().unwrap().is_empty());
+}
