@@ -311,6 +311,122 @@ pub fn commit_prepared(
     Ok((checksum, content))
 }
 
+/// What `compose promote` wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Promotion {
+    pub source: String,
+    pub commit: String,
+    pub version: String,
+    pub content_checksum: String,
+}
+
+/// Moves a tested commit from one channel (ref) to another without
+/// rebuilding: a new commit on `to` with the very same tree (same content
+/// checksum) and metadata, its own version, and its parent on `to`.
+/// `rev` (a checksum or version; default: the head of `from`) must be in
+/// `from`'s history, so only what was tested there is promoted.
+pub fn promote(
+    opts: &ComposeOptions,
+    from: &str,
+    to: &str,
+    rev: Option<&str>,
+) -> Result<Promotion> {
+    let repo = repo::open(&opts.repo)?;
+    let history = repo::history(&repo, from)?;
+    if history.is_empty() {
+        bail!("ref {from} does not exist in {}", opts.repo.display());
+    }
+    let source = match rev {
+        None => history[0].clone(),
+        Some(rev) => {
+            let wanted = repo::resolve_commit(&repo, rev)?;
+            history.iter().find(|c| c.checksum == wanted).cloned().ok_or_else(|| {
+                anyhow::anyhow!("commit {wanted} ({rev}) is not in the history of {from}: only what {from} carried can be promoted")
+            })?
+        }
+    };
+    let target = repo::history(&repo, to)?;
+    if target.first().is_some_and(|head| {
+        repo::content_checksum(&repo, &head.checksum).ok()
+            == repo::content_checksum(&repo, &source.checksum).ok()
+    }) {
+        bail!(
+            "{to} already carries the tree of {} (same content checksum); nothing to promote",
+            source.checksum
+        );
+    }
+    let now = opts
+        .source_date_epoch
+        .unwrap_or_else(|| chrono::Utc::now().timestamp());
+    let existing: Vec<String> = target.iter().filter_map(|c| c.version()).collect();
+    let version = match &opts.version {
+        Some(v) if existing.contains(v) => {
+            bail!("version {v} already exists on ref {to}; pick another or omit --version")
+        }
+        Some(v) => v.clone(),
+        None => next_version(
+            version_prefix(source.version().as_deref()).as_deref(),
+            now,
+            &existing,
+        ),
+    };
+
+    // Same metadata (packages, kernel, kargs, input hash), a new version, and where it came from.
+    use glib::prelude::ToVariant;
+    let dict = glib::VariantDict::new(Some(&source.metadata));
+    dict.insert_value("version", &version.to_variant());
+    dict.insert_value("cairn.promoted-from", &source.checksum.to_variant());
+    dict.insert_value("cairn.promoted-from-ref", &from.to_variant());
+    if let Some(v) = source.version() {
+        dict.insert_value("cairn.promoted-from-version", &v.to_variant());
+    }
+    let metadata = dict.end();
+    let parent = target.first().map(|c| c.checksum.clone());
+    let subject = format!(
+        "{to} {version} (promoted from {from} {})",
+        source.version().unwrap_or_default()
+    );
+    let commit = repo::write_commit_of_tree(
+        &repo,
+        &source.checksum,
+        to,
+        parent.as_deref(),
+        &subject,
+        u64::try_from(now).unwrap_or(0),
+        &metadata,
+        opts.gpg_sign.as_deref(),
+        opts.gpg_homedir.as_deref(),
+    )?;
+    let content_checksum = repo::content_checksum(&repo, &commit)?;
+    Ok(Promotion {
+        source: source.checksum,
+        commit,
+        version,
+        content_checksum,
+    })
+}
+
+/// `1.20261124.3` → `1`; versions without the date form have no prefix.
+fn version_prefix(version: Option<&str>) -> Option<String> {
+    let v = version?;
+    let mut parts: Vec<&str> = v.split('.').collect();
+    if parts.len() >= 3 {
+        let serial = parts.pop()?;
+        let date = parts.pop()?;
+        if date.len() == 8
+            && date.chars().all(|c| c.is_ascii_digit())
+            && serial.chars().all(|c| c.is_ascii_digit())
+        {
+            return if parts.is_empty() {
+                None
+            } else {
+                Some(parts.join("."))
+            };
+        }
+    }
+    None
+}
+
 fn customize(
     manifest: &Manifest,
     root: &Path,

@@ -242,6 +242,62 @@ pub fn write_commit(repo: &ostree::Repo, root: &Path, spec: NewCommit<'_>) -> Re
     }
 }
 
+/// A new commit of an existing commit's tree (no file is read or written
+/// again), moving `refname` in the same transaction.
+#[allow(clippy::too_many_arguments)]
+pub fn write_commit_of_tree(
+    repo: &ostree::Repo,
+    source: &str,
+    refname: &str,
+    parent: Option<&str>,
+    subject: &str,
+    timestamp: u64,
+    metadata: &glib::Variant,
+    gpg_key: Option<&str>,
+    gpg_homedir: Option<&Path>,
+) -> Result<String> {
+    let cancellable = gio::Cancellable::NONE;
+    let (root, _) = repo
+        .read_commit(source, cancellable)
+        .with_context(|| format!("reading commit {source}"))?;
+    let root = root
+        .downcast::<ostree::RepoFile>()
+        .map_err(|_| anyhow!("libostree returned a non-repo file for {source}"))?;
+    repo.prepare_transaction(cancellable)
+        .context("starting an OSTree transaction")?;
+    let result = (|| -> Result<String> {
+        let checksum = repo
+            .write_commit_with_time(
+                parent,
+                Some(subject),
+                None,
+                Some(metadata),
+                &root,
+                timestamp,
+                cancellable,
+            )
+            .context("writing the commit object")?;
+        if let Some(key) = gpg_key {
+            let homedir = gpg_homedir.map(|p| p.display().to_string());
+            repo.sign_commit(&checksum, key, homedir.as_deref(), cancellable)
+                .with_context(|| format!("signing commit {checksum} with GPG key {key}"))?;
+        }
+        repo.transaction_set_ref(None, refname, Some(&checksum));
+        Ok(checksum.to_string())
+    })();
+    match result {
+        Ok(c) => {
+            repo.commit_transaction(cancellable)
+                .context("completing the OSTree transaction")?;
+            Ok(c)
+        }
+        Err(e) => {
+            let _ = repo.abort_transaction(cancellable);
+            Err(e)
+        }
+    }
+}
+
 /// Spreading a commit over all cores: libostree writes one directory walk on
 /// one thread (checksums, and zlib for archive repos), so big subtrees are
 /// handed to worker threads, each with its own repository handle and

@@ -22,6 +22,12 @@ pub enum ComposeCommand {
     /// For trees prepared by other tools; `compose tree` lays a root out itself.
     Commit(CommitArgs),
 
+    /// Promote a tested commit from one channel (ref) to another, without rebuilding.
+    ///
+    /// The new commit on --to has the same tree (content checksum) and metadata
+    /// as COMMIT, its own version, and its parent on --to.
+    Promote(PromoteArgs),
+
     /// Show the package and file differences between two commits.
     ///
     /// FROM and TO are refs, versions or commit checksums.
@@ -107,6 +113,36 @@ pub struct CommitArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// The repository holding both refs.
+    #[arg(long, env = "CAIRN_REPO", default_value_os_t = default_repo())]
+    pub repo: PathBuf,
+
+    /// The channel the commit was tested on.
+    #[arg(long, value_name = "REF")]
+    pub from: String,
+
+    /// The channel to promote it to (created if missing).
+    #[arg(long, value_name = "REF")]
+    pub to: String,
+
+    /// Checksum or version of the commit; default: the head of --from.
+    pub commit: Option<String>,
+
+    /// Version of the new commit instead of the automatic one.
+    #[arg(long)]
+    pub version: Option<String>,
+
+    /// Sign the new commit with this GPG key id.
+    #[arg(long, value_name = "KEYID")]
+    pub gpg_sign: Option<String>,
+
+    /// GPG home directory holding the signing key.
+    #[arg(long, value_name = "DIR", requires = "gpg_sign")]
+    pub gpg_homedir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct DiffArgs {
     /// The repository holding both commits.
     #[arg(long, env = "CAIRN_REPO", default_value_os_t = default_repo())]
@@ -132,6 +168,7 @@ pub fn run(cmd: ComposeCommand) -> Result<ExitCode> {
         ComposeCommand::Tree(args) => tree(args),
         ComposeCommand::Diff(args) => diff(args),
         ComposeCommand::Commit(args) => commit(args),
+        ComposeCommand::Promote(args) => promote(args),
         ComposeCommand::Image(args) => crate::compose_image::run(args),
         ComposeCommand::Publish(args) => crate::node::publish(args),
     }
@@ -210,6 +247,20 @@ fn commit(args: CommitArgs) -> Result<ExitCode> {
     )?;
     println!("commit {checksum}");
     println!("content-checksum {content}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn promote(args: PromoteArgs) -> Result<ExitCode> {
+    let mut opts = ComposeOptions::new(args.repo, PathBuf::new());
+    opts.version = args.version;
+    opts.gpg_sign = args.gpg_sign;
+    opts.gpg_homedir = args.gpg_homedir;
+    let p = cairn_builder::compose::promote(&opts, &args.from, &args.to, args.commit.as_deref())?;
+    println!("ref {}", args.to);
+    println!("commit {}", p.commit);
+    println!("version {}", p.version);
+    println!("content-checksum {}", p.content_checksum);
+    println!("promoted-from {}", p.source);
     Ok(ExitCode::SUCCESS)
 }
 

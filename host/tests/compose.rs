@@ -748,3 +748,99 @@ fn rootfs_without_var_or_etc_composes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn promote_moves_a_tested_tree_to_another_channel_without_rebuilding() {
+    let env = Env::new();
+    env.manifest("");
+    let tested = env.compose("repo", &[]);
+    assert!(tested.status.success());
+    env.write("files/motd", "untested change\n");
+    let untested = env.compose("repo", &[]);
+    assert!(untested.status.success());
+
+    // Promote the first (tested) commit by its version.
+    let promoted = env.host(&[
+        "compose",
+        "promote",
+        "--repo",
+        "repo",
+        "--from",
+        "test/x86_64/base",
+        "--to",
+        "test/x86_64/stable",
+        "7.20261118.0",
+    ]);
+    assert!(promoted.status.success());
+    assert_eq!(
+        field(&promoted, "content-checksum"),
+        field(&tested, "content-checksum")
+    );
+    assert_eq!(field(&promoted, "promoted-from"), field(&tested, "commit"));
+    assert_ne!(field(&promoted, "commit"), field(&tested, "commit"));
+    let commit = field(&promoted, "commit").to_string();
+    let show = |key: &str| {
+        env.ostree(
+            "repo",
+            &["show", &format!("--print-metadata-key={key}"), &commit],
+        )
+    };
+    assert_eq!(show("cairn.promoted-from-ref").trim(), "'test/x86_64/base'");
+    assert_eq!(
+        show("cairn.packages").trim(),
+        "['busybox=1:1.35.0-4', 'demo=1.0-1']"
+    );
+    assert!(show("version").trim().starts_with("'7."));
+    env.ostree("repo", &["fsck"]);
+
+    // The next promotion chains onto the channel's head.
+    let next = env.host(&[
+        "compose",
+        "promote",
+        "--repo",
+        "repo",
+        "--from",
+        "test/x86_64/base",
+        "--to",
+        "test/x86_64/stable",
+    ]);
+    assert!(next.status.success());
+    assert_eq!(
+        field(&next, "content-checksum"),
+        field(&untested, "content-checksum")
+    );
+    let parent = env.ostree(
+        "repo",
+        &["rev-parse", &format!("{}^", field(&next, "commit"))],
+    );
+    assert_eq!(parent.trim(), commit);
+
+    // Nothing new to promote, and only what the source channel carried.
+    let again = env.host(&[
+        "compose",
+        "promote",
+        "--repo",
+        "repo",
+        "--from",
+        "test/x86_64/base",
+        "--to",
+        "test/x86_64/stable",
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to promote"));
+    let foreign = env.host(&[
+        "compose",
+        "promote",
+        "--repo",
+        "repo",
+        "--from",
+        "test/x86_64/stable",
+        "--to",
+        "test/x86_64/other",
+        field(&tested, "commit"),
+    ]);
+    assert!(!foreign.status.success());
+    assert!(String::from_utf8_lossy(&foreign.stderr)
+        .contains("is not in the history of test/x86_64/stable"));
+}
