@@ -49,6 +49,8 @@ struct Tree<'a> {
     /// Kernel bytes (the initramfs is a few bytes).
     kernel: Vec<u8>,
     time: u64,
+    /// More files under /usr/share/data: (name, bytes).
+    extra: Vec<(String, Vec<u8>)>,
 }
 
 impl<'a> Tree<'a> {
@@ -59,6 +61,7 @@ impl<'a> Tree<'a> {
             packages: &["bash=5.2.15-2+b2", "systemd=252.38-1~deb12u1"],
             kernel: b"kernel 6.1.0-test".to_vec(),
             time: T0 + n * 1000,
+            extra: Vec::new(),
         }
     }
 }
@@ -177,6 +180,12 @@ impl Fixture {
         std::fs::write(kdir.join("initramfs.img"), b"initramfs").unwrap();
         std::fs::write(root.join("usr/etc/os-release"), "ID=cairn\n").unwrap();
         std::fs::write(root.join("usr/bin/hello"), t.hello).unwrap();
+        if !t.extra.is_empty() {
+            std::fs::create_dir_all(root.join("usr/share/data")).unwrap();
+        }
+        for (name, data) in &t.extra {
+            std::fs::write(root.join("usr/share/data").join(name), data).unwrap();
+        }
 
         let parent = self.src.resolve_rev(ref_, true).unwrap();
         let tx = self.src.auto_transaction(gio::Cancellable::NONE).unwrap();
@@ -924,4 +933,186 @@ fn mutating_commands_need_root_and_say_so() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must run as root"), "{err}");
+}
+
+/// A static-file HTTP server on 127.0.0.1 for the source repo: counts body
+/// bytes and requests, and can cut the connection on object requests (a
+/// network failure in the middle of a pull).
+struct HttpServer {
+    port: u16,
+    state: std::sync::Arc<std::sync::Mutex<ServerState>>,
+}
+
+#[derive(Default)]
+struct ServerState {
+    bytes: u64,
+    /// Paths served with 200, in order.
+    served: Vec<String>,
+    /// Serve this many more object requests, then drop the connection on each.
+    objects_left: Option<usize>,
+}
+
+impl HttpServer {
+    fn start(root: PathBuf) -> Self {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(std::sync::Mutex::new(ServerState::default()));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let root = root.clone();
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !buf.ends_with(b"\r\n\r\n") {
+                        if conn.read(&mut byte).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        buf.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&buf).to_string();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let rel = path.trim_start_matches("/repo/");
+                    {
+                        let mut s = st.lock().unwrap();
+                        if rel.starts_with("objects/") {
+                            match s.objects_left {
+                                Some(0) => return, // connection dropped, no reply
+                                Some(n) => s.objects_left = Some(n - 1),
+                                None => {}
+                            }
+                        }
+                    }
+                    match std::fs::read(root.join(rel)) {
+                        Ok(body) => {
+                            let _ = write!(
+                                conn,
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            );
+                            let _ = conn.write_all(&body);
+                            let mut s = st.lock().unwrap();
+                            s.bytes += body.len() as u64;
+                            s.served.push(rel.to_string());
+                        }
+                        Err(_) => {
+                            let _ = conn.write_all(
+                                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                            );
+                        }
+                    }
+                });
+            }
+        });
+        HttpServer { port, state }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/repo", self.port)
+    }
+}
+
+impl Fixture {
+    /// `host compose publish --repo SRC EXTRA…`.
+    fn publish(&self, extra: &[&str]) -> String {
+        let out = host()
+            .args(["compose", "publish", "--repo"])
+            .arg(self.src_path())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "publish: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Point the sysroot's remote `cairn` at `url`.
+    fn set_remote_url(&self, url: &str) {
+        let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(self.sysroot())));
+        sysroot.load(gio::Cancellable::NONE).unwrap();
+        let repo = sysroot.repo();
+        repo.remote_delete("cairn", gio::Cancellable::NONE).unwrap();
+        let opts = glib::VariantDict::new(None);
+        opts.insert("gpg-verify", false);
+        repo.remote_add(
+            "cairn",
+            Some(url),
+            Some(&opts.end()),
+            gio::Cancellable::NONE,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn http_pull_resumes_after_a_cut_and_uses_static_deltas() {
+    let fx = Fixture::new();
+    let server = HttpServer::start(fx.src_path());
+    fx.set_remote_url(&server.url());
+    let mut t = Tree::new("2.0", 2);
+    t.extra = (0..40)
+        .map(|i| {
+            (
+                format!("f{i}"),
+                format!("file {i} ").repeat(2000).into_bytes(),
+            )
+        })
+        .collect();
+    fx.commit(REF, &t);
+    // Object by object first (no delta), so the cut lands between objects.
+    fx.publish(&["--no-deltas"]);
+    let before = fx.status();
+
+    // The connection drops after 10 objects: clear error, nothing deployed.
+    server.state.lock().unwrap().objects_left = Some(10);
+    let err = fx.fails(&["upgrade"]);
+    assert!(err.contains(&server.url()), "{err}");
+    assert_eq!(fx.status(), before);
+    fx.assert_bootable();
+
+    // Again with the network back: only what is missing is fetched.
+    let first: Vec<String> = {
+        let mut s = server.state.lock().unwrap();
+        s.objects_left = None;
+        std::mem::take(&mut s.served)
+    };
+    let first_objects: Vec<&String> = first.iter().filter(|p| p.starts_with("objects/")).collect();
+    assert!(first_objects.len() >= 5, "{first:?}");
+    let out = fx.ok(&["upgrade"]);
+    assert!(out.contains("2.0"), "{out}");
+    let second = std::mem::take(&mut server.state.lock().unwrap().served);
+    for p in &first_objects {
+        if p.ends_with(".filez") {
+            assert!(!second.contains(p), "{p} fetched twice");
+        }
+    }
+    assert_eq!(fx.versions(), ["2.0", "1.0"]);
+
+    // One file changes; publish makes a delta; the node fetches it in a few requests.
+    let mut t3 = Tree::new("3.0", 3);
+    t3.extra = t.extra.clone();
+    t3.extra[0].1 = b"changed".to_vec();
+    fx.commit(REF, &t3);
+    let published = fx.publish(&[]);
+    assert!(published.contains("generated"), "{published}");
+    server.state.lock().unwrap().bytes = 0;
+    let out = fx.ok(&["upgrade"]);
+    assert!(out.contains("via 1 static delta(s)"), "{out}");
+    let s = server.state.lock().unwrap();
+    assert!(
+        s.served.iter().any(|p| p.starts_with("deltas/")),
+        "{:?}",
+        s.served
+    );
+    assert!(
+        s.served.iter().all(|p| !p.ends_with(".filez")),
+        "{:?}",
+        s.served
+    );
+    drop(s);
+    assert_eq!(fx.versions()[0], "3.0");
+    fx.assert_bootable();
 }

@@ -15,12 +15,14 @@ pub struct PullStats {
     pub bytes_transferred: u64,
     pub objects_fetched: u32,
     pub metadata_fetched: u32,
-    pub delta_parts_fetched: u32,
+    /// Static deltas used (superblocks) and their parts (inline ones included).
+    pub delta_superblocks: u32,
+    pub delta_parts: u32,
 }
 
 impl PullStats {
     pub fn describe(&self) -> String {
-        if self.objects_fetched == 0 && self.bytes_transferred == 0 {
+        if self.objects_fetched == 0 && self.bytes_transferred == 0 && self.delta_superblocks == 0 {
             return "nothing transferred over the network (local repo or already here)".to_string();
         }
         let mut s = format!(
@@ -29,10 +31,10 @@ impl PullStats {
             self.metadata_fetched,
             human_bytes(self.bytes_transferred)
         );
-        if self.delta_parts_fetched > 0 {
+        if self.delta_superblocks > 0 {
             s.push_str(&format!(
-                " in {} static delta part(s)",
-                self.delta_parts_fetched
+                " via {} static delta(s) of {} part(s)",
+                self.delta_superblocks, self.delta_parts
             ));
         }
         s
@@ -153,6 +155,7 @@ pub fn pull(repo: &ostree::Repo, req: &PullRequest, show_progress: bool) -> Resu
         bytes_transferred: uint64_of(&progress, "bytes-transferred"),
         objects_fetched: uint_of(&progress, "fetched"),
         metadata_fetched: uint_of(&progress, "metadata-fetched"),
-        delta_parts_fetched: uint_of(&progress, "fetched-delta-parts"),
+        delta_superblocks: uint_of(&progress, "total-delta-superblocks"),
+        delta_parts: uint_of(&progress, "total-delta-parts"),
     })
 }
