@@ -92,6 +92,25 @@ fn boots_the_composed_tree_to_multi_user() {
     assert!(repo_config.contains("[remote \"cairn\"]"), "{repo_config}");
     assert!(repo_config.contains("bootloader=syslinux"), "{repo_config}");
 
+    // `host status --json` (updater) names the booted deployment and its version.
+    let status = must(vm.ok("host status --json"));
+    let status: serde_json::Value = serde_json::from_str(&status)
+        .unwrap_or_else(|e| panic!("host status --json is not JSON ({e}):\n{status}"));
+    let booted: Vec<_> = status["deployments"]
+        .as_array()
+        .expect("deployments array")
+        .iter()
+        .filter(|d| d["booted"] == true)
+        .collect();
+    assert_eq!(booted.len(), 1, "one booted deployment: {status:#}");
+    assert_eq!(booted[0]["checksum"], image.commit.as_str(), "{status:#}");
+    assert_eq!(booted[0]["stateroot"], "cairn", "{status:#}");
+    let version = image
+        .version
+        .as_deref()
+        .expect("the composed commit has a version");
+    assert_eq!(booted[0]["version"], version, "{status:#}");
+
     // Pure cgroup v2 with the controllers containers need.
     let fs = must(vm.ok("stat -fc %T /sys/fs/cgroup"));
     assert_eq!(fs.trim(), "cgroup2fs");
