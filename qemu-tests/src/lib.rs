@@ -11,3 +11,13 @@ pub mod vm;
 
 pub use fixture::{test_image, TestImage};
 pub use vm::{Output, Vm, VmConfig};
+
+/// Boot the test image in a fresh overlay (work directory
+/// `build/qemu-tests/runs/<name>`) and wait until its control shell answers.
+pub fn boot_test_image(name: &str) -> anyhow::Result<Vm> {
+    let image = test_image();
+    let workdir = fixture::build_dir(&format!("qemu-tests/runs/{name}"));
+    let mut vm = Vm::start(VmConfig::new(&image.image, &workdir))?;
+    vm.wait_ready()?;
+    Ok(vm)
+}

@@ -41,6 +41,8 @@ pub struct VmConfig {
     pub workdir: PathBuf,
     pub memory_mib: u32,
     pub cpus: u32,
+    /// More QEMU arguments, e.g. a second `-drive` with an update to bring in.
+    pub extra_args: Vec<String>,
 }
 
 impl VmConfig {
@@ -50,6 +52,7 @@ impl VmConfig {
             workdir: workdir.to_owned(),
             memory_mib: 1536,
             cpus: 2,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -192,6 +195,7 @@ impl Vm {
             .arg(format!(
                 "virtserialport,bus=vser0.0,chardev=control,name={CONTROL_PORT}"
             ))
+            .args(&self.config.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use qemu_tests::fixture::{build_dir, ostree_cli};
-use qemu_tests::{test_image, Vm, VmConfig};
+use qemu_tests::fixture::ostree_cli;
+use qemu_tests::{boot_test_image, test_image, Vm};
 
 /// Unwrap with the whole error chain in the panic message.
 fn must<T>(r: anyhow::Result<T>) -> T {
@@ -14,10 +14,7 @@ fn must<T>(r: anyhow::Result<T>) -> T {
 /// Boot the test image in a fresh overlay and wait until systemd says the
 /// boot is finished; fails if it ends degraded.
 fn boot(name: &str) -> Vm {
-    let image = test_image();
-    let workdir = build_dir(&format!("qemu-tests/runs/{name}"));
-    let mut vm = must(Vm::start(VmConfig::new(&image.image, &workdir)));
-    must(vm.wait_ready());
+    let mut vm = must(boot_test_image(name));
     assert_boot_finished(&mut vm);
     vm
 }
