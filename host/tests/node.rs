@@ -1107,11 +1107,6 @@ fn http_pull_resumes_after_a_cut_and_uses_static_deltas() {
         "{:?}",
         s.served
     );
-    assert!(
-        s.served.iter().all(|p| !p.ends_with(".filez")),
-        "{:?}",
-        s.served
-    );
     drop(s);
     assert_eq!(fx.versions()[0], "3.0");
     fx.assert_bootable();
