@@ -51,6 +51,8 @@ struct Tree<'a> {
     time: u64,
     /// More files under /usr/share/data: (name, bytes).
     extra: Vec<(String, Vec<u8>)>,
+    /// `cairn.kargs`.
+    kargs: &'a [&'a str],
 }
 
 impl<'a> Tree<'a> {
@@ -62,6 +64,7 @@ impl<'a> Tree<'a> {
             kernel: b"kernel 6.1.0-test".to_vec(),
             time: T0 + n * 1000,
             extra: Vec::new(),
+            kargs: &["rw", "console=ttyS0"],
         }
     }
 }
@@ -152,7 +155,7 @@ impl Fixture {
                 &csum,
                 Some(&origin),
                 None,
-                &["root=LABEL=root", "rw"],
+                &["root=LABEL=root", "rw", "console=ttyS0"],
                 gio::Cancellable::NONE,
             )
             .unwrap();
@@ -211,6 +214,8 @@ impl Fixture {
         meta.insert("version", t.version);
         let packages: Vec<String> = t.packages.iter().map(|p| p.to_string()).collect();
         meta.insert_value("cairn.packages", &packages.to_variant());
+        let kargs: Vec<String> = t.kargs.iter().map(|p| p.to_string()).collect();
+        meta.insert_value("cairn.kargs", &kargs.to_variant());
         let csum = self
             .src
             .write_commit_with_time(
@@ -1109,5 +1114,53 @@ fn http_pull_resumes_after_a_cut_and_uses_static_deltas() {
     );
     drop(s);
     assert_eq!(fx.versions()[0], "3.0");
+    fx.assert_bootable();
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn manifest_kernel_arguments_follow_upgrades_and_local_edits_stay() {
+    let fx = Fixture::new();
+    fx.ok(&["kargs", "--append", "local=1"]);
+    let mut t = Tree::new("2.0", 2);
+    t.kargs = &["rw", "console=ttyS1", "systemd.unified_cgroup_hierarchy=1"];
+    fx.commit(REF, &t);
+    let out = fx.ok(&["upgrade"]);
+    assert!(
+        out.contains("Kernel arguments (from the manifest)"),
+        "{out}"
+    );
+    let status = fx.status();
+    let args: Vec<&str> = status["deployments"][0]["kernelArgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .filter(|a| !a.starts_with("ostree="))
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "root=LABEL=root",
+            "rw",
+            "local=1",
+            "console=ttyS1",
+            "systemd.unified_cgroup_hierarchy=1"
+        ]
+    );
+    // Same manifest arguments: libostree carries them over unchanged.
+    let mut t3 = Tree::new("3.0", 3);
+    t3.kargs = t.kargs;
+    fx.commit(REF, &t3);
+    let out = fx.ok(&["upgrade"]);
+    assert!(!out.contains("Kernel arguments"), "{out}");
+    let status = fx.status();
+    assert_eq!(
+        status["deployments"][0]["kernelArgs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        6
+    );
     fx.assert_bootable();
 }

@@ -16,6 +16,8 @@ pub struct CommitInfo {
     /// `cairn.packages`: sorted `name=version` strings (empty if absent).
     pub packages: Vec<String>,
     pub has_packages: bool,
+    /// `cairn.kargs`: the kernel arguments the manifest asks for (empty if absent).
+    pub kargs: Vec<String>,
 }
 
 impl CommitInfo {
@@ -36,6 +38,11 @@ impl CommitInfo {
             timestamp: ostree::commit_get_timestamp(commit),
             parent: ostree::commit_get_parent(commit).map(|p| p.to_string()),
             has_packages: packages.is_some(),
+            kargs: meta
+                .lookup::<Vec<String>>("cairn.kargs")
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
             packages: packages.unwrap_or_default(),
         }
     }

@@ -130,6 +130,55 @@ fn show_change(out: &mut dyn Write, from: &CommitInfo, to: &CommitInfo) -> Resul
     Ok(())
 }
 
+/// Kernel arguments for a deployment of `to` based on `merge` (a deployment of
+/// `from`): the arguments `from`'s manifest set (`cairn.kargs`) and `to`'s no
+/// longer does are removed, new ones added; the rest (including `host kargs`
+/// edits) carries over. `None` when the manifests agree: libostree keeps the
+/// merge deployment's arguments.
+fn kargs_for_update(
+    merge: &ostree::Deployment,
+    from: &CommitInfo,
+    to: &CommitInfo,
+    out: &mut dyn Write,
+) -> Result<Option<Vec<String>>> {
+    if from.kargs == to.kargs {
+        return Ok(None);
+    }
+    let current = merge
+        .bootconfig()
+        .and_then(|b| b.get("options"))
+        .map(|o| o.to_string())
+        .unwrap_or_default();
+    let edit = crate::ops::KargsEdit {
+        delete: Vec::new(),
+        replace: Vec::new(),
+        append: to
+            .kargs
+            .iter()
+            .filter(|k| !from.kargs.contains(k))
+            .cloned()
+            .collect(),
+    };
+    let ka = ostree::KernelArgs::from_string(&current);
+    for gone in from.kargs.iter().filter(|k| !to.kargs.contains(k)) {
+        // Already removed by hand (`host kargs --delete`): nothing to do.
+        let _ = ka.delete(gone);
+    }
+    let base = ka
+        .to_strv()
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let new = edit.apply(&base)?;
+    writeln!(
+        out,
+        "  Kernel arguments (from the manifest): {}",
+        new.join(" ")
+    )?;
+    Ok(Some(new))
+}
+
 /// Refuse before writing anything if /boot cannot hold the new kernel and initramfs.
 fn check_boot_space(s: &Session, csum: &str, what: &str) -> Result<()> {
     let Some(new) = boot_files(&s.repo, csum)? else {
@@ -332,7 +381,18 @@ pub fn upgrade(
         return Ok(Outcome::Downloaded { checksum: new_csum });
     }
     let origin_kf = new_origin(&s.sysroot, &origin.refspec, None);
-    write_deployment(&s, &new_csum, &origin_kf, None, &new.describe(), out)
+    let kargs = kargs_for_update(&merge, &current, &new, out)?;
+    let kargs: Option<Vec<&str>> = kargs
+        .as_ref()
+        .map(|k| k.iter().map(String::as_str).collect());
+    write_deployment(
+        &s,
+        &new_csum,
+        &origin_kf,
+        kargs.as_deref(),
+        &new.describe(),
+        out,
+    )
 }
 
 /// Find a commit of `remote:ref`'s history by version or checksum (prefix).
@@ -417,11 +477,15 @@ pub fn deploy(
     writeln!(out, "Deploying from {}:", origin.refspec)?;
     show_change(out, &current, &found)?;
     let origin_kf = new_origin(&s.sysroot, &origin.refspec, Some(&found.checksum));
+    let kargs = kargs_for_update(&merge, &current, &found, out)?;
+    let kargs: Option<Vec<&str>> = kargs
+        .as_ref()
+        .map(|k| k.iter().map(String::as_str).collect());
     write_deployment(
         &s,
         &found.checksum,
         &origin_kf,
-        None,
+        kargs.as_deref(),
         &found.describe(),
         out,
     )
@@ -484,7 +548,18 @@ pub fn switch(
     writeln!(out, "Switching to {refspec}:")?;
     show_change(out, &current, &new)?;
     let origin_kf = new_origin(&s.sysroot, refspec, None);
-    write_deployment(&s, &new_csum, &origin_kf, None, &new.describe(), out)
+    let kargs = kargs_for_update(&merge, &current, &new, out)?;
+    let kargs: Option<Vec<&str>> = kargs
+        .as_ref()
+        .map(|k| k.iter().map(String::as_str).collect());
+    write_deployment(
+        &s,
+        &new_csum,
+        &origin_kf,
+        kargs.as_deref(),
+        &new.describe(),
+        out,
+    )
 }
 
 fn describe_deployment(repo: &ostree::Repo, d: &ostree::Deployment) -> String {
