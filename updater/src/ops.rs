@@ -49,7 +49,7 @@ struct Session {
 impl Session {
     fn begin(target: &SysrootTarget, what: &str, out: &mut dyn Write) -> Result<Self> {
         require_root(what)?;
-        let sysroot = target.open()?;
+        let sysroot = target.open_for_write()?;
         let lock = SysrootLock::acquire(&sysroot, out)?;
         let repo = sysroot.repo();
         Ok(Session {

@@ -39,8 +39,26 @@ impl SysrootTarget {
 
     /// Open and load the sysroot (no lock: for reading).
     pub fn open(&self) -> Result<ostree::Sysroot> {
+        self.open_inner(false)
+    }
+
+    /// Open and load the sysroot to change it. On a booted system whose
+    /// /sysroot is mounted read-only, libostree then remounts it writable in a
+    /// private mount namespace of this process (as `ostree admin` does).
+    pub fn open_for_write(&self) -> Result<ostree::Sysroot> {
+        self.open_inner(true)
+    }
+
+    fn open_inner(&self, write: bool) -> Result<ostree::Sysroot> {
         let path = self.path();
         let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(path)));
+        if write {
+            sysroot
+                .initialize_with_mount_namespace(gio::Cancellable::NONE)
+                .with_context(|| {
+                    format!("preparing the sysroot at {} for writing", path.display())
+                })?;
+        }
         sysroot.load(gio::Cancellable::NONE).with_context(|| {
             format!(
                 "loading the OSTree sysroot at {} (is it a cairn system disk? \
