@@ -231,6 +231,15 @@ fn write_deployment(
         ..Default::default()
     };
     if s.booted() {
+        if let Some(staged) = s.sysroot.staged_deployment() {
+            if staged.csum() != csum || kargs.is_some() {
+                writeln!(
+                    out,
+                    "WARNING: this replaces the staged deployment {}.",
+                    describe_deployment(&s.repo, &staged)
+                )?;
+            }
+        }
         s.sysroot
             .stage_tree_with_options(
                 Some(STATEROOT),
