@@ -583,52 +583,27 @@ fn describe_deployment(repo: &ostree::Repo, d: &ostree::Deployment) -> String {
 pub fn rollback(target: &SysrootTarget, out: &mut dyn Write) -> Result<Outcome> {
     let s = Session::begin(target, "rollback", out)?;
     let roles = Roles::of(&s.sysroot);
-    let ds = &roles.deployments;
-    let new_order: Vec<ostree::Deployment>;
-    let next: &ostree::Deployment;
-    if let Some(st) = roles.staged {
+    let plan = rollback_plan(&roles).map_err(|e| match e {
+        RollbackError::Empty => anyhow!("no deployments in {}", s.path.display()),
+        RollbackError::OnlyOne(i) => anyhow!(
+            "there is no rollback deployment: {} is the only one",
+            describe_deployment(&s.repo, &roles.deployments[i])
+        ),
+    })?;
+    if let Some(st) = plan.drops_staged {
         writeln!(
             out,
             "WARNING: dropping the staged deployment {}: it will not be finalized at shutdown. \
              Run `host upgrade` to stage it again.",
-            describe_deployment(&s.repo, &ds[st])
+            describe_deployment(&s.repo, &roles.deployments[st])
         )?;
-        new_order = ds.iter().filter(|d| !d.is_staged()).cloned().collect();
-        next = new_order
-            .first()
-            .ok_or_else(|| anyhow!("no deployment would be left"))?;
-    } else if let Some(b) = roles.booted.filter(|&b| b > 0) {
-        // A pending (already written) deployment boots next: boot the booted one again.
-        new_order = std::iter::once(ds[b].clone())
-            .chain(
-                ds.iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != b)
-                    .map(|(_, d)| d.clone()),
-            )
-            .collect();
-        next = &ds[b];
-    } else {
-        let cur = roles
-            .current
-            .ok_or_else(|| anyhow!("no deployments in {}", s.path.display()))?;
-        let rb = roles.rollback().ok_or_else(|| {
-            anyhow!(
-                "there is no rollback deployment: {} is the only one",
-                describe_deployment(&s.repo, &ds[cur])
-            )
-        })?;
-        new_order = std::iter::once(ds[rb].clone())
-            .chain(std::iter::once(ds[cur].clone()))
-            .chain(
-                ds.iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != rb && *i != cur)
-                    .map(|(_, d)| d.clone()),
-            )
-            .collect();
-        next = &ds[rb];
     }
+    let new_order: Vec<ostree::Deployment> = plan
+        .order
+        .iter()
+        .map(|&i| roles.deployments[i].clone())
+        .collect();
+    let next = &new_order[0];
     let next_desc = describe_deployment(&s.repo, next);
     failpoint!("rollback::before-write");
     s.sysroot
@@ -639,6 +614,59 @@ pub fn rollback(target: &SysrootTarget, out: &mut dyn Write) -> Result<Outcome> 
     Ok(Outcome::Deployed {
         checksum: next.csum().to_string(),
         staged: false,
+    })
+}
+
+/// The new boot order of a rollback, as indexes into the current list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RollbackPlan {
+    pub order: Vec<usize>,
+    /// A staged deployment that the new order leaves out.
+    pub drops_staged: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RollbackError {
+    Empty,
+    /// Only this deployment (of its stateroot): nothing to roll back to.
+    OnlyOne(usize),
+}
+
+/// What boots next after `host rollback`:
+/// - a staged deployment exists: it is dropped, the booted one stays default;
+/// - a written pending deployment boots next: the booted one becomes default again;
+/// - otherwise the rollback deployment (first after the booted/default one, same
+///   stateroot) swaps places with the current one; a second rollback swaps back.
+pub(crate) fn rollback_plan(roles: &Roles) -> Result<RollbackPlan, RollbackError> {
+    let n = roles.deployments.len();
+    if let Some(st) = roles.staged {
+        let order: Vec<usize> = (0..n).filter(|&i| i != st).collect();
+        if order.is_empty() {
+            return Err(RollbackError::Empty);
+        }
+        return Ok(RollbackPlan {
+            order,
+            drops_staged: Some(st),
+        });
+    }
+    if let Some(b) = roles.booted.filter(|&b| b > 0) {
+        let order = std::iter::once(b)
+            .chain((0..n).filter(|&i| i != b))
+            .collect();
+        return Ok(RollbackPlan {
+            order,
+            drops_staged: None,
+        });
+    }
+    let cur = roles.current.ok_or(RollbackError::Empty)?;
+    let rb = roles.rollback().ok_or(RollbackError::OnlyOne(cur))?;
+    let order = [rb, cur]
+        .into_iter()
+        .chain((0..n).filter(|&i| i != rb && i != cur))
+        .collect();
+    Ok(RollbackPlan {
+        order,
+        drops_staged: None,
     })
 }
 
@@ -884,6 +912,69 @@ pub fn reboot() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deployment(i: i32, os: &str) -> ostree::Deployment {
+        let csum = format!("{i:064x}");
+        let d = ostree::Deployment::new(i, os, &csum, 0, Some(&csum), 0);
+        // libostree compares deployments' boot configs too (as loaded ones have).
+        let bootconfig = ostree::BootconfigParser::new();
+        bootconfig.set("options", "rw");
+        d.set_bootconfig(Some(&bootconfig));
+        d
+    }
+
+    fn roles(oses: &[&str], booted: Option<usize>, staged: Option<usize>) -> Roles {
+        let ds: Vec<_> = oses
+            .iter()
+            .enumerate()
+            .map(|(i, os)| deployment(i as i32, os))
+            .collect();
+        let b = booted.map(|i| ds[i].clone());
+        Roles::from_parts(ds, b.as_ref(), staged)
+    }
+
+    #[test]
+    fn rollback_on_a_disk_swaps_the_first_two_and_back() {
+        let r = roles(&["cairn", "cairn", "cairn"], None, None);
+        assert_eq!(rollback_plan(&r).unwrap().order, [1, 0, 2]);
+    }
+
+    #[test]
+    fn rollback_on_a_booted_node_boots_the_previous_one() {
+        let r = roles(&["cairn", "cairn"], Some(0), None);
+        let plan = rollback_plan(&r).unwrap();
+        assert_eq!(plan.order, [1, 0]);
+        assert_eq!(plan.drops_staged, None);
+    }
+
+    #[test]
+    fn rollback_with_a_pending_deployment_boots_the_booted_one_again() {
+        // 0 was written (not staged) after booting 1.
+        let r = roles(&["cairn", "cairn", "cairn"], Some(1), None);
+        assert!(r.is_pending(0));
+        assert_eq!(r.rollback(), Some(2));
+        assert_eq!(rollback_plan(&r).unwrap().order, [1, 0, 2]);
+    }
+
+    #[test]
+    fn rollback_with_a_staged_deployment_drops_it_and_says_which() {
+        let r = roles(&["cairn", "cairn", "cairn"], Some(1), Some(0));
+        let plan = rollback_plan(&r).unwrap();
+        assert_eq!(plan.order, [1, 2]);
+        assert_eq!(plan.drops_staged, Some(0));
+    }
+
+    #[test]
+    fn rollback_skips_other_stateroots_and_needs_a_second_deployment() {
+        let r = roles(&["cairn", "other", "cairn"], None, None);
+        assert_eq!(rollback_plan(&r).unwrap().order, [2, 0, 1]);
+        let r = roles(&["cairn", "other"], None, None);
+        assert_eq!(rollback_plan(&r), Err(RollbackError::OnlyOne(0)));
+        assert_eq!(
+            rollback_plan(&roles(&[], None, None)),
+            Err(RollbackError::Empty)
+        );
+    }
 
     #[test]
     fn kargs_edits_apply_in_order() {

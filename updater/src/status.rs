@@ -102,11 +102,18 @@ pub(crate) struct Roles {
 impl Roles {
     pub fn of(sysroot: &ostree::Sysroot) -> Self {
         let deployments = sysroot.deployments();
-        let booted_d = sysroot.booted_deployment();
-        let booted = booted_d
-            .as_ref()
-            .and_then(|b| deployments.iter().position(|d| d.equal(b)));
+        let booted = sysroot.booted_deployment();
         let staged = deployments.iter().position(|d| d.is_staged());
+        Self::from_parts(deployments, booted.as_ref(), staged)
+    }
+
+    /// From a deployment list, the booted deployment and the staged index.
+    pub fn from_parts(
+        deployments: Vec<ostree::Deployment>,
+        booted: Option<&ostree::Deployment>,
+        staged: Option<usize>,
+    ) -> Self {
+        let booted = booted.and_then(|b| deployments.iter().position(|d| d.equal(b)));
         let current = booted.or(if deployments.is_empty() {
             None
         } else {
