@@ -382,7 +382,11 @@ impl Runtime {
     /// Release everything a container holds and delete its directory.
     pub fn remove_container_files(&self, r: &ContainerRecord) -> Result<()> {
         if let Some(net) = &r.network {
-            crate::net::delete_link(&r.host_if)?;
+            // The container's processes are gone, so its network namespace
+            // is being torn down and the kernel removes both veth ends with
+            // it. Deleting the host end here would only wait for that (tens
+            // of ms of RCU grace periods), so only a link that belongs to a
+            // live namespace (a failed start) is removed by the caller.
             Allocator::new(&self.paths.net(), net).release(&r.id)?;
         }
         if cgroup::detect(&self.cgroups.root) == cgroup::Layout::Unified {

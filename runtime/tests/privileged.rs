@@ -411,6 +411,19 @@ fn link_exists(name: &str) -> bool {
     cairn_runtime::net::link_exists(name).unwrap()
 }
 
+/// The kernel removes a dead container's veth pair with its network
+/// namespace, asynchronously: allow it a moment.
+fn link_gone(name: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while link_exists(name) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
 // ---------------------------------------------------------------- tests
 
 fn import_verify_whiteouts_and_archive() {
@@ -854,14 +867,21 @@ fn containers_talk_over_the_bridge() {
     assert!(err.contains("in use"), "{err}");
     assert!(!env.rt.paths.container("clash").exists());
     // Container → container (ping and TCP), container → host.
-    let client = format!("ping -c 1 -W 3 {a_ip} >/dev/null && echo ping-ok; ping -c 1 -W 3 {} >/dev/null && echo gw-ok; for i in 1 2 3 4 5 6 7 8 9 10; do echo hello-from-b | nc -w 3 {a_ip} 8080 && break; sleep 0.3; done; echo nc=$?", net.gateway);
+    let client = format!("ping -c 1 -W 3 {a_ip} >/dev/null && echo ping-ok; ping -c 1 -W 3 {} >/dev/null && echo gw-ok; ok=1; for i in 1 2 3 4 5 6 7 8 9 10; do echo hello-from-b | nc -w 3 {a_ip} 8080 && {{ ok=0; break; }}; sleep 0.3; done; echo nc=$ok", net.gateway);
     let (code, log) = env.run_to_end(env.opts("cli", &["sh", "-c", &client]));
     assert_eq!(code, 0, "{log}");
     assert!(
         log.contains("ping-ok") && log.contains("gw-ok") && log.contains("nc=0"),
         "{log}"
     );
-    env.wait_log("srv", "hello-from-b");
+    if !env.log("srv").contains("hello-from-b") {
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(
+        env.log("srv").contains("hello-from-b"),
+        "server log:\n{}\nclient log:\n{log}",
+        env.log("srv")
+    );
     // Host → container, by address, no NAT in between.
     let b = RunOptions {
         detach: true,
@@ -1015,7 +1035,7 @@ fn cleanup_after_rm_and_after_a_crashed_monitor() {
     assert!(env.allocations().contains(&tidy.id) && env.allocations().contains(&crash.id));
 
     env.rt.rm("tidy", true).unwrap();
-    assert!(!link_exists(&tidy.host_if), "veth removed");
+    assert!(link_gone(&tidy.host_if), "veth removed");
     assert!(!env.allocations().contains(&tidy.id), "address released");
     assert!(!env.rt.paths.container("tidy").exists());
 
@@ -1049,7 +1069,7 @@ fn cleanup_after_rm_and_after_a_crashed_monitor() {
         .to_string();
     assert!(err.contains("not running"), "{err}");
     env.rt.rm("crash", false).unwrap();
-    assert!(!link_exists(&crash.host_if));
+    assert!(link_gone(&crash.host_if));
     assert!(!env.allocations().contains(&crash.id));
     assert!(env.rt.ps().unwrap().is_empty());
     // The image is free again.
