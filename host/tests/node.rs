@@ -179,6 +179,19 @@ impl Fixture {
         std::fs::create_dir_all(&kdir).unwrap();
         std::fs::create_dir_all(root.join("usr/etc")).unwrap();
         std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        // The top level of a bootable tree, so a deployment can be entered as `/`.
+        for d in ["sysroot", "boot", "run", "tmp", "dev", "proc", "var"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for (link, target) in [
+            ("ostree", "sysroot/ostree"),
+            ("lib", "usr/lib"),
+            ("lib64", "usr/lib64"),
+            ("bin", "usr/bin"),
+            ("sbin", "usr/sbin"),
+        ] {
+            std::os::unix::fs::symlink(target, root.join(link)).unwrap();
+        }
         std::fs::write(kdir.join("vmlinuz"), &t.kernel).unwrap();
         std::fs::write(kdir.join("initramfs.img"), b"initramfs").unwrap();
         std::fs::write(root.join("usr/etc/os-release"), "ID=cairn\n").unwrap();
@@ -1162,5 +1175,177 @@ fn manifest_kernel_arguments_follow_upgrades_and_local_edits_stay() {
             .len(),
         6
     );
+    fx.assert_bootable();
+}
+
+/// Enter the default deployment as if it were booted: a private mount and pid
+/// namespace, the physical sysroot at /sysroot and /boot, the host's /usr (for
+/// `host`, `ostree` and their libraries), a fresh /run with /run/ostree-booted,
+/// then `chroot` into the deployment and run `script` with /bin/sh. libostree
+/// then sees a booted system: `host` stages deployments, and `ostree admin
+/// finalize-staged` does what ostree-finalize-staged.service does at shutdown.
+/// The fixture directory is visible at the same path inside.
+const BOOT_SIM: &str = r#"set -euo pipefail
+S=$1; D=$2; HOST=$3; FX=$4
+mount --make-rprivate /
+mount --bind "$S" "$D/sysroot"
+mount --bind "$S/boot" "$D/boot"
+mount --bind /usr "$D/usr"
+mount -t tmpfs tmpfs "$D/run"
+touch "$D/run/ostree-booted"
+cp "$HOST" "$D/run/host"
+mount -t tmpfs tmpfs "$D/tmp"
+mkdir -p "$D$FX"
+mount --bind "$FX" "$D$FX"
+mount --rbind /dev "$D/dev"
+mount -t proc proc "$D/proc"
+exec chroot "$D" /bin/sh -ec "$5"
+"#;
+
+impl Fixture {
+    fn deployment_dir(&self, index: usize) -> PathBuf {
+        let st = self.status();
+        let d = &st["deployments"][index];
+        self.sysroot().join(format!(
+            "ostree/deploy/cairn/deploy/{}.{}",
+            d["checksum"].as_str().unwrap(),
+            d["serial"]
+        ))
+    }
+
+    /// Run `script` inside the default deployment, booted (see BOOT_SIM).
+    fn booted(&self, script: &str) -> Output {
+        let sim = self.dir.path().join("boot-sim.sh");
+        std::fs::write(&sim, BOOT_SIM).unwrap();
+        Command::new("unshare")
+            .args(["--mount", "--pid", "--fork", "bash"])
+            .arg(&sim)
+            .arg(self.sysroot())
+            .arg(self.deployment_dir(0))
+            .arg(env!("CARGO_BIN_EXE_host"))
+            .arg(self.dir.path())
+            .arg(script)
+            .output()
+            .unwrap()
+    }
+
+    fn read_json(&self, name: &str) -> serde_json::Value {
+        let p = self.dir.path().join(name);
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    }
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn booted_upgrade_is_staged_and_keeps_etc_edits_made_before_the_reboot() {
+    let fx = Fixture::new();
+    let v2 = fx.commit(REF, &Tree::new("2.0", 2));
+    let d = fx.dir.path().display().to_string();
+    let out = fx.booted(&format!(
+        "/run/host upgrade
+         /run/host status > {d}/staged.txt
+         /run/host status --json > {d}/staged.json
+         echo kept > /etc/edited-before-reboot
+         ostree admin finalize-staged
+         /run/host status --json > {d}/finalized.json"
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Staged 2.0"), "{stdout}");
+
+    let staged = fx.read_json("staged.json");
+    assert_eq!(staged["isBooted"], true);
+    let ds = &staged["deployments"];
+    assert_eq!(ds[0]["checksum"], v2.as_str());
+    assert_eq!(ds[0]["staged"], true);
+    assert_eq!(ds[0]["pending"], true);
+    assert_eq!(ds[1]["booted"], true);
+    assert_eq!(staged["diffBaseIndex"], 1);
+    let text_status = std::fs::read_to_string(fx.dir.path().join("staged.txt")).unwrap();
+    assert!(
+        text_status.contains("  0 cairn cairn:cairn/bookworm/x86_64/container-host (staged)"),
+        "{text_status}"
+    );
+    assert!(text_status.contains("● 1 cairn"), "{text_status}");
+
+    let finalized = fx.read_json("finalized.json");
+    assert_eq!(finalized["deployments"][0]["staged"], false);
+    assert_eq!(finalized["deployments"][0]["pending"], true);
+    // The edit made after staging is in the new deployment's /etc.
+    let new_etc = fx.deployment_dir(0).join("etc/edited-before-reboot");
+    assert_eq!(std::fs::read_to_string(&new_etc).unwrap(), "kept\n");
+    assert_eq!(fx.versions(), ["2.0", "1.0"]);
+    fx.assert_bootable();
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn booted_rollback_drops_a_staged_deployment_loudly() {
+    let fx = Fixture::new();
+    fx.commit(REF, &Tree::new("2.0", 2));
+    let d = fx.dir.path().display().to_string();
+    let out = fx.booted(&format!(
+        "/run/host upgrade
+         /run/host upgrade --unchanged-exit-77 || echo unchanged=$? > {d}/again.txt
+         /run/host rollback > {d}/rollback.txt
+         /run/host status --json > {d}/after.json
+         test ! -e /run/ostree/staged-deployment"
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let again = std::fs::read_to_string(fx.dir.path().join("again.txt")).unwrap();
+    assert_eq!(again, "unchanged=77\n", "the staged commit is already next");
+    let rollback = std::fs::read_to_string(fx.dir.path().join("rollback.txt")).unwrap();
+    assert!(
+        rollback.contains("WARNING: dropping the staged deployment 2.0"),
+        "{rollback}"
+    );
+    let after = fx.read_json("after.json");
+    let ds = after["deployments"].as_array().unwrap();
+    assert_eq!(ds.len(), 1, "{after}");
+    assert_eq!(ds[0]["booted"], true);
+    assert_eq!(ds[0]["version"], "1.0");
+    fx.assert_bootable();
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn booted_cleanup_pending_and_kargs_over_a_staged_deployment() {
+    let fx = Fixture::new();
+    fx.commit(REF, &Tree::new("2.0", 2));
+    let d = fx.dir.path().display().to_string();
+    let out = fx.booted(&format!(
+        "/run/host upgrade
+         /run/host cleanup -p > {d}/cleanup.txt
+         /run/host status --json > {d}/cleaned.json
+         /run/host upgrade
+         /run/host kargs --append quiet > {d}/kargs.txt
+         /run/host status --json > {d}/kargs.json"
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let cleanup = std::fs::read_to_string(fx.dir.path().join("cleanup.txt")).unwrap();
+    assert!(
+        cleanup.contains("Removing pending deployment 0: 2.0"),
+        "{cleanup}"
+    );
+    let cleaned = fx.read_json("cleaned.json");
+    assert_eq!(cleaned["deployments"].as_array().unwrap().len(), 1);
+    assert_eq!(cleaned["deployments"][0]["booted"], true);
+
+    let kargs = std::fs::read_to_string(fx.dir.path().join("kargs.txt")).unwrap();
+    assert!(kargs.contains("Restaging 2.0"), "{kargs}");
+    let after = fx.read_json("kargs.json");
+    let d0 = &after["deployments"][0];
+    // The staged update is kept, with the new argument.
+    assert_eq!(d0["staged"], true);
+    assert_eq!(d0["version"], "2.0");
+    assert!(
+        d0["kernelArgs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "quiet"),
+        "{d0}"
+    );
+    assert_eq!(after["deployments"][1]["booted"], true);
     fx.assert_bootable();
 }

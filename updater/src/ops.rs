@@ -232,12 +232,14 @@ fn write_deployment(
     };
     if s.booted() {
         if let Some(staged) = s.sysroot.staged_deployment() {
-            if staged.csum() != csum || kargs.is_some() {
+            if staged.csum() != csum {
                 writeln!(
                     out,
                     "WARNING: this replaces the staged deployment {}.",
                     describe_deployment(&s.repo, &staged)
                 )?;
+            } else {
+                writeln!(out, "Restaging {}.", describe_deployment(&s.repo, &staged))?;
             }
         }
         s.sysroot
@@ -601,7 +603,9 @@ pub fn rollback(target: &SysrootTarget, out: &mut dyn Write) -> Result<Outcome> 
     let new_order: Vec<ostree::Deployment> = plan
         .order
         .iter()
-        .map(|&i| roles.deployments[i].clone())
+        // A new reference to the same object: libostree recognises the booted
+        // deployment by identity (`Deployment::clone` would deep-copy it).
+        .map(|&i| Clone::clone(&roles.deployments[i]))
         .collect();
     let next = &new_order[0];
     let next_desc = describe_deployment(&s.repo, next);
@@ -730,7 +734,7 @@ pub fn cleanup(
             )?;
             removed += 1;
         } else {
-            keep.push(d.clone());
+            keep.push(Clone::clone(d)); // same object, not a deep copy
         }
     }
     if opts.pending && roles.booted.is_none() {
@@ -853,7 +857,12 @@ pub fn kargs(target: &SysrootTarget, edit: &KargsEdit, out: &mut dyn Write) -> R
         return Ok(Outcome::Unchanged);
     }
     let s = Session::begin(target, "kargs", out)?;
-    let merge = s.merge_deployment()?;
+    // Edit what boots next: a staged deployment (kept, restaged with the new
+    // arguments) or the booted/default one.
+    let merge = match s.sysroot.staged_deployment() {
+        Some(staged) => staged,
+        None => s.merge_deployment()?,
+    };
     let current = merge
         .bootconfig()
         .and_then(|b| b.get("options"))
