@@ -1349,3 +1349,27 @@ fn booted_cleanup_pending_and_kargs_over_a_staged_deployment() {
     assert_eq!(after["deployments"][1]["booted"], true);
     fx.assert_bootable();
 }
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn booted_sigkill_while_staging_leaves_the_booted_default() {
+    let fx = Fixture::new();
+    fx.commit(REF, &Tree::new("2.0", 2));
+    let d = fx.dir.path().display().to_string();
+    let out = fx.booted(&format!(
+        "for point in deploy::before-write deploy::after-stage; do
+             FAILPOINTS=$point=return\\(kill\\) /run/host upgrade > /dev/null 2>&1 && exit 1
+             /run/host status --json > {d}/$point.json
+         done"
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let before = fx.read_json("deploy::before-write.json");
+    assert_eq!(before["deployments"].as_array().unwrap().len(), 1);
+    // Killed right after staging: the staged deployment is complete and would
+    // be finalized at shutdown; the booted one is still the default on disk.
+    let after = fx.read_json("deploy::after-stage.json");
+    assert_eq!(after["deployments"][0]["staged"], true, "{after}");
+    assert_eq!(after["deployments"][1]["booted"], true);
+    assert_eq!(fx.versions(), ["1.0"]);
+    fx.assert_bootable();
+}
