@@ -1373,3 +1373,25 @@ fn booted_sigkill_while_staging_leaves_the_booted_default() {
     assert_eq!(fx.versions(), ["1.0"]);
     fx.assert_bootable();
 }
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn booted_upgrade_refuses_a_head_older_than_the_staged_deployment() {
+    let fx = Fixture::new();
+    let older = fx.commit(REF, &Tree::new("2.0", 2));
+    fx.commit(REF, &Tree::new("3.0", 3));
+    let d = fx.dir.path().display().to_string();
+    let src = fx.src_path().display().to_string();
+    let out = fx.booted(&format!(
+        "/run/host upgrade > /dev/null
+         ostree --repo={src} reset {REF} {older}
+         /run/host upgrade > {d}/refused.txt 2>&1 && exit 1
+         /run/host status --json > {d}/after.json"
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let refused = std::fs::read_to_string(fx.dir.path().join("refused.txt")).unwrap();
+    assert!(refused.contains("older than the deployed 3.0"), "{refused}");
+    let after = fx.read_json("after.json");
+    assert_eq!(after["deployments"][0]["version"], "3.0");
+    assert_eq!(after["deployments"][0]["staged"], true);
+}

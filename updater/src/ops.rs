@@ -358,15 +358,26 @@ pub fn upgrade(
         )?;
         return Ok(Outcome::Unchanged);
     }
-    if new.timestamp < current.timestamp && !opts.allow_downgrade {
+    // Compare with what boots next too: a staged or pending deployment may be
+    // newer than the booted one.
+    let next = match s.sysroot.deployments().first() {
+        Some(d) if d.csum() != current.checksum => CommitInfo::load(&s.repo, &d.csum())?,
+        _ => current.clone(),
+    };
+    let newest = if next.timestamp > current.timestamp {
+        &next
+    } else {
+        &current
+    };
+    if new.timestamp < newest.timestamp && !opts.allow_downgrade {
         bail!(
             "{} on {} is older than the deployed {} ({} < {}): refusing to downgrade. \
              Pass --allow-downgrade if that is intended",
             new.describe(),
             origin.refspec,
-            current.describe(),
+            newest.describe(),
             new.timestamp_rfc3339(),
-            current.timestamp_rfc3339()
+            newest.timestamp_rfc3339()
         );
     }
     writeln!(out, "Update on {}:", origin.refspec)?;
