@@ -814,6 +814,45 @@ fn unsigned_or_wrongly_signed_commits_are_refused() {
     fx.ok(&["upgrade"]);
     assert_eq!(fx.versions(), ["4.0", "1.0"]);
     fx.assert_bootable();
+
+    // Signed summaries: the remote now also verifies the summary.
+    let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(fx.sysroot())));
+    sysroot.load(gio::Cancellable::NONE).unwrap();
+    let repo = sysroot.repo();
+    let url = repo.remote_get_url("cairn").unwrap();
+    let key = repo
+        .remote_option("cairn", "gpgkeypath", None)
+        .unwrap()
+        .unwrap();
+    repo.remote_delete("cairn", gio::Cancellable::NONE).unwrap();
+    let opts = glib::VariantDict::new(None);
+    opts.insert("gpg-verify", true);
+    opts.insert("gpg-verify-summary", true);
+    opts.insert("gpgkeypath", key.as_str());
+    repo.remote_add(
+        "cairn",
+        Some(&url),
+        Some(&opts.end()),
+        gio::Cancellable::NONE,
+    )
+    .unwrap();
+    let sign = |c: &str| {
+        fx.src
+            .sign_commit(c, &g.key, Some(g.home_str()), gio::Cancellable::NONE)
+            .unwrap()
+    };
+    let v5 = fx.commit(REF, &Tree::new("5.0", 5));
+    sign(&v5);
+    let published = fx.publish(&["--gpg-sign", &g.key, "--gpg-homedir", g.home_str()]);
+    assert!(published.contains("signed"), "{published}");
+    fx.ok(&["upgrade"]);
+    assert_eq!(fx.versions()[0], "5.0");
+    let v6 = fx.commit(REF, &Tree::new("6.0", 6));
+    sign(&v6);
+    fx.publish(&[]);
+    let err = fx.fails(&["upgrade"]);
+    assert!(err.contains("summary") || err.contains("GPG"), "{err}");
+    assert_eq!(fx.versions()[0], "5.0");
 }
 
 /// Umounts the tmpfs /boot of a fixture.
