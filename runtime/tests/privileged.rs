@@ -848,7 +848,10 @@ fn containers_talk_over_the_bridge() {
     let a = RunOptions {
         ip: Some(a_ip),
         detach: true,
-        ..env.opts("srv", &["sh", "-c", "echo listening; nc -l -p 8080"])
+        ..env.opts(
+            "srv",
+            &["sh", "-c", "echo listening; sleep 1000 | nc -l -p 8080"],
+        )
     };
     match env.rt.run(&a).unwrap() {
         RunOutcome::Detached { ip, .. } => assert_eq!(ip, Some(a_ip)),
@@ -866,7 +869,8 @@ fn containers_talk_over_the_bridge() {
         .to_string();
     assert!(err.contains("in use"), "{err}");
     assert!(!env.rt.paths.container("clash").exists());
-    // Container → container (ping and TCP), container → host.
+    // Container → container (ping and TCP), container → host. (The servers
+    // read from a pipe that stays open: busybox nc quits when stdin ends.)
     let client = format!("ping -c 1 -W 3 {a_ip} >/dev/null && echo ping-ok; ping -c 1 -W 3 {} >/dev/null && echo gw-ok; ok=1; for i in 1 2 3 4 5 6 7 8 9 10; do echo hello-from-b | nc -w 3 {a_ip} 8080 && {{ ok=0; break; }}; sleep 0.3; done; echo nc=$ok", net.gateway);
     let (code, log) = env.run_to_end(env.opts("cli", &["sh", "-c", &client]));
     assert_eq!(code, 0, "{log}");
@@ -885,7 +889,10 @@ fn containers_talk_over_the_bridge() {
     // Host → container, by address, no NAT in between.
     let b = RunOptions {
         detach: true,
-        ..env.opts("srv2", &["sh", "-c", "echo listening; nc -l -p 9090"])
+        ..env.opts(
+            "srv2",
+            &["sh", "-c", "echo listening; sleep 1000 | nc -l -p 9090"],
+        )
     };
     let RunOutcome::Detached { ip: Some(b_ip), .. } = env.rt.run(&b).unwrap() else {
         panic!()
