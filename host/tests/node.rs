@@ -377,13 +377,18 @@ impl Drop for Fixture {
     }
 }
 
-/// Parsed `ostree admin status` (text only in 2022.7):
-/// (stateroot, checksum, serial, version, pinned, refspec) per deployment.
-fn parse_admin_status(s: &str) -> Vec<BTreeMap<&'static str, String>> {
+/// Parsed `ostree admin status` (text only in 2022.7): stateroot, checksum,
+/// serial, version, pinned, refspec per deployment; with `flags` (a booted
+/// system) also the `*` booted mark and the (staged|pending|rollback) marker.
+fn parse_admin_status(s: &str, flags: bool) -> Vec<BTreeMap<&'static str, String>> {
     let mut out: Vec<BTreeMap<&'static str, String>> = Vec::new();
     for line in s.lines() {
-        if let Some(rest) = line.strip_prefix("  ").filter(|r| !r.starts_with(' ')) {
-            let rest = rest.trim_start_matches("* ");
+        let head = line
+            .strip_prefix("* ")
+            .map(|r| (true, r))
+            .or_else(|| line.strip_prefix("  ").map(|r| (false, r)))
+            .filter(|(_, r)| !r.starts_with(' '));
+        if let Some((booted, rest)) = head {
             let mut words = rest.split_whitespace();
             let stateroot = words.next().unwrap().to_string();
             let (csum, serial) = words.next().unwrap().rsplit_once('.').unwrap();
@@ -392,6 +397,14 @@ fn parse_admin_status(s: &str) -> Vec<BTreeMap<&'static str, String>> {
             m.insert("checksum", csum.to_string());
             m.insert("serial", serial.to_string());
             m.insert("pinned", "false".to_string());
+            if flags {
+                m.insert("booted", booted.to_string());
+                let marker = words
+                    .next()
+                    .unwrap_or("")
+                    .trim_matches(|c| c == '(' || c == ')');
+                m.insert("marker", marker.to_string());
+            }
             out.push(m);
         } else if let Some(v) = line.trim().strip_prefix("Version: ") {
             out.last_mut().unwrap().insert("version", v.to_string());
@@ -404,7 +417,10 @@ fn parse_admin_status(s: &str) -> Vec<BTreeMap<&'static str, String>> {
     out
 }
 
-fn status_as_admin_fields(status: &serde_json::Value) -> Vec<BTreeMap<&'static str, String>> {
+fn status_as_admin_fields(
+    status: &serde_json::Value,
+    flags: bool,
+) -> Vec<BTreeMap<&'static str, String>> {
     status["deployments"]
         .as_array()
         .unwrap()
@@ -420,6 +436,19 @@ fn status_as_admin_fields(status: &serde_json::Value) -> Vec<BTreeMap<&'static s
             }
             if let Some(r) = d["origin"]["refspec"].as_str() {
                 m.insert("refspec", r.to_string());
+            }
+            if flags {
+                m.insert("booted", d["booted"].to_string());
+                let marker = if d["staged"] == true {
+                    "staged"
+                } else if d["pending"] == true {
+                    "pending"
+                } else if d["rollback"] == true {
+                    "rollback"
+                } else {
+                    ""
+                };
+                m.insert("marker", marker.to_string());
             }
             m
         })
@@ -538,8 +567,8 @@ fn upgrade_shows_the_change_and_status_agrees_with_stock_ostree() {
     assert_eq!(d[1]["packageDiff"]["downgraded"][0]["name"], "systemd");
     assert_eq!(d[1]["packageDiff"]["removed"][0]["name"], "jq");
     assert_eq!(
-        status_as_admin_fields(&status),
-        parse_admin_status(&fx.ostree_admin_status()),
+        status_as_admin_fields(&status, false),
+        parse_admin_status(&fx.ostree_admin_status(), false),
         "host status --json vs ostree admin status"
     );
     let human = fx.ok(&["status"]);
@@ -568,8 +597,8 @@ fn rollback_twice_goes_back() {
     assert_eq!(fx.versions(), ["2.0", "1.0"]);
     fx.assert_bootable();
     assert_eq!(
-        status_as_admin_fields(&fx.status()),
-        parse_admin_status(&fx.ostree_admin_status())
+        status_as_admin_fields(&fx.status(), false),
+        parse_admin_status(&fx.ostree_admin_status(), false)
     );
 }
 
@@ -649,8 +678,8 @@ fn switch_pin_and_cleanup() {
     assert_eq!(fx.versions(), ["green-3", "green-2", "1.0"]);
     assert_eq!(fx.status()["deployments"][2]["pinned"], true);
     assert_eq!(
-        status_as_admin_fields(&fx.status()),
-        parse_admin_status(&fx.ostree_admin_status())
+        status_as_admin_fields(&fx.status(), false),
+        parse_admin_status(&fx.ostree_admin_status(), false)
     );
 
     let out = fx.ok(&["cleanup", "-r"]);
@@ -1284,6 +1313,7 @@ fn booted_upgrade_is_staged_and_keeps_etc_edits_made_before_the_reboot() {
         "/run/host upgrade
          /run/host status > {d}/staged.txt
          /run/host status --json > {d}/staged.json
+         ostree admin status > {d}/staged-admin.txt
          echo kept > /etc/edited-before-reboot
          ostree admin finalize-staged
          /run/host status --json > {d}/finalized.json"
@@ -1307,6 +1337,12 @@ fn booted_upgrade_is_staged_and_keeps_etc_edits_made_before_the_reboot() {
     );
     assert!(text_status.contains("● 1 cairn"), "{text_status}");
 
+    let admin = std::fs::read_to_string(fx.dir.path().join("staged-admin.txt")).unwrap();
+    assert_eq!(
+        status_as_admin_fields(&staged, true),
+        parse_admin_status(&admin, true),
+        "host status vs ostree admin status on the booted system:\n{admin}"
+    );
     let finalized = fx.read_json("finalized.json");
     assert_eq!(finalized["deployments"][0]["staged"], false);
     assert_eq!(finalized["deployments"][0]["pending"], true);
