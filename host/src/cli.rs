@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::app;
-use crate::compose;
 use crate::node;
+use crate::{compose, fleet};
 
 /// cairn: an immutable container host, composed from a manifest, updated atomically.
 #[derive(Debug, Parser)]
@@ -36,6 +36,10 @@ pub enum Command {
     /// Application containers: import OCI images, run, supervise.
     App(app::AppCommand),
 
+    /// Reboot coordination for fleets (FleetLock on etcd).
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
+
     /// Print a shell completion script to stdout.
     Completions {
         /// The shell to complete for.
@@ -55,6 +59,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Compose(cmd) => compose::run(cmd),
         Command::Node(cmd) => node::run(cmd, cli.verbose),
         Command::App(cmd) => app::run(cmd),
+        Command::Fleet(cmd) => fleet::run(cmd),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "host", &mut std::io::stdout());

@@ -5,6 +5,7 @@ mod app;
 mod cli;
 mod compose;
 mod compose_image;
+mod fleet;
 mod node;
 
 use std::process::ExitCode;

@@ -10,6 +10,7 @@
 #[macro_use]
 pub mod failpoints;
 pub mod commit;
+pub mod fleetlock;
 pub mod ops;
 pub mod packages;
 pub mod pull;
