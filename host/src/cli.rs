@@ -102,4 +102,69 @@ mod tests {
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    /// Every visible command path, e.g. "host compose tree".
+    fn command_paths(cmd: &clap::Command, prefix: &str, out: &mut Vec<String>) {
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            let path = format!("{prefix} {}", sub.get_name());
+            out.push(path.clone());
+            command_paths(sub, &path, out);
+        }
+    }
+
+    #[test]
+    fn man_pages_cover_every_command() {
+        let dir = tempfile::tempdir().unwrap();
+        write_man_pages(dir.path()).unwrap();
+        let mut paths = Vec::new();
+        command_paths(&Cli::command(), "host", &mut paths);
+        for path in paths {
+            let page = dir.path().join(format!("{}.1", path.replace(' ', "-")));
+            let text = std::fs::read_to_string(&page)
+                .unwrap_or_else(|_| panic!("no man page {}", page.display()));
+            assert!(text.contains(".TH"), "{} is not a man page", page.display());
+        }
+    }
+
+    #[test]
+    fn completions_know_every_top_level_command() {
+        let mut buf = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "host",
+            &mut buf,
+        );
+        let script = String::from_utf8(buf).unwrap();
+        for sub in Cli::command()
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+        {
+            assert!(
+                script.contains(sub.get_name()),
+                "bash completion lacks {}",
+                sub.get_name()
+            );
+        }
+    }
+
+    /// docs/cli.md documents every command: adding one without documenting it fails here.
+    #[test]
+    fn docs_cli_md_mentions_every_command() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/cli.md"))
+            .unwrap();
+        let mut paths = Vec::new();
+        command_paths(&Cli::command(), "host", &mut paths);
+        let missing: Vec<&String> = paths
+            .iter()
+            .filter(|p| !doc.contains(&format!("`{p}")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/cli.md does not document: {missing:?}"
+        );
+    }
 }
