@@ -203,6 +203,7 @@ impl Runtime {
     /// Create a container and start it: in the foreground (returns its exit
     /// code) or under a detached monitor.
     pub fn run(&self, opts: &RunOptions) -> Result<RunOutcome> {
+        let t0 = Instant::now();
         let name = match &opts.name {
             Some(n) => n.clone(),
             None => format!("c-{}", random_hex(4)?),
@@ -249,6 +250,11 @@ impl Runtime {
         }
         let repo = self.repo()?;
         let img = image::resolve(&repo, &opts.image)?;
+        tracing::debug!(
+            "run: image {} resolved after {:?}",
+            img.reference(),
+            t0.elapsed()
+        );
         let checkout = image::ensure_checkout(&repo, &img.commit, &self.paths.checkouts())?;
         drop(repo);
 
@@ -319,6 +325,7 @@ impl Runtime {
         write_json(&dir.join("state.json"), &ContainerState::default())?;
         undo.record = Some(record.clone());
 
+        tracing::debug!("run: container {name} prepared after {:?}", t0.elapsed());
         if !opts.detach {
             let code = crate::monitor::supervise(self, &name, false)?;
             std::mem::forget(undo);
@@ -423,7 +430,7 @@ impl Runtime {
         self.record(name)?;
         let st = self.state(name)?;
         match st.observed() {
-            Status::Running | Status::Restarting | Status::Created => {}
+            Status::Running | Status::Restarting => {}
             Status::Dead => {
                 // The monitor is gone; its child died with it (PDEATHSIG).
                 if let Some(pid) = st.pid {
@@ -469,10 +476,10 @@ impl Runtime {
         let r = self.record(name)?;
         let st = self.state(name)?;
         match st.observed() {
-            Status::Running | Status::Restarting | Status::Created if !force => {
+            Status::Running | Status::Restarting if !force => {
                 bail!("container {name} is running: stop it first (host app stop {name}) or use --force")
             }
-            Status::Running | Status::Restarting | Status::Created | Status::Dead => {
+            Status::Running | Status::Restarting | Status::Dead => {
                 self.stop(name, Duration::ZERO)?;
             }
             _ => {}

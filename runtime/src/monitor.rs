@@ -314,8 +314,12 @@ fn supervise_inner(m: &mut Monitor) -> Result<i32> {
     let mut backoff = BACKOFF_START;
     let mut first = true;
     loop {
+        let t0 = Instant::now();
         let pid = match m.start() {
-            Ok(pid) => pid,
+            Ok(pid) => {
+                tracing::debug!("monitor: {} started in {:?}", m.record.name, t0.elapsed());
+                pid
+            }
             // The first start reports its failure to `run`; later ones are retried.
             Err(e) if first => return Err(e),
             Err(e) => {
@@ -335,6 +339,11 @@ fn supervise_inner(m: &mut Monitor) -> Result<i32> {
         m.state.exit_code = None;
         m.save()?;
         let code = m.run_once(pid)?;
+        tracing::debug!(
+            "monitor: {} exited with {code} after {:?}",
+            m.record.name,
+            t0.elapsed()
+        );
         m.state.exit_code = Some(code);
         m.state.pid = None;
         m.state.finished_at = Some(crate::state::now());

@@ -182,6 +182,8 @@ impl ContainerState {
     /// The status to show: a running container whose monitor is gone is dead.
     pub fn observed(&self) -> Status {
         match self.status {
+            // Not started yet: no monitor to ask about.
+            Status::Created if self.monitor_pid.is_none() => Status::Created,
             Status::Running | Status::Restarting | Status::Created if !self.monitor_alive() => {
                 Status::Dead
             }

@@ -533,6 +533,40 @@ fn import_verify_whiteouts_and_archive() {
         env.rt.verify("busybox:test").is_ok(),
         "shared objects survive the prune"
     );
+
+    // Corrupt one stored file object: verify names the image and fails.
+    let mut biggest: Option<(u64, PathBuf)> = None;
+    for e in walk(&env.rt.paths.repo().join("objects")) {
+        let meta = std::fs::symlink_metadata(&e).unwrap();
+        if e.extension().is_some_and(|x| x == "file") && meta.is_file() {
+            let len = meta.len();
+            if biggest.as_ref().map_or(true, |(l, _)| len > *l) {
+                biggest = Some((len, e));
+            }
+        }
+    }
+    let (_, obj) = biggest.unwrap();
+    let mut data = std::fs::read(&obj).unwrap();
+    data[1000] ^= 0xff;
+    std::fs::write(&obj, &data).unwrap();
+    let err = format!("{:#}", env.rt.verify("busybox:test").unwrap_err());
+    assert!(
+        err.contains("corrupt") && err.contains("busybox:test"),
+        "{err}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// The (contents, metadata) checksums of a commit's root directory.
