@@ -181,9 +181,12 @@ impl Vm {
             .arg("-chardev")
             .arg(format!("file,id=serial0,path={}", log.display()))
             .args(["-serial", "chardev:serial0"])
+            // cache=writeback (QEMU's default, spelled out): the guest's flushes
+            // reach the host file, so a power cut (SIGKILL) loses only what the
+            // guest had not synced, as on real hardware. Never cache=unsafe here.
             .arg("-drive")
             .arg(format!(
-                "file={},format=qcow2,if=virtio,cache=unsafe",
+                "file={},format=qcow2,if=virtio,cache=writeback",
                 self.overlay.display()
             ))
             .args(["-netdev", "user,id=net0"])
