@@ -47,13 +47,19 @@ const TESTS: &[(&str, TestFn)] = &[
         "cleanup_after_rm_and_after_a_crashed_monitor",
         cleanup_after_rm_and_after_a_crashed_monitor,
     ),
+    (
+        "cgroup_v2_placement_and_cleanup",
+        cgroup_v2_placement_and_cleanup,
+    ),
 ];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--monitor") {
-        // Entry point of a detached container's monitor: --monitor ROOT BRIDGE SUBNET NAME
-        let rt = runtime_at(Path::new(&args[2]), &args[3], &args[4]);
+        // Entry point of a detached container's monitor:
+        // --monitor ROOT BRIDGE SUBNET NAME [CGROUP_ROOT SLICE]
+        let cg = (args.len() > 7).then(|| (args[6].as_str(), args[7].as_str()));
+        let rt = runtime_at(Path::new(&args[2]), &args[3], &args[4], cg);
         let code = match cairn_runtime::monitor::supervise(&rt, &args[5], true) {
             Ok(c) => c,
             Err(e) => {
@@ -121,12 +127,20 @@ fn main() {
 
 // ---------------------------------------------------------------- fixtures
 
-fn runtime_at(root: &Path, bridge: &str, subnet: &str) -> Runtime {
+/// A runtime over `root`; `cgroups` (root, slice) overrides the cgroup location.
+fn runtime_at(root: &Path, bridge: &str, subnet: &str, cgroups: Option<(&str, &str)>) -> Runtime {
     let mut rt = Runtime::new(root, NetworkConfig::parse(bridge, subnet).unwrap());
+    if let Some((cg_root, slice)) = cgroups {
+        rt.cgroups = cairn_runtime::cgroup::CgroupManager::new(cg_root, slice);
+    }
     let (b, s) = (bridge.to_string(), subnet.to_string());
+    let cg = cgroups.map(|(r, s)| (r.to_string(), s.to_string()));
     rt.monitor_command = Some(Box::new(move |root: &Path, name: &str| {
         let mut c = std::process::Command::new(std::env::current_exe().unwrap());
         c.arg("--monitor").arg(root).arg(&b).arg(&s).arg(name);
+        if let Some((r, s)) = &cg {
+            c.arg(r).arg(s);
+        }
         c
     }));
     rt
@@ -153,7 +167,7 @@ impl Env {
             (pid / 100 + n * 37) % 250
         );
         let root = tempfile::tempdir().unwrap();
-        let rt = runtime_at(root.path(), &bridge, &subnet);
+        let rt = runtime_at(root.path(), &bridge, &subnet, None);
         let layout = root.path().join("busybox-oci");
         make_busybox_layout(&layout);
         Env {
@@ -1116,4 +1130,63 @@ fn cleanup_after_rm_and_after_a_crashed_monitor() {
     // The image is free again.
     env.rt.rmi("busybox:test").unwrap();
     assert!(env.rt.images().unwrap().is_empty());
+}
+
+/// The cgroup v2 code path on this hybrid machine's (controller-less)
+/// unified hierarchy: the container lands in its own cgroup, sees it as the
+/// root of its cgroup namespace, and the cgroup is gone after `rm`. Limits
+/// themselves need controllers, so they are proven in the QEMU guest.
+fn cgroup_v2_placement_and_cleanup() {
+    let unified = "/sys/fs/cgroup/unified";
+    if !Path::new(unified).join("cgroup.controllers").exists() {
+        // A pure v2 host: the default location is already unified.
+        return cgroup_checks(Env::new(), "/sys/fs/cgroup", "cairn.slice");
+    }
+    let mut env = Env::new();
+    let slice = format!("cairnt{}.slice", std::process::id());
+    env.rt = runtime_at(
+        env._root.path(),
+        &env.rt.network.bridge.clone(),
+        &subnet_of(&env),
+        Some((unified, &slice)),
+    );
+    cgroup_checks(env, unified, &slice);
+    let _ = std::fs::remove_dir(Path::new(unified).join(&slice));
+}
+
+fn subnet_of(env: &Env) -> String {
+    format!("{}/{}", env.rt.network.gateway, env.rt.network.prefix)
+}
+
+fn cgroup_checks(env: Env, cg_root: &str, slice: &str) {
+    env.import();
+    let dir = Path::new(cg_root).join(slice);
+    env.rt
+        .run(&RunOptions {
+            detach: true,
+            ..env.opts("cg", &["sleep", "1000"])
+        })
+        .unwrap();
+    let pid = env.rt.state("cg").unwrap().pid.unwrap();
+    let procs = std::fs::read_to_string(dir.join("cg/cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|l| l == pid.to_string()),
+        "pid {pid} not in {}: {procs}",
+        dir.display()
+    );
+    let (code, log) = env.run_to_end(env.opts("cgself", &["cat", "/proc/self/cgroup"]));
+    assert_eq!(code, 0);
+    assert!(
+        log.lines().any(|l| l == "0::/"),
+        "own cgroup namespace root: {log}"
+    );
+    env.rt.rm("cg", true).unwrap();
+    assert!(
+        !dir.join("cg").exists(),
+        "cgroup removed with the container"
+    );
+    assert!(
+        !dir.join("cgself").exists(),
+        "cgroup removed when the container exited"
+    );
 }
