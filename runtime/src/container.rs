@@ -263,16 +263,18 @@ pub fn make_scaffold(
             continue; // made inside the /dev tmpfs
         }
         let rel = dst.strip_prefix("/").unwrap_or(dst);
-        let in_image = resolve_in_root(image_root, rel, true)?;
+        // Symlinks are not followed: a scaffold entry shadows one, so a
+        // hostile `/tmp -> /` in an image cannot put a mount over its root.
+        let in_image = plain_path_kind(image_root, rel);
         let source_is_file =
             m.typ().as_deref() == Some("bind") && m.source().as_ref().is_some_and(|s| s.is_file());
         let target = scaffold.join(rel);
         if source_is_file {
-            if !in_image.is_file() {
+            if !in_image.is_some_and(|t| t.is_file()) {
                 fs::create_dir_all(target.parent().unwrap_or(scaffold))?;
                 fs::write(&target, "")?;
             }
-        } else if !in_image.is_dir() {
+        } else if !in_image.is_some_and(|t| t.is_dir()) {
             fs::create_dir_all(&target)
                 .with_context(|| format!("creating mount point {}", target.display()))?;
         }
@@ -283,6 +285,24 @@ pub fn make_scaffold(
         fs::write(&target, content).with_context(|| format!("writing {}", target.display()))?;
     }
     Ok(())
+}
+
+/// The type of `rel` in `root` when no component of it is a symlink.
+fn plain_path_kind(root: &Path, rel: &Path) -> Option<fs::FileType> {
+    let mut p = root.to_path_buf();
+    let mut kind = None;
+    for c in rel.components() {
+        if kind.is_some_and(|k: fs::FileType| !k.is_dir()) {
+            return None;
+        }
+        p.push(c);
+        let t = fs::symlink_metadata(&p).ok()?.file_type();
+        if t.is_symlink() {
+            return None;
+        }
+        kind = Some(t);
+    }
+    kind
 }
 
 fn setup_dev(dev: &Path) -> Result<()> {
@@ -694,5 +714,61 @@ mod tests {
         ]);
         assert!(flags.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID));
         assert_eq!((data.as_str(), bind), ("mode=755,size=1k", false));
+    }
+
+    #[test]
+    fn scaffold_holds_missing_mount_points_and_generated_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let image = tempfile::tempdir().unwrap();
+        let r = image.path();
+        std::fs::create_dir_all(r.join("bin")).unwrap();
+        std::fs::create_dir_all(r.join("proc")).unwrap(); // the image has /proc already
+        std::os::unix::fs::symlink("/", r.join("tmp")).unwrap(); // and a hostile /tmp
+        std::fs::write(r.join("bin/app"), "").unwrap();
+        std::fs::set_permissions(r.join("bin/app"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let vol_dir = tempfile::tempdir().unwrap();
+        let vol_file = vol_dir.path().join("cfg");
+        std::fs::write(&vol_file, "x").unwrap();
+        let volumes = [
+            crate::spec::Volume::parse(&format!("{}:/srv/data", vol_dir.path().display())).unwrap(),
+            crate::spec::Volume::parse(&format!("{}:/etc/app.conf:ro", vol_file.display()))
+                .unwrap(),
+        ];
+        let cfg = crate::image::ImageConfig {
+            cmd: vec!["/bin/app".into()],
+            ..Default::default()
+        };
+        let spec = crate::spec::build(&crate::spec::SpecInput {
+            hostname: "h",
+            image: &cfg,
+            image_root: r,
+            rootfs: Path::new("/r"),
+            command: &[],
+            env: &[],
+            volumes: &volumes,
+            limits: &Default::default(),
+            cgroups_path: None,
+        })
+        .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let sc = out.path().join("scaffold");
+        make_scaffold(&spec, &sc, r, &[("/etc/hostname", "h\n".into())]).unwrap();
+        assert!(!sc.join("proc").exists(), "the image provides /proc");
+        for d in ["dev", "sys", "run", "tmp", "srv/data"] {
+            assert!(sc.join(d).is_dir(), "{d}");
+        }
+        assert!(
+            !sc.join("dev/pts").exists(),
+            "made inside the /dev tmpfs instead"
+        );
+        assert!(
+            sc.join("etc/app.conf").is_file(),
+            "file volume gets a file mount point"
+        );
+        assert_eq!(
+            std::fs::read_to_string(sc.join("etc/hostname")).unwrap(),
+            "h\n"
+        );
     }
 }
