@@ -176,7 +176,7 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
     let root = work.path().join("rootfs");
 
     let step = progress.step("preparing the tree");
-    match &base {
+    let baked_apps = match &base {
         Base::Packages(resolved) => {
             drop(step);
             let pkgs = manifest.spec.packages.as_ref().expect("packages base");
@@ -184,30 +184,34 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
             let step = progress.step("preparing the tree");
             step.message("copying the package stage");
             stage::copy_tree(&staged.rootfs, &root)?;
-            customize(
+            let apps = customize(
                 manifest,
                 &root,
+                work.path(),
                 host_binary.as_deref(),
                 &refname,
                 &version,
                 now,
             )?;
             step.finish("");
+            apps
         }
         Base::Rootfs { path, .. } => {
             step.message("unpacking the base rootfs");
             stage::unpack_rootfs(path, &root)?;
-            customize(
+            let apps = customize(
                 manifest,
                 &root,
+                work.path(),
                 host_binary.as_deref(),
                 &refname,
                 &version,
                 now,
             )?;
             step.finish("");
+            apps
         }
-    }
+    };
     let installed = match root.join("var/lib/dpkg/status").exists() {
         true => crate::apt::installed_packages(&root.join("var/lib/dpkg"))?,
         false => PackageSet::default(),
@@ -226,6 +230,9 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
     metadata.insert("cairn.manifest-digest".into(), digest.to_variant());
     metadata.insert("cairn.packages".into(), installed.to_lines().to_variant());
     metadata.insert("cairn.kargs".into(), manifest.spec.kernel_args.to_variant());
+    if !baked_apps.is_empty() {
+        metadata.insert("cairn.apps".into(), baked_apps.to_variant());
+    }
     if let Some(k) = &facts.kernel {
         metadata.insert("cairn.kernel".into(), k.to_variant());
     }
@@ -427,19 +434,22 @@ fn version_prefix(version: Option<&str>) -> Option<String> {
     None
 }
 
+#[allow(clippy::too_many_arguments)]
 fn customize(
     manifest: &Manifest,
     root: &Path,
+    scratch: &Path,
     host_binary: Option<&Path>,
     refname: &str,
     version: &str,
     now: i64,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let spec = &manifest.spec;
     tree::add_files(root, &spec.files)?;
     if let (Some(dst), Some(bin)) = (&spec.self_install, host_binary) {
         tree::self_install(root, bin, dst)?;
     }
+    let apps = crate::apps::bake(root, &spec.apps, scratch)?;
     tree::write_kargs(root, &spec.kernel_args)?;
     tree::write_sysusers(root, spec)?;
     tree::apply_units(
@@ -455,7 +465,7 @@ fn customize(
     ];
     tree::run_postprocess(root, &spec.postprocess, &env)?;
     tree::remove_files(root, &spec.remove_files)?;
-    Ok(())
+    Ok(apps)
 }
 
 /// Everything that determines the tree's content, hashed: the manifest's

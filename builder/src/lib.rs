@@ -1,6 +1,7 @@
 //! cairn-builder: compose a versioned, content-addressed host tree from a TOML
 //! manifest and commit it to an OSTree repository through libostree.
 
+pub mod apps;
 pub mod apt;
 pub mod compose;
 pub mod diff;

@@ -80,6 +80,44 @@ pub struct ManifestFile {
     /// Scripts run inside the tree, without network, after everything else.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub postprocess: Vec<Script>,
+    /// Application containers baked into the tree, started at boot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<App>,
+}
+
+/// An application container baked into the host tree: its image ships in the
+/// tree (pinned by digest), so host and app update and roll back together.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct App {
+    /// Container name (also the unit: `cairn-app-<name>.service`).
+    pub name: String,
+    /// OCI image layout directory or oci-archive tar, relative to the manifest.
+    pub image: PathBuf,
+    /// The image's manifest digest, `sha256:…`: the compose fails on any other image.
+    pub digest: String,
+    /// Command instead of the image's Cmd.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// `KEY=VALUE` environment entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<String>,
+    /// Fixed address on the container bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_cmd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_interval: Option<String>,
+    /// `no`, `on-failure` or `always` (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -425,6 +463,59 @@ impl Manifest {
                 ));
             }
         }
+        let mut app_names = std::collections::BTreeSet::new();
+        for (i, app) in s.apps.iter().enumerate() {
+            let key = |k: &str| format!("apps[{i}].{k}");
+            let name_ok = !app.name.is_empty()
+                && app.name.len() <= 63
+                && app.name.as_bytes()[0].is_ascii_alphanumeric()
+                && app
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+            if !name_ok {
+                return Err(self.invalid(
+                    key("name"),
+                    format!(
+                        "{:?}: 1 to 63 lowercase letters, digits, '_', '.' or '-'",
+                        app.name
+                    ),
+                ));
+            }
+            if !app_names.insert(app.name.clone()) {
+                return Err(self.invalid(key("name"), format!("{:?} is baked twice", app.name)));
+            }
+            if !app.image.exists() {
+                return Err(self.invalid(
+                    key("image"),
+                    format!("{} does not exist", app.image.display()),
+                ));
+            }
+            let hex = app.digest.strip_prefix("sha256:").unwrap_or_default();
+            if hex.len() != 64
+                || !hex
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                return Err(self.invalid(
+                    key("digest"),
+                    format!("{:?} is not a sha256:<64 hex> manifest digest", app.digest),
+                ));
+            }
+            if let Some(r) = &app.restart {
+                if !["no", "on-failure", "always"].contains(&r.as_str()) {
+                    return Err(self.invalid(
+                        key("restart"),
+                        format!("{r:?} is not one of no, on-failure, always"),
+                    ));
+                }
+            }
+            for e in &app.env {
+                if !e.contains('=') || e.starts_with('=') {
+                    return Err(self.invalid(key("env"), format!("{e:?} is not KEY=VALUE")));
+                }
+            }
+        }
         for (i, sc) in s.postprocess.iter().enumerate() {
             let key = format!("postprocess[{i}]");
             match (&sc.script, &sc.inline) {
@@ -464,6 +555,10 @@ impl Manifest {
                 }
                 sc.script = Some(PathBuf::from(format!("sha256:{digest}")));
             }
+        }
+        for app in &mut canon.apps {
+            // The image is pinned (and verified at compose) by its digest.
+            app.image = PathBuf::from(app.digest.clone());
         }
         if canon.rootfs.is_some() {
             // The base's content is hashed separately (see compose); its location is not meaning.
@@ -567,6 +662,7 @@ fn absolutize(spec: &mut ManifestFile, dir: &Path) {
     };
     spec.include.iter_mut().for_each(abs);
     spec.files.iter_mut().for_each(|f| abs(&mut f.src));
+    spec.apps.iter_mut().for_each(|a| abs(&mut a.image));
     spec.postprocess
         .iter_mut()
         .filter_map(|s| s.script.as_mut())
@@ -621,6 +717,7 @@ impl ManifestFile {
             groups: cat(self.groups, top.groups),
             kernel_args: cat(self.kernel_args, top.kernel_args),
             postprocess: cat(self.postprocess, top.postprocess),
+            apps: cat(self.apps, top.apps),
         }
     }
 }

@@ -152,6 +152,11 @@ fn validation_names_the_key() {
         ("ref = \"a/b\"\nrootfs = \".\"\n[[postprocess]]\nscript = \"gone.sh\"\n", "postprocess[0].script"),
         ("ref = \"a/b\"\n[packages]\nsuite = \"bookworm\"\nvariant = \"huge\"\n", "packages.variant"),
         ("ref = \"a/b\"\n[packages]\nsuite = \"bookworm\"\nsources = [\"http://x\"]\n", "packages.sources[0]"),
+        ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"Web\"\nimage = \"f\"\ndigest = \"sha256:00\"\n", "apps[0].name"),
+        ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"nope\"\ndigest = \"sha256:00\"\n", "apps[0].image"),
+        ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"sha256:00\"\n", "apps[0].digest"),
+        ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nrestart = \"sometimes\"\n", "apps[0].restart"),
+        ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"sha256:00\"\nports = 1\n", "ports"),
     ];
     for (text, expected) in cases {
         let e = err(dir.path(), text);

@@ -844,3 +844,132 @@ fn promote_moves_a_tested_tree_to_another_channel_without_rebuilding() {
     assert!(String::from_utf8_lossy(&foreign.stderr)
         .contains("is not in the history of test/x86_64/stable"));
 }
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// An OCI image layout of a busybox root with one uncompressed layer;
+/// returns the manifest digest (`sha256:…`).
+fn make_oci_layout(dir: &Path) -> String {
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap();
+    std::fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+    let layer = dir.join("layer.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .args(["--numeric-owner", "-cf"])
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let layout = dir.join("oci");
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let hex = sha256_hex(bytes);
+        std::fs::write(layout.join("blobs/sha256").join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let (layer_digest, layer_size) = put(&std::fs::read(&layer).unwrap());
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": { "Cmd": ["/bin/sh", "-c", "sleep 3600"] },
+        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
+    });
+    let (config_digest, config_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size }],
+    });
+    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest_size,
+            "annotations": { "org.opencontainers.image.ref.name": "demo:1" },
+        }],
+    });
+    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    manifest_digest
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn apps_are_verified_and_baked_into_the_tree_with_a_unit() {
+    let env = Env::new();
+    let digest = make_oci_layout(env.dir.path());
+    let app = |digest: &str| {
+        format!("[[apps]]\nname = \"web\"\nimage = \"oci\"\ndigest = \"{digest}\"\nmemory = \"64M\"\npids = \"32\"\nip = \"10.88.0.50\"\n")
+    };
+    env.manifest(&app(&digest));
+    let out = env.compose("repo", &[]);
+    assert!(out.status.success());
+    let commit = field(&out, "commit").to_string();
+    let ls = env.ostree("repo", &["ls", "-R", &commit, "/usr"]);
+    for needed in [
+        "/usr/lib/cairn/apps/web/image/index.json",
+        "/usr/lib/systemd/system/cairn-app-web.service",
+        "/usr/etc/systemd/system/multi-user.target.wants/cairn-app-web.service -> /usr/lib/systemd/system/cairn-app-web.service",
+    ] {
+        assert!(ls.lines().any(|l| l.ends_with(needed)), "tree lacks {needed}:\n{ls}");
+    }
+    let unit = env.ostree(
+        "repo",
+        &[
+            "cat",
+            &commit,
+            "/usr/lib/systemd/system/cairn-app-web.service",
+        ],
+    );
+    assert!(
+        unit.contains(&format!("\"cairn-app-web@{digest}\"")),
+        "{unit}"
+    );
+    assert!(unit.contains("\"--memory\" \"64M\""), "{unit}");
+    let apps = env.ostree(
+        "repo",
+        &["show", "--print-metadata-key=cairn.apps", &commit],
+    );
+    assert_eq!(apps.trim(), format!("['web@{digest}']"));
+
+    // Any other image than the pinned one is refused, and nothing is committed.
+    let head = env.ref_head("repo").unwrap();
+    env.manifest(&app(&format!("sha256:{}", "0".repeat(64))));
+    let wrong = env.compose("repo", &[]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("but the manifest pins"));
+    assert_eq!(env.ref_head("repo").unwrap(), head);
+
+    // A corrupted blob is caught by the verification.
+    let blobs = env.path("oci/blobs/sha256");
+    let layer = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&layer).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&layer, bytes).unwrap();
+    env.manifest(&app(&digest));
+    let corrupt = env.compose("repo", &[]);
+    assert!(!corrupt.status.success());
+    assert_eq!(env.ref_head("repo").unwrap(), head);
+}
