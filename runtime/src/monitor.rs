@@ -65,7 +65,7 @@ impl Monitor<'_> {
         let record = &self.record;
         let cgroups = &self.rt.cgroups;
         let has_cgroup = self.cgroup.is_some();
-        if let Some(_net) = &record.network {
+        if record.network.is_some() && self.state.restarts > 0 {
             // The previous instance's veth goes away with its namespace, but
             // asynchronously: make sure the name is free.
             crate::net::delete_link(&record.host_if)?;

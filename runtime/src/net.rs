@@ -340,9 +340,8 @@ pub fn attach(cfg: &NetworkConfig, pid: i32, host_if: &str, ip: Ipv4Addr) -> Res
         nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering {ns_path}"))?;
         netlink(move |h| async move {
-            let lo = link_index(&h, "lo")
-                .await?
-                .ok_or_else(|| anyhow!("no loopback in the container"))?;
+            // A new network namespace starts with loopback as ifindex 1.
+            let lo = 1;
             h.link()
                 .set(rtnetlink::LinkUnspec::new_with_index(lo).up().build())
                 .execute()
