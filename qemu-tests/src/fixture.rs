@@ -24,6 +24,9 @@ use sha2::{Digest, Sha256};
 /// The manifest the test image is composed from.
 pub const TEST_MANIFEST: &str = "qemu-tests/manifests/test-host.toml";
 
+/// Kernel argument the test image gets through `host compose image --karg`.
+pub const TEST_KARG: &str = "cairn.test-image=1";
+
 /// A composed commit and a disk image of it.
 #[derive(Debug, Clone)]
 pub struct TestImage {
@@ -147,6 +150,8 @@ fn build_test_image() -> Result<TestImage> {
                 ref_.as_ref(),
                 "--format".as_ref(),
                 "qcow2".as_ref(),
+                "--karg".as_ref(),
+                TEST_KARG.as_ref(),
                 "-o".as_ref(),
                 image.as_os_str(),
             ],
@@ -272,10 +277,11 @@ fn metadata_string(repo: &Path, commit: &str, key: &str) -> Result<Option<String
     Ok(Some(text.trim().trim_matches('\'').to_string()))
 }
 
-/// Name of an image: the commit and the writer (host binary) that made it.
+/// Name of an image: the commit, the writer (host binary) and its arguments.
 fn image_key(commit: &str, host: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     hasher.update(commit.as_bytes());
+    hasher.update(TEST_KARG.as_bytes());
     let mut file =
         std::fs::File::open(host).with_context(|| format!("reading {}", host.display()))?;
     std::io::copy(&mut file, &mut hasher)?;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use qemu_tests::fixture::ostree_cli;
+use qemu_tests::fixture::{ostree_cli, TEST_KARG};
 use qemu_tests::{boot_test_image, test_image, Vm};
 
 /// Unwrap with the whole error chain in the panic message.
@@ -176,4 +176,69 @@ fn var_and_etc_survive_reboot_and_power_cut() {
         must(ostree_cli(&image.repo, &["rev-parse", &image.ref_])),
         image.commit
     );
+}
+
+/// The kernel command line of the running guest, one argument per item.
+fn cmdline(vm: &mut Vm) -> Vec<String> {
+    must(vm.ok("cat /proc/cmdline"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Serial of the booted deployment (the N of `<checksum>.N`).
+fn booted_serial(vm: &mut Vm) -> String {
+    let path = must(vm.ok(
+        r#"set -e; arg=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^ostree=//p'); readlink -f "/sysroot$arg""#,
+    ));
+    path.trim()
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn the_bootloader_follows_libostree_deployments() {
+    let image = test_image();
+    let mut vm = boot("bootloader");
+
+    // The image's kernel arguments: the tree's, then --karg, then root.
+    let args = cmdline(&mut vm);
+    for want in [
+        "systemd.unified_cgroup_hierarchy=1",
+        TEST_KARG,
+        "root=LABEL=root",
+        "rw",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} missing: {args:?}");
+    }
+    let pos = |k: &str| args.iter().position(|a| a == k).unwrap();
+    assert!(pos("systemd.unified_cgroup_hierarchy=1") < pos(TEST_KARG));
+    assert!(pos(TEST_KARG) < pos("root=LABEL=root"));
+    assert_eq!(booted_serial(&mut vm), "0");
+
+    // A new deployment written by libostree (stock CLI: no code of ours)
+    // boots next, with its own kernel arguments.
+    must(vm.ok(&format!(
+        "ostree admin deploy --os=cairn --karg-append=cairn.second=1 cairn:{}",
+        image.ref_
+    )));
+    must(vm.reboot());
+    assert_boot_finished(&mut vm);
+    let args = cmdline(&mut vm);
+    assert!(args.iter().any(|a| a == "cairn.second=1"), "{args:?}");
+    assert!(
+        args.iter().any(|a| a == TEST_KARG),
+        "carried over: {args:?}"
+    );
+    assert_eq!(booted_serial(&mut vm), "1");
+
+    // And `host rollback` switches back to the first one.
+    must(vm.ok("host rollback"));
+    must(vm.reboot());
+    assert_boot_finished(&mut vm);
+    let args = cmdline(&mut vm);
+    assert!(!args.iter().any(|a| a == "cairn.second=1"), "{args:?}");
+    assert_eq!(booted_serial(&mut vm), "0");
 }
