@@ -39,6 +39,10 @@ pub enum NodeCommand {
         /// Only the booted deployment (the default one on a non-booted sysroot).
         #[arg(long)]
         booted: bool,
+        /// Exit with 77 when a deployment other than the booted one boots next
+        /// (staged or pending): a reboot would change the system.
+        #[arg(long)]
+        pending_exit_77: bool,
         #[command(flatten)]
         sysroot: SysrootArg,
     },
@@ -173,10 +177,12 @@ pub fn run(cmd: NodeCommand, verbose: u8) -> Result<ExitCode> {
         NodeCommand::Status {
             json,
             booted,
+            pending_exit_77,
             sysroot,
         } => {
             let verbose = verbose > 0;
             let mut status = cairn_updater::read_status(&sysroot.target(), verbose)?;
+            let pending = status.deployments.iter().any(|d| d.pending);
             if booted {
                 status = status.only_booted();
             }
@@ -186,6 +192,9 @@ pub fn run(cmd: NodeCommand, verbose: u8) -> Result<ExitCode> {
                 status.write_text(&mut out, verbose)?;
             }
             out.flush()?;
+            if pending_exit_77 && pending {
+                return Ok(ExitCode::from(77));
+            }
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Upgrade {

@@ -1314,6 +1314,7 @@ fn booted_upgrade_is_staged_and_keeps_etc_edits_made_before_the_reboot() {
          /run/host status > {d}/staged.txt
          /run/host status --json > {d}/staged.json
          ostree admin status > {d}/staged-admin.txt
+         /run/host status --pending-exit-77 > /dev/null || echo pending=$? > {d}/pending.txt
          echo kept > /etc/edited-before-reboot
          ostree admin finalize-staged
          /run/host status --json > {d}/finalized.json"
@@ -1343,6 +1344,8 @@ fn booted_upgrade_is_staged_and_keeps_etc_edits_made_before_the_reboot() {
         parse_admin_status(&admin, true),
         "host status vs ostree admin status on the booted system:\n{admin}"
     );
+    let pending = std::fs::read_to_string(fx.dir.path().join("pending.txt")).unwrap();
+    assert_eq!(pending, "pending=77\n");
     let finalized = fx.read_json("finalized.json");
     assert_eq!(finalized["deployments"][0]["staged"], false);
     assert_eq!(finalized["deployments"][0]["pending"], true);
