@@ -10,7 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::app;
 use crate::node;
-use crate::{compose, fleet};
+use crate::{agent, compose, fleet};
 
 /// cairn: an immutable container host, composed from a manifest, updated atomically.
 #[derive(Debug, Parser)]
@@ -36,6 +36,10 @@ pub enum Command {
     /// Application containers: import OCI images, run, supervise.
     App(app::AppCommand),
 
+    /// Automatic updates: check, stage and apply on a schedule, with update
+    /// windows and FleetLock reboot coordination.
+    Agent(agent::AgentArgs),
+
     /// Reboot coordination for fleets (FleetLock on etcd).
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
@@ -60,6 +64,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Node(cmd) => node::run(cmd, cli.verbose),
         Command::App(cmd) => app::run(cmd),
         Command::Fleet(cmd) => fleet::run(cmd),
+        Command::Agent(args) => agent::run(args),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "host", &mut std::io::stdout());

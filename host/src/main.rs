@@ -1,6 +1,7 @@
 //! `host`: the one cairn executable. Argument parsing only; every command is a
 //! thin call into the `cairn-builder`, `cairn-updater` or `cairn-runtime` library.
 
+mod agent;
 mod app;
 mod cli;
 mod compose;

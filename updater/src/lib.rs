@@ -9,6 +9,7 @@
 
 #[macro_use]
 pub mod failpoints;
+pub mod agent;
 pub mod commit;
 pub mod fleetlock;
 pub mod ops;

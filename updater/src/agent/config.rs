@@ -1,0 +1,425 @@
+//! The agent's configuration: TOML fragments, defaults under /usr, the
+//! operator's overrides under /etc (a later fragment's keys win), all keys
+//! optional and unknown keys rejected.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Datelike, NaiveTime, TimeZone, Utc, Weekday};
+use serde::{Deserialize, Serialize};
+
+/// Defaults shipped in the tree, then the machine's own settings.
+pub const DEFAULT_PATHS: &[&str] = &["/usr/lib/cairn/agent.toml", "/etc/cairn/agent.toml"];
+/// Drop-ins, read in name order after the files above.
+pub const DROPIN_DIR: &str = "/etc/cairn/agent.d";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Do nothing.
+    #[default]
+    Off,
+    /// Look for updates and report them.
+    Check,
+    /// Download and stage updates; they apply at the next reboot, whoever makes it.
+    Stage,
+    /// Stage, then reboot into them following the reboot strategy.
+    Apply,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Reboot as soon as an update is staged.
+    #[default]
+    Immediate,
+    /// Reboot only inside the update window.
+    Window,
+    /// Inside the window if one is set, and only with a FleetLock slot.
+    FleetLock,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Fragment {
+    policy: Option<Policy>,
+    interval: Option<String>,
+    jitter: Option<String>,
+    window: Option<WindowFragment>,
+    reboot: Option<RebootFragment>,
+    fleet_lock: Option<FleetLockFragment>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct WindowFragment {
+    days: Option<Vec<String>>,
+    start: Option<String>,
+    length: Option<String>,
+    timezone: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RebootFragment {
+    strategy: Option<Strategy>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FleetLockFragment {
+    base_url: Option<String>,
+    group: Option<String>,
+    id: Option<String>,
+}
+
+/// Days and hours in a time zone when reboots (and, with `apply`, updates) may happen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub days: Vec<Weekday>,
+    pub start: NaiveTime,
+    pub length: Duration,
+    pub timezone: chrono_tz::Tz,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetLockConfig {
+    pub base_url: String,
+    pub group: String,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    pub policy: Policy,
+    pub interval: Duration,
+    pub jitter: Duration,
+    pub window: Option<Window>,
+    pub strategy: Strategy,
+    pub fleet_lock: Option<FleetLockConfig>,
+    /// The files it was read from, for status and errors.
+    pub sources: Vec<PathBuf>,
+}
+
+impl AgentConfig {
+    /// Reads the default files and drop-ins under `root` (`/` on a node).
+    pub fn load(root: &Path) -> Result<AgentConfig> {
+        let mut files: Vec<PathBuf> = DEFAULT_PATHS
+            .iter()
+            .map(|p| root.join(p.trim_start_matches('/')))
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(root.join(DROPIN_DIR.trim_start_matches('/'))) {
+            let mut dropins: Vec<PathBuf> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect();
+            dropins.sort();
+            files.extend(dropins);
+        }
+        let existing: Vec<PathBuf> = files.into_iter().filter(|f| f.exists()).collect();
+        Self::from_files(&existing, machine_id(root))
+    }
+
+    pub fn from_files(files: &[PathBuf], default_id: Option<String>) -> Result<AgentConfig> {
+        let mut merged = Fragment::default();
+        for f in files {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let frag: Fragment = toml::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "agent configuration {}: {}",
+                    f.display(),
+                    e.to_string().trim_end()
+                )
+            })?;
+            merged = merge(merged, frag);
+        }
+        resolve(merged, files.to_vec(), default_id)
+    }
+
+    pub fn from_str(text: &str, default_id: Option<String>) -> Result<AgentConfig> {
+        let frag: Fragment = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("agent configuration: {}", e.to_string().trim_end()))?;
+        resolve(frag, Vec::new(), default_id)
+    }
+}
+
+fn merge(base: Fragment, top: Fragment) -> Fragment {
+    let window = match (base.window, top.window) {
+        (None, w) | (w, None) => w,
+        (Some(a), Some(b)) => Some(WindowFragment {
+            days: b.days.or(a.days),
+            start: b.start.or(a.start),
+            length: b.length.or(a.length),
+            timezone: b.timezone.or(a.timezone),
+        }),
+    };
+    let fleet_lock = match (base.fleet_lock, top.fleet_lock) {
+        (None, f) | (f, None) => f,
+        (Some(a), Some(b)) => Some(FleetLockFragment {
+            base_url: b.base_url.or(a.base_url),
+            group: b.group.or(a.group),
+            id: b.id.or(a.id),
+        }),
+    };
+    Fragment {
+        policy: top.policy.or(base.policy),
+        interval: top.interval.or(base.interval),
+        jitter: top.jitter.or(base.jitter),
+        window,
+        reboot: top.reboot.or(base.reboot),
+        fleet_lock,
+    }
+}
+
+fn resolve(f: Fragment, sources: Vec<PathBuf>, default_id: Option<String>) -> Result<AgentConfig> {
+    let interval = parse_duration("interval", f.interval.as_deref().unwrap_or("1h"))?;
+    if interval < Duration::from_secs(60) {
+        bail!("agent configuration: interval {:?} is under a minute; that would hammer the update server", f.interval.unwrap_or_default());
+    }
+    let jitter = parse_duration("jitter", f.jitter.as_deref().unwrap_or("5m"))?;
+    let window = match f.window {
+        None => None,
+        Some(w) => {
+            let days = match w.days {
+                None => vec![Weekday::Mon, Weekday::Tue, Weekday::Wed, Weekday::Thu, Weekday::Fri, Weekday::Sat, Weekday::Sun],
+                Some(d) => d
+                    .iter()
+                    .map(|s| s.parse::<Weekday>().map_err(|_| anyhow::anyhow!("agent configuration: window.days: {s:?} is not a day (mon, tue, …)")))
+                    .collect::<Result<_>>()?,
+            };
+            let start = w.start.as_deref().unwrap_or("00:00");
+            let start = NaiveTime::parse_from_str(start, "%H:%M").map_err(|_| {
+                anyhow::anyhow!("agent configuration: window.start: {start:?} is not HH:MM")
+            })?;
+            let length = parse_duration("window.length", w.length.as_deref().unwrap_or("1h"))?;
+            if length.is_zero() || length > Duration::from_secs(7 * 86_400) {
+                bail!("agent configuration: window.length must be between 1s and 7 days");
+            }
+            let tz = w.timezone.as_deref().unwrap_or("UTC");
+            let timezone = tz
+                .parse::<chrono_tz::Tz>()
+                .map_err(|_| anyhow::anyhow!("agent configuration: window.timezone: {tz:?} is not an IANA time zone (e.g. Europe/Berlin)"))?;
+            Some(Window {
+                days,
+                start,
+                length,
+                timezone,
+            })
+        }
+    };
+    let strategy = f.reboot.and_then(|r| r.strategy).unwrap_or_default();
+    let fleet_lock = match f.fleet_lock {
+        None => None,
+        Some(fl) => Some(FleetLockConfig {
+            base_url: fl.base_url.ok_or_else(|| anyhow::anyhow!("agent configuration: fleet-lock.base-url is missing"))?,
+            group: fl.group.unwrap_or_else(|| "default".into()),
+            id: match fl.id.or(default_id) {
+                Some(id) => id,
+                None => bail!("agent configuration: fleet-lock.id is missing and the machine has no /etc/machine-id"),
+            },
+        }),
+    };
+    if strategy == Strategy::Window && window.is_none() {
+        bail!("agent configuration: reboot.strategy = \"window\" needs a [window]");
+    }
+    if strategy == Strategy::FleetLock && fleet_lock.is_none() {
+        bail!("agent configuration: reboot.strategy = \"fleet-lock\" needs [fleet-lock] base-url");
+    }
+    Ok(AgentConfig {
+        policy: f.policy.unwrap_or_default(),
+        interval,
+        jitter,
+        window,
+        strategy,
+        fleet_lock,
+        sources,
+    })
+}
+
+fn machine_id(root: &Path) -> Option<String> {
+    std::fs::read_to_string(root.join("etc/machine-id"))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && s != "uninitialized")
+}
+
+/// `90s`, `10m`, `1h30m`, `2d`.
+pub fn parse_duration(key: &str, text: &str) -> Result<Duration> {
+    let mut total = 0u64;
+    let mut num = String::new();
+    let mut any = false;
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "agent configuration: {key}: {text:?} is not a duration like 90s, 10m, 1h30m"
+            )
+        })?;
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => {
+                bail!("agent configuration: {key}: unknown unit {c:?} in {text:?} (use s, m, h, d)")
+            }
+        };
+        total += n * unit;
+        num.clear();
+        any = true;
+    }
+    if !num.is_empty() || !any {
+        bail!("agent configuration: {key}: {text:?} is not a duration like 90s, 10m, 1h30m");
+    }
+    Ok(Duration::from_secs(total))
+}
+
+impl Window {
+    /// The window occurrences that could contain `now` or follow it.
+    fn occurrences(
+        &self,
+        now: DateTime<Utc>,
+    ) -> impl Iterator<Item = (DateTime<Utc>, DateTime<Utc>)> + '_ {
+        let local = now.with_timezone(&self.timezone).date_naive();
+        (-7i64..=8).filter_map(move |offset| {
+            let day = local + chrono::Duration::days(offset);
+            if !self.days.contains(&day.weekday()) {
+                return None;
+            }
+            // A start time skipped by a DST change starts at the next valid instant.
+            let start = self
+                .timezone
+                .from_local_datetime(&day.and_time(self.start))
+                .earliest()
+                .or_else(|| {
+                    self.timezone
+                        .from_local_datetime(
+                            &(day.and_time(self.start) + chrono::Duration::hours(1)),
+                        )
+                        .earliest()
+                })?
+                .with_timezone(&Utc);
+            let end = start + chrono::Duration::from_std(self.length).ok()?;
+            Some((start, end))
+        })
+    }
+
+    pub fn contains(&self, now: DateTime<Utc>) -> bool {
+        self.occurrences(now).any(|(s, e)| s <= now && now < e)
+    }
+
+    /// `now` if inside a window, else the start of the next one.
+    pub fn next_open(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        if self.contains(now) {
+            return now;
+        }
+        self.occurrences(now)
+            .map(|(s, _)| s)
+            .filter(|s| *s > now)
+            .min()
+            .unwrap_or(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("x", "90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            parse_duration("x", "1h30m").unwrap(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            parse_duration("x", "2d").unwrap(),
+            Duration::from_secs(172_800)
+        );
+        for bad in ["", "10", "5x", "h"] {
+            assert!(parse_duration("x", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fragments_merge_and_later_keys_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.toml");
+        let b = dir.path().join("b.toml");
+        std::fs::write(&a, "policy = \"stage\"\ninterval = \"2h\"\n[window]\ndays = [\"sat\"]\nstart = \"03:00\"\n").unwrap();
+        std::fs::write(&b, "policy = \"apply\"\n[window]\ntimezone = \"Europe/Berlin\"\n[reboot]\nstrategy = \"window\"\n").unwrap();
+        let c = AgentConfig::from_files(&[a, b], Some("m1".into())).unwrap();
+        assert_eq!(c.policy, Policy::Apply);
+        assert_eq!(c.interval, Duration::from_secs(7200));
+        let w = c.window.unwrap();
+        assert_eq!(
+            (w.days, w.start, w.timezone),
+            (
+                vec![Weekday::Sat],
+                NaiveTime::from_hms_opt(3, 0, 0).unwrap(),
+                chrono_tz::Europe::Berlin
+            )
+        );
+        assert_eq!(c.strategy, Strategy::Window);
+    }
+
+    #[test]
+    fn bad_configuration_is_refused_with_the_key() {
+        let cases = [
+            ("polcy = \"off\"", "polcy"),
+            ("interval = \"10s\"", "under a minute"),
+            ("[window]\ndays = [\"someday\"]", "window.days"),
+            ("[window]\nstart = \"25:00\"", "window.start"),
+            ("[window]\ntimezone = \"Mars/Olympus\"", "window.timezone"),
+            ("[reboot]\nstrategy = \"window\"", "needs a [window]"),
+            ("[reboot]\nstrategy = \"fleet-lock\"", "needs [fleet-lock]"),
+            ("[fleet-lock]\ngroup = \"g\"", "base-url is missing"),
+        ];
+        for (text, expected) in cases {
+            let e = format!(
+                "{:#}",
+                AgentConfig::from_str(text, Some("m".into())).unwrap_err()
+            );
+            assert!(e.contains(expected), "{text:?}: {e}");
+        }
+        let ok = AgentConfig::from_str("", None).unwrap();
+        assert_eq!((ok.policy, ok.strategy), (Policy::Off, Strategy::Immediate));
+    }
+
+    #[test]
+    fn windows_follow_days_hours_and_time_zones() {
+        let c = AgentConfig::from_str(
+            "[window]\ndays = [\"sat\", \"sun\"]\nstart = \"23:00\"\nlength = \"2h\"\ntimezone = \"Europe/Berlin\"\n",
+            None,
+        )
+        .unwrap();
+        let w = c.window.unwrap();
+        // Saturday 2026-11-21 23:00 in Berlin is 22:00 UTC (CET, +01:00).
+        assert!(!w.contains(utc("2026-11-21T21:59:00Z")));
+        assert!(w.contains(utc("2026-11-21T22:00:00Z")));
+        // It runs past midnight into Sunday.
+        assert!(w.contains(utc("2026-11-21T23:30:00Z")));
+        assert!(!w.contains(utc("2026-11-22T00:00:00Z")));
+        // Tuesday: the next window is Saturday's.
+        assert_eq!(
+            w.next_open(utc("2026-11-24T12:00:00Z")),
+            utc("2026-11-28T22:00:00Z")
+        );
+        assert_eq!(
+            w.next_open(utc("2026-11-21T22:30:00Z")),
+            utc("2026-11-21T22:30:00Z")
+        );
+        // Summer time: the same local hour is 21:00 UTC.
+        assert!(w.contains(utc("2026-06-20T21:00:00Z")));
+    }
+}
