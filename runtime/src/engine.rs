@@ -291,8 +291,8 @@ impl Runtime {
             stop_timeout: opts.stop_timeout,
         };
         undo.record = Some(record.clone());
-        let rootfs = dir.join("rootfs");
-        std::fs::create_dir_all(&rootfs)?;
+        // Made by the monitor at each start, on tmpfs (see Paths::run_root).
+        let rootfs = self.paths.container_run(&name).join("rootfs");
         let cgroups_path = (cgroup::detect(&self.cgroups.root) == cgroup::Layout::Unified)
             .then(|| PathBuf::from("/").join(&self.cgroups.slice).join(&name));
         let spec = spec::build(&spec::SpecInput {
@@ -310,16 +310,6 @@ impl Runtime {
         if let Some(net) = &network {
             record.ip = Some(Allocator::new(&self.paths.net(), net).allocate(&id, opts.ip)?);
         }
-        let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n");
-        if let Some(ip) = record.ip {
-            hosts.push_str(&format!("{ip}\t{name}\n"));
-        }
-        let files = [
-            ("/etc/hostname", format!("{name}\n")),
-            ("/etc/hosts", hosts),
-            ("/etc/resolv.conf", resolv_conf()),
-        ];
-        crate::container::make_scaffold(&spec, &dir.join("scaffold"), &checkout, &files)?;
         write_json(&dir.join("config.json"), &spec)?;
         write_json(&dir.join("container.json"), &record)?;
         write_json(&dir.join("state.json"), &ContainerState::default())?;
@@ -398,6 +388,12 @@ impl Runtime {
         }
         if cgroup::detect(&self.cgroups.root) == cgroup::Layout::Unified {
             self.cgroups.remove(&r.name)?;
+        }
+        let run = self.paths.container_run(&r.name);
+        if run.exists() {
+            std::fs::remove_dir_all(&run).with_context(|| format!("removing {}", run.display()))?;
+            // Gone once the last container of this root is.
+            let _ = std::fs::remove_dir(self.paths.run_root());
         }
         let dir = self.paths.container(&r.name);
         if dir.exists() {
@@ -556,6 +552,19 @@ impl Runtime {
         state["status"] = serde_json::to_value(st.observed())?;
         Ok(serde_json::json!({ "container": r, "state": state, "config": config }))
     }
+}
+
+/// Files the runtime provides inside a container (over the image's own).
+pub(crate) fn generated_files(r: &ContainerRecord) -> Vec<(&'static str, String)> {
+    let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n");
+    if let Some(ip) = r.ip {
+        hosts.push_str(&format!("{ip}\t{}\n", r.name));
+    }
+    vec![
+        ("/etc/hostname", format!("{}\n", r.name)),
+        ("/etc/hosts", hosts),
+        ("/etc/resolv.conf", resolv_conf()),
+    ]
 }
 
 /// The host's resolvers, minus loopback ones a container cannot reach.

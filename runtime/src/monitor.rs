@@ -59,10 +59,18 @@ impl Monitor<'_> {
 
     fn start(&mut self) -> Result<Pid> {
         let paths = &self.rt.paths;
-        let dir = paths.container(&self.record.name);
+        let run = paths.container_run(&self.record.name);
         let checkout = paths.checkouts().join(&self.record.image_commit);
-        let scaffold = dir.join("scaffold");
+        let scaffold = run.join("scaffold");
         let record = &self.record;
+        std::fs::create_dir_all(run.join("rootfs"))
+            .with_context(|| format!("creating {}", run.display()))?;
+        container::make_scaffold(
+            &self.spec,
+            &scaffold,
+            &checkout,
+            &crate::engine::generated_files(record),
+        )?;
         let cgroups = &self.rt.cgroups;
         let has_cgroup = self.cgroup.is_some();
         if record.network.is_some() && self.state.restarts > 0 {

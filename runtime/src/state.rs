@@ -9,7 +9,7 @@
 //!                                config.json    (the OCI runtime config)
 //!                                state.json     (what the monitor saw)
 //!                                container.log  (stdout and stderr)
-//!                                scaffold/, rootfs/ (mount points)
+//! /run/cairn/<hash>/<name>/      scaffold/, rootfs/ (per boot, tmpfs)
 //! ```
 
 use std::fs;
@@ -50,7 +50,22 @@ impl Paths {
     pub fn container(&self, name: &str) -> PathBuf {
         self.containers().join(name)
     }
+    /// Per-boot scratch (mount points, generated files) on tmpfs, one
+    /// directory per state root: `/run/cairn/<hash of the root path>`.
+    pub fn run_root(&self) -> PathBuf {
+        use sha2::Digest as _;
+        let h = hex::encode(sha2::Sha256::digest(
+            self.root.as_os_str().as_encoded_bytes(),
+        ));
+        Path::new(RUN_BASE).join(&h[..12])
+    }
+    pub fn container_run(&self, name: &str) -> PathBuf {
+        self.run_root().join(name)
+    }
 }
+
+/// Where per-boot scratch lives (a tmpfs on every systemd host).
+pub const RUN_BASE: &str = "/run/cairn";
 
 /// What to do when the container's process exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

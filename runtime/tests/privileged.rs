@@ -1093,6 +1093,10 @@ fn cleanup_after_rm_and_after_a_crashed_monitor() {
     assert!(link_gone(&tidy.host_if), "veth removed");
     assert!(!env.allocations().contains(&tidy.id), "address released");
     assert!(!env.rt.paths.container("tidy").exists());
+    assert!(
+        !env.rt.paths.container_run("tidy").exists(),
+        "per-boot scratch removed"
+    );
 
     // Kill the monitor hard: the container dies with it (PDEATHSIG), ps says so.
     let st = env.rt.state("crash").unwrap();
@@ -1127,6 +1131,7 @@ fn cleanup_after_rm_and_after_a_crashed_monitor() {
     assert!(link_gone(&crash.host_if));
     assert!(!env.allocations().contains(&crash.id));
     assert!(env.rt.ps().unwrap().is_empty());
+    assert!(!env.rt.paths.run_root().exists(), "nothing left in /run");
     // The image is free again.
     env.rt.rmi("busybox:test").unwrap();
     assert!(env.rt.images().unwrap().is_empty());
