@@ -204,6 +204,9 @@ impl Runtime {
     /// code) or under a detached monitor.
     pub fn run(&self, opts: &RunOptions) -> Result<RunOutcome> {
         let t0 = Instant::now();
+        if !nix::unistd::geteuid().is_root() {
+            bail!("running containers needs root (namespaces, mounts, netlink): run it as root");
+        }
         let name = match &opts.name {
             Some(n) => n.clone(),
             None => format!("c-{}", random_hex(4)?),
