@@ -10,7 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::app;
 use crate::node;
-use crate::{agent, compose, fleet};
+use crate::{agent, compose, fleet, health};
 
 /// cairn: an immutable container host, composed from a manifest, updated atomically.
 #[derive(Debug, Parser)]
@@ -40,6 +40,10 @@ pub enum Command {
     /// windows and FleetLock reboot coordination.
     Agent(agent::AgentArgs),
 
+    /// Health checks that gate a new deployment (rollback on failure).
+    #[command(subcommand)]
+    Health(health::HealthCommand),
+
     /// Reboot coordination for fleets (FleetLock on etcd).
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
@@ -65,6 +69,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::App(cmd) => app::run(cmd),
         Command::Fleet(cmd) => fleet::run(cmd),
         Command::Agent(args) => agent::run(args),
+        Command::Health(cmd) => health::run(cmd),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "host", &mut std::io::stdout());

@@ -7,6 +7,7 @@ mod cli;
 mod compose;
 mod compose_image;
 mod fleet;
+mod health;
 mod node;
 
 use std::process::ExitCode;

@@ -12,6 +12,7 @@ pub mod failpoints;
 pub mod agent;
 pub mod commit;
 pub mod fleetlock;
+pub mod health;
 pub mod ops;
 pub mod packages;
 pub mod pull;

@@ -305,6 +305,27 @@ impl Env for NodeEnv {
     }
 
     fn check(&mut self, stage: bool) -> Result<Found> {
+        // A commit that failed its health checks here is never staged again.
+        let health = crate::health::HealthState::load(Path::new(crate::health::STATE_FILE));
+        if stage && !health.bad_commits.is_empty() {
+            let mut log = Vec::new();
+            let peek = crate::upgrade(
+                &self.target,
+                &crate::UpgradeOptions {
+                    check: true,
+                    ..Default::default()
+                },
+                &mut log,
+            )?;
+            if let crate::Outcome::UpdateAvailable { checksum } = peek {
+                if health.is_bad(&checksum) {
+                    tracing::warn!(
+                        "agent: not staging {checksum}: it failed its health checks on this node"
+                    );
+                    return Ok(Found::Nothing);
+                }
+            }
+        }
         let opts = crate::UpgradeOptions {
             check: !stage,
             ..Default::default()
@@ -355,9 +376,13 @@ impl Env for NodeEnv {
 
 /// After a boot: a slot taken for the reboot into `checksum` is given back
 /// once that deployment is the one running.
+///
+/// The slot is held until the new boot passed its health checks (a node
+/// that stays unhealthy keeps it, and its group's rollout stops).
 pub fn after_boot(
     record: &mut Record,
     booted: Option<&str>,
+    healthy: bool,
     fleet: Option<&fleetlock::Client>,
 ) -> Result<()> {
     if let State::Rebooting { checksum } = &record.state {
@@ -370,6 +395,11 @@ pub fn after_boot(
             ));
         }
         record.state = State::Idle;
+    }
+    if record.holds_fleet_lock && !healthy {
+        record.last_result =
+            Some("holding the reboot slot until this boot passes its health checks".into());
+        return Ok(());
     }
     if record.holds_fleet_lock {
         if let Some(client) = fleet {
@@ -403,7 +433,9 @@ pub fn run(
     let booted = booted_csum.is_some() && target.path() == Path::new("/");
     let mut record = load_record(&state_file);
     if let Some(r) = record.as_mut() {
-        if let Err(e) = after_boot(r, booted_csum.as_deref(), fleet.as_ref()) {
+        let health = crate::health::HealthState::load(Path::new(crate::health::STATE_FILE));
+        let healthy = booted_csum.is_some() && health.last_healthy == booted_csum;
+        if let Err(e) = after_boot(r, booted_csum.as_deref(), healthy, fleet.as_ref()) {
             tracing::warn!("agent: {e:#}");
         }
     }
@@ -603,7 +635,13 @@ mod tests {
         assert!(m.record.holds_fleet_lock);
         // After the reboot, with no server reachable in this test, the record still says Idle.
         let mut r = m.record.clone();
-        after_boot(&mut r, Some("c2"), None).unwrap();
+        let mut unhealthy = r.clone();
+        after_boot(&mut unhealthy, Some("c2"), false, None).unwrap();
+        assert!(
+            unhealthy.holds_fleet_lock,
+            "an unhealthy boot keeps its slot"
+        );
+        after_boot(&mut r, Some("c2"), true, None).unwrap();
         assert_eq!(r.state, State::Idle);
         assert_eq!(r.last_result.as_deref(), Some("booted c2"));
     }
