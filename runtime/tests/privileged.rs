@@ -1147,8 +1147,16 @@ fn cgroup_v2_placement_and_cleanup() {
         // A pure v2 host: the default location is already unified.
         return cgroup_checks(Env::new(), "/sys/fs/cgroup", "cairn.slice");
     }
-    let mut env = Env::new();
     let slice = format!("cairnt{}.slice", std::process::id());
+    // Declared before the Env, so dropped after it: the slice goes last.
+    struct RemoveSlice(PathBuf);
+    impl Drop for RemoveSlice {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _slice_guard = RemoveSlice(Path::new(unified).join(&slice));
+    let mut env = Env::new();
     env.rt = runtime_at(
         env._root.path(),
         &env.rt.network.bridge.clone(),
@@ -1156,7 +1164,6 @@ fn cgroup_v2_placement_and_cleanup() {
         Some((unified, &slice)),
     );
     cgroup_checks(env, unified, &slice);
-    let _ = std::fs::remove_dir(Path::new(unified).join(&slice));
 }
 
 fn subnet_of(env: &Env) -> String {
