@@ -135,9 +135,18 @@ fn build_test_image() -> Result<TestImage> {
         eprintln!("qemu-tests: reusing {}", image.display());
         Duration::ZERO
     } else {
-        // Older images are of other commits or writers: keep only the latest.
+        // Older images are of other commits or writers. Keep those of the
+        // last hour: a concurrent test process may be about to boot one.
         for entry in std::fs::read_dir(&images)?.flatten() {
-            let _ = std::fs::remove_file(entry.path());
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(3600));
+            if old {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
         let out = run_host(
             &host,

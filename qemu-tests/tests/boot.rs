@@ -126,6 +126,25 @@ fn boots_the_composed_tree_to_multi_user() {
     let addr = must(vm.ok("ip -o -4 addr show dev cairn0"));
     assert!(addr.contains("10.88.0.1/16"), "cairn0 address: {addr}");
 
+    // User-mode networking: a server on the host's loopback is 10.0.2.2.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let port = listener.local_addr().unwrap().port();
+    let token = format!("cairn-{}", std::process::id());
+    let reply = token.clone();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 1024];
+        let _ = conn.read(&mut buf);
+        conn.write_all(format!("HTTP/1.0 200 OK\r\n\r\n{reply}\n").as_bytes())
+            .expect("reply");
+    });
+    let fetched = must(vm.ok(&format!(
+        "exec 3<>/dev/tcp/10.0.2.2/{port}; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+    )));
+    server.join().expect("server thread");
+    assert!(fetched.contains(&token), "guest fetched: {fetched}");
+
     // /boot is mounted and holds what libostree wrote for the bootloader.
     let cfg = must(vm.ok("cat /boot/syslinux/syslinux.cfg"));
     assert!(cfg.contains("ostree="), "syslinux.cfg:\n{cfg}");

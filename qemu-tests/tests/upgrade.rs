@@ -23,9 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::fixture::{
-    build_dir, host_binary, line_value, ostree_cli, workspace, TEST_MANIFEST,
-};
+use qemu_tests::fixture::{build_dir, host_binary, ostree_cli, workspace, TEST_MANIFEST};
 use qemu_tests::{boot_test_image, test_image, TestImage, Vm};
 use serde_json::Value;
 
@@ -395,7 +393,7 @@ fn upgrade_over_http_reboot_rollback_and_power_cut() {
     assert!(check.stdout.contains(&update.version), "{check}");
 
     // ---- host upgrade --reboot
-    let (_, mark, _) = server.served_since(0);
+    let (_, _, mark) = server.served_since(0);
     let (_, reboot_wall) = run_rebooting(
         &mut vm,
         "host upgrade --reboot",
