@@ -25,6 +25,104 @@ pub struct Status {
     /// booted one, or on a non-booted sysroot the default (index 0).
     pub diff_base_index: Option<u32>,
     pub deployments: Vec<DeploymentStatus>,
+    /// The update agent's state (`host agent`), if it ever ran here.
+    #[serde(default)]
+    pub agent: Option<AgentSummary>,
+    /// The last health check (`host health check`), if any ran here.
+    #[serde(default)]
+    pub health: Option<HealthSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSummary {
+    pub policy: String,
+    /// idle, checking, up-to-date, update-available, staged, waiting-for-window, …
+    pub state: String,
+    /// The update the state is about (staged, waiting, rebooting into).
+    pub update: Option<String>,
+    pub last_check: Option<String>,
+    pub last_result: Option<String>,
+    pub next_step: Option<String>,
+    pub next_window: Option<String>,
+    pub holds_fleet_lock: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthSummary {
+    pub last_checked: Option<String>,
+    pub last_result: Option<String>,
+    pub last_healthy: Option<String>,
+    pub checked_at: Option<String>,
+    /// Commits that failed a required check here (never staged again), with why.
+    pub bad_commits: Vec<BadCommitSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BadCommitSummary {
+    pub checksum: String,
+    pub reason: String,
+    pub at: String,
+}
+
+/// Where the node's /var is for `target`: the running system's, or the
+/// stateroot's on a mounted disk.
+fn var_dir(target: &SysrootTarget, is_booted: bool) -> std::path::PathBuf {
+    if is_booted && target.path() == std::path::Path::new("/") {
+        std::path::PathBuf::from("/var")
+    } else {
+        target
+            .path()
+            .join(format!("ostree/deploy/{}/var", crate::sysroot::STATEROOT))
+    }
+}
+
+fn agent_summary(var: &std::path::Path) -> Option<AgentSummary> {
+    let record = crate::agent::load_record(&var.join("lib/cairn/agent/state.json"))?;
+    let value = serde_json::to_value(&record.state).ok()?;
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    };
+    Some(AgentSummary {
+        policy: serde_json::to_value(record.policy)
+            .ok()?
+            .as_str()?
+            .to_string(),
+        state: value["state"].as_str()?.to_string(),
+        update: value["checksum"].as_str().map(str::to_string),
+        last_check: time(record.last_check),
+        last_result: record.last_result,
+        next_step: time(record.next_step),
+        next_window: time(record.next_window),
+        holds_fleet_lock: record.holds_fleet_lock,
+    })
+}
+
+fn health_summary(var: &std::path::Path) -> Option<HealthSummary> {
+    let path = var.join("lib/cairn/health/state.json");
+    if !path.exists() {
+        return None;
+    }
+    let h = crate::health::HealthState::load(&path);
+    let time =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    Some(HealthSummary {
+        last_checked: h.last_checked,
+        last_result: h.last_result,
+        last_healthy: h.last_healthy,
+        checked_at: h.checked_at.map(time),
+        bad_commits: h
+            .bad_commits
+            .into_iter()
+            .map(|b| BadCommitSummary {
+                checksum: b.checksum,
+                reason: b.reason,
+                at: time(b.at),
+            })
+            .collect(),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,12 +282,15 @@ pub fn read_status(target: &SysrootTarget, verbose: bool) -> Result<Status> {
             package_diff,
         });
     }
+    let var = var_dir(target, roles.booted.is_some());
     Ok(Status {
         api_version: API_VERSION.to_string(),
         sysroot: target.path().display().to_string(),
         is_booted: roles.booted.is_some(),
         diff_base_index: roles.current.map(|i| i as u32),
         deployments,
+        agent: agent_summary(&var),
+        health: health_summary(&var),
     })
 }
 
@@ -270,6 +371,42 @@ impl Status {
                 if let Some(p) = &d.packages {
                     writeln!(out, "     Packages: {}", p.len())?;
                 }
+            }
+        }
+        let short = |c: &str| c.chars().take(12).collect::<String>();
+        if let Some(a) = &self.agent {
+            let update = a
+                .update
+                .as_deref()
+                .map(|u| format!(" {}", short(u)))
+                .unwrap_or_default();
+            writeln!(out, "Agent: policy {}, {}{update}", a.policy, a.state)?;
+            if let Some(t) = &a.last_check {
+                writeln!(
+                    out,
+                    "       last check {t}: {}",
+                    a.last_result.as_deref().unwrap_or("-")
+                )?;
+            }
+            if let Some(t) = &a.next_window {
+                writeln!(out, "       next update window {t}")?;
+            }
+            if a.holds_fleet_lock {
+                writeln!(out, "       holds a FleetLock reboot slot")?;
+            }
+        }
+        if let Some(h) = &self.health {
+            if let (Some(c), Some(r)) = (&h.last_checked, &h.last_result) {
+                writeln!(out, "Health: {} {r}", short(c))?;
+            }
+            for b in &h.bad_commits {
+                writeln!(
+                    out,
+                    "        rolled back from {} at {}: {}",
+                    short(&b.checksum),
+                    b.at,
+                    b.reason
+                )?;
             }
         }
         Ok(())
@@ -394,6 +531,58 @@ mod tests {
         assert_eq!(keys(origin), keys(&value["deployments"][0]["origin"]));
         let diff = &d["properties"]["packageDiff"]["oneOf"][1]["properties"];
         assert_eq!(keys(diff), keys(&value["deployments"][0]["packageDiff"]));
+    }
+
+    #[test]
+    fn agent_and_health_render_when_present() {
+        let mut status = fixture("status-booted-staged.json");
+        status.agent = Some(AgentSummary {
+            policy: "apply".into(),
+            state: "waiting-for-window".into(),
+            update: Some("c0ffee0123456789".into()),
+            last_check: Some("2026-11-24T05:00:00Z".into()),
+            last_result: Some("update c0ffee012345 staged".into()),
+            next_step: None,
+            next_window: Some("2026-11-28T02:00:00Z".into()),
+            holds_fleet_lock: false,
+        });
+        status.health = Some(HealthSummary {
+            last_checked: Some("beef00112233445566".into()),
+            last_result: Some("3 checks passed".into()),
+            last_healthy: Some("beef00112233445566".into()),
+            checked_at: None,
+            bad_commits: vec![BadCommitSummary {
+                checksum: "badbadbad0001".into(),
+                reason: "failed: 10-app (required: exit status 1)".into(),
+                at: "2026-11-23T01:00:00Z".into(),
+            }],
+        });
+        let mut out = Vec::new();
+        status.write_text(&mut out, false).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("Agent: policy apply, waiting-for-window c0ffee012345\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("       last check 2026-11-24T05:00:00Z: update c0ffee012345 staged\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("       next update window 2026-11-28T02:00:00Z\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Health: beef00112233 3 checks passed\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rolled back from badbadbad000 at 2026-11-23T01:00:00Z: failed: 10-app"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["agent"]["state"], "waiting-for-window");
+        assert_eq!(json["health"]["badCommits"][0]["checksum"], "badbadbad0001");
     }
 
     #[test]
