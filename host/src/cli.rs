@@ -16,8 +16,10 @@ use crate::{agent, compose, fleet, health};
 #[derive(Debug, Parser)]
 #[command(name = "host", version, max_term_width = 100)]
 pub struct Cli {
-    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides it.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More log output on stderr (-v info, -vv debug), given before the
+    /// command: `host -v upgrade`; RUST_LOG overrides it. (After a command,
+    /// `-v` is that command's own: `host status -v`, `host app run -v SRC:DST`.)
+    #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
     #[command(subcommand)]
@@ -65,7 +67,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Compose(cmd) => compose::run(cmd),
-        Command::Node(cmd) => node::run(cmd, cli.verbose),
+        Command::Node(cmd) => node::run(cmd),
         Command::App(cmd) => app::run(cmd),
         Command::Fleet(cmd) => fleet::run(cmd),
         Command::Agent(args) => agent::run(args),

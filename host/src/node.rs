@@ -43,6 +43,9 @@ pub enum NodeCommand {
         /// (staged or pending): a reboot would change the system.
         #[arg(long)]
         pending_exit_77: bool,
+        /// Every package change and the kernel arguments of each deployment.
+        #[arg(short, long)]
+        verbose: bool,
         #[command(flatten)]
         sysroot: SysrootArg,
     },
@@ -166,8 +169,7 @@ fn check_reboot(do_reboot: bool, target: &SysrootTarget) -> Result<()> {
     Ok(())
 }
 
-/// `verbose` is the global `-v` count: `host status -v` shows more detail.
-pub fn run(cmd: NodeCommand, verbose: u8) -> Result<ExitCode> {
+pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
     // Failpoints are armed only when FAILPOINTS is set (tests).
     let _failpoints = cairn_updater::failpoints::setup();
     let stdout = std::io::stdout();
@@ -178,9 +180,9 @@ pub fn run(cmd: NodeCommand, verbose: u8) -> Result<ExitCode> {
             json,
             booted,
             pending_exit_77,
+            verbose,
             sysroot,
         } => {
-            let verbose = verbose > 0;
             let mut status = cairn_updater::read_status(&sysroot.target(), verbose)?;
             let pending = status.deployments.iter().any(|d| d.pending);
             if booted {
