@@ -258,6 +258,10 @@ impl Runtime {
             img.reference(),
             t0.elapsed()
         );
+        if let Some(s) = &img.config.stop_signal {
+            state::parse_signal(s)
+                .with_context(|| format!("StopSignal of image {}", img.reference()))?;
+        }
         let checkout = image::ensure_checkout(&repo, &img.commit, &self.paths.checkouts())?;
         drop(repo);
 
@@ -292,6 +296,7 @@ impl Runtime {
             health,
             auto_remove: opts.auto_remove,
             stop_timeout: opts.stop_timeout,
+            stop_signal: img.config.stop_signal.clone(),
         };
         undo.record = Some(record.clone());
         // Made by the monitor at each start, on tmpfs (see Paths::run_root).

@@ -131,6 +131,13 @@ impl Monitor<'_> {
                     // A stop request (or Ctrl-C in the foreground): pass it on, no restart.
                     self.state.stop_requested = true;
                     self.save()?;
+                    // `stop` (SIGTERM) asks with the image's StopSignal.
+                    let s = match (s, &self.record.stop_signal) {
+                        (Signal::SIGTERM, Some(name)) => {
+                            crate::state::parse_signal(name).unwrap_or(Signal::SIGTERM)
+                        }
+                        (s, _) => s,
+                    };
                     let _ = nix::sys::signal::kill(pid, s);
                     kill_at.get_or_insert(
                         Instant::now() + Duration::from_secs(self.record.stop_timeout),

@@ -121,6 +121,9 @@ pub struct ContainerRecord {
     pub auto_remove: bool,
     /// Seconds between SIGTERM and SIGKILL on stop.
     pub stop_timeout: u64,
+    /// What `stop` sends first: the image's StopSignal, else SIGTERM.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -211,6 +214,23 @@ pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// `SIGTERM`, `TERM`, `15`, as in an image's StopSignal.
+pub fn parse_signal(s: &str) -> anyhow::Result<nix::sys::signal::Signal> {
+    use std::str::FromStr;
+    let t = s.trim();
+    if let Ok(n) = t.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n)
+            .map_err(|_| anyhow::anyhow!("no signal number {n}"));
+    }
+    let name = if t.starts_with("SIG") {
+        t.to_string()
+    } else {
+        format!("SIG{t}")
+    };
+    nix::sys::signal::Signal::from_str(&name.to_ascii_uppercase())
+        .map_err(|_| anyhow::anyhow!("unknown stop signal {s:?}"))
+}
+
 /// Kernel boot id: tells a reboot apart from a live host.
 pub fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -273,6 +293,15 @@ mod tests {
         st.status = Status::Exited;
         assert_eq!(st.observed(), Status::Exited);
         assert_eq!(Status::Restarting.to_string(), "restarting");
+    }
+
+    #[test]
+    fn stop_signals() {
+        use nix::sys::signal::Signal;
+        assert_eq!(parse_signal("SIGQUIT").unwrap(), Signal::SIGQUIT);
+        assert_eq!(parse_signal("int").unwrap(), Signal::SIGINT);
+        assert_eq!(parse_signal("9").unwrap(), Signal::SIGKILL);
+        assert!(parse_signal("SIGNOPE").is_err());
     }
 
     #[test]

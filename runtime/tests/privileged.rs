@@ -372,6 +372,7 @@ fn make_busybox_layout(layout: &Path) {
             "Env": ["PATH=/bin"],
             "Cmd": ["/bin/sh", "-c", "echo hello from busybox"],
             "WorkingDir": "/",
+            "StopSignal": "SIGUSR1",
             "ExposedPorts": { "8080/tcp": {} },
             "Labels": { "org.example.test": "yes" }
         },
@@ -1025,7 +1026,7 @@ fn health_exec_stop_and_restart() {
         "already stopped"
     );
 
-    // A shell that traps TERM stops promptly.
+    // A shell that traps the image's StopSignal (SIGUSR1) stops promptly.
     env.rt
         .run(&RunOptions {
             detach: true,
@@ -1034,7 +1035,7 @@ fn health_exec_stop_and_restart() {
                 &[
                     "sh",
                     "-c",
-                    "trap 'echo got-term; exit 0' TERM; echo up; while true; do sleep 0.1; done",
+                    "trap 'echo got-usr1; exit 0' USR1; trap 'echo got-term' TERM; echo up; while true; do sleep 0.1; done",
                 ],
             )
         })
@@ -1042,7 +1043,11 @@ fn health_exec_stop_and_restart() {
     env.wait_log("term", "up");
     env.rt.stop("term", Duration::from_secs(10)).unwrap();
     assert_eq!(env.rt.state("term").unwrap().exit_code, Some(0));
-    assert!(env.log("term").contains("got-term"));
+    let log = env.log("term");
+    assert!(
+        log.contains("got-usr1") && !log.contains("got-term"),
+        "{log}"
+    );
 
     // Restart on failure, with back-off, until stopped.
     env.rt
