@@ -358,9 +358,9 @@ fn upgrade_over_http_reboot_rollback_and_power_cut() {
         update.version
     );
 
-    let runs = build_dir("qemu-tests/runs/upgrade");
-    std::fs::create_dir_all(&runs).expect("runs dir");
-    let server = must(HttpServer::start(&update.repo, &runs.join("http.log")));
+    // Not in the machine's work directory, which Vm::start empties.
+    let http_log = build_dir("qemu-tests/upgrade/http.log");
+    let server = must(HttpServer::start(&update.repo, &http_log));
     let url = format!("http://10.0.2.2:{}/", server.port);
 
     // ---- boot v1
