@@ -587,14 +587,16 @@ pub fn ensure_checkout(repo: &ostree::Repo, commit: &str, dir: &Path) -> Result<
         },
         ..Default::default()
     };
-    repo.checkout_at(
+    if let Err(e) = repo.checkout_at(
         Some(&opts),
         libc::AT_FDCWD,
         &tmp,
         commit,
         gio::Cancellable::NONE,
-    )
-    .with_context(|| format!("checking out {commit} into {}", tmp.display()))?;
+    ) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e).with_context(|| format!("checking out {commit} into {}", tmp.display()));
+    }
     match std::fs::rename(&tmp, &dest) {
         Ok(()) => Ok(dest),
         // Another process won the race: theirs is as good as ours.
