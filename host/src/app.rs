@@ -132,8 +132,8 @@ struct RunArgs {
     /// Set an environment variable (KEY=VALUE); repeatable.
     #[arg(short, long = "env")]
     env: Vec<String>,
-    /// Bind mount SRC:DST[:ro]; repeatable. (Long form only: -v is the global --verbose.)
-    #[arg(long = "volume")]
+    /// Bind mount SRC:DST[:ro]; repeatable.
+    #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]")]
     volume: Vec<String>,
     /// Health check, run with /bin/sh -c inside the container.
     #[arg(long)]
