@@ -25,6 +25,11 @@ pub struct ImageArgs {
     #[arg(long = "ref", value_name = "REF")]
     pub ref_: String,
 
+    /// Deploy this commit (full checksum) instead of the ref's head, e.g. an
+    /// older version to test upgrades; the origin still follows --ref.
+    #[arg(long, value_name = "CHECKSUM")]
+    pub commit: Option<String>,
+
     /// Output format.
     #[arg(long, default_value = "qcow2", value_parser = ["qcow2", "raw"])]
     pub format: String,
@@ -55,6 +60,7 @@ pub fn run(args: ImageArgs) -> Result<ExitCode> {
     let report = image::write_image(&ImageOptions {
         repo: args.repo,
         ref_: args.ref_,
+        commit: args.commit,
         format,
         size: args.size,
         remote_url: args.remote_url,

@@ -157,6 +157,10 @@ fn build_test_image() -> Result<TestImage> {
                 repo.as_os_str(),
                 "--ref".as_ref(),
                 ref_.as_ref(),
+                // The commit composed above, even if another test process
+                // has moved the ref since.
+                "--commit".as_ref(),
+                commit.as_ref(),
                 "--format".as_ref(),
                 "qcow2".as_ref(),
                 "--karg".as_ref(),

@@ -125,5 +125,20 @@ fn a_tree_that_cannot_deploy_leaves_nothing_behind() {
     assert!(!res.status.success());
     assert!(stderr.contains("no/such/ref"), "{stderr}");
     assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
+
+    // So does a --commit that is not a full checksum.
+    let res = Command::new(&host)
+        .args(["compose", "image", "--quiet", "--ref", "test/nokernel"])
+        .args(["--commit", "abc123"])
+        .arg("--repo")
+        .arg(&repo)
+        .arg("-o")
+        .arg(out_dir.join("x.qcow2"))
+        .output()
+        .expect("run host");
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(stderr.contains("64-digit commit checksum"), "{stderr}");
+    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
     let _ = std::fs::remove_dir_all(&work);
 }

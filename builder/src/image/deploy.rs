@@ -28,17 +28,21 @@ fn no_cancel() -> Option<&'static gio::Cancellable> {
     None
 }
 
-/// Resolve `ref_` in the source repository and read the kernel arguments the
-/// tree asks for.
-pub fn read_source(repo_path: &Path, ref_: &str) -> Result<SourceCommit> {
+/// Resolve `ref_` (or take `commit`, a checksum, when given) in the source
+/// repository and read the kernel arguments the tree asks for.
+pub fn read_source(repo_path: &Path, ref_: &str, commit: Option<&str>) -> Result<SourceCommit> {
     let repo = ostree::Repo::new_for_path(repo_path);
     repo.open(no_cancel())
         .with_context(|| format!("opening OSTree repository {}", repo_path.display()))?;
+    let wanted = commit.unwrap_or(ref_);
+    if commit.is_some_and(|c| c.len() != 64 || !c.bytes().all(|b| b.is_ascii_hexdigit())) {
+        anyhow::bail!("--commit {wanted}: expected a full 64-digit commit checksum");
+    }
     let checksum = repo
-        .resolve_rev(ref_, false)
+        .resolve_rev(wanted, false)
         .with_context(|| {
             format!(
-                "resolving ref {ref_} in {} (list refs with `ostree refs --repo {}`)",
+                "resolving {wanted} in {} (list refs with `ostree refs --repo {}`)",
                 repo_path.display(),
                 repo_path.display()
             )
@@ -47,7 +51,7 @@ pub fn read_source(repo_path: &Path, ref_: &str) -> Result<SourceCommit> {
         .to_string();
     let (commit, _) = repo
         .load_commit(&checksum)
-        .with_context(|| format!("loading commit {checksum}"))?;
+        .with_context(|| format!("loading commit {checksum} from {}", repo_path.display()))?;
     let meta = glib::VariantDict::new(Some(&commit.child_value(0)));
     let version = meta.lookup::<String>("version").ok().flatten();
     let kargs = match meta.lookup::<Vec<String>>("cairn.kargs") {

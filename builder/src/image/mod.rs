@@ -62,6 +62,9 @@ pub struct ImageOptions {
     pub repo: PathBuf,
     /// Ref (branch) to deploy; the deployment's origin becomes `cairn:<ref>`.
     pub ref_: String,
+    /// Deploy this commit (a checksum in `repo`) instead of the ref's head;
+    /// the origin still follows the ref.
+    pub commit: Option<String>,
     pub format: ImageFormat,
     /// Virtual disk size in bytes.
     pub size: u64,
@@ -145,7 +148,7 @@ pub fn write_image(opts: &ImageOptions) -> Result<ImageReport> {
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("creating output directory {}", out_dir.display()))?;
 
-    let source = deploy::read_source(&repo, &opts.ref_)?;
+    let source = deploy::read_source(&repo, &opts.ref_, opts.commit.as_deref())?;
     let remote_url = opts
         .remote_url
         .clone()
@@ -314,6 +317,7 @@ mod tests {
         let opts = ImageOptions {
             repo: dir.path().join("repo"),
             ref_: "x".into(),
+            commit: None,
             format: ImageFormat::Raw,
             size: 100 << 20,
             remote_url: None,
