@@ -88,77 +88,80 @@ impl fmt::Display for PackageDiff {
     }
 }
 
-/// Debian version ordering (`dpkg --compare-versions`): epoch, then upstream
-/// version, then revision, each compared with dpkg's rules (`~` sorts first).
+/// Debian version ordering (deb-version(7)): `[epoch:]upstream[-revision]`,
+/// compared part by part with dpkg's rules (`~` sorts before everything).
 pub fn compare_versions(a: &str, b: &str) -> Ordering {
-    fn split(v: &str) -> (u64, &str, &str) {
-        let (epoch, rest) = match v.split_once(':') {
-            Some((e, r)) if e.chars().all(|c| c.is_ascii_digit()) => (e.parse().unwrap_or(0), r),
-            _ => (0, v),
-        };
-        match rest.rsplit_once('-') {
-            Some((up, rev)) => (epoch, up, rev),
-            None => (epoch, rest, ""),
-        }
-    }
-    fn order(c: Option<char>) -> i32 {
-        match c {
-            None => 0,
-            Some('~') => -1,
-            Some(c) if c.is_ascii_digit() => 0,
-            Some(c) if c.is_ascii_alphabetic() => c as i32,
-            Some(c) => c as i32 + 256,
-        }
-    }
-    fn verrevcmp(a: &str, b: &str) -> Ordering {
-        let (a, b) = (a.as_bytes(), b.as_bytes());
-        let (mut i, mut j) = (0, 0);
-        while i < a.len() || j < b.len() {
-            let mut first_diff = 0;
-            while (i < a.len() && !a[i].is_ascii_digit()) || (j < b.len() && !b[j].is_ascii_digit())
-            {
-                let ac = order(a.get(i).map(|&c| c as char).filter(|c| !c.is_ascii_digit()));
-                let bc = order(b.get(j).map(|&c| c as char).filter(|c| !c.is_ascii_digit()));
-                if ac != bc {
-                    return ac.cmp(&bc);
-                }
-                if i < a.len() && !a[i].is_ascii_digit() {
-                    i += 1;
-                }
-                if j < b.len() && !b[j].is_ascii_digit() {
-                    j += 1;
-                }
-            }
-            while i < a.len() && a[i] == b'0' {
-                i += 1;
-            }
-            while j < b.len() && b[j] == b'0' {
-                j += 1;
-            }
-            while i < a.len() && a[i].is_ascii_digit() && j < b.len() && b[j].is_ascii_digit() {
-                if first_diff == 0 {
-                    first_diff = a[i] as i32 - b[j] as i32;
-                }
-                i += 1;
-                j += 1;
-            }
-            if i < a.len() && a[i].is_ascii_digit() {
-                return Ordering::Greater;
-            }
-            if j < b.len() && b[j].is_ascii_digit() {
-                return Ordering::Less;
-            }
-            if first_diff != 0 {
-                return first_diff.cmp(&0);
-            }
-        }
-        Ordering::Equal
-    }
-    let (ea, ua, ra) = split(a);
-    let (eb, ub, rb) = split(b);
+    let (ea, ua, ra) = split_version(a);
+    let (eb, ub, rb) = split_version(b);
     ea.cmp(&eb)
-        .then_with(|| verrevcmp(ua, ub))
-        .then_with(|| verrevcmp(ra, rb))
+        .then_with(|| compare_part(ua, ub))
+        .then_with(|| compare_part(ra, rb))
+}
+
+fn split_version(v: &str) -> (u64, &str, &str) {
+    let (epoch, rest) = match v.split_once(':') {
+        Some((e, rest)) if e.chars().all(|c| c.is_ascii_digit()) && !e.is_empty() => {
+            (e.parse().unwrap_or(0), rest)
+        }
+        _ => (0, v),
+    };
+    match rest.rsplit_once('-') {
+        Some((upstream, revision)) => (epoch, upstream, revision),
+        None => (epoch, rest, ""),
+    }
+}
+
+fn char_order(c: Option<char>) -> i32 {
+    match c {
+        None => 0,
+        Some('~') => -1,
+        Some(c) if c.is_ascii_digit() => 0,
+        Some(c) if c.is_ascii_alphabetic() => c as i32,
+        Some(c) => c as i32 + 256,
+    }
+}
+
+fn compare_part(a: &str, b: &str) -> Ordering {
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    while !a.is_empty() || !b.is_empty() {
+        // Non-digit prefixes, compared with dpkg's character order.
+        loop {
+            let ca = a
+                .first()
+                .filter(|c| !c.is_ascii_digit())
+                .map(|&c| c as char);
+            let cb = b
+                .first()
+                .filter(|c| !c.is_ascii_digit())
+                .map(|&c| c as char);
+            if ca.is_none() && cb.is_none() {
+                break;
+            }
+            let (oa, ob) = (char_order(ca), char_order(cb));
+            if oa != ob {
+                return oa.cmp(&ob);
+            }
+            a = &a[ca.is_some() as usize..];
+            b = &b[cb.is_some() as usize..];
+        }
+        // Digit runs, compared numerically.
+        let da = a.iter().take_while(|c| c.is_ascii_digit()).count();
+        let db = b.iter().take_while(|c| c.is_ascii_digit()).count();
+        let na = trim_zeros(&a[..da]);
+        let nb = trim_zeros(&b[..db]);
+        let ord = na.len().cmp(&nb.len()).then_with(|| na.cmp(nb));
+        if ord != Ordering::Equal {
+            return ord;
+        }
+        a = &a[da..];
+        b = &b[db..];
+    }
+    Ordering::Equal
+}
+
+fn trim_zeros(digits: &[u8]) -> &[u8] {
+    let start = digits.iter().take_while(|&&c| c == b'0').count();
+    &digits[start..]
 }
 
 /// File-level changes between two commits.

@@ -121,81 +121,9 @@ fn to_map(list: &[String]) -> BTreeMap<&str, &str> {
         .collect()
 }
 
-/// Debian version ordering (deb-version(7)): `[epoch:]upstream[-revision]`,
-/// compared part by part with dpkg's rules (`~` sorts before everything).
-pub fn compare_versions(a: &str, b: &str) -> Ordering {
-    let (ea, ua, ra) = split_version(a);
-    let (eb, ub, rb) = split_version(b);
-    ea.cmp(&eb)
-        .then_with(|| compare_part(ua, ub))
-        .then_with(|| compare_part(ra, rb))
-}
-
-fn split_version(v: &str) -> (u64, &str, &str) {
-    let (epoch, rest) = match v.split_once(':') {
-        Some((e, rest)) if e.chars().all(|c| c.is_ascii_digit()) && !e.is_empty() => {
-            (e.parse().unwrap_or(0), rest)
-        }
-        _ => (0, v),
-    };
-    match rest.rsplit_once('-') {
-        Some((upstream, revision)) => (epoch, upstream, revision),
-        None => (epoch, rest, ""),
-    }
-}
-
-fn char_order(c: Option<char>) -> i32 {
-    match c {
-        None => 0,
-        Some('~') => -1,
-        Some(c) if c.is_ascii_digit() => 0,
-        Some(c) if c.is_ascii_alphabetic() => c as i32,
-        Some(c) => c as i32 + 256,
-    }
-}
-
-fn compare_part(a: &str, b: &str) -> Ordering {
-    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
-    while !a.is_empty() || !b.is_empty() {
-        // Non-digit prefixes, compared with dpkg's character order.
-        loop {
-            let ca = a
-                .first()
-                .filter(|c| !c.is_ascii_digit())
-                .map(|&c| c as char);
-            let cb = b
-                .first()
-                .filter(|c| !c.is_ascii_digit())
-                .map(|&c| c as char);
-            if ca.is_none() && cb.is_none() {
-                break;
-            }
-            let (oa, ob) = (char_order(ca), char_order(cb));
-            if oa != ob {
-                return oa.cmp(&ob);
-            }
-            a = &a[ca.is_some() as usize..];
-            b = &b[cb.is_some() as usize..];
-        }
-        // Digit runs, compared numerically.
-        let da = a.iter().take_while(|c| c.is_ascii_digit()).count();
-        let db = b.iter().take_while(|c| c.is_ascii_digit()).count();
-        let na = trim_zeros(&a[..da]);
-        let nb = trim_zeros(&b[..db]);
-        let ord = na.len().cmp(&nb.len()).then_with(|| na.cmp(nb));
-        if ord != Ordering::Equal {
-            return ord;
-        }
-        a = &a[da..];
-        b = &b[db..];
-    }
-    Ordering::Equal
-}
-
-fn trim_zeros(digits: &[u8]) -> &[u8] {
-    let start = digits.iter().take_while(|&&c| c == b'0').count();
-    &digits[start..]
-}
+/// Debian version ordering (deb-version(7)); one implementation for the
+/// whole project, next to the code that writes `cairn.packages`.
+pub use cairn_builder::diff::compare_versions;
 
 #[cfg(test)]
 mod tests {
