@@ -1,0 +1,126 @@
+//! Start-to-exit latency of `/bin/true` from a busybox image inside the
+//! booted cgroup-v2 cairn guest, side by side in one run: `host app run --rm`
+//! (with its bridge NIC and with `--network none`), crun 1.8 (Debian's, from
+//! the apps test manifest) on a bundle of the same tree, and the bare
+//! `unshare -mpnui -f --mount-proc chroot ROOTFS /bin/true` floor. Rounds are
+//! interleaved so load changes hit every tool alike. Also the memory (RSS) of
+//! the idle baked app's monitor. Printed, never asserted.
+//!
+//! Run as root: `scripts/bench-runtime-guest [ROUNDS]` (or
+//! `cargo run -p qemu-tests --example bench-runtime-guest -- [ROUNDS]`).
+//! Under TCG every figure is several times what real hardware gives; the
+//! ratios are what to read.
+
+#[path = "../tests/support/apps_image.rs"]
+mod apps_image;
+
+use std::collections::BTreeMap;
+
+use apps_image::*;
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse().expect("ROUNDS is a number"))
+        .unwrap_or(20);
+    let image = apps_image();
+    eprintln!("bench: booting {}", image.image.display());
+    let mut vm = boot("bench");
+
+    // One rootfs for crun and the floor: the image's layer, unpacked.
+    must(vm.ok(
+        "set -e; rm -rf /var/tmp/bench; mkdir -p /var/tmp/bench/bundle/rootfs; \
+         layer=$(ls -S /usr/lib/cairn/apps/web/image/blobs/sha256/* | head -1); \
+         tar -xf \"$layer\" -C /var/tmp/bench/bundle/rootfs; \
+         mkdir -p /var/tmp/bench/bundle/rootfs/proc /var/tmp/bench/bundle/rootfs/dev /var/tmp/bench/bundle/rootfs/sys; \
+         cd /var/tmp/bench/bundle && crun spec && \
+         sed -i 's/\"terminal\": true/\"terminal\": false/; s/^\\([[:space:]]*\\)\"sh\"$/\\1\"\\/bin\\/true\"/' config.json && \
+         grep -q '\"/bin/true\"' config.json",
+    ));
+    // Warm-up: the first start of each makes checkouts and page cache.
+    let crun_version = must(vm.ok("crun --version | head -1"));
+    must(vm.ok(&format!(
+        "host app run --rm {APP_IMAGE} /bin/true && \
+         host app run --rm --network none {APP_IMAGE} /bin/true && \
+         crun run -b /var/tmp/bench/bundle warm && \
+         unshare -mpnui -f --mount-proc chroot /var/tmp/bench/bundle/rootfs /bin/true"
+    )));
+
+    let tools: [(&str, String); 4] = [
+        (
+            "host app run --rm",
+            format!("host app run --rm {APP_IMAGE} /bin/true"),
+        ),
+        (
+            "host app run --rm --network none",
+            format!("host app run --rm --network none {APP_IMAGE} /bin/true"),
+        ),
+        (
+            "crun run",
+            "crun run -b /var/tmp/bench/bundle bench$i".to_string(),
+        ),
+        (
+            "unshare+chroot (floor)",
+            "unshare -mpnui -f --mount-proc chroot /var/tmp/bench/bundle/rootfs /bin/true"
+                .to_string(),
+        ),
+    ];
+    let mut script = format!("set -e; for i in $(seq {rounds}); do\n");
+    for (n, (_, cmd)) in tools.iter().enumerate() {
+        script.push_str(&format!(
+            "t0=$EPOCHREALTIME; {cmd} >/dev/null; t1=$EPOCHREALTIME; echo \"{n} $t0 $t1\"\n"
+        ));
+    }
+    script.push_str("done");
+    let out = must(vm.run_timeout(
+        &format!("bash -c '{}'", script.replace('\'', "'\\''")),
+        std::time::Duration::from_secs(3600),
+    ));
+    if !out.success() {
+        panic!("benchmark loop failed:\n{out}");
+    }
+    let mut times: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for line in out.stdout.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if let [n, t0, t1] = f[..] {
+            let (t0, t1): (f64, f64) = (t0.parse().unwrap(), t1.parse().unwrap());
+            times
+                .entry(n.parse().unwrap())
+                .or_default()
+                .push((t1 - t0) * 1000.0);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let medians: Vec<f64> = (0..tools.len())
+        .map(|n| median(times.get_mut(&n).expect("timings for every tool")))
+        .collect();
+    let (crun, floor) = (medians[2], medians[3]);
+    println!(
+        "start-to-exit of /bin/true in the cairn guest (TCG, {} vCPUs, {rounds} interleaved rounds; {}):",
+        2,
+        crun_version.trim()
+    );
+    println!(
+        "{:<34} {:>10} {:>9} {:>9}",
+        "tool", "median ms", "÷ crun", "÷ floor"
+    );
+    for (n, (name, _)) in tools.iter().enumerate() {
+        println!(
+            "{:<34} {:>10.1} {:>9.2} {:>9.2}",
+            name,
+            medians[n],
+            medians[n] / crun,
+            medians[n] / floor
+        );
+    }
+
+    // Supervision memory: the idle baked app's monitor.
+    let rss = must(vm.ok(&format!(
+        "pid=$(host app inspect {APP} | sed -n 's/.*\"monitor_pid\": *\\([0-9]*\\).*/\\1/p'); \
+         grep -E 'VmRSS|RssAnon' /proc/$pid/status | tr -s ' ' | tr '\\n' ' '"
+    )));
+    println!("monitor of the idle baked app: {}", rss.trim());
+}

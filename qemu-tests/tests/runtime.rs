@@ -1,0 +1,267 @@
+//! The container runtime proven inside a booted cairn host (issue 6, QEMU):
+//! pure cgroup v2, the host's own systemd, the image's own `host` binary.
+//!
+//! - An app baked in by the manifest's `[[apps]]` (a busybox httpd) is
+//!   running after boot, answers on its bridge address from the host, is
+//!   healthy, and runs again after a reboot.
+//! - Limits hold: a fork bomb stops at `pids.max`, a memory hog is OOM-killed
+//!   alone while a neighbour keeps running, `cpu.max` throttles a busy loop.
+//!
+//! The image (`tests/support/apps_image.rs`): the test host plus crun and
+//! an `[[apps]]` entry for a busybox OCI layout the test writes, composed
+//! into `build/qemu-tests/apps/`.
+//!
+//! Run with `cargo test -p qemu-tests --test runtime -- --test-threads=1` as
+//! root.
+
+#[path = "support/apps_image.rs"]
+mod apps_image;
+
+use std::time::{Duration, Instant};
+
+use apps_image::*;
+use qemu_tests::Vm;
+use serde_json::Value;
+
+/// `host app ps --json` entry of a container.
+fn ps_entry(vm: &mut Vm, name: &str) -> Value {
+    let ps = must(vm.ok("host app ps --json"));
+    let ps: Value = serde_json::from_str(&ps)
+        .unwrap_or_else(|e| panic!("host app ps --json is not JSON ({e}):\n{ps}"));
+    let entries = ps
+        .as_array()
+        .or_else(|| ps["containers"].as_array())
+        .unwrap_or_else(|| panic!("host app ps --json: no array:\n{ps:#}"));
+    entries
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} is not in host app ps:\n{ps:#}"))
+}
+
+/// Poll `check` (a guest command) until it succeeds, for at most `limit`.
+fn wait_for(vm: &mut Vm, what: &str, check: &str, limit: Duration) -> String {
+    let started = Instant::now();
+    loop {
+        let out = must(vm.run(check));
+        if out.success() {
+            return out.stdout;
+        }
+        if started.elapsed() > limit {
+            let diag = vm
+                .run(&format!(
+                    "host app ps; systemctl status --no-pager -l cairn-app-{APP}.service | tail -20; \
+                     host app logs {APP} | tail -20; ip -o addr; ip route"
+                ))
+                .map(|o| o.to_string())
+                .unwrap_or_default();
+            panic!(
+                "{what}: not within {} s; last try: {check}\n{out}\nstate:\n{diag}",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The baked app, checked from the guest's host side: unit active, running
+/// in `ps` (and healthy), serving its page on its bridge address.
+fn assert_app_serving(vm: &mut Vm) -> Value {
+    let active = must(vm.run(&format!("systemctl is-active cairn-app-{APP}.service")));
+    assert_eq!(
+        active.stdout.trim(),
+        "active",
+        "unit of the baked app: {active}\n{}",
+        must(vm.run(&format!(
+            "systemctl status --no-pager -l cairn-app-{APP}.service; journalctl -b -u cairn-app-{APP}.service --no-pager | tail -40"
+        )))
+    );
+    let page = wait_for(
+        vm,
+        "the baked app answering on its address",
+        &format!(
+            "timeout 5 bash -c 'exec 3<>/dev/tcp/{APP_IP}/{APP_PORT} && \
+             printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && cat <&3'"
+        ),
+        Duration::from_secs(60),
+    );
+    assert!(page.contains("200 OK"), "{page}");
+    assert!(page.contains(APP_PAGE), "{page}");
+    must(vm.ok(&format!("ping -c 1 -W 5 {APP_IP}")));
+
+    // The health command (wget inside the container) passes.
+    let started = Instant::now();
+    loop {
+        let entry = ps_entry(vm, APP);
+        if entry["health"] == "healthy" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the baked app is not healthy after 90 s: {entry:#}\n{}",
+            must(vm.run(&format!(
+                "host app inspect {APP}; host app logs {APP} | tail"
+            )))
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let entry = ps_entry(vm, APP);
+    assert_eq!(entry["status"], "running", "{entry:#}");
+    assert_eq!(entry["ip"], APP_IP, "{entry:#}");
+    entry
+}
+
+#[test]
+fn baked_app_runs_after_boot_and_after_a_reboot() {
+    let image = apps_image();
+    let mut vm = boot("baked");
+
+    // The image in the node's store is the pinned one.
+    let images = must(vm.ok("host app images --json"));
+    assert!(images.contains(&image.digest), "{images}");
+    must(vm.ok(&format!("host app verify {APP_IMAGE}")));
+
+    let first = assert_app_serving(&mut vm);
+    let inspect = must(vm.ok(&format!("host app inspect {APP}")));
+    eprintln!("runtime: baked app after boot: {first}");
+    assert!(inspect.contains(&image.digest), "{inspect}");
+    // Its limits from the manifest are in force in its cgroup.
+    let limits = must(vm.ok(&format!(
+        "cat /sys/fs/cgroup/cairn.slice/{APP}/memory.max /sys/fs/cgroup/cairn.slice/{APP}/pids.max"
+    )));
+    assert_eq!(
+        limits.split_whitespace().collect::<Vec<_>>(),
+        ["67108864", "64"],
+        "{limits}"
+    );
+    let started_first = first["created"].clone();
+
+    let started = Instant::now();
+    must(vm.reboot());
+    assert_boot_finished(&mut vm);
+    let second = assert_app_serving(&mut vm);
+    eprintln!(
+        "runtime: baked app serving again {:.1} s after the reboot began: {second}",
+        started.elapsed().as_secs_f64()
+    );
+    // A new container of this boot, not the record of the last one.
+    assert_ne!(second["created"], started_first, "{second:#}");
+    let commit = must(vm.ok("host status --json"));
+    assert!(commit.contains(&image.commit), "{commit}");
+}
+
+/// Value of `key` in a flat-keyed cgroup file (`key value` lines).
+fn cg_value(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in:\n{text}"))
+}
+
+#[test]
+fn limits_hold_pids_memory_cpu() {
+    let mut vm = boot("limits");
+    let cg = "/sys/fs/cgroup/cairn.slice";
+    assert_eq!(
+        must(vm.ok("stat -fc %T /sys/fs/cgroup")).trim(),
+        "cgroup2fs"
+    );
+
+    // pids.max: a fork bomb in a container capped at 16 processes.
+    must(vm.ok(&format!(
+        "host app run -d --name bomb --pids 16 {APP_IMAGE} sleep 3600"
+    )));
+    let bomb = must(vm.run_timeout(
+        "host app exec bomb /bin/sh -c 'i=0; while [ $i -lt 100 ]; do sleep 600 & i=$((i+1)); done; true'",
+        Duration::from_secs(180),
+    ));
+    eprintln!("runtime: fork bomb: {bomb}");
+    let current: u64 = must(vm.ok(&format!("cat {cg}/bomb/pids.current")))
+        .trim()
+        .parse()
+        .expect("pids.current");
+    let procs: u64 = must(vm.ok(&format!(
+        "find {cg}/bomb -name cgroup.procs -exec cat {{}} + | wc -l"
+    )))
+    .trim()
+    .parse()
+    .expect("process count");
+    let events = must(vm.ok(&format!("cat {cg}/bomb/pids.events")));
+    eprintln!("runtime: fork bomb stopped at {procs} processes (pids.current {current}); pids.events: {events}");
+    assert!(current <= 16, "pids.current {current}");
+    assert!(procs < 17, "{procs} processes in the container's cgroup");
+    assert!(procs >= 10, "the bomb did fork: only {procs} processes");
+    assert!(cg_value(&events, "max") > 0, "pids.events: {events}");
+    must(vm.ok("host app rm --force bomb"));
+
+    // memory.max: the hog is OOM-killed; its neighbour keeps running.
+    must(vm.ok(&format!(
+        "host app run -d --name neighbour {APP_IMAGE} sleep 3600"
+    )));
+    let neighbour_pid = ps_entry(&mut vm, "neighbour")["id"].clone();
+    let neighbour_before = must(vm.ok("host app inspect neighbour"));
+    must(vm.ok(&format!(
+        "host app run -d --name hog --memory 32M {APP_IMAGE} /bin/sh -c \
+         'head -c 209715200 /dev/zero | tail >/dev/null; echo \"hog exit $?\"; exec sleep 3600'"
+    )));
+    let log = wait_for(
+        &mut vm,
+        "the memory hog finished",
+        "host app logs hog | grep 'hog exit'",
+        Duration::from_secs(180),
+    );
+    let mem_events = must(vm.ok(&format!("cat {cg}/hog/memory.events")));
+    let peak = must(vm.run(&format!("cat {cg}/hog/memory.peak"))).stdout;
+    eprintln!("runtime: memory hog: {log} memory.events: {mem_events} memory.peak {peak}");
+    assert_eq!(log.trim(), "hog exit 137", "the hog was not SIGKILLed");
+    assert!(
+        cg_value(&mem_events, "oom_kill") > 0,
+        "memory.events: {mem_events}"
+    );
+    let dmesg = must(vm.ok("dmesg | grep -i 'memory cgroup out of memory' || true"));
+    eprintln!("runtime: kernel: {dmesg}");
+    assert_eq!(
+        ps_entry(&mut vm, "hog")["status"],
+        "running",
+        "the hog's own pid 1 survives"
+    );
+    let nb = ps_entry(&mut vm, "neighbour");
+    assert_eq!(nb["status"], "running", "{nb:#}");
+    assert_eq!(nb["id"], neighbour_pid);
+    assert_eq!(nb["restarts"], 0, "{nb:#}");
+    let neighbour_after = must(vm.ok("host app inspect neighbour"));
+    let pid_of = |inspect: &str| -> Value {
+        let v: Value = serde_json::from_str(inspect).expect("inspect JSON");
+        v["state"]["pid"].clone()
+    };
+    assert_eq!(pid_of(&neighbour_before), pid_of(&neighbour_after));
+    must(vm.ok("host app exec neighbour true"));
+    must(vm.ok("host app rm --force hog && host app rm --force neighbour"));
+
+    // cpu.max: a busy loop at 0.2 CPUs for ~3 s of wall time.
+    must(vm.ok(&format!(
+        "host app run -d --name busy --cpus 0.2 {APP_IMAGE} /bin/sh -c 'while :; do :; done'"
+    )));
+    let max = must(vm.ok(&format!("cat {cg}/busy/cpu.max")));
+    assert_eq!(max.trim(), "20000 100000", "cpu.max");
+    let out = must(vm.ok(&format!(
+        "a=$(cat {cg}/busy/cpu.stat); t0=$(date +%s%N); sleep 3; \
+         b=$(cat {cg}/busy/cpu.stat); t1=$(date +%s%N); \
+         echo \"$a\" | sed 's/^/before_/'; echo \"$b\" | sed 's/^/after_/'; echo \"wall_usec $(( (t1 - t0) / 1000 ))\""
+    )));
+    let usage = cg_value(&out, "after_usage_usec") - cg_value(&out, "before_usage_usec");
+    let throttled = cg_value(&out, "after_nr_throttled") - cg_value(&out, "before_nr_throttled");
+    let wall = cg_value(&out, "wall_usec");
+    eprintln!(
+        "runtime: cpu.max 0.2: used {:.2} s of CPU in {:.2} s wall ({:.0} %), throttled {throttled} times",
+        usage as f64 / 1e6,
+        wall as f64 / 1e6,
+        100.0 * usage as f64 / wall as f64
+    );
+    assert!(throttled > 0, "not throttled:\n{out}");
+    assert!(
+        usage * 2 < wall,
+        "a 0.2 CPU container used {usage} us of CPU in {wall} us:\n{out}"
+    );
+    must(vm.ok("host app rm --force busy"));
+}

@@ -1,0 +1,355 @@
+//! The apps test image shared by the runtime's QEMU tests
+//! (`tests/runtime.rs`) and the guest benchmark
+//! (`examples/bench-runtime-guest.rs`): a busybox OCI layout this code writes
+//! (deterministic tar, so the same busybox gives the same digest and an
+//! unchanged compose is skipped) and a manifest under
+//! `build/qemu-tests/apps/` that includes `qemu-tests/manifests/apps-host.toml`
+//! (the test host + crun) and adds the `[[apps]]` entry, composed into its own
+//! repository there and written as a qcow2 image named after the commit and
+//! the `host` binary.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use qemu_tests::fixture::{build_dir, host_binary, line_value, workspace, TEST_KARG};
+use qemu_tests::{Vm, VmConfig};
+use sha2::{Digest, Sha256};
+
+/// Unwrap with the whole error chain in the panic message.
+pub fn must<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+pub const APPS_MANIFEST: &str = "qemu-tests/manifests/apps-host.toml";
+/// The baked app: name, address, port, and what its httpd serves.
+pub const APP: &str = "web";
+pub const APP_IP: &str = "10.88.0.50";
+pub const APP_PORT: u16 = 8080;
+pub const APP_PAGE: &str = "cairn baked app: hello from busybox httpd";
+/// The name the app's unit imports its image under (builder/src/apps.rs).
+pub const APP_IMAGE: &str = "cairn-app-web:baked";
+
+pub struct AppsImage {
+    pub image: PathBuf,
+    pub commit: String,
+    pub digest: String,
+}
+
+/// The apps image, built once per test process.
+pub fn apps_image() -> &'static AppsImage {
+    static IMAGE: OnceLock<std::result::Result<AppsImage, String>> = OnceLock::new();
+    match IMAGE.get_or_init(|| build_apps_image().map_err(|e| format!("{e:#}"))) {
+        Ok(image) => image,
+        Err(e) => panic!("building the apps test image failed: {e}"),
+    }
+}
+
+pub fn build_apps_image() -> Result<AppsImage> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the QEMU runtime tests compose trees and write disk images, which needs root; run them as root (scripts/test does)");
+    }
+    let host = host_binary()?;
+    let dir = build_dir("qemu-tests/apps");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+
+    let digest = write_busybox_layout(&dir.join("busybox-oci"))?;
+    let manifest = dir.join("apps-host.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "# Written by qemu-tests/tests/runtime.rs: the apps test host.\n\
+             include = [{include:?}]\n\n\
+             [[apps]]\n\
+             name = \"{APP}\"\n\
+             image = \"busybox-oci\"\n\
+             digest = \"{digest}\"\n\
+             memory = \"64M\"\n\
+             pids = \"64\"\n\
+             ip = \"{APP_IP}\"\n\
+             health-cmd = \"wget -q -O- http://127.0.0.1:{APP_PORT}/\"\n\
+             health-interval = \"3s\"\n",
+            include = workspace().join(APPS_MANIFEST).to_string_lossy()
+        ),
+    )
+    .with_context(|| format!("writing {}", manifest.display()))?;
+
+    let repo = dir.join("repo");
+    let started = Instant::now();
+    let out = run_host(
+        &host,
+        &[
+            "compose".as_ref(),
+            "tree".as_ref(),
+            "--repo".as_ref(),
+            repo.as_os_str(),
+            "--cache".as_ref(),
+            build_dir("cache").as_os_str(),
+            "--unless-changed".as_ref(),
+            manifest.as_os_str(),
+        ],
+    )?;
+    let commit =
+        line_value(&out, "commit").context("`host compose tree` printed no commit line")?;
+    let ref_ = match line_value(&out, "ref") {
+        Some(r) => r,
+        None => out
+            .lines()
+            .find_map(|l| l.strip_prefix("no changes: "))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .context("`host compose tree` printed neither a ref line nor `no changes: <ref>`")?,
+    };
+    eprintln!(
+        "runtime: composed {commit} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images)?;
+    let image = images.join(format!("{}.qcow2", image_key(&commit, &host)?));
+    if image.is_file() {
+        eprintln!("runtime: reusing {}", image.display());
+    } else {
+        // Images of other commits or writers, unless a concurrent run may
+        // be about to boot them (younger than an hour).
+        for entry in std::fs::read_dir(&images)?.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(3600));
+            if old {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let started = Instant::now();
+        let out = run_host(
+            &host,
+            &[
+                "compose".as_ref(),
+                "image".as_ref(),
+                "--repo".as_ref(),
+                repo.as_os_str(),
+                "--ref".as_ref(),
+                ref_.as_ref(),
+                "--commit".as_ref(),
+                commit.as_ref(),
+                "--format".as_ref(),
+                "qcow2".as_ref(),
+                "--karg".as_ref(),
+                TEST_KARG.as_ref(),
+                "-o".as_ref(),
+                image.as_os_str(),
+            ],
+        )?;
+        let written =
+            line_value(&out, "commit").context("`host compose image` printed no commit line")?;
+        if written != commit {
+            bail!("`host compose image` deployed {written}, expected {commit}");
+        }
+        eprintln!(
+            "runtime: wrote {} in {:.1} s",
+            image.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(AppsImage {
+        image,
+        commit,
+        digest,
+    })
+}
+
+pub fn image_key(commit: &str, host: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    hasher.update(commit.as_bytes());
+    hasher.update(TEST_KARG.as_bytes());
+    let mut file =
+        std::fs::File::open(host).with_context(|| format!("reading {}", host.display()))?;
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hex::encode(&hasher.finalize()[..12]))
+}
+
+/// Run the workspace's host binary; stderr passes through, stdout is returned.
+pub fn run_host(host: &Path, args: &[&std::ffi::OsStr]) -> Result<String> {
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    eprintln!("runtime: {} {}", host.display(), shown.join(" "));
+    let mut child = Command::new(host)
+        .args(args)
+        .current_dir(workspace())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", host.display()))?;
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stdout)?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "`host {}` failed ({status}); stdout:\n{stdout}",
+            shown.join(" ")
+        );
+    }
+    Ok(stdout)
+}
+
+/// An OCI image layout of the build machine's static busybox with every
+/// applet linked and a page for httpd; Cmd serves it on port 8080. The tar
+/// is deterministic (sorted, fixed mtime and owners), so the same busybox
+/// always gives the same manifest digest, which is returned.
+pub fn write_busybox_layout(layout: &Path) -> Result<String> {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+        .context(
+            "busybox is not installed (Debian package busybox-static; scripts/setup installs it)",
+        )?;
+    let work = layout.with_extension("work");
+    let _ = std::fs::remove_dir_all(&work);
+    let rootfs = work.join("rootfs");
+    for d in ["bin", "www", "etc", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::copy(busybox, rootfs.join("bin/busybox"))?;
+    let list = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .context("busybox --list")?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let applet = applet.trim();
+        if !applet.is_empty() && applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
+        }
+    }
+    std::fs::write(rootfs.join("www/index.html"), format!("{APP_PAGE}\n"))?;
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
+    let layer = work.join("layer.tar");
+    let status = Command::new("tar")
+        .args([
+            "--sort=name",
+            "--mtime=@0",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--format=gnu",
+            "-C",
+        ])
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .context("running tar")?;
+    if !status.success() {
+        bail!("tar of {} failed: {status}", rootfs.display());
+    }
+
+    let _ = std::fs::remove_dir_all(layout);
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let put = |bytes: &[u8]| -> Result<(String, usize)> {
+        let hex = hex::encode(Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes)?;
+        Ok((format!("sha256:{hex}"), bytes.len()))
+    };
+    let (layer_digest, layer_size) = put(&std::fs::read(&layer)?)?;
+    let config = serde_json::json!({
+        "created": "1970-01-01T00:00:00Z",
+        "architecture": "amd64", "os": "linux",
+        "config": {
+            "Cmd": ["/bin/httpd", "-f", "-p", APP_PORT.to_string(), "-h", "/www"],
+            "ExposedPorts": { format!("{APP_PORT}/tcp"): {} },
+        },
+        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
+    });
+    let (config_digest, config_size) = put(config.to_string().as_bytes())?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size }],
+    });
+    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes())?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest_size,
+            "annotations": { "org.opencontainers.image.ref.name": "busybox:web" },
+        }],
+    });
+    std::fs::write(layout.join("index.json"), index.to_string())?;
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(manifest_digest)
+}
+
+/// Boot the apps image in a fresh overlay (`build/qemu-tests/runs/apps-<name>.<pid>`)
+/// and wait until systemd says the boot finished; fails if it ends degraded.
+pub fn boot(name: &str) -> Vm {
+    let image = apps_image();
+    let runs = build_dir("qemu-tests/runs");
+    remove_stale_runs(&runs, &format!("apps-{name}"));
+    let workdir = runs.join(format!("apps-{name}.{}", std::process::id()));
+    let mut vm = must(Vm::start(VmConfig::new(&image.image, &workdir)));
+    must(vm.wait_ready());
+    assert_boot_finished(&mut vm);
+    vm
+}
+
+pub fn remove_stale_runs(runs: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(runs) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+pub fn assert_boot_finished(vm: &mut Vm) {
+    let state = must(vm.wait_booted());
+    eprintln!(
+        "runtime: boot finished ({state}) {:.1} s after QEMU started",
+        vm.since_power_on().as_secs_f64()
+    );
+    if state != "running" {
+        let failed = must(vm.run(&format!(
+            "systemctl --failed --no-legend; \
+             for u in $(systemctl --failed --no-legend --plain | awk '{{print $1}}'); do \
+             systemctl status --no-pager -l \"$u\" | tail -20; done; \
+             journalctl -b -u cairn-app-{APP}.service --no-pager | tail -40; \
+             journalctl -b -p err --no-pager | tail -50"
+        )));
+        panic!("boot ended {state:?}, not running:\n{}", failed.stdout);
+    }
+}
