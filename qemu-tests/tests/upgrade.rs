@@ -9,12 +9,12 @@
 //! root.
 //!
 //! v2 is composed from a manifest that includes the test manifest and adds one
-//! file, into its own archive repository under `build/qemu-tests/upgrade/`
+//! file, into its own archive repository under `build/qemu-tests/upgrades/`
 //! that starts from v1 (imported from the fixture repository by hardlinks), so
 //! v2's parent is v1 and `host compose publish` writes the v1 → v2 static
 //! delta. The fixture repository itself is never moved: the other boot tests
 //! keep their cached image. v2 is reused by later runs while v1 is the same
-//! commit.
+//! commit; an flock lets concurrent test processes share it safely.
 
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
@@ -44,8 +44,62 @@ struct Update {
 }
 
 /// Compose v2 (unless a previous run did, on the same v1) and publish it.
-fn prepare_update(image: &TestImage) -> Result<Update> {
-    let dir = build_dir("qemu-tests/upgrade");
+/// An flock on `<dir>.lock`: exclusive while a process composes into `dir`,
+/// shared while processes serve from it; released when dropped.
+struct DirLock(std::fs::File);
+
+impl DirLock {
+    fn take(dir: &Path, how: libc::c_int) -> Result<DirLock> {
+        let path = dir.with_extension("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let lock = DirLock(file);
+        lock.set(how)
+            .with_context(|| format!("locking {}", path.display()))?;
+        Ok(lock)
+    }
+
+    fn set(&self, how: libc::c_int) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor we own; no memory is passed.
+        if unsafe { libc::flock(self.0.as_raw_fd(), how) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Remove the v2 directories of other v1 commits that no process uses.
+fn remove_stale_updates(parent: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_key = name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit());
+        if path == keep || !is_key || !path.is_dir() {
+            continue;
+        }
+        if let Ok(_lock) = DirLock::take(&path, libc::LOCK_EX | libc::LOCK_NB) {
+            let _ = std::fs::remove_dir_all(&path);
+            let _ = std::fs::remove_file(path.with_extension("lock"));
+        }
+    }
+}
+
+/// v2 for the image's commit, in `build/qemu-tests/upgrades/<v1>/`; the
+/// returned lock (shared) keeps other test processes from removing it.
+fn prepare_update(image: &TestImage) -> Result<(Update, DirLock)> {
+    let parent_dir = build_dir("qemu-tests/upgrades");
+    std::fs::create_dir_all(&parent_dir)?;
+    let dir = parent_dir.join(&image.commit[..16]);
+    let lock = DirLock::take(&dir, libc::LOCK_EX)?;
+    remove_stale_updates(&parent_dir, &dir);
     let repo = dir.join("repo");
     let ref_ = image.ref_.as_str();
     let reusable = ostree_cli(&repo, &["rev-parse", &format!("{ref_}^")])
@@ -113,11 +167,15 @@ fn prepare_update(image: &TestImage) -> Result<Update> {
     let version = ostree_cli(&repo, &["show", "--print-metadata-key=version", &commit])?
         .trim_matches('\'')
         .to_string();
-    Ok(Update {
-        repo,
-        commit,
-        version,
-    })
+    lock.set(libc::LOCK_SH)?;
+    Ok((
+        Update {
+            repo,
+            commit,
+            version,
+        },
+        lock,
+    ))
 }
 
 /// Run the workspace's `host`; stderr passes through, stdout is returned.
@@ -349,7 +407,7 @@ fn upgrade_over_http_reboot_rollback_and_power_cut() {
     let image = test_image();
     let v1 = image.commit.clone();
     let v1_version = image.version.clone().expect("v1 has a version");
-    let update = must(prepare_update(image));
+    let (update, _update_lock) = must(prepare_update(image));
     let v2 = update.commit.clone();
     assert_ne!(v1, v2);
     assert_ne!(v1_version, update.version);
@@ -359,7 +417,9 @@ fn upgrade_over_http_reboot_rollback_and_power_cut() {
     );
 
     // Not in the machine's work directory, which Vm::start empties.
-    let http_log = build_dir("qemu-tests/upgrade/http.log");
+    let http_log = update
+        .repo
+        .with_file_name(format!("http.{}.log", std::process::id()));
     let server = must(HttpServer::start(&update.repo, &http_log));
     let url = format!("http://10.0.2.2:{}/", server.port);
 
@@ -548,4 +608,5 @@ fn upgrade_over_http_reboot_rollback_and_power_cut() {
     );
     drop(vm);
     drop(server);
+    let _ = std::fs::remove_file(&http_log);
 }
