@@ -1,4 +1,4 @@
-//! `host agent`: the automatic update agent (runs as cairn-agent.service).
+//! `host agent`: the automatic update agent (a long-running service on a node).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -15,7 +15,7 @@ pub enum HealthCommand {
     /// required check rolls back to the previous deployment and reboots.
     ///
     /// Checks are executables in required/ and wanted/ under
-    /// /usr/lib/cairn/health.d and /etc/cairn/health.d (run by cairn-health.service).
+    /// /usr/lib/cairn/health.d and /etc/cairn/health.d; meant to run once per boot.
     Check {
         /// Act on the sysroot at DIR instead of the running system.
         #[arg(long, value_name = "DIR")]

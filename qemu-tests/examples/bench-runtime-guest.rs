@@ -3,7 +3,8 @@
 //! (with its bridge NIC and with `--network none`), crun 1.8 (Debian's, from
 //! the apps test manifest) on a bundle of the same tree, and the bare
 //! `unshare -mpnui -f --mount-proc chroot ROOTFS /bin/true` floor. Rounds are
-//! interleaved so load changes hit every tool alike. Also the memory (RSS) of
+//! interleaved so load changes hit every tool alike; `host --help` shows what
+//! starting the `host` binary alone costs. Also the memory (RSS) of
 //! the idle baked app's monitor. Printed, never asserted.
 //!
 //! Run as root: `scripts/bench-runtime-guest [ROUNDS]` (or
@@ -46,7 +47,7 @@ fn main() {
          unshare -mpnui -f --mount-proc chroot /var/tmp/bench/bundle/rootfs /bin/true"
     )));
 
-    let tools: [(&str, String); 4] = [
+    let tools: [(&str, String); 5] = [
         (
             "host app run --rm",
             format!("host app run --rm {APP_IMAGE} /bin/true"),
@@ -63,6 +64,11 @@ fn main() {
             "unshare+chroot (floor)",
             "unshare -mpnui -f --mount-proc chroot /var/tmp/bench/bundle/rootfs /bin/true"
                 .to_string(),
+        ),
+        // No container at all: what starting the `host` binary costs.
+        (
+            "host --help (process start only)",
+            "host --help".to_string(),
         ),
     ];
     let mut script = format!("set -e; for i in $(seq {rounds}); do\n");

@@ -17,9 +17,12 @@
 #[path = "support/apps_image.rs"]
 mod apps_image;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context, Result};
 use apps_image::*;
+use qemu_tests::fixture::{build_dir, host_binary, ostree_cli};
 use qemu_tests::Vm;
 use serde_json::Value;
 
@@ -66,7 +69,7 @@ fn wait_for(vm: &mut Vm, what: &str, check: &str, limit: Duration) -> String {
 
 /// The baked app, checked from the guest's host side: unit active, running
 /// in `ps` (and healthy), serving its page on its bridge address.
-fn assert_app_serving(vm: &mut Vm) -> Value {
+fn assert_app_serving(vm: &mut Vm, page_text: &str) -> Value {
     let active = must(vm.run(&format!("systemctl is-active cairn-app-{APP}.service")));
     assert_eq!(
         active.stdout.trim(),
@@ -86,7 +89,7 @@ fn assert_app_serving(vm: &mut Vm) -> Value {
         Duration::from_secs(60),
     );
     assert!(page.contains("200 OK"), "{page}");
-    assert!(page.contains(APP_PAGE), "{page}");
+    assert!(page.contains(page_text), "{page}");
     must(vm.ok(&format!("ping -c 1 -W 5 {APP_IP}")));
 
     // The health command (wget inside the container) passes.
@@ -121,7 +124,7 @@ fn baked_app_runs_after_boot_and_after_a_reboot() {
     assert!(images.contains(&image.digest), "{images}");
     must(vm.ok(&format!("host app verify {APP_IMAGE}")));
 
-    let first = assert_app_serving(&mut vm);
+    let first = assert_app_serving(&mut vm, APP_PAGE);
     let inspect = must(vm.ok(&format!("host app inspect {APP}")));
     eprintln!("runtime: baked app after boot: {first}");
     assert!(inspect.contains(&image.digest), "{inspect}");
@@ -139,7 +142,7 @@ fn baked_app_runs_after_boot_and_after_a_reboot() {
     let started = Instant::now();
     must(vm.reboot());
     assert_boot_finished(&mut vm);
-    let second = assert_app_serving(&mut vm);
+    let second = assert_app_serving(&mut vm, APP_PAGE);
     eprintln!(
         "runtime: baked app serving again {:.1} s after the reboot began: {second}",
         started.elapsed().as_secs_f64()
@@ -264,4 +267,179 @@ fn limits_hold_pids_memory_cpu() {
         "a 0.2 CPU container used {usage} us of CPU in {wall} us:\n{out}"
     );
     must(vm.ok("host app rm --force busy"));
+}
+
+/// The page v2 of the baked app serves.
+const APP_PAGE_V2: &str = "cairn baked app v2: hello again from busybox httpd";
+
+/// v2 of the apps host: the same host with a new image for the app, composed
+/// on top of the image's commit in a repository of its own and published.
+/// Returns (repository, v2 commit, v2 app digest).
+fn prepare_apps_v2(v1: &AppsImage) -> Result<(PathBuf, String, String)> {
+    let host = host_binary()?;
+    let dir = v1.repo.parent().expect("repo has a parent").join("upgrade");
+    let digest = write_busybox_layout(&dir.join("busybox-oci-v2"), APP_PAGE_V2)?;
+    let repo = dir.join("repo");
+    let ref_ = v1.ref_.as_str();
+    let reusable = ostree_cli(&repo, &["rev-parse", &format!("{ref_}^")])
+        .is_ok_and(|parent| parent == v1.commit)
+        && ostree_cli(&repo, &["show", "--print-metadata-key=cairn.apps", ref_])
+            .is_ok_and(|apps| apps.contains(&digest));
+    if !reusable {
+        let _ = std::fs::remove_dir_all(&repo);
+        ostree_cli(&repo, &["init", "--mode=archive"])?;
+        ostree_cli(
+            &repo,
+            &["pull-local", &v1.repo.to_string_lossy(), &v1.commit],
+        )?;
+        ostree_cli(&repo, &["refs", &format!("--create={ref_}"), &v1.commit])?;
+        let manifest = dir.join("apps-host-v2.toml");
+        std::fs::write(&manifest, apps_manifest("busybox-oci-v2", &digest))?;
+        run_host(
+            &host,
+            &[
+                "compose".as_ref(),
+                "tree".as_ref(),
+                "--repo".as_ref(),
+                repo.as_os_str(),
+                "--cache".as_ref(),
+                build_dir("cache").as_os_str(),
+                manifest.as_os_str(),
+            ],
+        )?;
+    }
+    run_host(
+        &host,
+        &[
+            "compose".as_ref(),
+            "publish".as_ref(),
+            "--repo".as_ref(),
+            repo.as_os_str(),
+        ],
+    )?;
+    let commit = ostree_cli(&repo, &["rev-parse", ref_])?;
+    Ok((repo, commit, digest))
+}
+
+/// `python3 -m http.server` on 127.0.0.1 (the guest's 10.0.2.2); killed on drop.
+struct HttpServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl HttpServer {
+    fn start(root: &Path) -> Result<HttpServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = std::process::Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+            .arg(root)
+            .arg(port.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting python3 -m http.server (Debian package python3)")?;
+        let mut server = HttpServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = server.child.try_wait()? {
+                bail!("the HTTP server exited ({status})");
+            }
+            if Instant::now() > deadline {
+                bail!("the HTTP server did not listen on 127.0.0.1:{port} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run a command that reboots the guest, detached (its output to `log`
+/// under /var); reboot anyway if it fails, so the failure shows in the log.
+fn run_rebooting(vm: &mut Vm, command: &str, log: &str) -> String {
+    let old = vm.boot_id().expect("booted").to_string();
+    must(vm.ok(&format!(
+        "mkdir -p \"$(dirname {log})\"; setsid -f sh -c '\
+         {command} >{log} 2>&1; rc=$?; echo \"exit $rc\" >>{log}; sync; \
+         [ $rc = 0 ] || systemctl reboot' </dev/null >/dev/null 2>&1"
+    )));
+    let id = must(vm.wait_ready());
+    assert_ne!(id, old, "`{command}` did not reboot the machine");
+    let out = must(vm.ok(&format!("cat {log}")));
+    assert!(
+        !out.lines().any(|l| l.starts_with("exit ") && l != "exit 0"),
+        "`{command}` failed:\n{out}"
+    );
+    id
+}
+
+/// The booted deployment's commit.
+fn booted_commit(vm: &mut Vm) -> String {
+    let status = must(vm.ok("host status --json"));
+    let status: Value = serde_json::from_str(&status).expect("host status --json");
+    status["deployments"]
+        .as_array()
+        .expect("deployments")
+        .iter()
+        .find(|d| d["booted"] == true)
+        .and_then(|d| d["checksum"].as_str())
+        .expect("a booted deployment")
+        .to_string()
+}
+
+#[test]
+fn baked_app_follows_host_upgrade_and_rollback() {
+    let v1 = apps_image();
+    let (repo, v2, v2_digest) = must(prepare_apps_v2(v1));
+    let server = must(HttpServer::start(&repo));
+    let mut vm = boot("upgrade");
+    assert_app_serving(&mut vm, APP_PAGE);
+    must(vm.ok(&format!(
+        "set -e; ostree --repo=/ostree/repo remote delete --if-exists cairn; \
+         ostree --repo=/ostree/repo remote add --no-gpg-verify cairn http://10.0.2.2:{}/",
+        server.port
+    )));
+
+    let started = Instant::now();
+    run_rebooting(
+        &mut vm,
+        "host upgrade --reboot",
+        "/var/lib/cairn-test/upgrade.log",
+    );
+    assert_boot_finished(&mut vm);
+    assert_eq!(booted_commit(&mut vm), v2);
+    let entry = assert_app_serving(&mut vm, APP_PAGE_V2);
+    let inspect = must(vm.ok(&format!("host app inspect {APP}")));
+    assert!(inspect.contains(&v2_digest), "{inspect}");
+    eprintln!(
+        "runtime: upgraded to {v2}, app v2 serving {:.1} s after the upgrade began: {entry}",
+        started.elapsed().as_secs_f64()
+    );
+
+    let started = Instant::now();
+    run_rebooting(
+        &mut vm,
+        "host rollback --reboot",
+        "/var/lib/cairn-test/rollback.log",
+    );
+    assert_boot_finished(&mut vm);
+    assert_eq!(booted_commit(&mut vm), v1.commit);
+    let entry = assert_app_serving(&mut vm, APP_PAGE);
+    let inspect = must(vm.ok(&format!("host app inspect {APP}")));
+    assert!(inspect.contains(&v1.digest), "{inspect}");
+    assert!(!inspect.contains(&v2_digest), "{inspect}");
+    eprintln!(
+        "runtime: rolled back to {}, app v1 serving {:.1} s after the rollback began: {entry}",
+        v1.commit,
+        started.elapsed().as_secs_f64()
+    );
 }

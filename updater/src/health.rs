@@ -1,5 +1,5 @@
 //! Health checks that gate a new deployment (`host health check`, run at
-//! every boot by cairn-health.service).
+//! every boot once the default tree ships its unit; see docs/fleet.md).
 //!
 //! Checks are executables in `required/` and `wanted/` under
 //! `/usr/lib/cairn/health.d` (shipped in the tree) and `/etc/cairn/health.d`

@@ -37,6 +37,8 @@ pub const APP_IMAGE: &str = "cairn-app-web:baked";
 
 pub struct AppsImage {
     pub image: PathBuf,
+    pub repo: PathBuf,
+    pub ref_: String,
     pub commit: String,
     pub digest: String,
 }
@@ -56,29 +58,19 @@ pub fn build_apps_image() -> Result<AppsImage> {
         bail!("the QEMU runtime tests compose trees and write disk images, which needs root; run them as root (scripts/test does)");
     }
     let host = host_binary()?;
-    let dir = build_dir("qemu-tests/apps");
+    // A release build (the benchmark) installs the release `host` in the
+    // tree: its own repository, so it never moves the tests' ref.
+    let dir = build_dir(if cfg!(debug_assertions) {
+        "qemu-tests/apps"
+    } else {
+        "qemu-tests/apps-release"
+    });
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
-    let digest = write_busybox_layout(&dir.join("busybox-oci"))?;
+    let digest = write_busybox_layout(&dir.join("busybox-oci"), APP_PAGE)?;
     let manifest = dir.join("apps-host.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "# Written by qemu-tests/tests/runtime.rs: the apps test host.\n\
-             include = [{include:?}]\n\n\
-             [[apps]]\n\
-             name = \"{APP}\"\n\
-             image = \"busybox-oci\"\n\
-             digest = \"{digest}\"\n\
-             memory = \"64M\"\n\
-             pids = \"64\"\n\
-             ip = \"{APP_IP}\"\n\
-             health-cmd = \"wget -q -O- http://127.0.0.1:{APP_PORT}/\"\n\
-             health-interval = \"3s\"\n",
-            include = workspace().join(APPS_MANIFEST).to_string_lossy()
-        ),
-    )
-    .with_context(|| format!("writing {}", manifest.display()))?;
+    std::fs::write(&manifest, apps_manifest("busybox-oci", &digest))
+        .with_context(|| format!("writing {}", manifest.display()))?;
 
     let repo = dir.join("repo");
     let started = Instant::now();
@@ -163,6 +155,8 @@ pub fn build_apps_image() -> Result<AppsImage> {
     }
     Ok(AppsImage {
         image,
+        repo,
+        ref_,
         commit,
         digest,
     })
@@ -176,6 +170,25 @@ pub fn image_key(commit: &str, host: &Path) -> Result<String> {
         std::fs::File::open(host).with_context(|| format!("reading {}", host.display()))?;
     std::io::copy(&mut file, &mut hasher)?;
     Ok(hex::encode(&hasher.finalize()[..12]))
+}
+
+/// A manifest (to be written under `build/`) of the apps test host with the
+/// app `web` from the OCI layout `image` (relative to the manifest).
+pub fn apps_manifest(image: &str, digest: &str) -> String {
+    format!(
+        "# Written by qemu-tests (tests/support/apps_image.rs): the apps test host.\n\
+         include = [{include:?}]\n\n\
+         [[apps]]\n\
+         name = \"{APP}\"\n\
+         image = \"{image}\"\n\
+         digest = \"{digest}\"\n\
+         memory = \"64M\"\n\
+         pids = \"64\"\n\
+         ip = \"{APP_IP}\"\n\
+         health-cmd = \"wget -q -O- http://127.0.0.1:{APP_PORT}/\"\n\
+         health-interval = \"3s\"\n",
+        include = workspace().join(APPS_MANIFEST).to_string_lossy()
+    )
 }
 
 /// Run the workspace's host binary; stderr passes through, stdout is returned.
@@ -212,7 +225,7 @@ pub fn run_host(host: &Path, args: &[&std::ffi::OsStr]) -> Result<String> {
 /// applet linked and a page for httpd; Cmd serves it on port 8080. The tar
 /// is deterministic (sorted, fixed mtime and owners), so the same busybox
 /// always gives the same manifest digest, which is returned.
-pub fn write_busybox_layout(layout: &Path) -> Result<String> {
+pub fn write_busybox_layout(layout: &Path, page: &str) -> Result<String> {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
         .map(Path::new)
@@ -237,7 +250,7 @@ pub fn write_busybox_layout(layout: &Path) -> Result<String> {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
         }
     }
-    std::fs::write(rootfs.join("www/index.html"), format!("{APP_PAGE}\n"))?;
+    std::fs::write(rootfs.join("www/index.html"), format!("{page}\n"))?;
     std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
     let layer = work.join("layer.tar");
