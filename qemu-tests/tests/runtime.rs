@@ -4,6 +4,10 @@
 //! - An app baked in by the manifest's `[[apps]]` (a busybox httpd) is
 //!   running after boot, answers on its bridge address from the host, is
 //!   healthy, and runs again after a reboot.
+//! - It follows the host: after `host upgrade --reboot` to a v2 commit that
+//!   bakes a new image for it (served over HTTP from the build machine's
+//!   loopback, 10.0.2.2 in the guest) it serves v2; after
+//!   `host rollback --reboot` it serves v1 again.
 //! - Limits hold: a fork bomb stops at `pids.max`, a memory hog is OOM-killed
 //!   alone while a neighbour keeps running, `cpu.max` throttles a busy loop.
 //!
