@@ -175,43 +175,37 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         .tempdir_in(&work_parent)?;
     let root = work.path().join("rootfs");
 
-    let step = progress.step("preparing the tree");
-    let baked_apps = match &base {
+    // The stage (if any) is installed before the step starts, so its own
+    // progress is not nested inside "preparing the tree".
+    let staged = match &base {
         Base::Packages(resolved) => {
-            drop(step);
             let pkgs = manifest.spec.packages.as_ref().expect("packages base");
-            let staged = stage::ensure_stage(pkgs, resolved, &opts.cache, progress)?;
-            let step = progress.step("preparing the tree");
+            Some(stage::ensure_stage(pkgs, resolved, &opts.cache, progress)?)
+        }
+        Base::Rootfs { .. } => None,
+    };
+    let step = progress.step("preparing the tree");
+    match (&staged, &base) {
+        (Some(staged), _) => {
             step.message("copying the package stage");
             stage::copy_tree(&staged.rootfs, &root)?;
-            let apps = customize(
-                manifest,
-                &root,
-                work.path(),
-                host_binary.as_deref(),
-                &refname,
-                &version,
-                now,
-            )?;
-            step.finish("");
-            apps
         }
-        Base::Rootfs { path, .. } => {
+        (None, Base::Rootfs { path, .. }) => {
             step.message("unpacking the base rootfs");
             stage::unpack_rootfs(path, &root)?;
-            let apps = customize(
-                manifest,
-                &root,
-                work.path(),
-                host_binary.as_deref(),
-                &refname,
-                &version,
-                now,
-            )?;
-            step.finish("");
-            apps
         }
-    };
+        (None, Base::Packages(_)) => unreachable!("a packages base always has a stage"),
+    }
+    let baked_apps = customize(
+        manifest,
+        &root,
+        work.path(),
+        host_binary.as_deref(),
+        &refname,
+        &version,
+        now,
+    )?;
+    step.finish("");
     let installed = match root.join("var/lib/dpkg/status").exists() {
         true => crate::apt::installed_packages(&root.join("var/lib/dpkg"))?,
         false => PackageSet::default(),
