@@ -7,37 +7,85 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::repo;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// One package whose version differs between two trees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PackageChange {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// A named package and its version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+}
+
+/// What changes from one package list (`from`) to another (`to`), classified
+/// with Debian version ordering. The one type behind `host compose diff`,
+/// `host status` and the upgrade summaries; its serde shape is part of the
+/// status JSON schema (docs/status-v1.schema.json).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PackageDiff {
-    pub added: Vec<(String, String)>,
-    pub removed: Vec<(String, String)>,
-    /// (name, from, to)
-    pub upgraded: Vec<(String, String, String)>,
-    pub downgraded: Vec<(String, String, String)>,
+    pub upgraded: Vec<PackageChange>,
+    pub downgraded: Vec<PackageChange>,
+    pub added: Vec<Package>,
+    pub removed: Vec<Package>,
 }
 
 impl PackageDiff {
-    pub fn between(from: &BTreeMap<String, String>, to: &BTreeMap<String, String>) -> PackageDiff {
+    /// Diff two `cairn.packages` lists (`name=version` strings); entries
+    /// without `=` are ignored.
+    pub fn between<S: AsRef<str>>(from: &[S], to: &[S]) -> PackageDiff {
+        let map = |list: &[S]| -> BTreeMap<String, String> {
+            list.iter()
+                .filter_map(|e| e.as_ref().split_once('='))
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        PackageDiff::between_maps(&map(from), &map(to))
+    }
+
+    /// Diff two name → version maps.
+    pub fn between_maps(
+        from: &BTreeMap<String, String>,
+        to: &BTreeMap<String, String>,
+    ) -> PackageDiff {
         let mut d = PackageDiff::default();
         for (name, old) in from {
             match to.get(name) {
-                None => d.removed.push((name.clone(), old.clone())),
-                Some(new) => match compare_versions(old, new) {
-                    Ordering::Less => d.upgraded.push((name.clone(), old.clone(), new.clone())),
-                    Ordering::Greater => {
-                        d.downgraded.push((name.clone(), old.clone(), new.clone()))
+                None => d.removed.push(Package {
+                    name: name.clone(),
+                    version: old.clone(),
+                }),
+                Some(new) => {
+                    let change = PackageChange {
+                        name: name.clone(),
+                        from: old.clone(),
+                        to: new.clone(),
+                    };
+                    match compare_versions(old, new) {
+                        Ordering::Less => d.upgraded.push(change),
+                        Ordering::Greater => d.downgraded.push(change),
+                        Ordering::Equal => {}
                     }
-                    Ordering::Equal => {}
-                },
+                }
             }
         }
         for (name, new) in to {
             if !from.contains_key(name) {
-                d.added.push((name.clone(), new.clone()));
+                d.added.push(Package {
+                    name: name.clone(),
+                    version: new.clone(),
+                });
             }
         }
         d
@@ -50,7 +98,7 @@ impl PackageDiff {
             && self.downgraded.is_empty()
     }
 
-    /// "3 upgraded, 1 added" (only the non-zero parts; "no changes" if none).
+    /// "3 upgraded, 1 added" (only the non-zero parts; "no package changes" if none).
     pub fn summary(&self) -> String {
         let parts: Vec<String> = [
             (self.upgraded.len(), "upgraded"),
@@ -68,21 +116,30 @@ impl PackageDiff {
             parts.join(", ")
         }
     }
+
+    /// One line per change, the way `rpm-ostree db diff` lists them.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &self.upgraded {
+            out.push(format!("upgraded   {} {} -> {}", c.name, c.from, c.to));
+        }
+        for c in &self.downgraded {
+            out.push(format!("downgraded {} {} -> {}", c.name, c.from, c.to));
+        }
+        for p in &self.removed {
+            out.push(format!("removed    {} {}", p.name, p.version));
+        }
+        for p in &self.added {
+            out.push(format!("added      {} {}", p.name, p.version));
+        }
+        out
+    }
 }
 
 impl fmt::Display for PackageDiff {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (n, a, b) in &self.upgraded {
-            writeln!(f, "  upgraded   {n} {a} -> {b}")?;
-        }
-        for (n, a, b) in &self.downgraded {
-            writeln!(f, "  downgraded {n} {a} -> {b}")?;
-        }
-        for (n, v) in &self.removed {
-            writeln!(f, "  removed    {n} {v}")?;
-        }
-        for (n, v) in &self.added {
-            writeln!(f, "  added      {n} {v}")?;
+        for line in self.lines() {
+            writeln!(f, "  {line}")?;
         }
         Ok(())
     }
@@ -190,7 +247,7 @@ pub fn diff_commits(repo: &ostree::Repo, from_rev: &str, to_rev: &str) -> Result
     let b = repo::load_commit(repo, &to)?;
     let pkgs =
         |c: &repo::CommitInfo| crate::apt::PackageSet::from_lines(&c.strings("cairn.packages")).0;
-    let packages = PackageDiff::between(&pkgs(&a), &pkgs(&b));
+    let packages = PackageDiff::between_maps(&pkgs(&a), &pkgs(&b));
     let mut files = FileDiff::default();
     let (ta, _) = root_tree(repo, &from)?;
     let (tb, _) = root_tree(repo, &to)?;
@@ -297,6 +354,8 @@ mod tests {
             ("1.0", "1.0a"),
             ("1.0~~", "1.0~"),
             ("252.38-1~deb12u1", "252.39-1~deb12u1"),
+            ("252.38-1~deb12u1", "252.38-1"),
+            ("1.0", "1.0+deb12u1"),
         ];
         for (a, b) in less {
             assert_eq!(compare_versions(a, b), Ordering::Less, "{a} < {b}");
@@ -309,20 +368,44 @@ mod tests {
 
     #[test]
     fn package_diff_classifies_and_summarizes() {
-        let from: BTreeMap<String, String> = [("a", "1.0"), ("b", "2.0"), ("c", "1.0"), ("d", "5")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let to: BTreeMap<String, String> = [("a", "1.1"), ("b", "1.9"), ("d", "5"), ("e", "0.1")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let from = ["a=1.0", "b=2.0", "c=1.0", "d=5", "no-version"];
+        let to = ["a=1.1", "b=1.9", "d=5", "e=0.1"];
         let d = PackageDiff::between(&from, &to);
-        assert_eq!(d.upgraded, vec![("a".into(), "1.0".into(), "1.1".into())]);
-        assert_eq!(d.downgraded, vec![("b".into(), "2.0".into(), "1.9".into())]);
-        assert_eq!(d.removed, vec![("c".into(), "1.0".into())]);
-        assert_eq!(d.added, vec![("e".into(), "0.1".into())]);
+        let change = |n: &str, a: &str, b: &str| PackageChange {
+            name: n.into(),
+            from: a.into(),
+            to: b.into(),
+        };
+        let pkg = |n: &str, v: &str| Package {
+            name: n.into(),
+            version: v.into(),
+        };
+        assert_eq!(d.upgraded, vec![change("a", "1.0", "1.1")]);
+        assert_eq!(d.downgraded, vec![change("b", "2.0", "1.9")]);
+        assert_eq!(d.removed, vec![pkg("c", "1.0")]);
+        assert_eq!(d.added, vec![pkg("e", "0.1")]);
         assert_eq!(d.summary(), "1 upgraded, 1 downgraded, 1 removed, 1 added");
+        assert_eq!(
+            d.lines(),
+            [
+                "upgraded   a 1.0 -> 1.1",
+                "downgraded b 2.0 -> 1.9",
+                "removed    c 1.0",
+                "added      e 0.1"
+            ]
+        );
+        assert_eq!(d.to_string().lines().count(), 4);
+        assert!(PackageDiff::between(&from, &from).is_empty());
         assert_eq!(PackageDiff::default().summary(), "no package changes");
+    }
+
+    #[test]
+    fn package_diff_json_shape_is_the_status_schema_one() {
+        let d = PackageDiff::between(&["a=1"], &["a=2", "b=1"]);
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["upgraded"][0]["name"], "a");
+        assert_eq!(v["upgraded"][0]["to"], "2");
+        assert_eq!(v["added"][0]["version"], "1");
+        assert_eq!(v["removed"].as_array().unwrap().len(), 0);
     }
 }

@@ -591,7 +591,7 @@ fn diff_reports_packages_and_files_between_versions() {
         field(&b, "commit"),
     ]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    assert_eq!(v["packages"]["upgraded"][0][0], "busybox");
+    assert_eq!(v["packages"]["upgraded"][0]["name"], "busybox");
 
     let bad = env.host(&[
         "compose",

@@ -14,7 +14,6 @@ pub mod commit;
 pub mod fleetlock;
 pub mod health;
 pub mod ops;
-pub mod packages;
 pub mod pull;
 pub mod status;
 pub mod sysroot;

@@ -9,7 +9,7 @@ use ostree::gio;
 use ostree::glib;
 
 use crate::commit::{boot_files, short, CommitInfo};
-use crate::packages::PackageDiff;
+use cairn_builder::diff::PackageDiff;
 use crate::pull::{human_bytes, pull, PullRequest};
 use crate::status::{split_refspec, Origin, Roles};
 use crate::sysroot::{require_root, SysrootLock, SysrootTarget, STATEROOT};

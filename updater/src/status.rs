@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::commit::{format_timestamp, CommitInfo};
-use crate::packages::PackageDiff;
+use cairn_builder::diff::PackageDiff;
 use crate::sysroot::SysrootTarget;
 
 /// Value of `apiVersion`; bumped only for incompatible changes of the JSON.
