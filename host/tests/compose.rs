@@ -6,22 +6,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn require_root() {
-    assert!(
-        nix_is_root(),
-        "this test must run as root (it commits root-owned trees); run it through scripts/test"
-    );
-}
+mod common;
+use common::{host, ostree_cli};
 
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
+fn require_root() {
+    common::require_root("it commits root-owned trees");
 }
 
 struct Env {
@@ -136,7 +125,7 @@ gid = 10
     }
 
     fn host(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_host"))
+        let out = host()
             .args(args)
             .current_dir(self.dir.path())
             .env("SOURCE_DATE_EPOCH", "1795000000")
@@ -170,17 +159,7 @@ gid = 10
     }
 
     fn ostree(&self, repo: &str, args: &[&str]) -> String {
-        let out = Command::new("ostree")
-            .arg(format!("--repo={}", self.path(repo).display()))
-            .args(args)
-            .output()
-            .expect("stock ostree CLI (package ostree) for cross-checks");
-        assert!(
-            out.status.success(),
-            "ostree {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        ostree_cli(&self.path(repo), args)
     }
 
     fn ref_head(&self, repo: &str) -> Option<String> {
@@ -349,7 +328,7 @@ fn synthetic_tree_has_a_pinned_content_checksum() {
         "ref = \"test/pinned\"\nrootfs = \"base\"\nkernel-args = [\"quiet\"]\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_host"))
+    let out = host()
         .args([
             "compose",
             "tree",
@@ -489,7 +468,7 @@ fn a_killed_compose_moves_no_ref_and_the_next_one_succeeds() {
     env.manifest(
         "[[postprocess]]\nname = \"slow\"\ninline = \"touch /usr/share/started; sleep 60\"\n",
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_host"))
+    let mut child = host()
         .args([
             "compose",
             "tree",
@@ -727,7 +706,7 @@ fn rootfs_without_var_or_etc_composes() {
         "ref = \"x/y\"\nrootfs = \"base\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_host"))
+    let out = host()
         .args([
             "compose",
             "tree",

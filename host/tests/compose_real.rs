@@ -7,6 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::{host, ostree_cli};
+
 const REF: &str = "cairn/bookworm/x86_64/container-host";
 
 fn checkout() -> PathBuf {
@@ -17,29 +20,13 @@ fn checkout() -> PathBuf {
 }
 
 fn ostree(repo: &Path, args: &[&str]) -> String {
-    let out = Command::new("ostree")
-        .arg(format!("--repo={}", repo.display()))
-        .args(args)
-        .output()
-        .expect("stock ostree CLI");
-    assert!(
-        out.status.success(),
-        "ostree {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    ostree_cli(repo, args)
 }
 
 #[test]
 #[ignore = "privileged: needs root, mmdebstrap and the apt mirror; run by scripts/test"]
 fn container_host_manifest_composes_a_bootable_container_host() {
-    assert!(
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
-        "this test must run as root (mmdebstrap --mode=root); run it through scripts/test"
-    );
+    common::require_root("mmdebstrap --mode=root");
     let root = checkout();
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
@@ -193,7 +180,7 @@ fn an_unknown_package_fails_in_seconds_with_its_name() {
         "ref = \"test/unknown\"\n[packages]\nsuite = \"bookworm\"\ninstall = [\"cairn-no-such-package\"]\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_host"))
+    let out = host()
         .args(["compose", "tree", "--quiet", "--repo"])
         .arg(tmp.path().join("repo"))
         .arg("--cache")

@@ -21,24 +21,11 @@ const REFSPEC: &str = "cairn:cairn/bookworm/x86_64/container-host";
 /// Commit timestamps: fixed, increasing, so downgrades are deliberate.
 const T0: u64 = 1_795_000_000;
 
+mod common;
+use common::{host, text};
+
 fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test must run as root (it writes OSTree deployments); run it through scripts/test"
-    );
-}
-
-fn host() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_host"))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    common::require_root("it writes OSTree deployments");
 }
 
 /// One tree to commit.
