@@ -121,6 +121,10 @@ pub struct Record {
     pub next_window: Option<DateTime<Utc>>,
     /// FleetLock slot taken before the reboot, released once the new boot is up.
     pub holds_fleet_lock: bool,
+    /// The commit the slot was taken for: released only once that commit is
+    /// the booted one and passed its health checks.
+    #[serde(default)]
+    pub lock_for: Option<String>,
 }
 
 pub struct Machine {
@@ -128,8 +132,13 @@ pub struct Machine {
     pub record: Record,
 }
 
-/// How long to wait while a fleet lock is denied before asking again.
+/// The longest wait between two requests for a fleet lock that was denied
+/// (shorter when the check interval is shorter).
 const LOCK_RETRY: Duration = Duration::from_secs(300);
+
+/// How often a slot that should be given back is offered again while the
+/// FleetLock server cannot be reached.
+const RELEASE_RETRY: Duration = Duration::from_secs(30);
 
 impl Machine {
     pub fn new(config: AgentConfig, previous: Option<Record>) -> Machine {
@@ -141,6 +150,7 @@ impl Machine {
             next_step: None,
             next_window: None,
             holds_fleet_lock: false,
+            lock_for: None,
         });
         record.policy = config.policy;
         Machine { config, record }
@@ -165,6 +175,10 @@ impl Machine {
 
     fn next_check(&self, env: &mut dyn Env) -> Duration {
         self.config.interval + env.jitter(self.config.jitter)
+    }
+
+    fn lock_retry(&self, env: &mut dyn Env) -> Duration {
+        self.config.interval.min(LOCK_RETRY) + env.jitter(self.config.jitter)
     }
 
     /// Runs the machine until it has to wait; returns how long (None: it is done, e.g. rebooting or off).
@@ -251,16 +265,19 @@ impl Machine {
         }
         if self.config.strategy == Strategy::FleetLock {
             match env.fleet_lock() {
-                Ok(Answer::Granted) => self.record.holds_fleet_lock = true,
+                Ok(Answer::Granted) => {
+                    self.record.holds_fleet_lock = true;
+                    self.record.lock_for = Some(checksum.clone());
+                }
                 Ok(Answer::Denied { value, .. }) => {
                     self.record.last_result = Some(format!("waiting for a reboot slot: {value}"));
                     self.go(State::WaitingForLock { checksum })?;
-                    return Ok(Some(LOCK_RETRY + env.jitter(self.config.jitter)));
+                    return Ok(Some(self.lock_retry(env)));
                 }
                 Err(e) => {
                     self.record.last_result = Some(format!("FleetLock server unreachable: {e:#}"));
                     self.go(State::WaitingForLock { checksum })?;
-                    return Ok(Some(LOCK_RETRY + env.jitter(self.config.jitter)));
+                    return Ok(Some(self.lock_retry(env)));
                 }
             }
         }
@@ -374,17 +391,9 @@ impl Env for NodeEnv {
     }
 }
 
-/// After a boot: a slot taken for the reboot into `checksum` is given back
-/// once that deployment is the one running.
-///
-/// The slot is held until the new boot passed its health checks (a node
-/// that stays unhealthy keeps it, and its group's rollout stops).
-pub fn after_boot(
-    record: &mut Record,
-    booted: Option<&str>,
-    healthy: bool,
-    fleet: Option<&fleetlock::Client>,
-) -> Result<()> {
+/// After a boot: settles the reboot the agent made before it (the record
+/// still says `rebooting`).
+pub fn settle_reboot(record: &mut Record, booted: Option<&str>) {
     if let State::Rebooting { checksum } = &record.state {
         if booted == Some(checksum.as_str()) {
             record.last_result = Some(format!("booted {}", short(checksum)));
@@ -394,22 +403,96 @@ pub fn after_boot(
                 short(checksum)
             ));
         }
+        if record.holds_fleet_lock && record.lock_for.is_none() {
+            // A record written before `lock_for` existed.
+            record.lock_for = Some(checksum.clone());
+        }
         record.state = State::Idle;
     }
-    if record.holds_fleet_lock && !healthy {
-        record.last_result =
-            Some("holding the reboot slot until this boot passes its health checks".into());
-        return Ok(());
+}
+
+/// What to do with the FleetLock slot the node holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotAction {
+    /// No slot held.
+    None,
+    /// Keep it; the reason is for the log and `host status`.
+    Keep(String),
+    Release,
+}
+
+/// The slot is given back only once the commit it was taken for is the
+/// booted deployment and passed its health checks here. A node whose update
+/// failed its health checks (and rolled itself back), that came up on another
+/// deployment, or that is not healthy yet keeps it: its group's rollout stops
+/// there until an operator looks and frees the slot (`host fleet release`),
+/// or the node itself reboots into a later update (it may: it holds the slot).
+pub fn slot_action(
+    record: &Record,
+    booted: Option<&str>,
+    health: &crate::health::HealthState,
+) -> SlotAction {
+    if !record.holds_fleet_lock {
+        return SlotAction::None;
     }
-    if record.holds_fleet_lock {
-        if let Some(client) = fleet {
+    let Some(target) = record.lock_for.as_deref().or(booted) else {
+        return SlotAction::Keep("keeping the reboot slot: no booted deployment to judge".into());
+    };
+    if health.is_bad(target) {
+        return SlotAction::Keep(format!(
+            "update {} failed its health checks here and was rolled back: keeping the reboot \
+             slot so the group's rollout stops (an operator frees it with `host fleet release`)",
+            short(target)
+        ));
+    }
+    if booted != Some(target) {
+        return SlotAction::Keep(format!(
+            "rebooted for {} but {} is booted: keeping the reboot slot so the group's rollout \
+             stops (an operator frees it with `host fleet release`)",
+            short(target),
+            booted.map(short).unwrap_or("nothing")
+        ));
+    }
+    if health.last_healthy.as_deref() != Some(target) {
+        return SlotAction::Keep(
+            "holding the reboot slot until this boot passes its health checks".into(),
+        );
+    }
+    SlotAction::Release
+}
+
+/// Gives the slot back if [`slot_action`] says so; true when the record changed.
+fn settle_slot(
+    record: &mut Record,
+    booted: Option<&str>,
+    fleet: Option<&fleetlock::Client>,
+) -> Result<bool> {
+    let health = crate::health::HealthState::load(Path::new(crate::health::STATE_FILE));
+    match slot_action(record, booted, &health) {
+        SlotAction::None => Ok(false),
+        SlotAction::Keep(why) => {
+            tracing::info!("agent: {why}");
+            Ok(false)
+        }
+        SlotAction::Release => {
+            let client = fleet.context(
+                "this node holds a FleetLock slot but no [fleet-lock] is configured to give it back to",
+            )?;
             match client.steady_state()? {
-                Answer::Granted => record.holds_fleet_lock = false,
-                Answer::Denied { value, .. } => bail!("releasing the FleetLock slot: {value}"),
+                Answer::Granted => {
+                    record.holds_fleet_lock = false;
+                    record.lock_for = None;
+                    record.last_result = Some(format!(
+                        "{} is healthy: gave the reboot slot back",
+                        booted.map(short).unwrap_or_default()
+                    ));
+                    tracing::info!("agent: gave the FleetLock slot back");
+                    Ok(true)
+                }
+                Answer::Denied { value, .. } => bail!("giving the FleetLock slot back: {value}"),
             }
         }
     }
-    Ok(())
 }
 
 /// The checksum of the deployment running now, if `target` is the booted system.
@@ -433,21 +516,27 @@ pub fn run(
     let booted = booted_csum.is_some() && target.path() == Path::new("/");
     let mut record = load_record(&state_file);
     if let Some(r) = record.as_mut() {
-        let health = crate::health::HealthState::load(Path::new(crate::health::STATE_FILE));
-        let healthy = booted_csum.is_some() && health.last_healthy == booted_csum;
-        if let Err(e) = after_boot(r, booted_csum.as_deref(), healthy, fleet.as_ref()) {
-            tracing::warn!("agent: {e:#}");
-        }
+        settle_reboot(r, booted_csum.as_deref());
     }
     let mut env = NodeEnv {
         target,
-        fleet,
+        fleet: fleet.clone(),
         can_reboot: booted,
     };
     let mut machine = Machine::new(config, record);
+    // A slot to give back is offered again every RELEASE_RETRY until the
+    // server takes it (the network may come up after the agent does).
+    let offer =
+        |record: &mut Record| match settle_slot(record, booted_csum.as_deref(), fleet.as_ref()) {
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!("agent: {e:#}");
+                true
+            }
+        };
+    let mut release_pending = offer(&mut machine.record);
     loop {
-        let wait = machine.step(&mut env);
-        let wait = match wait {
+        let wait = match machine.step(&mut env) {
             Ok(w) => w,
             Err(e) => {
                 save_record(&state_file, &machine.record)?;
@@ -458,10 +547,33 @@ pub fn run(
             .and_then(|w| chrono::Duration::from_std(w).ok())
             .map(|w| Utc::now() + w);
         save_record(&state_file, &machine.record)?;
-        match wait {
-            None => return Ok(()),
+        let wait = match wait {
             Some(_) if once => return Ok(()),
-            Some(w) => std::thread::sleep(w),
+            Some(w) => w,
+            None if release_pending && !matches!(machine.state(), State::Rebooting { .. }) => {
+                Duration::MAX
+            }
+            None => return Ok(()),
+        };
+        let until = std::time::Instant::now().checked_add(wait);
+        loop {
+            let left = until
+                .map(|u| u.saturating_duration_since(std::time::Instant::now()))
+                .unwrap_or(Duration::MAX);
+            if left.is_zero() {
+                break;
+            }
+            if !release_pending {
+                if until.is_none() {
+                    // Only the slot kept the agent running (e.g. policy off).
+                    return Ok(());
+                }
+                std::thread::sleep(left);
+                break;
+            }
+            std::thread::sleep(left.min(RELEASE_RETRY));
+            release_pending = offer(&mut machine.record);
+            save_record(&state_file, &machine.record)?;
         }
     }
 }
@@ -633,17 +745,70 @@ mod tests {
         assert_eq!(m.step(&mut env).unwrap(), None);
         assert_eq!(env.log, vec!["check stage=true", "lock", "lock", "reboot"]);
         assert!(m.record.holds_fleet_lock);
-        // After the reboot, with no server reachable in this test, the record still says Idle.
+        assert_eq!(m.record.lock_for.as_deref(), Some("c2"));
+        let health = |healthy: Option<&str>, bad: &[&str]| crate::health::HealthState {
+            last_healthy: healthy.map(str::to_string),
+            bad_commits: bad
+                .iter()
+                .map(|c| crate::health::BadCommit {
+                    checksum: c.to_string(),
+                    reason: "10-app (required: exit status 1)".into(),
+                    at: Utc::now(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        // The new boot: released only once c2 is booted and passed its checks.
         let mut r = m.record.clone();
-        let mut unhealthy = r.clone();
-        after_boot(&mut unhealthy, Some("c2"), false, None).unwrap();
-        assert!(
-            unhealthy.holds_fleet_lock,
-            "an unhealthy boot keeps its slot"
-        );
-        after_boot(&mut r, Some("c2"), true, None).unwrap();
+        settle_reboot(&mut r, Some("c2"));
         assert_eq!(r.state, State::Idle);
         assert_eq!(r.last_result.as_deref(), Some("booted c2"));
+        assert!(matches!(
+            slot_action(&r, Some("c2"), &health(Some("c1"), &[])),
+            SlotAction::Keep(why) if why.contains("until this boot passes")
+        ));
+        assert_eq!(
+            slot_action(&r, Some("c2"), &health(Some("c2"), &[])),
+            SlotAction::Release
+        );
+        // c2 failed its checks and the node rolled back to c1 (healthy there):
+        // the slot stays taken, so the group's rollout stops at this node.
+        let mut r = m.record.clone();
+        settle_reboot(&mut r, Some("c1"));
+        assert!(r.last_result.as_deref().unwrap().contains("not the booted"));
+        assert!(matches!(
+            slot_action(&r, Some("c1"), &health(Some("c1"), &["c2"])),
+            SlotAction::Keep(why) if why.contains("failed its health checks") && why.contains("host fleet release")
+        ));
+        // Back on something else for another reason: kept as well.
+        assert!(matches!(
+            slot_action(&r, Some("c1"), &health(Some("c1"), &[])),
+            SlotAction::Keep(why) if why.contains("rebooted for c2 but c1 is booted")
+        ));
+        // A later update may be taken by the node holding the slot.
+        let mut m2 = Machine::new(m.config.clone(), Some(r));
+        let mut env = fake(
+            "2026-11-24T13:00:00Z",
+            vec![Ok(Found::Staged {
+                checksum: "c3".into(),
+            })],
+            vec![Answer::Granted],
+        );
+        assert_eq!(m2.step(&mut env).unwrap(), None);
+        assert_eq!(m2.record.lock_for.as_deref(), Some("c3"));
+    }
+
+    #[test]
+    fn a_denied_lock_is_asked_again_within_the_check_interval() {
+        let mut m = machine("policy = \"apply\"\ninterval = \"1m\"\n[reboot]\nstrategy = \"fleet-lock\"\n[fleet-lock]\nbase-url = \"http://x\"\n");
+        let denied = Answer::Denied {
+            status: 409,
+            kind: "failed_lock".into(),
+            value: "all 1 slots are held".into(),
+        };
+        let mut env = fake("2026-11-24T12:00:00Z", vec![staged()], vec![denied]);
+        assert_eq!(m.step(&mut env).unwrap(), Some(Duration::from_secs(60)));
+        assert!(!m.record.holds_fleet_lock);
     }
 
     #[test]
