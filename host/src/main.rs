@@ -8,6 +8,7 @@ mod compose;
 mod compose_image;
 mod fleet;
 mod health;
+mod lazy_ostree;
 mod node;
 
 use std::process::ExitCode;
