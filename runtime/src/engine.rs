@@ -161,12 +161,33 @@ impl Runtime {
             .any(|i| i.commit == removed.commit);
         if !still_used {
             let co = self.paths.checkouts().join(&removed.commit);
+            let record = image::checkout_record(&self.paths.checkouts(), &removed.commit);
+            if record.exists() {
+                std::fs::remove_file(&record)
+                    .with_context(|| format!("removing {}", record.display()))?;
+            }
             if co.exists() {
                 std::fs::remove_dir_all(&co)
                     .with_context(|| format!("removing checkout {}", co.display()))?;
             }
         }
         Ok(removed)
+    }
+
+    /// The image and its checkout. An image already checked out is found
+    /// without opening the repository (no libostree: loading it is most of
+    /// a short container's start); otherwise the repository resolves it,
+    /// checks it out and records it next to the checkout for next time.
+    fn image_and_checkout(&self, reference: &str) -> Result<(ImageInfo, PathBuf)> {
+        let checkouts = self.paths.checkouts();
+        if let Some(found) = image::resolve_checked_out(&self.paths.repo(), &checkouts, reference) {
+            return Ok(found);
+        }
+        let repo = self.repo()?;
+        let img = image::resolve(&repo, reference)?;
+        let checkout = image::ensure_checkout(&repo, &img.commit, &checkouts)?;
+        image::write_checkout_record(&checkouts, &img)?;
+        Ok((img, checkout))
     }
 
     // ---- containers ---------------------------------------------------
@@ -251,8 +272,7 @@ impl Runtime {
         if opts.no_network && opts.ip.is_some() {
             bail!("--ip needs the network (drop --network none)");
         }
-        let repo = self.repo()?;
-        let img = image::resolve(&repo, &opts.image)?;
+        let (img, checkout) = self.image_and_checkout(&opts.image)?;
         tracing::debug!(
             "run: image {} resolved after {:?}",
             img.reference(),
@@ -262,8 +282,6 @@ impl Runtime {
             state::parse_signal(s)
                 .with_context(|| format!("StopSignal of image {}", img.reference()))?;
         }
-        let checkout = image::ensure_checkout(&repo, &img.commit, &self.paths.checkouts())?;
-        drop(repo);
 
         let dir = self.paths.container(&name);
         std::fs::create_dir_all(self.paths.containers())?;

@@ -569,6 +569,55 @@ pub fn verify(repo: &ostree::Repo, reference: &str) -> Result<(ImageInfo, usize)
     Ok((info, objects.len()))
 }
 
+/// The record of a checked-out commit, next to its tree:
+/// `<checkouts>/<commit>.json`, the [`ImageInfo`] read from the commit.
+pub fn checkout_record(checkouts: &Path, commit: &str) -> PathBuf {
+    checkouts.join(format!("{commit}.json"))
+}
+
+/// Keep the image's record next to its checkout so that later runs need no
+/// libostree (see [`resolve_checked_out`]). A commit never changes, so the
+/// record never goes stale.
+pub fn write_checkout_record(checkouts: &Path, info: &ImageInfo) -> Result<()> {
+    crate::state::write_json(&checkout_record(checkouts, &info.commit), info)
+}
+
+/// `NAME[:TAG]` resolved without libostree, when its commit is already
+/// checked out: the ref is read from the repository's own file
+/// (`refs/heads/cairn/app/NAME/TAG`, one checksum, replaced atomically by
+/// libostree when the ref moves) and the image's record from the checkout's
+/// record. `None` (use [`resolve`] and [`ensure_checkout`]) for a digest
+/// reference, a missing ref file, checkout or record, or anything that does
+/// not match.
+pub fn resolve_checked_out(
+    repo: &Path,
+    checkouts: &Path,
+    reference: &str,
+) -> Option<(ImageInfo, PathBuf)> {
+    if reference.contains('@') || reference.starts_with("sha256:") {
+        return None;
+    }
+    let name = ImageName::parse(reference).ok()?;
+    let r = name.ostree_ref();
+    let commit = std::fs::read_to_string(repo.join("refs/heads").join(&r)).ok()?;
+    let commit = commit.trim();
+    if commit.len() != 64 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let tree = checkouts.join(commit);
+    let info: ImageInfo = crate::state::read_json(&checkout_record(checkouts, commit)).ok()?;
+    if info.commit != commit || info.name != name.name || info.tag != name.tag || !tree.is_dir() {
+        return None;
+    }
+    Some((
+        ImageInfo {
+            ostree_ref: r,
+            ..info
+        },
+        tree,
+    ))
+}
+
 /// A read-only tree of `commit`, shared by every container of that commit:
 /// `<dir>/<commit>`, made once (hardlinks into the repository when it can).
 pub fn ensure_checkout(repo: &ostree::Repo, commit: &str, dir: &Path) -> Result<PathBuf> {
