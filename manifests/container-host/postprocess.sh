@@ -3,3 +3,6 @@
 : > /etc/machine-id
 # Root logs in only with a key or console access configured by the operator.
 passwd -l root >/dev/null
+# The GRUB menu generator libostree runs (OSTREE_GRUB2_EXEC) is the host binary.
+mkdir -p /usr/lib/cairn
+ln -sf ../../bin/host /usr/lib/cairn/grub2-generate

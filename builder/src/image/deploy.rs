@@ -1,8 +1,8 @@
 //! The OSTree side of a disk image, all through libostree's sysroot API:
 //! initialise the sysroot on the mounted root partition, make the stateroot,
 //! pull the commit from the source repository, point the remote at where
-//! updates will come from, deploy and write the deployment (which makes
-//! libostree's syslinux backend write the boot entry).
+//! updates will come from, deploy and write the deployment (libostree writes
+//! the BLS boot entry), then the first GRUB menu from that entry.
 
 use std::path::Path;
 
@@ -106,21 +106,16 @@ pub fn kernel_args(tree: &[String], extra: &[String], root_label: &str) -> Vec<S
     args
 }
 
-/// libostree's syslinux backend rewrites `loader/syslinux.cfg` and flips the
-/// `loader` symlink on every deployment change; extlinux reads
-/// `syslinux/syslinux.cfg`. Before the first deployment the chain must exist.
-pub fn prepare_boot_for_syslinux(boot: &Path) -> Result<()> {
-    let loader0 = boot.join("loader.0");
-    std::fs::create_dir_all(&loader0).with_context(|| format!("creating {}", loader0.display()))?;
-    std::fs::write(loader0.join("syslinux.cfg"), b"")
-        .with_context(|| format!("creating {}/syslinux.cfg", loader0.display()))?;
-    std::os::unix::fs::symlink("loader.0", boot.join("loader"))
-        .with_context(|| format!("creating {}/loader symlink", boot.display()))?;
-    let syslinux = boot.join("syslinux");
-    std::fs::create_dir_all(&syslinux)
-        .with_context(|| format!("creating {}", syslinux.display()))?;
-    std::os::unix::fs::symlink("../loader/syslinux.cfg", syslinux.join("syslinux.cfg"))
-        .with_context(|| format!("creating {}/syslinux.cfg symlink", syslinux.display()))?;
+/// libostree's grub2 backend writes `loader.N/grub.cfg` and flips the
+/// `loader` symlink on every deployment change; GRUB reads `grub/grub.cfg`,
+/// a symlink into it. The environment block next to it holds the boot
+/// counter (empty until an update arms it).
+pub fn prepare_boot_for_grub(boot: &Path) -> Result<()> {
+    let grub = boot.join("grub");
+    std::fs::create_dir_all(&grub).with_context(|| format!("creating {}", grub.display()))?;
+    std::os::unix::fs::symlink("../loader/grub.cfg", grub.join("grub.cfg"))
+        .with_context(|| format!("creating {}/grub.cfg symlink", grub.display()))?;
+    super::grub::GrubEnv::default().write(&boot.join(super::grub::GRUBENV))?;
     Ok(())
 }
 
@@ -173,11 +168,13 @@ pub fn deploy(
         .init_osname(OSNAME, no_cancel())
         .with_context(|| format!("creating stateroot {OSNAME}"))?;
 
+    // The first deployment is written without a bootloader backend: libostree
+    // still writes the BLS entry and swaps `loader`, and the menu is generated
+    // here in-process (the grub2 backend would exec a generator, which needs
+    // the `host` executable; this library may run in any process). Every later
+    // change on the node goes through libostree's grub2 backend.
     let repo = sysroot.repo();
-    let config = repo.copy_config();
-    config.set_string("sysroot", "bootloader", "syslinux");
-    repo.write_config(&config)
-        .context("setting sysroot.bootloader=syslinux in the sysroot repository")?;
+    set_bootloader(&repo, "none")?;
 
     let remote_opts = glib::VariantDict::new(None);
     remote_opts.insert_value("gpg-verify", &false.to_variant());
@@ -220,7 +217,20 @@ pub fn deploy(
         )
         .context("writing the deployment and its boot entry")?;
     sysroot.unload();
+    super::grub::generate(&sysroot_path.join("boot/loader/grub.cfg"))
+        .context("writing the first GRUB menu")?;
+    set_bootloader(&repo, "grub2")?;
     Ok(())
+}
+
+fn set_bootloader(repo: &ostree::Repo, value: &str) -> Result<()> {
+    let config = repo.copy_config();
+    config.set_string("sysroot", "bootloader", value);
+    repo.write_config(&config)
+        .with_context(|| format!("setting sysroot.bootloader={value} in the sysroot repository"))?;
+    // libostree reads sysroot.bootloader when the configuration is loaded.
+    repo.reload_config(no_cancel())
+        .context("reloading the sysroot repository's configuration")
 }
 
 #[cfg(test)]
@@ -270,19 +280,15 @@ mod tests {
     }
 
     #[test]
-    fn boot_chain_for_syslinux_backend() {
+    fn boot_chain_for_the_grub2_backend() {
         let dir = tempfile::tempdir().unwrap();
-        prepare_boot_for_syslinux(dir.path()).unwrap();
-        let cfg = dir.path().join("syslinux/syslinux.cfg");
+        prepare_boot_for_grub(dir.path()).unwrap();
         assert_eq!(
-            std::fs::read_link(&cfg).unwrap(),
-            Path::new("../loader/syslinux.cfg")
+            std::fs::read_link(dir.path().join("grub/grub.cfg")).unwrap(),
+            Path::new("../loader/grub.cfg")
         );
-        assert_eq!(
-            std::fs::read_link(dir.path().join("loader")).unwrap(),
-            Path::new("loader.0")
-        );
-        // The whole chain resolves to an (empty) file.
-        assert_eq!(std::fs::read(&cfg).unwrap(), b"");
+        let env = std::fs::read(dir.path().join("grub/grubenv")).unwrap();
+        assert_eq!(env.len(), 1024);
+        assert!(env.starts_with(b"# GRUB Environment Block\n#"));
     }
 }

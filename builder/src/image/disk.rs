@@ -12,15 +12,18 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+/// GPT partition type of the BIOS boot partition GRUB's core.img lives in.
+const BIOS_BOOT_TYPE: &str = "21686148-6449-6E6F-744E-656564454649";
 /// GPT partition type of the /boot partition: plain "Linux filesystem data".
 const BOOT_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 /// GPT partition type of the root partition: "Linux root (x86-64)" of the
 /// discoverable partitions specification.
 const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+/// Size of the BIOS boot partition.
+pub const BIOS_BOOT_MIB: u64 = 1;
 
-/// Where syslinux-common puts the MBR boot code that chain-loads the GPT
-/// partition marked `LegacyBIOSBootable`.
-pub const GPTMBR_BIN: &str = "/usr/lib/syslinux/mbr/gptmbr.bin";
+/// Where grub-pc-bin keeps GRUB's BIOS images and modules.
+pub const GRUB_I386_PC: &str = "/usr/lib/grub/i386-pc";
 
 /// One partition of the written table, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,18 +32,22 @@ pub struct Extent {
     pub size: u64,
 }
 
-/// The two partitions of a cairn disk.
+/// The three partitions of a cairn disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
+    /// BIOS boot partition: GRUB's core.img, no file system.
+    pub bios: Extent,
     pub boot: Extent,
     pub root: Extent,
 }
 
-/// The sfdisk script of a cairn disk: /boot first (BIOS-bootable), root fills the rest.
+/// The sfdisk script of a cairn disk: the BIOS boot partition for GRUB's
+/// core.img, /boot, and root filling the rest.
 pub fn sfdisk_script(boot_mib: u64) -> String {
     format!(
         "label: gpt\n\
-         size={boot_mib}MiB, type={BOOT_TYPE}, name=\"boot\", attrs=\"LegacyBIOSBootable\"\n\
+         size={BIOS_BOOT_MIB}MiB, type={BIOS_BOOT_TYPE}, name=\"bios\"\n\
+         size={boot_mib}MiB, type={BOOT_TYPE}, name=\"boot\"\n\
          type={ROOT_TYPE}, name=\"root\"\n"
     )
 }
@@ -109,41 +116,175 @@ pub fn read_layout(image: &Path) -> Result<Layout> {
     parse_layout(&out.stdout).with_context(|| format!("reading the GPT of {}", image.display()))
 }
 
-/// Parse `sfdisk -J` output of a two-partition cairn disk.
+/// Parse `sfdisk -J` output of a three-partition cairn disk.
 pub fn parse_layout(json: &[u8]) -> Result<Layout> {
     let dump: SfdiskDump = serde_json::from_slice(json).context("parsing sfdisk -J output")?;
     let sector = dump.partitiontable.sectorsize.unwrap_or(512);
     let parts = &dump.partitiontable.partitions;
-    if parts.len() != 2 {
-        bail!("expected 2 partitions (boot, root), found {}", parts.len());
+    if parts.len() != 3 {
+        bail!(
+            "expected 3 partitions (BIOS boot, boot, root), found {}",
+            parts.len()
+        );
     }
     let extent = |p: &SfdiskPartition| Extent {
         offset: p.start * sector,
         size: p.size * sector,
     };
     Ok(Layout {
-        boot: extent(&parts[0]),
-        root: extent(&parts[1]),
+        bios: extent(&parts[0]),
+        boot: extent(&parts[1]),
+        root: extent(&parts[2]),
     })
 }
 
-/// Put syslinux's GPT-aware MBR boot code into the first 440 bytes, leaving
-/// the (protective) partition entries after it untouched.
-pub fn install_gptmbr(image: &Path) -> Result<()> {
-    let code = std::fs::read(GPTMBR_BIN)
-        .with_context(|| format!("reading {GPTMBR_BIN} (Debian package syslinux-common)"))?;
-    if code.len() > 440 {
+/// Modules built into core.img: enough to find /boot, read the menu and the
+/// environment block, and boot Linux even if /boot/grub/i386-pc went missing.
+pub const GRUB_CORE_MODULES: &[&str] = &[
+    "biosdisk",
+    "part_gpt",
+    "ext2",
+    "search",
+    "configfile",
+    "normal",
+    "linux",
+    "loadenv",
+    "test",
+    "echo",
+    "serial",
+    "terminal",
+    "gzio",
+    "boot",
+];
+
+/// Build GRUB's core.img with `grub-mkimage` into `out`: the BIOS disk, GPT
+/// and ext4 drivers and an early configuration that finds the /boot file
+/// system by its label, so the image does not depend on device names. The
+/// rest (menu, boot counter) is read from `/grub` on that file system.
+pub fn grub_mkimage(out: &Path, boot_label: &str) -> Result<()> {
+    let dir = out.parent().context("core.img path has no directory")?;
+    let early = dir.join("early.cfg");
+    std::fs::write(
+        &early,
+        format!("search --no-floppy --label {boot_label} --set=root\nset prefix=($root)/grub\n"),
+    )
+    .with_context(|| format!("writing {}", early.display()))?;
+    let run = Command::new("grub-mkimage")
+        .args(["-O", "i386-pc", "-d", GRUB_I386_PC, "-p", "/grub", "-c"])
+        .arg(&early)
+        .arg("-o")
+        .arg(out)
+        .args(GRUB_CORE_MODULES)
+        .output()
+        .context("running grub-mkimage (Debian packages grub-common and grub-pc-bin; scripts/setup installs them)")?;
+    if !run.status.success() {
         bail!(
-            "{GPTMBR_BIN} is {} bytes; MBR boot code must fit in 440",
-            code.len()
+            "grub-mkimage -O i386-pc: {}",
+            String::from_utf8_lossy(&run.stderr).trim()
         );
     }
+    Ok(())
+}
+
+/// Offsets in GRUB's boot.img and diskboot.img (grub-core/boot/i386/pc).
+const BOOT_KERNEL_SECTOR: usize = 0x5c;
+const BOOT_DRIVE_CHECK: usize = 0x66;
+const MBR_CODE_SIZE: usize = 440;
+const DISKBOOT_BLOCKLIST: usize = 0x200 - 12;
+
+/// What `grub-bios-setup` does for a disk with a BIOS boot partition, done on
+/// the image file (grub-bios-setup wants a whole-disk device it can probe,
+/// which loop devices without partition scanning are not): core.img goes into
+/// the BIOS boot partition with the blocklist in its first sector pointing at
+/// the rest, boot.img into the first 440 bytes of the MBR pointing at core.img.
+/// The protective MBR's partition entries after byte 440 stay untouched.
+pub fn install_grub_bios(image: &Path, bios: Extent, core_img: &Path) -> Result<()> {
+    let boot_path = Path::new(GRUB_I386_PC).join("boot.img");
+    let boot_img = std::fs::read(&boot_path).with_context(|| {
+        format!(
+            "reading {} (Debian package grub-pc-bin)",
+            boot_path.display()
+        )
+    })?;
+    let core_img =
+        std::fs::read(core_img).with_context(|| format!("reading {}", core_img.display()))?;
+    let (boot, core) = patch_grub_bios(bios, &boot_img, &core_img)?;
     let file = File::options()
         .write(true)
         .open(image)
-        .with_context(|| format!("opening {} to write the MBR", image.display()))?;
-    file.write_all_at(&code, 0)
-        .with_context(|| format!("writing the MBR boot code into {}", image.display()))?;
+        .with_context(|| format!("opening {} to install GRUB", image.display()))?;
+    file.write_all_at(&core, bios.offset).with_context(|| {
+        format!(
+            "writing core.img into the BIOS boot partition of {}",
+            image.display()
+        )
+    })?;
+    file.write_all_at(&boot[..MBR_CODE_SIZE], 0)
+        .with_context(|| {
+            format!(
+                "writing GRUB's boot.img into the MBR of {}",
+                image.display()
+            )
+        })?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", image.display()))?;
+    Ok(())
+}
+
+/// boot.img and core.img as they go on the disk (pure, for tests).
+pub fn patch_grub_bios(
+    bios: Extent,
+    boot_img: &[u8],
+    core_img: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    if boot_img.len() != 512 {
+        bail!("boot.img is {} bytes, expected 512", boot_img.len());
+    }
+    if core_img.len() < 512 {
+        bail!("core.img is {} bytes, too small", core_img.len());
+    }
+    if core_img.len() as u64 > bios.size {
+        bail!(
+            "core.img is {} bytes; the BIOS boot partition holds {}",
+            core_img.len(),
+            bios.size
+        );
+    }
+    let first_sector = bios.offset / 512;
+    let sectors = core_img.len().div_ceil(512);
+    let mut core = core_img.to_vec();
+    core.resize(sectors * 512, 0);
+    // diskboot's first blocklist entry: start sector (u64) and length (u16)
+    // of the rest of core.img; the load segment after them keeps its default.
+    let rest = u16::try_from(sectors - 1).context("core.img has too many sectors")?;
+    core[DISKBOOT_BLOCKLIST..DISKBOOT_BLOCKLIST + 8]
+        .copy_from_slice(&(first_sector + 1).to_le_bytes());
+    core[DISKBOOT_BLOCKLIST + 8..DISKBOOT_BLOCKLIST + 10].copy_from_slice(&rest.to_le_bytes());
+    let mut boot = boot_img.to_vec();
+    boot[BOOT_KERNEL_SECTOR..BOOT_KERNEL_SECTOR + 8].copy_from_slice(&first_sector.to_le_bytes());
+    // A hard disk: trust the drive number the BIOS passes (grub-bios-setup
+    // replaces the floppy check's jump with two NOPs).
+    boot[BOOT_DRIVE_CHECK] = 0x90;
+    boot[BOOT_DRIVE_CHECK + 1] = 0x90;
+    Ok((boot, core))
+}
+
+/// Copy GRUB's i386-pc modules into `<grub_dir>/i386-pc`, as grub-install
+/// does, so commands not built into core.img load on demand.
+pub fn copy_grub_modules(grub_dir: &Path) -> Result<()> {
+    let dest = grub_dir.join("i386-pc");
+    std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
+    let rd = std::fs::read_dir(GRUB_I386_PC)
+        .with_context(|| format!("reading {GRUB_I386_PC} (Debian package grub-pc-bin)"))?;
+    for e in rd {
+        let e = e.with_context(|| format!("reading {GRUB_I386_PC}"))?;
+        let name = e.file_name();
+        let n = name.to_string_lossy();
+        if n.ends_with(".mod") || n.ends_with(".lst") {
+            std::fs::copy(e.path(), dest.join(&name))
+                .with_context(|| format!("copying {} to {}", e.path().display(), dest.display()))?;
+        }
+    }
     Ok(())
 }
 
@@ -221,14 +362,10 @@ impl Drop for LoopDevice {
     }
 }
 
-/// `mkfs.ext4` on a device. `extlinux_compatible` turns off the `64bit` and
-/// `metadata_csum` features that extlinux cannot read.
-pub fn mkfs_ext4(device: &Path, label: &str, extlinux_compatible: bool) -> Result<()> {
+/// `mkfs.ext4` on a device, with the default features (GRUB reads them).
+pub fn mkfs_ext4(device: &Path, label: &str) -> Result<()> {
     let mut cmd = Command::new("mkfs.ext4");
     cmd.args(["-q", "-F", "-L", label]);
-    if extlinux_compatible {
-        cmd.args(["-O", "^64bit,^metadata_csum"]);
-    }
     cmd.arg(device);
     let out = cmd
         .output()
@@ -331,36 +468,20 @@ impl Drop for MountDir {
     }
 }
 
-/// `extlinux --install` into a directory of the mounted /boot.
-pub fn install_extlinux(dir: &Path) -> Result<()> {
-    let out = Command::new("extlinux")
-        .arg("--install")
-        .arg(dir)
-        .output()
-        .context("running extlinux (Debian package extlinux)")?;
-    if !out.status.success() {
-        bail!(
-            "extlinux --install {}: {}{}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn script_marks_boot_bios_bootable_and_sizes_it() {
+    fn script_has_a_bios_boot_partition_then_boot_then_root() {
         let s = sfdisk_script(512);
         assert!(s.starts_with("label: gpt\n"));
-        let boot = s.lines().nth(1).unwrap();
+        let bios = s.lines().nth(1).unwrap();
+        assert!(bios.contains("size=1MiB"), "{bios}");
+        assert!(bios.contains(BIOS_BOOT_TYPE), "{bios}");
+        let boot = s.lines().nth(2).unwrap();
         assert!(boot.contains("size=512MiB"), "{boot}");
-        assert!(boot.contains("attrs=\"LegacyBIOSBootable\""), "{boot}");
-        let root = s.lines().nth(2).unwrap();
+        let root = s.lines().nth(3).unwrap();
         assert!(!root.contains("size="), "root fills the disk: {root}");
     }
 
@@ -371,24 +492,54 @@ mod tests {
               "label": "gpt", "id": "X", "device": "disk.img", "unit": "sectors",
               "firstlba": 2048, "lastlba": 16777182, "sectorsize": 512,
               "partitions": [
-                 {"node": "disk.img1", "start": 2048, "size": 1048576,
-                  "type": "0FC63DAF-8483-4772-8E79-3D69D8477DE4", "uuid": "A", "name": "boot",
-                  "attrs": "LegacyBIOSBootable"},
-                 {"node": "disk.img2", "start": 1050624, "size": 15726559,
+                 {"node": "disk.img1", "start": 2048, "size": 2048,
+                  "type": "21686148-6449-6E6F-744E-656564454649", "uuid": "C", "name": "bios"},
+                 {"node": "disk.img2", "start": 4096, "size": 1048576,
+                  "type": "0FC63DAF-8483-4772-8E79-3D69D8477DE4", "uuid": "A", "name": "boot"},
+                 {"node": "disk.img3", "start": 1052672, "size": 15724511,
                   "type": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "uuid": "B", "name": "root"}
               ]
            }
         }"#;
         let layout = parse_layout(json).unwrap();
         assert_eq!(
-            layout.boot,
+            layout.bios,
             Extent {
                 offset: 2048 * 512,
+                size: 1 << 20
+            }
+        );
+        assert_eq!(
+            layout.boot,
+            Extent {
+                offset: 4096 * 512,
                 size: 512 << 20
             }
         );
-        assert_eq!(layout.root.offset, 1050624 * 512);
-        assert_eq!(layout.root.size, 15726559 * 512);
+        assert_eq!(layout.root.offset, 1052672 * 512);
+        assert_eq!(layout.root.size, 15724511 * 512);
+    }
+
+    #[test]
+    fn grub_bios_setup_patches_the_sector_pointers() {
+        let bios = Extent {
+            offset: 2048 * 512,
+            size: 1 << 20,
+        };
+        let mut boot = vec![0u8; 512];
+        boot[BOOT_DRIVE_CHECK] = 0xeb;
+        let mut core = vec![0u8; 3 * 512 + 100];
+        core[0x1fe] = 0x20;
+        core[0x1ff] = 0x08;
+        let (b, c) = patch_grub_bios(bios, &boot, &core).unwrap();
+        assert_eq!(&b[0x5c..0x64], &2048u64.to_le_bytes());
+        assert_eq!(&b[0x66..0x68], &[0x90, 0x90]);
+        assert_eq!(c.len(), 4 * 512, "padded to whole sectors");
+        assert_eq!(&c[0x1f4..0x1fc], &2049u64.to_le_bytes());
+        assert_eq!(&c[0x1fc..0x1fe], &3u16.to_le_bytes());
+        assert_eq!(&c[0x1fe..0x200], &[0x20, 0x08], "load segment kept");
+        let too_big = vec![0u8; (1 << 20) + 1];
+        assert!(patch_grub_bios(bios, &boot, &too_big).is_err());
     }
 
     #[test]
@@ -396,7 +547,7 @@ mod tests {
         let json = br#"{"partitiontable": {"partitions": [{"start": 2048, "size": 10}]}}"#;
         let err = parse_layout(json).unwrap_err();
         assert!(
-            format!("{err:#}").contains("expected 2 partitions"),
+            format!("{err:#}").contains("expected 3 partitions"),
             "{err:#}"
         );
     }

@@ -1,12 +1,13 @@
 //! Bootable disk images of a composed commit.
 //!
-//! The disk boots on BIOS machines: GPT with a 512 MiB /boot (ext4 without
-//! `64bit`/`metadata_csum`, so extlinux can read it; GPT attribute
-//! `LegacyBIOSBootable`) and a root partition; syslinux's `gptmbr.bin` in the
-//! MBR; extlinux in `/boot/syslinux`, whose `syslinux.cfg` is a symlink into
-//! the `loader` directory that libostree's syslinux backend rewrites on every
-//! deployment change. So upgrades and rollbacks switch what boots with no code
-//! of ours in the boot path.
+//! The disk boots on BIOS machines with GRUB: GPT with a 1 MiB BIOS boot
+//! partition holding GRUB's core.img (built with `grub-mkimage`; it finds
+//! /boot by its label), GRUB's boot.img in the MBR, a 512 MiB ext4 /boot and
+//! the root partition. `/boot/grub/grub.cfg` is a symlink into the `loader`
+//! directory that libostree's grub2 backend rewrites on every deployment
+//! change (through our generator, `host` as `grub2-generate`), so upgrades
+//! and rollbacks switch what boots with no code of ours in the boot path
+//! beyond the boot counter at the top of that menu (see [`grub`]).
 //!
 //! The image is written to a temporary file next to the output and renamed
 //! into place only when everything succeeded; loop devices and mounts are
@@ -14,6 +15,7 @@
 
 pub mod deploy;
 pub mod disk;
+pub mod grub;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -116,7 +118,7 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
 }
 
 /// Smallest disk that holds /boot, the GPT and a root file system worth having.
-const MIN_SIZE: u64 = (BOOT_MIB + 1024) << 20;
+const MIN_SIZE: u64 = (BOOT_MIB + disk::BIOS_BOOT_MIB + 1024) << 20;
 
 /// Write a bootable disk image of `opts.ref_`.
 pub fn write_image(opts: &ImageOptions) -> Result<ImageReport> {
@@ -174,7 +176,14 @@ pub fn write_image(opts: &ImageOptions) -> Result<ImageReport> {
 
     let step = progress.step("partition");
     let layout = disk::partition(raw.path(), BOOT_MIB)?;
-    disk::install_gptmbr(raw.path())?;
+    step.finish("");
+
+    let step = progress.step("GRUB");
+    let scratch = tempfile::tempdir().context("creating a scratch directory for core.img")?;
+    let core = scratch.path().join("core.img");
+    disk::grub_mkimage(&core, BOOT_LABEL)?;
+    disk::install_grub_bios(raw.path(), layout.bios, &core)?;
+    drop(scratch);
     step.finish("");
 
     fill(
@@ -256,12 +265,12 @@ fn fill(
     let step = progress.step("file systems");
     let boot_dev = disk::LoopDevice::attach(image, layout.boot)?;
     let root_dev = disk::LoopDevice::attach(image, layout.root)?;
-    disk::mkfs_ext4(boot_dev.path(), BOOT_LABEL, true)?;
-    disk::mkfs_ext4(root_dev.path(), ROOT_LABEL, false)?;
+    disk::mkfs_ext4(boot_dev.path(), BOOT_LABEL)?;
+    disk::mkfs_ext4(root_dev.path(), ROOT_LABEL)?;
     let root_mnt = disk::Mount::ext4(root_dev.path(), &dirs.path().join("root"))?;
     let boot_mnt = disk::Mount::ext4(boot_dev.path(), &root_mnt.target().join("boot"))?;
-    deploy::prepare_boot_for_syslinux(boot_mnt.target())?;
-    disk::install_extlinux(&boot_mnt.target().join("syslinux"))?;
+    deploy::prepare_boot_for_grub(boot_mnt.target())?;
+    disk::copy_grub_modules(&boot_mnt.target().join("grub"))?;
     step.finish("");
 
     let step = progress.step("deploy");
