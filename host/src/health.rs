@@ -41,6 +41,8 @@ pub fn run(cmd: HealthCommand) -> Result<ExitCode> {
     } = cmd;
     let timeout: Duration = cairn_updater::agent::config::parse_duration("--timeout", &timeout)?;
     let target = SysrootTarget::from_option(sysroot);
+    // GRUB ran out of boot attempts for the default deployment: undo it first.
+    cairn_updater::bootloader::recover_from_fallback(&target, &state_file, &mut std::io::stdout())?;
     let sysroot = target.open()?;
     let booted = sysroot
         .booted_deployment()
@@ -71,6 +73,9 @@ pub fn run(cmd: HealthCommand) -> Result<ExitCode> {
     }
     match verdict {
         Verdict::Healthy => {
+            if cairn_updater::bootloader::prove_booted(&target)? {
+                println!("boot counter cleared: the booted deployment is proven");
+            }
             println!("healthy: {}", report.summary());
             Ok(ExitCode::SUCCESS)
         }

@@ -10,6 +10,7 @@
 #[macro_use]
 pub mod failpoints;
 pub mod agent;
+pub mod bootloader;
 pub mod commit;
 pub mod fleetlock;
 pub mod health;

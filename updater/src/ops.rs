@@ -9,10 +9,10 @@ use ostree::gio;
 use ostree::glib;
 
 use crate::commit::{boot_files, short, CommitInfo};
-use cairn_builder::diff::PackageDiff;
 use crate::pull::{human_bytes, pull, PullRequest};
 use crate::status::{split_refspec, Origin, Roles};
 use crate::sysroot::{require_root, SysrootLock, SysrootTarget, STATEROOT};
+use cairn_builder::diff::PackageDiff;
 
 /// How an operation ended, for exit codes and follow-ups (reboot).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +253,8 @@ fn write_deployment(
             )
             .with_context(|| format!("staging a deployment of {what}"))?;
         failpoint!("deploy::after-stage");
+        crate::bootloader::arm(&s.path, &s.repo)
+            .context("the deployment is staged, but GRUB's boot counter could not be armed")?;
         writeln!(
             out,
             "Staged {what}: it is finalized at shutdown and boots next (changes to /etc made before the reboot are kept)."
@@ -284,6 +286,8 @@ fn write_deployment(
         )
         .context("writing the new boot configuration")?;
     failpoint!("deploy::after-bootloader-swap");
+    crate::bootloader::arm(&s.path, &s.repo)
+        .context("the deployment is written, but GRUB's boot counter could not be armed")?;
     s.sysroot
         .cleanup(gio::Cancellable::NONE)
         .context("cleaning up old deployments")?;
@@ -625,6 +629,8 @@ pub fn rollback(target: &SysrootTarget, out: &mut dyn Write) -> Result<Outcome> 
         .write_deployments(&new_order, gio::Cancellable::NONE)
         .context("writing the new boot order")?;
     failpoint!("rollback::after-write");
+    // What boots next has booted before: no counting.
+    crate::bootloader::disarm(&s.path, &s.repo)?;
     writeln!(out, "Rolled back: {next_desc} boots next.")?;
     Ok(Outcome::Deployed {
         checksum: next.csum().to_string(),
@@ -760,6 +766,12 @@ pub fn cleanup(
         s.sysroot
             .write_deployments(&keep, gio::Cancellable::NONE)
             .context("writing the remaining deployments")?;
+        if let (Some(b), Some(first)) = (roles.booted, keep.first()) {
+            if roles.deployments[b].equal(first) {
+                // The unproven deployment is gone: the booted one boots next.
+                crate::bootloader::disarm(&s.path, &s.repo)?;
+            }
+        }
     }
     failpoint!("cleanup::before-prune");
     let objects = s.path.join("ostree/repo/objects");

@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::commit::{format_timestamp, CommitInfo};
-use cairn_builder::diff::PackageDiff;
 use crate::sysroot::SysrootTarget;
+use cairn_builder::diff::PackageDiff;
 
 /// Value of `apiVersion`; bumped only for incompatible changes of the JSON.
 pub const API_VERSION: &str = "cairn.status/v1";
@@ -31,6 +31,9 @@ pub struct Status {
     /// The last health check (`host health check`), if any ran here.
     #[serde(default)]
     pub health: Option<HealthSummary>,
+    /// GRUB's boot counter (null on other bootloaders).
+    #[serde(default)]
+    pub boot_counter: Option<crate::bootloader::BootCounter>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -291,6 +294,10 @@ pub fn read_status(target: &SysrootTarget, verbose: bool) -> Result<Status> {
         deployments,
         agent: agent_summary(&var),
         health: health_summary(&var),
+        boot_counter: crate::bootloader::read(target.path(), &repo).unwrap_or_else(|err| {
+            tracing::warn!("{err:#}");
+            None
+        }),
     })
 }
 
@@ -374,6 +381,9 @@ impl Status {
             }
         }
         let short = |c: &str| c.chars().take(12).collect::<String>();
+        if let Some(b) = &self.boot_counter {
+            writeln!(out, "Boot counter: {}", b.describe())?;
+        }
         if let Some(a) = &self.agent {
             let update = a
                 .update

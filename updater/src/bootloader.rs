@@ -1,0 +1,272 @@
+//! Boot counting on GRUB nodes: the user-space half of greenboot's scheme.
+//!
+//! The GRUB menu (written by libostree through our generator, see
+//! `cairn_builder::image::grub`) counts `boot_counter` down on every boot
+//! while `boot_success=0`, and once it has run out boots the previous
+//! deployment (menu entry 1) with `boot_counter=-1`. Here:
+//! - a new deployment that boots next **arms** the counter
+//!   (`boot_counter=3`, `boot_success=0`);
+//! - a rollback, or dropping the deployment that would have booted next,
+//!   **disarms** it;
+//! - `host health check` **proves** a healthy boot of the default deployment
+//!   (`boot_success=1`, counter removed), or, when GRUB fell back, records the
+//!   default commit as bad and makes the booted deployment the default again.
+//!
+//! Only sysroots whose repository says `sysroot.bootloader=grub2` are
+//! touched; the environment block is `/boot/grub/grubenv`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use cairn_builder::image::grub::{GrubEnv, BOOT_ATTEMPTS, BOOT_COUNTER, BOOT_SUCCESS, GRUBENV};
+use serde::{Deserialize, Serialize};
+
+use crate::health::{BadCommit, HealthState};
+use crate::sysroot::SysrootTarget;
+
+/// Does this sysroot boot with GRUB (libostree's grub2 backend)?
+pub fn uses_grub(repo: &ostree::Repo) -> bool {
+    repo.copy_config()
+        .string("sysroot", "bootloader")
+        .is_ok_and(|b| b == "grub2")
+}
+
+/// The environment block of the sysroot at `sysroot` (`/` when booted).
+pub fn grubenv_path(sysroot: &Path) -> PathBuf {
+    sysroot.join("boot").join(GRUBENV)
+}
+
+/// What the environment block says about the boot counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CounterState {
+    /// Nothing armed: the default deployment is proven (or never counted).
+    Off,
+    /// A new default deployment has `attempts` boots left to become healthy.
+    Counting,
+    /// The attempts ran out: GRUB booted the previous deployment.
+    FellBack,
+}
+
+/// The boot counter as `host status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootCounter {
+    pub state: CounterState,
+    /// `boot_counter`: boots left (GRUB counts down before each boot), -1
+    /// after a fallback; null when not armed.
+    pub boot_counter: Option<i64>,
+    /// `boot_success`: false while a new deployment is unproven.
+    pub boot_success: Option<bool>,
+}
+
+impl BootCounter {
+    pub fn of(env: &GrubEnv) -> BootCounter {
+        let counter = env.get(BOOT_COUNTER).and_then(|c| c.parse::<i64>().ok());
+        let success = env.get(BOOT_SUCCESS).map(|s| s == "1");
+        let state = match (counter, success) {
+            (Some(c), Some(false)) if c < 0 => CounterState::FellBack,
+            (Some(_), Some(false)) => CounterState::Counting,
+            _ => CounterState::Off,
+        };
+        BootCounter {
+            state,
+            boot_counter: counter,
+            boot_success: success,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match (self.state, self.boot_counter) {
+            (CounterState::Off, _) => "off (the default deployment is proven)".into(),
+            (CounterState::Counting, Some(n)) => format!(
+                "armed: the default deployment has {n} of {BOOT_ATTEMPTS} boots left to reach a healthy user space"
+            ),
+            (CounterState::Counting, None) => "armed".into(),
+            (CounterState::FellBack, _) => {
+                "ran out: GRUB booted the previous deployment".into()
+            }
+        }
+    }
+}
+
+/// The counter of a GRUB sysroot, `None` on other bootloaders.
+pub fn read(sysroot: &Path, repo: &ostree::Repo) -> Result<Option<BootCounter>> {
+    if !uses_grub(repo) {
+        return Ok(None);
+    }
+    Ok(Some(BootCounter::of(&GrubEnv::read(&grubenv_path(
+        sysroot,
+    ))?)))
+}
+
+fn update(sysroot: &Path, change: impl FnOnce(&mut GrubEnv)) -> Result<()> {
+    let path = grubenv_path(sysroot);
+    let mut env = GrubEnv::read(&path)?;
+    let before = env.clone();
+    change(&mut env);
+    if env != before {
+        env.write(&path)
+            .with_context(|| format!("updating the boot counter in {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A new, unproven deployment boots next: give it [`BOOT_ATTEMPTS`] boots.
+pub fn arm(sysroot: &Path, repo: &ostree::Repo) -> Result<()> {
+    if !uses_grub(repo) {
+        return Ok(());
+    }
+    update(sysroot, |env| {
+        env.set(BOOT_COUNTER, &BOOT_ATTEMPTS.to_string());
+        env.set(BOOT_SUCCESS, "0");
+    })
+}
+
+/// A proven deployment boots next (or the default one proved itself): stop counting.
+pub fn disarm(sysroot: &Path, repo: &ostree::Repo) -> Result<()> {
+    if !uses_grub(repo) {
+        return Ok(());
+    }
+    update(sysroot, |env| {
+        env.unset(BOOT_COUNTER);
+        env.set(BOOT_SUCCESS, "1");
+    })
+}
+
+/// Why a commit is recorded as bad after GRUB fell back from it.
+pub fn fallback_reason() -> String {
+    format!(
+        "did not boot to a healthy user space in {BOOT_ATTEMPTS} attempts (GRUB booted the previous deployment)"
+    )
+}
+
+/// Run by `host health check` before the checks: when GRUB ran out of
+/// attempts and booted the previous deployment, record the default
+/// (never-healthy) commit as bad, make the booted deployment the default
+/// again (no reboot needed) and clear the counter. Returns the bad commit.
+pub fn recover_from_fallback(
+    target: &SysrootTarget,
+    state_file: &Path,
+    out: &mut dyn Write,
+) -> Result<Option<String>> {
+    let sysroot = target.open()?;
+    let repo = sysroot.repo();
+    let Some(counter) = read(target.path(), &repo)? else {
+        return Ok(None);
+    };
+    if counter.state != CounterState::FellBack {
+        return Ok(None);
+    }
+    let deployments = sysroot.deployments();
+    let booted = sysroot.booted_deployment();
+    let default = deployments.first();
+    let staged = deployments.iter().any(|d| d.is_staged());
+    let (Some(booted), Some(default)) = (booted, default) else {
+        return Ok(None);
+    };
+    if booted.equal(default) || staged {
+        // GRUB had nothing to fall back to, or a new deployment is already
+        // staged: nothing to undo, just stop counting.
+        disarm(target.path(), &repo)?;
+        return Ok(None);
+    }
+    let bad = default.csum().to_string();
+    let reason = fallback_reason();
+    let mut state = HealthState::load(state_file);
+    if !state.is_bad(&bad) {
+        state.bad_commits.push(BadCommit {
+            checksum: bad.clone(),
+            reason: reason.clone(),
+            at: chrono::Utc::now(),
+        });
+    }
+    state.save(state_file)?;
+    writeln!(
+        out,
+        "Deployment of {} {reason}: making the booted deployment the default again.",
+        &bad[..bad.len().min(12)]
+    )?;
+    drop(sysroot);
+    // The booted deployment is not first: a rollback puts it first again
+    // (and disarms the counter).
+    crate::ops::rollback(target, out)?;
+    let sysroot = target.open()?;
+    disarm(target.path(), &sysroot.repo())?;
+    Ok(Some(bad))
+}
+
+/// Run by `host health check` after a healthy verdict: the booted deployment
+/// is the default one and healthy, so it is proven.
+pub fn prove_booted(target: &SysrootTarget) -> Result<bool> {
+    let sysroot = target.open()?;
+    let repo = sysroot.repo();
+    let Some(counter) = read(target.path(), &repo)? else {
+        return Ok(false);
+    };
+    let booted_is_default = match (sysroot.booted_deployment(), sysroot.deployments().first()) {
+        (Some(b), Some(d)) => b.equal(d),
+        _ => false,
+    };
+    if counter.state == CounterState::Counting && booted_is_default {
+        disarm(target.path(), &repo)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> GrubEnv {
+        let mut e = GrubEnv::default();
+        for (k, v) in pairs {
+            e.set(k, v);
+        }
+        e
+    }
+
+    #[test]
+    fn counter_states_follow_greenboot() {
+        let c = BootCounter::of(&env(&[]));
+        assert_eq!(c.state, CounterState::Off);
+        let c = BootCounter::of(&env(&[("boot_counter", "2"), ("boot_success", "0")]));
+        assert_eq!(c.state, CounterState::Counting);
+        assert_eq!(c.boot_counter, Some(2));
+        assert!(
+            c.describe().contains("2 of 3 boots left"),
+            "{}",
+            c.describe()
+        );
+        let c = BootCounter::of(&env(&[("boot_counter", "-1"), ("boot_success", "0")]));
+        assert_eq!(c.state, CounterState::FellBack);
+        // Proven: success wins over a stale counter.
+        let c = BootCounter::of(&env(&[("boot_counter", "1"), ("boot_success", "1")]));
+        assert_eq!(c.state, CounterState::Off);
+        assert_eq!(c.boot_success, Some(true));
+    }
+
+    #[test]
+    fn arm_and_disarm_keep_other_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let sysroot = dir.path();
+        std::fs::create_dir_all(sysroot.join("boot/grub")).unwrap();
+        env(&[("saved_entry", "x")])
+            .write(&grubenv_path(sysroot))
+            .unwrap();
+        update(sysroot, |e| {
+            e.set(BOOT_COUNTER, "3");
+            e.set(BOOT_SUCCESS, "0");
+        })
+        .unwrap();
+        let e = GrubEnv::read(&grubenv_path(sysroot)).unwrap();
+        assert_eq!(BootCounter::of(&e).state, CounterState::Counting);
+        assert_eq!(e.get("saved_entry"), Some("x"));
+        assert_eq!(
+            std::fs::metadata(grubenv_path(sysroot)).unwrap().len(),
+            1024
+        );
+    }
+}
