@@ -649,10 +649,18 @@ fn blue_green_rollout_with_fleet_lock_and_a_failing_health_check() {
     // ---- configure: remote, health check, agent (then restart it)
     for n in nodes.iter_mut() {
         let cfg = agent_config(n.group, &n.name, lock_port);
-        let switch = if n.group == "green" {
+        // Green changes channel, and boots into it: until then `host upgrade`
+        // (and so the agent) follows the booted deployment's origin.
+        let green = n.group == "green";
+        let switch = if green {
             format!("host switch cairn:{GREEN_REF}")
         } else {
             String::new()
+        };
+        let restart = if green {
+            ""
+        } else {
+            "systemctl restart cairn-agent.service"
         };
         must(n.ok(&format!(
             "set -e\n\
@@ -665,8 +673,16 @@ fn blue_green_rollout_with_fleet_lock_and_a_failing_health_check() {
              chmod 0755 {CHECK}\n\
              cat >/etc/cairn/agent.toml <<'EOF'\n{cfg}EOF\n\
              host agent --print-config >/dev/null\n\
-             systemctl restart cairn-agent.service\n"
+             {restart}\n"
         )));
+        if green {
+            must(n.vm.reboot());
+            eprintln!(
+                "fleet: {} {} rebooted into the green channel",
+                stamp(t0),
+                n.name
+            );
+        }
     }
     let observer = Observer::start(
         etcd_url.clone(),
@@ -702,6 +718,8 @@ fn blue_green_rollout_with_fleet_lock_and_a_failing_health_check() {
         },
     );
     let t_p1 = t0.elapsed() - p1;
+    let samples = observer.samples();
+    print_timeline(&samples, p1);
     assert_eq!(
         snaps[2].booted, v1,
         "green stays on v1 while blue rolls out"
@@ -712,8 +730,6 @@ fn blue_green_rollout_with_fleet_lock_and_a_failing_health_check() {
             "cairn QEMU fleet test: v2\n"
         );
     }
-    let samples = observer.samples();
-    print_timeline(&samples, p1);
     let events = boot_events(&samples, p1);
     assert_eq!(
         events.iter().filter(|(n, _)| *n < 2).count(),
