@@ -87,7 +87,7 @@ fn boots_the_composed_tree_to_multi_user() {
     );
     let repo_config = must(vm.ok("cat /ostree/repo/config"));
     assert!(repo_config.contains("[remote \"cairn\"]"), "{repo_config}");
-    assert!(repo_config.contains("bootloader=syslinux"), "{repo_config}");
+    assert!(repo_config.contains("bootloader=grub2"), "{repo_config}");
 
     // `host status --json` (updater) names the booted deployment and its version.
     let status = must(vm.ok("host status --json"));
@@ -145,9 +145,17 @@ fn boots_the_composed_tree_to_multi_user() {
     server.join().expect("server thread");
     assert!(fetched.contains(&token), "guest fetched: {fetched}");
 
-    // /boot is mounted and holds what libostree wrote for the bootloader.
-    let cfg = must(vm.ok("cat /boot/syslinux/syslinux.cfg"));
-    assert!(cfg.contains("ostree="), "syslinux.cfg:\n{cfg}");
+    // /boot is mounted and holds the GRUB menu libostree had our generator
+    // write, and GRUB's environment block (boot counter: nothing armed).
+    let cfg = must(vm.ok("cat /boot/grub/grub.cfg"));
+    assert!(cfg.contains("ostree="), "grub.cfg:\n{cfg}");
+    assert!(
+        cfg.contains("load_env boot_counter boot_success"),
+        "grub.cfg:\n{cfg}"
+    );
+    let env = must(vm.ok("stat -c %s /boot/grub/grubenv; grep -v '^#' /boot/grub/grubenv || true"));
+    assert_eq!(env.lines().next(), Some("1024"), "grubenv:\n{env}");
+    assert!(!env.contains("boot_counter="), "grubenv:\n{env}");
 }
 
 #[test]

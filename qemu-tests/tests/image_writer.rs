@@ -45,7 +45,7 @@ fn a_tree_that_cannot_deploy_leaves_nothing_behind() {
     std::fs::create_dir_all(&work).unwrap();
 
     // A commit without a kernel: everything up to the deployment works (GPT,
-    // loop devices, file systems, mounts, extlinux), then libostree refuses.
+    // GRUB, loop devices, file systems, mounts), then libostree refuses.
     let repo = work.join("repo");
     let tree = work.join("tree");
     std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
