@@ -87,7 +87,7 @@ impl Drop for Undo<'_> {
         if let Some(r) = &self.record {
             let _ = self.rt.remove_container_files(r);
         } else if let Some(d) = &self.dir {
-            let _ = std::fs::remove_dir_all(d);
+            let _ = state::remove_record_dir(d);
         }
     }
 }
@@ -284,14 +284,7 @@ impl Runtime {
         }
 
         let dir = self.paths.container(&name);
-        std::fs::create_dir_all(self.paths.containers())?;
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                bail!("a container named {name} already exists (host app rm {name})")
-            }
-            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
-        }
+        self.claim_name(&name, opts.auto_remove)?;
         let mut undo = Undo {
             rt: self,
             record: None,
@@ -402,6 +395,49 @@ impl Runtime {
         })
     }
 
+    /// Create the container's record directory, which claims its name
+    /// (atomically: mkdir or symlink fail if it exists). A `--rm`
+    /// container's records go to tmpfs, behind a symlink (see
+    /// [`state`](crate::state)).
+    fn claim_name(&self, name: &str, volatile: bool) -> Result<()> {
+        let dir = self.paths.container(name);
+        std::fs::create_dir_all(self.paths.containers())
+            .with_context(|| format!("creating {}", self.paths.containers().display()))?;
+        let claim = || {
+            if volatile {
+                std::os::unix::fs::symlink(self.paths.container_volatile(name), &dir)
+            } else {
+                std::fs::create_dir(&dir)
+            }
+        };
+        let mut res = claim();
+        if matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists)
+            && dir
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink())
+            && !dir.exists()
+        {
+            // What a reboot leaves of a --rm container: not a container.
+            let _ = std::fs::remove_file(&dir);
+            res = claim();
+        }
+        match res {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                bail!("a container named {name} already exists (host app rm {name})")
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+        if volatile {
+            let target = self.paths.container_volatile(name);
+            if let Err(e) = std::fs::create_dir_all(&target) {
+                let _ = std::fs::remove_file(&dir);
+                return Err(e).with_context(|| format!("creating {}", target.display()));
+            }
+        }
+        Ok(())
+    }
+
     /// Release everything a container holds and delete its directory.
     pub fn remove_container_files(&self, r: &ContainerRecord) -> Result<()> {
         if let Some(net) = &r.network {
@@ -421,11 +457,7 @@ impl Runtime {
             // Gone once the last container of this root is.
             let _ = std::fs::remove_dir(self.paths.run_root());
         }
-        let dir = self.paths.container(&r.name);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-        Ok(())
+        state::remove_record_dir(&self.paths.container(&r.name))
     }
 
     pub fn ps(&self) -> Result<Vec<PsEntry>> {

@@ -11,6 +11,12 @@
 //!                                container.log  (stdout and stderr)
 //! /run/cairn/<hash>/<name>/      scaffold/, rootfs/ (per boot, tmpfs)
 //! ```
+//!
+//! A `--rm` container's `<root>/containers/<name>` is a symlink to
+//! `/run/cairn/<hash>/<name>/record/`: it is removed when it exits anyway,
+//! so its records stay off the node's disk (no inode churn on every short
+//! run) and a reboot takes them along, as `--rm` asks. The dangling link a
+//! reboot leaves is not a container, and its name is free again.
 
 use std::fs;
 use std::io::Write;
@@ -61,6 +67,10 @@ impl Paths {
     }
     pub fn container_run(&self, name: &str) -> PathBuf {
         self.run_root().join(name)
+    }
+    /// Where a `--rm` container's records live (see the module doc).
+    pub fn container_volatile(&self, name: &str) -> PathBuf {
+        self.container_run(name).join("record")
     }
 }
 
@@ -251,6 +261,25 @@ pub fn proc_start_time(pid: i32) -> Option<u64> {
 }
 
 /// Write a file so readers never see half of it.
+/// Remove a container's record directory: the directory itself, or the
+/// symlink of a `--rm` container together with what it points to.
+pub fn remove_record_dir(dir: &Path) -> Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => {
+            if let Ok(target) = fs::read_link(dir) {
+                if target.is_dir() {
+                    fs::remove_dir_all(&target)
+                        .with_context(|| format!("removing {}", target.display()))?;
+                }
+            }
+            fs::remove_file(dir).with_context(|| format!("removing {}", dir.display()))
+        }
+        Ok(_) => fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("inspecting {}", dir.display())),
+    }
+}
+
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;

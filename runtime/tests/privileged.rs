@@ -51,6 +51,10 @@ const TESTS: &[(&str, TestFn)] = &[
         "cgroup_v2_placement_and_cleanup",
         cgroup_v2_placement_and_cleanup,
     ),
+    (
+        "auto_remove_records_live_on_tmpfs",
+        auto_remove_records_live_on_tmpfs,
+    ),
 ];
 
 fn main() {
@@ -1206,4 +1210,73 @@ fn cgroup_checks(env: Env, cg_root: &str, slice: &str) {
         !dir.join("cgself").exists(),
         "cgroup removed when the container exited"
     );
+}
+
+/// A `--rm` container keeps its records on tmpfs behind a symlink: visible
+/// to ps/inspect/exec/stop like any other, gone with it, and what a reboot
+/// leaves (a dangling link) is neither listed nor blocking its name.
+fn auto_remove_records_live_on_tmpfs() {
+    let env = Env::new();
+    env.import();
+    let opts = RunOptions {
+        detach: true,
+        auto_remove: true,
+        ..env.opts("brief", &["sleep", "1000"])
+    };
+    env.rt.run(&opts).unwrap();
+    let dir = env.rt.paths.container("brief");
+    let target = std::fs::read_link(&dir).expect("a --rm container's records are a symlink");
+    assert_eq!(target, env.rt.paths.container_volatile("brief"));
+    assert!(
+        target.starts_with(cairn_runtime::state::RUN_BASE),
+        "{target:?}"
+    );
+    assert!(target.join("container.json").is_file() && target.join("state.json").is_file());
+    env.wait_status("brief", &[Status::Running], Duration::from_secs(10));
+    let ps = env.rt.ps().unwrap();
+    assert_eq!(ps.len(), 1);
+    assert_eq!(
+        (ps[0].name.as_str(), ps[0].status),
+        ("brief", Status::Running)
+    );
+    assert_eq!(env.rt.exec("brief", &["true".into()]).unwrap(), 0);
+    // The name is taken while it runs.
+    let err = format!("{:#}", env.rt.run(&opts).unwrap_err());
+    assert!(err.contains("already exists"), "{err}");
+
+    // Stopped, it removes itself: link, records and scratch.
+    env.rt.stop("brief", Duration::from_secs(5)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir.symlink_metadata().is_ok() {
+        assert!(Instant::now() < deadline, "--rm container was not removed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!target.exists() && !env.rt.paths.container_run("brief").exists());
+    assert!(env.rt.ps().unwrap().is_empty());
+
+    // After a reboot only the link is left: no container, the name is free.
+    std::os::unix::fs::symlink(
+        env.rt.paths.container_volatile("ghost"),
+        env.rt.paths.container("ghost"),
+    )
+    .unwrap();
+    assert!(env.rt.ps().unwrap().is_empty());
+    assert!(env.rt.record("ghost").is_err());
+    let (code, _) = env.run_to_end(RunOptions {
+        auto_remove: false,
+        ..env.opts("ghost", &["true"])
+    });
+    assert_eq!(code, 0);
+    assert!(
+        env.rt.paths.container("ghost").is_dir(),
+        "a plain directory now"
+    );
+    assert!(!env
+        .rt
+        .paths
+        .container("ghost")
+        .symlink_metadata()
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }
