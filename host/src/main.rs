@@ -8,7 +8,7 @@ mod compose;
 mod compose_image;
 mod fleet;
 mod health;
-mod lazy_ostree;
+mod lazy_libs;
 mod node;
 
 use std::process::ExitCode;
