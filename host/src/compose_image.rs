@@ -7,14 +7,16 @@ use anyhow::Result;
 use cairn_builder::image::{self, ImageFormat, ImageOptions};
 use clap::Args;
 
-/// Write a BIOS-bootable disk image (GPT, /boot, root) with the commit deployed.
+/// Write a BIOS-bootable disk image (GPT, GRUB, /boot, root) with the commit deployed.
 ///
 /// The commit is deployed through libostree into stateroot `cairn`, with
 /// origin `cairn:<REF>`; the node's repository gets a remote `cairn` pointing
 /// at --remote-url, so `host upgrade` on the booted machine knows where to
-/// look. extlinux boots whatever libostree's syslinux backend last wrote, so
-/// later upgrades and rollbacks switch the boot entry by themselves. Needs
-/// root (loop devices and mounts). Prints `image`, `commit` and `size` lines.
+/// look. GRUB (BIOS) boots the menu libostree's grub2 backend last had our
+/// generator write, so later upgrades and rollbacks switch the boot entry by
+/// themselves, with a boot counter that falls back to the previous
+/// deployment. Needs root (loop devices and mounts). Prints `image`,
+/// `commit` and `size` lines.
 #[derive(Debug, Args)]
 pub struct ImageArgs {
     /// OSTree repository holding the commit.
