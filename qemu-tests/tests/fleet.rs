@@ -805,7 +805,6 @@ fn blue_green_rollout_with_fleet_lock_and_a_failing_health_check() {
         BLUE_REF,
         "--to",
         GREEN_REF,
-        "--commit",
         &v2,
     ]));
     eprintln!("fleet: {} promoted v2 to green:\n{out}", stamp(t0));
