@@ -123,6 +123,17 @@ fn main() {
         );
     }
 
+    // Where the time of one run goes (-vv prints the phases).
+    for _ in 0..3 {
+        let phases = must(vm.ok(&format!(
+            "host -vv app run --rm --network none {APP_IMAGE} /bin/true 2>&1 | sed 's/\x1b\\[[0-9;]*m//g'"
+        )));
+        println!(
+            "phases of host -vv app run --rm --network none:\n{}",
+            phases.trim_end()
+        );
+    }
+
     // Supervision memory: the idle baked app's monitor.
     let rss = must(vm.ok(&format!(
         "pid=$(host app inspect {APP} | sed -n 's/.*\"monitor_pid\": *\\([0-9]*\\).*/\\1/p'); \

@@ -537,12 +537,29 @@ fn child_main(plan: &ChildPlan, ready_w: OwnedFd, sync_r: OwnedFd, err_w: OwnedF
 /// The child is made with fork(2) (so it is safe in a threaded process): the
 /// calling thread first unshares its pid namespace *for children*, so the
 /// child is pid 1 of a new one, then switches back.
+///
+/// `cgroup`: the container's cgroup (v2). A single-threaded caller creates
+/// the child directly inside it (clone3 with CLONE_INTO_CGROUP, as crun
+/// does); otherwise, or where the kernel lacks clone3, the child is forked
+/// and then moved by writing its pid to `cgroup.procs`. Moving a process
+/// takes the cgroup subsystem's threadgroup lock for writing, which waits
+/// for an RCU grace period: tens of ms under TCG, a few on real hardware.
 pub fn launch(
     spec: &Spec,
     lowers: &[&Path],
+    cgroup: Option<&Path>,
     prepare: &mut dyn FnMut(Pid) -> Result<()>,
 ) -> Result<Pid> {
+    let t0 = std::time::Instant::now();
     let plan = ChildPlan::new(spec, lowers)?;
+    let cgroup_fd: Option<OwnedFd> = match cgroup {
+        Some(dir) if single_threaded() => Some(
+            fs::File::open(dir)
+                .with_context(|| format!("opening cgroup {}", dir.display()))?
+                .into(),
+        ),
+        _ => None,
+    };
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (sync_r, sync_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -551,7 +568,7 @@ pub fn launch(
         .into();
     nix::sched::unshare(CloneFlags::CLONE_NEWPID).context("unshare(pid)")?;
     // SAFETY: the child only makes syscalls and ends in execve or _exit.
-    let forked = unsafe { nix::unistd::fork() };
+    let (forked, placed) = unsafe { fork_into(cgroup_fd.as_ref()) };
     let restored = nix::sched::setns(own_pid_ns.as_fd(), CloneFlags::CLONE_NEWPID);
     let pid = match forked.context("fork")? {
         nix::unistd::ForkResult::Child => {
@@ -576,10 +593,19 @@ pub fn launch(
         kill(pid);
         bail!("creating the container's namespaces: {msg}");
     }
+    tracing::debug!("launch: namespaces ready after {:?}", t0.elapsed());
+    if let (Some(dir), false) = (cgroup, placed) {
+        let procs = dir.join("cgroup.procs");
+        if let Err(e) = fs::write(&procs, pid.to_string()) {
+            kill(pid);
+            return Err(e).with_context(|| format!("writing {}", procs.display()));
+        }
+    }
     if let Err(e) = prepare(pid) {
         kill(pid);
         return Err(e);
     }
+    tracing::debug!("launch: cgroup and network after {:?}", t0.elapsed());
     let mut w = fs::File::from(sync_w);
     if let Err(e) = w.write_all(b"g") {
         kill(pid);
@@ -592,7 +618,83 @@ pub fn launch(
         let _ = nix::sys::wait::waitpid(pid, None);
         bail!("starting the container: {msg}");
     }
+    tracing::debug!("launch: mounted and exec'd after {:?}", t0.elapsed());
     Ok(pid)
+}
+
+/// Whether this process has a single thread (then nothing can hold a lock
+/// across a raw clone3, see [`fork_into`]).
+fn single_threaded() -> bool {
+    // Field 20 of /proc/self/stat, counted after the ")" that ends the name.
+    fs::read_to_string("/proc/self/stat").ok().and_then(|s| {
+        let rest = s.rsplit_once(')')?.1.to_string();
+        rest.split_whitespace().nth(17)?.parse::<u32>().ok()
+    }) == Some(1)
+}
+
+/// fork(2), or with `cgroup` a clone3(2) that starts the child inside that
+/// cgroup. Returns whether the child was placed. clone3 bypasses glibc's
+/// fork bookkeeping (atfork handlers, lock resets), which is why it is only
+/// used in a single-threaded process; kernels without it (ENOSYS, or EINVAL
+/// for an unknown flag) get fork.
+///
+/// # Safety
+/// As fork: the child may only make async-signal-safe calls until it execs.
+unsafe fn fork_into(cgroup: Option<&OwnedFd>) -> (nix::Result<nix::unistd::ForkResult>, bool) {
+    use std::os::fd::AsRawFd;
+    if let Some(fd) = cgroup {
+        #[repr(C)]
+        #[derive(Default)]
+        struct CloneArgs {
+            flags: u64,
+            pidfd: u64,
+            child_tid: u64,
+            parent_tid: u64,
+            exit_signal: u64,
+            stack: u64,
+            stack_size: u64,
+            tls: u64,
+            set_tid: u64,
+            set_tid_size: u64,
+            cgroup: u64,
+        }
+        const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+        let args = CloneArgs {
+            flags: CLONE_INTO_CGROUP,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: fd.as_raw_fd() as u64,
+            ..Default::default()
+        };
+        // SAFETY: a fork-like clone3 (no CLONE_VM, no new stack): the child
+        // continues here on a copy of this address space, like fork.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &args as *const CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        match ret {
+            0 => return (Ok(nix::unistd::ForkResult::Child), true),
+            pid if pid > 0 => {
+                let child = Pid::from_raw(pid as i32);
+                return (Ok(nix::unistd::ForkResult::Parent { child }), true);
+            }
+            _ => {
+                let e = nix::errno::Errno::last();
+                if !matches!(
+                    e,
+                    nix::errno::Errno::ENOSYS
+                        | nix::errno::Errno::EINVAL
+                        | nix::errno::Errno::E2BIG
+                ) {
+                    return (Err(e), false);
+                }
+            }
+        }
+    }
+    // SAFETY: forwarded to the caller.
+    (unsafe { nix::unistd::fork() }, false)
 }
 
 /// How to enter a running container.

@@ -65,28 +65,30 @@ impl Monitor<'_> {
         let record = &self.record;
         std::fs::create_dir_all(run.join("rootfs"))
             .with_context(|| format!("creating {}", run.display()))?;
+        let t0 = std::time::Instant::now();
         container::make_scaffold(
             &self.spec,
             &scaffold,
             &checkout,
             &crate::engine::generated_files(record),
         )?;
-        let cgroups = &self.rt.cgroups;
-        let has_cgroup = self.cgroup.is_some();
+        tracing::debug!("monitor: scaffold made in {:?}", t0.elapsed());
         if record.network.is_some() && self.state.restarts > 0 {
             // The previous instance's veth goes away with its namespace, but
             // asynchronously: make sure the name is free.
             crate::net::delete_link(&record.host_if)?;
         }
-        container::launch(&self.spec, &[&scaffold, &checkout], &mut |pid| {
-            if has_cgroup {
-                cgroups.add_process(&record.name, pid.as_raw())?;
-            }
-            if let (Some(net), Some(ip)) = (&record.network, record.ip) {
-                crate::net::attach(net, pid.as_raw(), &record.host_if, ip)?;
-            }
-            Ok(())
-        })
+        container::launch(
+            &self.spec,
+            &[&scaffold, &checkout],
+            self.cgroup.as_deref(),
+            &mut |pid| {
+                if let (Some(net), Some(ip)) = (&record.network, record.ip) {
+                    crate::net::attach(net, pid.as_raw(), &record.host_if, ip)?;
+                }
+                Ok(())
+            },
+        )
     }
 
     fn wait_signal(&self, timeout: Option<Duration>) -> Result<Option<Signal>> {
@@ -302,7 +304,9 @@ pub fn supervise(rt: &Runtime, name: &str, detached: bool) -> Result<i32> {
             m.state.finished_at = Some(crate::state::now());
             m.save()?;
             if m.record.auto_remove {
+                let t0 = std::time::Instant::now();
                 rt.remove_container_files(&m.record)?;
+                tracing::debug!("monitor: {} removed in {:?}", name, t0.elapsed());
             }
             Ok(code)
         }
@@ -318,8 +322,10 @@ pub fn supervise(rt: &Runtime, name: &str, detached: bool) -> Result<i32> {
 
 fn supervise_inner(m: &mut Monitor) -> Result<i32> {
     let rt = m.rt;
+    let t0 = Instant::now();
     if crate::cgroup::detect(&rt.cgroups.root) == crate::cgroup::Layout::Unified {
         m.cgroup = Some(rt.cgroups.create(&m.record.name, &m.record.limits)?);
+        tracing::debug!("monitor: cgroup made in {:?}", t0.elapsed());
     } else {
         rt.cgroups.check_supported(&m.record.limits)?;
     }
