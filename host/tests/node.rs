@@ -1270,18 +1270,21 @@ impl Fixture {
 
     /// Run `script` inside the default deployment, booted (see BOOT_SIM).
     fn booted(&self, script: &str) -> Output {
+        self.booted_command(script).output().unwrap()
+    }
+
+    fn booted_command(&self, script: &str) -> Command {
         let sim = self.dir.path().join("boot-sim.sh");
         std::fs::write(&sim, BOOT_SIM).unwrap();
-        Command::new("unshare")
-            .args(["--mount", "--pid", "--fork", "bash"])
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--pid", "--fork", "bash"])
             .arg(&sim)
             .arg(self.sysroot())
             .arg(self.deployment_dir(0))
             .arg(env!("CARGO_BIN_EXE_host"))
             .arg(self.dir.path())
-            .arg(script)
-            .output()
-            .unwrap()
+            .arg(script);
+        cmd
     }
 
     fn read_json(&self, name: &str) -> serde_json::Value {
@@ -1341,6 +1344,54 @@ fn booted_upgrade_is_staged_and_keeps_etc_edits_made_before_the_reboot() {
     assert_eq!(std::fs::read_to_string(&new_etc).unwrap(), "kept\n");
     assert_eq!(fx.versions(), ["2.0", "1.0"]);
     fx.assert_bootable();
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn booted_upgrade_after_switch_follows_the_new_ref() {
+    let fx = Fixture::new();
+    let green = fx.commit("cairn/green", &Tree::new("green-1", 2));
+    let d = fx.dir.path().display().to_string();
+    // The second green commit appears between the switch and the upgrade:
+    // the upgrade must find it on green, not go back to the booted ref.
+    let script = format!(
+        "/run/host switch cairn:cairn/green > {d}/switch.txt
+         touch {d}/switched
+         while [ ! -e {d}/green-2 ]; do sleep 0.1; done
+         /run/host upgrade > {d}/upgrade.txt
+         /run/host status --json > {d}/after.json"
+    );
+    let mut booted = fx
+        .booted_command(&script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let switched = fx.dir.path().join("switched");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !switched.exists() && booted.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "switch never finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    fx.commit("cairn/green", &Tree::new("green-2", 3));
+    std::fs::write(fx.dir.path().join("green-2"), "").unwrap();
+    let out = booted.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let switch = std::fs::read_to_string(fx.dir.path().join("switch.txt")).unwrap();
+    assert!(
+        switch.contains(&green[..12]) || switch.contains("green-1"),
+        "{switch}"
+    );
+    let upgrade = std::fs::read_to_string(fx.dir.path().join("upgrade.txt")).unwrap();
+    assert!(upgrade.contains("cairn:cairn/green"), "{upgrade}");
+    let after = fx.read_json("after.json");
+    let next = &after["deployments"][0];
+    assert_eq!(next["version"], "green-2", "{after:#}");
+    assert_eq!(next["origin"]["refspec"], "cairn:cairn/green");
+    assert_eq!(next["staged"], true);
 }
 
 #[test]

@@ -76,6 +76,18 @@ impl Session {
             })
     }
 
+    /// The deployment whose origin `upgrade` and `deploy` follow: the one
+    /// that boots next when it is not the booted one (a `host switch` or
+    /// `host deploy` waiting for its reboot), else the merge deployment. As
+    /// rpm-ostree does: after `switch`, `upgrade` updates the new ref.
+    fn origin_deployment(&self) -> Result<ostree::Deployment> {
+        let merge = self.merge_deployment()?;
+        Ok(match self.sysroot.deployments().into_iter().next() {
+            Some(next) if next.osname() == STATEROOT && !next.equal(&merge) => next,
+            _ => merge,
+        })
+    }
+
     fn origin_of(&self, d: &ostree::Deployment) -> Result<Origin> {
         d.origin()
             .as_ref()
@@ -314,7 +326,7 @@ pub fn upgrade(
 ) -> Result<Outcome> {
     let s = Session::begin(target, "upgrade", out)?;
     let merge = s.merge_deployment()?;
-    let origin = s.origin_of(&merge)?;
+    let origin = s.origin_of(&s.origin_deployment()?)?;
     let remote = remote_of(&origin)?;
     let current = CommitInfo::load(&s.repo, &merge.csum())?;
     if let Some(c) = &origin.override_commit {
@@ -462,7 +474,7 @@ pub fn deploy(
 ) -> Result<Outcome> {
     let s = Session::begin(target, "deploy", out)?;
     let merge = s.merge_deployment()?;
-    let origin = s.origin_of(&merge)?;
+    let origin = s.origin_of(&s.origin_deployment()?)?;
     let remote = remote_of(&origin)?;
     let current = CommitInfo::load(&s.repo, &merge.csum())?;
     writeln!(out, "Fetching the history of {}…", origin.refspec)?;
