@@ -27,6 +27,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE", default_value = STATE_FILE)]
     pub state_file: PathBuf,
 
+    /// The health state written by `host health check` (the commits that
+    /// failed their checks are never staged again).
+    #[arg(long, value_name = "FILE", default_value = cairn_updater::health::STATE_FILE)]
+    pub health_state: PathBuf,
+
     /// Print the effective configuration and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -42,6 +47,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         config,
         SysrootTarget::from_option(args.sysroot),
         args.state_file,
+        args.health_state,
         args.once,
     )?;
     Ok(ExitCode::SUCCESS)

@@ -117,7 +117,9 @@ fn agent_once(w: &Path, id: &str, port: u16) -> Value {
         .arg("--config-root")
         .arg(&config)
         .arg("--state-file")
-        .arg(&state));
+        .arg(&state)
+        .arg("--health-state")
+        .arg(w.join(format!("health-{id}.json"))));
     serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap()
 }
 
@@ -172,7 +174,7 @@ fn agent_once_stages_on_a_sysroot_and_waits_for_the_fleet_lock() {
 
     // Two nodes on v1, set up with the stock tools.
     let url = format!("file://{}", w.join("repo").display());
-    for id in ["node-a", "node-b"] {
+    for id in ["node-a", "node-b", "node-c"] {
         let s = w.join(id);
         let sr = format!("--sysroot={}", s.display());
         std::fs::create_dir_all(&s).unwrap();
@@ -294,5 +296,30 @@ fn agent_once_stages_on_a_sysroot_and_waits_for_the_fleet_lock() {
     let b = agent_once(&w, "node-b", port);
     assert_eq!(b["state"], "rebooting", "{b:#}");
     assert_eq!(b["lock_for"], v2.as_str(), "{b:#}");
+    assert_eq!(holders(&etcd_url), vec!["node-b"]);
+
+    // Node C's own health state says v2 failed its checks there: its agent
+    // never stages v2 and asks for no slot.
+    std::fs::write(
+        w.join("health-node-c.json"),
+        serde_json::json!({
+            "last_checked": null, "last_result": null, "last_healthy": null,
+            "checked_at": null,
+            "bad_commits": [{"checksum": v2, "reason": "test: required check failed",
+                             "at": "2026-11-24T00:00:00Z"}]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let c = agent_once(&w, "node-c", port);
+    assert_eq!(c["holds_fleet_lock"], false, "{c:#}");
+    assert_ne!(c["state"], "rebooting", "{c:#}");
+    assert_ne!(c["state"], "waiting-for-lock", "{c:#}");
+    let st: Value = serde_json::from_str(&run(host()
+        .args(["status", "--json", "--sysroot"])
+        .arg(w.join("node-c"))))
+    .unwrap();
+    assert_eq!(st["deployments"].as_array().unwrap().len(), 1, "{st:#}");
+    assert_eq!(st["deployments"][0]["checksum"], v1.as_str(), "{st:#}");
     assert_eq!(holders(&etcd_url), vec!["node-b"]);
 }

@@ -314,6 +314,8 @@ pub struct NodeEnv {
     pub fleet: Option<fleetlock::Client>,
     /// False when acting on a `--sysroot` that is not the running system.
     pub can_reboot: bool,
+    /// The health state `host health check` keeps for this node (bad commits).
+    pub health_state: PathBuf,
 }
 
 impl Env for NodeEnv {
@@ -323,7 +325,7 @@ impl Env for NodeEnv {
 
     fn check(&mut self, stage: bool) -> Result<Found> {
         // A commit that failed its health checks here is never staged again.
-        let health = crate::health::HealthState::load(Path::new(crate::health::STATE_FILE));
+        let health = crate::health::HealthState::load(&self.health_state);
         if stage && !health.bad_commits.is_empty() {
             let mut log = Vec::new();
             let peek = crate::upgrade(
@@ -466,8 +468,9 @@ fn settle_slot(
     record: &mut Record,
     booted: Option<&str>,
     fleet: Option<&fleetlock::Client>,
+    health_state: &Path,
 ) -> Result<bool> {
-    let health = crate::health::HealthState::load(Path::new(crate::health::STATE_FILE));
+    let health = crate::health::HealthState::load(health_state);
     match slot_action(record, booted, &health) {
         SlotAction::None => Ok(false),
         SlotAction::Keep(why) => {
@@ -506,6 +509,7 @@ pub fn run(
     config: AgentConfig,
     target: SysrootTarget,
     state_file: PathBuf,
+    health_state: PathBuf,
     once: bool,
 ) -> Result<()> {
     let fleet = config
@@ -522,18 +526,23 @@ pub fn run(
         target,
         fleet: fleet.clone(),
         can_reboot: booted,
+        health_state: health_state.clone(),
     };
     let mut machine = Machine::new(config, record);
     // A slot to give back is offered again every RELEASE_RETRY until the
     // server takes it (the network may come up after the agent does).
-    let offer =
-        |record: &mut Record| match settle_slot(record, booted_csum.as_deref(), fleet.as_ref()) {
-            Ok(_) => false,
-            Err(e) => {
-                tracing::warn!("agent: {e:#}");
-                true
-            }
-        };
+    let offer = |record: &mut Record| match settle_slot(
+        record,
+        booted_csum.as_deref(),
+        fleet.as_ref(),
+        &health_state,
+    ) {
+        Ok(_) => false,
+        Err(e) => {
+            tracing::warn!("agent: {e:#}");
+            true
+        }
+    };
     let mut release_pending = offer(&mut machine.record);
     loop {
         let wait = match machine.step(&mut env) {
