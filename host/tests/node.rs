@@ -126,14 +126,21 @@ impl Fixture {
             gio::Cancellable::NONE,
         )
         .unwrap();
-        repo.pull(
-            "cairn",
-            &[REF],
-            ostree::RepoPullFlags::NONE,
-            None,
-            gio::Cancellable::NONE,
-        )
-        .unwrap();
+        // A main context of this thread's own: tests run in parallel threads,
+        // and libostree's pull iterates the thread-default context (on the
+        // shared global one, concurrent pulls race and fail now and then).
+        glib::MainContext::new()
+            .with_thread_default(|| {
+                repo.pull(
+                    "cairn",
+                    &[REF],
+                    ostree::RepoPullFlags::NONE,
+                    None,
+                    gio::Cancellable::NONE,
+                )
+            })
+            .unwrap()
+            .unwrap();
         let csum = repo.resolve_rev(REFSPEC, false).unwrap().unwrap();
         let origin = sysroot.origin_new_from_refspec(REFSPEC);
         let d = sysroot
