@@ -222,11 +222,11 @@ fn compose(host: &Path, repo: &Path) -> Result<(String, String)> {
 }
 
 /// Run the host binary from the workspace; its stderr (progress) passes
-/// through, its stdout is returned.
-fn run_host(host: &Path, args: &[&std::ffi::OsStr]) -> Result<String> {
+/// through, its stdout is returned. Every QEMU test runs `host` through this.
+pub fn run_host<S: AsRef<std::ffi::OsStr>>(host: &Path, args: &[S]) -> Result<String> {
     let shown: Vec<String> = args
         .iter()
-        .map(|a| a.to_string_lossy().into_owned())
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
         .collect();
     eprintln!("qemu-tests: {} {}", host.display(), shown.join(" "));
     let mut child = Command::new(host)
@@ -250,6 +250,71 @@ fn run_host(host: &Path, args: &[&std::ffi::OsStr]) -> Result<String> {
         );
     }
     Ok(stdout)
+}
+
+/// `python3 -m http.server` serving a directory on 127.0.0.1 (the guest's
+/// 10.0.2.2), as any static server would serve a repository; killed on drop.
+pub struct HttpServer {
+    child: std::process::Child,
+    pub port: u16,
+    pub root: PathBuf,
+    /// Its request log (stderr), when asked for one.
+    pub log: Option<PathBuf>,
+}
+
+impl HttpServer {
+    pub fn start(root: &Path, log: Option<&Path>) -> Result<HttpServer> {
+        // A free port: bind port 0, note the port, let it go for python.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let stderr = match log {
+            Some(log) => Stdio::from(
+                std::fs::File::create(log)
+                    .with_context(|| format!("creating {}", log.display()))?,
+            ),
+            None => Stdio::null(),
+        };
+        let child = Command::new("python3")
+            .args(["-u", "-m", "http.server", "--bind", "127.0.0.1"])
+            .arg("--directory")
+            .arg(root)
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context(
+                "starting python3 -m http.server (Debian package python3; scripts/setup installs it)",
+            )?;
+        let mut server = HttpServer {
+            child,
+            port,
+            root: root.to_owned(),
+            log: log.map(Path::to_owned),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = server.child.try_wait()? {
+                let logged = log
+                    .and_then(|l| std::fs::read_to_string(l).ok())
+                    .unwrap_or_default();
+                bail!("the HTTP server exited ({status}): {logged}");
+            }
+            if Instant::now() > deadline {
+                bail!("the HTTP server did not listen on 127.0.0.1:{port} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The value of a `key value` line.
@@ -304,6 +369,26 @@ fn image_key(commit: &str, host: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_server_serves_the_directory_and_logs_requests() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("qemu-tests-http.{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config"), "[core]\n").unwrap();
+        let log = dir.join("http.log");
+        let server = HttpServer::start(&dir, Some(&log)).unwrap();
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        conn.write_all(b"GET /config HTTP/1.0\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        drop(server);
+        let logged = std::fs::read_to_string(&log).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(reply.starts_with("HTTP/1.0 200"), "{reply}");
+        assert!(reply.ends_with("[core]\n"), "{reply}");
+        assert!(logged.contains("\"GET /config HTTP/1.0\" 200"), "{logged}");
+    }
 
     #[test]
     fn line_values() {

@@ -17,13 +17,13 @@
 //! Run with `cargo test -p qemu-tests --test bootcount -- --test-threads=1`
 //! as root.
 
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use qemu_tests::fixture::{build_dir, host_binary, ostree_cli, workspace, TEST_MANIFEST};
+use anyhow::{Context, Result};
+use qemu_tests::fixture::{
+    build_dir, host_binary, ostree_cli, run_host, workspace, HttpServer, TEST_MANIFEST,
+};
 use qemu_tests::{boot_test_image, test_image, TestImage, Vm};
 use serde_json::Value;
 
@@ -41,26 +41,6 @@ struct Commits {
     repo: PathBuf,
     v2: String,
     v3: String,
-}
-
-/// Run the workspace's `host`; stderr passes through, stdout is returned.
-fn run_host(host: &Path, args: &[&str]) -> Result<String> {
-    eprintln!("bootcount: host {}", args.join(" "));
-    let out = Command::new(host)
-        .args(args)
-        .current_dir(workspace())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("starting {}", host.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "`host {}` failed ({}):\n{stdout}",
-            args.join(" "),
-            out.status
-        );
-    }
-    Ok(stdout)
 }
 
 /// v2 and v3 on the image's ref, composed through manifests into a repository
@@ -130,47 +110,6 @@ fn compose_updates(image: &TestImage) -> Result<Commits> {
     })
 }
 
-/// `python3 -m http.server` on 127.0.0.1; killed on drop.
-struct HttpServer {
-    child: Child,
-    port: u16,
-}
-
-impl HttpServer {
-    fn start(root: &Path) -> Result<HttpServer> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1"])
-            .arg("--directory")
-            .arg(root)
-            .arg(port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting python3 -m http.server")?;
-        let mut server = HttpServer { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = server.child.try_wait()? {
-                bail!("the HTTP server exited ({status})");
-            }
-            if Instant::now() > deadline {
-                bail!("the HTTP server did not listen within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(server)
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn status(vm: &mut Vm) -> Value {
     let text = must(vm.ok("host status --json"));
     serde_json::from_str(&text)
@@ -208,7 +147,7 @@ fn a_deployment_that_never_reaches_user_space_falls_back_by_itself() {
         commits.v3,
         started.elapsed().as_secs_f64()
     );
-    let server = must(HttpServer::start(&commits.repo));
+    let server = must(HttpServer::start(&commits.repo, None));
     let url = format!("http://10.0.2.2:{}/", server.port);
 
     let mut vm = must(boot_test_image("bootcount"));

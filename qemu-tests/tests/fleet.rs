@@ -36,7 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::fixture::{build_dir, host_binary, ostree_cli, workspace, TEST_MANIFEST};
+use qemu_tests::fixture::{
+    build_dir, host_binary, ostree_cli, workspace, HttpServer, TEST_MANIFEST,
+};
 use qemu_tests::{test_image, TestImage, Vm, VmConfig};
 use serde_json::Value;
 
@@ -152,46 +154,8 @@ fn start_fleet_server(dir: &Path, etcd: &str) -> Result<(Proc, u16)> {
     }
 }
 
-/// `python3 -m http.server` on the repository (static files, as any server).
-fn start_http(root: &Path, log: &Path) -> Result<(Proc, u16)> {
-    let port = free_port()?;
-    let mut child = Command::new("python3")
-        .args([
-            "-u",
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-        ])
-        .arg(root)
-        .arg(port.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()
-        .context("starting python3 -m http.server")?;
-    wait_listening(port, "the HTTP server", &mut child, log)?;
-    Ok((Proc(child), port))
-}
-
 fn run_host(args: &[&str]) -> Result<String> {
-    eprintln!("fleet: host {}", args.join(" "));
-    let out = Command::new(host_binary()?)
-        .args(args)
-        .current_dir(workspace())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("starting host")?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "`host {}` failed ({}): {stdout}",
-            args.join(" "),
-            out.status
-        );
-    }
-    Ok(stdout)
+    qemu_tests::fixture::run_host(&host_binary()?, args)
 }
 
 /// Exclusive flock on `<dir>.lock` while this test uses the directory.
@@ -595,7 +559,8 @@ fn blue_green_rollout_with_fleet_lock_and_a_failing_health_check() {
     std::fs::create_dir_all(&run_dir).unwrap();
     let (_etcd, etcd_url) = must(start_etcd(&run_dir));
     let (_server, lock_port) = must(start_fleet_server(&run_dir, &etcd_url));
-    let (_http, http_port) = must(start_http(&ch.repo, &run_dir.join("http.log")));
+    let http = must(HttpServer::start(&ch.repo, Some(&run_dir.join("http.log"))));
+    let http_port = http.port;
     eprintln!(
         "fleet: etcd {etcd_url}, FleetLock :{lock_port}, repository http://10.0.2.2:{http_port}/"
     );

@@ -21,12 +21,12 @@
 #[path = "support/apps_image.rs"]
 mod apps_image;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use apps_image::*;
-use qemu_tests::fixture::{build_dir, host_binary, ostree_cli};
+use qemu_tests::fixture::{build_dir, host_binary, ostree_cli, HttpServer};
 use qemu_tests::Vm;
 use serde_json::Value;
 
@@ -325,48 +325,6 @@ fn prepare_apps_v2(v1: &AppsImage) -> Result<(PathBuf, String, String)> {
     Ok((repo, commit, digest))
 }
 
-/// `python3 -m http.server` on 127.0.0.1 (the guest's 10.0.2.2); killed on drop.
-struct HttpServer {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl HttpServer {
-    fn start(root: &Path) -> Result<HttpServer> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = std::process::Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
-            .arg(root)
-            .arg(port.to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting python3 -m http.server (Debian package python3)")?;
-        let mut server = HttpServer { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = server.child.try_wait()? {
-                bail!("the HTTP server exited ({status})");
-            }
-            if Instant::now() > deadline {
-                bail!("the HTTP server did not listen on 127.0.0.1:{port} within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(server)
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Run a command that reboots the guest, detached (its output to `log`
 /// under /var); reboot anyway if it fails, so the failure shows in the log.
 fn run_rebooting(vm: &mut Vm, command: &str, log: &str) -> String {
@@ -404,7 +362,7 @@ fn booted_commit(vm: &mut Vm) -> String {
 fn baked_app_follows_host_upgrade_and_rollback() {
     let v1 = apps_image();
     let (repo, v2, v2_digest) = must(prepare_apps_v2(v1));
-    let server = must(HttpServer::start(&repo));
+    let server = must(HttpServer::start(&repo, None));
     let mut vm = boot("upgrade");
     assert_app_serving(&mut vm, APP_PAGE);
     must(vm.ok(&format!(

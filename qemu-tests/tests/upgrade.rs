@@ -17,13 +17,13 @@
 //! commit; an flock lets concurrent test processes share it safely.
 
 use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::fixture::{build_dir, host_binary, ostree_cli, workspace, TEST_MANIFEST};
+use qemu_tests::fixture::{
+    build_dir, host_binary, ostree_cli, run_host, workspace, HttpServer, TEST_MANIFEST,
+};
 use qemu_tests::{boot_test_image, test_image, TestImage, Vm};
 use serde_json::Value;
 
@@ -178,112 +178,42 @@ fn prepare_update(image: &TestImage) -> Result<(Update, DirLock)> {
     ))
 }
 
-/// Run the workspace's `host`; stderr passes through, stdout is returned.
-fn run_host(host: &Path, args: &[&str]) -> Result<String> {
-    eprintln!("upgrade: host {}", args.join(" "));
-    let out = Command::new(host)
-        .args(args)
-        .current_dir(workspace())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("starting {}", host.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "`host {}` failed ({}); stdout:\n{stdout}",
-            args.join(" "),
-            out.status
-        );
-    }
-    Ok(stdout)
-}
-
-/// `python3 -m http.server` serving a directory on 127.0.0.1; killed on drop.
-struct HttpServer {
-    child: Child,
-    port: u16,
-    root: PathBuf,
-    log: PathBuf,
-}
-
-impl HttpServer {
-    fn start(root: &Path, log: &Path) -> Result<HttpServer> {
-        // A free port: bind port 0, note the port, let it go for python.
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let log_file =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new("python3")
-            .args(["-u", "-m", "http.server", "--bind", "127.0.0.1"])
-            .arg("--directory")
-            .arg(root)
-            .arg(port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .context("starting python3 -m http.server (Debian package python3; scripts/setup installs it)")?;
-        let mut server = HttpServer {
-            child,
-            port,
-            root: root.to_owned(),
-            log: log.to_owned(),
+/// What `server` answered (its request log):
+/// (requests, body bytes) served since the log had `from` lines, and the
+/// log's current line count. Body bytes are the sizes of the files
+/// answered with 200 (http.server logs no sizes; it sends whole files).
+fn served_since(server: &HttpServer, from: usize) -> (usize, u64, usize) {
+    let Some(log) = &server.log else {
+        return (0, 0, from);
+    };
+    let file = match std::fs::File::open(log) {
+        Ok(f) => f,
+        Err(_) => return (0, 0, from),
+    };
+    let lines: Vec<String> = BufReader::new(file).lines().map_while(|l| l.ok()).collect();
+    let (mut requests, mut bytes) = (0, 0);
+    for line in lines.iter().skip(from) {
+        let Some(req) = line.split('"').nth(1) else {
+            continue;
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = server.child.try_wait()? {
-                bail!(
-                    "the HTTP server exited ({status}): {}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("the HTTP server did not listen on 127.0.0.1:{port} within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(server)
-    }
-
-    /// (requests, body bytes) served since the log had `from` lines, and the
-    /// log's current line count. Body bytes are the sizes of the files
-    /// answered with 200 (http.server logs no sizes; it sends whole files).
-    fn served_since(&self, from: usize) -> (usize, u64, usize) {
-        let file = match std::fs::File::open(&self.log) {
-            Ok(f) => f,
-            Err(_) => return (0, 0, from),
+        let mut parts = req.split_whitespace();
+        let (Some("GET"), Some(path)) = (parts.next(), parts.next()) else {
+            continue;
         };
-        let lines: Vec<String> = BufReader::new(file).lines().map_while(|l| l.ok()).collect();
-        let (mut requests, mut bytes) = (0, 0);
-        for line in lines.iter().skip(from) {
-            let Some(req) = line.split('"').nth(1) else {
-                continue;
-            };
-            let mut parts = req.split_whitespace();
-            let (Some("GET"), Some(path)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            requests += 1;
-            let status = line.split('"').nth(2).unwrap_or("").trim();
-            if status.starts_with("200") {
-                let path = path
-                    .split('?')
-                    .next()
-                    .unwrap_or(path)
-                    .trim_start_matches('/');
-                bytes += std::fs::metadata(self.root.join(path))
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-            }
+        requests += 1;
+        let status = line.split('"').nth(2).unwrap_or("").trim();
+        if status.starts_with("200") {
+            let path = path
+                .split('?')
+                .next()
+                .unwrap_or(path)
+                .trim_start_matches('/');
+            bytes += std::fs::metadata(server.root.join(path))
+                .map(|m| m.len())
+                .unwrap_or(0);
         }
-        (requests, bytes, lines.len())
     }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    (requests, bytes, lines.len())
 }
 
 /// Wait until systemd says the boot is finished; fails if it ends degraded.
@@ -420,7 +350,7 @@ fn upgrade_over_http_reboot_rollback_and_power_cut() {
     let http_log = update
         .repo
         .with_file_name(format!("http.{}.log", std::process::id()));
-    let server = must(HttpServer::start(&update.repo, &http_log));
+    let server = must(HttpServer::start(&update.repo, Some(&http_log)));
     let url = format!("http://10.0.2.2:{}/", server.port);
 
     // ---- boot v1
@@ -453,13 +383,13 @@ fn upgrade_over_http_reboot_rollback_and_power_cut() {
     assert!(check.stdout.contains(&update.version), "{check}");
 
     // ---- host upgrade --reboot
-    let (_, _, mark) = server.served_since(0);
+    let (_, _, mark) = served_since(&server, 0);
     let (_, reboot_wall) = run_rebooting(
         &mut vm,
         "host upgrade --reboot",
         "/var/lib/cairn-test/upgrade-1.log",
     );
-    let (requests, bytes, mark) = server.served_since(mark);
+    let (requests, bytes, mark) = served_since(&server, mark);
     assert_boot_finished(&mut vm, "v2 after host upgrade --reboot");
     let log = rebooting_output(
         &mut vm,
@@ -473,7 +403,7 @@ fn upgrade_over_http_reboot_rollback_and_power_cut() {
     );
     assert!(log.contains("Staged"), "{log}");
     assert!(requests > 0, "the upgrade fetched nothing over HTTP");
-    let deltas = std::fs::read_to_string(&server.log).unwrap_or_default();
+    let deltas = std::fs::read_to_string(&http_log).unwrap_or_default();
     assert!(
         deltas.contains("GET /deltas/"),
         "the upgrade did not use the static delta:\n{deltas}"
@@ -515,7 +445,7 @@ fn upgrade_over_http_reboot_rollback_and_power_cut() {
     let gone = must(vm.run(&format!("test -e {V2_FILE}")));
     assert!(!gone.success(), "v1 has {V2_FILE}");
     assert_node_state_kept(&mut vm, "after the rollback");
-    let (_, _, mark) = server.served_since(mark);
+    let (_, _, mark) = served_since(&server, mark);
 
     // ---- power cut in the middle of an upgrade
     must(vm.ok(
@@ -595,7 +525,7 @@ fn upgrade_over_http_reboot_rollback_and_power_cut() {
     assert_eq!(booted(&st)["checksum"], v2.as_str(), "{st:#}");
     assert_eq!(must(vm.ok(&format!("cat {V2_FILE}"))), V2_TEXT);
     assert_node_state_kept(&mut vm, "after the power cut and the new upgrade");
-    let (requests, bytes, _) = server.served_since(mark);
+    let (requests, bytes, _) = served_since(&server, mark);
     eprintln!(
         "upgrade: after the rollback: {requests} HTTP requests, {bytes} bytes served (objects were local)"
     );

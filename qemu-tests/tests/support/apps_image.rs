@@ -10,13 +10,13 @@
 
 #![allow(dead_code)]
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+pub use qemu_tests::fixture::run_host;
 use qemu_tests::fixture::{build_dir, host_binary, line_value, workspace, TEST_KARG};
 use qemu_tests::{Vm, VmConfig};
 use sha2::{Digest, Sha256};
@@ -189,36 +189,6 @@ pub fn apps_manifest(image: &str, digest: &str) -> String {
          health-interval = \"3s\"\n",
         include = workspace().join(APPS_MANIFEST).to_string_lossy()
     )
-}
-
-/// Run the workspace's host binary; stderr passes through, stdout is returned.
-pub fn run_host(host: &Path, args: &[&std::ffi::OsStr]) -> Result<String> {
-    let shown: Vec<String> = args
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    eprintln!("runtime: {} {}", host.display(), shown.join(" "));
-    let mut child = Command::new(host)
-        .args(args)
-        .current_dir(workspace())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", host.display()))?;
-    let mut stdout = String::new();
-    child
-        .stdout
-        .take()
-        .expect("piped")
-        .read_to_string(&mut stdout)?;
-    let status = child.wait()?;
-    if !status.success() {
-        bail!(
-            "`host {}` failed ({status}); stdout:\n{stdout}",
-            shown.join(" ")
-        );
-    }
-    Ok(stdout)
 }
 
 /// An OCI image layout of the build machine's static busybox with every
