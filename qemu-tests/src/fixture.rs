@@ -252,6 +252,36 @@ pub fn run_host<S: AsRef<std::ffi::OsStr>>(host: &Path, args: &[S]) -> Result<St
     Ok(stdout)
 }
 
+/// An flock on `<dir>.lock`: exclusive while a process composes into `dir`,
+/// shared while processes serve from it (`how`: `libc::LOCK_EX`, `LOCK_SH`,
+/// optionally `| LOCK_NB`); released when dropped.
+pub struct DirLock(std::fs::File);
+
+impl DirLock {
+    pub fn take(dir: &Path, how: libc::c_int) -> Result<DirLock> {
+        let path = dir.with_extension("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let lock = DirLock(file);
+        lock.set(how)
+            .with_context(|| format!("locking {}", path.display()))?;
+        Ok(lock)
+    }
+
+    pub fn set(&self, how: libc::c_int) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor we own; no memory is passed.
+        if unsafe { libc::flock(self.0.as_raw_fd(), how) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// `python3 -m http.server` serving a directory on 127.0.0.1 (the guest's
 /// 10.0.2.2), as any static server would serve a repository; killed on drop.
 pub struct HttpServer {

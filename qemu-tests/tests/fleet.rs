@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use qemu_tests::fixture::{
-    build_dir, host_binary, ostree_cli, workspace, HttpServer, TEST_MANIFEST,
+    build_dir, host_binary, ostree_cli, workspace, DirLock, HttpServer, TEST_MANIFEST,
 };
 use qemu_tests::{test_image, TestImage, Vm, VmConfig};
 use serde_json::Value;
@@ -156,25 +156,6 @@ fn start_fleet_server(dir: &Path, etcd: &str) -> Result<(Proc, u16)> {
 
 fn run_host(args: &[&str]) -> Result<String> {
     qemu_tests::fixture::run_host(&host_binary()?, args)
-}
-
-/// Exclusive flock on `<dir>.lock` while this test uses the directory.
-struct DirLock(#[allow(dead_code)] std::fs::File);
-
-fn lock_dir(dir: &Path) -> Result<DirLock> {
-    use std::os::fd::AsRawFd;
-    let path = dir.with_extension("lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("flock");
-    }
-    Ok(DirLock(file))
 }
 
 /// The served repository and the commits of the test.
@@ -545,7 +526,7 @@ fn blue_green_rollout_with_fleet_lock_and_a_failing_health_check() {
     let work = build_dir("qemu-tests/fleet");
     std::fs::create_dir_all(&work).unwrap();
     let dir = work.join(&image.commit[..16]);
-    let _lock = must(lock_dir(&dir));
+    let _lock = must(DirLock::take(&dir, libc::LOCK_EX));
     assert_eq!(
         image.ref_, BLUE_REF,
         "the blue channel is the test image's ref"

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use qemu_tests::fixture::{
-    build_dir, host_binary, ostree_cli, run_host, workspace, HttpServer, TEST_MANIFEST,
+    build_dir, host_binary, ostree_cli, run_host, workspace, DirLock, HttpServer, TEST_MANIFEST,
 };
 use qemu_tests::{boot_test_image, test_image, TestImage, Vm};
 use serde_json::Value;
@@ -41,36 +41,6 @@ struct Update {
     repo: PathBuf,
     commit: String,
     version: String,
-}
-
-/// Compose v2 (unless a previous run did, on the same v1) and publish it.
-/// An flock on `<dir>.lock`: exclusive while a process composes into `dir`,
-/// shared while processes serve from it; released when dropped.
-struct DirLock(std::fs::File);
-
-impl DirLock {
-    fn take(dir: &Path, how: libc::c_int) -> Result<DirLock> {
-        let path = dir.with_extension("lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        let lock = DirLock(file);
-        lock.set(how)
-            .with_context(|| format!("locking {}", path.display()))?;
-        Ok(lock)
-    }
-
-    fn set(&self, how: libc::c_int) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a file descriptor we own; no memory is passed.
-        if unsafe { libc::flock(self.0.as_raw_fd(), how) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
 }
 
 /// Remove the v2 directories of other v1 commits that no process uses.
