@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use chrono::{DateTime, Datelike, NaiveTime, TimeZone, Utc, Weekday};
+use chrono::{DateTime, NaiveTime, Timelike, Utc, Weekday};
 use serde::{Deserialize, Serialize};
 
 /// Defaults shipped in the tree, then the machine's own settings.
@@ -80,7 +80,51 @@ pub struct Window {
     pub days: Vec<Weekday>,
     pub start: NaiveTime,
     pub length: Duration,
-    pub timezone: chrono_tz::Tz,
+    pub timezone: Zone,
+}
+
+/// An IANA time zone from the node's own tz database (`/usr/share/zoneinfo`,
+/// Debian's tzdata), so a tzdata update in a new tree moves the windows too.
+#[derive(Clone)]
+pub struct Zone {
+    name: String,
+    tz: jiff::tz::TimeZone,
+}
+
+impl Zone {
+    pub fn named(name: &str) -> Result<Zone> {
+        let tz = if name == "UTC" {
+            // Needs no database, so the default works on any root.
+            jiff::tz::TimeZone::UTC
+        } else {
+            jiff::tz::TimeZone::get(name).map_err(|e| {
+                anyhow::anyhow!(
+                    "agent configuration: window.timezone: {name:?} is not an IANA time zone \
+                     of this machine's tz database (e.g. Europe/Berlin; is tzdata installed?): {e}"
+                )
+            })?
+        };
+        Ok(Zone {
+            name: name.to_string(),
+            tz,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl PartialEq for Zone {
+    fn eq(&self, other: &Zone) -> bool {
+        self.name == other.name
+    }
+}
+
+impl std::fmt::Debug for Zone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -198,10 +242,7 @@ fn resolve(f: Fragment, sources: Vec<PathBuf>, default_id: Option<String>) -> Re
             if length.is_zero() || length > Duration::from_secs(7 * 86_400) {
                 bail!("agent configuration: window.length must be between 1s and 7 days");
             }
-            let tz = w.timezone.as_deref().unwrap_or("UTC");
-            let timezone = tz
-                .parse::<chrono_tz::Tz>()
-                .map_err(|_| anyhow::anyhow!("agent configuration: window.timezone: {tz:?} is not an IANA time zone (e.g. Europe/Berlin)"))?;
+            let timezone = Zone::named(w.timezone.as_deref().unwrap_or("UTC"))?;
             Some(Window {
                 days,
                 start,
@@ -286,25 +327,35 @@ impl Window {
         &self,
         now: DateTime<Utc>,
     ) -> impl Iterator<Item = (DateTime<Utc>, DateTime<Utc>)> + '_ {
-        let local = now.with_timezone(&self.timezone).date_naive();
+        let today = jiff::Timestamp::from_second(now.timestamp())
+            .map(|t| t.to_zoned(self.timezone.tz.clone()).date())
+            .ok();
+        let start_time = jiff::civil::time(
+            self.start.hour() as i8,
+            self.start.minute() as i8,
+            self.start.second() as i8,
+            0,
+        );
         (-7i64..=8).filter_map(move |offset| {
-            let day = local + chrono::Duration::days(offset);
-            if !self.days.contains(&day.weekday()) {
+            let day = today?.checked_add(jiff::Span::new().days(offset)).ok()?;
+            let weekday = day.weekday().to_monday_zero_offset() as u32;
+            if !self
+                .days
+                .iter()
+                .any(|d| d.num_days_from_monday() == weekday)
+            {
                 return None;
             }
-            // A start time skipped by a DST change starts at the next valid instant.
+            // "Compatible": a start time skipped by a DST change starts as
+            // far after the change as it was after the hour it skipped; a
+            // repeated one starts at its first occurrence.
             let start = self
                 .timezone
-                .from_local_datetime(&day.and_time(self.start))
-                .earliest()
-                .or_else(|| {
-                    self.timezone
-                        .from_local_datetime(
-                            &(day.and_time(self.start) + chrono::Duration::hours(1)),
-                        )
-                        .earliest()
-                })?
-                .with_timezone(&Utc);
+                .tz
+                .to_ambiguous_timestamp(day.to_datetime(start_time))
+                .compatible()
+                .ok()?;
+            let start = DateTime::from_timestamp(start.as_second(), 0)?;
             let end = start + chrono::Duration::from_std(self.length).ok()?;
             Some((start, end))
         })
@@ -367,7 +418,7 @@ mod tests {
             (
                 vec![Weekday::Sat],
                 NaiveTime::from_hms_opt(3, 0, 0).unwrap(),
-                chrono_tz::Europe::Berlin
+                Zone::named("Europe/Berlin").unwrap()
             )
         );
         assert_eq!(c.strategy, Strategy::Window);
@@ -421,5 +472,26 @@ mod tests {
         );
         // Summer time: the same local hour is 21:00 UTC.
         assert!(w.contains(utc("2026-06-20T21:00:00Z")));
+    }
+
+    #[test]
+    fn a_window_starting_in_a_skipped_hour_opens_after_the_change() {
+        // Berlin skips 02:00-03:00 on Sunday 2026-03-29: 02:30 does not
+        // exist that night, so the window opens at 03:30 CEST (01:30 UTC).
+        let c = AgentConfig::from_str(
+            "[window]\ndays = [\"sun\"]\nstart = \"02:30\"\nlength = \"1h\"\ntimezone = \"Europe/Berlin\"\n",
+            None,
+        )
+        .unwrap();
+        let w = c.window.unwrap();
+        assert_eq!(
+            w.next_open(utc("2026-03-28T12:00:00Z")),
+            utc("2026-03-29T01:30:00Z")
+        );
+        // On the night clocks go back, 02:30 happens twice: the first counts.
+        assert_eq!(
+            w.next_open(utc("2026-10-24T12:00:00Z")),
+            utc("2026-10-25T00:30:00Z")
+        );
     }
 }
