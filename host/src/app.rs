@@ -32,6 +32,7 @@ pub struct AppCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 enum AppSub {
     /// Import an OCI image layout directory, an oci-archive tar or a docker save tar.
     Import {
@@ -312,7 +313,7 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
         }
         AppSub::Monitor { name } => {
             drop(out);
-            let code = cairn_runtime::monitor::supervise(&rt, &name, true)?;
+            let code = cairn_runtime::monitor::supervise(&rt, &name)?;
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
     }

@@ -27,6 +27,9 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Subcommands are built only when invoked: building the whole tree took
+// most of a short `host app run` in a VM (see docs/runtime.md).
+#[command(defer = true)]
 pub enum Command {
     /// Build host trees and disk images (the CI side).
     #[command(subcommand)]
@@ -35,7 +38,7 @@ pub enum Command {
     #[command(flatten)]
     Node(node::NodeCommand),
 
-    /// Application containers: import OCI images, run, supervise.
+    /// Immutable application containers: import OCI images, run, supervise.
     App(app::AppCommand),
 
     /// Automatic updates: check, stage and apply on a schedule, with update

@@ -10,6 +10,7 @@ use cairn_builder::progress::Progress;
 use clap::{Args, Subcommand};
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum ComposeCommand {
     /// Compose a host tree from a TOML manifest and commit it to an OSTree repository.
     ///

@@ -9,6 +9,7 @@ use cairn_updater::fleetlock::server::{self, Config, Store, DEFAULT_PREFIX};
 use clap::{Args, Subcommand};
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum FleetCommand {
     /// Run a FleetLock server whose state lives in etcd.
     ///

@@ -10,6 +10,7 @@ use cairn_updater::SysrootTarget;
 use clap::Subcommand;
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum HealthCommand {
     /// Run the health checks; on the first boot of a deployment, a failing
     /// required check rolls back to the previous deployment and reboots.

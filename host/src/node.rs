@@ -28,6 +28,7 @@ impl SysrootArg {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum NodeCommand {
     /// Show the deployments: booted (●), staged, pending, rollback, pinned,
     /// version, commit, origin and the package diff against the booted one

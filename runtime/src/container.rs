@@ -72,8 +72,11 @@ fn oci_caps(set: &Option<oci_spec::runtime::Capabilities>) -> Result<HashSet<cap
     Ok(out)
 }
 
+include!(concat!(env!("OUT_DIR"), "/default_seccomp.rs"));
+
 /// Compile the config's seccomp section (default allow, named syscalls
-/// refused with an errno) into a BPF program.
+/// refused with an errno) into a BPF program. The default profile comes
+/// precompiled (see build.rs).
 pub fn compile_seccomp(spec: &Spec) -> Result<Option<seccompiler::BpfProgram>> {
     let Some(sc) = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) else {
         return Ok(None);
@@ -94,21 +97,41 @@ pub fn compile_seccomp(spec: &Spec) -> Result<Option<seccompiler::BpfProgram>> {
         errno = Some(e);
         names.extend(s.names().iter().cloned());
     }
+    let errno = errno.unwrap_or(libc::EPERM as u32);
+    if errno == libc::EPERM as u32
+        && !DEFAULT_SECCOMP_BPF.is_empty()
+        && names
+            .iter()
+            .map(String::as_str)
+            .eq(crate::spec::DENIED_SYSCALLS.iter().copied())
+    {
+        return Ok(Some(
+            DEFAULT_SECCOMP_BPF
+                .iter()
+                .map(|&(code, jt, jf, k)| seccompiler::sock_filter { code, jt, jf, k })
+                .collect(),
+        ));
+    }
+    compile_errno_filter(&names, errno).map(Some)
+}
+
+/// A filter refusing `names` with `errno`, compiled now.
+fn compile_errno_filter(names: &[String], errno: u32) -> Result<seccompiler::BpfProgram> {
+    let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| anyhow!("seccomp: {e}: no filters on this architecture"))?;
     let rules: Vec<_> = names
         .iter()
         .map(|n| serde_json::json!({ "syscall": n }))
         .collect();
     let json = serde_json::json!({ "main": {
         "mismatch_action": "allow",
-        "match_action": { "errno": errno.unwrap_or(libc::EPERM as u32) },
+        "match_action": { "errno": errno },
         "filter": rules,
     }});
-    let mut map = seccompiler::compile_from_json(
-        json.to_string().as_bytes(),
-        seccompiler::TargetArch::x86_64,
-    )
-    .map_err(|e| anyhow!("compiling the seccomp filter: {e}"))?;
-    Ok(map.remove("main"))
+    let mut map = seccompiler::compile_from_json(json.to_string().as_bytes(), arch)
+        .map_err(|e| anyhow!("compiling the seccomp filter: {e}"))?;
+    map.remove("main")
+        .ok_or_else(|| anyhow!("compiling the seccomp filter: no program came out"))
 }
 
 impl Security {
@@ -805,6 +828,15 @@ mod tests {
         .unwrap();
         let bpf = compile_seccomp(&spec).unwrap().unwrap();
         assert!(bpf.len() > crate::spec::DENIED_SYSCALLS.len());
+        // The precompiled default is what compiling the profile now gives.
+        let names: Vec<String> = crate::spec::DENIED_SYSCALLS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let fresh = compile_errno_filter(&names, libc::EPERM as u32).unwrap();
+        assert_eq!(bpf, fresh);
+        let other = compile_errno_filter(&names[1..], libc::EPERM as u32).unwrap();
+        assert_ne!(bpf, other);
         let sec = Security::from_spec(&spec).unwrap();
         assert!(sec.bounding.contains(&caps::Capability::CAP_NET_RAW));
         assert!(!sec.bounding.contains(&caps::Capability::CAP_SYS_ADMIN));

@@ -336,7 +336,8 @@ impl Runtime {
 
         tracing::debug!("run: container {name} prepared after {:?}", t0.elapsed());
         if !opts.detach {
-            let code = crate::monitor::supervise(self, &name, false)?;
+            let code =
+                crate::monitor::supervise_loaded(self, record, spec, ContainerState::default())?;
             std::mem::forget(undo);
             return Ok(RunOutcome::Exited { name, code });
         }

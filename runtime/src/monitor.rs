@@ -247,26 +247,39 @@ fn monitor_signals() -> SigSet {
     s
 }
 
-/// Supervise container `name` until it has exited for good (per its restart
-/// policy and stop requests). Returns the last exit code. `detached`: this
-/// process is the container's background monitor, so its stdin becomes
-/// /dev/null and its stdout and stderr (inherited by the container) the log.
-pub fn supervise(rt: &Runtime, name: &str, detached: bool) -> Result<i32> {
+/// Be the background monitor of container `name` until it has exited for
+/// good (per its restart policy and stop requests); returns the last exit
+/// code. Stdin becomes /dev/null, stdout and stderr (inherited by the
+/// container) its log. (`run` in the foreground supervises in-process, see
+/// [`supervise_loaded`].)
+pub fn supervise(rt: &Runtime, name: &str) -> Result<i32> {
     let dir = rt.paths.container(name);
-    if detached {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("container.log"))
-            .with_context(|| format!("opening the log of {name}"))?;
-        let null = std::fs::File::open("/dev/null")?;
-        nix::unistd::dup2(null.as_raw_fd(), 0)?;
-        nix::unistd::dup2(log.as_raw_fd(), 1)?;
-        nix::unistd::dup2(log.as_raw_fd(), 2)?;
-    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("container.log"))
+        .with_context(|| format!("opening the log of {name}"))?;
+    let null = std::fs::File::open("/dev/null")?;
+    nix::unistd::dup2(null.as_raw_fd(), 0)?;
+    nix::unistd::dup2(log.as_raw_fd(), 1)?;
+    nix::unistd::dup2(log.as_raw_fd(), 2)?;
     let record: ContainerRecord = read_json(&dir.join("container.json"))?;
     let spec: Spec = read_json(&dir.join("config.json"))?;
-    let mut state: ContainerState = read_json(&dir.join("state.json")).unwrap_or_default();
+    let state: ContainerState = read_json(&dir.join("state.json")).unwrap_or_default();
+    supervise_loaded(rt, record, spec, state)
+}
+
+/// Supervise a container in this process, its records already in hand:
+/// `run` in the foreground has just written them, and parsing the OCI
+/// config back would cost a short container's start several ms in a VM.
+pub(crate) fn supervise_loaded(
+    rt: &Runtime,
+    record: ContainerRecord,
+    spec: Spec,
+    mut state: ContainerState,
+) -> Result<i32> {
+    let name = record.name.clone();
+    let name = name.as_str();
     let me = std::process::id() as i32;
     state.monitor_pid = Some(me);
     state.monitor_start = crate::state::proc_start_time(me);
@@ -302,11 +315,17 @@ pub fn supervise(rt: &Runtime, name: &str, detached: bool) -> Result<i32> {
             m.state.status = Status::Exited;
             m.state.exit_code = Some(code);
             m.state.finished_at = Some(crate::state::now());
-            m.save()?;
             if m.record.auto_remove {
+                // Its records go now; the final state is only written
+                // should they stay behind.
                 let t0 = std::time::Instant::now();
-                rt.remove_container_files(&m.record)?;
+                if let Err(e) = rt.remove_container_files(&m.record) {
+                    m.save()?;
+                    return Err(e);
+                }
                 tracing::debug!("monitor: {} removed in {:?}", name, t0.elapsed());
+            } else {
+                m.save()?;
             }
             Ok(code)
         }

@@ -64,7 +64,7 @@ fn main() {
         // --monitor ROOT BRIDGE SUBNET NAME [CGROUP_ROOT SLICE]
         let cg = (args.len() > 7).then(|| (args[6].as_str(), args[7].as_str()));
         let rt = runtime_at(Path::new(&args[2]), &args[3], &args[4], cg);
-        let code = match cairn_runtime::monitor::supervise(&rt, &args[5], true) {
+        let code = match cairn_runtime::monitor::supervise(&rt, &args[5]) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("monitor: {e:#}");
