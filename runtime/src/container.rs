@@ -518,28 +518,39 @@ fn cloexec_from_3() {
     }
 }
 
-fn child_main(plan: &ChildPlan, ready_w: OwnedFd, sync_r: OwnedFd, err_w: OwnedFd) -> ! {
-    let mut ready = fs::File::from(ready_w);
-    let mut sync = fs::File::from(sync_r);
+/// The namespaces a container's init is made in besides its pid namespace.
+fn container_namespaces() -> CloneFlags {
+    CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+}
+
+/// The child's side of [`launch`]. `born_in_namespaces`: clone3 made it in
+/// its namespaces already (otherwise it unshares them). `handshake`: tell the
+/// parent the namespaces exist, then wait for its go (network, cgroup).
+fn child_main(
+    plan: &ChildPlan,
+    born_in_namespaces: bool,
+    handshake: Option<(OwnedFd, OwnedFd)>,
+    err_w: OwnedFd,
+) -> ! {
     let mut err = fs::File::from(err_w);
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    let unshared = nix::sched::unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWNET
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC,
-    );
-    if let Err(e) = unshared {
-        let _ = err.write_all(format!("unshare: {e}").as_bytes());
-        // SAFETY: leaving the forked child without running the parent's destructors.
-        unsafe { libc::_exit(127) };
+    if !born_in_namespaces {
+        if let Err(e) = nix::sched::unshare(container_namespaces()) {
+            let _ = err.write_all(format!("unshare: {e}").as_bytes());
+            // SAFETY: leaving the forked child without running the parent's destructors.
+            unsafe { libc::_exit(127) };
+        }
     }
-    let _ = ready.write_all(b"r");
-    drop(ready);
-    let mut go = [0u8; 1];
-    if !matches!(sync.read(&mut go), Ok(1)) {
-        // SAFETY: as above.
-        unsafe { libc::_exit(1) };
+    if let Some((ready_w, sync_r)) = handshake {
+        let _ = fs::File::from(ready_w).write_all(b"r");
+        let mut go = [0u8; 1];
+        if !matches!(fs::File::from(sync_r).read(&mut go), Ok(1)) {
+            // SAFETY: as above.
+            unsafe { libc::_exit(1) };
+        }
     }
     cloexec_from_3();
     let e = match child_setup(plan) {
@@ -552,89 +563,124 @@ fn child_main(plan: &ChildPlan, ready_w: OwnedFd, sync_r: OwnedFd, err_w: OwnedF
 }
 
 /// Start the container process described by `spec`, its root an overlay of
-/// `lowers` (read-only, top first). `prepare` runs in the parent with the
-/// child's pid once the child has its namespaces, before it goes on (network
-/// and cgroup setup); if it fails, the child is killed. Returns the child's
+/// `lowers` (read-only, top first). `prepare`, if any, runs in the parent
+/// with the child's pid once the child has its namespaces, before it goes on
+/// (network setup); if it fails, the child is killed. Returns the child's
 /// pid once it has exec'd.
 ///
-/// The child is made with fork(2) (so it is safe in a threaded process): the
-/// calling thread first unshares its pid namespace *for children*, so the
-/// child is pid 1 of a new one, then switches back.
-///
-/// `cgroup`: the container's cgroup (v2). A single-threaded caller creates
-/// the child directly inside it (clone3 with CLONE_INTO_CGROUP, as crun
-/// does); otherwise, or where the kernel lacks clone3, the child is forked
-/// and then moved by writing its pid to `cgroup.procs`. Moving a process
-/// takes the cgroup subsystem's threadgroup lock for writing, which waits
-/// for an RCU grace period: tens of ms under TCG, a few on real hardware.
+/// A single-threaded caller makes the child with one clone3(2), directly in
+/// its new namespaces and, with `cgroup`, inside that cgroup (v2,
+/// CLONE_INTO_CGROUP, as crun does). Otherwise, or where the kernel lacks
+/// clone3, the child is forked (safe in a threaded process): the calling
+/// thread first unshares its pid namespace *for children*, so the child is
+/// pid 1 of a new one, then switches back; the child unshares the others,
+/// and the parent moves it into the cgroup by writing `cgroup.procs`. That
+/// move takes the cgroup subsystem's threadgroup lock for writing, which
+/// waits for an RCU grace period: tens of ms under TCG, a few on real
+/// hardware. When the parent has nothing to do before the child goes on
+/// (no network, no cgroup move) the two do not wait for each other.
 pub fn launch(
     spec: &Spec,
     lowers: &[&Path],
     cgroup: Option<&Path>,
-    prepare: &mut dyn FnMut(Pid) -> Result<()>,
+    prepare: Option<&mut dyn FnMut(Pid) -> Result<()>>,
 ) -> Result<Pid> {
     let t0 = std::time::Instant::now();
     let plan = ChildPlan::new(spec, lowers)?;
     let cgroup_fd: Option<OwnedFd> = match cgroup {
-        Some(dir) if single_threaded() => Some(
+        Some(dir) => Some(
             fs::File::open(dir)
                 .with_context(|| format!("opening cgroup {}", dir.display()))?
                 .into(),
         ),
-        _ => None,
+        None => None,
     };
-    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let (sync_r, sync_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let own_pid_ns: OwnedFd = fs::File::open("/proc/thread-self/ns/pid_for_children")
-        .context("opening our pid namespace")?
-        .into();
-    nix::sched::unshare(CloneFlags::CLONE_NEWPID).context("unshare(pid)")?;
-    // SAFETY: the child only makes syscalls and ends in execve or _exit.
-    let (forked, placed) = unsafe { fork_into(cgroup_fd.as_ref()) };
-    let restored = nix::sched::setns(own_pid_ns.as_fd(), CloneFlags::CLONE_NEWPID);
-    let pid = match forked.context("fork")? {
-        nix::unistd::ForkResult::Child => {
-            drop((ready_r, sync_w, err_r));
-            child_main(&plan, ready_w, sync_r, err_w)
-        }
-        nix::unistd::ForkResult::Parent { child } => child,
-    };
-    drop((ready_w, sync_r, err_w));
-    let kill = |pid: Pid| {
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(pid, None);
-    };
-    if let Err(e) = restored {
-        kill(pid);
-        return Err(e).context("returning to our pid namespace");
-    }
-    let mut ready = [0u8; 1];
-    if !matches!(fs::File::from(ready_r).read(&mut ready), Ok(1)) {
-        let mut msg = String::new();
-        let _ = fs::File::from(err_r).read_to_string(&mut msg);
-        kill(pid);
-        bail!("creating the container's namespaces: {msg}");
-    }
-    tracing::debug!("launch: namespaces ready after {:?}", t0.elapsed());
-    if let (Some(dir), false) = (cgroup, placed) {
-        let procs = dir.join("cgroup.procs");
-        if let Err(e) = fs::write(&procs, pid.to_string()) {
-            kill(pid);
-            return Err(e).with_context(|| format!("writing {}", procs.display()));
+    let mut born = None;
+    if single_threaded() {
+        let flags = container_namespaces() | CloneFlags::CLONE_NEWPID;
+        // The child may wait for the parent only if the parent has work.
+        let handshake = prepare.is_some();
+        let pipes = if handshake {
+            Some((
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?,
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?,
+            ))
+        } else {
+            None
+        };
+        // SAFETY: single-threaded (see clone3_fork); the child only makes
+        // syscalls and ends in execve or _exit.
+        match unsafe { clone3_fork(flags, cgroup_fd.as_ref()) } {
+            Some(Ok(nix::unistd::ForkResult::Child)) => {
+                drop(err_r);
+                let handshake = pipes.map(|((_, ready_w), (sync_r, _))| (ready_w, sync_r));
+                child_main(&plan, true, handshake, err_w)
+            }
+            Some(Ok(nix::unistd::ForkResult::Parent { child })) => {
+                let pipes = pipes.map(|((ready_r, _), (_, sync_w))| (ready_r, sync_w));
+                born = Some((child, pipes));
+            }
+            Some(Err(e)) => return Err(e).context("clone3"),
+            None => {} // no clone3 here: fork below
         }
     }
-    if let Err(e) = prepare(pid) {
-        kill(pid);
-        return Err(e);
+    let (pid, pipes, placed) = match born {
+        Some((pid, pipes)) => (pid, pipes, true),
+        None => {
+            let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            let (sync_r, sync_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            let own_pid_ns: OwnedFd = fs::File::open("/proc/thread-self/ns/pid_for_children")
+                .context("opening our pid namespace")?
+                .into();
+            nix::sched::unshare(CloneFlags::CLONE_NEWPID).context("unshare(pid)")?;
+            // SAFETY: the child only makes syscalls and ends in execve or _exit.
+            let forked = unsafe { nix::unistd::fork() };
+            let restored = nix::sched::setns(own_pid_ns.as_fd(), CloneFlags::CLONE_NEWPID);
+            let pid = match forked.context("fork")? {
+                nix::unistd::ForkResult::Child => {
+                    drop((ready_r, sync_w, err_r));
+                    child_main(&plan, false, Some((ready_w, sync_r)), err_w)
+                }
+                nix::unistd::ForkResult::Parent { child } => child,
+            };
+            if let Err(e) = restored {
+                kill_child(pid);
+                return Err(e).context("returning to our pid namespace");
+            }
+            (pid, Some((ready_r, sync_w)), false)
+        }
+    };
+    drop(err_w);
+    if let Some((ready_r, sync_w)) = pipes {
+        let mut ready = [0u8; 1];
+        if !matches!(fs::File::from(ready_r).read(&mut ready), Ok(1)) {
+            let mut msg = String::new();
+            let _ = fs::File::from(err_r).read_to_string(&mut msg);
+            kill_child(pid);
+            bail!("creating the container's namespaces: {msg}");
+        }
+        tracing::debug!("launch: namespaces ready after {:?}", t0.elapsed());
+        if let (Some(dir), false) = (cgroup, placed) {
+            let procs = dir.join("cgroup.procs");
+            if let Err(e) = fs::write(&procs, pid.to_string()) {
+                kill_child(pid);
+                return Err(e).with_context(|| format!("writing {}", procs.display()));
+            }
+        }
+        if let Some(prepare) = prepare {
+            if let Err(e) = prepare(pid) {
+                kill_child(pid);
+                return Err(e);
+            }
+        }
+        tracing::debug!("launch: cgroup and network after {:?}", t0.elapsed());
+        let mut w = fs::File::from(sync_w);
+        if let Err(e) = w.write_all(b"g") {
+            kill_child(pid);
+            return Err(e).context("starting the container process");
+        }
     }
-    tracing::debug!("launch: cgroup and network after {:?}", t0.elapsed());
-    let mut w = fs::File::from(sync_w);
-    if let Err(e) = w.write_all(b"g") {
-        kill(pid);
-        return Err(e).context("starting the container process");
-    }
-    drop(w);
     let mut msg = String::new();
     let _ = fs::File::from(err_r).read_to_string(&mut msg);
     if !msg.is_empty() {
@@ -645,8 +691,13 @@ pub fn launch(
     Ok(pid)
 }
 
+fn kill_child(pid: Pid) {
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(pid, None);
+}
+
 /// Whether this process has a single thread (then nothing can hold a lock
-/// across a raw clone3, see [`fork_into`]).
+/// across a raw clone3, see [`clone3_fork`]).
 fn single_threaded() -> bool {
     // Field 20 of /proc/self/stat, counted after the ")" that ends the name.
     fs::read_to_string("/proc/self/stat").ok().and_then(|s| {
@@ -655,69 +706,65 @@ fn single_threaded() -> bool {
     }) == Some(1)
 }
 
-/// fork(2), or with `cgroup` a clone3(2) that starts the child inside that
-/// cgroup. Returns whether the child was placed. clone3 bypasses glibc's
-/// fork bookkeeping (atfork handlers, lock resets), which is why it is only
-/// used in a single-threaded process; kernels without it (ENOSYS, or EINVAL
-/// for an unknown flag) get fork.
+/// A fork-like clone3(2): the child in new namespaces `flags` and, with
+/// `cgroup`, inside that cgroup. None where the kernel lacks clone3 or a
+/// flag (ENOSYS, EINVAL, E2BIG): the caller forks instead.
 ///
 /// # Safety
-/// As fork: the child may only make async-signal-safe calls until it execs.
-unsafe fn fork_into(cgroup: Option<&OwnedFd>) -> (nix::Result<nix::unistd::ForkResult>, bool) {
+/// clone3 bypasses glibc's fork bookkeeping (atfork handlers, lock resets),
+/// so the caller must be single-threaded, and the child may only make
+/// syscalls until it execs or exits.
+unsafe fn clone3_fork(
+    flags: CloneFlags,
+    cgroup: Option<&OwnedFd>,
+) -> Option<nix::Result<nix::unistd::ForkResult>> {
     use std::os::fd::AsRawFd;
-    if let Some(fd) = cgroup {
-        #[repr(C)]
-        #[derive(Default)]
-        struct CloneArgs {
-            flags: u64,
-            pidfd: u64,
-            child_tid: u64,
-            parent_tid: u64,
-            exit_signal: u64,
-            stack: u64,
-            stack_size: u64,
-            tls: u64,
-            set_tid: u64,
-            set_tid_size: u64,
-            cgroup: u64,
-        }
-        const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
-        let args = CloneArgs {
-            flags: CLONE_INTO_CGROUP,
-            exit_signal: libc::SIGCHLD as u64,
-            cgroup: fd.as_raw_fd() as u64,
-            ..Default::default()
-        };
-        // SAFETY: a fork-like clone3 (no CLONE_VM, no new stack): the child
-        // continues here on a copy of this address space, like fork.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &args as *const CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
-            )
-        };
-        match ret {
-            0 => return (Ok(nix::unistd::ForkResult::Child), true),
-            pid if pid > 0 => {
-                let child = Pid::from_raw(pid as i32);
-                return (Ok(nix::unistd::ForkResult::Parent { child }), true);
-            }
-            _ => {
-                let e = nix::errno::Errno::last();
-                if !matches!(
-                    e,
-                    nix::errno::Errno::ENOSYS
-                        | nix::errno::Errno::EINVAL
-                        | nix::errno::Errno::E2BIG
-                ) {
-                    return (Err(e), false);
-                }
-            }
-        }
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
     }
-    // SAFETY: forwarded to the caller.
-    (unsafe { nix::unistd::fork() }, false)
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    let mut args = CloneArgs {
+        flags: flags.bits() as u32 as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    if let Some(fd) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd.as_raw_fd() as u64;
+    }
+    // SAFETY: no CLONE_VM, no new stack: the child continues here on a copy
+    // of this address space, like fork.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        0 => Some(Ok(nix::unistd::ForkResult::Child)),
+        pid if pid > 0 => Some(Ok(nix::unistd::ForkResult::Parent {
+            child: Pid::from_raw(pid as i32),
+        })),
+        _ => match nix::errno::Errno::last() {
+            nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL | nix::errno::Errno::E2BIG => {
+                None
+            }
+            e => Some(Err(e)),
+        },
+    }
 }
 
 /// How to enter a running container.

@@ -78,16 +78,21 @@ impl Monitor<'_> {
             // asynchronously: make sure the name is free.
             crate::net::delete_link(&record.host_if)?;
         }
+        let mut attach_network;
+        let prepare: Option<&mut dyn FnMut(Pid) -> Result<()>> = match (&record.network, record.ip)
+        {
+            (Some(net), Some(ip)) => {
+                attach_network =
+                    move |pid: Pid| crate::net::attach(net, pid.as_raw(), &record.host_if, ip);
+                Some(&mut attach_network)
+            }
+            _ => None,
+        };
         container::launch(
             &self.spec,
             &[&scaffold, &checkout],
             self.cgroup.as_deref(),
-            &mut |pid| {
-                if let (Some(net), Some(ip)) = (&record.network, record.ip) {
-                    crate::net::attach(net, pid.as_raw(), &record.host_if, ip)?;
-                }
-                Ok(())
-            },
+            prepare,
         )
     }
 
