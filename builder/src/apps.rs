@@ -170,6 +170,15 @@ pub fn unit_text(app: &App, image_in_tree: &Path) -> String {
     )
     .ok();
     writeln!(t, "ExecStart={}", exec(&run)).ok();
+    // The image the previous tree baked in is untagged now: drop it, so the
+    // node's app store does not grow with every upgrade and rollback (the
+    // tree keeps its own copy to import again). Best effort.
+    writeln!(
+        t,
+        "ExecStartPost=-{}",
+        exec(&["/usr/bin/host".into(), "app".into(), "prune".into()])
+    )
+    .ok();
     writeln!(
         t,
         "ExecStop={}",
@@ -213,6 +222,7 @@ mod tests {
         assert!(
             text.contains("ExecStartPre=-\"/usr/bin/host\" \"app\" \"rm\" \"--force\" \"web\"\n")
         );
+        assert!(text.contains("ExecStartPost=-\"/usr/bin/host\" \"app\" \"prune\"\n"));
         let exec = text.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
         assert!(exec.contains("\"--restart\" \"always\" \"--memory\" \"64M\" \"--pids\" \"32\" \"--ip\" \"10.88.0.50\" \"--env\" \"MODE=prod\""), "{exec}");
         assert!(

@@ -53,6 +53,10 @@ enum AppSub {
         /// NAME[:TAG] or NAME@sha256:…
         image: String,
     },
+    /// Remove what no image tag and no container uses: checkouts and
+    /// objects of images a re-import replaced (a baked app's after every
+    /// host upgrade or rollback).
+    Prune,
     /// Check every object of an image against its checksum.
     Verify {
         /// NAME[:TAG] or NAME@sha256:…
@@ -212,6 +216,19 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
         AppSub::Rmi { image } => {
             let info = rt.rmi(&image)?;
             writeln!(out, "removed {} {}", info.reference(), info.manifest_digest)?;
+        }
+        AppSub::Prune => {
+            let p = rt.prune()?;
+            for c in &p.checkouts {
+                writeln!(out, "removed checkout {c}")?;
+            }
+            writeln!(
+                out,
+                "pruned {} checkouts, {} objects, {} bytes",
+                p.checkouts.len(),
+                p.objects,
+                p.bytes
+            )?;
         }
         AppSub::Verify { image } => {
             let (info, n) = rt.verify(&image)?;

@@ -382,6 +382,14 @@ fn baked_app_follows_host_upgrade_and_rollback() {
     let entry = assert_app_serving(&mut vm, APP_PAGE_V2);
     let inspect = must(vm.ok(&format!("host app inspect {APP}")));
     assert!(inspect.contains(&v2_digest), "{inspect}");
+    // The unit pruned v1's image: one checkout left, v2's.
+    let checkouts = must(vm.ok("ls /var/lib/cairn/checkouts"));
+    let commits: Vec<&str> = checkouts
+        .split_whitespace()
+        .filter(|c| c.len() == 64)
+        .collect();
+    assert_eq!(commits.len(), 1, "checkouts after the upgrade: {checkouts}");
+    assert!(inspect.contains(commits[0]), "{checkouts} vs {inspect}");
     eprintln!(
         "runtime: upgraded to {v2}, app v2 serving {:.1} s after the upgrade began: {entry}",
         started.elapsed().as_secs_f64()
@@ -399,6 +407,16 @@ fn baked_app_follows_host_upgrade_and_rollback() {
     let inspect = must(vm.ok(&format!("host app inspect {APP}")));
     assert!(inspect.contains(&v1.digest), "{inspect}");
     assert!(!inspect.contains(&v2_digest), "{inspect}");
+    let checkouts = must(vm.ok("ls /var/lib/cairn/checkouts"));
+    let commits: Vec<&str> = checkouts
+        .split_whitespace()
+        .filter(|c| c.len() == 64)
+        .collect();
+    assert_eq!(
+        commits.len(),
+        1,
+        "checkouts after the rollback: {checkouts}"
+    );
     eprintln!(
         "runtime: rolled back to {}, app v1 serving {:.1} s after the rollback began: {entry}",
         v1.commit,

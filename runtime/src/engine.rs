@@ -111,6 +111,15 @@ fn random_hex(bytes: usize) -> Result<String> {
     Ok(hex::encode(buf))
 }
 
+/// What [`Runtime::prune`] removed.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    /// Checkouts removed: commit checksums, or `.tmp-…` leftovers.
+    pub checkouts: Vec<String>,
+    pub objects: u64,
+    pub bytes: u64,
+}
+
 impl Runtime {
     pub fn new(root: impl Into<PathBuf>, network: NetworkConfig) -> Self {
         Self {
@@ -188,6 +197,66 @@ impl Runtime {
         let checkout = image::ensure_checkout(&repo, &img.commit, &checkouts)?;
         image::write_checkout_record(&checkouts, &img)?;
         Ok((img, checkout))
+    }
+
+    /// Remove what neither an image tag nor a container uses any more:
+    /// checkouts (and their records) of commits a re-import moved a tag away
+    /// from, as a baked app's does after every host upgrade or rollback,
+    /// leftovers of interrupted checkouts, and the repository objects no tag
+    /// reaches. Returns the commits whose checkouts went, and how many
+    /// objects and bytes the repository freed.
+    pub fn prune(&self) -> Result<Pruned> {
+        let mut pruned = Pruned::default();
+        if !self.paths.repo().join("config").exists() {
+            return Ok(pruned);
+        }
+        let repo = self.repo()?;
+        let mut keep: std::collections::HashSet<String> =
+            image::list(&repo)?.into_iter().map(|i| i.commit).collect();
+        keep.extend(self.records()?.into_iter().map(|r| r.image_commit));
+        let checkouts = self.paths.checkouts();
+        let entries = match std::fs::read_dir(&checkouts) {
+            Ok(rd) => rd.collect::<std::io::Result<Vec<_>>>()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", checkouts.display())),
+        };
+        for e in entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = e.path();
+            let unused = if let Some(rest) = name.strip_prefix(".tmp-") {
+                // .tmp-COMMIT-PID: an interrupted checkout, if PID is gone.
+                rest.rsplit_once('-')
+                    .is_some_and(|(_, pid)| !Path::new("/proc").join(pid).exists())
+            } else {
+                let commit = name.strip_suffix(".json").unwrap_or(&name);
+                commit.len() == 64
+                    && commit.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !keep.contains(commit)
+            };
+            if !unused {
+                continue;
+            }
+            let is_dir = path.is_dir();
+            let removed = if is_dir {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.with_context(|| format!("removing {}", path.display()))?;
+            if is_dir {
+                pruned.checkouts.push(name);
+            }
+        }
+        let (_, objects, bytes) = repo
+            .prune(
+                ostree::RepoPruneFlags::REFS_ONLY,
+                -1,
+                gio::Cancellable::NONE,
+            )
+            .context("pruning unreferenced objects of the image store")?;
+        pruned.objects = objects.max(0) as u64;
+        pruned.bytes = bytes;
+        Ok(pruned)
     }
 
     // ---- containers ---------------------------------------------------

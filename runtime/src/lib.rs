@@ -17,4 +17,4 @@ pub mod source;
 pub mod spec;
 pub mod state;
 
-pub use engine::{MonitorCommand, PsEntry, RunOptions, RunOutcome, Runtime};
+pub use engine::{MonitorCommand, Pruned, PsEntry, RunOptions, RunOutcome, Runtime};

@@ -55,6 +55,10 @@ const TESTS: &[(&str, TestFn)] = &[
         "auto_remove_records_live_on_tmpfs",
         auto_remove_records_live_on_tmpfs,
     ),
+    (
+        "prune_keeps_what_tags_and_containers_use",
+        prune_keeps_what_tags_and_containers_use,
+    ),
 ];
 
 fn main() {
@@ -314,6 +318,11 @@ fn add_dir(b: &mut tar::Builder<Vec<u8>>, path: &str) {
 /// An OCI image layout of the host's static busybox, in three layers
 /// (gzip, plain tar, zstd) that exercise whiteouts and an opaque directory.
 fn make_busybox_layout(layout: &Path) {
+    make_busybox_layout_version(layout, "1");
+}
+
+/// The same image with `etc/image-version` saying `version`.
+fn make_busybox_layout_version(layout: &Path, version: &str) {
     std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     let busybox =
         std::fs::read("/bin/busybox").expect("busybox-static is installed (scripts/setup)");
@@ -346,6 +355,7 @@ fn make_busybox_layout(layout: &Path) {
         0o644,
     );
     add_file(&mut l1, "etc/gone", b"lower layer\n", 0o644);
+    add_file(&mut l1, "etc/image-version", version.as_bytes(), 0o644);
     add_file(&mut l1, "data/old", b"old\n", 0o644);
     add_file(&mut l1, "data/sub/deep", b"deep\n", 0o644);
     add_file(&mut l1, "www/index.html", b"hello over http\n", 0o644);
@@ -1279,4 +1289,60 @@ fn auto_remove_records_live_on_tmpfs() {
         .unwrap()
         .file_type()
         .is_symlink());
+}
+
+/// A re-import that moves a tag (what a baked app's unit does after every
+/// host upgrade or rollback) leaves the old image's checkout behind; `prune`
+/// removes it once no container uses it, with leftovers of interrupted
+/// checkouts, and keeps what a tag or a container still needs.
+fn prune_keeps_what_tags_and_containers_use() {
+    let env = Env::new();
+    let v1 = env.import();
+    env.rt
+        .run(&RunOptions {
+            detach: true,
+            ..env.opts("old", &["sleep", "1000"])
+        })
+        .unwrap();
+    let layout2 = env.layout.with_file_name("busybox-oci-v2");
+    make_busybox_layout_version(&layout2, "2");
+    let v2 = env.rt.import(&layout2, None).unwrap();
+    assert_eq!(v2.reference(), "busybox:test");
+    assert_ne!(v1.commit, v2.commit);
+    let (code, log) = env.run_to_end(env.opts("new", &["cat", "/etc/image-version"]));
+    assert_eq!((code, log.as_str()), (0, "2"));
+    let co = env.rt.paths.checkouts();
+    assert!(co.join(&v1.commit).is_dir() && co.join(&v2.commit).is_dir());
+    let stale = format!(".tmp-{}-999999999", v2.commit);
+    std::fs::create_dir_all(co.join(&stale).join("etc")).unwrap();
+
+    // v1 is untagged but container "old" runs from it: only the leftover goes.
+    let p = env.rt.prune().unwrap();
+    assert_eq!(p.checkouts, vec![stale.clone()]);
+    assert!(co.join(&v1.commit).is_dir());
+    assert_eq!(
+        env.rt
+            .exec("old", &["cat", "/etc/image-version"].map(String::from))
+            .unwrap(),
+        0
+    );
+
+    env.rt.rm("old", true).unwrap();
+    let p = env.rt.prune().unwrap();
+    assert_eq!(p.checkouts, vec![v1.commit.clone()]);
+    assert!(!co.join(&v1.commit).exists());
+    assert!(!co.join(format!("{}.json", v1.commit)).exists());
+    // What the tag points at is whole, and the repository is healthy.
+    assert!(co.join(&v2.commit).is_dir());
+    assert_eq!(env.rt.verify("busybox:test").unwrap().0.commit, v2.commit);
+    let fsck = std::process::Command::new("ostree")
+        .arg(format!("--repo={}", env.rt.paths.repo().display()))
+        .arg("fsck")
+        .status()
+        .unwrap();
+    assert!(fsck.success());
+    let p = env.rt.prune().unwrap();
+    assert!(p.checkouts.is_empty() && p.objects == 0, "{p:?}");
+    let (code, _) = env.run_to_end(env.opts("again", &["true"]));
+    assert_eq!(code, 0);
 }
