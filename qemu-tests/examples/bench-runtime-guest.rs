@@ -4,8 +4,10 @@
 //! the apps test manifest) on a bundle of the same tree, and the bare
 //! `unshare -mpnui -f --mount-proc chroot ROOTFS /bin/true` floor. Rounds are
 //! interleaved so load changes hit every tool alike; `host --help` shows what
-//! starting the `host` binary alone costs. Also the memory (RSS) of
-//! the idle baked app's monitor. Printed, never asserted.
+//! starting the `host` binary alone costs. With `NOPIE_HOST=FILE` (the same
+//! `host` linked without PIE) one more row runs that binary, copied into the
+//! guest over 9p. Also the memory (RSS) of the idle baked app's monitor.
+//! Printed, never asserted.
 //!
 //! Run as root: `scripts/bench-runtime-guest [ROUNDS]` (or
 //! `cargo run -p qemu-tests --example bench-runtime-guest -- [ROUNDS]`).
@@ -25,8 +27,29 @@ fn main() {
         .map(|a| a.parse().expect("ROUNDS is a number"))
         .unwrap_or(20);
     let image = apps_image();
+    // NOPIE_HOST: the same host linked without PIE (scripts/bench-runtime-guest
+    // builds it), shared into the guest over 9p for one more row.
+    let nopie = std::env::var_os("NOPIE_HOST").map(std::path::PathBuf::from);
+    let mut extra = Vec::new();
+    if let Some(path) = &nopie {
+        let dir = path.parent().expect("NOPIE_HOST is a file path");
+        extra = vec![
+            "-virtfs".to_string(),
+            format!(
+                "local,path={},mount_tag=nopie,security_model=none,readonly=on",
+                dir.display()
+            ),
+        ];
+    }
     eprintln!("bench: booting {}", image.image.display());
-    let mut vm = boot("bench");
+    let mut vm = boot_with("bench", extra);
+    if let Some(path) = &nopie {
+        let name = path.file_name().unwrap().to_string_lossy();
+        must(vm.ok(&format!(
+            "mkdir -p /run/nopie && mount -t 9p -o trans=virtio,version=9p2000.L,ro nopie /run/nopie && \
+             cp /run/nopie/{name} /var/tmp/host-nopie && umount /run/nopie && /var/tmp/host-nopie --version"
+        )));
+    }
 
     // One rootfs for crun and the floor: the image's layer, unpacked.
     must(vm.ok(
@@ -46,8 +69,13 @@ fn main() {
          crun run -b /var/tmp/bench/bundle warm && \
          unshare -mpnui -f --mount-proc chroot /var/tmp/bench/bundle/rootfs /bin/true"
     )));
+    if nopie.is_some() {
+        must(vm.ok(&format!(
+            "/var/tmp/host-nopie app run --rm --network none {APP_IMAGE} /bin/true"
+        )));
+    }
 
-    let tools: [(&str, String); 5] = [
+    let mut tools: Vec<(&str, String)> = vec![
         (
             "host app run --rm",
             format!("host app run --rm {APP_IMAGE} /bin/true"),
@@ -71,6 +99,12 @@ fn main() {
             "host --help".to_string(),
         ),
     ];
+    if nopie.is_some() {
+        tools.push((
+            "same, host linked without PIE",
+            format!("/var/tmp/host-nopie app run --rm --network none {APP_IMAGE} /bin/true"),
+        ));
+    }
     let mut script = format!("set -e; for i in $(seq {rounds}); do\n");
     for (n, (_, cmd)) in tools.iter().enumerate() {
         script.push_str(&format!(

@@ -290,11 +290,18 @@ pub fn write_busybox_layout(layout: &Path, page: &str) -> Result<String> {
 /// Boot the apps image in a fresh overlay (`build/qemu-tests/runs/apps-<name>.<pid>`)
 /// and wait until systemd says the boot finished; fails if it ends degraded.
 pub fn boot(name: &str) -> Vm {
+    boot_with(name, Vec::new())
+}
+
+/// [`boot`] with more QEMU arguments.
+pub fn boot_with(name: &str, extra_args: Vec<String>) -> Vm {
     let image = apps_image();
     let runs = build_dir("qemu-tests/runs");
     remove_stale_runs(&runs, &format!("apps-{name}"));
     let workdir = runs.join(format!("apps-{name}.{}", std::process::id()));
-    let mut vm = must(Vm::start(VmConfig::new(&image.image, &workdir)));
+    let mut config = VmConfig::new(&image.image, &workdir);
+    config.extra_args = extra_args;
+    let mut vm = must(Vm::start(config));
     must(vm.wait_ready());
     assert_boot_finished(&mut vm);
     vm
