@@ -447,14 +447,17 @@ mod tests {
         assert_eq!((ok.policy, ok.strategy), (Policy::Off, Strategy::Immediate));
     }
 
+    /// A window in Berlin from its `days` (TOML array), start and length.
+    fn berlin_window(days: &str, start: &str, length: &str) -> Window {
+        let text = format!(
+            "[window]\ndays = {days}\nstart = \"{start}\"\nlength = \"{length}\"\ntimezone = \"Europe/Berlin\"\n"
+        );
+        AgentConfig::from_str(&text, None).unwrap().window.unwrap()
+    }
+
     #[test]
     fn windows_follow_days_hours_and_time_zones() {
-        let c = AgentConfig::from_str(
-            "[window]\ndays = [\"sat\", \"sun\"]\nstart = \"23:00\"\nlength = \"2h\"\ntimezone = \"Europe/Berlin\"\n",
-            None,
-        )
-        .unwrap();
-        let w = c.window.unwrap();
+        let w = berlin_window("[\"sat\", \"sun\"]", "23:00", "2h");
         // Saturday 2026-11-21 23:00 in Berlin is 22:00 UTC (CET, +01:00).
         assert!(!w.contains(utc("2026-11-21T21:59:00Z")));
         assert!(w.contains(utc("2026-11-21T22:00:00Z")));
@@ -478,12 +481,7 @@ mod tests {
     fn a_window_starting_in_a_skipped_hour_opens_after_the_change() {
         // Berlin skips 02:00-03:00 on Sunday 2026-03-29: 02:30 does not
         // exist that night, so the window opens at 03:30 CEST (01:30 UTC).
-        let c = AgentConfig::from_str(
-            "[window]\ndays = [\"sun\"]\nstart = \"02:30\"\nlength = \"1h\"\ntimezone = \"Europe/Berlin\"\n",
-            None,
-        )
-        .unwrap();
-        let w = c.window.unwrap();
+        let w = berlin_window("[\"sun\"]", "02:30", "1h");
         assert_eq!(
             w.next_open(utc("2026-03-28T12:00:00Z")),
             utc("2026-03-29T01:30:00Z")
