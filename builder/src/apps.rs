@@ -156,19 +156,15 @@ pub fn unit_text(app: &App, image_in_tree: &Path) -> String {
         ])
     )
     .ok();
+    let remove = exec(&[
+        "/usr/bin/host".into(),
+        "app".into(),
+        "rm".into(),
+        "--force".into(),
+        app.name.clone(),
+    ]);
     // A container record from the previous boot is replaced, never reused.
-    writeln!(
-        t,
-        "ExecStartPre=-{}",
-        exec(&[
-            "/usr/bin/host".into(),
-            "app".into(),
-            "rm".into(),
-            "--force".into(),
-            app.name.clone()
-        ])
-    )
-    .ok();
+    writeln!(t, "ExecStartPre=-{remove}").ok();
     writeln!(t, "ExecStart={}", exec(&run)).ok();
     // The image the previous tree baked in is untagged now: drop it, so the
     // node's app store does not grow with every upgrade and rollback (the
@@ -179,18 +175,7 @@ pub fn unit_text(app: &App, image_in_tree: &Path) -> String {
         exec(&["/usr/bin/host".into(), "app".into(), "prune".into()])
     )
     .ok();
-    writeln!(
-        t,
-        "ExecStop={}",
-        exec(&[
-            "/usr/bin/host".into(),
-            "app".into(),
-            "rm".into(),
-            "--force".into(),
-            app.name.clone()
-        ])
-    )
-    .ok();
+    writeln!(t, "ExecStop={remove}").ok();
     writeln!(t, "\n[Install]\nWantedBy=multi-user.target").ok();
     t
 }
@@ -222,6 +207,7 @@ mod tests {
         assert!(
             text.contains("ExecStartPre=-\"/usr/bin/host\" \"app\" \"rm\" \"--force\" \"web\"\n")
         );
+        assert!(text.contains("ExecStop=\"/usr/bin/host\" \"app\" \"rm\" \"--force\" \"web\"\n"));
         assert!(text.contains("ExecStartPost=-\"/usr/bin/host\" \"app\" \"prune\"\n"));
         let exec = text.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
         assert!(exec.contains("\"--restart\" \"always\" \"--memory\" \"64M\" \"--pids\" \"32\" \"--ip\" \"10.88.0.50\" \"--env\" \"MODE=prod\""), "{exec}");
