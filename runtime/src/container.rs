@@ -587,17 +587,17 @@ pub fn launch(
 ) -> Result<Pid> {
     let t0 = std::time::Instant::now();
     let plan = ChildPlan::new(spec, lowers)?;
-    let cgroup_fd: Option<OwnedFd> = match cgroup {
-        Some(dir) => Some(
-            fs::File::open(dir)
-                .with_context(|| format!("opening cgroup {}", dir.display()))?
-                .into(),
-        ),
-        None => None,
-    };
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let mut born = None;
     if single_threaded() {
+        let cgroup_fd: Option<OwnedFd> = match cgroup {
+            Some(dir) => Some(
+                fs::File::open(dir)
+                    .with_context(|| format!("opening cgroup {}", dir.display()))?
+                    .into(),
+            ),
+            None => None,
+        };
         let flags = container_namespaces() | CloneFlags::CLONE_NEWPID;
         // The child may wait for the parent only if the parent has work.
         let handshake = prepare.is_some();

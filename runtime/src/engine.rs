@@ -169,16 +169,7 @@ impl Runtime {
             .iter()
             .any(|i| i.commit == removed.commit);
         if !still_used {
-            let co = self.paths.checkouts().join(&removed.commit);
-            let record = image::checkout_record(&self.paths.checkouts(), &removed.commit);
-            if record.exists() {
-                std::fs::remove_file(&record)
-                    .with_context(|| format!("removing {}", record.display()))?;
-            }
-            if co.exists() {
-                std::fs::remove_dir_all(&co)
-                    .with_context(|| format!("removing checkout {}", co.display()))?;
-            }
+            image::remove_checkout(&self.paths.checkouts(), &removed.commit)?;
         }
         Ok(removed)
     }
@@ -220,42 +211,37 @@ impl Runtime {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", checkouts.display())),
         };
+        let mut unused = std::collections::BTreeSet::new();
         for e in entries {
             let name = e.file_name().to_string_lossy().into_owned();
-            let path = e.path();
-            let unused = if let Some(rest) = name.strip_prefix(".tmp-") {
+            if let Some(rest) = name.strip_prefix(".tmp-") {
                 // .tmp-COMMIT-PID: an interrupted checkout, if PID is gone.
-                rest.rsplit_once('-')
+                if rest
+                    .rsplit_once('-')
                     .is_some_and(|(_, pid)| !Path::new("/proc").join(pid).exists())
-            } else {
-                let commit = name.strip_suffix(".json").unwrap_or(&name);
-                commit.len() == 64
-                    && commit.bytes().all(|b| b.is_ascii_hexdigit())
-                    && !keep.contains(commit)
-            };
-            if !unused {
+                {
+                    let path = e.path();
+                    std::fs::remove_dir_all(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
+                    pruned.checkouts.push(name);
+                }
                 continue;
             }
-            let is_dir = path.is_dir();
-            let removed = if is_dir {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            removed.with_context(|| format!("removing {}", path.display()))?;
-            if is_dir {
-                pruned.checkouts.push(name);
+            // COMMIT (the checkout) or COMMIT.json (its record).
+            let commit = name.strip_suffix(".json").unwrap_or(&name);
+            if commit.len() == 64
+                && commit.bytes().all(|b| b.is_ascii_hexdigit())
+                && !keep.contains(commit)
+            {
+                unused.insert(commit.to_string());
             }
         }
-        let (_, objects, bytes) = repo
-            .prune(
-                ostree::RepoPruneFlags::REFS_ONLY,
-                -1,
-                gio::Cancellable::NONE,
-            )
-            .context("pruning unreferenced objects of the image store")?;
-        pruned.objects = objects.max(0) as u64;
-        pruned.bytes = bytes;
+        for commit in unused {
+            if image::remove_checkout(&checkouts, &commit)? {
+                pruned.checkouts.push(commit);
+            }
+        }
+        (pruned.objects, pruned.bytes) = image::prune_objects(&repo)?;
         Ok(pruned)
     }
 

@@ -539,13 +539,20 @@ pub fn remove(repo: &ostree::Repo, reference: &str) -> Result<ImageInfo> {
     let info = resolve(repo, reference)?;
     repo.set_ref_immediate(None, &info.ostree_ref, None, gio::Cancellable::NONE)
         .with_context(|| format!("deleting ref {}", info.ostree_ref))?;
-    repo.prune(
-        ostree::RepoPruneFlags::REFS_ONLY,
-        -1,
-        gio::Cancellable::NONE,
-    )
-    .context("pruning unreferenced objects")?;
+    prune_objects(repo)?;
     Ok(info)
+}
+
+/// Delete the objects no ref reaches; returns how many and their bytes.
+pub fn prune_objects(repo: &ostree::Repo) -> Result<(u64, u64)> {
+    let (_, objects, bytes) = repo
+        .prune(
+            ostree::RepoPruneFlags::REFS_ONLY,
+            -1,
+            gio::Cancellable::NONE,
+        )
+        .context("pruning unreferenced objects of the image store")?;
+    Ok((objects.max(0) as u64, bytes))
 }
 
 /// Check every object of an image against its checksum (an fsck limited to
@@ -573,6 +580,21 @@ pub fn verify(repo: &ostree::Repo, reference: &str) -> Result<(ImageInfo, usize)
 /// `<checkouts>/<commit>.json`, the [`ImageInfo`] read from the commit.
 pub fn checkout_record(checkouts: &Path, commit: &str) -> PathBuf {
     checkouts.join(format!("{commit}.json"))
+}
+
+/// Remove the checkout of `commit` and its record, whichever exist;
+/// returns whether there was a checkout.
+pub fn remove_checkout(checkouts: &Path, commit: &str) -> Result<bool> {
+    let record = checkout_record(checkouts, commit);
+    if record.exists() {
+        std::fs::remove_file(&record).with_context(|| format!("removing {}", record.display()))?;
+    }
+    let co = checkouts.join(commit);
+    if !co.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(&co).with_context(|| format!("removing checkout {}", co.display()))?;
+    Ok(true)
 }
 
 /// Keep the image's record next to its checkout so that later runs need no
