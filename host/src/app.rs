@@ -155,6 +155,11 @@ struct RunArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping.
     #[arg(long, default_value_t = 10)]
     stop_timeout: u64,
+    /// User namespace: `auto` (default) gives the container its own range
+    /// of host ids, so its root is no one on the host; `host` runs it with
+    /// the host's ids (root in the container is root on the node).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "host"])]
+    userns: String,
     /// Image: NAME[:TAG], NAME@sha256:… or sha256:…
     image: String,
     /// Command to run instead of the image's Cmd.
@@ -260,6 +265,7 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
                 detach: a.detach,
                 auto_remove: a.rm,
                 stop_timeout: a.stop_timeout,
+                userns_host: a.userns == "host",
             };
             drop(out);
             match rt.run(&opts)? {

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -23,10 +23,18 @@ use nix::unistd::{Gid, Pid, Uid};
 use oci_spec::runtime::{LinuxSeccompAction, Spec};
 
 use crate::layer::resolve_in_root;
+use crate::mountfd;
+use crate::userns::IdRange;
 
 /// What the child needs, computed before the clone.
 struct ChildPlan {
     lowers: String,
+    /// Image layers to mount idmapped through the user namespace (each over
+    /// itself, in the child's own mount namespace) before the overlay.
+    idmapped_lowers: Vec<PathBuf>,
+    /// The container's user namespace and the namespaces it owns, made
+    /// before the clone (see [`new_userns`]).
+    userns: Option<(IdRange, UsernsFds)>,
     rootfs: PathBuf,
     mounts: Vec<PlannedMount>,
     hostname: String,
@@ -212,8 +220,37 @@ fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| anyhow!("{s:?} contains a NUL byte"))
 }
 
+/// Mount data for a container in the user namespace `range`: file systems
+/// the launcher makes (it mounts them before joining the namespace) belong
+/// to the container's root, and devpts' tty group is the container's.
+fn userns_mount_data(typ: Option<&str>, data: &str, range: &IdRange) -> String {
+    let mut opts: Vec<String> = data
+        .split(',')
+        .filter(|o| !o.is_empty())
+        .map(str::to_string)
+        .collect();
+    match typ {
+        Some("tmpfs") => {
+            opts.retain(|o| !o.starts_with("uid=") && !o.starts_with("gid="));
+            opts.push(format!("uid={}", range.host_start));
+            opts.push(format!("gid={}", range.host_start));
+        }
+        Some("devpts") => {
+            for o in &mut opts {
+                if let Some(g) = o.strip_prefix("gid=").and_then(|g| g.parse::<u32>().ok()) {
+                    *o = format!("gid={}", range.host_id(g).unwrap_or(range.host_start));
+                }
+            }
+        }
+        _ => {}
+    }
+    opts.join(",")
+}
+
 impl ChildPlan {
-    fn new(spec: &Spec, lowers: &[&Path]) -> Result<Self> {
+    /// `lowers`: the overlay's read-only layers, top first; the scaffold
+    /// (index 0) is the launcher's own, the rest are image trees.
+    fn new(spec: &Spec, lowers: &[&Path], userns: Option<(IdRange, UsernsFds)>) -> Result<Self> {
         let root = spec.root().as_ref().context("config has no root")?;
         let p = spec.process().as_ref().context("config has no process")?;
         let args = p.args().clone().unwrap_or_default();
@@ -222,7 +259,10 @@ impl ChildPlan {
         }
         let mut mounts = Vec::new();
         for m in spec.mounts().iter().flatten() {
-            let (flags, data, bind) = mount_flags(m.options().as_deref().unwrap_or(&[]));
+            let (flags, mut data, bind) = mount_flags(m.options().as_deref().unwrap_or(&[]));
+            if let Some((range, _)) = &userns {
+                data = userns_mount_data(m.typ().as_deref(), &data, range);
+            }
             mounts.push(PlannedMount {
                 destination: m.destination().to_string_lossy().into_owned(),
                 source: m
@@ -245,8 +285,15 @@ impl ChildPlan {
                 bail!("path {l} contains ':' or ',' and cannot be an overlay layer");
             }
         }
+        let idmapped_lowers = if userns.is_some() {
+            lowers.iter().skip(1).map(PathBuf::from).collect()
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             lowers: lowers.join(":"),
+            idmapped_lowers,
+            userns,
             rootfs: root.path().clone(),
             mounts,
             hostname: spec.hostname().clone().unwrap_or_default(),
@@ -306,6 +353,47 @@ pub fn make_scaffold(
         let target = scaffold.join(path.trim_start_matches('/'));
         fs::create_dir_all(target.parent().unwrap_or(scaffold))?;
         fs::write(&target, content).with_context(|| format!("writing {}", target.display()))?;
+    }
+    if let Some(range) = crate::spec::userns_range(spec) {
+        own_scaffold(scaffold, image_root, Path::new(""), &range)?;
+    }
+    Ok(())
+}
+
+/// Give the scaffold's entries the owners (and directories the modes) their
+/// namesakes have in the image, shifted into the container's id range: an
+/// overlay directory takes its attributes from the topmost layer, so
+/// without this `/etc` would show up as owned by nobody. Entries the image
+/// lacks belong to the container's root.
+fn own_scaffold(scaffold: &Path, image_root: &Path, rel: &Path, range: &IdRange) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let path = scaffold.join(rel);
+    let meta = fs::symlink_metadata(&path)?;
+    let in_image = if rel.as_os_str().is_empty() {
+        Some(meta.file_type())
+    } else {
+        plain_path_kind(image_root, rel)
+    };
+    let image = in_image
+        .and_then(|_| fs::symlink_metadata(image_root.join(rel)).ok())
+        .filter(|m| m.file_type() == meta.file_type());
+    let (uid, gid) = image.as_ref().map_or((0, 0), |m| (m.uid(), m.gid()));
+    let host = |id: u32| range.host_id(id).unwrap_or(range.host_start);
+    nix::unistd::fchownat(
+        None,
+        &path,
+        Some(Uid::from_raw(host(uid))),
+        Some(Gid::from_raw(host(gid))),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .with_context(|| format!("chown {}", path.display()))?;
+    if meta.is_dir() {
+        if let Some(m) = &image {
+            fs::set_permissions(&path, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        }
+        for entry in fs::read_dir(&path)? {
+            own_scaffold(scaffold, image_root, &rel.join(entry?.file_name()), range)?;
+        }
     }
     Ok(())
 }
@@ -369,11 +457,40 @@ fn setup_dev(dev: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The container's side of the launch, in its new namespaces. Every mount
+/// is made while the child still has the host's credentials; with a user
+/// namespace it joins that namespace only at the end, right before dropping
+/// to the container's credentials. The container's mount, pid and cgroup
+/// namespaces belong to the host's user namespace, so its root holds no
+/// capability over them (it cannot undo a read-only mount or unmask a
+/// path); its network, uts and ipc namespaces are its user namespace's
+/// own, so it may ping, bind low ports and set its hostname.
 fn child_setup(plan: &ChildPlan) -> Result<std::convert::Infallible> {
     let none: Option<&str> = None;
     nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).context("unshare(cgroup)")?;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .context("making / private")?;
+    let userns_fd = plan.userns.as_ref().map(|(_, fds)| &fds.user);
+    for lower in &plan.idmapped_lowers {
+        // The shared checkout is owned by host ids; through the idmapped
+        // mount its root is the container's root. Over itself, in this
+        // mount namespace only.
+        let tree = mountfd::clone_tree(lower, false)
+            .with_context(|| format!("cloning image tree {}", lower.display()))?;
+        mountfd::set_attrs(
+            &tree,
+            mountfd::MOUNT_ATTR_IDMAP | mountfd::MOUNT_ATTR_RDONLY,
+            userns_fd,
+        )
+        .with_context(|| {
+            format!(
+                "idmapping image tree {} (its file system must support idmapped mounts: ext4, xfs, btrfs; run with --userns=host otherwise)",
+                lower.display()
+            )
+        })?;
+        mountfd::attach(&tree, lower)
+            .with_context(|| format!("mounting idmapped {}", lower.display()))?;
+    }
     let root = &plan.rootfs;
     mount(
         Some("overlay"),
@@ -388,29 +505,36 @@ fn child_setup(plan: &ChildPlan) -> Result<std::convert::Infallible> {
         let data = (!m.data.is_empty()).then_some(m.data.as_str());
         if m.bind {
             let src = m.source.as_deref().context("bind mount without a source")?;
-            mount(
-                Some(src),
-                &target,
-                none,
-                MsFlags::MS_BIND | (m.flags & MsFlags::MS_REC),
-                none,
-            )
-            .with_context(|| format!("bind mounting {src} at {}", m.destination))?;
-            let extra = m.flags
-                & (MsFlags::MS_RDONLY
-                    | MsFlags::MS_NOSUID
-                    | MsFlags::MS_NODEV
-                    | MsFlags::MS_NOEXEC);
-            if !extra.is_empty() {
-                mount(
-                    none,
-                    &target,
-                    none,
-                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
-                    none,
-                )
-                .with_context(|| format!("remounting {} with its options", m.destination))?;
+            // Attributes go to every mount of the tree (AT_RECURSIVE): a
+            // read-only volume stays read-only below its top, and nosuid and
+            // nodev hold on every submount.
+            let mut attrs = 0;
+            for (flag, attr) in [
+                (MsFlags::MS_RDONLY, mountfd::MOUNT_ATTR_RDONLY),
+                (MsFlags::MS_NOSUID, mountfd::MOUNT_ATTR_NOSUID),
+                (MsFlags::MS_NODEV, mountfd::MOUNT_ATTR_NODEV),
+                (MsFlags::MS_NOEXEC, mountfd::MOUNT_ATTR_NOEXEC),
+            ] {
+                if m.flags.contains(flag) {
+                    attrs |= attr;
+                }
             }
+            let tree = mountfd::clone_tree(Path::new(src), m.flags.contains(MsFlags::MS_REC))
+                .with_context(|| format!("cloning volume {src}"))?;
+            let idmapped = match userns_fd {
+                Some(u) => {
+                    mountfd::set_attrs(&tree, attrs | mountfd::MOUNT_ATTR_IDMAP, Some(u)).is_ok()
+                }
+                None => false,
+            };
+            if !idmapped {
+                // No idmapped mounts on this file system: its files show up
+                // as owned by nobody inside (documented in docs/runtime.md).
+                mountfd::set_attrs(&tree, attrs, None)
+                    .with_context(|| format!("setting the options of volume {src}"))?;
+            }
+            mountfd::attach(&tree, &target)
+                .with_context(|| format!("bind mounting {src} at {}", m.destination))?;
         } else {
             mount(
                 m.source.as_deref(),
@@ -455,29 +579,26 @@ fn child_setup(plan: &ChildPlan) -> Result<std::convert::Infallible> {
         if fs::metadata(p).is_err() {
             continue;
         }
-        mount(
-            Some(p.as_str()),
-            p.as_str(),
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            none,
-        )
-        .with_context(|| format!("binding {p}"))?;
-        mount(
-            none,
-            p.as_str(),
-            none,
-            MsFlags::MS_BIND
-                | MsFlags::MS_REMOUNT
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC,
-            none,
+        let tree =
+            mountfd::clone_tree(Path::new(p), true).with_context(|| format!("binding {p}"))?;
+        mountfd::set_attrs(
+            &tree,
+            mountfd::MOUNT_ATTR_RDONLY
+                | mountfd::MOUNT_ATTR_NOSUID
+                | mountfd::MOUNT_ATTR_NODEV
+                | mountfd::MOUNT_ATTR_NOEXEC,
+            None,
         )
         .with_context(|| format!("making {p} read-only"))?;
+        mountfd::attach(&tree, Path::new(p)).with_context(|| format!("making {p} read-only"))?;
+    }
+    if let Some((_, fds)) = &plan.userns {
+        nix::sched::setns(fds.user.as_fd(), CloneFlags::CLONE_NEWUSER)
+            .context("joining the container's user namespace")?;
     }
     plan.security.apply()?;
+    // Changing credentials cleared the parent-death signal.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     nix::unistd::chdir(&plan.cwd)
         .with_context(|| format!("working directory {}", plan.cwd.display()))?;
     reset_signals();
@@ -519,11 +640,26 @@ fn cloexec_from_3() {
 }
 
 /// The namespaces a container's init is made in besides its pid namespace.
-fn container_namespaces() -> CloneFlags {
-    CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWNET
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC
+fn container_namespaces(plan: &ChildPlan) -> CloneFlags {
+    if plan.userns.is_some() {
+        // The others come from the user namespace (see UsernsFds).
+        CloneFlags::CLONE_NEWNS
+    } else {
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+    }
+}
+
+/// Join the network, uts and ipc namespaces the user namespace owns.
+fn join_owned_namespaces(plan: &ChildPlan) -> nix::Result<()> {
+    if let Some((_, fds)) = &plan.userns {
+        nix::sched::setns(fds.net.as_fd(), CloneFlags::CLONE_NEWNET)?;
+        nix::sched::setns(fds.uts.as_fd(), CloneFlags::CLONE_NEWUTS)?;
+        nix::sched::setns(fds.ipc.as_fd(), CloneFlags::CLONE_NEWIPC)?;
+    }
+    Ok(())
 }
 
 /// The child's side of [`launch`]. `born_in_namespaces`: clone3 made it in
@@ -536,13 +672,21 @@ fn child_main(
     err_w: OwnedFd,
 ) -> ! {
     let mut err = fs::File::from(err_w);
+    // Not dumpable until its execve (see spawn_in).
+    let _ = nix::sys::prctl::set_dumpable(false);
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     if !born_in_namespaces {
-        if let Err(e) = nix::sched::unshare(container_namespaces()) {
+        if let Err(e) = nix::sched::unshare(container_namespaces(plan)) {
             let _ = err.write_all(format!("unshare: {e}").as_bytes());
             // SAFETY: leaving the forked child without running the parent's destructors.
             unsafe { libc::_exit(127) };
         }
+    }
+    // Before the handshake: the parent wires the network into it.
+    if let Err(e) = join_owned_namespaces(plan) {
+        let _ = err.write_all(format!("joining the container's namespaces: {e}").as_bytes());
+        // SAFETY: as above.
+        unsafe { libc::_exit(127) };
     }
     if let Some((ready_w, sync_r)) = handshake {
         let _ = fs::File::from(ready_w).write_all(b"r");
@@ -586,7 +730,11 @@ pub fn launch(
     prepare: Option<&mut dyn FnMut(Pid) -> Result<()>>,
 ) -> Result<Pid> {
     let t0 = std::time::Instant::now();
-    let plan = ChildPlan::new(spec, lowers)?;
+    let userns = match crate::spec::userns_range(spec) {
+        Some(range) => Some((range, new_userns(&range)?)),
+        None => None,
+    };
+    let plan = ChildPlan::new(spec, lowers, userns)?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let mut born = None;
     if single_threaded() {
@@ -598,7 +746,7 @@ pub fn launch(
             ),
             None => None,
         };
-        let flags = container_namespaces() | CloneFlags::CLONE_NEWPID;
+        let flags = container_namespaces(&plan) | CloneFlags::CLONE_NEWPID;
         // The child may wait for the parent only if the parent has work.
         let handshake = prepare.is_some();
         let pipes = if handshake {
@@ -689,6 +837,72 @@ pub fn launch(
     }
     tracing::debug!("launch: mounted and exec'd after {:?}", t0.elapsed());
     Ok(pid)
+}
+
+/// A container's user namespace and the namespaces it owns, held by file
+/// descriptors.
+pub struct UsernsFds {
+    pub user: OwnedFd,
+    pub net: OwnedFd,
+    pub uts: OwnedFd,
+    pub ipc: OwnedFd,
+}
+
+/// A user namespace that maps container ids 0.. onto `range`, with a
+/// network, uts and ipc namespace it owns. A short-lived child makes them
+/// (a namespace needs a process to be born in); the launcher mounts
+/// idmapped through the user namespace, the container's init joins the
+/// others at once and the user namespace last.
+pub fn new_userns(range: &IdRange) -> Result<UsernsFds> {
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: the child only makes syscalls and ends in _exit.
+    let child = match unsafe { nix::unistd::fork() }.context("fork")? {
+        nix::unistd::ForkResult::Child => {
+            drop((ready_r, hold_w));
+            // One call: the user namespace is made first and owns the others.
+            let ok = nix::sched::unshare(
+                CloneFlags::CLONE_NEWUSER
+                    | CloneFlags::CLONE_NEWNET
+                    | CloneFlags::CLONE_NEWUTS
+                    | CloneFlags::CLONE_NEWIPC,
+            )
+            .is_ok();
+            let _ = nix::unistd::write(&ready_w, if ok { b"u" } else { b"e" });
+            let mut b = [0u8; 1];
+            let _ = nix::unistd::read(hold_r.as_raw_fd(), &mut b);
+            // SAFETY: leaving the forked child without running destructors.
+            unsafe { libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    drop((ready_w, hold_r));
+    let result = (|| -> Result<UsernsFds> {
+        let mut b = [0u8; 1];
+        if !matches!(nix::unistd::read(ready_r.as_raw_fd(), &mut b), Ok(1)) || b[0] != b'u' {
+            bail!("creating a user namespace failed (is user.max_user_namespaces 0?)");
+        }
+        for file in ["uid_map", "gid_map"] {
+            let path = format!("/proc/{child}/{file}");
+            fs::write(&path, range.map_line())
+                .with_context(|| format!("writing {path} ({})", range.map_line().trim()))?;
+        }
+        let open = |ns: &str| -> Result<OwnedFd> {
+            let path = format!("/proc/{child}/ns/{ns}");
+            Ok(fs::File::open(&path)
+                .with_context(|| format!("opening {path}"))?
+                .into())
+        };
+        Ok(UsernsFds {
+            user: open("user")?,
+            net: open("net")?,
+            uts: open("uts")?,
+            ipc: open("ipc")?,
+        })
+    })();
+    drop(hold_w);
+    let _ = nix::sys::wait::waitpid(child, None);
+    result
 }
 
 fn kill_child(pid: Pid) {
@@ -801,6 +1015,11 @@ pub fn spawn_in(
         (open("cgroup")?, CloneFlags::CLONE_NEWCGROUP),
         (open("mnt")?, CloneFlags::CLONE_NEWNS),
     ];
+    // Joined last, after the namespaces its root holds no capability over.
+    let user_ns = match crate::spec::userns_range(spec) {
+        Some(_) => Some(open("user")?),
+        None => None,
+    };
     let pid_ns = open("pid")?;
     let own_pid_ns: OwnedFd = fs::File::open("/proc/thread-self/ns/pid_for_children")?.into();
     let cgroup_procs = target.cgroup.as_ref().map(|c| c.join("cgroup.procs"));
@@ -825,6 +1044,10 @@ pub fn spawn_in(
             for (fd, flag) in &namespaces {
                 nix::sched::setns(fd.as_fd(), *flag).map_err(std::io::Error::from)?;
             }
+            if let Some(fd) = &user_ns {
+                nix::sched::setns(fd.as_fd(), CloneFlags::CLONE_NEWUSER)
+                    .map_err(std::io::Error::from)?;
+            }
             security
                 .apply()
                 .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
@@ -832,6 +1055,12 @@ pub fn spawn_in(
             Ok(())
         });
     }
+    // The child is a copy of this process, visible in the container's pid
+    // namespace from its fork to its execve: not dumpable, so the
+    // container can neither ptrace it nor open its /proc/PID/exe, mem or
+    // fds (the CVE-2019-5736 class). The flag is inherited by the fork and
+    // reset by the kernel at execve of the container's program.
+    nix::sys::prctl::set_dumpable(false).context("making this process non-dumpable")?;
     // Children of this process land in the container's pid namespace from
     // here until we switch back.
     nix::sched::setns(pid_ns.as_fd(), CloneFlags::CLONE_NEWPID)
@@ -871,6 +1100,7 @@ mod tests {
             volumes: &[],
             limits: &Default::default(),
             cgroups_path: None,
+            userns: None,
         })
         .unwrap();
         let bpf = compile_seccomp(&spec).unwrap().unwrap();
@@ -930,6 +1160,7 @@ mod tests {
             volumes: &volumes,
             limits: &Default::default(),
             cgroups_path: None,
+            userns: None,
         })
         .unwrap();
         let out = tempfile::tempdir().unwrap();

@@ -53,6 +53,9 @@ pub struct RunOptions {
     pub detach: bool,
     pub auto_remove: bool,
     pub stop_timeout: u64,
+    /// Run with the host's uids and gids (no user namespace): root in the
+    /// container is root on the host. Only for images that need it.
+    pub userns_host: bool,
 }
 
 #[derive(Debug)]
@@ -363,7 +366,12 @@ impl Runtime {
             auto_remove: opts.auto_remove,
             stop_timeout: opts.stop_timeout,
             stop_signal: img.config.stop_signal.clone(),
+            userns: None,
         };
+        if !opts.userns_host {
+            record.userns =
+                Some(crate::userns::Allocator::new(&self.paths.userns()).allocate(&id)?);
+        }
         undo.record = Some(record.clone());
         // Made by the monitor at each start, on tmpfs (see Paths::run_root).
         let rootfs = self.paths.container_run(&name).join("rootfs");
@@ -379,6 +387,7 @@ impl Runtime {
             volumes: &volumes,
             limits: &limits,
             cgroups_path,
+            userns: record.userns,
         })
         .with_context(|| format!("image {}", img.reference()))?;
         if let Some(net) = &network {
@@ -457,6 +466,7 @@ impl Runtime {
     /// [`state`](crate::state)).
     fn claim_name(&self, name: &str, volatile: bool) -> Result<()> {
         let dir = self.paths.container(name);
+        state::create_private_dir(&self.paths.root)?;
         std::fs::create_dir_all(self.paths.containers())
             .with_context(|| format!("creating {}", self.paths.containers().display()))?;
         let claim = || {
@@ -486,7 +496,9 @@ impl Runtime {
         }
         if volatile {
             let target = self.paths.container_volatile(name);
-            if let Err(e) = std::fs::create_dir_all(&target) {
+            if let Err(e) = state::create_private_dir(&self.paths.run_root())
+                .and_then(|()| std::fs::create_dir_all(&target).map_err(Into::into))
+            {
                 let _ = std::fs::remove_file(&dir);
                 return Err(e).with_context(|| format!("creating {}", target.display()));
             }
@@ -503,6 +515,9 @@ impl Runtime {
             // of ms of RCU grace periods), so only a link that belongs to a
             // live namespace (a failed start) is removed by the caller.
             Allocator::new(&self.paths.net(), net).release(&r.id)?;
+        }
+        if let Some(range) = &r.userns {
+            crate::userns::Allocator::new(&self.paths.userns()).release(&r.id, range)?;
         }
         if cgroup::detect(&self.cgroups.root) == cgroup::Layout::Unified {
             self.cgroups.remove(&r.name)?;

@@ -12,9 +12,11 @@ pub mod engine;
 pub mod image;
 pub mod layer;
 pub mod monitor;
+pub mod mountfd;
 pub mod net;
 pub mod source;
 pub mod spec;
 pub mod state;
+pub mod userns;
 
 pub use engine::{MonitorCommand, Pruned, PsEntry, RunOptions, RunOutcome, Runtime};

@@ -63,6 +63,7 @@ impl Monitor<'_> {
         let checkout = paths.checkouts().join(&self.record.image_commit);
         let scaffold = run.join("scaffold");
         let record = &self.record;
+        crate::state::create_private_dir(&paths.run_root())?;
         std::fs::create_dir_all(run.join("rootfs"))
             .with_context(|| format!("creating {}", run.display()))?;
         let t0 = std::time::Instant::now();

@@ -7,15 +7,17 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
-    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompBuilder, LinuxSyscallBuilder, Mount,
-    MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxIdMappingBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompBuilder,
+    LinuxSyscallBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
+    UserBuilder,
 };
 
 use crate::cgroup::{Limits, CPU_PERIOD_US};
 use crate::image::ImageConfig;
 use crate::layer::resolve_in_root;
+use crate::userns::IdRange;
 
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -130,6 +132,9 @@ pub struct SpecInput<'a> {
     pub volumes: &'a [Volume],
     pub limits: &'a Limits,
     pub cgroups_path: Option<PathBuf>,
+    /// The container's own host id range (a user namespace); `None` runs it
+    /// with the host's ids (`--userns=host`).
+    pub userns: Option<IdRange>,
 }
 
 /// The argv to run: Entrypoint + (command or Cmd), per the OCI image spec.
@@ -274,6 +279,21 @@ fn mount(dst: &str, typ: &str, src: &str, opts: &[&str]) -> Result<Mount> {
         .build()?)
 }
 
+/// The user namespace id range of a config, if it asks for one.
+pub fn userns_range(spec: &Spec) -> Option<IdRange> {
+    let linux = spec.linux().as_ref()?;
+    let wants = linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .any(|n| n.typ() == LinuxNamespaceType::User);
+    let m = linux.uid_mappings().as_ref()?.first()?;
+    (wants && m.container_id() == 0).then(|| IdRange {
+        host_start: m.host_id(),
+        size: m.size(),
+    })
+}
+
 /// The OCI runtime config of a container.
 pub fn build(input: &SpecInput) -> Result<Spec> {
     let env = merged_env(&input.image.env, input.env)?;
@@ -366,7 +386,7 @@ pub fn build(input: &SpecInput) -> Result<Spec> {
     }
 
     let ns = |t| LinuxNamespaceBuilder::default().typ(t).build();
-    let namespaces = vec![
+    let mut namespaces = vec![
         ns(LinuxNamespaceType::Pid)?,
         ns(LinuxNamespaceType::Mount)?,
         ns(LinuxNamespaceType::Network)?,
@@ -374,6 +394,9 @@ pub fn build(input: &SpecInput) -> Result<Spec> {
         ns(LinuxNamespaceType::Ipc)?,
         ns(LinuxNamespaceType::Cgroup)?,
     ];
+    if input.userns.is_some() {
+        namespaces.push(ns(LinuxNamespaceType::User)?);
+    }
     let mut res = LinuxResourcesBuilder::default();
     if let Some(m) = input.limits.memory {
         res = res.memory(LinuxMemoryBuilder::default().limit(m as i64).build()?);
@@ -411,6 +434,16 @@ pub fn build(input: &SpecInput) -> Result<Spec> {
         .rootfs_propagation("private");
     if let Some(cg) = &input.cgroups_path {
         linux = linux.cgroups_path(cg.clone());
+    }
+    if let Some(r) = &input.userns {
+        let map = LinuxIdMappingBuilder::default()
+            .container_id(0u32)
+            .host_id(r.host_start)
+            .size(r.size)
+            .build()?;
+        linux = linux
+            .uid_mappings(vec![map])
+            .gid_mappings(vec![map]);
     }
     Ok(SpecBuilder::default()
         .version("1.0.2")
@@ -482,6 +515,7 @@ mod tests {
             volumes: &[v],
             limits: &limits,
             cgroups_path: Some("/cairn.slice/web1".into()),
+            userns: None,
         })
         .unwrap();
         let p = spec.process().as_ref().unwrap();
@@ -550,6 +584,7 @@ mod tests {
             volumes: &[],
             limits: &Limits::default(),
             cgroups_path: None,
+            userns: None,
         });
         assert!(r.unwrap_err().to_string().contains("no Entrypoint or Cmd"));
         assert!(Volume::parse("/tmp").is_err());

@@ -50,6 +50,10 @@ impl Paths {
     pub fn net(&self) -> PathBuf {
         self.root.join("net")
     }
+    /// User namespace id ranges claimed by containers.
+    pub fn userns(&self) -> PathBuf {
+        self.root.join("userns")
+    }
     pub fn containers(&self) -> PathBuf {
         self.root.join("containers")
     }
@@ -79,6 +83,30 @@ impl Paths {
     pub fn container_volatile(&self, name: &str) -> PathBuf {
         self.container_run(name).join("record")
     }
+}
+
+/// Create `dir` (and its parents) and make `dir` itself private to root
+/// (0700): state directories hold image trees with setuid files and
+/// containers' records, which no local user may reach.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let meta = fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private (0700)", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// Where per-boot scratch lives (a tmpfs on every systemd host).
@@ -141,6 +169,11 @@ pub struct ContainerRecord {
     /// What `stop` sends first: the image's StopSignal, else SIGTERM.
     #[serde(default)]
     pub stop_signal: Option<String>,
+    /// The container's own host id range (its user namespace); `None`:
+    /// the host's ids (`--userns=host`, and records written before
+    /// containers had user namespaces).
+    #[serde(default)]
+    pub userns: Option<crate::userns::IdRange>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
