@@ -441,9 +441,7 @@ pub fn build(input: &SpecInput) -> Result<Spec> {
             .host_id(r.host_start)
             .size(r.size)
             .build()?;
-        linux = linux
-            .uid_mappings(vec![map])
-            .gid_mappings(vec![map]);
+        linux = linux.uid_mappings(vec![map]).gid_mappings(vec![map]);
     }
     Ok(SpecBuilder::default()
         .version("1.0.2")

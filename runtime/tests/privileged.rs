@@ -59,10 +59,42 @@ const TESTS: &[(&str, TestFn)] = &[
         "prune_keeps_what_tags_and_containers_use",
         prune_keeps_what_tags_and_containers_use,
     ),
+    (
+        "user_namespace_maps_root_and_keeps_image_owners",
+        user_namespace_maps_root_and_keeps_image_owners,
+    ),
+    (
+        "volumes_are_read_only_nosuid_nodev_all_the_way_down",
+        volumes_are_read_only_nosuid_nodev_all_the_way_down,
+    ),
+    (
+        "exec_cannot_rewrite_the_host_binary",
+        exec_cannot_rewrite_the_host_binary,
+    ),
 ];
+
+/// Exit codes of the attacker in [`exec_cannot_rewrite_the_host_binary`].
+const ATTACK_DENIED: i32 = 42;
+const ATTACK_WORKED: i32 = 43;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("/evil") {
+        // This binary, run inside a container through the image's
+        // `#!/proc/self/exe` script: CVE-2019-5736 in miniature. Whoever
+        // can open the host's binary for writing can replace it.
+        let access = nix::unistd::access("/proc/self/exe", nix::unistd::AccessFlags::W_OK);
+        let open = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/proc/self/exe");
+        eprintln!(
+            "attacker: access {access:?}, open {:?}",
+            open.as_ref().err()
+        );
+        let denied = access == Err(nix::errno::Errno::EACCES)
+            && open.is_err_and(|e| e.raw_os_error() == Some(libc::EACCES));
+        std::process::exit(if denied { ATTACK_DENIED } else { ATTACK_WORKED });
+    }
     if args.get(1).map(String::as_str) == Some("--monitor") {
         // Entry point of a detached container's monitor:
         // --monitor ROOT BRIDGE SUBNET NAME [CGROUP_ROOT SLICE]
@@ -333,7 +365,15 @@ fn make_busybox_layout_version(layout: &Path, version: &str) {
     let applets = String::from_utf8(applets.stdout).unwrap();
 
     let mut l1 = tar::Builder::new(Vec::new());
-    for d in ["bin/", "etc/", "root/", "data/", "data/sub/", "www/"] {
+    for d in [
+        "bin/",
+        "etc/",
+        "root/",
+        "data/",
+        "data/sub/",
+        "www/",
+        "home/",
+    ] {
         add_dir(&mut l1, d);
     }
     add_file(&mut l1, "bin/busybox", &busybox, 0o755);
@@ -359,6 +399,19 @@ fn make_busybox_layout_version(layout: &Path, version: &str) {
     add_file(&mut l1, "data/old", b"old\n", 0o644);
     add_file(&mut l1, "data/sub/deep", b"deep\n", 0o644);
     add_file(&mut l1, "www/index.html", b"hello over http\n", 0o644);
+    // Owned by a user of the image: it keeps its owner inside a user namespace.
+    let mut h = tar_header(tar::EntryType::Directory, 0o750, 0);
+    h.set_uid(1000);
+    h.set_gid(1000);
+    l1.append_data(&mut h, "home/app/", std::io::empty())
+        .unwrap();
+    let mut h = tar_header(tar::EntryType::Regular, 0o640, 4);
+    h.set_uid(1000);
+    h.set_gid(100);
+    l1.append_data(&mut h, "home/app/owned", &b"app\n"[..])
+        .unwrap();
+    // Interpreted by whatever runs it: see exec_cannot_rewrite_the_host_binary.
+    add_file(&mut l1, "evil", b"#!/proc/self/exe\n", 0o755);
     let l1 = l1.into_inner().unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&l1).unwrap();
@@ -1345,4 +1398,193 @@ fn prune_keeps_what_tags_and_containers_use() {
     assert!(p.checkouts.is_empty() && p.objects == 0, "{p:?}");
     let (code, _) = env.run_to_end(env.opts("again", &["true"]));
     assert_eq!(code, 0);
+}
+
+/// The host uid of a process, from /proc.
+fn host_uid(pid: i32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn user_namespace_maps_root_and_keeps_image_owners() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    env.import();
+    let script = r#"
+        echo "uid_map=$(cat /proc/self/uid_map | tr -s ' ' | sed 's/^ //')"
+        echo "id=$(id -u):$(id -g)"
+        echo "owned=$(stat -c %u:%g:%a /home/app/owned)"
+        echo "home=$(stat -c %u:%g:%a /home/app)"
+        echo "etc=$(stat -c %u:%g:%a /etc)"
+        echo "slash=$(stat -c %u:%g /)"
+        echo x > /run/w && echo "run=$(stat -c %u /run/w)"
+        ping -c1 -W2 127.0.0.1 >/dev/null 2>&1 && echo "ping=ok" || echo "ping=denied"
+        nc -l -p 80 -w 1 </dev/null >/dev/null 2>&1 & sleep 0.2; netstat -ltn | grep -q ':80 ' && echo "port80=ok"
+        mount -t tmpfs none /mnt 2>/dev/null && echo "mount=allowed" || echo "mount=denied"
+    "#;
+    let (code, log) = env.run_to_end(env.opts("u1", &["sh", "-c", script]));
+    assert_eq!(code, 0, "{log}");
+    let has = |s: &str| assert!(log.contains(s), "missing {s:?} in:\n{log}");
+    has(&format!(
+        "uid_map=0 {} 65536",
+        cairn_runtime::userns::POOL_START
+    ));
+    has("id=0:0");
+    has("owned=1000:100:640");
+    has("home=1000:1000:750");
+    has("etc=0:0:755");
+    has("slash=0:0");
+    has("run=0");
+    has("ping=ok");
+    has("port80=ok");
+    has("mount=denied");
+
+    // From the host: two containers, two disjoint unprivileged ranges.
+    for name in ["u2", "u3"] {
+        env.rt
+            .run(&RunOptions {
+                detach: true,
+                ..env.opts(name, &["sleep", "1000"])
+            })
+            .unwrap();
+    }
+    let uid = |name: &str| {
+        let st = env.wait_status(name, &[Status::Running], Duration::from_secs(10));
+        host_uid(st.pid.unwrap())
+    };
+    let (u2, u3) = (uid("u2"), uid("u3"));
+    let range = cairn_runtime::userns::RANGE_SIZE;
+    assert!(
+        u2 >= cairn_runtime::userns::POOL_START,
+        "u2 runs as host uid {u2}"
+    );
+    assert!(u2.abs_diff(u3) >= range, "ranges overlap: {u2} and {u3}");
+    // exec and health checks enter the same namespace.
+    assert_eq!(env.rt.exec("u2", &["true".into()]).unwrap(), 0);
+    // rm frees the range; the next container may take it again.
+    let claims = env.rt.paths.userns();
+    let before = std::fs::read_dir(&claims).unwrap().count();
+    env.rt.rm("u2", true).unwrap();
+    assert_eq!(std::fs::read_dir(&claims).unwrap().count(), before - 1);
+    env.rt
+        .run(&RunOptions {
+            detach: true,
+            ..env.opts("u4", &["sleep", "1000"])
+        })
+        .unwrap();
+    assert_eq!(uid("u4"), u2, "the freed range is reused");
+    // --userns=host: root is root.
+    env.rt
+        .run(&RunOptions {
+            detach: true,
+            userns_host: true,
+            ..env.opts("u5", &["sleep", "1000"])
+        })
+        .unwrap();
+    assert_eq!(uid("u5"), 0);
+    // State that holds image trees (setuid files) is root's alone.
+    for dir in [env.rt.paths.root.clone(), env.rt.paths.run_root()] {
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is {mode:o}", dir.display());
+    }
+}
+
+/// A mount of `what` at `dir`, unmounted on drop.
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn volumes_are_read_only_nosuid_nodev_all_the_way_down() {
+    let env = Env::new();
+    env.import();
+    let src = tempfile::tempdir().unwrap();
+    let sub = src.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let _guard = MountGuard(sub.clone());
+    std::fs::write(sub.join("file"), "below\n").unwrap();
+    for dir in [src.path(), sub.as_path()] {
+        // /dev/null's numbers: harmless, but a device all the same.
+        nix::sys::stat::mknod(
+            &dir.join("null"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .unwrap();
+    }
+    let script = r#"
+        echo x > /ro/sub/file 2>/dev/null && echo "ro-sub-write=ok" || echo "ro-sub-write=refused"
+        echo x > /ro/top 2>/dev/null && echo "ro-top-write=ok" || echo "ro-top-write=refused"
+        echo x > /rw/sub/new 2>/dev/null && echo "rw-sub-write=ok" || echo "rw-sub-write=refused"
+        for d in /ro /ro/sub /rw /rw/sub; do
+            cat $d/null >/dev/null 2>&1 && echo "dev $d=open" || echo "dev $d=refused"
+        done
+        grep -E ' /(ro|rw)/sub ' /proc/self/mountinfo
+    "#;
+    let o = RunOptions {
+        volumes: vec![
+            format!("{}:/ro:ro", src.path().display()),
+            format!("{}:/rw", src.path().display()),
+        ],
+        ..env.opts("vol", &["sh", "-c", script])
+    };
+    let (code, log) = env.run_to_end(o);
+    assert_eq!(code, 0, "{log}");
+    let has = |s: &str| assert!(log.contains(s), "missing {s:?} in:\n{log}");
+    has("ro-sub-write=refused");
+    has("ro-top-write=refused");
+    has("rw-sub-write=ok");
+    for d in ["/ro", "/ro/sub", "/rw", "/rw/sub"] {
+        has(&format!("dev {d}=refused"));
+    }
+    for line in log.lines().filter(|l| l.contains("/sub ")) {
+        assert!(
+            line.contains("nosuid") && line.contains("nodev"),
+            "submount without nosuid,nodev: {line}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(sub.join("file")).unwrap(),
+        "below\n"
+    );
+}
+
+fn exec_cannot_rewrite_the_host_binary() {
+    let env = Env::new();
+    env.import();
+    // The attacker (this test binary, started by the kernel for the image's
+    // `#!/proc/self/exe` script) needs the host's dynamic loader and
+    // libraries: lend them read-only.
+    let o = RunOptions {
+        detach: true,
+        volumes: vec!["/usr/lib:/lib:ro".into(), "/usr/lib64:/lib64:ro".into()],
+        ..env.opts("target", &["sleep", "1000"])
+    };
+    env.rt.run(&o).unwrap();
+    env.wait_status("target", &[Status::Running], Duration::from_secs(10));
+    let code = env.rt.exec("target", &["/evil".into()]).unwrap();
+    assert_eq!(
+        code, ATTACK_DENIED,
+        "exec'ing the host binary inside the container must not let it write that binary (exit {code})"
+    );
+    // The process that entered the container stays non-dumpable.
+    assert_eq!(nix::sys::prctl::get_dumpable().unwrap(), false);
 }
