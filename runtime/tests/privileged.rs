@@ -1586,5 +1586,5 @@ fn exec_cannot_rewrite_the_host_binary() {
         "exec'ing the host binary inside the container must not let it write that binary (exit {code})"
     );
     // The process that entered the container stays non-dumpable.
-    assert_eq!(nix::sys::prctl::get_dumpable().unwrap(), false);
+    assert!(!nix::sys::prctl::get_dumpable().unwrap());
 }
