@@ -141,6 +141,17 @@ fn baked_app_runs_after_boot_and_after_a_reboot() {
         ["67108864", "64"],
         "{limits}"
     );
+    // Its own user namespace: root inside is an unused, unprivileged uid
+    // range on the node, and the image's files still belong to root.
+    let map = must(vm.ok(&format!("host app exec {APP} cat /proc/self/uid_map")));
+    let fields: Vec<u64> = map
+        .split_whitespace()
+        .map(|f| f.parse().expect("uid_map field"))
+        .collect();
+    assert_eq!(fields.len(), 3, "{map}");
+    assert!(fields[0] == 0 && fields[1] >= 0x4000_0000 && fields[2] == 65536, "{map}");
+    let owner = must(vm.ok(&format!("host app exec {APP} stat -c %u:%g /bin")));
+    assert_eq!(owner.trim(), "0:0", "image files keep their owner: {owner}");
     let started_first = first["created"].clone();
 
     let started = Instant::now();
