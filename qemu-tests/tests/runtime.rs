@@ -149,7 +149,10 @@ fn baked_app_runs_after_boot_and_after_a_reboot() {
         .map(|f| f.parse().expect("uid_map field"))
         .collect();
     assert_eq!(fields.len(), 3, "{map}");
-    assert!(fields[0] == 0 && fields[1] >= 0x4000_0000 && fields[2] == 65536, "{map}");
+    assert!(
+        fields[0] == 0 && fields[1] >= 0x4000_0000 && fields[2] == 65536,
+        "{map}"
+    );
     let owner = must(vm.ok(&format!("host app exec {APP} stat -c %u:%g /bin")));
     assert_eq!(owner.trim(), "0:0", "image files keep their owner: {owner}");
     let started_first = first["created"].clone();

@@ -393,6 +393,21 @@ impl Runtime {
         if let Some(net) = &network {
             record.ip = Some(Allocator::new(&self.paths.net(), net).allocate(&id, opts.ip)?);
         }
+        if let (Some(range), Some(p)) = (&record.userns, spec.process()) {
+            let u = p.user();
+            let ids = [u.uid(), u.gid()]
+                .into_iter()
+                .chain(u.additional_gids().iter().flatten().copied());
+            for id in ids {
+                if range.host_id(id).is_none() {
+                    bail!(
+                        "image {}: its user runs with id {id}, outside the container's id range 0-{} (use a smaller id in the image, or --userns=host)",
+                        img.reference(),
+                        range.size - 1
+                    );
+                }
+            }
+        }
         write_json(&dir.join("config.json"), &spec)?;
         write_json(&dir.join("container.json"), &record)?;
         write_json(&dir.join("state.json"), &ContainerState::default())?;
