@@ -40,8 +40,7 @@ impl Fixture {
         std::fs::copy(busybox, t.join("usr/bin/busybox")).unwrap();
         for applet in [
             "sh", "cat", "echo", "ls", "grep", "mknod", "chown", "chmod", "mkdir", "touch", "id",
-            "su", "mount", "wc", "head", "hostname", "stat", "nsenter", "ping", "ln", "rm",
-            "dd",
+            "su", "mount", "wc", "head", "hostname", "stat", "nsenter", "ping", "ln", "rm", "dd",
         ] {
             std::os::unix::fs::symlink("busybox", t.join("usr/bin").join(applet)).unwrap();
         }
@@ -223,7 +222,11 @@ echo done >> $r
 "#
     );
     f.run(&script).unwrap();
-    assert_eq!(f.read("result"), "done\n", "the sandbox let the script do that");
+    assert_eq!(
+        f.read("result"),
+        "done\n",
+        "the sandbox let the script do that"
+    );
     assert_eq!(
         std::fs::read_dir(&secret_dir).unwrap().count(),
         1,
@@ -231,7 +234,10 @@ echo done >> $r
     );
     assert!(f.tree().join("tmp").is_dir() && !f.tree().join("tmp").is_symlink());
     let pids: usize = f.read("pids").trim().parse().unwrap();
-    assert!(pids <= 4, "{pids} processes visible: host processes leak in");
+    assert!(
+        pids <= 4,
+        "{pids} processes visible: host processes leak in"
+    );
     let ifaces: Vec<String> = f
         .read("netdev")
         .lines()
