@@ -219,15 +219,23 @@ fn relative(path: &Path) -> io::Result<PathBuf> {
 }
 
 impl Root {
+    /// Opens the tree's directory; `path` itself must not be a symlink (a
+    /// base copied from a symlink to `/` would make the build machine the tree).
     pub fn open(path: &Path) -> io::Result<Root> {
-        let fd = File::open(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
-        if !fd.metadata()?.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} is not a directory", path.display()),
-            ));
-        }
+        let fd = std::os::unix::fs::OpenOptionsExt::custom_flags(
+            std::fs::OpenOptions::new().read(true),
+            libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        )
+        .open(path)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "opening the tree {} (it must be a directory, not a symlink): {e}",
+                    path.display()
+                ),
+            )
+        })?;
         Ok(Root {
             fd: fd.into(),
             path: path.to_owned(),

@@ -469,8 +469,26 @@ impl Manifest {
             }
         }
         if let Some(root) = &s.rootfs {
-            if !root.exists() {
-                return Err(self.invalid("rootfs", format!("{} does not exist", root.display())));
+            match root.symlink_metadata() {
+                Err(_) => {
+                    return Err(self.invalid("rootfs", format!("{} does not exist", root.display())))
+                }
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(self.invalid(
+                        "rootfs",
+                        format!(
+                            "{} is a symlink; name the directory or archive itself",
+                            root.display()
+                        ),
+                    ))
+                }
+                Ok(m) if !m.is_dir() && !m.is_file() => {
+                    return Err(self.invalid(
+                        "rootfs",
+                        format!("{} is neither a directory nor an archive", root.display()),
+                    ))
+                }
+                Ok(_) => {}
             }
         }
         if let Some(dst) = &s.self_install {

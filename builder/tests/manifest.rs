@@ -386,6 +386,9 @@ fn metadata_versions_and_refs_are_validated() {
 fn values_written_into_generated_files_cannot_break_their_lines() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "f", "x");
+    // A rootfs that is a symlink to / used to be copied as the symlink,
+    // making the build machine's root the tree.
+    std::os::unix::fs::symlink("/", dir.path().join("slash")).unwrap();
     let digest = format!("sha256:{}", "0".repeat(64));
     let cases = [
         (base("[[users]]\nname = \"app\"\ngecos = \"x\\\" \\nu evil 0\"\n"), "key `users[0].gecos`"),
@@ -398,6 +401,7 @@ fn values_written_into_generated_files_cannot_break_their_lines() {
         (base(&format!("[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"{digest}\"\nenv = [\"A=1\\nExecStartPre=/bin/evil\"]\n")), "key `apps[0].env`"),
         (base(&format!("[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"{digest}\"\ncommand = [\"x\\ny\"]\n")), "key `apps[0].command`"),
         (base("[[files]]\nsrc = \"f\"\ndst = \"/etc\"\n"), "key `files[0].dst`"),
+        ("ref = \"a/b\"\nrootfs = \"slash\"\n".to_string(), "key `rootfs`: "),
         (base("[[files]]\nsrc = \"f\"\ndst = \"/usr/etc/x\"\n"), "key `files[0].dst`"),
         (base("[[files]]\nsrc = \"f\"\ndst = \"/etc/../root/x\"\n"), "key `files[0].dst`"),
         ("ref = \"a/b\"\n[packages]\nsuite = \"bookworm\"\ninstall = [\"a,b\"]\n".to_string(), "packages.install"),
