@@ -132,13 +132,15 @@ impl Source {
 /// `follow_symlinks`, `path` as the system would. Either way only a regular
 /// file is accepted: a directory, device, fifo or socket is refused.
 pub fn open_source(dir: &Path, path: &Path, follow_symlinks: bool) -> io::Result<Source> {
-    let file = if follow_symlinks {
-        // O_NONBLOCK: opening a fifo must not hang the compose (it is refused below).
+    // O_PATH first: a device or fifo is refused without ever being opened
+    // (opening one runs its driver, or blocks).
+    let handle: OwnedFd = if follow_symlinks {
         std::os::unix::fs::OpenOptionsExt::custom_flags(
             std::fs::OpenOptions::new().read(true),
-            libc::O_NONBLOCK,
+            libc::O_PATH,
         )
         .open(path)?
+        .into()
     } else {
         let rel = path.strip_prefix(dir).map_err(|_| {
             io::Error::new(
@@ -151,28 +153,31 @@ pub fn open_source(dir: &Path, path: &Path, follow_symlinks: bool) -> io::Result
             )
         })?;
         let base = File::open(dir)?;
-        let fd = openat2(
+        openat2(
             base.as_fd(),
             rel,
-            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+            libc::O_PATH | libc::O_NOFOLLOW,
             0,
             libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
         )
-        .map_err(|e| explain(e, &path.display().to_string()))?;
-        File::from(fd)
+        .map_err(|e| explain(e, &path.display().to_string()))?
     };
-    let metadata = file.metadata()?;
-    if !metadata.is_file() {
-        let kind = if metadata.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file (device, fifo or socket)"
+    let st = nix::sys::stat::fstat(handle.as_raw_fd()).map_err(io::Error::from)?;
+    let kind = st.st_mode & libc::S_IFMT;
+    if kind != libc::S_IFREG {
+        let what = match kind {
+            libc::S_IFDIR => "a directory",
+            libc::S_IFLNK => "a symlink",
+            _ => "not a regular file (a device, fifo or socket)",
         };
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{} is {kind}", path.display()),
+            format!("{} is {what}", path.display()),
         ));
     }
+    // The same inode, now opened for reading.
+    let file = File::open(fd_path(handle.as_fd()))?;
+    let metadata = file.metadata()?;
     Ok(Source {
         file,
         metadata,

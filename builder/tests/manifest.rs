@@ -465,3 +465,37 @@ fn command_line_versions_and_refs_are_validated() {
     }
     assert!(!dir.path().join("repo").exists() && !dir.path().join("cache").exists());
 }
+
+/// A source's setuid/setgid/sticky bits ship only when `mode` asks for them;
+/// `dst` through a symlink of the tree lands inside the tree.
+#[test]
+fn files_drop_setuid_unless_the_mode_says_so() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tool = write(dir.path(), "tool", "#!/bin/sh\n");
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let p = write(
+        dir.path(),
+        "m.toml",
+        &base("[[files]]\nsrc = \"tool\"\ndst = \"/usr/bin/a\"\n\n[[files]]\nsrc = \"tool\"\ndst = \"/usr/bin/b\"\nmode = \"4750\"\n\n[[files]]\nsrc = \"tool\"\ndst = \"/etc/link/c\"\n"),
+    );
+    let m = Manifest::load(&p).unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tree.path().join("etc")).unwrap();
+    std::fs::create_dir_all(tree.path().join("usr/lib")).unwrap();
+    std::os::unix::fs::symlink("/usr/lib", tree.path().join("etc/link")).unwrap();
+    let root = cairn_builder::confined::Root::open(tree.path()).unwrap();
+    let mut sources = m.open_sources().unwrap();
+    m.digest_of(&mut sources).unwrap();
+    cairn_builder::tree::add_files(&root, &m.spec.files, &mut sources.files).unwrap();
+    let mode = |p: &str| {
+        std::fs::symlink_metadata(tree.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("usr/bin/a"), 0o755);
+    assert_eq!(mode("usr/bin/b"), 0o4750);
+    assert_eq!(mode("usr/lib/c"), 0o755, "resolved inside the tree");
+}
