@@ -802,6 +802,49 @@ mod tests {
         );
     }
 
+    /// The layout step on a tree whose top-level directories are symlinks to
+    /// the build machine: the links are replaced, their targets untouched.
+    /// (It used to empty the target of `/var`, and move a kernel out of the
+    /// target of `/boot`.)
+    #[test]
+    fn layout_never_follows_the_trees_symlinks_out() {
+        let base = tempfile::tempdir().unwrap();
+        let outside = base.path().join("outside");
+        std::fs::create_dir_all(outside.join("lib/dpkg")).unwrap();
+        std::fs::write(outside.join("keep"), "host").unwrap();
+        std::fs::write(outside.join("vmlinuz-6.1.0-x"), "host kernel").unwrap();
+        std::fs::write(outside.join("initrd.img-6.1.0-x"), "host initrd").unwrap();
+        let t = base.path().join("tree");
+        std::fs::create_dir_all(t.join("usr/lib")).unwrap();
+        for link in ["var", "boot", "home", "opt", "run", "tmp", "etc"] {
+            std::os::unix::fs::symlink(&outside, t.join(link)).unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, t.join("usr/local")).unwrap();
+        let root = Root::open(&t).unwrap();
+        let facts = ostree_layout(&root).unwrap();
+        assert_eq!(facts.kernel, None);
+        let mut left: Vec<String> = std::fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["initrd.img-6.1.0-x", "keep", "lib", "vmlinuz-6.1.0-x"]
+        );
+        assert!(outside.join("lib/dpkg").is_dir());
+        for d in ["var", "boot", "run"] {
+            let md = std::fs::symlink_metadata(t.join(d)).unwrap();
+            assert!(md.is_dir(), "/{d} is a directory of the tree now");
+        }
+        assert_eq!(
+            std::fs::read_link(t.join("home")).unwrap(),
+            Path::new("var/home")
+        );
+        let tmpfiles = std::fs::read_to_string(t.join(TMPFILES_VAR)).unwrap();
+        assert!(!tmpfiles.contains("dpkg"), "{tmpfiles}");
+    }
+
     #[test]
     fn var_becomes_tmpfiles_lines() {
         let root = tempfile::tempdir().unwrap();
