@@ -26,7 +26,7 @@ fn image_name(app: &App) -> String {
 
 /// Verifies, copies and wires up every app; returns `name@digest` lines for
 /// commit metadata. `scratch` is a work directory for verification.
-pub fn bake(root: &Path, apps: &[App], scratch: &Path) -> Result<Vec<String>> {
+pub fn bake(root: &crate::confined::Root, apps: &[App], scratch: &Path) -> Result<Vec<String>> {
     let mut baked = Vec::new();
     for app in apps {
         let ctx = || format!("apps: {} ({})", app.name, app.image.display());
@@ -56,20 +56,26 @@ pub fn bake(root: &Path, apps: &[App], scratch: &Path) -> Result<Vec<String>> {
         }
         let _ = std::fs::remove_dir_all(&verify_repo);
 
-        let dir = root.join(APPS_DIR).join(&app.name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let shipped = if app.image.is_dir() {
-            crate::stage::copy_tree(&app.image, &dir.join("image"))?;
-            dir.join("image")
+        // (app.name is validated: one lowercase word, no '/'.)
+        let dir = format!("/{APPS_DIR}/{}", app.name);
+        root.dir(&dir, true)?;
+        let in_tree = if app.image.is_dir() {
+            // Copied next to the tree first, then renamed in: cp never
+            // writes through a path of the tree.
+            let staged = scratch.join(format!("image-{}", app.name));
+            crate::stage::copy_tree(&app.image, &staged)?;
+            let at = root.at(format!("{dir}/image"), false)?;
+            at.remove()?;
+            std::fs::rename(&staged, at.path())
+                .with_context(|| format!("moving the image of {} into {dir}/image", app.name))?;
+            format!("{dir}/image")
         } else {
-            crate::tree::install_file(&app.image, &dir.join("image.tar"), 0o644)?;
-            dir.join("image.tar")
+            crate::tree::install_file(root, &app.image, &format!("{dir}/image.tar"), 0o644)?;
+            format!("{dir}/image.tar")
         };
-        let in_tree = Path::new("/").join(shipped.strip_prefix(root).expect("under root"));
-        let unit = root.join("usr/lib/systemd/system").join(unit_name(app));
-        std::fs::create_dir_all(unit.parent().expect("has parent"))?;
-        std::fs::write(&unit, unit_text(app, &in_tree))
-            .with_context(|| format!("writing {}", unit.display()))?;
+        let unit = format!("/usr/lib/systemd/system/{}", unit_name(app));
+        root.write(&unit, unit_text(app, Path::new(&in_tree)).as_bytes(), 0o644)
+            .with_context(|| format!("writing {unit}"))?;
         crate::tree::apply_units(root, &[unit_name(app)], &[], &[])?;
         baked.push(format!("{}@{}", app.name, app.digest));
     }

@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::apt::PackageSet;
 use crate::manifest::Manifest;
 use crate::progress::Progress;
 use crate::repo::{self, NewCommit};
@@ -96,6 +95,18 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
     // Directories the compose creates get the same modes on every machine.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     let refname = manifest.ref_name().to_string();
+    if let Some(v) = &opts.version {
+        crate::manifest::check_version(v).map_err(|m| anyhow::anyhow!("--version: {m}"))?;
+    }
+    // Every file the manifest copies or runs, opened once (and checked: a
+    // regular file beneath its manifest's directory): what is hashed into
+    // the inputs is what goes into the tree.
+    let mut sources = manifest
+        .open_sources()
+        .with_context(|| format!("manifest {}: opening its files", manifest.path.display()))?;
+    let manifest_digest = manifest
+        .digest_of(&mut sources)
+        .context("hashing the manifest's files")?;
     std::fs::create_dir_all(&opts.cache)
         .with_context(|| format!("creating cache directory {}", opts.cache.display()))?;
     let _lock = CacheLock::acquire(&opts.cache, progress)?;
@@ -121,7 +132,7 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         (Some(_), Some(b)) => Some(b.clone()),
         (None, _) => None,
     };
-    let input_hash = input_hash(manifest, &base, host_binary.as_deref())?;
+    let input_hash = input_hash(&manifest_digest, &base, host_binary.as_deref())?;
 
     if opts.dry_run {
         let packages = match &base {
@@ -196,21 +207,21 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         }
         (None, Base::Packages(_)) => unreachable!("a packages base always has a stage"),
     }
+    // From here on every write into the tree resolves inside it.
+    let tree = crate::confined::Root::open(&root)?;
     let baked_apps = customize(
         manifest,
-        &root,
+        &tree,
         work.path(),
         host_binary.as_deref(),
         &refname,
         &version,
         now,
+        &mut sources,
     )?;
     step.finish("");
-    let installed = match root.join("var/lib/dpkg/status").exists() {
-        true => crate::apt::installed_packages(&root.join("var/lib/dpkg"))?,
-        false => PackageSet::default(),
-    };
-    let facts = tree::ostree_layout(&root)?;
+    let installed = tree::installed_packages(&tree)?;
+    let facts = tree::ostree_layout(&tree)?;
 
     let step = progress.step("committing");
     let mut metadata: BTreeMap<String, glib::Variant> = BTreeMap::new();
@@ -220,8 +231,7 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
     }
     metadata.insert("version".into(), version.to_variant());
     metadata.insert("cairn.inputhash".into(), input_hash.to_variant());
-    let digest = manifest.digest().context("hashing the manifest's files")?;
-    metadata.insert("cairn.manifest-digest".into(), digest.to_variant());
+    metadata.insert("cairn.manifest-digest".into(), manifest_digest.to_variant());
     metadata.insert("cairn.packages".into(), installed.to_lines().to_variant());
     metadata.insert("cairn.kargs".into(), manifest.spec.kernel_args.to_variant());
     if !baked_apps.is_empty() {
@@ -270,6 +280,10 @@ pub fn commit_prepared(
     opts: &ComposeOptions,
     spec: PreparedCommit<'_>,
 ) -> Result<(String, String)> {
+    crate::manifest::check_ref(spec.refname).map_err(|m| anyhow::anyhow!("--ref: {m}"))?;
+    if let Some(v) = spec.version {
+        crate::manifest::check_version(v).map_err(|m| anyhow::anyhow!("--version: {m}"))?;
+    }
     if !spec.root.is_dir() {
         bail!("{} is not a directory", spec.root.display());
     }
@@ -332,6 +346,10 @@ pub fn promote(
     to: &str,
     rev: Option<&str>,
 ) -> Result<Promotion> {
+    crate::manifest::check_ref(to).map_err(|m| anyhow::anyhow!("--to: {m}"))?;
+    if let Some(v) = &opts.version {
+        crate::manifest::check_version(v).map_err(|m| anyhow::anyhow!("--version: {m}"))?;
+    }
     let repo = repo::open(&opts.repo)?;
     let history = repo::history(&repo, from)?;
     if history.is_empty() {
@@ -431,17 +449,18 @@ fn version_prefix(version: Option<&str>) -> Option<String> {
 #[allow(clippy::too_many_arguments)]
 fn customize(
     manifest: &Manifest,
-    root: &Path,
+    root: &crate::confined::Root,
     scratch: &Path,
     host_binary: Option<&Path>,
     refname: &str,
     version: &str,
     now: i64,
+    sources: &mut crate::manifest::Sources,
 ) -> Result<Vec<String>> {
     let spec = &manifest.spec;
-    tree::add_files(root, &spec.files)?;
+    tree::add_files(root, &spec.files, &mut sources.files)?;
     if let (Some(dst), Some(bin)) = (&spec.self_install, host_binary) {
-        tree::self_install(root, bin, dst)?;
+        tree::self_install(root, bin, dst, scratch)?;
     }
     let apps = crate::apps::bake(root, &spec.apps, scratch)?;
     tree::write_kargs(root, &spec.kernel_args)?;
@@ -457,18 +476,18 @@ fn customize(
         ("CAIRN_VERSION".to_string(), version.to_string()),
         ("SOURCE_DATE_EPOCH".to_string(), now.to_string()),
     ];
-    tree::run_postprocess(root, &spec.postprocess, &env)?;
+    tree::run_postprocess(root, &spec.postprocess, &sources.scripts, &env)?;
     tree::remove_files(root, &spec.remove_files)?;
     Ok(apps)
 }
 
 /// Everything that determines the tree's content, hashed: the manifest's
 /// meaning, the exact package set (or base root), and the installed binary.
-fn input_hash(manifest: &Manifest, base: &Base, host_binary: Option<&Path>) -> Result<String> {
+fn input_hash(manifest_digest: &str, base: &Base, host_binary: Option<&Path>) -> Result<String> {
     let mut h = Sha256::new();
     h.update(INPUT_FORMAT);
     h.update("\nmanifest ");
-    h.update(manifest.digest().context("hashing the manifest's files")?);
+    h.update(manifest_digest);
     match base {
         Base::Packages(r) => {
             h.update("\nsources\n");

@@ -4,6 +4,7 @@
 pub mod apps;
 pub mod apt;
 pub mod compose;
+pub mod confined;
 pub mod diff;
 pub mod image;
 pub mod manifest;

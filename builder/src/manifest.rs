@@ -32,6 +32,13 @@ pub enum ManifestError {
         key: String,
         message: String,
     },
+    #[error("manifest {path} line {line}: key `{key}`: {message}")]
+    InvalidAt {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
     #[error("manifest {path}: include cycle through {again}")]
     IncludeCycle { path: PathBuf, again: PathBuf },
 }
@@ -154,9 +161,28 @@ pub struct FileEntry {
     pub src: PathBuf,
     /// Absolute destination in the tree, under /usr or /etc.
     pub dst: String,
-    /// Octal permission bits (e.g. `0o644` or `"0644"`); default: the source's.
+    /// Octal permission bits (e.g. `0o644` or `"0644"`); default: the
+    /// source's permission bits (without setuid, setgid and sticky).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    /// Follow symlinks in `src` (also out of the manifest's directory).
+    /// Off: `src` must be a regular file beneath the manifest's directory,
+    /// reached without any symlink.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub follow_symlinks: bool,
+    /// Where the entry was written (not part of the manifest's meaning).
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+/// The manifest file, directory, array index and line an entry comes from,
+/// so errors point at it after includes are merged.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub dir: PathBuf,
+    pub index: usize,
+    pub line: Option<usize>,
 }
 
 /// File mode written either as a TOML integer (`0o755`) or an octal string (`"0755"`).
@@ -251,6 +277,9 @@ pub struct Script {
     pub inline: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Where the entry was written (not part of the manifest's meaning).
+    #[serde(skip)]
+    pub origin: Origin,
 }
 
 impl Script {
@@ -326,24 +355,64 @@ impl Manifest {
         }
     }
 
+    /// An error about an entry, in the file (and at the line) that wrote it.
+    fn invalid_at(&self, origin: &Origin, key: String, message: String) -> ManifestError {
+        let path = if origin.file.as_os_str().is_empty() {
+            self.path.clone()
+        } else {
+            origin.file.clone()
+        };
+        match origin.line {
+            Some(line) => ManifestError::InvalidAt {
+                path,
+                line,
+                key,
+                message,
+            },
+            None => ManifestError::Invalid { path, key, message },
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let s = &self.spec;
+        // Every string (keys and values, paths included): libostree and C
+        // tools would cut a string at a NUL without a word.
+        let value = serde_json::to_value(s).map_err(|e| {
+            self.invalid(
+                "include",
+                format!("a path of this manifest is not UTF-8 ({e}); move the checkout"),
+            )
+        })?;
+        if let Some(key) = find_nul(&value, String::new()) {
+            return Err(self.invalid(key, "contains a NUL character (\\u0000); remove it"));
+        }
         let Some(r) = s.ref_.as_deref() else {
             return Err(self.invalid("ref", "missing: every manifest needs the branch to commit to, e.g. ref = \"cairn/bookworm/x86_64/container-host\""));
         };
-        if r.is_empty()
-            || r.starts_with('/')
-            || r.ends_with('/')
-            || r.contains("//")
-            || r.contains("..")
-            || !r
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-        {
-            return Err(self.invalid(
-                "ref",
-                format!("{r:?} is not a valid OSTree ref (letters, digits, '-', '_', '.', '/' separated parts)"),
-            ));
+        check_ref(r).map_err(|m| self.invalid("ref", m))?;
+        if let Some(p) = &s.version_prefix {
+            check_version(p).map_err(|m| self.invalid("version-prefix", m))?;
+        }
+        for (k, v) in &s.metadata {
+            let key = format!("metadata.{k:?}");
+            if k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(self.invalid(
+                    key,
+                    "a metadata key is a non-empty word without spaces or control characters",
+                ));
+            }
+            if RESERVED_METADATA.contains(&k.as_str())
+                || k.starts_with("cairn.promoted-from")
+                || k.starts_with("ostree.")
+            {
+                return Err(self.invalid(
+                    key,
+                    "is written by the compose itself (or libostree); pick another key, e.g. under `cairn.` or your own prefix",
+                ));
+            }
+            if v.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+                return Err(self.invalid(key, "contains control characters"));
+            }
         }
         match (&s.packages, &s.rootfs) {
             (None, None) => {
@@ -362,7 +431,7 @@ impl Manifest {
                 return Err(self.invalid("packages.suite", "missing, e.g. suite = \"bookworm\""));
             }
             for (i, line) in p.sources.iter().enumerate() {
-                if !line.trim_start().starts_with("deb ") {
+                if !line.trim_start().starts_with("deb ") || line.chars().any(char::is_control) {
                     return Err(self.invalid(
                         format!("packages.sources[{i}]"),
                         format!("{line:?} is not a one-line apt source (`deb [options] URI SUITE COMPONENT...`)"),
@@ -386,7 +455,12 @@ impl Manifest {
                 }
             }
             for name in p.install.iter().chain(&p.exclude) {
-                if name.is_empty() || name.contains(char::is_whitespace) || name.starts_with('-') {
+                if name.is_empty()
+                    || name.contains(char::is_whitespace)
+                    || name.contains(char::is_control)
+                    || name.contains(',')
+                    || name.starts_with('-')
+                {
                     return Err(self.invalid(
                         "packages.install",
                         format!("{name:?} is not a package name"),
@@ -395,8 +469,26 @@ impl Manifest {
             }
         }
         if let Some(root) = &s.rootfs {
-            if !root.exists() {
-                return Err(self.invalid("rootfs", format!("{} does not exist", root.display())));
+            match root.symlink_metadata() {
+                Err(_) => {
+                    return Err(self.invalid("rootfs", format!("{} does not exist", root.display())))
+                }
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(self.invalid(
+                        "rootfs",
+                        format!(
+                            "{} is a symlink; name the directory or archive itself",
+                            root.display()
+                        ),
+                    ))
+                }
+                Ok(m) if !m.is_dir() && !m.is_file() => {
+                    return Err(self.invalid(
+                        "rootfs",
+                        format!("{} is neither a directory nor an archive", root.display()),
+                    ))
+                }
+                Ok(_) => {}
             }
         }
         if let Some(dst) = &s.self_install {
@@ -405,10 +497,23 @@ impl Manifest {
         for (i, f) in s.files.iter().enumerate() {
             check_tree_path(&f.dst, true)
                 .map_err(|m| self.invalid(format!("files[{i}].dst"), m))?;
-            if !f.src.exists() {
+            if Path::new(&f.dst).starts_with("/usr/etc") {
                 return Err(self.invalid(
-                    format!("files[{i}].src"),
-                    format!("{} does not exist", f.src.display()),
+                    format!("files[{i}].dst"),
+                    format!(
+                        "{:?}: write /etc/…; the compose moves /etc to /usr/etc itself",
+                        f.dst
+                    ),
+                ));
+            }
+            if let Err(e) = open_file_source(f) {
+                return Err(self.invalid_at(
+                    &f.origin,
+                    format!("files[{}].src", f.origin.index),
+                    format!(
+                        "{e}; `src` must be a regular file inside the directory of the manifest that names it, \
+                         reached without symlinks (set `follow-symlinks = true` on the entry to follow them)"
+                    ),
                 ));
             }
             if let Some(m) = f.mode {
@@ -443,23 +548,49 @@ impl Manifest {
                     ".netdev",
                     ".network",
                 ];
-                if unit.contains('/') || !KINDS.iter().any(|k| unit.ends_with(k)) {
+                if check_unit_name(unit).is_err() || !KINDS.iter().any(|k| unit.ends_with(k)) {
                     return Err(self.invalid(key, format!("{unit:?} is not a systemd unit name")));
                 }
             }
         }
         for (i, u) in s.users.iter().enumerate() {
-            check_account_name(&u.name).map_err(|m| self.invalid(format!("users[{i}].name"), m))?;
+            let key = |k: &str| format!("users[{i}].{k}");
+            check_account_name(&u.name).map_err(|m| self.invalid(key("name"), m))?;
+            for (j, g) in u.groups.iter().enumerate() {
+                check_account_name(g)
+                    .map_err(|m| self.invalid(format!("users[{i}].groups[{j}]"), m))?;
+            }
+            if let Some(g) = &u.gecos {
+                if g.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
+                    return Err(self.invalid(
+                        key("gecos"),
+                        format!("{g:?}: no quotes, backslashes or control characters"),
+                    ));
+                }
+            }
+            for (k, v) in [("home", &u.home), ("shell", &u.shell)] {
+                if let Some(v) = v {
+                    if !v.starts_with('/')
+                        || v.chars()
+                            .any(|c| c.is_whitespace() || c.is_control() || "\"'\\".contains(c))
+                    {
+                        return Err(self.invalid(
+                            key(k),
+                            format!("{v:?}: an absolute path without spaces, quotes or control characters"),
+                        ));
+                    }
+                }
+            }
         }
         for (i, g) in s.groups.iter().enumerate() {
             check_account_name(&g.name)
                 .map_err(|m| self.invalid(format!("groups[{i}].name"), m))?;
         }
         for (i, k) in s.kernel_args.iter().enumerate() {
-            if k.is_empty() || k.contains(char::is_whitespace) {
+            if k.is_empty() || k.contains(char::is_whitespace) || k.contains(char::is_control) {
                 return Err(self.invalid(
                     format!("kernel-args[{i}]"),
-                    format!("{k:?}: one argument per entry, without spaces"),
+                    format!("{k:?}: one argument per entry, without spaces or control characters"),
                 ));
             }
         }
@@ -510,6 +641,31 @@ impl Manifest {
                     ));
                 }
             }
+            let strings = app
+                .command
+                .iter()
+                .map(|c| ("command", c))
+                .chain(app.env.iter().map(|e| ("env", e)))
+                .chain(
+                    [
+                        ("memory", &app.memory),
+                        ("cpus", &app.cpus),
+                        ("pids", &app.pids),
+                        ("health-cmd", &app.health_cmd),
+                        ("health-interval", &app.health_interval),
+                    ]
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v.as_ref()?))),
+                );
+            for (k, v) in strings {
+                // They become lines of the app's unit file.
+                if v.contains(char::is_control) {
+                    return Err(self.invalid(
+                        key(k),
+                        format!("{v:?} contains control characters (a newline would end the unit's line)"),
+                    ));
+                }
+            }
             for e in &app.env {
                 if !e.contains('=') || e.starts_with('=') {
                     return Err(self.invalid(key("env"), format!("{e:?} is not KEY=VALUE")));
@@ -520,10 +676,13 @@ impl Manifest {
             let key = format!("postprocess[{i}]");
             match (&sc.script, &sc.inline) {
                 (Some(p), None) => {
-                    if !p.is_file() {
-                        return Err(self.invalid(
-                            format!("{key}.script"),
-                            format!("{} is not a file", p.display()),
+                    if let Err(e) = crate::confined::open_source(&sc.origin.dir, p, false) {
+                        return Err(self.invalid_at(
+                            &sc.origin,
+                            format!("postprocess[{}].script", sc.origin.index),
+                            format!(
+                                "{e}; a script must be a regular file inside the directory of the manifest that names it, reached without symlinks"
+                            ),
                         ));
                     }
                 }
@@ -539,17 +698,49 @@ impl Manifest {
         Ok(())
     }
 
+    /// Opens every file the manifest copies or runs, once, with the checks of
+    /// [`open_file_source`]: hash and copy read the same open files.
+    pub fn open_sources(&self) -> std::io::Result<Sources> {
+        let files = self
+            .spec
+            .files
+            .iter()
+            .map(open_file_source)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut scripts = Vec::new();
+        for sc in &self.spec.postprocess {
+            scripts.push(match (&sc.script, &sc.inline) {
+                (Some(p), _) => {
+                    let mut src = crate::confined::open_source(&sc.origin.dir, p, false)?;
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut src.file, &mut text).map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("reading {}: {e}", p.display()))
+                    })?;
+                    text
+                }
+                (None, Some(text)) => text.clone(),
+                (None, None) => String::new(),
+            });
+        }
+        Ok(Sources { files, scripts })
+    }
+
     /// SHA-256 over the manifest's meaning: the merged keys with every source
     /// file replaced by its content digest, so moving a checkout changes nothing.
     pub fn digest(&self) -> std::io::Result<String> {
+        self.digest_of(&mut self.open_sources()?)
+    }
+
+    /// [`Manifest::digest`] over already opened sources (rewound after hashing).
+    pub fn digest_of(&self, sources: &mut Sources) -> std::io::Result<String> {
         let mut canon = self.spec.clone();
         canon.include.clear();
-        for f in &mut canon.files {
-            f.src = PathBuf::from(format!("sha256:{}", file_sha256(&f.src)?));
+        for (f, src) in canon.files.iter_mut().zip(&mut sources.files) {
+            f.src = PathBuf::from(format!("sha256:{}", src.sha256()?));
         }
-        for sc in &mut canon.postprocess {
+        for (sc, body) in canon.postprocess.iter_mut().zip(&sources.scripts) {
             if let Some(p) = &sc.script {
-                let digest = file_sha256(p)?;
+                let digest = hex::encode(Sha256::digest(body.as_bytes()));
                 if sc.name.is_none() {
                     sc.name = p.file_name().map(|n| n.to_string_lossy().into_owned());
                 }
@@ -569,11 +760,123 @@ impl Manifest {
     }
 }
 
+/// The manifest's files and script bodies, each opened once.
+#[derive(Debug)]
+pub struct Sources {
+    /// One per `files` entry, in order.
+    pub files: Vec<crate::confined::Source>,
+    /// One per `postprocess` entry, in order: the script's text.
+    pub scripts: Vec<String>,
+}
+
+/// Opens a `files` entry's `src`: a regular file beneath the directory of the
+/// manifest that names it, without following symlinks (`follow-symlinks =
+/// true`: following them, still only a regular file).
+pub fn open_file_source(f: &FileEntry) -> std::io::Result<crate::confined::Source> {
+    let dir = if f.origin.dir.as_os_str().is_empty() {
+        f.src.parent().unwrap_or(Path::new("/")).to_path_buf()
+    } else {
+        f.origin.dir.clone()
+    };
+    crate::confined::open_source(&dir, &f.src, f.follow_symlinks)
+}
+
 pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut file = std::fs::File::open(path)?;
     std::io::copy(&mut file, &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// Keys the compose writes itself: a manifest value would be overwritten.
+const RESERVED_METADATA: &[&str] = &[
+    "version",
+    "cairn.inputhash",
+    "cairn.manifest-digest",
+    "cairn.packages",
+    "cairn.kargs",
+    "cairn.apps",
+    "cairn.kernel",
+];
+
+/// The key (`files[2].dst`, `metadata."k"`) of the first string holding a NUL.
+fn find_nul(v: &serde_json::Value, key: String) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0').then_some(key),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| find_nul(v, format!("{key}[{i}]"))),
+        serde_json::Value::Object(o) => o.iter().find_map(|(k, v)| {
+            let sub = if key.is_empty() {
+                k.clone()
+            } else if key == "metadata" {
+                format!("{key}.{k:?}")
+            } else {
+                format!("{key}.{k}")
+            };
+            if k.contains('\0') {
+                Some(sub)
+            } else {
+                find_nul(v, sub)
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// An OSTree ref as cairn accepts it: parts of ASCII letters, digits, `-`,
+/// `_` and `.` separated by single `/`; no part empty, `.`, `..` or starting
+/// with `-` or `.` (libostree's grammar, minus what reads as an option or a
+/// path trick).
+pub fn check_ref(r: &str) -> std::result::Result<(), String> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with(['-', '.'])
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    if r.len() > 255 || !r.split('/').all(part_ok) {
+        return Err(format!(
+            "{r:?} is not a valid OSTree ref: parts of letters, digits, '-', '_', '.' separated by '/', \
+             none empty or starting with '-' or '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// A version (or version prefix): 1 to 128 ASCII letters, digits and
+/// `.` `_` `+` `~` `-`, starting with a letter or digit. No spaces or control
+/// characters: versions are matched and printed word by word.
+pub fn check_version(v: &str) -> std::result::Result<(), String> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._+~-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{v:?} is not a valid version: 1 to 128 letters, digits, '.', '_', '+', '~' or '-', starting with a letter or digit"
+        ))
+    }
+}
+
+/// A systemd unit name (as in a manifest or a tree's `[Install]` section):
+/// one file name, no path.
+pub fn check_unit_name(unit: &str) -> std::result::Result<(), String> {
+    let ok = !unit.is_empty()
+        && unit.len() <= 255
+        && !unit.starts_with('.')
+        && unit
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ":_.\\@-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{unit:?} is not a systemd unit name"))
+    }
 }
 
 /// Destinations must be absolute, normalized, and (for added files) under /usr or /etc:
@@ -591,6 +894,11 @@ fn check_tree_path(p: &str, only_usr_etc: bool) -> std::result::Result<(), Strin
     }
     if path == Path::new("/") {
         return Err("refusing to touch the whole tree `/`".into());
+    }
+    if only_usr_etc && (path == Path::new("/usr") || path == Path::new("/etc")) {
+        return Err(format!(
+            "{p:?} is a directory of the tree; name a file below it"
+        ));
     }
     if only_usr_etc && !(path.starts_with("/usr") || path.starts_with("/etc")) {
         return Err(format!(
@@ -618,11 +926,47 @@ fn check_account_name(name: &str) -> std::result::Result<(), String> {
 }
 
 fn parse_file(text: &str, path: &Path) -> Result<ManifestFile> {
-    toml::from_str(text).map_err(|e| ManifestError::Parse {
+    let mut spec: ManifestFile = toml::from_str(text).map_err(|e| ManifestError::Parse {
         path: path.to_owned(),
         // toml's message already carries the line, a caret and the key.
         message: e.to_string().trim_end().to_string(),
-    })
+    })?;
+    // The same text again, for the lines of the paths errors may point at.
+    #[derive(Deserialize)]
+    struct PathSpan {
+        #[serde(alias = "script")]
+        src: Option<toml::Spanned<toml::Value>>,
+    }
+    #[derive(Deserialize)]
+    struct Spans {
+        #[serde(default)]
+        files: Vec<PathSpan>,
+        #[serde(default)]
+        postprocess: Vec<PathSpan>,
+    }
+    let spans: Option<Spans> = toml::from_str(text).ok();
+    let line_of = |list: Option<&Vec<PathSpan>>, i: usize| {
+        let start = list?.get(i)?.src.as_ref()?.span().start;
+        Some(text.get(..start)?.matches('\n').count() + 1)
+    };
+    let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+    for (i, f) in spec.files.iter_mut().enumerate() {
+        f.origin = Origin {
+            file: path.to_owned(),
+            dir: dir.clone(),
+            index: i,
+            line: line_of(spans.as_ref().map(|s| &s.files), i),
+        };
+    }
+    for (i, sc) in spec.postprocess.iter_mut().enumerate() {
+        sc.origin = Origin {
+            file: path.to_owned(),
+            dir: dir.clone(),
+            index: i,
+            line: line_of(spans.as_ref().map(|s| &s.postprocess), i),
+        };
+    }
+    Ok(spec)
 }
 
 fn load_merged(path: &Path, stack: &mut Vec<PathBuf>) -> Result<ManifestFile> {

@@ -5,12 +5,13 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+use crate::confined::{At, Root, Source};
 use crate::manifest::{FileEntry, ManifestFile, Script};
 
 /// Where the dpkg database lives in a composed tree: under /usr, so the package
@@ -18,7 +19,7 @@ use crate::manifest::{FileEntry, ManifestFile, Script};
 pub const DPKG_DB: &str = "usr/lib/sysimage/dpkg";
 /// Kernel arguments of the tree, one per line (read by the image writer).
 pub const KARGS_FILE: &str = "usr/lib/cairn/kargs";
-const TMPFILES_VAR: &str = "usr/lib/tmpfiles.d/cairn-var.conf";
+pub const TMPFILES_VAR: &str = "usr/lib/tmpfiles.d/cairn-var.conf";
 const SYSUSERS: &str = "usr/lib/sysusers.d/cairn.conf";
 
 /// Facts about the prepared tree that go into commit metadata.
@@ -27,80 +28,129 @@ pub struct TreeFacts {
     pub kernel: Option<String>,
 }
 
-fn rel(p: &str) -> &str {
-    p.trim_start_matches('/')
-}
-
-pub fn add_files(root: &Path, files: &[FileEntry]) -> Result<()> {
-    for f in files {
-        let dst = root.join(rel(&f.dst));
-        let md =
-            std::fs::metadata(&f.src).with_context(|| format!("reading {}", f.src.display()))?;
-        if md.is_dir() {
+/// Copies the manifest's `files` into the tree from their opened sources
+/// (see [`crate::manifest::Manifest::open_sources`]): the bytes copied are
+/// checked against the digest the input hash was computed from.
+pub fn add_files(root: &Root, files: &[FileEntry], sources: &mut [Source]) -> Result<()> {
+    for (i, (f, src)) in files.iter().zip(sources.iter_mut()).enumerate() {
+        let mode = match f.mode {
+            Some(m) => m.bits(),
+            None => {
+                let m = src.metadata.mode();
+                if m & 0o7000 != 0 {
+                    tracing::warn!(
+                        "files[{i}]: {} has mode {:04o}; setuid, setgid and sticky bits are dropped unless `mode` asks for them",
+                        f.src.display(),
+                        m & 0o7777
+                    );
+                }
+                m & 0o777
+            }
+        };
+        let expected = src.digest.clone();
+        let at = root
+            .at(&f.dst, true)
+            .with_context(|| format!("files[{i}].dst {}", f.dst))?;
+        let mut out = at.create_file()?;
+        let mut hasher = HashingWriter::new(&mut out);
+        src.rewind()?;
+        std::io::copy(&mut src.file, &mut hasher)
+            .with_context(|| format!("copying {} to {}", f.src.display(), f.dst))?;
+        let got = hasher.finish();
+        if expected.is_some_and(|e| e != got) {
             bail!(
-                "files: {} is a directory; list each file (src = a file)",
+                "files[{i}]: {} changed while the compose ran (its digest is no longer the one hashed into the inputs); run the compose again",
                 f.src.display()
             );
         }
-        install_file(
-            &f.src,
-            &dst,
-            f.mode.map(|m| m.bits()).unwrap_or(md.mode() & 0o7777),
-        )?;
+        at.finish_file(&out, mode)?;
     }
     Ok(())
 }
 
-/// Copies one file into the tree as root:root with `mode`, creating parents (0755).
-pub fn install_file(src: &Path, dst: &Path, mode: u32) -> Result<()> {
-    if let Some(parent) = dst.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+/// Writes through while hashing.
+struct HashingWriter<'a> {
+    out: &'a mut std::fs::File,
+    hasher: sha2::Sha256,
+}
+
+impl<'a> HashingWriter<'a> {
+    fn new(out: &'a mut std::fs::File) -> Self {
+        use sha2::Digest;
+        HashingWriter {
+            out,
+            hasher: sha2::Sha256::new(),
+        }
     }
-    if dst.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-        bail!(
-            "cannot install {} over the directory {}",
-            src.display(),
-            dst.display()
-        );
+
+    fn finish(self) -> String {
+        use sha2::Digest;
+        hex::encode(self.hasher.finalize())
     }
-    let _ = std::fs::remove_file(dst);
-    std::fs::copy(src, dst)
-        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))?;
-    std::os::unix::fs::lchown(dst, Some(0), Some(0))
-        .with_context(|| format!("chown {}", dst.display()))?;
+}
+
+impl std::io::Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.out.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Copies a build-machine file (the host binary, an app archive) into the
+/// tree at `dst` as root:root with `mode`, creating parents (0755) inside the tree.
+pub fn install_file(root: &Root, src: &Path, dst: &str, mode: u32) -> Result<()> {
+    let mut input =
+        std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let at = root.at(dst, true)?;
+    let mut out = at.create_file()?;
+    std::io::copy(&mut input, &mut out)
+        .with_context(|| format!("copying {} to {dst}", src.display()))?;
+    at.finish_file(&out, mode)?;
     Ok(())
 }
 
-/// Installs the running `host` binary (debug info stripped: it is dead weight on a node).
-pub fn self_install(root: &Path, binary: &Path, dst: &str) -> Result<()> {
-    let target = root.join(rel(dst));
-    install_file(binary, &target, 0o755)?;
-    let stripped = Command::new("objcopy")
+/// Installs the running `host` binary (debug info stripped: it is dead
+/// weight on a node). It is stripped in `scratch`, outside the tree, and
+/// then copied in.
+pub fn self_install(root: &Root, binary: &Path, dst: &str, scratch: &Path) -> Result<()> {
+    let stripped = scratch.join("host-stripped");
+    let ok = Command::new("objcopy")
         .arg("--strip-debug")
-        .arg(&target)
+        .arg(binary)
+        .arg(&stripped)
         .stderr(Stdio::null())
-        .status();
-    if !stripped.is_ok_and(|s| s.success()) {
+        .status()
+        .is_ok_and(|s| s.success());
+    let from = if ok {
+        stripped.as_path()
+    } else {
         tracing::warn!(
             "objcopy --strip-debug failed on {}; keeping it unstripped",
-            target.display()
+            binary.display()
         );
-    }
+        binary
+    };
+    install_file(root, from, dst, 0o755)?;
+    let _ = std::fs::remove_file(&stripped);
     Ok(())
 }
 
-pub fn write_kargs(root: &Path, kargs: &[String]) -> Result<()> {
-    let path = root.join(KARGS_FILE);
-    std::fs::create_dir_all(path.parent().expect("has parent"))?;
+pub fn write_kargs(root: &Root, kargs: &[String]) -> Result<()> {
     let text: String = kargs.iter().map(|k| format!("{k}\n")).collect();
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    root.write(KARGS_FILE, text.as_bytes(), 0o644)
+        .with_context(|| format!("writing /{KARGS_FILE}"))
 }
 
 /// Users and groups go to sysusers.d: systemd-sysusers creates them at boot,
-/// so they survive the 3-way /etc merge of later upgrades.
-pub fn write_sysusers(root: &Path, spec: &ManifestFile) -> Result<()> {
+/// so they survive the 3-way /etc merge of later upgrades. (Names, gecos,
+/// home and shell are validated with the manifest, so no field can end a
+/// line or a quote.)
+pub fn write_sysusers(root: &Root, spec: &ManifestFile) -> Result<()> {
     if spec.users.is_empty() && spec.groups.is_empty() {
         return Ok(());
     }
@@ -119,9 +169,8 @@ pub fn write_sysusers(root: &Path, spec: &ManifestFile) -> Result<()> {
             writeln!(text, "m {} {g}", u.name).ok();
         }
     }
-    let path = root.join(SYSUSERS);
-    std::fs::create_dir_all(path.parent().expect("has parent"))?;
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    root.write(SYSUSERS, text.as_bytes(), 0o644)
+        .with_context(|| format!("writing /{SYSUSERS}"))
 }
 
 const UNIT_DIRS: &[&str] = &[
@@ -130,7 +179,7 @@ const UNIT_DIRS: &[&str] = &[
     "lib/systemd/system",
 ];
 
-fn find_unit(root: &Path, unit: &str) -> Option<(PathBuf, String)> {
+fn find_unit(root: &Root, unit: &str) -> Option<String> {
     // A template instance (foo@bar.service) is enabled from its template file.
     let template = unit.split_once('@').and_then(|(pre, post)| {
         post.rsplit_once('.')
@@ -138,19 +187,23 @@ fn find_unit(root: &Path, unit: &str) -> Option<(PathBuf, String)> {
     });
     for dir in UNIT_DIRS {
         for name in std::iter::once(unit.to_string()).chain(template.clone()) {
-            let p = root.join(dir).join(&name);
-            if p.symlink_metadata().is_ok() {
-                return Some((p, format!("/{dir}/{name}")));
+            let p = format!("/{dir}/{name}");
+            if root
+                .at(&p, false)
+                .is_ok_and(|a| a.lstat().ok().flatten().is_some())
+            {
+                return Some(p);
             }
         }
     }
     None
 }
 
-/// `[Install]` keys of a unit file.
-fn install_section(path: &Path) -> Result<Vec<(String, String)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+/// `[Install]` keys of a unit file of the tree (read inside the tree).
+fn install_section(root: &Root, path: &str) -> Result<Vec<(String, String)>> {
+    let text = root
+        .read_to_string(path)
+        .with_context(|| format!("reading {path} in the tree"))?;
     let mut in_install = false;
     let mut out = Vec::new();
     for line in text.lines() {
@@ -170,18 +223,36 @@ fn install_section(path: &Path) -> Result<Vec<(String, String)>> {
 
 /// Enables, disables and masks units the way `systemctl --root` does, without
 /// depending on the build machine's systemd: the symlinks are the whole effect.
+/// Names read from the tree's `[Install]` sections are checked like the
+/// manifest's: a `WantedBy=../../x` cannot place a link anywhere else.
 pub fn apply_units(
-    root: &Path,
+    root: &Root,
     enable: &[String],
     disable: &[String],
     mask: &[String],
 ) -> Result<()> {
-    let etc = root.join("etc/systemd/system");
-    for unit in disable {
-        for entry in walkdir::WalkDir::new(&etc).min_depth(1).max_depth(2) {
-            let entry = entry?;
-            if entry.file_name().to_string_lossy() == *unit && entry.path_is_symlink() {
-                std::fs::remove_file(entry.path())?;
+    const ETC: &str = "/etc/systemd/system";
+    if !disable.is_empty() {
+        if let Ok(etc) = root.dir(ETC, false) {
+            let base = etc.path();
+            for entry in walkdir::WalkDir::new(&base).min_depth(1).max_depth(2) {
+                let entry = entry?;
+                if disable
+                    .iter()
+                    .any(|u| *u == *entry.file_name().to_string_lossy())
+                    && entry.path_is_symlink()
+                {
+                    std::fs::remove_file(entry.path()).with_context(|| {
+                        format!(
+                            "units.disable: removing {ETC}/{}",
+                            entry
+                                .path()
+                                .strip_prefix(&base)
+                                .unwrap_or(entry.path())
+                                .display()
+                        )
+                    })?;
+                }
             }
         }
     }
@@ -191,88 +262,157 @@ pub fn apply_units(
         if !seen.insert(unit.clone()) {
             continue;
         }
-        let Some((file, target)) = find_unit(root, &unit) else {
+        let Some(target) = find_unit(root, &unit) else {
             bail!("units.enable: no unit file {unit} in the tree (looked in /etc, /usr/lib and /lib systemd/system)");
         };
-        let keys = install_section(&file)?;
+        let keys = install_section(root, &target)?;
         if keys.is_empty() {
             bail!("units.enable: {unit} has no [Install] section, so there is nothing to enable; pull it in from another unit");
         }
         for (key, value) in keys {
-            let link_dir = match key.as_str() {
-                "WantedBy" => etc.join(format!("{value}.wants")),
-                "RequiredBy" => etc.join(format!("{value}.requires")),
-                "UpheldBy" => etc.join(format!("{value}.upholds")),
-                "Alias" => {
-                    symlink_force(&target, &etc.join(&value))?;
-                    continue;
-                }
-                "Also" => {
+            if !["WantedBy", "RequiredBy", "UpheldBy", "Alias", "Also"].contains(&key.as_str()) {
+                continue;
+            }
+            crate::manifest::check_unit_name(&value).map_err(|m| {
+                anyhow::anyhow!(
+                    "units.enable: {target} in the tree has {key}={value}: {m}; fix the unit file"
+                )
+            })?;
+            let link = match key.as_str() {
+                "WantedBy" => format!("{ETC}/{value}.wants/{unit}"),
+                "RequiredBy" => format!("{ETC}/{value}.requires/{unit}"),
+                "UpheldBy" => format!("{ETC}/{value}.upholds/{unit}"),
+                "Alias" => format!("{ETC}/{value}"),
+                _ => {
                     queue.push(value);
                     continue;
                 }
-                _ => continue,
             };
-            std::fs::create_dir_all(&link_dir)?;
-            symlink_force(&target, &link_dir.join(&unit))?;
+            root.at(&link, true)?.symlink(&target)?;
         }
     }
     for unit in mask {
-        std::fs::create_dir_all(&etc)?;
-        symlink_force("/dev/null", &etc.join(unit))?;
+        root.at(format!("{ETC}/{unit}"), true)?
+            .symlink("/dev/null")?;
     }
     Ok(())
 }
 
-fn symlink_force(target: &str, link: &Path) -> Result<()> {
-    let _ = std::fs::remove_file(link);
-    std::os::unix::fs::symlink(target, link)
-        .with_context(|| format!("linking {} -> {target}", link.display()))
+/// Capabilities a postprocess script keeps: what a package job run as root
+/// in a chroot needs to own, mode and relabel the tree's files and to drop
+/// to a user. Not CAP_MKNOD (bwrap's /dev allows devices: a node of the
+/// build machine's disk would be raw access to it), not CAP_DAC_READ_SEARCH
+/// (open_by_handle_at reaches any file of the file system the tree is on),
+/// not CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE, CAP_NET_*, CAP_SYS_CHROOT.
+pub const POSTPROCESS_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_SETFCAP",
+];
+
+/// The bubblewrap arguments a postprocess script runs under (before the command).
+///
+/// Namespaces: mount, pid, net, ipc, uts, cgroup: everything but a user
+/// namespace (`--unshare-all` would add one, and as root bwrap maps only uid
+/// 0 in it, so `chown` to any package user fails; capabilities are limited
+/// with `--cap-drop` instead, and bwrap sets no_new_privs so no exec regains
+/// any). The tree is the only bind (read-write, nosuid, nodev) and `/`;
+/// `/proc` is the new pid namespace's, `/dev` a minimal tmpfs, `/tmp` and
+/// `/run` fresh tmpfs; the script itself is bound read-only.
+pub fn postprocess_sandbox(root: &Path, script: &Path) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = [
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup",
+        "--die-with-parent",
+        "--new-session",
+        "--hostname",
+        "cairn-postprocess",
+        "--cap-drop",
+        "ALL",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    for cap in POSTPROCESS_CAPS {
+        a.push("--cap-add".into());
+        a.push(cap.into());
+    }
+    a.extend(["--bind".into(), root.into(), "/".into()]);
+    for arg in [
+        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
+    ] {
+        a.push(arg.into());
+    }
+    a.extend([
+        "--ro-bind".into(),
+        script.into(),
+        "/run/cairn-postprocess".into(),
+    ]);
+    for arg in [
+        "--chdir",
+        "/",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/sbin:/usr/bin:/sbin:/bin",
+        "--setenv",
+        "LC_ALL",
+        "C.UTF-8",
+    ] {
+        a.push(arg.into());
+    }
+    a
 }
 
-/// Runs postprocess scripts inside the tree: bubblewrap, no network, the
-/// tree as `/`, a private /tmp. A failing script names itself, its exit status
-/// and the tail of its output.
-pub fn run_postprocess(root: &Path, scripts: &[Script], env: &[(String, String)]) -> Result<()> {
-    for script in scripts {
+/// Runs postprocess scripts inside the tree under bubblewrap (see
+/// [`postprocess_sandbox`]). `bodies` are the scripts' texts, as read once
+/// by [`crate::manifest::Manifest::open_sources`]. A failing script names
+/// itself, its exit status and the tail of its output.
+pub fn run_postprocess(
+    root: &Root,
+    scripts: &[Script],
+    bodies: &[String],
+    env: &[(String, String)],
+) -> Result<()> {
+    if scripts.is_empty() {
+        return Ok(());
+    }
+    // The mount points bwrap uses must be directories of the tree, not
+    // symlinks to somewhere (the layout step recreates them anyway).
+    for d in ["proc", "dev", "tmp", "run"] {
+        let at = root.at(d, false)?;
+        if !at.is_dir() {
+            at.remove()?;
+            at.mkdir()?;
+        }
+    }
+    let has_sh = ["bin/sh", "usr/bin/sh"].iter().any(|p| {
+        root.at(p, false)
+            .is_ok_and(|a| a.lstat().ok().flatten().is_some())
+    });
+    for (script, body) in scripts.iter().zip(bodies) {
         let name = script.display_name();
-        let body = match (&script.script, &script.inline) {
-            (Some(p), _) => std::fs::read_to_string(p)
-                .with_context(|| format!("reading postprocess script {}", p.display()))?,
-            (None, Some(text)) => text.clone(),
-            _ => unreachable!("validated: exactly one of script/inline"),
-        };
+        if !has_sh {
+            bail!("postprocess {name}: the tree has no /bin/sh to run it with");
+        }
         let tmp = tempfile::Builder::new()
             .prefix("cairn-postprocess")
             .tempfile()?;
-        std::fs::write(tmp.path(), &body)?;
-        if !root.join("bin/sh").exists() && !root.join("usr/bin/sh").exists() {
-            bail!("postprocess {name}: the tree has no /bin/sh to run it with");
-        }
+        std::fs::write(tmp.path(), body)?;
         let mut cmd = Command::new("bwrap");
-        cmd.arg("--bind")
-            .arg(root)
-            .arg("/")
-            .args([
-                "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/run",
-            ])
-            .args([
-                "--unshare-net",
-                "--unshare-ipc",
-                "--unshare-pid",
-                "--unshare-uts",
-                "--die-with-parent",
-            ])
-            .arg("--ro-bind")
-            .arg(tmp.path())
-            .arg("/run/cairn-postprocess")
-            .args(["--chdir", "/", "--clearenv"])
-            .args(["--setenv", "PATH", "/usr/sbin:/usr/bin:/sbin:/bin"])
-            .args(["--setenv", "LC_ALL", "C.UTF-8"]);
+        cmd.args(postprocess_sandbox(root.path(), tmp.path()));
         for (k, v) in env {
             cmd.args(["--setenv", k, v]);
         }
         cmd.args(["/bin/sh", "-e", "/run/cairn-postprocess"]);
+        cmd.stdin(Stdio::null());
         let out = cmd
             .output()
             .with_context(|| format!("postprocess {name}: starting bwrap (run scripts/setup)"))?;
@@ -292,57 +432,86 @@ pub fn run_postprocess(root: &Path, scripts: &[Script], env: &[(String, String)]
     Ok(())
 }
 
-pub fn remove_files(root: &Path, paths: &[String]) -> Result<()> {
+pub fn remove_files(root: &Root, paths: &[String]) -> Result<()> {
     for p in paths {
-        let target = root.join(rel(p));
-        match target.symlink_metadata() {
-            Ok(md) if md.is_dir() => std::fs::remove_dir_all(&target),
-            Ok(_) => std::fs::remove_file(&target),
-            Err(_) => {
+        let at = match root.at(p, false) {
+            Ok(at) => at,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::info!("remove-files: {p} is not in the tree");
-                Ok(())
+                continue;
             }
+            Err(e) => return Err(e).with_context(|| format!("remove-files: {p}")),
+        };
+        if at.lstat()?.is_none() {
+            tracing::info!("remove-files: {p} is not in the tree");
+            continue;
         }
-        .with_context(|| format!("remove-files: removing {p}"))?;
+        at.remove()
+            .with_context(|| format!("remove-files: removing {p}"))?;
     }
     Ok(())
 }
 
-/// Rearranges a root into the layout libostree deploys.
-pub fn ostree_layout(root: &Path) -> Result<TreeFacts> {
+/// The installed packages of the tree, read from a copy of its dpkg status
+/// file (a regular file read inside the tree: a symlink in it cannot make
+/// dpkg-query read the build machine's database).
+pub fn installed_packages(root: &Root) -> Result<crate::apt::PackageSet> {
+    let status = match root.open_read("var/lib/dpkg/status") {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(crate::apt::PackageSet::default())
+        }
+        Err(e) => return Err(e).context("reading /var/lib/dpkg/status in the tree"),
+    };
+    let admin = tempfile::tempdir()?;
+    std::fs::create_dir(admin.path().join("updates"))?;
+    let mut copy = std::fs::File::create(admin.path().join("status"))?;
+    std::io::copy(&mut { status }, &mut copy)?;
+    crate::apt::installed_packages(admin.path())
+}
+
+/// Rearranges a root into the layout libostree deploys. Every step works on
+/// names whose directories are resolved inside the tree and never follows a
+/// symlink in the last component: a `/var -> /` in a rootfs is replaced, not
+/// emptied.
+pub fn ostree_layout(root: &Root) -> Result<TreeFacts> {
     let facts = TreeFacts {
         kernel: move_kernel(root)?,
     };
 
     let mut tmpfiles =
         String::from("# Generated by cairn: what the packages put in /var, recreated at boot.\n");
-    let dpkg = root.join("var/lib/dpkg");
-    if dpkg.is_dir() {
-        let dest = root.join(DPKG_DB);
-        std::fs::create_dir_all(dest.parent().expect("has parent"))?;
-        std::fs::rename(&dpkg, &dest)
+    let dpkg = root.at("var/lib/dpkg", false).ok().filter(At::is_dir);
+    if let Some(dpkg) = dpkg {
+        let dest = root.at(DPKG_DB, true)?;
+        dpkg.rename_to(&dest)
             .with_context(|| format!("moving the dpkg database to /{DPKG_DB}"))?;
         writeln!(tmpfiles, "L /var/lib/dpkg - - - - ../../{DPKG_DB}").ok();
     }
 
-    let etc = root.join("etc");
-    let usr_etc = root.join("usr/etc");
-    if usr_etc.exists() {
-        bail!("the tree already has /usr/etc; cairn moves /etc there and cannot merge the two");
-    }
+    let etc = root.at("etc", false)?;
     if etc.is_dir() {
-        std::fs::rename(&etc, &usr_etc).context("moving /etc to /usr/etc")?;
+        let usr_etc = root.at("usr/etc", true)?;
+        if usr_etc.lstat()?.is_some() {
+            bail!("the tree already has /usr/etc; cairn moves /etc there and cannot merge the two");
+        }
+        etc.rename_to(&usr_etc).context("moving /etc to /usr/etc")?;
+    } else if root
+        .at("usr/etc", false)
+        .is_ok_and(|a| a.lstat().ok().flatten().is_some())
+    {
+        bail!("the tree already has /usr/etc; cairn moves /etc there and cannot merge the two");
     }
 
     // /usr/local belongs to the machine, not the tree (as on rpm-ostree systems).
-    let usr_local = root.join("usr/local");
-    if usr_local.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-        std::fs::create_dir_all(root.join("var/usrlocal"))?;
-        move_contents(&usr_local, &root.join("var/usrlocal"))?;
-        std::fs::remove_dir(&usr_local)?;
+    let usr_local = root.at("usr/local", true)?;
+    if usr_local.is_dir() {
+        let dest = root.dir("var/usrlocal", true)?;
+        move_contents(&usr_local, &dest)?;
+        std::fs::remove_dir(usr_local.path())?;
     }
-    if usr_local.symlink_metadata().is_err() {
-        std::os::unix::fs::symlink("../var/usrlocal", &usr_local)?;
+    if usr_local.lstat()?.is_none() {
+        usr_local.symlink("../var/usrlocal")?;
     }
 
     // Top-level directories that are per-machine state move under /var.
@@ -353,36 +522,42 @@ pub fn ostree_layout(root: &Path) -> Result<TreeFacts> {
         ("srv", "srv"),
         ("mnt", "mnt"),
     ] {
-        let p = root.join(dir);
-        if p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-            let dest = root.join("var").join(var);
-            std::fs::create_dir_all(&dest)?;
-            std::fs::set_permissions(&dest, std::fs::metadata(&p)?.permissions())?;
+        let p = root.at(dir, false)?;
+        if let Some(md) = p.lstat()?.filter(|m| m.is_dir()) {
+            let dest = root.dir(format!("var/{var}"), true)?;
+            root.at(format!("var/{var}"), false)?.chmod_dir(md.mode())?;
             move_contents(&p, &dest)?;
-            std::fs::remove_dir(&p)?;
+            std::fs::remove_dir(p.path())?;
         }
     }
-    writeln!(tmpfiles, "{}", var_tmpfiles(&root.join("var"))?).ok();
-    write_tmpfiles(root, &tmpfiles)?;
-    if root.join("var").is_dir() {
-        clear_dir(&root.join("var"))?;
+    let var = root.at("var", false)?;
+    if var.is_dir() {
+        let dir = root.dir("var", false)?;
+        writeln!(tmpfiles, "{}", var_tmpfiles(&dir.path())?).ok();
+    } else {
+        writeln!(tmpfiles).ok();
+    }
+    root.write(TMPFILES_VAR, tmpfiles.as_bytes(), 0o644)
+        .with_context(|| format!("writing /{TMPFILES_VAR}"))?;
+    if var.is_dir() {
+        clear_dir(&var)?;
     }
 
     for d in ["boot", "dev", "proc", "sys", "run", "sysroot", "var"] {
-        let p = root.join(d);
-        if p.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
-            std::fs::remove_file(&p)?;
+        let p = root.at(d, false)?;
+        match p.lstat()? {
+            Some(m) if m.is_dir() => clear_dir(&p)?,
+            Some(_) => {
+                p.remove()?;
+                p.mkdir()?;
+            }
+            None => p.mkdir()?,
         }
-        if p.is_dir() {
-            clear_dir(&p)?;
-        } else {
-            std::fs::create_dir_all(&p)?;
-        }
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+        p.chmod_dir(0o755)?;
     }
-    let tmp = root.join("tmp");
-    if tmp.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-        std::fs::remove_dir_all(&tmp)?;
+    let tmp = root.at("tmp", false)?;
+    if tmp.is_dir() {
+        tmp.remove()?;
     }
     for (link, target) in [
         ("home", "var/home"),
@@ -394,18 +569,19 @@ pub fn ostree_layout(root: &Path) -> Result<TreeFacts> {
         ("tmp", "sysroot/tmp"),
         ("ostree", "sysroot/ostree"),
     ] {
-        let p = root.join(link);
-        if p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-            std::fs::remove_dir_all(&p)?;
+        let p = root.at(link, false)?;
+        if p.is_dir() {
+            p.remove()?;
         }
-        symlink_force(target, &p)?;
+        p.symlink(target)?;
     }
     // Debian's /vmlinuz and /initrd.img links point into the now empty /boot.
-    for entry in std::fs::read_dir(root)? {
+    let top = root.dir("", false)?;
+    for entry in std::fs::read_dir(top.path())? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if (name.starts_with("vmlinuz") || name.starts_with("initrd.img"))
-            && entry.path().is_symlink()
+            && entry.file_type()?.is_symlink()
         {
             std::fs::remove_file(entry.path())?;
         }
@@ -413,26 +589,18 @@ pub fn ostree_layout(root: &Path) -> Result<TreeFacts> {
     Ok(facts)
 }
 
-fn write_tmpfiles(root: &Path, text: &str) -> Result<()> {
-    let path = root.join(TMPFILES_VAR);
-    std::fs::create_dir_all(path.parent().expect("has parent"))?;
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
-}
-
 /// tmpfiles.d lines that recreate /var's directories and symlinks (its files
 /// are per-machine state and are dropped, as libostree would ignore them).
+/// `var` is the tree's /var (a `/proc/self/fd` path of the open directory).
 fn var_tmpfiles(var: &Path) -> Result<String> {
     let mut out = String::new();
-    if !var.is_dir() {
-        return Ok(out);
-    }
     let mut dropped = 0usize;
     for entry in walkdir::WalkDir::new(var).min_depth(1).sort_by_file_name() {
         let entry = entry?;
         let md = entry.path().symlink_metadata()?;
         let path = Path::new("/var").join(entry.path().strip_prefix(var).expect("under var"));
         let path = path.display().to_string();
-        if path.contains(char::is_whitespace) {
+        if path.contains(|c: char| c.is_whitespace() || c.is_control()) {
             dropped += 1;
             continue;
         }
@@ -447,7 +615,12 @@ fn var_tmpfiles(var: &Path) -> Result<String> {
             .ok();
         } else if md.file_type().is_symlink() {
             let target = std::fs::read_link(entry.path())?;
-            writeln!(out, "L {path} - - - - {}", target.display()).ok();
+            let target = target.display().to_string();
+            if target.contains(|c: char| c.is_whitespace() || c.is_control()) {
+                dropped += 1;
+                continue;
+            }
+            writeln!(out, "L {path} - - - - {target}").ok();
         } else {
             dropped += 1;
         }
@@ -458,15 +631,16 @@ fn var_tmpfiles(var: &Path) -> Result<String> {
     Ok(out)
 }
 
-fn move_contents(from: &Path, to: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(from)? {
+/// Moves the entries of the directory `from` into `to` (both in the tree).
+fn move_contents(from: &At, to: &crate::confined::Dir) -> Result<()> {
+    for entry in std::fs::read_dir(from.path())? {
         let entry = entry?;
-        let dest = to.join(entry.file_name());
+        let dest = to.path().join(entry.file_name());
         if dest.symlink_metadata().is_ok() {
             bail!(
-                "both {} and {} exist; cannot merge them",
-                entry.path().display(),
-                dest.display()
+                "both {}/{} and its destination under /var exist; cannot merge them",
+                from.display,
+                entry.file_name().to_string_lossy()
             );
         }
         std::fs::rename(entry.path(), &dest)?;
@@ -474,8 +648,11 @@ fn move_contents(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-fn clear_dir(dir: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+/// Empties the directory `dir` (checked to be one, not a symlink).
+fn clear_dir(dir: &At) -> Result<()> {
+    for entry in
+        std::fs::read_dir(dir.path()).with_context(|| format!("reading {}", dir.display))?
+    {
         let entry = entry?;
         let p = entry.path();
         if entry.file_type()?.is_dir() {
@@ -483,30 +660,40 @@ fn clear_dir(dir: &Path) -> Result<()> {
         } else {
             std::fs::remove_file(&p)
         }
-        .with_context(|| format!("removing {}", p.display()))?;
+        .with_context(|| {
+            format!(
+                "removing {}/{}",
+                dir.display,
+                entry.file_name().to_string_lossy()
+            )
+        })?;
     }
     Ok(())
 }
 
 /// Moves `/boot/vmlinuz-KVER` and its initramfs to `/usr/lib/modules/KVER/`,
 /// where libostree looks for them. Returns the kernel version, if any.
-fn move_kernel(root: &Path) -> Result<Option<String>> {
-    let boot = root.join("boot");
+fn move_kernel(root: &Root) -> Result<Option<String>> {
+    let exists = |p: &str| {
+        root.at(p, false)
+            .is_ok_and(|a| a.lstat().ok().flatten().is_some())
+    };
     let mut kernels = BTreeSet::new();
+    let boot = root.at("boot", false)?;
     if boot.is_dir() {
-        for entry in std::fs::read_dir(&boot)? {
+        for entry in std::fs::read_dir(boot.path())? {
             let name = entry?.file_name().to_string_lossy().into_owned();
             if let Some(kver) = name.strip_prefix("vmlinuz-") {
                 kernels.insert(kver.to_string());
             }
         }
     }
-    let modules = root.join("usr/lib/modules");
-    if modules.is_dir() {
-        for entry in std::fs::read_dir(&modules)? {
+    if let Ok(modules) = root.dir("usr/lib/modules", false) {
+        for entry in std::fs::read_dir(modules.path())? {
             let entry = entry?;
-            if entry.path().join("vmlinuz").exists() {
-                kernels.insert(entry.file_name().to_string_lossy().into_owned());
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type()?.is_dir() && exists(&format!("usr/lib/modules/{name}/vmlinuz")) {
+                kernels.insert(name);
             }
         }
     }
@@ -519,30 +706,35 @@ fn move_kernel(root: &Path) -> Result<Option<String>> {
             kernels.into_iter().collect::<Vec<_>>().join(", ")
         ),
     };
-    let dir = modules.join(&kver);
-    std::fs::create_dir_all(&dir)?;
-    let vmlinuz = boot.join(format!("vmlinuz-{kver}"));
-    if vmlinuz.exists() {
-        std::fs::rename(&vmlinuz, dir.join("vmlinuz"))?;
+    if kver.contains(|c: char| c.is_whitespace() || c.is_control()) || kver == ".." || kver == "." {
+        bail!("the tree's kernel version {kver:?} is not a usable directory name");
+    }
+    let dir = format!("usr/lib/modules/{kver}");
+    root.dir(&dir, true)?;
+    let mv = |from: &str, to: &str| -> Result<()> {
+        root.at(from, false)?
+            .rename_to(&root.at(format!("{dir}/{to}"), false)?)?;
+        Ok(())
+    };
+    if exists(&format!("boot/vmlinuz-{kver}")) {
+        mv(&format!("boot/vmlinuz-{kver}"), "vmlinuz")?;
     }
     for initrd in [
-        format!("initrd.img-{kver}"),
-        format!("initramfs-{kver}.img"),
+        format!("boot/initrd.img-{kver}"),
+        format!("boot/initramfs-{kver}.img"),
     ] {
-        let p = boot.join(initrd);
-        if p.exists() {
-            std::fs::rename(&p, dir.join("initramfs.img"))?;
+        if exists(&initrd) {
+            mv(&initrd, "initramfs.img")?;
         }
     }
-    if !dir.join("initramfs.img").exists() {
+    if !exists(&format!("{dir}/initramfs.img")) {
         bail!(
             "kernel {kver} has no initramfs (/boot/initrd.img-{kver} or /usr/lib/modules/{kver}/initramfs.img); \
              install dracut and ostree-boot so one is generated with the ostree module"
         );
     }
-    let config = boot.join(format!("config-{kver}"));
-    if config.exists() {
-        std::fs::rename(&config, dir.join("config"))?;
+    if exists(&format!("boot/config-{kver}")) {
+        mv(&format!("boot/config-{kver}"), "config")?;
     }
     Ok(Some(kver))
 }
@@ -567,8 +759,9 @@ mod tests {
             "[Install]\nWantedBy=getty.target\n",
         )
         .unwrap();
+        let tree = Root::open(root.path()).unwrap();
         apply_units(
-            root.path(),
+            &tree,
             &["a.service".into(), "getty@ttyS0.service".into()],
             &[],
             &["d.service".into()],
@@ -596,17 +789,60 @@ mod tests {
         );
         assert_eq!(link("d.service"), "/dev/null");
 
-        apply_units(root.path(), &[], &["a.service".into()], &[]).unwrap();
+        apply_units(&tree, &[], &["a.service".into()], &[]).unwrap();
         assert!(etc
             .join("multi-user.target.wants/a.service")
             .symlink_metadata()
             .is_err());
 
-        let err = apply_units(root.path(), &["missing.service".into()], &[], &[]).unwrap_err();
+        let err = apply_units(&tree, &["missing.service".into()], &[], &[]).unwrap_err();
         assert!(
             err.to_string().contains("no unit file missing.service"),
             "{err}"
         );
+    }
+
+    /// The layout step on a tree whose top-level directories are symlinks to
+    /// the build machine: the links are replaced, their targets untouched.
+    /// (It used to empty the target of `/var`, and move a kernel out of the
+    /// target of `/boot`.)
+    #[test]
+    fn layout_never_follows_the_trees_symlinks_out() {
+        let base = tempfile::tempdir().unwrap();
+        let outside = base.path().join("outside");
+        std::fs::create_dir_all(outside.join("lib/dpkg")).unwrap();
+        std::fs::write(outside.join("keep"), "host").unwrap();
+        std::fs::write(outside.join("vmlinuz-6.1.0-x"), "host kernel").unwrap();
+        std::fs::write(outside.join("initrd.img-6.1.0-x"), "host initrd").unwrap();
+        let t = base.path().join("tree");
+        std::fs::create_dir_all(t.join("usr/lib")).unwrap();
+        for link in ["var", "boot", "home", "opt", "run", "tmp", "etc"] {
+            std::os::unix::fs::symlink(&outside, t.join(link)).unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, t.join("usr/local")).unwrap();
+        let root = Root::open(&t).unwrap();
+        let facts = ostree_layout(&root).unwrap();
+        assert_eq!(facts.kernel, None);
+        let mut left: Vec<String> = std::fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["initrd.img-6.1.0-x", "keep", "lib", "vmlinuz-6.1.0-x"]
+        );
+        assert!(outside.join("lib/dpkg").is_dir());
+        for d in ["var", "boot", "run"] {
+            let md = std::fs::symlink_metadata(t.join(d)).unwrap();
+            assert!(md.is_dir(), "/{d} is a directory of the tree now");
+        }
+        assert_eq!(
+            std::fs::read_link(t.join("home")).unwrap(),
+            Path::new("var/home")
+        );
+        let tmpfiles = std::fs::read_to_string(t.join(TMPFILES_VAR)).unwrap();
+        assert!(!tmpfiles.contains("dpkg"), "{tmpfiles}");
     }
 
     #[test]
@@ -616,6 +852,7 @@ mod tests {
         std::fs::create_dir_all(var.join("lib/app")).unwrap();
         std::fs::write(var.join("lib/app/state"), "x").unwrap();
         std::os::unix::fs::symlink("../run/lock", var.join("lock")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(var.join("lib/app"), std::fs::Permissions::from_mode(0o750))
             .unwrap();
         let text = var_tmpfiles(&var).unwrap();

@@ -48,7 +48,7 @@ fn the_shipped_manifest_loads() {
 #[test]
 fn includes_concatenate_arrays_and_the_including_file_wins_scalars() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "files/a", "a");
+    write(dir.path(), "base/files/a", "a");
     write(dir.path(), "files/b", "b");
     write(
         dir.path(),
@@ -63,7 +63,7 @@ replaced = "base"
 suite = "bookworm"
 install = ["systemd"]
 [[files]]
-src = "../files/a"
+src = "files/a"
 dst = "/etc/a"
 "#,
     );
@@ -92,7 +92,7 @@ dst = "/usr/share/b"
     assert_eq!(pkgs.suite.as_deref(), Some("bookworm"));
     assert_eq!(pkgs.install, vec!["systemd", "iproute2"]);
     // Paths are relative to the file that names them.
-    assert_eq!(m.spec.files[0].src, dir.path().join("base/../files/a"));
+    assert_eq!(m.spec.files[0].src, dir.path().join("base/files/a"));
     assert_eq!(m.spec.files[1].src, dir.path().join("files/b"));
 }
 
@@ -203,4 +203,299 @@ fn the_digest_follows_content_not_location() {
         .digest()
         .unwrap();
     assert_ne!(da, db2);
+}
+
+fn base(extra: &str) -> String {
+    format!("ref = \"a/b\"\nrootfs = \".\"\n{extra}")
+}
+
+/// `files[N].src` is a regular file inside the manifest's directory, reached
+/// without symlinks: a link to a build-machine secret, a `..` out of the
+/// directory, a link inside the directory chain, a fifo or a directory are
+/// refused when the manifest is loaded, with the key, the file and the line.
+#[test]
+fn file_sources_stay_inside_the_manifest_directory() {
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("m");
+    write(top.path(), "secret", "build machine secret");
+    write(&dir, "files/ok", "ok");
+    std::os::unix::fs::symlink(top.path().join("secret"), dir.join("files/abs")).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", dir.join("files/shadow")).unwrap();
+    std::os::unix::fs::symlink("../../secret", dir.join("files/rel")).unwrap();
+    std::os::unix::fs::symlink("files", dir.join("linkdir")).unwrap();
+    nix::unistd::mkfifo(&dir.join("files/fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let src = |s: &str| {
+        base(&format!(
+            "\n[[files]]\nsrc = \"files/ok\"\ndst = \"/etc/ok\"\n\n[[files]]\nsrc = \"{s}\"\ndst = \"/etc/x\"\n"
+        ))
+    };
+    for (bad, why) in [
+        ("files/abs", "symlink"),
+        ("files/shadow", "symlink"),
+        ("files/rel", "symlink"),
+        ("linkdir/ok", "symlink"),
+        ("../secret", "outside"),
+        ("files/../../secret", "outside"),
+        ("files/fifo", "not a regular file"),
+        ("files", "directory"),
+        ("/etc/hostname", "not inside the manifest's directory"),
+    ] {
+        let e = err(&dir, &src(bad));
+        assert!(
+            e.contains("key `files[1].src`") && e.contains("m.toml line 9") && e.contains(why),
+            "{bad}: {e}"
+        );
+        assert!(
+            e.contains("follow-symlinks"),
+            "{bad}: the error says what to do: {e}"
+        );
+    }
+    // Explicitly allowed: symlinks are followed, but only to a regular file.
+    let allowed = |s: &str| format!("{}follow-symlinks = true\n", src(s));
+    for ok in ["files/abs", "files/rel", "linkdir/ok", "../secret"] {
+        let p = write(&dir, "m.toml", &allowed(ok));
+        let m = Manifest::load(&p).unwrap();
+        assert!(m.spec.files[1].follow_symlinks);
+        m.digest().unwrap();
+    }
+    let e = err(&dir, &allowed("files/fifo"));
+    assert!(
+        e.contains("files[1].src") && e.contains("not a regular file"),
+        "{e}"
+    );
+    // follow-symlinks is part of the manifest's meaning only when set.
+    let p = write(&dir, "m.toml", &src("files/ok"));
+    assert!(!Manifest::load(&p)
+        .unwrap()
+        .to_toml()
+        .contains("follow-symlinks"));
+}
+
+/// An included manifest's sources are confined to its own directory, and
+/// the error names that file.
+#[test]
+fn included_sources_are_checked_in_their_own_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", "s");
+    write(
+        dir.path(),
+        "inc/inc.toml",
+        "# comment\n[[files]]\nsrc = \"../secret\"\ndst = \"/etc/s\"\n",
+    );
+    let e = err(dir.path(), &base("include = [\"inc/inc.toml\"]\n"));
+    assert!(
+        e.contains("inc.toml line 3") && e.contains("files[0].src"),
+        "{e}"
+    );
+}
+
+#[test]
+fn postprocess_scripts_stay_inside_the_manifest_directory() {
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("m");
+    write(top.path(), "outside.sh", "echo hi\n");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(top.path().join("outside.sh"), dir.join("link.sh")).unwrap();
+    for s in ["link.sh", "../outside.sh"] {
+        let e = err(&dir, &base(&format!("[[postprocess]]\nscript = \"{s}\"\n")));
+        assert!(
+            e.contains("postprocess[0].script") && e.contains("line 4"),
+            "{s}: {e}"
+        );
+    }
+}
+
+/// Everything that becomes commit metadata, a version or a ref is checked
+/// at load, naming the key: no NUL anywhere, no whitespace or control
+/// characters in versions and refs, reserved metadata keys refused.
+#[test]
+fn metadata_versions_and_refs_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "f", "x");
+    let cases = [
+        (
+            base("version-prefix = \"1 beta\"\n"),
+            "key `version-prefix`",
+        ),
+        (base("version-prefix = \"1\\n2\"\n"), "key `version-prefix`"),
+        (base("version-prefix = \"\"\n"), "key `version-prefix`"),
+        (base("version-prefix = \"-1\"\n"), "key `version-prefix`"),
+        (
+            base("[metadata]\nk = \"a\\u0000b\"\n"),
+            "key `metadata.\"k\"`",
+        ),
+        (base("[metadata]\n\"k\\u0000x\" = \"v\"\n"), "NUL"),
+        (
+            base("[metadata]\nversion = \"9\"\n"),
+            "key `metadata.\"version\"`",
+        ),
+        (
+            base("[metadata]\n\"cairn.packages\" = \"x\"\n"),
+            "written by the compose",
+        ),
+        (
+            base("[metadata]\n\"ostree.bootable\" = \"x\"\n"),
+            "written by the compose",
+        ),
+        (
+            base("[metadata]\n\"a key\" = \"x\"\n"),
+            "key `metadata.\"a key\"`",
+        ),
+        (base("[metadata]\nk = \"bell\\u0007\"\n"), "control"),
+        (
+            base("[[files]]\nsrc = \"f\"\ndst = \"/etc/x\\u0000y\"\n"),
+            "key `files[0].dst`: contains a NUL",
+        ),
+        (
+            base("kernel-args = [\"quiet\\u0000\"]\n"),
+            "key `kernel-args[0]`",
+        ),
+        (
+            base("[[users]]\nname = \"app\\u0000\"\n"),
+            "key `users[0].name`",
+        ),
+        (
+            "ref = \"a/b\\u0000c\"\nrootfs = \".\"\n".to_string(),
+            "key `ref`",
+        ),
+        ("ref = \"a/./b\"\nrootfs = \".\"\n".to_string(), "key `ref`"),
+        ("ref = \"-a/b\"\nrootfs = \".\"\n".to_string(), "key `ref`"),
+        ("ref = \"a/.b\"\nrootfs = \".\"\n".to_string(), "key `ref`"),
+        ("ref = \"a b\"\nrootfs = \".\"\n".to_string(), "key `ref`"),
+    ];
+    for (text, expected) in cases {
+        let e = err(dir.path(), &text);
+        assert!(
+            e.contains(expected),
+            "for {text:?}: expected {expected:?} in {e:?}"
+        );
+    }
+    // Still fine.
+    let p = write(
+        dir.path(),
+        "m.toml",
+        &base("version-prefix = \"1.2~rc1+x_y-z\"\n[metadata]\n\"cairn.variant\" = \"x\"\nnote = \"two\\nlines\"\n"),
+    );
+    Manifest::load(&p).unwrap();
+}
+
+/// Beyond the listed cases: values that end up in generated files
+/// (sysusers.d, unit files, kargs) cannot break out of their line or quote,
+/// and file destinations cannot name a whole directory or /usr/etc.
+#[test]
+fn values_written_into_generated_files_cannot_break_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "f", "x");
+    // A rootfs that is a symlink to / used to be copied as the symlink,
+    // making the build machine's root the tree.
+    std::os::unix::fs::symlink("/", dir.path().join("slash")).unwrap();
+    let digest = format!("sha256:{}", "0".repeat(64));
+    let cases = [
+        (base("[[users]]\nname = \"app\"\ngecos = \"x\\\" \\nu evil 0\"\n"), "key `users[0].gecos`"),
+        (base("[[users]]\nname = \"app\"\ngroups = [\"wheel\\nu evil 0\"]\n"), "key `users[0].groups[0]`"),
+        (base("[[users]]\nname = \"app\"\nhome = \"home dir\"\n"), "key `users[0].home`"),
+        (base("[[users]]\nname = \"app\"\nshell = \"/bin/sh -c x\"\n"), "key `users[0].shell`"),
+        (base("kernel-args = [\"a\\u0007\"]\n"), "key `kernel-args[0]`"),
+        (base("[units]\nenable = [\"a b.service\"]\n"), "key `units.enable`"),
+        (base("[units]\nmask = [\"..service\"]\n"), "key `units.mask`"),
+        (base(&format!("[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"{digest}\"\nenv = [\"A=1\\nExecStartPre=/bin/evil\"]\n")), "key `apps[0].env`"),
+        (base(&format!("[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"{digest}\"\ncommand = [\"x\\ny\"]\n")), "key `apps[0].command`"),
+        (base("[[files]]\nsrc = \"f\"\ndst = \"/etc\"\n"), "key `files[0].dst`"),
+        ("ref = \"a/b\"\nrootfs = \"slash\"\n".to_string(), "key `rootfs`: "),
+        (base("[[files]]\nsrc = \"f\"\ndst = \"/usr/etc/x\"\n"), "key `files[0].dst`"),
+        (base("[[files]]\nsrc = \"f\"\ndst = \"/etc/../root/x\"\n"), "key `files[0].dst`"),
+        ("ref = \"a/b\"\n[packages]\nsuite = \"bookworm\"\ninstall = [\"a,b\"]\n".to_string(), "packages.install"),
+        ("ref = \"a/b\"\n[packages]\nsuite = \"bookworm\"\nsources = [\"deb http://x bookworm main\\ndeb http://y z main\"]\n".to_string(), "packages.sources[0]"),
+    ];
+    for (text, expected) in cases {
+        let e = err(dir.path(), &text);
+        assert!(
+            e.contains(expected),
+            "for {text:?}: expected {expected:?} in {e:?}"
+        );
+    }
+}
+
+/// `--version`, `--ref` and `--to` given on the command line are checked
+/// like the manifest's, before anything is written.
+#[test]
+fn command_line_versions_and_refs_are_validated() {
+    use cairn_builder::compose::{
+        commit_prepared, compose_tree, promote, ComposeOptions, PreparedCommit,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "m.toml", &base(""));
+    let m = Manifest::load(&p).unwrap();
+    let mut opts = ComposeOptions::new(dir.path().join("repo"), dir.path().join("cache"));
+    for bad in ["1 2", "1\n2", "", "x\u{0}y", "-1"] {
+        opts.version = Some(bad.to_string());
+        let e = compose_tree(&m, &opts).unwrap_err().to_string();
+        assert!(e.contains("--version"), "{bad:?}: {e}");
+        let e = promote(&opts, "a/b", "c/d", None).unwrap_err().to_string();
+        assert!(e.contains("--version"), "{bad:?}: {e}");
+        let e = commit_prepared(
+            &opts,
+            PreparedCommit {
+                root: dir.path(),
+                refname: "a/b",
+                version: Some(bad),
+                subject: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--version"), "{bad:?}: {e}");
+    }
+    opts.version = None;
+    for bad in ["a b", "a/../b", "-x", "a\u{0}b", "a//b"] {
+        let e = commit_prepared(
+            &opts,
+            PreparedCommit {
+                root: dir.path(),
+                refname: bad,
+                version: None,
+                subject: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--ref"), "{bad:?}: {e}");
+        let e = promote(&opts, "a/b", bad, None).unwrap_err().to_string();
+        assert!(e.contains("--to"), "{bad:?}: {e}");
+    }
+    assert!(!dir.path().join("repo").exists() && !dir.path().join("cache").exists());
+}
+
+/// A source's setuid/setgid/sticky bits ship only when `mode` asks for them;
+/// `dst` through a symlink of the tree lands inside the tree.
+#[test]
+fn files_drop_setuid_unless_the_mode_says_so() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tool = write(dir.path(), "tool", "#!/bin/sh\n");
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let p = write(
+        dir.path(),
+        "m.toml",
+        &base("[[files]]\nsrc = \"tool\"\ndst = \"/usr/bin/a\"\n\n[[files]]\nsrc = \"tool\"\ndst = \"/usr/bin/b\"\nmode = \"4750\"\n\n[[files]]\nsrc = \"tool\"\ndst = \"/etc/link/c\"\n"),
+    );
+    let m = Manifest::load(&p).unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tree.path().join("etc")).unwrap();
+    std::fs::create_dir_all(tree.path().join("usr/lib")).unwrap();
+    std::os::unix::fs::symlink("/usr/lib", tree.path().join("etc/link")).unwrap();
+    let root = cairn_builder::confined::Root::open(tree.path()).unwrap();
+    let mut sources = m.open_sources().unwrap();
+    m.digest_of(&mut sources).unwrap();
+    cairn_builder::tree::add_files(&root, &m.spec.files, &mut sources.files).unwrap();
+    let mode = |p: &str| {
+        std::fs::symlink_metadata(tree.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("usr/bin/a"), 0o755);
+    assert_eq!(mode("usr/bin/b"), 0o4750);
+    assert_eq!(mode("usr/lib/c"), 0o755, "resolved inside the tree");
 }

@@ -952,3 +952,97 @@ fn apps_are_verified_and_baked_into_the_tree_with_a_unit() {
     assert!(!corrupt.status.success());
     assert_eq!(env.ref_head("repo").unwrap(), head);
 }
+
+/// The tree's own symlinks never lead the compose's writes onto the build
+/// machine: parents resolve inside the tree (like a chroot), the last
+/// component of a path is never followed. Before, a rootfs with `/var ->
+/// DIR` had DIR emptied by the layout step, a `dst` below an absolute
+/// symlink was written on the build machine, and `remove-files` below one
+/// removed build-machine files.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn tree_symlinks_never_lead_writes_onto_the_build_machine() {
+    let env = Env::new();
+    let victim = env.path("host-victim");
+    std::fs::create_dir_all(victim.join("state")).unwrap();
+    std::fs::write(victim.join("keep"), "host file\n").unwrap();
+    let v = victim.display().to_string();
+    let base = env.path("base");
+    std::fs::remove_dir_all(base.join("var")).unwrap();
+    std::os::unix::fs::symlink(&victim, base.join("var")).unwrap();
+    std::fs::create_dir_all(base.join("usr/lib")).unwrap();
+    std::os::unix::fs::symlink("/", base.join("usr/lib/escape")).unwrap();
+    std::os::unix::fs::symlink(&victim, base.join("usr/share/gone")).unwrap();
+    std::os::unix::fs::symlink(victim.join("keep"), base.join("etc/motd")).unwrap();
+    let p = env.manifest(&format!(
+        "[[files]]\nsrc = \"files/cairn-tool\"\ndst = \"/usr/lib/escape{v}/planted\"\n"
+    ));
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("/usr/share/nothing-here", "/usr/share/gone/keep");
+    std::fs::write(&p, text).unwrap();
+    let out = env.compose("repo", &[]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    let mut left: Vec<String> = std::fs::read_dir(&victim)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        vec!["keep", "state"],
+        "the build machine's directory changed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(victim.join("keep")).unwrap(),
+        "host file\n"
+    );
+    let commit = field(&out, "commit").to_string();
+    assert_eq!(
+        env.ostree("repo", &["cat", &commit, "/usr/etc/motd"]),
+        "welcome to cairn\n",
+        "/etc/motd was a symlink: replaced by the file, not written through"
+    );
+
+    // A unit of the tree whose [Install] names a path: refused, nothing created outside.
+    env.write(
+        "base/usr/lib/systemd/system/evil.service",
+        &format!(
+            "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=../../../../../../../..{v}/x\n"
+        ),
+    );
+    let text = std::fs::read_to_string(&p).unwrap().replace(
+        "enable = [\"demo.service\"]",
+        "enable = [\"demo.service\", \"evil.service\"]",
+    );
+    std::fs::write(&p, text).unwrap();
+    let out = env.compose("repo", &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("evil.service") && err.contains("WantedBy"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 2);
+}
+
+/// A `files` source that is a symlink to a build-machine file (a secret)
+/// stops the compose before anything is built; it is not shipped.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn a_source_symlink_to_a_build_machine_file_is_not_shipped() {
+    let env = Env::new();
+    std::fs::remove_file(env.path("files/motd")).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", env.path("files/motd")).unwrap();
+    env.manifest("");
+    let out = env.compose("repo", &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("files[0].src")
+            && err.contains("manifest.toml line")
+            && err.contains("symlink"),
+        "{err}"
+    );
+    assert!(env.ref_head("repo").is_none());
+}

@@ -121,9 +121,29 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
 const MIN_SIZE: u64 = (BOOT_MIB + disk::BIOS_BOOT_MIB + 1024) << 20;
 
 /// Write a bootable disk image of `opts.ref_`.
+/// The command line's strings that end up in the image's boot entries and
+/// ostree remote config: one word each, so none can add a line or a key.
+fn check_inputs(opts: &ImageOptions) -> Result<()> {
+    crate::manifest::check_ref(&opts.ref_).map_err(|m| anyhow::anyhow!("--ref: {m}"))?;
+    let word =
+        |s: &str| !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || c.is_control());
+    for k in &opts.extra_kargs {
+        if !word(k) {
+            bail!("--karg {k:?}: one kernel argument per --karg, without spaces or control characters");
+        }
+    }
+    if let Some(url) = &opts.remote_url {
+        if !word(url) {
+            bail!("--remote-url {url:?}: a URL has no spaces or control characters");
+        }
+    }
+    Ok(())
+}
+
 pub fn write_image(opts: &ImageOptions) -> Result<ImageReport> {
     let started = Instant::now();
     let progress = Progress::new(opts.quiet);
+    check_inputs(opts)?;
     if !nix::unistd::geteuid().is_root() {
         bail!("writing a disk image needs root (loop devices, mounts); run it again as root");
     }
@@ -341,6 +361,48 @@ mod tests {
             "{msg}"
         );
         assert!(!opts.output.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn command_line_strings_cannot_add_lines_to_boot_entries_or_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ImageOptions {
+            repo: dir.path().join("repo"),
+            ref_: "x".into(),
+            commit: None,
+            format: ImageFormat::Raw,
+            size: 8 << 30,
+            remote_url: None,
+            extra_kargs: vec![],
+            output: dir.path().join("disk.img"),
+            quiet: true,
+        };
+        let cases = [
+            ImageOptions {
+                extra_kargs: vec!["quiet\nlinux /evil".into()],
+                ..opts.clone()
+            },
+            ImageOptions {
+                extra_kargs: vec!["a b".into()],
+                ..opts.clone()
+            },
+            ImageOptions {
+                remote_url: Some("http://x\n[remote \"evil\"]".into()),
+                ..opts.clone()
+            },
+            ImageOptions {
+                ref_: "a b".into(),
+                ..opts.clone()
+            },
+        ];
+        for bad in cases {
+            let msg = format!("{:#}", write_image(&bad).unwrap_err());
+            assert!(
+                msg.contains("--karg") || msg.contains("--remote-url") || msg.contains("--ref"),
+                "{msg}"
+            );
+        }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
