@@ -175,6 +175,19 @@ pub fn open_source(dir: &Path, path: &Path, follow_symlinks: bool) -> io::Result
             format!("{} is {what}", path.display()),
         ));
     }
+    if !follow_symlinks && st.st_nlink > 1 {
+        // A hard link is a second name of a file that may live anywhere on
+        // this file system (a checkout made next to the build machine's
+        // secrets): not "inside the manifest's directory" in any sense.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} has {} hard links, so it may be a file from outside the manifest's directory: copy it, or set follow-symlinks = true to accept it",
+                path.display(),
+                st.st_nlink
+            ),
+        ));
+    }
     // The same inode, now opened for reading.
     let file = File::open(fd_path(handle.as_fd()))?;
     let metadata = file.metadata()?;
@@ -554,8 +567,9 @@ mod tests {
         std::os::unix::fs::symlink("../secret", dir.join("rel")).unwrap();
         std::os::unix::fs::symlink("sub", dir.join("inner")).unwrap();
         nix::unistd::mkfifo(&dir.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::hard_link(base.path().join("secret"), dir.join("hard")).unwrap();
         assert!(open_source(&dir, &dir.join("sub/ok"), false).is_ok());
-        for bad in ["abs", "rel", "inner/ok", "../secret", "sub", "fifo"] {
+        for bad in ["abs", "rel", "inner/ok", "../secret", "sub", "fifo", "hard"] {
             let e = open_source(&dir, &dir.join(bad), false).unwrap_err();
             assert!(!e.to_string().is_empty(), "{bad}");
         }
