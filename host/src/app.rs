@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
+use cairn_runtime::image::{ImportLimits, ImportOptions};
 use cairn_runtime::net::{NetworkConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
 use cairn_runtime::state::{RestartPolicy, DEFAULT_ROOT};
 use cairn_runtime::{RunOptions, RunOutcome, Runtime};
@@ -36,11 +37,27 @@ pub struct AppCommand {
 enum AppSub {
     /// Import an OCI image layout directory, an oci-archive tar or a docker save tar.
     Import {
-        /// The image directory or archive.
+        /// The image directory or archive; PATH:TAG picks a tag of an OCI
+        /// layout (or docker save archive) that holds several.
         path: PathBuf,
         /// Name it NAME[:TAG] (default: the name recorded in the image).
         #[arg(long)]
         name: Option<String>,
+        /// The tag to import from a layout holding several (as PATH:TAG).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Refuse images whose layers uncompress to more bytes than this.
+        #[arg(long, value_name = "BYTES", default_value_t = ImportLimits::default().max_image_size)]
+        max_image_size: u64,
+        /// Refuse a layer that uncompresses to more than N times its size.
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_ratio)]
+        max_ratio: u64,
+        /// Refuse images with more layers than this.
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_layers)]
+        max_layers: usize,
+        /// Refuse images with more files (tar entries, all layers) than this.
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_entries)]
+        max_entries: u64,
     },
     /// List imported images.
     Images {
@@ -183,8 +200,27 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
     let rt = runtime(&cmd)?;
     let mut out = std::io::stdout().lock();
     match cmd.command {
-        AppSub::Import { path, name } => {
-            let info = rt.import(&path, name.as_deref())?;
+        AppSub::Import {
+            path,
+            name,
+            tag,
+            max_image_size,
+            max_ratio,
+            max_layers,
+            max_entries,
+        } => {
+            let opts = ImportOptions {
+                name,
+                tag,
+                limits: ImportLimits {
+                    max_image_size,
+                    max_ratio,
+                    max_layers,
+                    max_entries,
+                    ..Default::default()
+                },
+            };
+            let info = rt.import_with(&path, &opts)?;
             writeln!(
                 out,
                 "imported {} {}",

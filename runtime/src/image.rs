@@ -2,17 +2,20 @@
 //! image (`cairn/app/<name>/<tag>`), the manifest digest and the image
 //! config kept in the commit metadata.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::io::{BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::rc::Rc;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use gio::prelude::*;
-use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
+use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 
 use crate::layer;
-use crate::source::{HashingReader, Sha256, Source};
+use crate::source::{archive_member, HashingReader, Sha256, Source};
 
 /// Prefix of every image ref in the node repository.
 pub const REF_PREFIX: &str = "cairn/app/";
@@ -143,16 +146,103 @@ impl ImageName {
     }
 }
 
+/// Bounds on what an import reads and writes, each refused as soon as it is
+/// exceeded (while streaming, before more is read). The defaults are in
+/// docs/runtime.md; `host app import` has flags for the main ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportLimits {
+    /// Uncompressed bytes of all layers together (tar headers included).
+    pub max_image_size: u64,
+    /// Uncompressed bytes per compressed byte of one layer, checked once
+    /// the layer has produced `ratio_grace` bytes.
+    pub max_ratio: u64,
+    /// Uncompressed bytes of a layer before the ratio is checked.
+    pub ratio_grace: u64,
+    /// Tar entries of all layers together.
+    pub max_entries: u64,
+    /// Bytes of an entry's path, or of a link's target.
+    pub max_path_len: usize,
+    /// Components of an entry's path (and directories deep it may resolve to).
+    pub max_path_depth: usize,
+    /// Bytes of index.json, a manifest, a nested index, a config, or a
+    /// docker save manifest.json.
+    pub max_metadata_size: u64,
+    /// Layers of the image.
+    pub max_layers: usize,
+    /// Bytes of one pax extended header or GNU long name in a tar.
+    pub max_tar_header_size: u64,
+    /// Entries of an oci-archive or docker save tar.
+    pub max_archive_entries: usize,
+}
+
+impl Default for ImportLimits {
+    fn default() -> Self {
+        Self {
+            max_image_size: 16 << 30,
+            max_ratio: 100,
+            ratio_grace: 8 << 20,
+            max_entries: 1_000_000,
+            max_path_len: 4096,
+            max_path_depth: 256,
+            max_metadata_size: 4 << 20,
+            max_layers: 256,
+            max_tar_header_size: 1 << 20,
+            max_archive_entries: 100_000,
+        }
+    }
+}
+
+/// What [`import_with`] is asked for besides the image itself.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// `NAME[:TAG]` to store it under (default: the name recorded in the image).
+    pub name: Option<String>,
+    /// Which tag of an OCI layout holding several (the
+    /// `org.opencontainers.image.ref.name` annotation), or of a docker save
+    /// archive (its RepoTags). `PATH:TAG` as the path means the same.
+    pub tag: Option<String>,
+    pub limits: ImportLimits,
+}
+
+/// Make `dir` a directory only its owner (root) can enter: made 0700 when
+/// missing (parents as usual), tightened to 0700 when it exists. The image
+/// store holds setuid-root files of images, which any local user could run
+/// as root through a world-searchable path.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    // The directory itself (a symlinked state root is followed, as any
+    // path the administrator gives), chmodded by fd.
+    let f = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let meta = f.metadata()?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    if meta.permissions().mode() & 0o7777 != 0o700 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private (0700)", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// Open the node's image repository, creating it on first use. Bare mode as
 /// root (checkouts hardlink to the objects and keep ownership), bare-user-only
-/// otherwise (tests without root).
+/// otherwise (tests without root). The repository and its `tmp` are 0700.
 pub fn open_repo(path: &Path) -> Result<ostree::Repo> {
     let mode = if nix::unistd::geteuid().is_root() {
         ostree::RepoMode::Bare
     } else {
         ostree::RepoMode::BareUserOnly
     };
-    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    private_dir(path)?;
     let p = path.to_str().context("repository path is not UTF-8")?;
     let repo = if path.join("config").exists() {
         ostree::Repo::open_at(libc::AT_FDCWD, p, gio::Cancellable::NONE)
@@ -160,6 +250,7 @@ pub fn open_repo(path: &Path) -> Result<ostree::Repo> {
         ostree::Repo::create_at(libc::AT_FDCWD, p, mode, None, gio::Cancellable::NONE)
     }
     .with_context(|| format!("opening image repository {}", path.display()))?;
+    private_dir(&path.join("tmp"))?;
     Ok(repo)
 }
 
@@ -171,11 +262,75 @@ fn repo_path(repo: &ostree::Repo) -> Result<PathBuf> {
 /// tar into `repo`. `name` (`NAME[:TAG]`) overrides the name recorded in the
 /// image. Nothing is committed unless every blob matched its digest.
 pub fn import(repo: &ostree::Repo, path: &Path, name: Option<&str>) -> Result<ImageInfo> {
-    let source = Source::open(path)?;
+    import_with(
+        repo,
+        path,
+        &ImportOptions {
+            name: name.map(str::to_string),
+            ..Default::default()
+        },
+    )
+}
+
+/// `PATH:TAG` (skopeo's `oci:PATH:TAG`) when PATH exists and `PATH:TAG`
+/// does not; the explicit tag, if any, must agree.
+pub fn split_path_tag(path: &Path, tag: Option<&str>) -> Result<(PathBuf, Option<String>)> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    if !path.exists() {
+        if let Some(i) = bytes.iter().rposition(|&b| b == b':') {
+            let (p, t) = (&bytes[..i], &bytes[i + 1..]);
+            let p = Path::new(std::ffi::OsStr::from_bytes(p));
+            if !t.is_empty() && !t.contains(&b'/') && p.exists() {
+                let t = String::from_utf8_lossy(t).into_owned();
+                if let Some(flag) = tag.filter(|f| *f != t) {
+                    bail!(
+                        "{}: tag {t:?} in the path and --tag {flag:?} disagree",
+                        path.display()
+                    );
+                }
+                return Ok((p.to_path_buf(), Some(t)));
+            }
+        }
+    }
+    Ok((path.to_path_buf(), tag.map(str::to_string)))
+}
+
+/// Prefix of the staging directories in `<repo>/tmp`: `cairn-import-PID-…`.
+const STAGING_PREFIX: &str = "cairn-import-";
+
+/// Remove staging directories left by imports whose process is gone (killed
+/// mid-way: a failed import removes its own).
+fn remove_stale_staging(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(STAGING_PREFIX) else {
+            continue;
+        };
+        let Some((pid, _)) = rest.split_once('-') else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// [`import`] with a tag and limits (see [`ImportOptions`]).
+pub fn import_with(repo: &ostree::Repo, path: &Path, opts: &ImportOptions) -> Result<ImageInfo> {
+    let limits = &opts.limits;
+    let (path, tag) = split_path_tag(path, opts.tag.as_deref())?;
+    let path = path.as_path();
+    let source = Source::open(path, limits)?;
     let staging_parent = repo_path(repo)?.join("tmp");
-    std::fs::create_dir_all(&staging_parent)?;
+    private_dir(&staging_parent)?;
+    remove_stale_staging(&staging_parent);
+    // Removed when dropped: on every error return and when unwinding.
     let staging = tempfile::Builder::new()
-        .prefix("cairn-import-")
+        .prefix(&format!("{STAGING_PREFIX}{}-", std::process::id()))
         .tempdir_in(&staging_parent)
         .with_context(|| {
             format!(
@@ -187,15 +342,15 @@ pub fn import(repo: &ostree::Repo, path: &Path, name: Option<&str>) -> Result<Im
     std::fs::create_dir(&rootfs)?;
 
     let (found_name, digest, config, format) = if source.has("index.json") {
-        let (n, d, c) = unpack_oci(&source, &rootfs, name.is_none())?;
+        let (n, d, c) = unpack_oci(&source, &rootfs, opts.name.is_none(), tag.as_deref(), limits)?;
         (n, d, c, "oci")
     } else if source.has("manifest.json") {
-        let (n, d, c) = unpack_docker(&source, &rootfs)?;
+        let (n, d, c) = unpack_docker(&source, &rootfs, tag.as_deref(), limits)?;
         (n, d, c, "docker-save")
     } else {
         bail!("{}: neither an OCI image layout (index.json) nor a docker save archive (manifest.json)", path.display());
     };
-    let image_name = match name {
+    let image_name = match opts.name.as_deref() {
         Some(n) => ImageName::parse(n)?,
         None => found_name.ok_or_else(|| {
             anyhow!(
@@ -222,20 +377,41 @@ pub fn import(repo: &ostree::Repo, path: &Path, name: Option<&str>) -> Result<Im
     })
 }
 
+/// Running totals of one import, against its [`ImportLimits`].
+#[derive(Debug, Default)]
+struct Usage {
+    bytes: u64,
+    entries: u64,
+}
+
 /// OCI layout: index → manifest → config + layers.
 fn unpack_oci(
     source: &Source,
     rootfs: &Path,
     want_name: bool,
+    tag: Option<&str>,
+    limits: &ImportLimits,
 ) -> Result<(Option<ImageName>, Sha256, ImageConfiguration)> {
-    let index = ImageIndex::from_reader(source.open_file("index.json")?)
+    let index_bytes = source.read_file("index.json", limits.max_metadata_size)?;
+    let index = ImageIndex::from_reader(&index_bytes[..])
         .context("parsing index.json of the OCI layout")?;
-    let (desc_digest, desc_size, annotation) = pick_manifest(source, &index, 0)?;
-    let manifest_bytes = source.read_blob(&desc_digest, Some(desc_size))?;
+    let (desc_digest, desc_size, annotation) = pick_manifest(source, &index, tag, 0, limits)?;
+    let manifest_bytes = source.read_blob(&desc_digest, desc_size, limits.max_metadata_size)?;
     let manifest = ImageManifest::from_reader(&manifest_bytes[..])
         .with_context(|| format!("parsing image manifest {desc_digest}"))?;
+    if manifest.layers().len() > limits.max_layers {
+        bail!(
+            "image manifest {desc_digest} lists {} layers, over the limit of {} (ImportLimits::max_layers, `host app import --max-layers`)",
+            manifest.layers().len(),
+            limits.max_layers
+        );
+    }
     let cfg_digest = Sha256::parse(manifest.config().digest().as_ref())?;
-    let cfg_bytes = source.read_blob(&cfg_digest, Some(manifest.config().size()))?;
+    let cfg_bytes = source.read_blob(
+        &cfg_digest,
+        manifest.config().size(),
+        limits.max_metadata_size,
+    )?;
     let config = ImageConfiguration::from_reader(&cfg_bytes[..])
         .with_context(|| format!("parsing image config {cfg_digest}"))?;
     let diff_ids = config.rootfs().diff_ids();
@@ -246,19 +422,24 @@ fn unpack_oci(
             manifest.layers().len()
         );
     }
+    let mut usage = Usage::default();
     for (i, layer) in manifest.layers().iter().enumerate() {
         let digest = Sha256::parse(layer.digest().as_ref())?;
         let name = Source::blob_name(&digest);
         if !source.has(&name) {
             bail!("layer {digest} is missing from the image");
         }
+        let label = format!("layer {} of {} ({digest})", i + 1, diff_ids.len());
         apply_verified(
-            source.open_file(&name)?,
+            source.open_file(&name)?.0,
             rootfs,
             Some((&digest, layer.size())),
             &Sha256::parse(&diff_ids[i])?,
+            limits,
+            &mut usage,
+            &label,
         )
-        .with_context(|| format!("applying layer {} of {} ({digest})", i + 1, diff_ids.len()))?;
+        .with_context(|| format!("applying {label}"))?;
     }
     let name = if want_name {
         annotation.as_deref().and_then(ImageName::from_annotation)
@@ -268,63 +449,211 @@ fn unpack_oci(
     Ok((name, desc_digest, config))
 }
 
-/// Choose the image manifest in an index: the only one, or the linux/amd64 one.
+fn ref_name(d: &Descriptor) -> Option<&str> {
+    d.annotations()
+        .as_ref()
+        .and_then(|a| a.get(REF_NAME_ANNOTATION))
+        .map(String::as_str)
+}
+
+/// Whether a `ref.name` annotation names `tag`: the tag itself (what skopeo
+/// and buildah write) or a full reference ending in `:tag`.
+fn tag_matches(ref_name: &str, tag: &str) -> bool {
+    ref_name == tag
+        || ref_name
+            .split('@')
+            .next()
+            .and_then(|r| r.rsplit_once(':'))
+            .is_some_and(|(n, t)| t == tag && !t.contains('/') && !n.is_empty())
+}
+
+/// The OCI name of this host's architecture.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+/// Choose the image manifest in an index: by tag (the `ref.name`
+/// annotation) when one is asked for; the only one; or, in an index of
+/// platform variants, the one for this host's platform. Several tags and no
+/// tag asked for is an error listing them.
 fn pick_manifest(
     source: &Source,
     index: &ImageIndex,
+    tag: Option<&str>,
     depth: u32,
+    limits: &ImportLimits,
 ) -> Result<(Sha256, u64, Option<String>)> {
     let manifests = index.manifests();
-    let chosen = if manifests.len() == 1 {
-        &manifests[0]
+    if manifests.is_empty() {
+        bail!("the image index lists no manifests");
+    }
+    let mut tags: Vec<&str> = manifests.iter().filter_map(ref_name).collect();
+    tags.sort_unstable();
+    tags.dedup();
+    let mut candidates: Vec<&Descriptor> = match tag {
+        Some(t) => {
+            let c: Vec<_> = manifests
+                .iter()
+                .filter(|m| ref_name(m).is_some_and(|r| tag_matches(r, t)))
+                .collect();
+            if c.is_empty() {
+                if tags.is_empty() {
+                    bail!("tag {t:?} asked for, but the image index names no tags (no org.opencontainers.image.ref.name annotation)");
+                }
+                bail!(
+                    "no manifest is tagged {t:?}; the layout holds tags {}",
+                    tags.join(", ")
+                );
+            }
+            c
+        }
+        None => {
+            if tags.len() > 1 {
+                bail!(
+                    "the layout holds tags {}: pick one with PATH:TAG or --tag",
+                    tags.join(", ")
+                );
+            }
+            manifests.iter().collect()
+        }
+    };
+    // The same manifest listed under several tags is one choice.
+    candidates.dedup_by(|a, b| a.digest() == b.digest());
+    let chosen = if candidates.len() == 1 {
+        candidates[0]
     } else {
-        manifests
+        let (os, arch) = ("linux", host_arch());
+        candidates
             .iter()
+            .copied()
             .find(|m| {
                 m.platform().as_ref().is_some_and(|p| {
-                    p.os().to_string() == "linux" && p.architecture().to_string() == "amd64"
+                    p.os().to_string() == os && p.architecture().to_string() == arch
                 })
             })
             .ok_or_else(|| {
+                let platforms: Vec<String> = candidates
+                    .iter()
+                    .map(|m| {
+                        m.platform().as_ref().map_or("(no platform)".to_string(), |p| {
+                            format!("{}/{}", p.os(), p.architecture())
+                        })
+                    })
+                    .collect();
                 anyhow!(
-                    "the image index has {} manifests and none is for linux/amd64",
-                    manifests.len()
+                    "the image index has {} manifests, for {}; none is for {os}/{arch} (this host)",
+                    candidates.len(),
+                    platforms.join(", ")
                 )
             })?
     };
     let digest = Sha256::parse(chosen.digest().as_ref())?;
-    let annotation = chosen
-        .annotations()
-        .as_ref()
-        .and_then(|a| a.get(REF_NAME_ANNOTATION).cloned());
+    let annotation = ref_name(chosen).map(str::to_string);
     let media = chosen.media_type().to_string();
     if media.contains("image.index") || media.contains("manifest.list") {
-        if depth > 2 {
-            bail!("image indexes nested too deeply");
+        if depth >= 2 {
+            bail!("image indexes nested more than two deep (or an index that lists itself): refused");
         }
-        let bytes = source.read_blob(&digest, Some(chosen.size()))?;
+        let bytes = source.read_blob(&digest, chosen.size(), limits.max_metadata_size)?;
         let inner = ImageIndex::from_reader(&bytes[..]).context("parsing nested image index")?;
-        let (d, s, a) = pick_manifest(source, &inner, depth + 1)?;
+        let (d, s, a) = pick_manifest(source, &inner, None, depth + 1, limits)?;
         return Ok((d, s, a.or(annotation)));
     }
     Ok((digest, chosen.size(), annotation))
 }
 
+/// Counts the bytes read through it into a shared cell, and refuses to read
+/// past `max` (a blob's descriptor size).
+struct Counted<R> {
+    inner: R,
+    count: Rc<Cell<u64>>,
+    max: Option<u64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let total = self.count.get() + n as u64;
+        self.count.set(total);
+        if let Some(max) = self.max.filter(|m| total > *m) {
+            return Err(std::io::Error::other(format!(
+                "the blob is larger than its descriptor's {max} bytes"
+            )));
+        }
+        Ok(n)
+    }
+}
+
+/// The uncompressed stream of a layer, against the image's size limit and
+/// the layer's compression ratio.
+struct Metered<'a, R> {
+    inner: R,
+    compressed: Rc<Cell<u64>>,
+    produced: u64,
+    before: u64,
+    limits: &'a ImportLimits,
+    label: &'a str,
+}
+
+impl<R: Read> Read for Metered<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.produced += n as u64;
+        let l = self.limits;
+        if self.before + self.produced > l.max_image_size {
+            return Err(std::io::Error::other(format!(
+                "{}: the image's layers uncompress to more than {} bytes (ImportLimits::max_image_size, `host app import --max-image-size`)",
+                self.label, l.max_image_size
+            )));
+        }
+        let compressed = self.compressed.get().max(1);
+        if self.produced > l.ratio_grace && self.produced / compressed >= l.max_ratio {
+            return Err(std::io::Error::other(format!(
+                "{}: {} bytes uncompressed from {compressed} compressed, a ratio over {}:1 (ImportLimits::max_ratio, `host app import --max-ratio`): a decompression bomb?",
+                self.label, self.produced, l.max_ratio
+            )));
+        }
+        Ok(n)
+    }
+}
+
 /// Apply one layer blob while hashing it: the compressed bytes against the
 /// manifest digest (when there is one), the uncompressed stream against the
-/// config's diff_id.
+/// config's diff_id; sizes, ratio and entries against `limits`.
 fn apply_verified(
     blob: Box<dyn Read>,
     rootfs: &Path,
     compressed: Option<(&Sha256, u64)>,
     diff_id: &Sha256,
+    limits: &ImportLimits,
+    usage: &mut Usage,
+    label: &str,
 ) -> Result<()> {
-    let mut outer = HashingReader::new(blob);
+    let count = Rc::new(Cell::new(0));
+    let mut outer = HashingReader::new(Counted {
+        inner: blob,
+        count: count.clone(),
+        max: compressed.map(|(_, s)| s),
+    });
     {
         let decompressed = layer::decompress(BufReader::with_capacity(256 * 1024, &mut outer))?;
-        let mut inner = HashingReader::new(decompressed);
-        layer::apply_layer(&mut inner, rootfs)?;
-        let (got, _) = inner.finish().context("reading layer")?;
+        let mut inner = HashingReader::new(Metered {
+            inner: decompressed,
+            compressed: count.clone(),
+            produced: 0,
+            before: usage.bytes,
+            limits,
+            label,
+        });
+        layer::apply_layer_limited(&mut inner, rootfs, limits, &mut usage.entries)?;
+        let (got, n) = inner.finish().context("reading layer")?;
+        usage.bytes += n;
         if got != diff_id.hex() {
             bail!("digest mismatch: uncompressed layer is sha256:{got}, the image config says {diff_id}");
         }
@@ -357,19 +686,59 @@ struct DockerManifestEntry {
 fn unpack_docker(
     source: &Source,
     rootfs: &Path,
+    tag: Option<&str>,
+    limits: &ImportLimits,
 ) -> Result<(Option<ImageName>, Sha256, ImageConfiguration)> {
     let entries: Vec<DockerManifestEntry> =
-        serde_json::from_slice(&source.read_file("manifest.json")?)
+        serde_json::from_slice(&source.read_file("manifest.json", limits.max_metadata_size)?)
             .context("parsing manifest.json of the docker save archive")?;
-    let [entry] = &entries[..] else {
-        bail!(
-            "the docker save archive holds {} images; import one at a time",
-            entries.len()
-        );
+    let all_tags = || -> String {
+        let t: Vec<&str> = entries
+            .iter()
+            .flat_map(|e| e.repo_tags.iter().flatten())
+            .map(String::as_str)
+            .collect();
+        if t.is_empty() {
+            "none".to_string()
+        } else {
+            t.join(", ")
+        }
     };
-    let cfg_bytes = source.read_file(&entry.config)?;
-    let cfg_hex = entry
-        .config
+    let (entry, repo_tag) = match tag {
+        Some(t) => entries
+            .iter()
+            .find_map(|e| {
+                e.repo_tags
+                    .iter()
+                    .flatten()
+                    .find(|r| tag_matches(r, t))
+                    .map(|r| (e, Some(r)))
+            })
+            .ok_or_else(|| {
+                anyhow!(
+                    "no image of the docker save archive is tagged {t:?}; its tags: {}",
+                    all_tags()
+                )
+            })?,
+        None => match &entries[..] {
+            [entry] => (entry, entry.repo_tags.as_ref().and_then(|t| t.first())),
+            _ => bail!(
+                "the docker save archive holds {} images (tags: {}); pick one with PATH:TAG or --tag",
+                entries.len(),
+                all_tags()
+            ),
+        },
+    };
+    if entry.layers.len() > limits.max_layers {
+        bail!(
+            "manifest.json lists {} layers, over the limit of {} (ImportLimits::max_layers, `host app import --max-layers`)",
+            entry.layers.len(),
+            limits.max_layers
+        );
+    }
+    let config_name = archive_member(&entry.config)?;
+    let cfg_bytes = source.read_file(config_name, limits.max_metadata_size)?;
+    let cfg_hex = config_name
         .rsplit('/')
         .next()
         .unwrap_or_default()
@@ -387,20 +756,22 @@ fn unpack_docker(
             entry.layers.len()
         );
     }
+    let mut usage = Usage::default();
     for (i, l) in entry.layers.iter().enumerate() {
+        let member = archive_member(l)?;
+        let label = format!("layer {} of {} ({member})", i + 1, diff_ids.len());
         apply_verified(
-            source.open_file(l)?,
+            source.open_file(member)?.0,
             rootfs,
             None,
             &Sha256::parse(&diff_ids[i])?,
+            limits,
+            &mut usage,
+            &label,
         )
-        .with_context(|| format!("applying layer {} of {} ({l})", i + 1, diff_ids.len()))?;
+        .with_context(|| format!("applying {label}"))?;
     }
-    let name = entry
-        .repo_tags
-        .as_ref()
-        .and_then(|t| t.first())
-        .and_then(|t| ImageName::from_annotation(&format!("x/{t}")));
+    let name = repo_tag.and_then(|t| ImageName::from_annotation(&format!("x/{t}")));
     Ok((name, cfg_digest, config))
 }
 
@@ -647,7 +1018,7 @@ pub fn ensure_checkout(repo: &ostree::Repo, commit: &str, dir: &Path) -> Result<
     if dest.exists() {
         return Ok(dest);
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    private_dir(dir)?;
     let tmp = dir.join(format!(".tmp-{commit}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let opts = ostree::RepoCheckoutAtOptions {
