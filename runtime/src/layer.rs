@@ -1286,4 +1286,338 @@ mod tests {
             Some(&b"system_u:object_r:bin_t:s0"[..])
         );
     }
+
+    // ------------------------------------------------------------ hostile layers
+
+    /// One entry of a hand-made layer.
+    enum E<'a> {
+        Dir(&'a str, u32),
+        File(&'a str, &'a [u8], u32),
+        Sym(&'a str, &'a str),
+        Hard(&'a str, &'a str),
+    }
+
+    fn layer(entries: &[E]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mtime(0);
+            match e {
+                E::Dir(p, mode) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(*mode);
+                    h.set_size(0);
+                    b.append_data(&mut h, p, io::empty()).unwrap();
+                }
+                E::File(p, data, mode) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(*mode);
+                    h.set_size(data.len() as u64);
+                    b.append_data(&mut h, p, *data).unwrap();
+                }
+                E::Sym(p, t) => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    b.append_link(&mut h, p, t).unwrap();
+                }
+                E::Hard(p, t) => {
+                    h.set_entry_type(tar::EntryType::Link);
+                    h.set_size(0);
+                    b.append_link(&mut h, p, t).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn deferred_dir_modes_never_follow_a_symlink_to_the_host() {
+        use std::os::unix::fs::PermissionsExt;
+        let host = tempfile::tempdir().unwrap();
+        let host_file = host.path().join("host-file");
+        fs::write(&host_file, "host").unwrap();
+        fs::set_permissions(&host_file, fs::Permissions::from_mode(0o644)).unwrap();
+        let host_dir = host.path().join("q");
+        fs::create_dir(&host_dir).unwrap();
+        fs::set_permissions(&host_dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let (hf, hd) = (
+            host_file.to_str().unwrap().to_string(),
+            host.path().to_str().unwrap().to_string(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        // v/ (setuid, world-writable) then v -> host file; p/q/ then p -> host dir.
+        let l = layer(&[
+            E::Dir("v/", 0o4777),
+            E::Sym("v", &hf),
+            E::Dir("p/", 0o755),
+            E::Dir("p/q/", 0o6777),
+            E::Sym("p", &hd),
+        ]);
+        apply_layer(&l[..], dir.path()).unwrap();
+        assert_eq!(mode_of(&host_file), 0o644, "host file chmodded through v");
+        assert_eq!(mode_of(&host_dir), 0o755, "host dir chmodded through p");
+        // Across layers too: a lower layer's symlink, a directory through it.
+        let l2 = layer(&[E::Dir("v/", 0o4777), E::Sym("v", &hf)]);
+        apply_layer(&l2[..], dir.path()).unwrap();
+        assert_eq!(mode_of(&host_file), 0o644);
+        assert!(fs::symlink_metadata(dir.path().join("v"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn writes_through_symlinks_stay_in_the_root() {
+        let host = tempfile::tempdir().unwrap();
+        fs::write(host.path().join("victim"), "host").unwrap();
+        let hd = host.path().to_str().unwrap().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let l1 = layer(&[E::Sym("d", &hd), E::Sym("f", &format!("{hd}/victim"))]);
+        apply_layer(&l1[..], dir.path()).unwrap();
+        // A file through the symlinked dir, a file over the symlink, a
+        // whiteout and an opaque marker through the symlinked dir.
+        let l2 = layer(&[
+            E::File("d/new", b"x", 0o644),
+            E::File("f", b"replaced", 0o644),
+            E::File("d/.wh.victim", b"", 0o644),
+            E::File("d/.wh..wh..opq", b"", 0o644),
+        ]);
+        apply_layer(&l2[..], dir.path()).unwrap();
+        assert_eq!(fs::read_to_string(host.path().join("victim")).unwrap(), "host");
+        assert!(!host.path().join("new").exists());
+        assert_eq!(fs::read_to_string(dir.path().join("f")).unwrap(), "replaced");
+        let inside = resolve_in_root(dir.path(), Path::new("d/new"), true).unwrap();
+        assert!(inside.starts_with(dir.path()) && inside.exists());
+    }
+
+    #[test]
+    fn hard_links_stay_inside_and_never_go_through_a_symlink() {
+        let host = tempfile::tempdir().unwrap();
+        fs::write(host.path().join("secret"), "host").unwrap();
+        let hd = host.path().to_str().unwrap().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let base = layer(&[
+            E::Dir("real/", 0o755),
+            E::File("real/f", b"inside", 0o644),
+            E::Sym("via", "real"),
+            E::Sym("esc", &hd),
+            E::Hard("ok", "real/f"),
+        ]);
+        apply_layer(&base[..], dir.path()).unwrap();
+        assert_eq!(fs::read_to_string(dir.path().join("ok")).unwrap(), "inside");
+        for target in ["via/f", "esc/secret"] {
+            let l = layer(&[E::Hard("h", target)]);
+            let err = format!("{:#}", apply_layer(&l[..], dir.path()).unwrap_err());
+            assert!(err.contains(target), "{target}: {err}");
+            assert!(!dir.path().join("h").exists());
+        }
+        // A link to a symlink links the symlink itself, not the host file.
+        let l = layer(&[E::Hard("h2", "esc")]);
+        apply_layer(&l[..], dir.path()).unwrap();
+        assert!(fs::symlink_metadata(dir.path().join("h2"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // A hard link later replaced by a file leaves its target alone.
+        let l = layer(&[E::File("ok", b"new", 0o4755)]);
+        apply_layer(&l[..], dir.path()).unwrap();
+        assert_eq!(fs::read_to_string(dir.path().join("real/f")).unwrap(), "inside");
+        assert_eq!(mode_of(&dir.path().join("real/f")), 0o644);
+    }
+
+    #[test]
+    fn odd_whiteouts_are_refused_naming_the_entry() {
+        for (path, kind) in [
+            (".wh..", 'f'),
+            (".wh...", 'f'),
+            (".wh.", 'f'),
+            ("sub/.wh..", 'f'),
+            ("sub/.wh...", 'f'),
+            (".wh.x/child", 'f'),
+            (".wh..wh..opq/child", 'f'),
+            (".wh..wh..wh..opq", 'f'),
+            (".wh..wh..opq/", 'd'),
+            (".wh.sub/", 'd'),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let base = layer(&[E::Dir("sub/", 0o755), E::File("sub/keep", b"k", 0o644)]);
+            apply_layer(&base[..], dir.path()).unwrap();
+            let l = if kind == 'd' {
+                layer(&[E::Dir(path, 0o755)])
+            } else {
+                layer(&[E::File(path, b"", 0o644)])
+            };
+            let err = format!("{:#}", apply_layer(&l[..], dir.path()).unwrap_err());
+            let shown = path.trim_end_matches('/');
+            assert!(err.contains(shown), "{path}: {err}");
+            assert!(dir.path().join("sub/keep").exists(), "{path}");
+            assert!(dir.path().exists(), "{path}");
+        }
+    }
+
+    #[test]
+    fn owners_out_of_range_are_refused() {
+        for uid in [u64::from(u32::MAX), 1 << 32, (1 << 32) + 1000] {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o4755);
+            h.set_size(1);
+            h.set_uid(uid);
+            b.append_data(&mut h, "suid", &b"x"[..]).unwrap();
+            let data = b.into_inner().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let err = format!("{:#}", apply_layer(&data[..], dir.path()).unwrap_err());
+            assert!(err.contains("out of range") && err.contains("suid"), "{err}");
+        }
+    }
+
+    #[test]
+    fn entry_count_path_length_and_depth_limits() {
+        let limits = ImportLimits {
+            max_entries: 3,
+            max_path_len: 64,
+            max_path_depth: 4,
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let many = layer(&[
+            E::File("a", b"", 0o644),
+            E::File("b", b"", 0o644),
+            E::File("c", b"", 0o644),
+            E::File("d", b"", 0o644),
+        ]);
+        let err = format!(
+            "{:#}",
+            apply_layer_limited(&many[..], dir.path(), &limits, &mut 0).unwrap_err()
+        );
+        assert!(err.contains("max_entries") && err.contains(" d "), "{err}");
+        // Counted across layers.
+        let mut used = 0;
+        let two = layer(&[E::File("a", b"", 0o644), E::File("b", b"", 0o644)]);
+        apply_layer_limited(&two[..], dir.path(), &limits, &mut used).unwrap();
+        assert!(apply_layer_limited(&two[..], dir.path(), &limits, &mut used).is_err());
+
+        let long = "x".repeat(100);
+        let l = layer(&[E::File(&long, b"", 0o644)]);
+        let err = format!(
+            "{:#}",
+            apply_layer_limited(&l[..], dir.path(), &limits, &mut 0).unwrap_err()
+        );
+        assert!(err.contains("max_path_len"), "{err}");
+        let l = layer(&[E::Sym("s", &long)]);
+        let err = format!(
+            "{:#}",
+            apply_layer_limited(&l[..], dir.path(), &limits, &mut 0).unwrap_err()
+        );
+        assert!(err.contains("max_path_len"), "{err}");
+        let l = layer(&[E::File("a/b/c/d/e", b"", 0o644)]);
+        let err = format!(
+            "{:#}",
+            apply_layer_limited(&l[..], dir.path(), &limits, &mut 0).unwrap_err()
+        );
+        assert!(err.contains("max_path_depth"), "{err}");
+        // Deep through symlinks: each hop short, the resolved path too deep.
+        let dir = tempfile::tempdir().unwrap();
+        let l = layer(&[
+            E::Sym("s", "a/b/c"),
+            E::Sym("t", "s/d/e"),
+            E::File("t/f", b"", 0o644),
+        ]);
+        let err = format!(
+            "{:#}",
+            apply_layer_limited(&l[..], dir.path(), &limits, &mut 0).unwrap_err()
+        );
+        assert!(err.contains("deep"), "{err}");
+    }
+
+    /// A raw header (ustar) of `kind` and `size`, its data, padded.
+    fn raw_entry(out: &mut Vec<u8>, name: &str, kind: tar::EntryType, size_field: u64, data: &[u8]) {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_size(size_field);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+
+    #[test]
+    fn huge_pax_and_long_name_headers_are_refused_before_being_read() {
+        // A pax header claiming 64 GiB: refused at its header, nothing buffered.
+        let mut t = Vec::new();
+        raw_entry(&mut t, "PaxHeaders/x", tar::EntryType::XHeader, 64 << 30, b"");
+        let dir = tempfile::tempdir().unwrap();
+        let err = format!("{:#}", apply_layer(&t[..], dir.path()).unwrap_err());
+        assert!(err.contains("max_tar_header_size"), "{err}");
+        // A GNU long name of 2 MiB (the data is there, and small per limit).
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(2 << 20);
+        h.set_path("././@LongLink").unwrap();
+        h.set_cksum();
+        b.append(&h, &vec![b'a'; 2 << 20][..]).unwrap();
+        let t = b.into_inner().unwrap();
+        let err = format!("{:#}", apply_layer(&t[..], dir.path()).unwrap_err());
+        assert!(err.contains("max_tar_header_size"), "{err}");
+    }
+
+    #[test]
+    fn tar_framing_follows_pax_sizes_and_long_names() {
+        // pax size overriding the header's, then a long GNU name, then a
+        // file whose data looks like a huge pax header: all applied right.
+        let mut t = Vec::new();
+        let pax = pax_record("size", b"600");
+        raw_entry(&mut t, "PaxHeaders/a", tar::EntryType::XHeader, pax.len() as u64, &pax);
+        let mut fake = Vec::new();
+        raw_entry(&mut fake, "fake", tar::EntryType::XHeader, 64 << 30, b"");
+        fake.resize(600, b'z');
+        raw_entry(&mut t, "a", tar::EntryType::Regular, 0, &fake);
+        let mut b = tar::Builder::new(t);
+        let long = format!("{}/file", "d".repeat(150));
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(3);
+        b.append_data(&mut h, &long, &b"end"[..]).unwrap();
+        let t = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        apply_layer(&t[..], dir.path()).unwrap();
+        assert_eq!(fs::read(dir.path().join("a")).unwrap(), fake);
+        assert_eq!(fs::read(dir.path().join(&long)).unwrap(), b"end");
+    }
+
+    #[test]
+    fn replacing_kinds_of_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory replaced by a file, then a child of it: refused, named.
+        let l = layer(&[
+            E::Dir("d/", 0o755),
+            E::File("d/x", b"1", 0o644),
+            E::File("d", b"now a file", 0o644),
+            E::File("d/child", b"", 0o644),
+        ]);
+        let err = format!("{:#}", apply_layer(&l[..], dir.path()).unwrap_err());
+        assert!(err.contains("d/child") && err.contains("not a directory"), "{err}");
+        // A symlink replaced by a directory: the directory is real.
+        let dir = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        let l = layer(&[
+            E::Sym("s", host.path().to_str().unwrap()),
+            E::Dir("s/", 0o700),
+            E::File("s/in", b"x", 0o644),
+        ]);
+        apply_layer(&l[..], dir.path()).unwrap();
+        assert!(fs::symlink_metadata(dir.path().join("s")).unwrap().is_dir());
+        assert_eq!(mode_of(&dir.path().join("s")), 0o700);
+        assert!(!host.path().join("in").exists());
+    }
 }
