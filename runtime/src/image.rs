@@ -1073,4 +1073,343 @@ mod tests {
         );
         assert_eq!(ImageName::from_annotation("latest"), None);
     }
+
+    // ------------------------------------------------------------ hostile images
+
+    use std::io::Write as _;
+
+    fn hex256(d: &[u8]) -> String {
+        crate::source::sha256_hex(d)
+    }
+
+    fn tar_with(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (p, d) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(d.len() as u64);
+            b.append_data(&mut h, p, *d).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn gzip(d: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(d).unwrap();
+        gz.finish().unwrap()
+    }
+
+    fn put(layout: &Path, data: &[u8]) -> serde_json::Value {
+        let h = hex256(data);
+        std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+        std::fs::write(layout.join("blobs/sha256").join(&h), data).unwrap();
+        serde_json::json!({ "digest": format!("sha256:{h}"), "size": data.len() })
+    }
+
+    /// An image manifest over `layers` (uncompressed tar, blob); returns its descriptor.
+    fn image(layout: &Path, layers: &[(Vec<u8>, Vec<u8>)]) -> serde_json::Value {
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": { "Cmd": ["/bin/sh"] },
+            "rootfs": { "type": "layers", "diff_ids":
+                layers.iter().map(|(t, _)| format!("sha256:{}", hex256(t))).collect::<Vec<_>>() }
+        });
+        let mut cfg = put(layout, config.to_string().as_bytes());
+        cfg["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+        let ls: Vec<_> = layers
+            .iter()
+            .map(|(_, b)| {
+                let mut d = put(layout, b);
+                d["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+                d
+            })
+            .collect();
+        let m = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": cfg, "layers": ls,
+        });
+        let mut d = put(layout, m.to_string().as_bytes());
+        d["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
+        d
+    }
+
+    fn write_index(layout: &Path, manifests: Vec<serde_json::Value>) {
+        let index = serde_json::json!({ "schemaVersion": 2, "manifests": manifests });
+        std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+        std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    }
+
+    fn tagged(mut d: serde_json::Value, tag: &str) -> serde_json::Value {
+        d["annotations"] = serde_json::json!({ REF_NAME_ANNOTATION: tag });
+        d
+    }
+
+    /// A layout of one gzip layer holding `files`.
+    fn simple_layout(layout: &Path, files: &[(&str, &[u8])]) -> serde_json::Value {
+        let t = tar_with(files);
+        let g = gzip(&t);
+        image(layout, &[(t, g)])
+    }
+
+    struct Store {
+        _dir: tempfile::TempDir,
+        repo: ostree::Repo,
+        path: PathBuf,
+    }
+
+    fn store() -> Store {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("repo");
+        let repo = open_repo(&path).unwrap();
+        Store {
+            _dir: dir,
+            repo,
+            path,
+        }
+    }
+
+    impl Store {
+        /// A failed import left nothing: no ref, nothing in tmp.
+        fn assert_clean(&self) {
+            assert!(list(&self.repo).unwrap().is_empty(), "nothing committed");
+            let left: Vec<_> = std::fs::read_dir(self.path.join("tmp"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .filter(|n| n.to_string_lossy().starts_with(STAGING_PREFIX))
+                .collect();
+            assert!(left.is_empty(), "staging left behind: {left:?}");
+        }
+
+        fn import_err(&self, path: &Path, opts: &ImportOptions) -> String {
+            let e = import_with(&self.repo, path, opts).unwrap_err();
+            self.assert_clean();
+            format!("{e:#}")
+        }
+    }
+
+    fn named() -> ImportOptions {
+        ImportOptions {
+            name: Some("t:1".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_refused_early_and_leaves_nothing() {
+        let s = store();
+        let dir = tempfile::tempdir().unwrap();
+        let zeros = vec![0u8; 24 << 20];
+        let d = simple_layout(dir.path(), &[("zeros", &zeros)]);
+        write_index(dir.path(), vec![d]);
+        let opts = ImportOptions {
+            limits: ImportLimits {
+                ratio_grace: 1 << 20,
+                ..Default::default()
+            },
+            ..named()
+        };
+        let err = s.import_err(dir.path(), &opts);
+        assert!(err.contains("max_ratio") && err.contains("layer 1 of 1"), "{err}");
+        // The default grace lets small, very compressible layers through.
+        import_with(&s.repo, dir.path(), &named()).unwrap_err();
+        let small = simple_layout(dir.path(), &[("zeros", &zeros[..4 << 20])]);
+        write_index(dir.path(), vec![small]);
+        import_with(&s.repo, dir.path(), &named()).unwrap();
+    }
+
+    #[test]
+    fn image_size_and_layer_count_limits() {
+        let s = store();
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let t1 = tar_with(&[("a", &data)]);
+        let t2 = tar_with(&[("b", b"b")]);
+        let d = image(dir.path(), &[(t1.clone(), gzip(&t1)), (t2.clone(), gzip(&t2))]);
+        write_index(dir.path(), vec![d]);
+        let opts = |l: ImportLimits| ImportOptions { limits: l, ..named() };
+        let err = s.import_err(
+            dir.path(),
+            &opts(ImportLimits { max_image_size: 300_000, ..Default::default() }),
+        );
+        assert!(err.contains("max_image_size") && err.contains("layer 1 of 2"), "{err}");
+        let err = s.import_err(
+            dir.path(),
+            &opts(ImportLimits { max_layers: 1, ..Default::default() }),
+        );
+        assert!(err.contains("max_layers") && err.contains("2 layers"), "{err}");
+        let err = s.import_err(
+            dir.path(),
+            &opts(ImportLimits { max_entries: 1, ..Default::default() }),
+        );
+        assert!(err.contains("max_entries") && err.contains("layer 2 of 2"), "{err}");
+        import_with(&s.repo, dir.path(), &named()).unwrap();
+    }
+
+    #[test]
+    fn metadata_sizes_are_checked_before_reading() {
+        let s = store();
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = simple_layout(dir.path(), &[("f", b"x")]);
+        let good = d.clone();
+        // A descriptor claiming 1 GiB: refused without reading.
+        d["size"] = (1u64 << 30).into();
+        write_index(dir.path(), vec![d.clone()]);
+        let err = s.import_err(dir.path(), &named());
+        assert!(err.contains("max_metadata_size") && err.contains("1073741824"), "{err}");
+        // A blob far larger than its descriptor: read only size + 1 bytes.
+        let hex = good["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+        let p = dir.path().join("blobs/sha256").join(&hex);
+        let orig = std::fs::read(&p).unwrap();
+        let mut big = orig.clone();
+        big.resize(64 << 20, b' ');
+        std::fs::write(&p, &big).unwrap();
+        write_index(dir.path(), vec![good.clone()]);
+        let err = s.import_err(dir.path(), &named());
+        assert!(err.contains("mismatch"), "{err}");
+        std::fs::write(&p, &orig).unwrap();
+        // An index.json over the limit.
+        let mut huge = serde_json::json!({ "schemaVersion": 2, "manifests": [good] }).to_string();
+        huge.push_str(&" ".repeat(5 << 20));
+        std::fs::write(dir.path().join("index.json"), huge).unwrap();
+        let err = s.import_err(dir.path(), &named());
+        assert!(err.contains("index.json") && err.contains("max_metadata_size"), "{err}");
+    }
+
+    #[test]
+    fn layout_files_must_be_plain_files_inside_it() {
+        let s = store();
+        let outside = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let d = simple_layout(dir.path(), &[("f", b"x")]);
+        write_index(dir.path(), vec![d.clone()]);
+        // index.json as a symlink to a (valid) file elsewhere.
+        let idx = dir.path().join("index.json");
+        std::fs::rename(&idx, outside.path().join("index.json")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("index.json"), &idx).unwrap();
+        let err = s.import_err(dir.path(), &named());
+        assert!(err.contains("index.json") && err.contains("symbolic link"), "{err}");
+        std::fs::remove_file(&idx).unwrap();
+        write_index(dir.path(), vec![d.clone()]);
+        // The manifest blob as a symlink to a host copy of it, then to /dev/zero.
+        let hex = d["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+        let p = dir.path().join("blobs/sha256").join(&hex);
+        let copy = outside.path().join("m");
+        std::fs::rename(&p, &copy).unwrap();
+        for target in [copy.as_path(), Path::new("/dev/zero")] {
+            std::os::unix::fs::symlink(target, &p).unwrap();
+            let err = s.import_err(dir.path(), &named());
+            assert!(err.contains(&hex) && err.contains("symbolic link"), "{err}");
+            std::fs::remove_file(&p).unwrap();
+        }
+        // A fifo (would block a plain open) and the blobs dir as a symlink.
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = s.import_err(dir.path(), &named());
+        assert!(err.contains("not a regular file"), "{err}");
+        std::fs::remove_file(&p).unwrap();
+        std::fs::rename(&copy, &p).unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::rename(&blobs, outside.path().join("blobs")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("blobs"), &blobs).unwrap();
+        let err = s.import_err(dir.path(), &named());
+        assert!(err.contains("symbolic link"), "{err}");
+        std::fs::remove_file(&blobs).unwrap();
+        std::fs::rename(outside.path().join("blobs"), &blobs).unwrap();
+        import_with(&s.repo, dir.path(), &named()).unwrap();
+    }
+
+    #[test]
+    fn a_layout_with_several_tags() {
+        let s = store();
+        let dir = tempfile::tempdir().unwrap();
+        let a = simple_layout(dir.path(), &[("which", b"a")]);
+        let b = simple_layout(dir.path(), &[("which", b"b")]);
+        write_index(dir.path(), vec![tagged(a, "a"), tagged(b.clone(), "b")]);
+        let err = s.import_err(dir.path(), &named());
+        assert!(err.contains("tags a, b") && err.contains("PATH:TAG"), "{err}");
+        let err = s.import_err(
+            dir.path(),
+            &ImportOptions { tag: Some("c".into()), ..named() },
+        );
+        assert!(err.contains("\"c\"") && err.contains("a, b"), "{err}");
+        let info = import_with(
+            &s.repo,
+            dir.path(),
+            &ImportOptions { tag: Some("b".into()), ..named() },
+        )
+        .unwrap();
+        assert_eq!(info.manifest_digest, b["digest"].as_str().unwrap());
+        // PATH:TAG, as skopeo's oci:PATH:TAG.
+        let with_tag = PathBuf::from(format!("{}:a", dir.path().display()));
+        let info_a = import_with(&s.repo, &with_tag, &named()).unwrap();
+        assert_ne!(info_a.manifest_digest, info.manifest_digest);
+        assert!(import_with(
+            &s.repo,
+            &with_tag,
+            &ImportOptions { tag: Some("b".into()), ..named() }
+        )
+        .is_err());
+        // A path that really has a ':' is a path.
+        let (p, t) = split_path_tag(dir.path(), None).unwrap();
+        assert_eq!((p.as_path(), t), (dir.path(), None));
+    }
+
+    #[test]
+    fn docker_archive_member_paths_are_checked() {
+        let s = store();
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_with(&[("f", b"x")]);
+        let cfg = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{}", hex256(&layer))] }
+        })
+        .to_string();
+        let chex = hex256(cfg.as_bytes());
+        for (config, layer_path) in [
+            (format!("{chex}.json"), "../../../etc/passwd".to_string()),
+            (format!("{chex}.json"), "/etc/passwd".to_string()),
+            (format!("../{chex}.json"), "l/layer.tar".to_string()),
+        ] {
+            let path = dir.path().join("docker.tar");
+            let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+            let mut add = |n: &str, d: &[u8]| {
+                let mut h = tar::Header::new_gnu();
+                h.set_mode(0o644);
+                h.set_size(d.len() as u64);
+                b.append_data(&mut h, n, d).unwrap();
+            };
+            add(&format!("{chex}.json"), cfg.as_bytes());
+            add("l/layer.tar", &layer);
+            let m = serde_json::json!([{ "Config": config, "RepoTags": ["x:y"], "Layers": [layer_path] }]);
+            add("manifest.json", m.to_string().as_bytes());
+            drop(add);
+            b.finish().unwrap();
+            drop(b);
+            let err = s.import_err(&path, &named());
+            assert!(err.contains("not a plain path"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_store_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let repo = dir.path().join("state/repo");
+        open_repo(&repo).unwrap();
+        assert_eq!(mode(&repo), 0o700);
+        assert_eq!(mode(&repo.join("tmp")), 0o700);
+        // Existing, world-readable ones are tightened.
+        std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(repo.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        open_repo(&repo).unwrap();
+        assert_eq!(mode(&repo), 0o700);
+        assert_eq!(mode(&repo.join("tmp")), 0o700);
+        let state = dir.path().join("state");
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&state).unwrap();
+        assert_eq!(mode(&state), 0o700);
+    }
 }

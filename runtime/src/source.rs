@@ -168,14 +168,18 @@ impl Source {
 
     pub fn has(&self, name: &str) -> bool {
         match self {
-            Source::Dir { fd, .. } => at::openat2(
-                fd.as_fd(),
-                OsStr::new(name),
-                libc::O_PATH | libc::O_NOFOLLOW,
-                0,
-                at::STRICT,
-            )
-            .is_ok(),
+            // Anything but "no such file" counts as there: opening it then
+            // says what is wrong with it (a symlink, outside the layout).
+            Source::Dir { fd, .. } => !matches!(
+                at::openat2(
+                    fd.as_fd(),
+                    OsStr::new(name),
+                    libc::O_PATH | libc::O_NOFOLLOW,
+                    0,
+                    at::STRICT,
+                ),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT)
+            ),
             Source::Tar { entries, .. } => entries.contains_key(name),
         }
     }
