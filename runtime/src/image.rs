@@ -1014,11 +1014,12 @@ pub fn resolve_checked_out(
 /// A read-only tree of `commit`, shared by every container of that commit:
 /// `<dir>/<commit>`, made once (hardlinks into the repository when it can).
 pub fn ensure_checkout(repo: &ostree::Repo, commit: &str, dir: &Path) -> Result<PathBuf> {
+    // 0700: checkouts share the repository's inodes, setuid files included.
+    private_dir(dir)?;
     let dest = dir.join(commit);
     if dest.exists() {
         return Ok(dest);
     }
-    private_dir(dir)?;
     let tmp = dir.join(format!(".tmp-{commit}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let opts = ostree::RepoCheckoutAtOptions {
