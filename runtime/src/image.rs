@@ -6,8 +6,8 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::io::{BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
-use std::rc::Rc;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use gio::prelude::*;
@@ -342,7 +342,13 @@ pub fn import_with(repo: &ostree::Repo, path: &Path, opts: &ImportOptions) -> Re
     std::fs::create_dir(&rootfs)?;
 
     let (found_name, digest, config, format) = if source.has("index.json") {
-        let (n, d, c) = unpack_oci(&source, &rootfs, opts.name.is_none(), tag.as_deref(), limits)?;
+        let (n, d, c) = unpack_oci(
+            &source,
+            &rootfs,
+            opts.name.is_none(),
+            tag.as_deref(),
+            limits,
+        )?;
         (n, d, c, "oci")
     } else if source.has("manifest.json") {
         let (n, d, c) = unpack_docker(&source, &rootfs, tag.as_deref(), limits)?;
@@ -541,9 +547,11 @@ fn pick_manifest(
                 let platforms: Vec<String> = candidates
                     .iter()
                     .map(|m| {
-                        m.platform().as_ref().map_or("(no platform)".to_string(), |p| {
-                            format!("{}/{}", p.os(), p.architecture())
-                        })
+                        m.platform()
+                            .as_ref()
+                            .map_or("(no platform)".to_string(), |p| {
+                                format!("{}/{}", p.os(), p.architecture())
+                            })
                     })
                     .collect();
                 anyhow!(
@@ -558,7 +566,9 @@ fn pick_manifest(
     let media = chosen.media_type().to_string();
     if media.contains("image.index") || media.contains("manifest.list") {
         if depth >= 2 {
-            bail!("image indexes nested more than two deep (or an index that lists itself): refused");
+            bail!(
+                "image indexes nested more than two deep (or an index that lists itself): refused"
+            );
         }
         let bytes = source.read_blob(&digest, chosen.size(), limits.max_metadata_size)?;
         let inner = ImageIndex::from_reader(&bytes[..]).context("parsing nested image index")?;
@@ -1139,7 +1149,11 @@ mod tests {
     fn write_index(layout: &Path, manifests: Vec<serde_json::Value>) {
         let index = serde_json::json!({ "schemaVersion": 2, "manifests": manifests });
         std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
-        std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        std::fs::write(
+            layout.join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
     }
 
     fn tagged(mut d: serde_json::Value, tag: &str) -> serde_json::Value {
@@ -1213,7 +1227,10 @@ mod tests {
             ..named()
         };
         let err = s.import_err(dir.path(), &opts);
-        assert!(err.contains("max_ratio") && err.contains("layer 1 of 1"), "{err}");
+        assert!(
+            err.contains("max_ratio") && err.contains("layer 1 of 1"),
+            "{err}"
+        );
         // The default grace lets small, very compressible layers through.
         import_with(&s.repo, dir.path(), &named()).unwrap_err();
         let small = simple_layout(dir.path(), &[("zeros", &zeros[..4 << 20])]);
@@ -1225,27 +1242,53 @@ mod tests {
     fn image_size_and_layer_count_limits() {
         let s = store();
         let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..600_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..600_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         let t1 = tar_with(&[("a", &data)]);
         let t2 = tar_with(&[("b", b"b")]);
-        let d = image(dir.path(), &[(t1.clone(), gzip(&t1)), (t2.clone(), gzip(&t2))]);
+        let d = image(
+            dir.path(),
+            &[(t1.clone(), gzip(&t1)), (t2.clone(), gzip(&t2))],
+        );
         write_index(dir.path(), vec![d]);
-        let opts = |l: ImportLimits| ImportOptions { limits: l, ..named() };
+        let opts = |l: ImportLimits| ImportOptions {
+            limits: l,
+            ..named()
+        };
         let err = s.import_err(
             dir.path(),
-            &opts(ImportLimits { max_image_size: 300_000, ..Default::default() }),
+            &opts(ImportLimits {
+                max_image_size: 300_000,
+                ..Default::default()
+            }),
         );
-        assert!(err.contains("max_image_size") && err.contains("layer 1 of 2"), "{err}");
+        assert!(
+            err.contains("max_image_size") && err.contains("layer 1 of 2"),
+            "{err}"
+        );
         let err = s.import_err(
             dir.path(),
-            &opts(ImportLimits { max_layers: 1, ..Default::default() }),
+            &opts(ImportLimits {
+                max_layers: 1,
+                ..Default::default()
+            }),
         );
-        assert!(err.contains("max_layers") && err.contains("2 layers"), "{err}");
+        assert!(
+            err.contains("max_layers") && err.contains("2 layers"),
+            "{err}"
+        );
         let err = s.import_err(
             dir.path(),
-            &opts(ImportLimits { max_entries: 1, ..Default::default() }),
+            &opts(ImportLimits {
+                max_entries: 1,
+                ..Default::default()
+            }),
         );
-        assert!(err.contains("max_entries") && err.contains("layer 2 of 2"), "{err}");
+        assert!(
+            err.contains("max_entries") && err.contains("layer 2 of 2"),
+            "{err}"
+        );
         import_with(&s.repo, dir.path(), &named()).unwrap();
     }
 
@@ -1259,9 +1302,16 @@ mod tests {
         d["size"] = (1u64 << 30).into();
         write_index(dir.path(), vec![d.clone()]);
         let err = s.import_err(dir.path(), &named());
-        assert!(err.contains("max_metadata_size") && err.contains("1073741824"), "{err}");
+        assert!(
+            err.contains("max_metadata_size") && err.contains("1073741824"),
+            "{err}"
+        );
         // A blob far larger than its descriptor: read only size + 1 bytes.
-        let hex = good["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+        let hex = good["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string();
         let p = dir.path().join("blobs/sha256").join(&hex);
         let orig = std::fs::read(&p).unwrap();
         let mut big = orig.clone();
@@ -1276,7 +1326,10 @@ mod tests {
         huge.push_str(&" ".repeat(5 << 20));
         std::fs::write(dir.path().join("index.json"), huge).unwrap();
         let err = s.import_err(dir.path(), &named());
-        assert!(err.contains("index.json") && err.contains("max_metadata_size"), "{err}");
+        assert!(
+            err.contains("index.json") && err.contains("max_metadata_size"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1291,11 +1344,18 @@ mod tests {
         std::fs::rename(&idx, outside.path().join("index.json")).unwrap();
         std::os::unix::fs::symlink(outside.path().join("index.json"), &idx).unwrap();
         let err = s.import_err(dir.path(), &named());
-        assert!(err.contains("index.json") && err.contains("symbolic link"), "{err}");
+        assert!(
+            err.contains("index.json") && err.contains("symbolic link"),
+            "{err}"
+        );
         std::fs::remove_file(&idx).unwrap();
         write_index(dir.path(), vec![d.clone()]);
         // The manifest blob as a symlink to a host copy of it, then to /dev/zero.
-        let hex = d["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+        let hex = d["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string();
         let p = dir.path().join("blobs/sha256").join(&hex);
         let copy = outside.path().join("m");
         std::fs::rename(&p, &copy).unwrap();
@@ -1329,16 +1389,25 @@ mod tests {
         let b = simple_layout(dir.path(), &[("which", b"b")]);
         write_index(dir.path(), vec![tagged(a, "a"), tagged(b.clone(), "b")]);
         let err = s.import_err(dir.path(), &named());
-        assert!(err.contains("tags a, b") && err.contains("PATH:TAG"), "{err}");
+        assert!(
+            err.contains("tags a, b") && err.contains("PATH:TAG"),
+            "{err}"
+        );
         let err = s.import_err(
             dir.path(),
-            &ImportOptions { tag: Some("c".into()), ..named() },
+            &ImportOptions {
+                tag: Some("c".into()),
+                ..named()
+            },
         );
         assert!(err.contains("\"c\"") && err.contains("a, b"), "{err}");
         let info = import_with(
             &s.repo,
             dir.path(),
-            &ImportOptions { tag: Some("b".into()), ..named() },
+            &ImportOptions {
+                tag: Some("b".into()),
+                ..named()
+            },
         )
         .unwrap();
         assert_eq!(info.manifest_digest, b["digest"].as_str().unwrap());
@@ -1349,7 +1418,10 @@ mod tests {
         assert!(import_with(
             &s.repo,
             &with_tag,
-            &ImportOptions { tag: Some("b".into()), ..named() }
+            &ImportOptions {
+                tag: Some("b".into()),
+                ..named()
+            }
         )
         .is_err());
         // A path that really has a ':' is a path.
@@ -1385,7 +1457,6 @@ mod tests {
             add("l/layer.tar", &layer);
             let m = serde_json::json!([{ "Config": config, "RepoTags": ["x:y"], "Layers": [layer_path] }]);
             add("manifest.json", m.to_string().as_bytes());
-            drop(add);
             b.finish().unwrap();
             drop(b);
             let err = s.import_err(&path, &named());
@@ -1404,7 +1475,8 @@ mod tests {
         assert_eq!(mode(&repo.join("tmp")), 0o700);
         // Existing, world-readable ones are tightened.
         std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(repo.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::set_permissions(repo.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .unwrap();
         open_repo(&repo).unwrap();
         assert_eq!(mode(&repo), 0o700);
         assert_eq!(mode(&repo.join("tmp")), 0o700);

@@ -192,7 +192,15 @@ pub(crate) mod at {
     ) -> io::Result<()> {
         let (o, n) = (cstr(oname)?, cstr(nname)?);
         // SAFETY: valid fds and C strings.
-        cvt(unsafe { libc::linkat(odir.as_raw_fd(), o.as_ptr(), ndir.as_raw_fd(), n.as_ptr(), 0) })
+        cvt(unsafe {
+            libc::linkat(
+                odir.as_raw_fd(),
+                o.as_ptr(),
+                ndir.as_raw_fd(),
+                n.as_ptr(),
+                0,
+            )
+        })
     }
 
     /// Owner of `name` in `dir` itself (a symlink is not followed).
@@ -332,9 +340,8 @@ impl Tree {
                             })
                         }
                     }
-                    open().with_context(|| {
-                        format!("opening {}", phys_of(&stack, &part).display())
-                    })?
+                    open()
+                        .with_context(|| format!("opening {}", phys_of(&stack, &part).display()))?
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
                 Err(e) => {
@@ -654,7 +661,10 @@ pub fn apply_layer_limited<R: Read>(
             opaque.push(parent_rel);
             continue;
         }
-        if let Some(victim) = file_name.as_bytes().strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+        if let Some(victim) = file_name
+            .as_bytes()
+            .strip_prefix(WHITEOUT_PREFIX.as_bytes())
+        {
             stats.whiteouts += 1;
             if let Some(parent) = tree.dir(&parent_rel, false)? {
                 remove_at(parent.fd.as_fd(), OsStr::from_bytes(victim))
@@ -1030,9 +1040,8 @@ impl<R: Read> TarGuard<R> {
             .checked_add(511)
             .ok_or_else(|| io::Error::other("tar entry size overflows"))?
             & !511;
-        let sparse_extended = !meta
-            && et.is_gnu_sparse()
-            && h.as_gnu().is_some_and(|g| g.is_extended());
+        let sparse_extended =
+            !meta && et.is_gnu_sparse() && h.as_gnu().is_some_and(|g| g.is_extended());
         if sparse_extended {
             self.sparse_ext = true;
             self.sparse_skip = padded;
@@ -1388,9 +1397,15 @@ mod tests {
             E::File("d/.wh..wh..opq", b"", 0o644),
         ]);
         apply_layer(&l2[..], dir.path()).unwrap();
-        assert_eq!(fs::read_to_string(host.path().join("victim")).unwrap(), "host");
+        assert_eq!(
+            fs::read_to_string(host.path().join("victim")).unwrap(),
+            "host"
+        );
         assert!(!host.path().join("new").exists());
-        assert_eq!(fs::read_to_string(dir.path().join("f")).unwrap(), "replaced");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("f")).unwrap(),
+            "replaced"
+        );
         let inside = resolve_in_root(dir.path(), Path::new("d/new"), true).unwrap();
         assert!(inside.starts_with(dir.path()) && inside.exists());
     }
@@ -1426,7 +1441,10 @@ mod tests {
         // A hard link later replaced by a file leaves its target alone.
         let l = layer(&[E::File("ok", b"new", 0o4755)]);
         apply_layer(&l[..], dir.path()).unwrap();
-        assert_eq!(fs::read_to_string(dir.path().join("real/f")).unwrap(), "inside");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("real/f")).unwrap(),
+            "inside"
+        );
         assert_eq!(mode_of(&dir.path().join("real/f")), 0o644);
     }
 
@@ -1473,7 +1491,10 @@ mod tests {
             let data = b.into_inner().unwrap();
             let dir = tempfile::tempdir().unwrap();
             let err = format!("{:#}", apply_layer(&data[..], dir.path()).unwrap_err());
-            assert!(err.contains("out of range") && err.contains("suid"), "{err}");
+            assert!(
+                err.contains("out of range") && err.contains("suid"),
+                "{err}"
+            );
         }
     }
 
@@ -1537,7 +1558,13 @@ mod tests {
     }
 
     /// A raw header (ustar) of `kind` and `size`, its data, padded.
-    fn raw_entry(out: &mut Vec<u8>, name: &str, kind: tar::EntryType, size_field: u64, data: &[u8]) {
+    fn raw_entry(
+        out: &mut Vec<u8>,
+        name: &str,
+        kind: tar::EntryType,
+        size_field: u64,
+        data: &[u8],
+    ) {
         let mut h = tar::Header::new_ustar();
         h.set_path(name).unwrap();
         h.set_entry_type(kind);
@@ -1553,7 +1580,13 @@ mod tests {
     fn huge_pax_and_long_name_headers_are_refused_before_being_read() {
         // A pax header claiming 64 GiB: refused at its header, nothing buffered.
         let mut t = Vec::new();
-        raw_entry(&mut t, "PaxHeaders/x", tar::EntryType::XHeader, 64 << 30, b"");
+        raw_entry(
+            &mut t,
+            "PaxHeaders/x",
+            tar::EntryType::XHeader,
+            64 << 30,
+            b"",
+        );
         let dir = tempfile::tempdir().unwrap();
         let err = format!("{:#}", apply_layer(&t[..], dir.path()).unwrap_err());
         assert!(err.contains("max_tar_header_size"), "{err}");
@@ -1576,7 +1609,13 @@ mod tests {
         // file whose data looks like a huge pax header: all applied right.
         let mut t = Vec::new();
         let pax = pax_record("size", b"600");
-        raw_entry(&mut t, "PaxHeaders/a", tar::EntryType::XHeader, pax.len() as u64, &pax);
+        raw_entry(
+            &mut t,
+            "PaxHeaders/a",
+            tar::EntryType::XHeader,
+            pax.len() as u64,
+            &pax,
+        );
         let mut fake = Vec::new();
         raw_entry(&mut fake, "fake", tar::EntryType::XHeader, 64 << 30, b"");
         fake.resize(600, b'z');
@@ -1606,7 +1645,10 @@ mod tests {
             E::File("d/child", b"", 0o644),
         ]);
         let err = format!("{:#}", apply_layer(&l[..], dir.path()).unwrap_err());
-        assert!(err.contains("d/child") && err.contains("not a directory"), "{err}");
+        assert!(
+            err.contains("d/child") && err.contains("not a directory"),
+            "{err}"
+        );
         // A symlink replaced by a directory: the directory is real.
         let dir = tempfile::tempdir().unwrap();
         let host = tempfile::tempdir().unwrap();

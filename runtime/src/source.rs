@@ -3,8 +3,8 @@
 //! `docker save` tar. Every blob is checked against its digest as it is read.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -212,10 +212,7 @@ impl Source {
                 })?;
                 let st = at::fstat(f.as_fd())?;
                 if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                    bail!(
-                        "{} is not a regular file: refused",
-                        shown.display()
-                    );
+                    bail!("{} is not a regular file: refused", shown.display());
                 }
                 Ok((Box::new(File::from(f)), st.st_size as u64))
             }

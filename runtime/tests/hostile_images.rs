@@ -43,7 +43,10 @@ impl Env {
     /// The import failed: nothing committed, no staging left in repo/tmp.
     fn import_fails(&self, path: &Path, opts: &ImportOptions) -> String {
         let err = format!("{:#}", self.rt.import_with(path, opts).unwrap_err());
-        assert!(self.rt.images().unwrap().is_empty(), "nothing committed: {err}");
+        assert!(
+            self.rt.images().unwrap().is_empty(),
+            "nothing committed: {err}"
+        );
         let left: Vec<_> = std::fs::read_dir(self.rt.paths.repo().join("tmp"))
             .unwrap()
             .flatten()
@@ -56,8 +59,12 @@ impl Env {
 
     /// The checkout of an imported image.
     fn checkout(&self, info: &image::ImageInfo) -> PathBuf {
-        image::ensure_checkout(&self.rt.repo().unwrap(), &info.commit, &self.rt.paths.checkouts())
-            .unwrap()
+        image::ensure_checkout(
+            &self.rt.repo().unwrap(),
+            &info.commit,
+            &self.rt.paths.checkouts(),
+        )
+        .unwrap()
     }
 }
 
@@ -97,7 +104,11 @@ fn layout_of(layout: &Path, layers: &[(Vec<u8>, Vec<u8>)]) {
     d["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
     let index = serde_json::json!({ "schemaVersion": 2, "manifests": [d] });
     std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
 }
 
 fn gzip(d: &[u8]) -> Vec<u8> {
@@ -151,16 +162,32 @@ fn deferred_modes_never_reach_host_files() {
     std::fs::set_permissions(&host_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
 
     let mut b = tar::Builder::new(Vec::new());
-    b.append_data(&mut hdr(tar::EntryType::Directory, 0o4777, 0), "v/", std::io::empty())
-        .unwrap();
+    b.append_data(
+        &mut hdr(tar::EntryType::Directory, 0o4777, 0),
+        "v/",
+        std::io::empty(),
+    )
+    .unwrap();
     b.append_link(&mut hdr(tar::EntryType::Symlink, 0o777, 0), "v", &host_file)
         .unwrap();
-    b.append_data(&mut hdr(tar::EntryType::Directory, 0o755, 0), "p/", std::io::empty())
-        .unwrap();
-    b.append_data(&mut hdr(tar::EntryType::Directory, 0o6777, 1000), "p/q/", std::io::empty())
-        .unwrap();
-    b.append_link(&mut hdr(tar::EntryType::Symlink, 0o777, 0), "p", host.path())
-        .unwrap();
+    b.append_data(
+        &mut hdr(tar::EntryType::Directory, 0o755, 0),
+        "p/",
+        std::io::empty(),
+    )
+    .unwrap();
+    b.append_data(
+        &mut hdr(tar::EntryType::Directory, 0o6777, 1000),
+        "p/q/",
+        std::io::empty(),
+    )
+    .unwrap();
+    b.append_link(
+        &mut hdr(tar::EntryType::Symlink, 0o777, 0),
+        "p",
+        host.path(),
+    )
+    .unwrap();
     let l1 = b.into_inner().unwrap();
     let dir = tempfile::tempdir().unwrap();
     layout_of(dir.path(), &[(l1.clone(), gzip(&l1))]);
@@ -169,7 +196,10 @@ fn deferred_modes_never_reach_host_files() {
     assert_eq!(mode(&host_dir), 0o700, "host directory chmodded");
     assert_eq!(std::fs::metadata(&host_dir).unwrap().uid(), 0);
     let co = env.checkout(&info);
-    assert!(std::fs::symlink_metadata(co.join("v")).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(co.join("v"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }
 
 /// Whiteouts of `.`/`..` and friends, owners out of range, links and paths
@@ -183,10 +213,18 @@ fn hostile_entries_are_refused_and_leave_nothing() {
         let mut v = Vec::new();
         for name in [".wh..", ".wh...", "etc/.wh..", ".wh.", ".wh.x/y"] {
             let mut b = tar::Builder::new(Vec::new());
-            b.append_data(&mut hdr(tar::EntryType::Directory, 0o755, 0), "etc/", std::io::empty())
-                .unwrap();
-            b.append_data(&mut hdr(tar::EntryType::Regular, 0o644, 0), name, std::io::empty())
-                .unwrap();
+            b.append_data(
+                &mut hdr(tar::EntryType::Directory, 0o755, 0),
+                "etc/",
+                std::io::empty(),
+            )
+            .unwrap();
+            b.append_data(
+                &mut hdr(tar::EntryType::Regular, 0o644, 0),
+                name,
+                std::io::empty(),
+            )
+            .unwrap();
             v.push((name, b.into_inner().unwrap(), name));
         }
         let mut b = tar::Builder::new(Vec::new());
@@ -196,8 +234,12 @@ fn hostile_entries_are_refused_and_leave_nothing() {
         v.push(("uid 2^32", b.into_inner().unwrap(), "out of range"));
         let mut b = tar::Builder::new(Vec::new());
         let long = format!("{}/f", "d/".repeat(300));
-        b.append_data(&mut hdr(tar::EntryType::Regular, 0o644, 0), &long, std::io::empty())
-            .unwrap();
+        b.append_data(
+            &mut hdr(tar::EntryType::Regular, 0o644, 0),
+            &long,
+            std::io::empty(),
+        )
+        .unwrap();
         v.push(("deep path", b.into_inner().unwrap(), "max_path_depth"));
         v
     };
@@ -205,7 +247,10 @@ fn hostile_entries_are_refused_and_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
         layout_of(dir.path(), &[plain(layer)]);
         let err = env.import_fails(dir.path(), &named());
-        assert!(err.contains(needle) && err.contains("layer 1 of 1"), "{what}: {err}");
+        assert!(
+            err.contains(needle) && err.contains("layer 1 of 1"),
+            "{what}: {err}"
+        );
     }
 }
 
@@ -239,11 +284,17 @@ fn decompression_bombs_are_refused_at_the_default_limits() {
         let t = std::time::Instant::now();
         let err = env.import_fails(dir.path(), &named());
         assert!(err.contains("max_ratio"), "{what}: {err}");
-        assert!(t.elapsed().as_secs() < 20, "{what}: refused only after {:?}", t.elapsed());
+        assert!(
+            t.elapsed().as_secs() < 20,
+            "{what}: refused only after {:?}",
+            t.elapsed()
+        );
     }
     // And the size limit, with the ratio out of the way.
     let dir = tempfile::tempdir().unwrap();
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
     let mut b = tar::Builder::new(Vec::new());
     let mut h = hdr(tar::EntryType::Regular, 0o644, 0);
     h.set_size(data.len() as u64);
@@ -257,7 +308,10 @@ fn decompression_bombs_are_refused_at_the_default_limits() {
         ..named()
     };
     let err = env.import_fails(dir.path(), &opts);
-    assert!(err.contains("max_image_size") && err.contains("--max-image-size"), "{err}");
+    assert!(
+        err.contains("max_image_size") && err.contains("--max-image-size"),
+        "{err}"
+    );
 }
 
 /// The state root, the repository, its tmp and the checkouts are 0700 (made
@@ -277,7 +331,11 @@ fn the_store_is_private_and_setuid_files_unreachable() {
     layout_of(dir.path(), &[(l.clone(), gzip(&l))]);
     let info = env.rt.import_with(dir.path(), &named()).unwrap();
     let co = env.checkout(&info);
-    assert_eq!(mode(&co.join("bin/suid")), 0o4755, "setuid kept inside the image");
+    assert_eq!(
+        mode(&co.join("bin/suid")),
+        0o4755,
+        "setuid kept inside the image"
+    );
     for p in [
         env.root.path().to_path_buf(),
         env.rt.paths.repo(),
@@ -321,7 +379,12 @@ fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 256];
     // SAFETY: valid C strings and a live buffer of the given length.
     let n = unsafe {
-        libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        libc::lgetxattr(
+            c_path.as_ptr(),
+            c_name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
     };
     (n >= 0).then(|| buf[..n as usize].to_vec())
 }
@@ -334,7 +397,9 @@ fn populate(root: &Path) {
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
     std::fs::copy("/bin/busybox", root.join("bin/pinger")).unwrap();
-    run(Command::new("setcap").arg("cap_net_bind_service=+ep").arg(root.join("bin/pinger")));
+    run(Command::new("setcap")
+        .arg("cap_net_bind_service=+ep")
+        .arg(root.join("bin/pinger")));
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
@@ -343,7 +408,11 @@ fn populate(root: &Path) {
     std::fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
     std::fs::write(root.join("etc/gone"), "deleted by the second layer\n").unwrap();
     std::os::unix::fs::chown(root.join("home/app"), Some(1000), Some(1000)).unwrap();
-    std::fs::set_permissions(root.join("home/app"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::set_permissions(
+        root.join("home/app"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
 }
 
 /// What every tool-made image must look like once imported.
@@ -351,11 +420,30 @@ fn check_tree(co: &Path, cap: &[u8], what: &str) {
     assert!(co.join("bin/busybox").is_file(), "{what}: busybox");
     let home = std::fs::metadata(co.join("home/app")).unwrap();
     assert_eq!((home.uid(), home.gid()), (1000, 1000), "{what}: home owner");
-    assert_eq!(home.permissions().mode() & 0o7777, 0o750, "{what}: home mode");
-    assert_eq!(xattr(&co.join("bin/pinger"), "security.capability").as_deref(), Some(cap), "{what}: file capability");
-    assert!(std::fs::read_to_string(co.join("etc/passwd")).unwrap().contains("app:x:1000"), "{what}");
+    assert_eq!(
+        home.permissions().mode() & 0o7777,
+        0o750,
+        "{what}: home mode"
+    );
+    assert_eq!(
+        xattr(&co.join("bin/pinger"), "security.capability").as_deref(),
+        Some(cap),
+        "{what}: file capability"
+    );
+    assert!(
+        std::fs::read_to_string(co.join("etc/passwd"))
+            .unwrap()
+            .contains("app:x:1000"),
+        "{what}"
+    );
     assert!(!co.join("etc/gone").exists(), "{what}: whiteout applied");
-    assert!(std::fs::read_dir(co.join("etc")).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().starts_with(".wh.")), "{what}: no whiteout file left");
+    assert!(
+        std::fs::read_dir(co.join("etc"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with(".wh.")),
+        "{what}: no whiteout file left"
+    );
 }
 
 /// The capability xattr `setcap cap_net_bind_service=+ep` writes here.
@@ -363,7 +451,9 @@ fn expected_cap() -> Vec<u8> {
     let d = tempfile::tempdir().unwrap();
     let f = d.path().join("f");
     std::fs::write(&f, "x").unwrap();
-    run(Command::new("setcap").arg("cap_net_bind_service=+ep").arg(&f));
+    run(Command::new("setcap")
+        .arg("cap_net_bind_service=+ep")
+        .arg(&f));
     xattr(&f, "security.capability").expect("setcap wrote security.capability")
 }
 
@@ -378,10 +468,17 @@ fn images_made_by_buildah_and_skopeo() {
     let cap = expected_cap();
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let storage = format!("vfs@{}+{}", w.join("root").display(), w.join("run").display());
+    let storage = format!(
+        "vfs@{}+{}",
+        w.join("root").display(),
+        w.join("run").display()
+    );
     let buildah = || {
         let mut c = Command::new("buildah");
-        c.arg("--root").arg(w.join("root")).arg("--runroot").arg(w.join("run"));
+        c.arg("--root")
+            .arg(w.join("root"))
+            .arg("--runroot")
+            .arg(w.join("run"));
         c.arg("--storage-driver").arg("vfs");
         c
     };
@@ -408,28 +505,83 @@ fn images_made_by_buildah_and_skopeo() {
     run(buildah().args(["commit", "-q", &c2, "toolimg:v2"]));
 
     let oci = w.join("oci");
-    run(buildah().arg("push").arg("-q").arg("toolimg:v2").arg(format!("oci:{}:v2", oci.display())));
-    run(Command::new("skopeo").arg("copy").arg("-q")
-        .arg(format!("containers-storage:[{storage}]localhost/toolimg:v1"))
+    run(buildah()
+        .arg("push")
+        .arg("-q")
+        .arg("toolimg:v2")
+        .arg(format!("oci:{}:v2", oci.display())));
+    run(Command::new("skopeo")
+        .arg("copy")
+        .arg("-q")
+        .arg(format!(
+            "containers-storage:[{storage}]localhost/toolimg:v1"
+        ))
         .arg(format!("oci:{}:v1", oci.display())));
     let oci_archive = w.join("img.oci.tar");
-    run(Command::new("skopeo").arg("copy").arg("-q")
-        .arg(format!("containers-storage:[{storage}]localhost/toolimg:v2"))
+    run(Command::new("skopeo")
+        .arg("copy")
+        .arg("-q")
+        .arg(format!(
+            "containers-storage:[{storage}]localhost/toolimg:v2"
+        ))
         .arg(format!("oci-archive:{}:v2", oci_archive.display())));
     let docker_archive = w.join("img.docker.tar");
-    run(buildah().arg("push").arg("-q").arg("toolimg:v2")
-        .arg(format!("docker-archive:{}:localhost/toolimg:v2", docker_archive.display())));
+    run(buildah()
+        .arg("push")
+        .arg("-q")
+        .arg("toolimg:v2")
+        .arg(format!(
+            "docker-archive:{}:localhost/toolimg:v2",
+            docker_archive.display()
+        )));
 
     // Two tags in one layout: no tag is an error listing them.
-    let err = env.import_fails(&oci, &ImportOptions { name: Some("toolimg:v2".into()), ..Default::default() });
+    let err = env.import_fails(
+        &oci,
+        &ImportOptions {
+            name: Some("toolimg:v2".into()),
+            ..Default::default()
+        },
+    );
     assert!(err.contains("v1, v2") && err.contains("PATH:TAG"), "{err}");
     let with_tag = PathBuf::from(format!("{}:v2", oci.display()));
-    let info = env.rt.import_with(&with_tag, &ImportOptions { name: Some("toolimg:v2".into()), ..Default::default() }).unwrap();
+    let info = env
+        .rt
+        .import_with(
+            &with_tag,
+            &ImportOptions {
+                name: Some("toolimg:v2".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     check_tree(&env.checkout(&info), &cap, "buildah push oci:DIR:v2");
     assert_eq!(info.config.user.as_deref(), Some("app"));
-    let v1 = env.rt.import_with(&oci, &ImportOptions { name: Some("toolimg:v1".into()), tag: Some("v1".into()), ..Default::default() }).unwrap();
-    assert!(env.checkout(&v1).join("etc/gone").exists(), "v1 is the one-layer image");
-    let info = env.rt.import_with(&oci_archive, &ImportOptions { name: Some("toolimg:arch".into()), ..Default::default() }).unwrap();
+    let v1 = env
+        .rt
+        .import_with(
+            &oci,
+            &ImportOptions {
+                name: Some("toolimg:v1".into()),
+                tag: Some("v1".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        env.checkout(&v1).join("etc/gone").exists(),
+        "v1 is the one-layer image"
+    );
+    let info = env
+        .rt
+        .import_with(
+            &oci_archive,
+            &ImportOptions {
+                name: Some("toolimg:arch".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     check_tree(&env.checkout(&info), &cap, "skopeo copy oci-archive:");
     let info = env.rt.import(&docker_archive, None).unwrap();
     assert_eq!(info.reference(), "toolimg:v2", "name from RepoTags");
@@ -446,18 +598,51 @@ fn images_made_by_umoci() {
     let w = work.path();
     let layout = w.join("layout");
     let image_ref = format!("{}:app", layout.display());
-    run(Command::new("umoci").arg("init").arg("--layout").arg(&layout));
-    run(Command::new("umoci").arg("new").arg("--image").arg(&image_ref));
+    run(Command::new("umoci")
+        .arg("init")
+        .arg("--layout")
+        .arg(&layout));
+    run(Command::new("umoci")
+        .arg("new")
+        .arg("--image")
+        .arg(&image_ref));
     let b1 = w.join("b1");
-    run(Command::new("umoci").arg("unpack").arg("--image").arg(&image_ref).arg(&b1));
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(&image_ref)
+        .arg(&b1));
     populate(&b1.join("rootfs"));
-    run(Command::new("umoci").arg("repack").arg("--image").arg(&image_ref).arg(&b1));
+    run(Command::new("umoci")
+        .arg("repack")
+        .arg("--image")
+        .arg(&image_ref)
+        .arg(&b1));
     let b2 = w.join("b2");
-    run(Command::new("umoci").arg("unpack").arg("--image").arg(&image_ref).arg(&b2));
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(&image_ref)
+        .arg(&b2));
     std::fs::remove_file(b2.join("rootfs/etc/gone")).unwrap();
-    run(Command::new("umoci").arg("repack").arg("--image").arg(&image_ref).arg(&b2));
-    run(Command::new("umoci").args(["config", "--config.cmd", "/bin/sh", "--image"]).arg(&image_ref));
-    let info = env.rt.import_with(&layout, &ImportOptions { name: Some("umoci:app".into()), ..Default::default() }).unwrap();
+    run(Command::new("umoci")
+        .arg("repack")
+        .arg("--image")
+        .arg(&image_ref)
+        .arg(&b2));
+    run(Command::new("umoci")
+        .args(["config", "--config.cmd", "/bin/sh", "--image"])
+        .arg(&image_ref));
+    let info = env
+        .rt
+        .import_with(
+            &layout,
+            &ImportOptions {
+                name: Some("umoci:app".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     check_tree(&env.checkout(&info), &cap, "umoci");
     assert_eq!(info.config.cmd, vec!["/bin/sh".to_string()]);
 }
