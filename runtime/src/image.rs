@@ -324,7 +324,7 @@ pub fn import_with(repo: &ostree::Repo, path: &Path, opts: &ImportOptions) -> Re
     let limits = &opts.limits;
     let (path, tag) = split_path_tag(path, opts.tag.as_deref())?;
     let path = path.as_path();
-    let source = Source::open(path, limits)?;
+    let source = Source::open_limited(path, limits)?;
     let staging_parent = repo_path(repo)?.join("tmp");
     private_dir(&staging_parent)?;
     remove_stale_staging(&staging_parent);
@@ -398,11 +398,12 @@ fn unpack_oci(
     tag: Option<&str>,
     limits: &ImportLimits,
 ) -> Result<(Option<ImageName>, Sha256, ImageConfiguration)> {
-    let index_bytes = source.read_file("index.json", limits.max_metadata_size)?;
+    let index_bytes = source.read_file_limited("index.json", limits.max_metadata_size)?;
     let index = ImageIndex::from_reader(&index_bytes[..])
         .context("parsing index.json of the OCI layout")?;
     let (desc_digest, desc_size, annotation) = pick_manifest(source, &index, tag, 0, limits)?;
-    let manifest_bytes = source.read_blob(&desc_digest, desc_size, limits.max_metadata_size)?;
+    let manifest_bytes =
+        source.read_blob_limited(&desc_digest, Some(desc_size), limits.max_metadata_size)?;
     let manifest = ImageManifest::from_reader(&manifest_bytes[..])
         .with_context(|| format!("parsing image manifest {desc_digest}"))?;
     if manifest.layers().len() > limits.max_layers {
@@ -413,9 +414,9 @@ fn unpack_oci(
         );
     }
     let cfg_digest = Sha256::parse(manifest.config().digest().as_ref())?;
-    let cfg_bytes = source.read_blob(
+    let cfg_bytes = source.read_blob_limited(
         &cfg_digest,
-        manifest.config().size(),
+        Some(manifest.config().size()),
         limits.max_metadata_size,
     )?;
     let config = ImageConfiguration::from_reader(&cfg_bytes[..])
@@ -437,7 +438,7 @@ fn unpack_oci(
         }
         let label = format!("layer {} of {} ({digest})", i + 1, diff_ids.len());
         apply_verified(
-            source.open_file(&name)?.0,
+            source.open_file(&name)?,
             rootfs,
             Some((&digest, layer.size())),
             &Sha256::parse(&diff_ids[i])?,
@@ -570,7 +571,8 @@ fn pick_manifest(
                 "image indexes nested more than two deep (or an index that lists itself): refused"
             );
         }
-        let bytes = source.read_blob(&digest, chosen.size(), limits.max_metadata_size)?;
+        let bytes =
+            source.read_blob_limited(&digest, Some(chosen.size()), limits.max_metadata_size)?;
         let inner = ImageIndex::from_reader(&bytes[..]).context("parsing nested image index")?;
         let (d, s, a) = pick_manifest(source, &inner, None, depth + 1, limits)?;
         return Ok((d, s, a.or(annotation)));
@@ -699,9 +701,10 @@ fn unpack_docker(
     tag: Option<&str>,
     limits: &ImportLimits,
 ) -> Result<(Option<ImageName>, Sha256, ImageConfiguration)> {
-    let entries: Vec<DockerManifestEntry> =
-        serde_json::from_slice(&source.read_file("manifest.json", limits.max_metadata_size)?)
-            .context("parsing manifest.json of the docker save archive")?;
+    let entries: Vec<DockerManifestEntry> = serde_json::from_slice(
+        &source.read_file_limited("manifest.json", limits.max_metadata_size)?,
+    )
+    .context("parsing manifest.json of the docker save archive")?;
     let all_tags = || -> String {
         let t: Vec<&str> = entries
             .iter()
@@ -747,7 +750,7 @@ fn unpack_docker(
         );
     }
     let config_name = archive_member(&entry.config)?;
-    let cfg_bytes = source.read_file(config_name, limits.max_metadata_size)?;
+    let cfg_bytes = source.read_file_limited(config_name, limits.max_metadata_size)?;
     let cfg_hex = config_name
         .rsplit('/')
         .next()
@@ -771,7 +774,7 @@ fn unpack_docker(
         let member = archive_member(l)?;
         let label = format!("layer {} of {} ({member})", i + 1, diff_ids.len());
         apply_verified(
-            source.open_file(member)?.0,
+            source.open_file(member)?,
             rootfs,
             None,
             &Sha256::parse(&diff_ids[i])?,

@@ -321,7 +321,17 @@ impl Tree {
         pending.reverse();
         let mut stack: Vec<(OwnedFd, OsString)> = Vec::new();
         let mut hops = 0;
+        let mut steps = 0;
         while let Some(part) = pending.pop() {
+            // Symlink targets of 4 KiB full of `d/..` chained 40 deep would
+            // otherwise cost ~50k lookups per entry.
+            steps += 1;
+            if steps > MAX_RESOLVE_STEPS {
+                bail!(
+                    "resolving {} takes more than {MAX_RESOLVE_STEPS} steps through symbolic links",
+                    rel.display()
+                );
+            }
             if part == ".." {
                 stack.pop();
                 continue;
@@ -421,6 +431,9 @@ impl Tree {
         }
     }
 }
+
+/// Path components (symlink targets included) one resolution may walk.
+const MAX_RESOLVE_STEPS: usize = 1024;
 
 fn unsafe_cwd() -> BorrowedFd<'static> {
     // SAFETY: AT_FDCWD is a valid dirfd for the *at calls for the whole run.
@@ -809,10 +822,15 @@ pub fn apply_layer_limited<R: Read>(
         }
     }
 
+    // Each directory once, however many markers (or symlinks) name it.
+    let mut cleared: HashSet<PathBuf> = HashSet::new();
     for dir in &opaque {
         let Some(d) = tree.dir(dir, false)? else {
             continue;
         };
+        if !cleared.insert(d.phys.clone()) {
+            continue;
+        }
         for child in at::list_dir(d.fd.as_fd())? {
             if !created.contains(&d.phys.join(&child)) {
                 remove_at(d.fd.as_fd(), &child)
@@ -936,6 +954,7 @@ pub(crate) struct TarGuard<R> {
     capture: Option<(Vec<u8>, u64)>,
     pending_pax_size: Option<u64>,
     sparse_ext: bool,
+    sparse_ext_bytes: u64,
     sparse_skip: u64,
     done: bool,
 }
@@ -951,6 +970,7 @@ impl<R: Read> TarGuard<R> {
             capture: None,
             pending_pax_size: None,
             sparse_ext: false,
+            sparse_ext_bytes: 0,
             sparse_skip: 0,
             done: false,
         }
@@ -994,6 +1014,14 @@ impl<R: Read> TarGuard<R> {
         let b = &block[..];
         if self.sparse_ext {
             // GnuExtSparseHeader: 21 entries of 24 bytes, then isextended.
+            // The tar crate keeps every entry in memory: bound the chain.
+            self.sparse_ext_bytes += 512;
+            if self.sparse_ext_bytes > self.max_meta {
+                return Err(io::Error::other(format!(
+                    "a GNU sparse file's extension headers in the layer tar are over the limit of {} bytes (ImportLimits::max_tar_header_size)",
+                    self.max_meta
+                )));
+            }
             if b[504] != 1 {
                 self.sparse_ext = false;
                 self.skip = self.sparse_skip;
@@ -1044,6 +1072,7 @@ impl<R: Read> TarGuard<R> {
             !meta && et.is_gnu_sparse() && h.as_gnu().is_some_and(|g| g.is_extended());
         if sparse_extended {
             self.sparse_ext = true;
+            self.sparse_ext_bytes = 0;
             self.sparse_skip = padded;
         } else {
             self.skip = padded;
@@ -1661,5 +1690,52 @@ mod tests {
         assert!(fs::symlink_metadata(dir.path().join("s")).unwrap().is_dir());
         assert_eq!(mode_of(&dir.path().join("s")), 0o700);
         assert!(!host.path().join("in").exists());
+    }
+
+    #[test]
+    fn symlink_chains_and_sparse_header_chains_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let detour = "d/../".repeat(300);
+        let t1 = format!("{detour}s2");
+        let t2 = format!("{detour}s3");
+        let t3 = format!("{detour}s4");
+        let t4 = format!("{detour}d");
+        let l = layer(&[
+            E::Dir("d/", 0o755),
+            E::Sym("s1", &t1),
+            E::Sym("s2", &t2),
+            E::Sym("s3", &t3),
+            E::Sym("s4", &t4),
+            E::File("s1/f", b"", 0o644),
+        ]);
+        let err = format!("{:#}", apply_layer(&l[..], dir.path()).unwrap_err());
+        assert!(err.contains("steps") && err.contains("s1/f"), "{err}");
+
+        // A GNU sparse header followed by an endless chain of extension blocks.
+        let mut h = tar::Header::new_gnu();
+        h.set_path("sparse").unwrap();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.as_gnu_mut().unwrap().isextended[0] = 1;
+        h.set_cksum();
+        let mut t = h.as_bytes().to_vec();
+        for _ in 0..4096 {
+            let mut ext = [0u8; 512];
+            ext[504] = 1;
+            t.extend_from_slice(&ext);
+        }
+        let limits = ImportLimits {
+            max_tar_header_size: 64 << 10,
+            ..Default::default()
+        };
+        let err = format!(
+            "{:#}",
+            apply_layer_limited(&t[..], dir.path(), &limits, &mut 0).unwrap_err()
+        );
+        assert!(
+            err.contains("sparse") && err.contains("max_tar_header_size"),
+            "{err}"
+        );
     }
 }

@@ -92,7 +92,12 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn open(path: &Path, limits: &ImportLimits) -> Result<Self> {
+    /// [`Source::open_limited`] with the default [`ImportLimits`].
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_limited(path, &ImportLimits::default())
+    }
+
+    pub fn open_limited(path: &Path, limits: &ImportLimits) -> Result<Self> {
         let meta = std::fs::metadata(path).with_context(|| {
             format!(
                 "opening image {}: no such file or directory",
@@ -188,7 +193,7 @@ impl Source {
     /// its size. In a layout directory the name is resolved beneath it with
     /// no symlink anywhere (`..`, absolute names and symlinks are refused)
     /// and must be a regular file: not a device, fifo or socket.
-    pub fn open_file(&self, name: &str) -> Result<(Box<dyn Read>, u64)> {
+    pub fn open_file_sized(&self, name: &str) -> Result<(Box<dyn Read>, u64)> {
         match self {
             Source::Dir { path, fd } => {
                 let shown = path.join(name);
@@ -227,10 +232,20 @@ impl Source {
         }
     }
 
+    /// [`Source::open_file_sized`] without the size.
+    pub fn open_file(&self, name: &str) -> Result<Box<dyn Read>> {
+        Ok(self.open_file_sized(name)?.0)
+    }
+
+    /// [`Source::read_file_limited`] at the default metadata limit.
+    pub fn read_file(&self, name: &str) -> Result<Vec<u8>> {
+        self.read_file_limited(name, ImportLimits::default().max_metadata_size)
+    }
+
     /// A small named file, read whole: refused when over `limit` bytes,
     /// before it is read (and never more than `limit + 1` bytes read).
-    pub fn read_file(&self, name: &str, limit: u64) -> Result<Vec<u8>> {
-        let (f, size) = self.open_file(name)?;
+    pub fn read_file_limited(&self, name: &str, limit: u64) -> Result<Vec<u8>> {
+        let (f, size) = self.open_file_sized(name)?;
         if size > limit {
             bail!(
                 "{name} in {} is {size} bytes, over the limit of {limit} (ImportLimits::max_metadata_size)",
@@ -255,11 +270,21 @@ impl Source {
         format!("blobs/sha256/{}", digest.hex())
     }
 
+    /// [`Source::read_blob_limited`] at the default metadata limit.
+    pub fn read_blob(&self, digest: &Sha256, size: Option<u64>) -> Result<Vec<u8>> {
+        self.read_blob_limited(digest, size, ImportLimits::default().max_metadata_size)
+    }
+
     /// A small blob (manifest, index, config), read and verified: its
     /// descriptor's size is checked against `limit` before anything is
-    /// read, and at most `size + 1` bytes are read.
-    pub fn read_blob(&self, digest: &Sha256, size: u64, limit: u64) -> Result<Vec<u8>> {
-        if size > limit {
+    /// read, and at most `size + 1` (or `limit + 1`) bytes are read.
+    pub fn read_blob_limited(
+        &self,
+        digest: &Sha256,
+        size: Option<u64>,
+        limit: u64,
+    ) -> Result<Vec<u8>> {
+        if let Some(size) = size.filter(|s| *s > limit) {
             bail!(
                 "blob {digest}: its descriptor says {size} bytes, over the limit of {limit} for manifests, indexes and configs (ImportLimits::max_metadata_size)"
             );
@@ -268,12 +293,15 @@ impl Source {
         if !self.has(&name) {
             bail!("blob {digest} is missing from the image");
         }
-        let (f, _) = self.open_file(&name)?;
+        let f = self.open_file(&name)?;
         let mut data = Vec::new();
-        f.take(size + 1)
+        f.take(size.unwrap_or(limit) + 1)
             .read_to_end(&mut data)
             .with_context(|| format!("reading blob {digest}"))?;
-        verify(digest, &data, Some(size))?;
+        if size.is_none() && data.len() as u64 > limit {
+            bail!("blob {digest} is over the limit of {limit} bytes (ImportLimits::max_metadata_size)");
+        }
+        verify(digest, &data, size)?;
         Ok(data)
     }
 }
