@@ -527,7 +527,12 @@ fn pick_manifest(
                     tags.join(", ")
                 );
             }
-            manifests.iter().collect()
+            // One tag over several manifests: the tagged ones (an untagged
+            // leftover is not a platform variant).
+            manifests
+                .iter()
+                .filter(|m| tags.is_empty() || ref_name(m).is_some())
+                .collect()
         }
     };
     // The same manifest listed under several tags is one choice.
@@ -1487,5 +1492,38 @@ mod tests {
         std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
         private_dir(&state).unwrap();
         assert_eq!(mode(&state), 0o700);
+    }
+
+    #[test]
+    fn odd_digests_a_layer_twice_and_an_untagged_leftover() {
+        let s = store();
+        let dir = tempfile::tempdir().unwrap();
+        let t = tar_with(&[("f", b"x")]);
+        let g = gzip(&t);
+        // The same layer listed twice: applied twice, fine.
+        let d = image(
+            dir.path(),
+            &[(t.clone(), g.clone()), (t.clone(), g.clone())],
+        );
+        // Plus an untagged manifest next to the tagged one.
+        let other = simple_layout(dir.path(), &[("other", b"y")]);
+        write_index(dir.path(), vec![tagged(d.clone(), "only"), other]);
+        let info = import_with(&s.repo, dir.path(), &named()).unwrap();
+        assert_eq!(info.manifest_digest, d["digest"].as_str().unwrap());
+        // Digests that are not lowercase sha256.
+        for bad in [
+            format!("sha512:{}", "0".repeat(128)),
+            format!("sha256:{}", hex256(b"x").to_uppercase()),
+            "sha256:../../../etc/passwd".to_string(),
+        ] {
+            let mut d2 = d.clone();
+            d2["digest"] = bad.clone().into();
+            write_index(dir.path(), vec![d2]);
+            let err = format!(
+                "{:#}",
+                import_with(&s.repo, dir.path(), &named()).unwrap_err()
+            );
+            assert!(err.contains("digest") || err.contains("Invalid encoded"), "{bad}: {err}");
+        }
     }
 }
