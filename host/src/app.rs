@@ -46,8 +46,9 @@ enum AppSub {
         /// The tag to import from a layout holding several (as PATH:TAG).
         #[arg(long)]
         tag: Option<String>,
-        /// Refuse images whose layers uncompress to more bytes than this.
-        #[arg(long, value_name = "BYTES", default_value_t = ImportLimits::default().max_image_size)]
+        /// Refuse images whose layers uncompress to more than this (bytes, or
+        /// with a K, M, G or T suffix: powers of 1024).
+        #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
         max_image_size: u64,
         /// Refuse a layer that uncompresses to more than N times its size.
         #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_ratio)]
@@ -371,4 +372,20 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `123`, `64K`, `512M`, `16G`, `1T` (powers of 1024) as bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.as_bytes().last().map(u8::to_ascii_uppercase) {
+        Some(b'K') => (&s[..s.len() - 1], 10),
+        Some(b'M') => (&s[..s.len() - 1], 20),
+        Some(b'G') => (&s[..s.len() - 1], 30),
+        Some(b'T') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: a size is a number of bytes, or with K, M, G or T"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }

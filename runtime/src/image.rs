@@ -444,7 +444,6 @@ fn unpack_oci(
             &Sha256::parse(&diff_ids[i])?,
             limits,
             &mut usage,
-            &label,
         )
         .with_context(|| format!("applying {label}"))?;
     }
@@ -615,7 +614,6 @@ struct Metered<'a, R> {
     produced: u64,
     before: u64,
     limits: &'a ImportLimits,
-    label: &'a str,
 }
 
 impl<R: Read> Read for Metered<'_, R> {
@@ -625,15 +623,15 @@ impl<R: Read> Read for Metered<'_, R> {
         let l = self.limits;
         if self.before + self.produced > l.max_image_size {
             return Err(std::io::Error::other(format!(
-                "{}: the image's layers uncompress to more than {} bytes (ImportLimits::max_image_size, `host app import --max-image-size`)",
-                self.label, l.max_image_size
+                "the image's layers uncompress to more than {} bytes (ImportLimits::max_image_size, `host app import --max-image-size`)",
+                l.max_image_size
             )));
         }
         let compressed = self.compressed.get().max(1);
         if self.produced > l.ratio_grace && self.produced / compressed >= l.max_ratio {
             return Err(std::io::Error::other(format!(
-                "{}: {} bytes uncompressed from {compressed} compressed, a ratio over {}:1 (ImportLimits::max_ratio, `host app import --max-ratio`): a decompression bomb?",
-                self.label, self.produced, l.max_ratio
+                "{} bytes uncompressed from {compressed} compressed, a ratio over {}:1 (ImportLimits::max_ratio, `host app import --max-ratio`): a decompression bomb?",
+                self.produced, l.max_ratio
             )));
         }
         Ok(n)
@@ -650,7 +648,6 @@ fn apply_verified(
     diff_id: &Sha256,
     limits: &ImportLimits,
     usage: &mut Usage,
-    label: &str,
 ) -> Result<()> {
     let count = Rc::new(Cell::new(0));
     let mut outer = HashingReader::new(Counted {
@@ -666,7 +663,6 @@ fn apply_verified(
             produced: 0,
             before: usage.bytes,
             limits,
-            label,
         });
         layer::apply_layer_limited(&mut inner, rootfs, limits, &mut usage.entries)?;
         let (got, n) = inner.finish().context("reading layer")?;
@@ -785,7 +781,6 @@ fn unpack_docker(
             &Sha256::parse(&diff_ids[i])?,
             limits,
             &mut usage,
-            &label,
         )
         .with_context(|| format!("applying {label}"))?;
     }
@@ -1523,7 +1518,10 @@ mod tests {
                 "{:#}",
                 import_with(&s.repo, dir.path(), &named()).unwrap_err()
             );
-            assert!(err.contains("digest") || err.contains("Invalid encoded"), "{bad}: {err}");
+            assert!(
+                err.contains("digest") || err.contains("Invalid encoded"),
+                "{bad}: {err}"
+            );
         }
     }
 }
