@@ -59,6 +59,24 @@ enum AppSub {
         /// Refuse images with more files (tar entries, all layers) than this.
         #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_entries)]
         max_entries: u64,
+        /// Uncompressed bytes of a layer before its ratio is checked.
+        #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = parse_size)]
+        ratio_grace: u64,
+        /// Refuse entry paths and link targets longer than this (bytes).
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_path_len)]
+        max_path_len: usize,
+        /// Refuse entry paths with more components than this.
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_path_depth)]
+        max_path_depth: usize,
+        /// Refuse an index, manifest, config or manifest.json larger than this.
+        #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
+        max_metadata_size: u64,
+        /// Refuse a pax header or GNU long name in a tar larger than this.
+        #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+        max_tar_header_size: u64,
+        /// Refuse an oci-archive or docker save tar with more entries than this.
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_archive_entries)]
+        max_archive_entries: usize,
     },
     /// List imported images.
     Images {
@@ -209,6 +227,12 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
             max_ratio,
             max_layers,
             max_entries,
+            ratio_grace,
+            max_path_len,
+            max_path_depth,
+            max_metadata_size,
+            max_tar_header_size,
+            max_archive_entries,
         } => {
             let opts = ImportOptions {
                 name,
@@ -216,9 +240,14 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
                 limits: ImportLimits {
                     max_image_size,
                     max_ratio,
-                    max_layers,
+                    ratio_grace,
                     max_entries,
-                    ..Default::default()
+                    max_path_len,
+                    max_path_depth,
+                    max_metadata_size,
+                    max_layers,
+                    max_tar_header_size,
+                    max_archive_entries,
                 },
             };
             let info = rt.import_with(&path, &opts)?;
@@ -388,4 +417,24 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?}: a size is a number of bytes, or with K, M, G or T"))?;
     n.checked_mul(1 << shift)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_import_limit_defaults() {
+        assert_eq!(parse_size("123"), Ok(123));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("16G"), Ok(16 << 30));
+        assert!(parse_size("1X").is_err() && parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        // The flags' defaults are the library's.
+        let d = ImportLimits::default();
+        assert_eq!(parse_size("16G"), Ok(d.max_image_size));
+        assert_eq!(parse_size("8M"), Ok(d.ratio_grace));
+        assert_eq!(parse_size("4M"), Ok(d.max_metadata_size));
+        assert_eq!(parse_size("1M"), Ok(d.max_tar_header_size));
+    }
 }

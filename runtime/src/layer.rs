@@ -646,7 +646,7 @@ pub fn apply_layer_limited<R: Read>(
         }
         if raw_bytes.len() > limits.max_path_len {
             bail!(
-                "layer entry {}: its path is longer than the limit of {} bytes (ImportLimits::max_path_len)",
+                "layer entry {}: its path is longer than the limit of {} bytes (ImportLimits::max_path_len, `host app import --max-path-len`)",
                 shown(&raw_bytes),
                 limits.max_path_len
             );
@@ -658,7 +658,7 @@ pub fn apply_layer_limited<R: Read>(
         }
         if rel.iter().count() > limits.max_path_depth {
             bail!(
-                "layer entry {}: more than {} path components (ImportLimits::max_path_depth)",
+                "layer entry {}: more than {} path components (ImportLimits::max_path_depth, `host app import --max-path-depth`)",
                 shown(raw_path.as_os_str().as_bytes()),
                 limits.max_path_depth
             );
@@ -867,7 +867,7 @@ fn link_name<R: Read>(
         .ok_or_else(|| anyhow!("link {} without a target", raw_path.display()))?;
     if link.len() > limits.max_path_len {
         bail!(
-            "link {}: its target is longer than the limit of {} bytes (ImportLimits::max_path_len)",
+            "link {}: its target is longer than the limit of {} bytes (ImportLimits::max_path_len, `host app import --max-path-len`)",
             raw_path.display(),
             limits.max_path_len
         );
@@ -1018,7 +1018,7 @@ impl<R: Read> TarGuard<R> {
             self.sparse_ext_bytes += 512;
             if self.sparse_ext_bytes > self.max_meta {
                 return Err(io::Error::other(format!(
-                    "a GNU sparse file's extension headers in the layer tar are over the limit of {} bytes (ImportLimits::max_tar_header_size)",
+                    "a GNU sparse file's extension headers in the layer tar are over the limit of {} bytes (ImportLimits::max_tar_header_size, `host app import --max-tar-header-size`)",
                     self.max_meta
                 )));
             }
@@ -1050,7 +1050,7 @@ impl<R: Read> TarGuard<R> {
         if meta {
             if size > self.max_meta {
                 return Err(io::Error::other(format!(
-                    "a {} header of {size} bytes in the layer tar is over the limit of {} bytes (ImportLimits::max_tar_header_size)",
+                    "a {} header of {size} bytes in the layer tar is over the limit of {} bytes (ImportLimits::max_tar_header_size, `host app import --max-tar-header-size`)",
                     if et.is_pax_local_extensions() { "pax" } else { "GNU long name" },
                     self.max_meta
                 )));

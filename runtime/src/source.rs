@@ -142,7 +142,7 @@ impl Source {
             count += 1;
             if count > limits.max_archive_entries {
                 bail!(
-                    "{} has more than {} entries (ImportLimits::max_archive_entries): not an image archive",
+                    "{} has more than {} entries (ImportLimits::max_archive_entries, `host app import --max-archive-entries`): not an image archive",
                     path.display(),
                     limits.max_archive_entries
                 );
@@ -248,7 +248,7 @@ impl Source {
         let (f, size) = self.open_file_sized(name)?;
         if size > limit {
             bail!(
-                "{name} in {} is {size} bytes, over the limit of {limit} (ImportLimits::max_metadata_size)",
+                "{name} in {} is {size} bytes, over the limit of {limit} (ImportLimits::max_metadata_size, `host app import --max-metadata-size`)",
                 self.display().display()
             );
         }
@@ -258,7 +258,7 @@ impl Source {
             .with_context(|| format!("reading {name}"))?;
         if buf.len() as u64 > limit {
             bail!(
-                "{name} in {} is over the limit of {limit} bytes (ImportLimits::max_metadata_size)",
+                "{name} in {} is over the limit of {limit} bytes (ImportLimits::max_metadata_size, `host app import --max-metadata-size`)",
                 self.display().display()
             );
         }
@@ -286,7 +286,7 @@ impl Source {
     ) -> Result<Vec<u8>> {
         if let Some(size) = size.filter(|s| *s > limit) {
             bail!(
-                "blob {digest}: its descriptor says {size} bytes, over the limit of {limit} for manifests, indexes and configs (ImportLimits::max_metadata_size)"
+                "blob {digest}: its descriptor says {size} bytes, over the limit of {limit} for manifests, indexes and configs (ImportLimits::max_metadata_size, `host app import --max-metadata-size`)"
             );
         }
         let name = Self::blob_name(digest);
@@ -299,7 +299,7 @@ impl Source {
             .read_to_end(&mut data)
             .with_context(|| format!("reading blob {digest}"))?;
         if size.is_none() && data.len() as u64 > limit {
-            bail!("blob {digest} is over the limit of {limit} bytes (ImportLimits::max_metadata_size)");
+            bail!("blob {digest} is over the limit of {limit} bytes (ImportLimits::max_metadata_size, `host app import --max-metadata-size`)");
         }
         verify(digest, &data, size)?;
         Ok(data)
