@@ -340,6 +340,9 @@ pub fn import_with(repo: &ostree::Repo, path: &Path, opts: &ImportOptions) -> Re
         })?;
     let rootfs = staging.path().join("rootfs");
     std::fs::create_dir(&rootfs)?;
+    // The image's `/`: 0755 whatever the importer's umask (layers rarely
+    // carry a `./` entry, and it would be skipped).
+    std::fs::set_permissions(&rootfs, std::fs::Permissions::from_mode(0o755))?;
 
     let (found_name, digest, config, format) = if source.has("index.json") {
         let (n, d, c) = unpack_oci(

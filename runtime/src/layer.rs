@@ -342,7 +342,19 @@ impl Tree {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
                     match at::mkdir_at(cur, &part, 0o755) {
-                        Ok(()) => {}
+                        // 0755 whatever the importer's umask (it would be
+                        // committed as is).
+                        Ok(()) => at::openat2(
+                            cur,
+                            &part,
+                            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                            0,
+                            at::STRICT,
+                        )
+                        .and_then(|d| at::fchmod(d.as_fd(), 0o755))
+                        .with_context(|| {
+                            format!("creating directory {}", phys_of(&stack, &part).display())
+                        })?,
                         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                         Err(e) => {
                             return Err(e).with_context(|| {
@@ -1737,5 +1749,18 @@ mod tests {
             err.contains("sparse") && err.contains("max_tar_header_size"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn implicit_parents_are_0755_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = layer(&[E::File("usr/lib/x", b"", 0o644)]);
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let r = apply_layer(&l[..], dir.path());
+        nix::sys::stat::umask(old);
+        r.unwrap();
+        assert_eq!(mode_of(&dir.path().join("usr")), 0o755);
+        assert_eq!(mode_of(&dir.path().join("usr/lib")), 0o755);
+        assert_eq!(mode_of(&dir.path().join("usr/lib/x")), 0o644);
     }
 }
