@@ -152,7 +152,8 @@ impl Source {
                 .to_string_lossy()
                 .trim_start_matches("./")
                 .to_string();
-            if entry.header().entry_type().is_file() {
+            // No name a blob is looked up by is longer: do not keep them.
+            if entry.header().entry_type().is_file() && name.len() <= limits.max_path_len {
                 entries.insert(name, (entry.raw_file_position(), entry.size()));
             }
         }
