@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
+use cairn_runtime::image::{ImportLimits, ImportOptions};
 use cairn_runtime::net::{NetworkConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
 use cairn_runtime::state::{RestartPolicy, DEFAULT_ROOT};
 use cairn_runtime::{RunOptions, RunOutcome, Runtime};
@@ -36,11 +37,46 @@ pub struct AppCommand {
 enum AppSub {
     /// Import an OCI image layout directory, an oci-archive tar or a docker save tar.
     Import {
-        /// The image directory or archive.
+        /// The image directory or archive; PATH:TAG picks a tag of an OCI
+        /// layout (or docker save archive) that holds several.
         path: PathBuf,
         /// Name it NAME[:TAG] (default: the name recorded in the image).
         #[arg(long)]
         name: Option<String>,
+        /// The tag to import from a layout holding several (as PATH:TAG).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Refuse images whose layers uncompress to more than this (bytes, or
+        /// with a K, M, G or T suffix: powers of 1024).
+        #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
+        max_image_size: u64,
+        /// Refuse a layer that uncompresses to more than N times its size.
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_ratio)]
+        max_ratio: u64,
+        /// Refuse images with more layers than this.
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_layers)]
+        max_layers: usize,
+        /// Refuse images with more files (tar entries, all layers) than this.
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_entries)]
+        max_entries: u64,
+        /// Uncompressed bytes of a layer before its ratio is checked.
+        #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = parse_size)]
+        ratio_grace: u64,
+        /// Refuse entry paths and link targets longer than this (bytes).
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_path_len)]
+        max_path_len: usize,
+        /// Refuse entry paths with more components than this.
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_path_depth)]
+        max_path_depth: usize,
+        /// Refuse an index, manifest, config or manifest.json larger than this.
+        #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
+        max_metadata_size: u64,
+        /// Refuse a pax header or GNU long name in a tar larger than this.
+        #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+        max_tar_header_size: u64,
+        /// Refuse an oci-archive or docker save tar with more entries than this.
+        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_archive_entries)]
+        max_archive_entries: usize,
     },
     /// List imported images.
     Images {
@@ -188,8 +224,38 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
     let rt = runtime(&cmd)?;
     let mut out = std::io::stdout().lock();
     match cmd.command {
-        AppSub::Import { path, name } => {
-            let info = rt.import(&path, name.as_deref())?;
+        AppSub::Import {
+            path,
+            name,
+            tag,
+            max_image_size,
+            max_ratio,
+            max_layers,
+            max_entries,
+            ratio_grace,
+            max_path_len,
+            max_path_depth,
+            max_metadata_size,
+            max_tar_header_size,
+            max_archive_entries,
+        } => {
+            let opts = ImportOptions {
+                name,
+                tag,
+                limits: ImportLimits {
+                    max_image_size,
+                    max_ratio,
+                    ratio_grace,
+                    max_entries,
+                    max_path_len,
+                    max_path_depth,
+                    max_metadata_size,
+                    max_layers,
+                    max_tar_header_size,
+                    max_archive_entries,
+                },
+            };
+            let info = rt.import_with(&path, &opts)?;
             writeln!(
                 out,
                 "imported {} {}",
@@ -341,4 +407,40 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `123`, `64K`, `512M`, `16G`, `1T` (powers of 1024) as bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.as_bytes().last().map(u8::to_ascii_uppercase) {
+        Some(b'K') => (&s[..s.len() - 1], 10),
+        Some(b'M') => (&s[..s.len() - 1], 20),
+        Some(b'G') => (&s[..s.len() - 1], 30),
+        Some(b'T') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: a size is a number of bytes, or with K, M, G or T"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_import_limit_defaults() {
+        assert_eq!(parse_size("123"), Ok(123));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("16G"), Ok(16 << 30));
+        assert!(parse_size("1X").is_err() && parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        // The flags' defaults are the library's.
+        let d = ImportLimits::default();
+        assert_eq!(parse_size("16G"), Ok(d.max_image_size));
+        assert_eq!(parse_size("8M"), Ok(d.ratio_grace));
+        assert_eq!(parse_size("4M"), Ok(d.max_metadata_size));
+        assert_eq!(parse_size("1M"), Ok(d.max_tar_header_size));
+    }
 }

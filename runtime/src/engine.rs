@@ -133,7 +133,10 @@ impl Runtime {
         }
     }
 
+    /// The image repository; the state root holding it is kept 0700 (it
+    /// holds images' setuid files, see [`image::private_dir`]).
     pub fn repo(&self) -> Result<ostree::Repo> {
+        image::private_dir(&self.paths.root)?;
         image::open_repo(&self.paths.repo())
     }
 
@@ -141,6 +144,11 @@ impl Runtime {
 
     pub fn import(&self, path: &Path, name: Option<&str>) -> Result<ImageInfo> {
         image::import(&self.repo()?, path, name)
+    }
+
+    /// [`Runtime::import`] with a tag and limits.
+    pub fn import_with(&self, path: &Path, opts: &image::ImportOptions) -> Result<ImageInfo> {
+        image::import_with(&self.repo()?, path, opts)
     }
 
     pub fn images(&self) -> Result<Vec<ImageInfo>> {

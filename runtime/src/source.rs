@@ -3,12 +3,17 @@
 //! `docker save` tar. Every blob is checked against its digest as it is read.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::Digest as _;
+
+use crate::image::ImportLimits;
+use crate::layer::{at, TarGuard};
 
 /// A `sha256:<hex>` digest, checked for shape.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -76,8 +81,9 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// Where blobs come from.
 pub enum Source {
-    /// An OCI layout directory.
-    Dir(PathBuf),
+    /// An OCI layout directory, held open: every file of it is opened
+    /// beneath this fd with no symlink followed (see [`Source::open_file`]).
+    Dir { path: PathBuf, fd: OwnedFd },
     /// A tar file (oci-archive or docker save): entry name → (offset, size).
     Tar {
         path: PathBuf,
@@ -86,7 +92,12 @@ pub enum Source {
 }
 
 impl Source {
+    /// [`Source::open_limited`] with the default [`ImportLimits`].
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_limited(path, &ImportLimits::default())
+    }
+
+    pub fn open_limited(path: &Path, limits: &ImportLimits) -> Result<Self> {
         let meta = std::fs::metadata(path).with_context(|| {
             format!(
                 "opening image {}: no such file or directory",
@@ -94,17 +105,33 @@ impl Source {
             )
         })?;
         if meta.is_dir() {
-            if !path.join("index.json").exists() {
+            let fd = at::openat2(
+                cwd(),
+                path.as_os_str(),
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+                0,
+            )
+            .with_context(|| format!("opening {}", path.display()))?;
+            let src = Source::Dir {
+                path: path.to_path_buf(),
+                fd,
+            };
+            if !src.has("index.json") {
                 bail!(
                     "{} is a directory but not an OCI image layout (no index.json)",
                     path.display()
                 );
             }
-            return Ok(Source::Dir(path.to_path_buf()));
+            return Ok(src);
         }
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let mut archive = tar::Archive::new(BufReader::new(file));
+        let mut archive = tar::Archive::new(TarGuard::new(
+            BufReader::new(file),
+            limits.max_tar_header_size,
+        ));
         let mut entries = HashMap::new();
+        let mut count = 0usize;
         for entry in archive.entries().with_context(|| {
             format!(
                 "{} is neither a directory nor a tar archive",
@@ -112,12 +139,21 @@ impl Source {
             )
         })? {
             let entry = entry.with_context(|| format!("reading tar {}", path.display()))?;
+            count += 1;
+            if count > limits.max_archive_entries {
+                bail!(
+                    "{} has more than {} entries (ImportLimits::max_archive_entries, `host app import --max-archive-entries`): not an image archive",
+                    path.display(),
+                    limits.max_archive_entries
+                );
+            }
             let name = entry
                 .path()?
                 .to_string_lossy()
                 .trim_start_matches("./")
                 .to_string();
-            if entry.header().entry_type().is_file() {
+            // No name a blob is looked up by is longer: do not keep them.
+            if entry.header().entry_type().is_file() && name.len() <= limits.max_path_len {
                 entries.insert(name, (entry.raw_file_position(), entry.size()));
             }
         }
@@ -130,21 +166,61 @@ impl Source {
         })
     }
 
+    fn display(&self) -> &Path {
+        match self {
+            Source::Dir { path, .. } | Source::Tar { path, .. } => path,
+        }
+    }
+
     pub fn has(&self, name: &str) -> bool {
         match self {
-            Source::Dir(d) => d.join(name).exists(),
+            // Anything but "no such file" counts as there: opening it then
+            // says what is wrong with it (a symlink, outside the layout).
+            Source::Dir { fd, .. } => !matches!(
+                at::openat2(
+                    fd.as_fd(),
+                    OsStr::new(name),
+                    libc::O_PATH | libc::O_NOFOLLOW,
+                    0,
+                    at::STRICT,
+                ),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT)
+            ),
             Source::Tar { entries, .. } => entries.contains_key(name),
         }
     }
 
-    /// Open a named file of the layout/archive (not digest checked).
-    pub fn open_file(&self, name: &str) -> Result<Box<dyn Read>> {
+    /// Open a named file of the layout/archive (not digest checked), and
+    /// its size. In a layout directory the name is resolved beneath it with
+    /// no symlink anywhere (`..`, absolute names and symlinks are refused)
+    /// and must be a regular file: not a device, fifo or socket.
+    pub fn open_file_sized(&self, name: &str) -> Result<(Box<dyn Read>, u64)> {
         match self {
-            Source::Dir(d) => {
-                let p = d.join(name);
-                Ok(Box::new(
-                    File::open(&p).with_context(|| format!("opening {}", p.display()))?,
-                ))
+            Source::Dir { path, fd } => {
+                let shown = path.join(name);
+                let f = at::openat2(
+                    fd.as_fd(),
+                    OsStr::new(name),
+                    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                    0,
+                    at::STRICT,
+                )
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::ELOOP) => anyhow!(
+                        "{} is (or goes through) a symbolic link: refused, an image layout holds plain files",
+                        shown.display()
+                    ),
+                    Some(libc::EXDEV) => anyhow!(
+                        "{} is outside the image layout: refused",
+                        shown.display()
+                    ),
+                    _ => anyhow::Error::new(e).context(format!("opening {}", shown.display())),
+                })?;
+                let st = at::fstat(f.as_fd())?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    bail!("{} is not a regular file: refused", shown.display());
+                }
+                Ok((Box::new(File::from(f)), st.st_size as u64))
             }
             Source::Tar { path, entries } => {
                 let (off, size) = *entries
@@ -152,16 +228,41 @@ impl Source {
                     .ok_or_else(|| anyhow!("{} has no entry {name}", path.display()))?;
                 let mut f = File::open(path)?;
                 f.seek(SeekFrom::Start(off))?;
-                Ok(Box::new(f.take(size)))
+                Ok((Box::new(f.take(size)), size))
             }
         }
     }
 
+    /// [`Source::open_file_sized`] without the size.
+    pub fn open_file(&self, name: &str) -> Result<Box<dyn Read>> {
+        Ok(self.open_file_sized(name)?.0)
+    }
+
+    /// [`Source::read_file_limited`] at the default metadata limit.
     pub fn read_file(&self, name: &str) -> Result<Vec<u8>> {
+        self.read_file_limited(name, ImportLimits::default().max_metadata_size)
+    }
+
+    /// A small named file, read whole: refused when over `limit` bytes,
+    /// before it is read (and never more than `limit + 1` bytes read).
+    pub fn read_file_limited(&self, name: &str, limit: u64) -> Result<Vec<u8>> {
+        let (f, size) = self.open_file_sized(name)?;
+        if size > limit {
+            bail!(
+                "{name} in {} is {size} bytes, over the limit of {limit} (ImportLimits::max_metadata_size, `host app import --max-metadata-size`)",
+                self.display().display()
+            );
+        }
         let mut buf = Vec::new();
-        self.open_file(name)?
+        f.take(limit + 1)
             .read_to_end(&mut buf)
             .with_context(|| format!("reading {name}"))?;
+        if buf.len() as u64 > limit {
+            bail!(
+                "{name} in {} is over the limit of {limit} bytes (ImportLimits::max_metadata_size, `host app import --max-metadata-size`)",
+                self.display().display()
+            );
+        }
         Ok(buf)
     }
 
@@ -170,16 +271,59 @@ impl Source {
         format!("blobs/sha256/{}", digest.hex())
     }
 
-    /// A small blob (manifest, config), read whole and verified.
+    /// [`Source::read_blob_limited`] at the default metadata limit.
     pub fn read_blob(&self, digest: &Sha256, size: Option<u64>) -> Result<Vec<u8>> {
+        self.read_blob_limited(digest, size, ImportLimits::default().max_metadata_size)
+    }
+
+    /// A small blob (manifest, index, config), read and verified: its
+    /// descriptor's size is checked against `limit` before anything is
+    /// read, and at most `size + 1` (or `limit + 1`) bytes are read.
+    pub fn read_blob_limited(
+        &self,
+        digest: &Sha256,
+        size: Option<u64>,
+        limit: u64,
+    ) -> Result<Vec<u8>> {
+        if let Some(size) = size.filter(|s| *s > limit) {
+            bail!(
+                "blob {digest}: its descriptor says {size} bytes, over the limit of {limit} for manifests, indexes and configs (ImportLimits::max_metadata_size, `host app import --max-metadata-size`)"
+            );
+        }
         let name = Self::blob_name(digest);
         if !self.has(&name) {
             bail!("blob {digest} is missing from the image");
         }
-        let data = self.read_file(&name)?;
+        let f = self.open_file(&name)?;
+        let mut data = Vec::new();
+        f.take(size.unwrap_or(limit) + 1)
+            .read_to_end(&mut data)
+            .with_context(|| format!("reading blob {digest}"))?;
+        if size.is_none() && data.len() as u64 > limit {
+            bail!("blob {digest} is over the limit of {limit} bytes (ImportLimits::max_metadata_size, `host app import --max-metadata-size`)");
+        }
         verify(digest, &data, size)?;
         Ok(data)
     }
+}
+
+fn cwd() -> BorrowedFd<'static> {
+    // SAFETY: AT_FDCWD is a valid dirfd for the *at calls.
+    unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) }
+}
+
+/// A member path named by a docker save `manifest.json`: relative, no `..`,
+/// no empty component. Returned without a leading `./`.
+pub fn archive_member(p: &str) -> Result<&str> {
+    let p = p.trim_start_matches("./");
+    if p.is_empty()
+        || p.starts_with('/')
+        || p.split('/')
+            .any(|c| c.is_empty() || c == "." || c == ".." || c.contains('\0'))
+    {
+        bail!("manifest.json names {p:?}: not a plain path inside the archive (refused)");
+    }
+    Ok(p)
 }
 
 pub fn verify(digest: &Sha256, data: &[u8], size: Option<u64>) -> Result<()> {

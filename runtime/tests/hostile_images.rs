@@ -1,0 +1,648 @@
+//! Privileged tests of image import against hostile images, and against
+//! images made by the usual tools (buildah, skopeo, umoci).
+//!
+//! Marked `#[ignore = "privileged: …"]` like the tests of privileged.rs: run
+//! with `cargo test -- --ignored` (scripts/test, as root). Run without root
+//! they fail loudly, never skip. Every test makes its images itself, in
+//! temporary directories, uses a temporary state root and removes it all.
+
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cairn_runtime::image::{self, ImportLimits, ImportOptions};
+use cairn_runtime::net::NetworkConfig;
+use cairn_runtime::Runtime;
+use sha2::Digest as _;
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "privileged import tests must run as root (ownership, setuid bits, file capabilities): run scripts/test as root"
+    );
+}
+
+/// A runtime over a fresh temporary state root.
+struct Env {
+    rt: Runtime,
+    root: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        require_root();
+        let root = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(
+            root.path(),
+            NetworkConfig::parse("cthostile0", "10.213.0.1/24").unwrap(),
+        );
+        Env { rt, root }
+    }
+
+    /// The import failed: nothing committed, no staging left in repo/tmp.
+    fn import_fails(&self, path: &Path, opts: &ImportOptions) -> String {
+        let err = format!("{:#}", self.rt.import_with(path, opts).unwrap_err());
+        assert!(
+            self.rt.images().unwrap().is_empty(),
+            "nothing committed: {err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(self.rt.paths.repo().join("tmp"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with("cairn-import-"))
+            .collect();
+        assert!(left.is_empty(), "staging left behind: {left:?} ({err})");
+        err
+    }
+
+    /// The checkout of an imported image.
+    fn checkout(&self, info: &image::ImageInfo) -> PathBuf {
+        image::ensure_checkout(
+            &self.rt.repo().unwrap(),
+            &info.commit,
+            &self.rt.paths.checkouts(),
+        )
+        .unwrap()
+    }
+}
+
+fn sha256(data: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+fn put(layout: &Path, data: &[u8]) -> serde_json::Value {
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    let h = sha256(data);
+    std::fs::write(layout.join("blobs/sha256").join(&h), data).unwrap();
+    serde_json::json!({ "digest": format!("sha256:{h}"), "size": data.len() })
+}
+
+/// An OCI layout of one image whose layers are given as (uncompressed tar
+/// for the diff_id, blob as stored).
+fn layout_of(layout: &Path, layers: &[(Vec<u8>, Vec<u8>)]) {
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": { "Cmd": ["/bin/sh"] },
+        "rootfs": { "type": "layers", "diff_ids":
+            layers.iter().map(|(t, _)| format!("sha256:{}", sha256(t))).collect::<Vec<_>>() }
+    });
+    let mut cfg = put(layout, config.to_string().as_bytes());
+    cfg["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+    let ls: Vec<_> = layers
+        .iter()
+        .map(|(_, b)| {
+            let mut d = put(layout, b);
+            d["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+            d
+        })
+        .collect();
+    let m = serde_json::json!({ "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": cfg, "layers": ls });
+    let mut d = put(layout, m.to_string().as_bytes());
+    d["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
+    let index = serde_json::json!({ "schemaVersion": 2, "manifests": [d] });
+    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+}
+
+fn gzip(d: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(d).unwrap();
+    gz.finish().unwrap()
+}
+
+/// A plain (uncompressed) layer: its tar is its blob.
+fn plain(t: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    (t.clone(), t)
+}
+
+fn hdr(kind: tar::EntryType, mode: u32, uid: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(0);
+    h
+}
+
+fn named() -> ImportOptions {
+    ImportOptions {
+        name: Some("hostile:1".into()),
+        ..Default::default()
+    }
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+// ---------------------------------------------------------------- hostile images
+
+/// A setuid, world-writable directory later replaced by a symlink to a host
+/// file, and a directory whose parent is later swapped for a symlink to a
+/// host directory: the deferred modes must not reach the host.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn deferred_modes_never_reach_host_files() {
+    let env = Env::new();
+    let host = tempfile::tempdir().unwrap();
+    let host_file = host.path().join("shadow-like");
+    std::fs::write(&host_file, "root only").unwrap();
+    std::fs::set_permissions(&host_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let host_dir = host.path().join("q");
+    std::fs::create_dir(&host_dir).unwrap();
+    std::fs::set_permissions(&host_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_data(
+        &mut hdr(tar::EntryType::Directory, 0o4777, 0),
+        "v/",
+        std::io::empty(),
+    )
+    .unwrap();
+    b.append_link(&mut hdr(tar::EntryType::Symlink, 0o777, 0), "v", &host_file)
+        .unwrap();
+    b.append_data(
+        &mut hdr(tar::EntryType::Directory, 0o755, 0),
+        "p/",
+        std::io::empty(),
+    )
+    .unwrap();
+    b.append_data(
+        &mut hdr(tar::EntryType::Directory, 0o6777, 1000),
+        "p/q/",
+        std::io::empty(),
+    )
+    .unwrap();
+    b.append_link(
+        &mut hdr(tar::EntryType::Symlink, 0o777, 0),
+        "p",
+        host.path(),
+    )
+    .unwrap();
+    let l1 = b.into_inner().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    layout_of(dir.path(), &[(l1.clone(), gzip(&l1))]);
+    let info = env.rt.import_with(dir.path(), &named()).unwrap();
+    assert_eq!(mode(&host_file), 0o600, "host file chmodded");
+    assert_eq!(mode(&host_dir), 0o700, "host directory chmodded");
+    assert_eq!(std::fs::metadata(&host_dir).unwrap().uid(), 0);
+    let co = env.checkout(&info);
+    assert!(std::fs::symlink_metadata(co.join("v"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+/// Whiteouts of `.`/`..` and friends, owners out of range, links and paths
+/// over the limits: each refused with the entry and the layer named, and
+/// nothing left in the store.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn hostile_entries_are_refused_and_leave_nothing() {
+    let env = Env::new();
+    let cases: Vec<(&str, Vec<u8>, &str)> = {
+        let mut v = Vec::new();
+        for name in [".wh..", ".wh...", "etc/.wh..", ".wh.", ".wh.x/y"] {
+            let mut b = tar::Builder::new(Vec::new());
+            b.append_data(
+                &mut hdr(tar::EntryType::Directory, 0o755, 0),
+                "etc/",
+                std::io::empty(),
+            )
+            .unwrap();
+            b.append_data(
+                &mut hdr(tar::EntryType::Regular, 0o644, 0),
+                name,
+                std::io::empty(),
+            )
+            .unwrap();
+            v.push((name, b.into_inner().unwrap(), name));
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = hdr(tar::EntryType::Regular, 0o4755, 1 << 32);
+        h.set_size(2);
+        b.append_data(&mut h, "bin/su", &b"#!"[..]).unwrap();
+        v.push(("uid 2^32", b.into_inner().unwrap(), "out of range"));
+        let mut b = tar::Builder::new(Vec::new());
+        let long = format!("{}/f", "d/".repeat(300));
+        b.append_data(
+            &mut hdr(tar::EntryType::Regular, 0o644, 0),
+            &long,
+            std::io::empty(),
+        )
+        .unwrap();
+        v.push(("deep path", b.into_inner().unwrap(), "max_path_depth"));
+        v
+    };
+    for (what, layer, needle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        layout_of(dir.path(), &[plain(layer)]);
+        let err = env.import_fails(dir.path(), &named());
+        assert!(
+            err.contains(needle) && err.contains("layer 1 of 1"),
+            "{what}: {err}"
+        );
+    }
+}
+
+/// Decompression bombs, gzip and zstd, at the default limits: refused
+/// after a few MiB, not after filling the disk, and nothing left behind.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn decompression_bombs_are_refused_at_the_default_limits() {
+    let env = Env::new();
+    // 1 GiB of zeros in a tar entry, as 64 gzip members (or zstd frames) of 16 MiB.
+    let chunk = vec![0u8; 16 << 20];
+    let mut header = hdr(tar::EntryType::Regular, 0o644, 0);
+    header.set_path("zeros").unwrap();
+    header.set_size(1 << 30);
+    header.set_cksum();
+    let mut first = header.as_bytes().to_vec();
+    first.extend_from_slice(&chunk[..chunk.len() - 512]);
+    let (g1, gz) = (gzip(&first), gzip(&chunk));
+    let (z1, zs) = (
+        zstd::encode_all(&first[..], 1).unwrap(),
+        zstd::encode_all(&chunk[..], 1).unwrap(),
+    );
+    for (what, head, rest) in [("gzip", g1, gz), ("zstd", z1, zs)] {
+        let mut blob = head;
+        for _ in 1..64 {
+            blob.extend_from_slice(&rest);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // The diff_id cannot be right: the limit must trip before it matters.
+        layout_of(dir.path(), &[(b"unknown".to_vec(), blob)]);
+        let t = std::time::Instant::now();
+        let err = env.import_fails(dir.path(), &named());
+        assert!(err.contains("max_ratio"), "{what}: {err}");
+        assert!(
+            t.elapsed().as_secs() < 20,
+            "{what}: refused only after {:?}",
+            t.elapsed()
+        );
+    }
+    // And the size limit, with the ratio out of the way.
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = hdr(tar::EntryType::Regular, 0o644, 0);
+    h.set_size(data.len() as u64);
+    b.append_data(&mut h, "big", &data[..]).unwrap();
+    layout_of(dir.path(), &[plain(b.into_inner().unwrap())]);
+    let opts = ImportOptions {
+        limits: ImportLimits {
+            max_image_size: 1 << 20,
+            ..Default::default()
+        },
+        ..named()
+    };
+    let err = env.import_fails(dir.path(), &opts);
+    assert!(
+        err.contains("max_image_size") && err.contains("--max-image-size"),
+        "{err}"
+    );
+}
+
+/// The state root, the repository, its tmp and the checkouts are 0700 (made
+/// so, or tightened), so an image's setuid-root files cannot be run by
+/// local users; the setuid bit itself is kept for the container.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn the_store_is_private_and_setuid_files_unreachable() {
+    let env = Env::new();
+    std::fs::set_permissions(env.root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = hdr(tar::EntryType::Regular, 0o4755, 0);
+    h.set_size(4);
+    b.append_data(&mut h, "bin/suid", &b"\x7fELF"[..]).unwrap();
+    let l = b.into_inner().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    layout_of(dir.path(), &[(l.clone(), gzip(&l))]);
+    let info = env.rt.import_with(dir.path(), &named()).unwrap();
+    let co = env.checkout(&info);
+    assert_eq!(
+        mode(&co.join("bin/suid")),
+        0o4755,
+        "setuid kept inside the image"
+    );
+    for p in [
+        env.root.path().to_path_buf(),
+        env.rt.paths.repo(),
+        env.rt.paths.repo().join("tmp"),
+        env.rt.paths.checkouts(),
+    ] {
+        assert_eq!(mode(&p), 0o700, "{}", p.display());
+    }
+    // An older, world-readable store is tightened on the next open.
+    for p in [env.root.path().to_path_buf(), env.rt.paths.repo()] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    env.rt.images().unwrap();
+    env.rt.repo().unwrap();
+    assert_eq!(mode(env.root.path()), 0o700);
+    assert_eq!(mode(&env.rt.paths.repo()), 0o700);
+}
+
+// ---------------------------------------------------------------- real tools
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {:?}: {e} (install it: buildah, skopeo, umoci and libcap2-bin are in scripts/setup's package list)",
+            cmd.get_program()
+        )
+    });
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let c_path = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    let c_name = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and a live buffer of the given length.
+    let n = unsafe {
+        libc::lgetxattr(
+            c_path.as_ptr(),
+            c_name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (n >= 0).then(|| buf[..n as usize].to_vec())
+}
+
+/// Fill a root file system: busybox, a user with a home owned by 1000, a
+/// group, a binary with a file capability, a file to delete later.
+fn populate(root: &Path) {
+    for d in ["bin", "etc", "home/app"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
+    std::fs::copy("/bin/busybox", root.join("bin/pinger")).unwrap();
+    run(Command::new("setcap")
+        .arg("cap_net_bind_service=+ep")
+        .arg(root.join("bin/pinger")));
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
+    std::fs::write(root.join("etc/gone"), "deleted by the second layer\n").unwrap();
+    std::os::unix::fs::chown(root.join("home/app"), Some(1000), Some(1000)).unwrap();
+    std::fs::set_permissions(
+        root.join("home/app"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+}
+
+/// What every tool-made image must look like once imported.
+fn check_tree(co: &Path, cap: &[u8], what: &str) {
+    assert!(co.join("bin/busybox").is_file(), "{what}: busybox");
+    let home = std::fs::metadata(co.join("home/app")).unwrap();
+    assert_eq!((home.uid(), home.gid()), (1000, 1000), "{what}: home owner");
+    assert_eq!(
+        home.permissions().mode() & 0o7777,
+        0o750,
+        "{what}: home mode"
+    );
+    assert_eq!(
+        xattr(&co.join("bin/pinger"), "security.capability").as_deref(),
+        Some(cap),
+        "{what}: file capability"
+    );
+    assert!(
+        std::fs::read_to_string(co.join("etc/passwd"))
+            .unwrap()
+            .contains("app:x:1000"),
+        "{what}"
+    );
+    assert!(!co.join("etc/gone").exists(), "{what}: whiteout applied");
+    assert!(
+        std::fs::read_dir(co.join("etc"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with(".wh.")),
+        "{what}: no whiteout file left"
+    );
+}
+
+/// The capability xattr `setcap cap_net_bind_service=+ep` writes here.
+fn expected_cap() -> Vec<u8> {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("f");
+    std::fs::write(&f, "x").unwrap();
+    run(Command::new("setcap")
+        .arg("cap_net_bind_service=+ep")
+        .arg(&f));
+    xattr(&f, "security.capability").expect("setcap wrote security.capability")
+}
+
+/// buildah (from scratch, vfs storage under a temporary root so the host's
+/// storage is untouched) makes a two-layer image; buildah push and skopeo
+/// copy write it as an OCI layout (two tags), an oci-archive and a
+/// docker-archive; each is imported and checked.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn images_made_by_buildah_and_skopeo() {
+    let env = Env::new();
+    let cap = expected_cap();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let storage = format!(
+        "vfs@{}+{}",
+        w.join("root").display(),
+        w.join("run").display()
+    );
+    let buildah = || {
+        let mut c = Command::new("buildah");
+        c.arg("--root")
+            .arg(w.join("root"))
+            .arg("--runroot")
+            .arg(w.join("run"));
+        c.arg("--storage-driver").arg("vfs");
+        c
+    };
+    // Unmount and remove whatever buildah made, pass or fail.
+    struct Cleanup<F: Fn() -> Command>(F);
+    impl<F: Fn() -> Command> Drop for Cleanup<F> {
+        fn drop(&mut self) {
+            let _ = (self.0)().args(["rm", "--all"]).output();
+            let _ = (self.0)().args(["rmi", "--all", "--force"]).output();
+        }
+    }
+    let _cleanup = Cleanup(buildah);
+
+    let c1 = run(buildah().args(["from", "scratch"]));
+    let m1 = PathBuf::from(run(buildah().args(["mount", &c1])));
+    populate(&m1);
+    run(buildah().args(["umount", &c1]));
+    run(buildah().args(["config", "--cmd", "/bin/sh", "--user", "app", &c1]));
+    run(buildah().args(["commit", "-q", &c1, "toolimg:v1"]));
+    let c2 = run(buildah().args(["from", "toolimg:v1"]));
+    let m2 = PathBuf::from(run(buildah().args(["mount", &c2])));
+    std::fs::remove_file(m2.join("etc/gone")).unwrap();
+    run(buildah().args(["umount", &c2]));
+    run(buildah().args(["commit", "-q", &c2, "toolimg:v2"]));
+
+    let oci = w.join("oci");
+    run(buildah()
+        .arg("push")
+        .arg("-q")
+        .arg("toolimg:v2")
+        .arg(format!("oci:{}:v2", oci.display())));
+    run(Command::new("skopeo")
+        .arg("copy")
+        .arg("-q")
+        .arg(format!(
+            "containers-storage:[{storage}]localhost/toolimg:v1"
+        ))
+        .arg(format!("oci:{}:v1", oci.display())));
+    let oci_archive = w.join("img.oci.tar");
+    run(Command::new("skopeo")
+        .arg("copy")
+        .arg("-q")
+        .arg(format!(
+            "containers-storage:[{storage}]localhost/toolimg:v2"
+        ))
+        .arg(format!("oci-archive:{}:v2", oci_archive.display())));
+    let docker_archive = w.join("img.docker.tar");
+    run(buildah()
+        .arg("push")
+        .arg("-q")
+        .arg("toolimg:v2")
+        .arg(format!(
+            "docker-archive:{}:localhost/toolimg:v2",
+            docker_archive.display()
+        )));
+
+    // Two tags in one layout: no tag is an error listing them.
+    let err = env.import_fails(
+        &oci,
+        &ImportOptions {
+            name: Some("toolimg:v2".into()),
+            ..Default::default()
+        },
+    );
+    assert!(err.contains("v1, v2") && err.contains("PATH:TAG"), "{err}");
+    let with_tag = PathBuf::from(format!("{}:v2", oci.display()));
+    let info = env
+        .rt
+        .import_with(
+            &with_tag,
+            &ImportOptions {
+                name: Some("toolimg:v2".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    check_tree(&env.checkout(&info), &cap, "buildah push oci:DIR:v2");
+    assert_eq!(info.config.user.as_deref(), Some("app"));
+    let v1 = env
+        .rt
+        .import_with(
+            &oci,
+            &ImportOptions {
+                name: Some("toolimg:v1".into()),
+                tag: Some("v1".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        env.checkout(&v1).join("etc/gone").exists(),
+        "v1 is the one-layer image"
+    );
+    let info = env
+        .rt
+        .import_with(
+            &oci_archive,
+            &ImportOptions {
+                name: Some("toolimg:arch".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    check_tree(&env.checkout(&info), &cap, "skopeo copy oci-archive:");
+    let info = env.rt.import(&docker_archive, None).unwrap();
+    assert_eq!(info.reference(), "toolimg:v2", "name from RepoTags");
+    check_tree(&env.checkout(&info), &cap, "buildah push docker-archive:");
+}
+
+/// umoci builds a two-layer OCI layout from unpacked bundles.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn images_made_by_umoci() {
+    let env = Env::new();
+    let cap = expected_cap();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let layout = w.join("layout");
+    let image_ref = format!("{}:app", layout.display());
+    run(Command::new("umoci")
+        .arg("init")
+        .arg("--layout")
+        .arg(&layout));
+    run(Command::new("umoci")
+        .arg("new")
+        .arg("--image")
+        .arg(&image_ref));
+    let b1 = w.join("b1");
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(&image_ref)
+        .arg(&b1));
+    populate(&b1.join("rootfs"));
+    run(Command::new("umoci")
+        .arg("repack")
+        .arg("--image")
+        .arg(&image_ref)
+        .arg(&b1));
+    let b2 = w.join("b2");
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(&image_ref)
+        .arg(&b2));
+    std::fs::remove_file(b2.join("rootfs/etc/gone")).unwrap();
+    run(Command::new("umoci")
+        .arg("repack")
+        .arg("--image")
+        .arg(&image_ref)
+        .arg(&b2));
+    run(Command::new("umoci")
+        .args(["config", "--config.cmd", "/bin/sh", "--image"])
+        .arg(&image_ref));
+    let info = env
+        .rt
+        .import_with(
+            &layout,
+            &ImportOptions {
+                name: Some("umoci:app".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    check_tree(&env.checkout(&info), &cap, "umoci");
+    assert_eq!(info.config.cmd, vec!["/bin/sh".to_string()]);
+}
