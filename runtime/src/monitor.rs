@@ -5,7 +5,7 @@
 //! It is single-threaded and event driven: a signalfd delivers SIGCHLD and
 //! stop requests, `poll` times the health checks and back-off.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -35,6 +35,15 @@ struct Monitor<'a> {
     state: ContainerState,
     sfd: SignalFd,
     cgroup: Option<std::path::PathBuf>,
+}
+
+/// A pidfd of `pid` (Linux ≥ 5.3), readable once it has exited; `None`
+/// where the kernel has none (SIGCHLD alone then tells).
+fn pidfd_open(pid: Pid) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    // SAFETY: a new descriptor that nothing else owns.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn exit_code(ws: WaitStatus) -> Option<i32> {
@@ -97,18 +106,33 @@ impl Monitor<'_> {
         )
     }
 
-    fn wait_signal(&self, timeout: Option<Duration>) -> Result<Option<Signal>> {
+    /// Wait for a signal, the container's end (`child`, a pidfd) or the
+    /// timeout. The pidfd makes the container's end seen even when another
+    /// thread of this process takes the SIGCHLD (a foreground `run` from a
+    /// threaded program): the signal mask that feeds the signalfd is per
+    /// thread. `None`: look at the children.
+    fn wait_signal(
+        &self,
+        timeout: Option<Duration>,
+        child: Option<&OwnedFd>,
+    ) -> Result<Option<Signal>> {
         let t = match timeout {
             Some(d) => PollTimeout::try_from(d.as_millis().min(i32::MAX as u128) as i32)
                 .unwrap_or(PollTimeout::MAX),
             None => PollTimeout::NONE,
         };
-        let mut fds = [PollFd::new(self.sfd.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(self.sfd.as_fd(), PollFlags::POLLIN)];
+        if let Some(c) = child {
+            fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+        }
         match nix::poll::poll(&mut fds, t) {
             Ok(0) => return Ok(None),
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => return Ok(None),
             Err(e) => return Err(e).context("poll"),
+        }
+        if !fds[0].any().unwrap_or(false) {
+            return Ok(None);
         }
         Ok(self
             .sfd
@@ -124,6 +148,7 @@ impl Monitor<'_> {
             .map(|h| Instant::now() + Duration::from_millis(h.interval_ms));
         let mut check_pid: Option<(Pid, Instant)> = None;
         let mut kill_at: Option<Instant> = None;
+        let child = pidfd_open(pid);
         loop {
             let now = Instant::now();
             let deadlines = [next_check, kill_at, check_pid.map(|(_, d)| d)];
@@ -132,7 +157,7 @@ impl Monitor<'_> {
                 .flatten()
                 .min()
                 .map(|d| d.saturating_duration_since(now));
-            let sig = self.wait_signal(timeout)?;
+            let sig = self.wait_signal(timeout, child.as_ref())?;
             match sig {
                 Some(Signal::SIGCHLD) | None => {}
                 Some(s) => {
@@ -423,7 +448,7 @@ fn backoff_wait(m: &mut Monitor, backoff: &mut Duration) -> Result<bool> {
         if left.is_zero() {
             return Ok(true);
         }
-        match m.wait_signal(Some(left))? {
+        match m.wait_signal(Some(left), None)? {
             Some(Signal::SIGCHLD) | None => {
                 while let Ok(ws) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                     if ws == WaitStatus::StillAlive {
