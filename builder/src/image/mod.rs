@@ -340,20 +340,25 @@ mod tests {
         assert!("vmdk".parse::<ImageFormat>().is_err());
     }
 
-    #[test]
-    fn refuses_tiny_disks_before_touching_anything() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = ImageOptions {
-            repo: dir.path().join("repo"),
+    /// Options writing `dir/disk.img` of `size` bytes from `dir/repo`.
+    fn options_in(dir: &Path, size: u64) -> ImageOptions {
+        ImageOptions {
+            repo: dir.join("repo"),
             ref_: "x".into(),
             commit: None,
             format: ImageFormat::Raw,
-            size: 100 << 20,
+            size,
             remote_url: None,
             extra_kargs: vec![],
-            output: dir.path().join("disk.img"),
+            output: dir.join("disk.img"),
             quiet: true,
-        };
+        }
+    }
+
+    #[test]
+    fn refuses_tiny_disks_before_touching_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options_in(dir.path(), 100 << 20);
         let err = write_image(&opts).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
@@ -367,17 +372,7 @@ mod tests {
     #[test]
     fn command_line_strings_cannot_add_lines_to_boot_entries_or_config() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = ImageOptions {
-            repo: dir.path().join("repo"),
-            ref_: "x".into(),
-            commit: None,
-            format: ImageFormat::Raw,
-            size: 8 << 30,
-            remote_url: None,
-            extra_kargs: vec![],
-            output: dir.path().join("disk.img"),
-            quiet: true,
-        };
+        let opts = options_in(dir.path(), 8 << 30);
         let cases = [
             ImageOptions {
                 extra_kargs: vec!["quiet\nlinux /evil".into()],
