@@ -196,6 +196,9 @@ pub fn find_program(root: &Path, program: &str, env: &[String]) -> Result<String
     bail!("command {program:?} not found in the image's PATH ({path})")
 }
 
+/// The most of an image's /etc/passwd or /etc/group that is read.
+const USER_DB_MAX: u64 = 4 << 20;
+
 /// `User` of the image config: `uid`, `uid:gid`, `name` or `name:group`,
 /// names looked up in the image's /etc/passwd and /etc/group.
 pub fn resolve_user(root: &Path, user: Option<&str>) -> Result<(u32, u32, Vec<u32>)> {
@@ -206,13 +209,25 @@ pub fn resolve_user(root: &Path, user: Option<&str>) -> Result<(u32, u32, Vec<u3
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
     };
-    let read = |f: &str| {
-        resolve_in_root(root, Path::new(f), true)
+    let read = |f: &str| -> Result<String> {
+        use std::io::Read;
+        let Some(file) = resolve_in_root(root, Path::new(f), true)
             .ok()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default()
+            .and_then(|p| std::fs::File::open(p).ok())
+        else {
+            return Ok(String::new());
+        };
+        // The image's file: bounded, a huge one must not exhaust the node.
+        let mut text = String::new();
+        file.take(USER_DB_MAX + 1)
+            .read_to_string(&mut text)
+            .with_context(|| format!("reading the image's {f}"))?;
+        if text.len() as u64 > USER_DB_MAX {
+            bail!("the image's {f} is larger than {} KiB", USER_DB_MAX / 1024);
+        }
+        Ok(text)
     };
-    let passwd = read("/etc/passwd");
+    let passwd = read("/etc/passwd")?;
     let (uid, mut gid) = match u.parse::<u32>() {
         Ok(uid) => {
             let gid = passwd
@@ -235,7 +250,7 @@ pub fn resolve_user(root: &Path, user: Option<&str>) -> Result<(u32, u32, Vec<u3
             )
         }
     };
-    let group = read("/etc/group");
+    let group = read("/etc/group")?;
     if let Some(g) = g {
         gid = match g.parse::<u32>() {
             Ok(n) => n,
@@ -594,5 +609,22 @@ mod tests {
             (1000, 4, vec![])
         );
         assert!(resolve_user(tree.path(), Some("nobody")).is_err());
+        // The image's user database is read inside the image, and bounded.
+        let hostile = tempfile::tempdir().unwrap();
+        std::fs::create_dir(hostile.path().join("etc")).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("passwd"), "app:x:7:7::/:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("passwd"),
+            hostile.path().join("etc/passwd"),
+        )
+        .unwrap();
+        let err = resolve_user(hostile.path(), Some("app")).unwrap_err();
+        assert!(err.to_string().contains("not in its /etc/passwd"), "{err}");
+        std::fs::remove_file(hostile.path().join("etc/passwd")).unwrap();
+        let f = std::fs::File::create(hostile.path().join("etc/passwd")).unwrap();
+        f.set_len(USER_DB_MAX + 1).unwrap();
+        let err = resolve_user(hostile.path(), Some("app")).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
     }
 }
