@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -223,14 +223,9 @@ impl HealthState {
             .unwrap_or_default()
     }
 
+    /// Durably: the bad-commit list must survive a power cut.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let dir = path.parent().context("state file has no directory")?;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tmp = tempfile::NamedTempFile::new_in(dir)?;
-        std::fs::write(tmp.path(), serde_json::to_vec_pretty(self)?)?;
-        tmp.persist(path)
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        crate::durable::write(path, &serde_json::to_vec_pretty(self)?)
     }
 
     pub fn is_bad(&self, checksum: &str) -> bool {

@@ -297,15 +297,9 @@ pub fn load_record(path: &Path) -> Option<Record> {
         .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-/// Writes the record atomically (temp file + rename).
+/// Writes the record atomically and durably (see [`crate::durable`]).
 pub fn save_record(path: &Path, record: &Record) -> Result<()> {
-    let dir = path.parent().context("state file has no directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = tempfile::NamedTempFile::new_in(dir)?;
-    std::fs::write(tmp.path(), serde_json::to_vec_pretty(record)?)?;
-    tmp.persist(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::durable::write(path, &serde_json::to_vec_pretty(record)?)
 }
 
 /// The real world: the updater library on a sysroot, the FleetLock client, systemd.
