@@ -666,6 +666,12 @@ impl Manifest {
                     ));
                 }
             }
+            if let Some(d) = &app.health_interval {
+                // The node reads it with the same grammar (cairn-contracts).
+                if let Err(e) = cairn_contracts::duration::parse(d) {
+                    return Err(self.invalid(key("health-interval"), format!("{e:#}")));
+                }
+            }
             for e in &app.env {
                 if !e.contains('=') || e.starts_with('=') {
                     return Err(self.invalid(key("env"), format!("{e:?} is not KEY=VALUE")));

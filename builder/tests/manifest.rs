@@ -156,6 +156,7 @@ fn validation_names_the_key() {
         ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"nope\"\ndigest = \"sha256:00\"\n", "apps[0].image"),
         ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"sha256:00\"\n", "apps[0].digest"),
         ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nrestart = \"sometimes\"\n", "apps[0].restart"),
+        ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nhealth-interval = \"5 parsecs\"\n", "apps[0].health-interval"),
         ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"sha256:00\"\nports = 1\n", "ports"),
     ];
     for (text, expected) in cases {

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use cairn_runtime::image::{ImportLimits, ImportOptions};
 use cairn_runtime::net::{NetworkConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
 use cairn_runtime::state::{RestartPolicy, DEFAULT_ROOT};
@@ -326,7 +326,8 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
                 no_network: a.network == "none",
                 restart: a.restart.parse::<RestartPolicy>()?,
                 health_cmd: a.health_cmd,
-                health_interval: cairn_runtime::engine::parse_duration(&a.health_interval)?,
+                health_interval: cairn_contracts::duration::parse(&a.health_interval)
+                    .context("--health-interval")?,
                 health_retries: a.health_retries,
                 detach: a.detach,
                 auto_remove: a.rm,

@@ -40,7 +40,7 @@ pub fn run(cmd: HealthCommand) -> Result<ExitCode> {
         timeout,
         state_file,
     } = cmd;
-    let timeout: Duration = cairn_updater::agent::config::parse_duration("--timeout", &timeout)?;
+    let timeout: Duration = cairn_contracts::duration::parse(&timeout).context("--timeout")?;
     let target = SysrootTarget::from_option(sysroot);
     // GRUB ran out of boot attempts for the default deployment: undo it first.
     cairn_updater::bootloader::recover_from_fallback(&target, &state_file, &mut std::io::stdout())?;

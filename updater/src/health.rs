@@ -225,7 +225,7 @@ impl HealthState {
 
     /// Durably: the bad-commit list must survive a power cut.
     pub fn save(&self, path: &Path) -> Result<()> {
-        crate::durable::write(path, &serde_json::to_vec_pretty(self)?)
+        cairn_contracts::durable::write(path, &serde_json::to_vec_pretty(self)?)
     }
 
     pub fn is_bad(&self, checksum: &str) -> bool {

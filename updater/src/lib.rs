@@ -12,7 +12,6 @@ pub mod failpoints;
 pub mod agent;
 pub mod bootloader;
 pub mod commit;
-pub mod durable;
 pub mod fleetlock;
 pub mod health;
 pub mod ops;

@@ -287,38 +287,10 @@ fn machine_id(root: &Path) -> Option<String> {
         .filter(|s| !s.is_empty() && s != "uninitialized")
 }
 
-/// `90s`, `10m`, `1h30m`, `2d`.
-pub fn parse_duration(key: &str, text: &str) -> Result<Duration> {
-    let mut total = 0u64;
-    let mut num = String::new();
-    let mut any = false;
-    for c in text.trim().chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: u64 = num.parse().map_err(|_| {
-            anyhow::anyhow!(
-                "agent configuration: {key}: {text:?} is not a duration like 90s, 10m, 1h30m"
-            )
-        })?;
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => {
-                bail!("agent configuration: {key}: unknown unit {c:?} in {text:?} (use s, m, h, d)")
-            }
-        };
-        total += n * unit;
-        num.clear();
-        any = true;
-    }
-    if !num.is_empty() || !any {
-        bail!("agent configuration: {key}: {text:?} is not a duration like 90s, 10m, 1h30m");
-    }
-    Ok(Duration::from_secs(total))
+/// A duration of the agent configuration (one grammar for all of cairn:
+/// [`cairn_contracts::duration`]), the key named in the error.
+fn parse_duration(key: &str, text: &str) -> Result<Duration> {
+    cairn_contracts::duration::parse(text).with_context(|| format!("agent configuration: {key}"))
 }
 
 impl Window {
@@ -397,8 +369,9 @@ mod tests {
             parse_duration("x", "2d").unwrap(),
             Duration::from_secs(172_800)
         );
-        for bad in ["", "10", "5x", "h"] {
-            assert!(parse_duration("x", bad).is_err(), "{bad:?}");
+        for bad in ["", "5x", "h"] {
+            let err = format!("{:#}", parse_duration("x", bad).unwrap_err());
+            assert!(err.starts_with("agent configuration: x: "), "{err}");
         }
     }
 

@@ -297,9 +297,9 @@ pub fn load_record(path: &Path) -> Option<Record> {
         .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-/// Writes the record atomically and durably (see [`crate::durable`]).
+/// Writes the record atomically and durably (see [`cairn_contracts::durable`]).
 pub fn save_record(path: &Path, record: &Record) -> Result<()> {
-    crate::durable::write(path, &serde_json::to_vec_pretty(record)?)
+    cairn_contracts::durable::write(path, &serde_json::to_vec_pretty(record)?)
 }
 
 /// The real world: the updater library on a sysroot, the FleetLock client, systemd.
