@@ -6,3 +6,4 @@
 
 pub mod durable;
 pub mod duration;
+pub mod names;

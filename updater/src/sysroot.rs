@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ostree::gio;
 
-/// The stateroot (osname) every cairn node uses.
-pub const STATEROOT: &str = "cairn";
+pub use cairn_contracts::names::STATEROOT;
 
 /// Which sysroot to act on: the running system, or a mounted disk.
 #[derive(Debug, Clone)]

@@ -9,10 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use gio::prelude::*;
 
-/// Stateroot (osname) of every cairn node.
-pub const OSNAME: &str = "cairn";
-/// Name of the remote in the node's repository that updates come from.
-pub const REMOTE: &str = "cairn";
+use cairn_contracts::names::{REMOTE, STATEROOT as OSNAME};
 
 /// What the image's source commit says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
