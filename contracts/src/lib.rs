@@ -6,4 +6,6 @@
 
 pub mod durable;
 pub mod duration;
+pub mod grub;
 pub mod names;
+pub mod packages;

@@ -1,7 +1,7 @@
 //! Boot counting on GRUB nodes: the user-space half of greenboot's scheme.
 //!
 //! The GRUB menu (written by libostree through our generator, see
-//! `cairn_builder::image::grub`) counts `boot_counter` down on every boot
+//! `cairn_contracts::grub`) counts `boot_counter` down on every boot
 //! while `boot_success=0`, and once it has run out boots the previous
 //! deployment (menu entry 1) with `boot_counter=-1`. Here:
 //! - a new deployment that boots next **arms** the counter
@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use cairn_builder::image::grub::{GrubEnv, BOOT_ATTEMPTS, BOOT_COUNTER, BOOT_SUCCESS, GRUBENV};
+use cairn_contracts::grub::{GrubEnv, BOOT_ATTEMPTS, BOOT_COUNTER, BOOT_SUCCESS, GRUBENV};
 use serde::{Deserialize, Serialize};
 
 use crate::health::{BadCommit, HealthState};

@@ -12,7 +12,7 @@ use crate::commit::{boot_files, short, CommitInfo};
 use crate::pull::{human_bytes, pull, PullRequest};
 use crate::status::{split_refspec, Origin, Roles};
 use crate::sysroot::{require_root, SysrootLock, SysrootTarget, STATEROOT};
-use cairn_builder::diff::PackageDiff;
+use cairn_contracts::packages::PackageDiff;
 
 /// How an operation ended, for exit codes and follow-ups (reboot).
 #[derive(Debug, Clone, PartialEq, Eq)]

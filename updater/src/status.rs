@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::commit::{format_timestamp, CommitInfo};
 use crate::sysroot::SysrootTarget;
-use cairn_builder::diff::PackageDiff;
+use cairn_contracts::packages::PackageDiff;
 
 /// Value of `apiVersion`; bumped only for incompatible changes of the JSON.
 pub const API_VERSION: &str = "cairn.status/v1";

@@ -15,7 +15,7 @@
 
 pub mod deploy;
 pub mod disk;
-pub mod grub;
+pub use cairn_contracts::grub;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
