@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use cairn_contracts::metadata as meta_keys;
 use sha2::{Digest, Sha256};
 
 use crate::manifest::Manifest;
@@ -153,7 +154,7 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
     let history = repo::history(&repo, &refname)?;
     if opts.unless_changed {
         if let Some(head_info) = history.first() {
-            if head_info.string("cairn.inputhash").as_deref() == Some(input_hash.as_str()) {
+            if head_info.string(meta_keys::INPUT_HASH).as_deref() == Some(input_hash.as_str()) {
                 return Ok(Outcome::Unchanged {
                     refname,
                     checksum: head_info.checksum.clone(),
@@ -229,16 +230,25 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
     for (k, v) in &manifest.spec.metadata {
         metadata.insert(k.clone(), v.to_variant());
     }
-    metadata.insert("version".into(), version.to_variant());
-    metadata.insert("cairn.inputhash".into(), input_hash.to_variant());
-    metadata.insert("cairn.manifest-digest".into(), manifest_digest.to_variant());
-    metadata.insert("cairn.packages".into(), installed.to_lines().to_variant());
-    metadata.insert("cairn.kargs".into(), manifest.spec.kernel_args.to_variant());
+    metadata.insert(meta_keys::VERSION.into(), version.to_variant());
+    metadata.insert(meta_keys::INPUT_HASH.into(), input_hash.to_variant());
+    metadata.insert(
+        meta_keys::MANIFEST_DIGEST.into(),
+        manifest_digest.to_variant(),
+    );
+    metadata.insert(
+        meta_keys::PACKAGES.into(),
+        installed.to_lines().to_variant(),
+    );
+    metadata.insert(
+        meta_keys::KARGS.into(),
+        manifest.spec.kernel_args.to_variant(),
+    );
     if !baked_apps.is_empty() {
-        metadata.insert("cairn.apps".into(), baked_apps.to_variant());
+        metadata.insert(meta_keys::APPS.into(), baked_apps.to_variant());
     }
     if let Some(k) = &facts.kernel {
-        metadata.insert("cairn.kernel".into(), k.to_variant());
+        metadata.insert(meta_keys::KERNEL.into(), k.to_variant());
     }
     let subject = format!("{refname} {version}");
     let checksum = repo::write_commit(
@@ -301,7 +311,7 @@ pub fn commit_prepared(
     let mut metadata: BTreeMap<String, glib::Variant> = BTreeMap::new();
     use glib::prelude::ToVariant;
     if let Some(v) = spec.version {
-        metadata.insert("version".into(), v.to_variant());
+        metadata.insert(meta_keys::VERSION.into(), v.to_variant());
     }
     let bootable = spec.root.join("usr/lib/modules").is_dir();
     let subject = spec
@@ -393,11 +403,11 @@ pub fn promote(
     // Same metadata (packages, kernel, kargs, input hash), a new version, and where it came from.
     use glib::prelude::ToVariant;
     let dict = glib::VariantDict::new(Some(&source.metadata));
-    dict.insert_value("version", &version.to_variant());
-    dict.insert_value("cairn.promoted-from", &source.checksum.to_variant());
-    dict.insert_value("cairn.promoted-from-ref", &from.to_variant());
+    dict.insert_value(meta_keys::VERSION, &version.to_variant());
+    dict.insert_value(meta_keys::PROMOTED_FROM, &source.checksum.to_variant());
+    dict.insert_value(meta_keys::PROMOTED_FROM_REF, &from.to_variant());
     if let Some(v) = source.version() {
-        dict.insert_value("cairn.promoted-from-version", &v.to_variant());
+        dict.insert_value(meta_keys::PROMOTED_FROM_VERSION, &v.to_variant());
     }
     let metadata = dict.end();
     let parent = target.first().map(|c| c.checksum.clone());

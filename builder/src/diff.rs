@@ -35,8 +35,9 @@ pub fn diff_commits(repo: &ostree::Repo, from_rev: &str, to_rev: &str) -> Result
     let to = repo::resolve_commit(repo, to_rev)?;
     let a = repo::load_commit(repo, &from)?;
     let b = repo::load_commit(repo, &to)?;
-    let pkgs =
-        |c: &repo::CommitInfo| crate::apt::PackageSet::from_lines(&c.strings("cairn.packages")).0;
+    let pkgs = |c: &repo::CommitInfo| {
+        crate::apt::PackageSet::from_lines(&c.strings(cairn_contracts::metadata::PACKAGES)).0
+    };
     let packages = PackageDiff::between_maps(&pkgs(&a), &pkgs(&b));
     let mut files = FileDiff::default();
     let (ta, _) = root_tree(repo, &from)?;

@@ -401,10 +401,7 @@ impl Manifest {
                     "a metadata key is a non-empty word without spaces or control characters",
                 ));
             }
-            if RESERVED_METADATA.contains(&k.as_str())
-                || k.starts_with("cairn.promoted-from")
-                || k.starts_with("ostree.")
-            {
+            if cairn_contracts::metadata::is_reserved(k) {
                 return Err(self.invalid(
                     key,
                     "is written by the compose itself (or libostree); pick another key, e.g. under `cairn.` or your own prefix",
@@ -793,17 +790,6 @@ pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
     std::io::copy(&mut file, &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))
 }
-
-/// Keys the compose writes itself: a manifest value would be overwritten.
-const RESERVED_METADATA: &[&str] = &[
-    "version",
-    "cairn.inputhash",
-    "cairn.manifest-digest",
-    "cairn.packages",
-    "cairn.kargs",
-    "cairn.apps",
-    "cairn.kernel",
-];
 
 /// The key (`files[2].dst`, `metadata."k"`) of the first string holding a NUL.
 fn find_nul(v: &serde_json::Value, key: String) -> Option<String> {

@@ -7,5 +7,6 @@
 pub mod durable;
 pub mod duration;
 pub mod grub;
+pub mod metadata;
 pub mod names;
 pub mod packages;

@@ -1,6 +1,7 @@
 //! What cairn reads from an OSTree commit: version, timestamp, packages, kernel.
 
 use anyhow::{Context, Result};
+use cairn_contracts::metadata as meta_keys;
 use ostree::gio;
 use ostree::glib;
 use ostree::prelude::*;
@@ -30,8 +31,11 @@ impl CommitInfo {
 
     pub fn from_variant(checksum: &str, commit: &glib::Variant) -> Self {
         let meta = glib::VariantDict::new(Some(&commit.child_value(0)));
-        let version = meta.lookup::<String>("version").ok().flatten();
-        let packages = meta.lookup::<Vec<String>>("cairn.packages").ok().flatten();
+        let version = meta.lookup::<String>(meta_keys::VERSION).ok().flatten();
+        let packages = meta
+            .lookup::<Vec<String>>(meta_keys::PACKAGES)
+            .ok()
+            .flatten();
         CommitInfo {
             checksum: checksum.to_string(),
             version,
@@ -39,7 +43,7 @@ impl CommitInfo {
             parent: ostree::commit_get_parent(commit).map(|p| p.to_string()),
             has_packages: packages.is_some(),
             kargs: meta
-                .lookup::<Vec<String>>("cairn.kargs")
+                .lookup::<Vec<String>>(meta_keys::KARGS)
                 .ok()
                 .flatten()
                 .unwrap_or_default(),

@@ -51,7 +51,7 @@ pub fn read_source(repo_path: &Path, ref_: &str, commit: Option<&str>) -> Result
         .with_context(|| format!("loading commit {checksum} from {}", repo_path.display()))?;
     let meta = glib::VariantDict::new(Some(&commit.child_value(0)));
     let version = meta.lookup::<String>("version").ok().flatten();
-    let kargs = match meta.lookup::<Vec<String>>("cairn.kargs") {
+    let kargs = match meta.lookup::<Vec<String>>(cairn_contracts::metadata::KARGS) {
         Ok(Some(kargs)) => kargs,
         Ok(None) => kargs_from_tree(&repo, &checksum)?,
         Err(err) => anyhow::bail!(

@@ -1,0 +1,54 @@
+//! Commit metadata keys: what a composed commit says about itself. The
+//! builder writes them, the updater and the image writer read them; each key
+//! is spelled here once.
+
+/// The commit's version (`<prefix>.<date>.<serial>` or `--version`), the key
+/// libostree and rpm-ostree use for the same thing.
+pub const VERSION: &str = "version";
+/// SHA-256 of every compose input; `--unless-changed` compares it.
+pub const INPUT_HASH: &str = "cairn.inputhash";
+/// SHA-256 of the resolved manifest.
+pub const MANIFEST_DIGEST: &str = "cairn.manifest-digest";
+/// Installed packages, one `name version arch` line each.
+pub const PACKAGES: &str = "cairn.packages";
+/// The manifest's kernel arguments; deployments of the commit get them.
+pub const KARGS: &str = "cairn.kargs";
+/// Apps baked into the tree, with their pinned digests.
+pub const APPS: &str = "cairn.apps";
+/// The kernel release (`uname -r`) the tree boots.
+pub const KERNEL: &str = "cairn.kernel";
+/// On a promoted commit: the commit, ref and version it was promoted from.
+pub const PROMOTED_FROM: &str = "cairn.promoted-from";
+pub const PROMOTED_FROM_REF: &str = "cairn.promoted-from-ref";
+pub const PROMOTED_FROM_VERSION: &str = "cairn.promoted-from-version";
+
+/// Keys the compose writes itself: a manifest's `[metadata]` may not set them.
+pub const COMPOSE_WRITTEN: &[&str] = &[
+    VERSION,
+    INPUT_HASH,
+    MANIFEST_DIGEST,
+    PACKAGES,
+    KARGS,
+    APPS,
+    KERNEL,
+];
+
+/// True for a key that only the compose (or libostree) may write.
+pub fn is_reserved(key: &str) -> bool {
+    COMPOSE_WRITTEN.contains(&key) || key.starts_with(PROMOTED_FROM) || key.starts_with("ostree.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_keys() {
+        for key in [VERSION, KARGS, PROMOTED_FROM_REF, "ostree.bootable"] {
+            assert!(is_reserved(key), "{key}");
+        }
+        for key in ["cairn.variant", "org.example.team", "versions"] {
+            assert!(!is_reserved(key), "{key}");
+        }
+    }
+}
