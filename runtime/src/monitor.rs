@@ -54,6 +54,22 @@ fn exit_code(ws: WaitStatus) -> Option<i32> {
     }
 }
 
+/// Whether our child `pid` has ended: `Some` with its exit code, or with
+/// `None` when its status is lost (something else waited for it). Only
+/// `pid` is waited for, never any child (`waitpid(-1)`): a foreground `run`
+/// supervises in the caller's process, and reaping any child there took
+/// the children of the caller's other threads — their own waits then
+/// failed with ECHILD, and of two foreground runs in parallel threads one
+/// could take the other's container, which then never saw it end.
+fn reap(pid: Pid) -> Option<Option<i32>> {
+    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(ws @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => Some(exit_code(ws)),
+        Ok(_) => None,
+        Err(nix::errno::Errno::ECHILD) => Some(None),
+        Err(_) => None,
+    }
+}
+
 impl Monitor<'_> {
     fn save(&self) -> Result<()> {
         write_json(
@@ -177,22 +193,17 @@ impl Monitor<'_> {
                     );
                 }
             }
-            loop {
-                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::StillAlive) | Err(_) => break,
-                    Ok(ws) => {
-                        let Some(p) = ws.pid() else { break };
-                        if p == pid {
-                            if let Some((hp, _)) = check_pid {
-                                let _ = nix::sys::signal::kill(hp, Signal::SIGKILL);
-                            }
-                            return Ok(exit_code(ws).unwrap_or(255));
-                        }
-                        if check_pid.map(|(hp, _)| hp) == Some(p) {
-                            check_pid = None;
-                            self.record_health(exit_code(ws))?;
-                        }
-                    }
+            if let Some(code) = reap(pid) {
+                if let Some((hp, _)) = check_pid {
+                    let _ = nix::sys::signal::kill(hp, Signal::SIGKILL);
+                    let _ = waitpid(hp, None);
+                }
+                return Ok(code.unwrap_or(255));
+            }
+            if let Some((hp, _)) = check_pid {
+                if let Some(code) = reap(hp) {
+                    check_pid = None;
+                    self.record_health(code)?;
                 }
             }
             let now = Instant::now();
@@ -449,13 +460,9 @@ fn backoff_wait(m: &mut Monitor, backoff: &mut Duration) -> Result<bool> {
             return Ok(true);
         }
         match m.wait_signal(Some(left), None)? {
-            Some(Signal::SIGCHLD) | None => {
-                while let Ok(ws) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                    if ws == WaitStatus::StillAlive {
-                        break;
-                    }
-                }
-            }
+            // Nothing of ours is left to reap: run_once reaped the
+            // container and its health check.
+            Some(Signal::SIGCHLD) | None => {}
             Some(_) => {
                 m.state.stop_requested = true;
                 return Ok(false);

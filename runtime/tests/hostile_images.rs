@@ -1,5 +1,6 @@
 //! Privileged tests of image import against hostile images, and against
-//! images made by the usual tools (buildah, skopeo, umoci).
+//! images made by the usual tools (buildah, skopeo, umoci; made by
+//! `support/tool_images.rs`, which privileged.rs shares to run them).
 //!
 //! Marked `#[ignore = "privileged: …"]` like the tests of privileged.rs: run
 //! with `cargo test -- --ignored` (scripts/test, as root). Run without root
@@ -15,6 +16,10 @@ use cairn_runtime::image::{self, ImportLimits, ImportOptions};
 use cairn_runtime::net::NetworkConfig;
 use cairn_runtime::Runtime;
 use sha2::Digest as _;
+
+#[path = "support/tool_images.rs"]
+mod tool_images;
+use tool_images::{run, BuildahImages, APP_UID, HOME_MODE};
 
 fn require_root() {
     assert!(
@@ -356,23 +361,6 @@ fn the_store_is_private_and_setuid_files_unreachable() {
 
 // ---------------------------------------------------------------- real tools
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| {
-        panic!(
-            "cannot run {:?}: {e} (install it: buildah, skopeo, umoci and libcap2-bin are in scripts/setup's package list)",
-            cmd.get_program()
-        )
-    });
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
     let c_path = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
     let c_name = std::ffi::CString::new(name).unwrap();
@@ -389,40 +377,18 @@ fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
     (n >= 0).then(|| buf[..n as usize].to_vec())
 }
 
-/// Fill a root file system: busybox, a user with a home owned by 1000, a
-/// group, a binary with a file capability, a file to delete later.
-fn populate(root: &Path) {
-    for d in ["bin", "etc", "home/app"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
-    std::fs::copy("/bin/busybox", root.join("bin/pinger")).unwrap();
-    run(Command::new("setcap")
-        .arg("cap_net_bind_service=+ep")
-        .arg(root.join("bin/pinger")));
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
-    std::fs::write(root.join("etc/gone"), "deleted by the second layer\n").unwrap();
-    std::os::unix::fs::chown(root.join("home/app"), Some(1000), Some(1000)).unwrap();
-    std::fs::set_permissions(
-        root.join("home/app"),
-        std::fs::Permissions::from_mode(0o750),
-    )
-    .unwrap();
-}
-
 /// What every tool-made image must look like once imported.
 fn check_tree(co: &Path, cap: &[u8], what: &str) {
     assert!(co.join("bin/busybox").is_file(), "{what}: busybox");
     let home = std::fs::metadata(co.join("home/app")).unwrap();
-    assert_eq!((home.uid(), home.gid()), (1000, 1000), "{what}: home owner");
+    assert_eq!(
+        (home.uid(), home.gid()),
+        (APP_UID, APP_UID),
+        "{what}: home owner"
+    );
     assert_eq!(
         home.permissions().mode() & 0o7777,
-        0o750,
+        HOME_MODE,
         "{what}: home mode"
     );
     assert_eq!(
@@ -457,83 +423,21 @@ fn expected_cap() -> Vec<u8> {
     xattr(&f, "security.capability").expect("setcap wrote security.capability")
 }
 
-/// buildah (from scratch, vfs storage under a temporary root so the host's
-/// storage is untouched) makes a two-layer image; buildah push and skopeo
-/// copy write it as an OCI layout (two tags), an oci-archive and a
-/// docker-archive; each is imported and checked.
+/// buildah makes a one- and a two-layer image; buildah push and skopeo copy
+/// write them as an OCI layout (two tags), an oci-archive and a
+/// docker-archive (see `tool_images::buildah_and_skopeo`); each is imported
+/// and checked. privileged.rs runs them.
 #[test]
 #[ignore = "privileged: needs root; run by scripts/test"]
 fn images_made_by_buildah_and_skopeo() {
     let env = Env::new();
     let cap = expected_cap();
     let work = tempfile::tempdir().unwrap();
-    let w = work.path();
-    let storage = format!(
-        "vfs@{}+{}",
-        w.join("root").display(),
-        w.join("run").display()
-    );
-    let buildah = || {
-        let mut c = Command::new("buildah");
-        c.arg("--root")
-            .arg(w.join("root"))
-            .arg("--runroot")
-            .arg(w.join("run"));
-        c.arg("--storage-driver").arg("vfs");
-        c
-    };
-    // Unmount and remove whatever buildah made, pass or fail.
-    struct Cleanup<F: Fn() -> Command>(F);
-    impl<F: Fn() -> Command> Drop for Cleanup<F> {
-        fn drop(&mut self) {
-            let _ = (self.0)().args(["rm", "--all"]).output();
-            let _ = (self.0)().args(["rmi", "--all", "--force"]).output();
-        }
-    }
-    let _cleanup = Cleanup(buildah);
-
-    let c1 = run(buildah().args(["from", "scratch"]));
-    let m1 = PathBuf::from(run(buildah().args(["mount", &c1])));
-    populate(&m1);
-    run(buildah().args(["umount", &c1]));
-    run(buildah().args(["config", "--cmd", "/bin/sh", "--user", "app", &c1]));
-    run(buildah().args(["commit", "-q", &c1, "toolimg:v1"]));
-    let c2 = run(buildah().args(["from", "toolimg:v1"]));
-    let m2 = PathBuf::from(run(buildah().args(["mount", &c2])));
-    std::fs::remove_file(m2.join("etc/gone")).unwrap();
-    run(buildah().args(["umount", &c2]));
-    run(buildah().args(["commit", "-q", &c2, "toolimg:v2"]));
-
-    let oci = w.join("oci");
-    run(buildah()
-        .arg("push")
-        .arg("-q")
-        .arg("toolimg:v2")
-        .arg(format!("oci:{}:v2", oci.display())));
-    run(Command::new("skopeo")
-        .arg("copy")
-        .arg("-q")
-        .arg(format!(
-            "containers-storage:[{storage}]localhost/toolimg:v1"
-        ))
-        .arg(format!("oci:{}:v1", oci.display())));
-    let oci_archive = w.join("img.oci.tar");
-    run(Command::new("skopeo")
-        .arg("copy")
-        .arg("-q")
-        .arg(format!(
-            "containers-storage:[{storage}]localhost/toolimg:v2"
-        ))
-        .arg(format!("oci-archive:{}:v2", oci_archive.display())));
-    let docker_archive = w.join("img.docker.tar");
-    run(buildah()
-        .arg("push")
-        .arg("-q")
-        .arg("toolimg:v2")
-        .arg(format!(
-            "docker-archive:{}:localhost/toolimg:v2",
-            docker_archive.display()
-        )));
+    let BuildahImages {
+        oci,
+        oci_archive,
+        docker_archive,
+    } = tool_images::buildah_and_skopeo(work.path());
 
     // Two tags in one layout: no tag is an error listing them.
     let err = env.import_fails(
@@ -588,51 +492,15 @@ fn images_made_by_buildah_and_skopeo() {
     check_tree(&env.checkout(&info), &cap, "buildah push docker-archive:");
 }
 
-/// umoci builds a two-layer OCI layout from unpacked bundles.
+/// umoci builds a two-layer OCI layout from unpacked bundles (see
+/// `tool_images::umoci`). privileged.rs runs it.
 #[test]
 #[ignore = "privileged: needs root; run by scripts/test"]
 fn images_made_by_umoci() {
     let env = Env::new();
     let cap = expected_cap();
     let work = tempfile::tempdir().unwrap();
-    let w = work.path();
-    let layout = w.join("layout");
-    let image_ref = format!("{}:app", layout.display());
-    run(Command::new("umoci")
-        .arg("init")
-        .arg("--layout")
-        .arg(&layout));
-    run(Command::new("umoci")
-        .arg("new")
-        .arg("--image")
-        .arg(&image_ref));
-    let b1 = w.join("b1");
-    run(Command::new("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(&image_ref)
-        .arg(&b1));
-    populate(&b1.join("rootfs"));
-    run(Command::new("umoci")
-        .arg("repack")
-        .arg("--image")
-        .arg(&image_ref)
-        .arg(&b1));
-    let b2 = w.join("b2");
-    run(Command::new("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(&image_ref)
-        .arg(&b2));
-    std::fs::remove_file(b2.join("rootfs/etc/gone")).unwrap();
-    run(Command::new("umoci")
-        .arg("repack")
-        .arg("--image")
-        .arg(&image_ref)
-        .arg(&b2));
-    run(Command::new("umoci")
-        .args(["config", "--config.cmd", "/bin/sh", "--image"])
-        .arg(&image_ref));
+    let layout = tool_images::umoci(work.path());
     let info = env
         .rt
         .import_with(

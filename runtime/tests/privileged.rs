@@ -7,8 +7,10 @@
 //! containers need a monitor process — this binary run as `--monitor`.
 //!
 //! Every test builds its images itself (an OCI layout of the host's static
-//! busybox), uses a temporary state root, its own bridge (`ct<pid>`) and
-//! subnet, and removes all of it in Drop guards, failed or not.
+//! busybox; one test also with buildah, skopeo and umoci, through
+//! `support/tool_images.rs`), uses a temporary state root, its own bridge
+//! (`ct<pid>`) and subnet, and removes all of it in Drop guards, failed or
+//! not.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -19,6 +21,9 @@ use cairn_runtime::net::NetworkConfig;
 use cairn_runtime::state::{Health, RestartPolicy, Status};
 use cairn_runtime::{RunOptions, RunOutcome, Runtime};
 use sha2::Digest as _;
+
+#[path = "support/tool_images.rs"]
+mod tool_images;
 
 // ---------------------------------------------------------------- harness
 
@@ -70,6 +75,14 @@ const TESTS: &[(&str, TestFn)] = &[
     (
         "exec_cannot_rewrite_the_host_binary",
         exec_cannot_rewrite_the_host_binary,
+    ),
+    (
+        "images_made_by_tools_run_in_a_user_namespace",
+        images_made_by_tools_run_in_a_user_namespace,
+    ),
+    (
+        "foreground_run_reaps_only_its_own_children",
+        foreground_run_reaps_only_its_own_children,
     ),
 ];
 
@@ -1587,4 +1600,158 @@ fn exec_cannot_rewrite_the_host_binary() {
     );
     // The process that entered the container stays non-dumpable.
     assert!(!nix::sys::prctl::get_dumpable().unwrap());
+}
+
+/// Images made by buildah, skopeo and umoci (`support/tool_images.rs`; the
+/// same images hostile_images.rs imports and checks as trees) run as
+/// containers in their own user namespace (the default): the image's
+/// `User` (1000, buildah) is the process's uid inside, the user's home has
+/// the owner and mode the image gave it, the file the upper layer deleted
+/// is absent (and present in the one-layer image, so the check can fail),
+/// root-owned binaries are 0:0 inside while the container's 0 maps to an
+/// unprivileged range on the host, seen inside (uid_map) and outside (the
+/// process's host uid).
+fn images_made_by_tools_run_in_a_user_namespace() {
+    use tool_images::{APP_UID, HOME_MODE};
+    let env = Env::new();
+    let work = tempfile::tempdir().unwrap();
+    let (bw, uw) = (work.path().join("buildah"), work.path().join("umoci"));
+    std::fs::create_dir_all(&bw).unwrap();
+    std::fs::create_dir_all(&uw).unwrap();
+    let b = tool_images::buildah_and_skopeo(&bw);
+    let umoci = tool_images::umoci(&uw);
+    let import = |path: PathBuf, name: &str, tag: Option<&str>| {
+        let info = env
+            .rt
+            .import_with(
+                &path,
+                &cairn_runtime::image::ImportOptions {
+                    name: Some(name.into()),
+                    tag: tag.map(Into::into),
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("importing {name}: {e:#}"));
+        assert_eq!(info.reference(), name);
+    };
+    import(b.oci.clone(), "toolimg:oci", Some("v2"));
+    import(b.oci.clone(), "toolimg:v1", Some("v1"));
+    import(b.oci_archive.clone(), "toolimg:arch", None);
+    import(b.docker_archive.clone(), "toolimg:docker", None);
+    import(umoci, "umoci:app", None);
+
+    // No applet links in these images: busybox's shell runs its applets.
+    let script = r#"
+        echo "id=$(id)"
+        echo "uid_map=$(tr -s ' ' </proc/self/uid_map | sed 's/^ //')"
+        echo "gid_map=$(tr -s ' ' </proc/self/gid_map | sed 's/^ //')"
+        echo "home=$(stat -c %u:%g:%a /home/app)"
+        echo "home_list=$(ls -a /home/app 2>&1 | tr '\n' ' ')"
+        echo "busybox=$(stat -c %u:%g:%a /bin/busybox /bin/pinger | tr '\n' ' ')"
+        echo "etc=$(ls -a /etc | tr '\n' ' ')"
+        test -e /etc/gone && echo "gone=present" || echo "gone=absent"
+    "#;
+    let app = format!("uid={APP_UID}(app) gid={APP_UID}(app) groups={APP_UID}(app)");
+    let root = "uid=0(root) gid=0(root) groups=0(root)".to_string();
+    // (image, made by, `id` inside, whether etc/gone was deleted)
+    let cases = [
+        ("toolimg:oci", "buildah push oci:DIR:v2", &app, true),
+        ("toolimg:arch", "skopeo copy oci-archive:", &app, true),
+        ("toolimg:docker", "buildah push docker-archive:", &app, true),
+        ("toolimg:v1", "skopeo copy oci:DIR:v1", &app, false),
+        ("umoci:app", "umoci", &root, true),
+    ];
+    for (n, (image, what, id, whiteout)) in cases.into_iter().enumerate() {
+        let name = format!("tool{n}");
+        let (code, log) = env.run_to_end(RunOptions {
+            image: image.into(),
+            no_network: true,
+            ..env.opts(&name, &["/bin/busybox", "sh", "-c", script])
+        });
+        let range = env
+            .rt
+            .record(&name)
+            .unwrap()
+            .userns
+            .expect("own user namespace");
+        assert!(
+            range.host_start >= cairn_runtime::userns::POOL_START
+                && range.size == cairn_runtime::userns::RANGE_SIZE,
+            "{what}: {range:?}"
+        );
+        let start = range.host_start;
+        let etc = if whiteout { "" } else { "gone " };
+        let gone = if whiteout { "absent" } else { "present" };
+        let expected = format!(
+            "id={id}\n\
+             uid_map=0 {start} 65536\n\
+             gid_map=0 {start} 65536\n\
+             home={APP_UID}:{APP_UID}:{HOME_MODE:o}\n\
+             home_list=. .. \n\
+             busybox=0:0:755 0:0:755 \n\
+             etc=. .. {etc}group hostname hosts passwd resolv.conf \n\
+             gone={gone}\n"
+        );
+        assert_eq!(log, expected, "{what} ({image}): exit {code}");
+        assert_eq!(code, 0, "{what}");
+        env.rt.rm(&name, false).unwrap();
+    }
+
+    // From the host: the process runs as the image's user mapped into the
+    // container's range, never as a host user.
+    for (image, uid) in [("toolimg:docker", APP_UID), ("umoci:app", 0)] {
+        let name = format!("sleeper-{}", image.replace(':', "-"));
+        env.rt
+            .run(&RunOptions {
+                image: image.into(),
+                detach: true,
+                no_network: true,
+                ..env.opts(&name, &["/bin/busybox", "sleep", "1000"])
+            })
+            .unwrap();
+        let st = env.wait_status(&name, &[Status::Running], Duration::from_secs(10));
+        let start = env.rt.record(&name).unwrap().userns.unwrap().host_start;
+        assert_eq!(host_uid(st.pid.unwrap()), start + uid, "{image}");
+    }
+}
+
+/// A foreground `run` waits for its own children only: a child the caller
+/// started before, already ended and not yet waited for, is still the
+/// caller's to wait for afterwards, with its exit status. (Waiting for any
+/// child instead stole other threads' children in threaded callers.)
+fn foreground_run_reaps_only_its_own_children() {
+    let env = Env::new();
+    env.import();
+    let mut other = std::process::Command::new("/bin/sh")
+        .args(["-c", "exit 7"])
+        .spawn()
+        .unwrap();
+    // Until it is a zombie (state Z, after the name in parentheses).
+    let stat = format!("/proc/{}/stat", other.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&stat)
+        .unwrap()
+        .rsplit_once(") ")
+        .map(|(_, rest)| !rest.starts_with('Z'))
+        .unwrap()
+    {
+        assert!(Instant::now() < deadline, "sh never ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let outcome = env
+        .rt
+        .run(&RunOptions {
+            no_network: true,
+            auto_remove: true,
+            ..env.opts("fg", &["true"])
+        })
+        .unwrap();
+    assert!(
+        matches!(outcome, RunOutcome::Exited { code: 0, .. }),
+        "{outcome:?}"
+    );
+    let status = other
+        .wait()
+        .expect("the caller's own child is still there to wait for");
+    assert_eq!(status.code(), Some(7));
 }
