@@ -1,6 +1,6 @@
 //! `host compose image` on its failure paths: whatever goes wrong, no output
 //! file, no temporary file and no loop device are left behind. (The success
-//! path is proven by booting its output in tests/boot.rs.)
+//! path is proven by booting its output in tests/lifecycle.rs.)
 
 use std::path::Path;
 use std::process::Command;

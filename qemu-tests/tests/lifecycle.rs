@@ -1,0 +1,857 @@
+//! A node's life under QEMU, one guest from first boot to a broken update
+//! (issues 5 and 7). Every reboot serves several checks: under TCG a boot
+//! costs one to two minutes, so the guest is booted as few times as the
+//! proof allows.
+//!
+//! 1. **First boot of v1** (the test image): multi-user with nothing failed,
+//!    read-only `/usr`, the tree's kernel, the composed commit with its origin
+//!    and remote, `host status`, pure cgroup v2, the container bridge, the
+//!    build machine's loopback reachable, GRUB's menu and environment block,
+//!    the kernel arguments in order. A deployment written by stock libostree
+//!    (`ostree admin deploy --karg-append`) gets its own menu entry from our
+//!    generator, and is undeployed again.
+//! 2. **`host upgrade --reboot`** to v2, served over HTTP from the build
+//!    machine's loopback (10.0.2.2 in the guest) with a static delta: v2
+//!    boots, v1 is the rollback, the node's `/etc` and `/var` are kept, the
+//!    boot counter was armed and v2's health check proved it.
+//! 3. **`host rollback --reboot`**: v1 again, the node's state kept.
+//! 4. **A power cut** in the middle of another `host upgrade`: the node boots
+//!    a complete deployment (v1, or v2 if the cut came late) with its state.
+//! 5. **It upgrades again, to a v3 that never reaches user space** (its
+//!    `/usr/lib/systemd/systemd` exits, so the kernel panics and `panic=10`
+//!    reboots): `host upgrade` arms the counter, one reboot, and without
+//!    anyone v3 panics on its 3 attempts, GRUB boots the previous deployment
+//!    with `boot_counter=-1`, and its health check records v3 as bad and
+//!    makes it the default again.
+//!
+//! v2 (v1 plus a file) and v3 (v2 with a broken init) are composed with
+//! `host compose tree` into an archive repository of their own under
+//! `build/qemu-tests/updates/<v1>/` that starts from v1 (imported from the
+//! fixture repository by hardlinks), so `host compose publish` writes the
+//! static deltas. The ref serves v2 until phase 5 moves it to v3.
+//! (That an `/etc` edit made after staging is kept is proven without a
+//! reboot in `host/tests/node.rs`.) The
+//! fixture repository is never moved, so the image stays cached; the updates
+//! are reused by later runs while v1 is the same commit.
+//!
+//! Run with `cargo test -p qemu-tests --test lifecycle` as root.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use qemu_tests::fixture::{
+    build_dir, host_binary, line_value, ostree_cli, run_host, workspace, DirLock, HttpServer,
+    TEST_KARG, TEST_MANIFEST,
+};
+use qemu_tests::{boot_test_image, test_image, TestImage, Vm};
+use serde_json::Value;
+
+/// Unwrap with the whole error chain in the panic message.
+fn must<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// The file only v2 (and v3) have.
+const V2_FILE: &str = "/usr/share/cairn-test/upgrade-v2";
+const V2_TEXT: &str = "cairn QEMU upgrade test: this is v2\n";
+/// What replaces systemd in v3: an init that exits, so the kernel panics.
+const BROKEN_INIT: &str = "#!/bin/sh\n\
+    echo 'cairn lifecycle test: this init exits at once' >/dev/console\n\
+    exit 1\n";
+const BROKEN_INIT_SAYS: &str = "cairn lifecycle test: this init exits at once";
+
+const ETC_FILE: &str = "/etc/cairn-test/upgrade.conf";
+const VAR_FILE: &str = "/var/lib/cairn-test/upgrade-data";
+
+/// The updates: commits on the test ref, v1 → v2 → v3.
+struct Updates {
+    repo: PathBuf,
+    ref_: String,
+    v2: String,
+    v2_version: String,
+    v3: String,
+}
+
+impl Updates {
+    /// Point the ref at `commit` and publish (summary, static delta from its
+    /// parent), as a release pipeline would.
+    fn publish(&self, commit: &str) -> Result<()> {
+        ostree_cli(&self.repo, &["reset", &self.ref_, commit])?;
+        let started = Instant::now();
+        let out = run_host(
+            &host_binary()?,
+            &["compose", "publish", "--repo", &self.repo.to_string_lossy()],
+        )?;
+        eprintln!(
+            "lifecycle: published {commit} in {:.1} s:\n{out}",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+}
+
+/// Remove the update directories of other v1 commits that no process uses.
+fn remove_stale_updates(parent: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_key = name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit());
+        if path == keep || !is_key || !path.is_dir() {
+            continue;
+        }
+        if let Ok(_lock) = DirLock::take(&path, libc::LOCK_EX | libc::LOCK_NB) {
+            let _ = std::fs::remove_dir_all(&path);
+            let _ = std::fs::remove_file(path.with_extension("lock"));
+        }
+    }
+}
+
+/// `host compose tree` of `manifest` into `repo`; returns the commit.
+fn compose(repo: &Path, manifest: &Path) -> Result<String> {
+    let out = run_host(
+        &host_binary()?,
+        &[
+            "compose",
+            "tree",
+            "--repo",
+            &repo.to_string_lossy(),
+            "--cache",
+            &build_dir("cache").to_string_lossy(),
+            &manifest.to_string_lossy(),
+        ],
+    )?;
+    line_value(&out, "commit").context("`host compose tree` printed no commit line")
+}
+
+/// v2 and v3 for the image's commit, in `build/qemu-tests/updates/<v1>/`,
+/// with the ref on v2 and published. The returned lock (exclusive: the test
+/// moves the ref) keeps other test processes from using or removing it.
+fn prepare_updates(image: &TestImage) -> Result<(Updates, DirLock)> {
+    let parent_dir = build_dir("qemu-tests/updates");
+    std::fs::create_dir_all(&parent_dir)?;
+    let dir = parent_dir.join(&image.commit[..16]);
+    let lock = DirLock::take(&dir, libc::LOCK_EX)?;
+    remove_stale_updates(&parent_dir, &dir);
+    let repo = dir.join("repo");
+    let ref_ = image.ref_.clone();
+    let recorded = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let (v2, v3) = (recorded("v2.commit"), recorded("v3.commit"));
+    let parent_of = |c: &str| ostree_cli(&repo, &["rev-parse", &format!("{c}^")]).ok();
+    let reusable = !v2.is_empty()
+        && !v3.is_empty()
+        && parent_of(&v2).as_deref() == Some(image.commit.as_str())
+        && parent_of(&v3).as_deref() == Some(v2.as_str())
+        && ostree_cli(&repo, &["cat", &v2, V2_FILE]).is_ok_and(|t| t == V2_TEXT.trim())
+        && ostree_cli(&repo, &["fsck", "--quiet"]).is_ok();
+    let (v2, v3) = if reusable {
+        eprintln!("lifecycle: reusing v2 and v3 in {}", repo.display());
+        (v2, v3)
+    } else {
+        let started = Instant::now();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // v1 into a repository of our own: objects are hardlinked, nothing copied.
+        ostree_cli(&repo, &["init", "--mode=archive"])?;
+        ostree_cli(
+            &repo,
+            &["pull-local", &image.repo.to_string_lossy(), &image.commit],
+        )?;
+        ostree_cli(&repo, &["refs", &format!("--create={ref_}"), &image.commit])?;
+        std::fs::write(dir.join("upgrade-v2"), V2_TEXT)?;
+        std::fs::write(dir.join("broken-init"), BROKEN_INIT)?;
+        let v2_manifest = dir.join("v2.toml");
+        std::fs::write(
+            &v2_manifest,
+            format!(
+                "# v2 of the test host: one more file; it boots and is healthy.\n\
+                 include = [{:?}]\n\n\
+                 [[files]]\nsrc = \"upgrade-v2\"\ndst = \"{V2_FILE}\"\nmode = \"0644\"\n",
+                workspace().join(TEST_MANIFEST).to_string_lossy()
+            ),
+        )?;
+        let v3_manifest = dir.join("v3.toml");
+        std::fs::write(
+            &v3_manifest,
+            format!(
+                "# v3: v2 whose init exits at once: it never reaches user space.\n\
+                 include = [{:?}]\n\n\
+                 [[files]]\nsrc = \"broken-init\"\ndst = \"/usr/lib/systemd/systemd\"\nmode = \"0755\"\n",
+                v2_manifest.to_string_lossy()
+            ),
+        )?;
+        let v2 = compose(&repo, &v2_manifest)?;
+        let v3 = compose(&repo, &v3_manifest)?;
+        std::fs::write(dir.join("v2.commit"), &v2)?;
+        std::fs::write(dir.join("v3.commit"), &v3)?;
+        eprintln!(
+            "lifecycle: composed v2 and v3 in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        (v2, v3)
+    };
+    for (name, commit, parent) in [("v2", &v2, &image.commit), ("v3", &v3, &v2)] {
+        let actual = ostree_cli(&repo, &["rev-parse", &format!("{commit}^")])?;
+        if &actual != parent {
+            bail!("{name} {commit} has parent {actual}, expected {parent}");
+        }
+    }
+    let v2_version = ostree_cli(&repo, &["show", "--print-metadata-key=version", &v2])?
+        .trim_matches('\'')
+        .to_string();
+    let updates = Updates {
+        repo,
+        ref_,
+        v2,
+        v2_version,
+        v3,
+    };
+    updates.publish(&updates.v2)?;
+    Ok((updates, lock))
+}
+
+/// What `server` answered (its request log):
+/// (requests, body bytes) served since the log had `from` lines, and the
+/// log's current line count. Body bytes are the sizes of the files
+/// answered with 200 (http.server logs no sizes; it sends whole files).
+fn served_since(server: &HttpServer, from: usize) -> (usize, u64, usize) {
+    let Some(log) = &server.log else {
+        return (0, 0, from);
+    };
+    let file = match std::fs::File::open(log) {
+        Ok(f) => f,
+        Err(_) => return (0, 0, from),
+    };
+    let lines: Vec<String> = BufReader::new(file).lines().map_while(|l| l.ok()).collect();
+    let (mut requests, mut bytes) = (0, 0);
+    for line in lines.iter().skip(from) {
+        let Some(req) = line.split('"').nth(1) else {
+            continue;
+        };
+        let mut parts = req.split_whitespace();
+        let (Some("GET"), Some(path)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        requests += 1;
+        let status = line.split('"').nth(2).unwrap_or("").trim();
+        if status.starts_with("200") {
+            let path = path
+                .split('?')
+                .next()
+                .unwrap_or(path)
+                .trim_start_matches('/');
+            bytes += std::fs::metadata(server.root.join(path))
+                .map(|m| m.len())
+                .unwrap_or(0);
+        }
+    }
+    (requests, bytes, lines.len())
+}
+
+/// Wait until systemd says the boot is finished; fails if it ends degraded
+/// or if the node's health check (cairn-health.service) did not succeed.
+fn assert_boot_finished(vm: &mut Vm, what: &str) {
+    let state = must(vm.wait_booted());
+    eprintln!(
+        "lifecycle: {what}: boot finished ({state}) {:.1} s after QEMU started",
+        vm.since_power_on().as_secs_f64()
+    );
+    if state != "running" {
+        let failed = must(vm.run(
+            "systemctl --failed --no-legend; \
+             for u in $(systemctl --failed --no-legend --plain | awk '{print $1}'); do \
+             systemctl status --no-pager -l \"$u\" | tail -20; done; \
+             journalctl -b -p err --no-pager | tail -50",
+        ));
+        panic!(
+            "{what}: boot ended {state:?}, not running:\n{}",
+            failed.stdout
+        );
+    }
+    let health = must(vm.run(
+        "systemctl is-active cairn-health.service; \
+         journalctl -b -u cairn-health.service --no-pager | tail -20",
+    ));
+    assert!(
+        health.stdout.starts_with("active"),
+        "{what}: cairn-health.service did not succeed:\n{}",
+        health.stdout
+    );
+}
+
+/// Start `command` detached in the guest (it reboots the machine), its output
+/// to `log` (which must be under /var to survive); if it fails, reboot anyway
+/// so the test sees the failure in the log instead of waiting for a boot that
+/// never comes. Returns the new boot id and the wall time until the control
+/// shell of the new boot answered.
+fn run_rebooting(vm: &mut Vm, command: &str, log: &str) -> (String, Duration) {
+    let old = vm.boot_id().expect("booted").to_string();
+    let started = Instant::now();
+    must(vm.ok(&format!(
+        "mkdir -p \"$(dirname {log})\"; setsid -f sh -c '\
+         s=$(date +%s%N); {command} >{log} 2>&1; rc=$?; \
+         echo \"exit $rc after $(( ($(date +%s%N) - s) / 1000000 )) ms\" >>{log}; sync; \
+         [ $rc = 0 ] || systemctl reboot' </dev/null >/dev/null 2>&1"
+    )));
+    let id = must(vm.wait_ready());
+    assert_ne!(id, old, "`{command}` did not reboot the machine");
+    (id, started.elapsed())
+}
+
+/// Output of a rebooting command (written before the reboot); fails if it
+/// recorded a non-zero exit.
+fn rebooting_output(vm: &mut Vm, command: &str, log: &str) -> String {
+    let text = must(vm.ok(&format!("cat {log}")));
+    if let Some(line) = text.lines().find(|l| l.starts_with("exit ")) {
+        assert!(line.starts_with("exit 0 "), "`{command}` failed:\n{text}");
+    }
+    text
+}
+
+fn status(vm: &mut Vm) -> Value {
+    let text = must(vm.ok("host status --json"));
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("host status --json is not JSON ({e}):\n{text}"))
+}
+
+fn deployments(status: &Value) -> &Vec<Value> {
+    status["deployments"].as_array().expect("deployments array")
+}
+
+/// The booted deployment; exactly one.
+fn booted(status: &Value) -> &Value {
+    let booted: Vec<_> = deployments(status)
+        .iter()
+        .filter(|d| d["booted"] == true)
+        .collect();
+    assert_eq!(booted.len(), 1, "one booted deployment: {status:#}");
+    booted[0]
+}
+
+/// The deployment marked rollback; exactly one.
+fn rollback(status: &Value) -> &Value {
+    let rb: Vec<_> = deployments(status)
+        .iter()
+        .filter(|d| d["rollback"] == true)
+        .collect();
+    assert_eq!(rb.len(), 1, "one rollback deployment: {status:#}");
+    rb[0]
+}
+
+/// The directory of the running deployment, from the kernel command line
+/// (not from our own `host status`).
+fn running_deployment(vm: &mut Vm) -> String {
+    must(vm.ok(
+        r#"set -e; arg=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^ostree=//p'); readlink -f "/sysroot$arg""#,
+    ))
+    .trim()
+    .to_string()
+}
+
+/// The commit of the running deployment (the checksum of `<checksum>.N`).
+fn running_commit(vm: &mut Vm) -> String {
+    let path = running_deployment(vm);
+    let name = Path::new(&path)
+        .file_name()
+        .expect("deployment directory")
+        .to_string_lossy()
+        .into_owned();
+    name.split('.').next().unwrap_or_default().to_string()
+}
+
+/// The kernel command line of the running guest, one argument per item.
+fn cmdline(vm: &mut Vm) -> Vec<String> {
+    must(vm.ok("cat /proc/cmdline"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+fn grubenv(vm: &mut Vm) -> String {
+    must(vm.ok("grep -v '^#' /boot/grub/grubenv || true"))
+}
+
+/// The node's own state made on v1 is all there.
+fn assert_node_state_kept(vm: &mut Vm, what: &str) {
+    assert_eq!(
+        must(vm.ok(&format!("cat {ETC_FILE}"))),
+        "made on v1 before the upgrade\n",
+        "{what}: new /etc file"
+    );
+    let fstab = must(vm.ok("tail -n 1 /etc/fstab"));
+    assert_eq!(
+        fstab, "# cairn-test: edited on v1\n",
+        "{what}: edited /etc/fstab"
+    );
+    assert_eq!(
+        must(vm.ok(&format!("cat {VAR_FILE}"))),
+        "node data from v1\n",
+        "{what}: /var data"
+    );
+}
+
+/// Phase 1: what a freshly booted node must be.
+fn first_boot_checks(vm: &mut Vm, image: &TestImage) {
+    must(vm.ok("systemctl is-active multi-user.target"));
+
+    // /usr is the read-only deployment; /etc and /var are the node's.
+    let usr = must(vm.run("touch /usr/.cairn-test"));
+    assert!(!usr.success(), "/usr is writable: {usr}");
+    assert!(usr.stderr.contains("Read-only file system"), "{usr}");
+    for dir in ["/etc", "/var"] {
+        must(vm.ok(&format!(
+            "echo x > {dir}/.cairn-test && rm {dir}/.cairn-test"
+        )));
+    }
+
+    // The kernel is the tree's.
+    let kernel = must(vm.ok("uname -r"));
+    assert_eq!(
+        kernel.trim(),
+        image.kernel,
+        "running kernel vs cairn.kernel"
+    );
+
+    // The booted deployment is the composed commit, serial 0, with the
+    // origin and remote that `host upgrade` follows.
+    let deployment = running_deployment(vm);
+    assert!(
+        deployment.contains("/ostree/deploy/cairn/deploy/"),
+        "stateroot cairn: {deployment}"
+    );
+    assert_eq!(
+        running_commit(vm),
+        image.commit,
+        "booted deployment {deployment}"
+    );
+    assert!(deployment.ends_with(".0"), "serial 0: {deployment}");
+    let origin = must(vm.ok(&format!("cat {deployment}.origin")));
+    assert!(
+        origin.contains(&format!("refspec=cairn:{}", image.ref_)),
+        "origin:\n{origin}"
+    );
+    let repo_config = must(vm.ok("cat /ostree/repo/config"));
+    assert!(repo_config.contains("[remote \"cairn\"]"), "{repo_config}");
+    assert!(repo_config.contains("bootloader=grub2"), "{repo_config}");
+
+    // `host status --json` names the booted deployment and its version.
+    let st = status(vm);
+    let b = booted(&st);
+    assert_eq!(b["checksum"], image.commit.as_str(), "{st:#}");
+    assert_eq!(b["stateroot"], "cairn", "{st:#}");
+    let version = image
+        .version
+        .as_deref()
+        .expect("the composed commit has a version");
+    assert_eq!(b["version"], version, "{st:#}");
+    assert_eq!(deployments(&st).len(), 1, "{st:#}");
+    assert_eq!(st["bootCounter"]["state"], "off", "{st:#}");
+
+    // Pure cgroup v2 with the controllers containers need.
+    let fs = must(vm.ok("stat -fc %T /sys/fs/cgroup"));
+    assert_eq!(fs.trim(), "cgroup2fs");
+    let controllers = must(vm.ok("cat /sys/fs/cgroup/cgroup.controllers"));
+    for c in ["cpu", "memory", "pids"] {
+        assert!(
+            controllers.split_whitespace().any(|x| x == c),
+            "controller {c} missing: {controllers}"
+        );
+    }
+
+    // The container bridge is up with its address.
+    let link = must(vm.ok("ip -o link show dev cairn0"));
+    let flags = link.split(['<', '>']).nth(1).unwrap_or("");
+    assert!(flags.split(',').any(|f| f == "UP"), "cairn0 not up: {link}");
+    let addr = must(vm.ok("ip -o -4 addr show dev cairn0"));
+    assert!(addr.contains("10.88.0.1/16"), "cairn0 address: {addr}");
+
+    // User-mode networking: a server on the host's loopback is 10.0.2.2.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let port = listener.local_addr().unwrap().port();
+    let token = format!("cairn-{}", std::process::id());
+    let reply = token.clone();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 1024];
+        let _ = conn.read(&mut buf);
+        conn.write_all(format!("HTTP/1.0 200 OK\r\n\r\n{reply}\n").as_bytes())
+            .expect("reply");
+    });
+    let fetched = must(vm.ok(&format!(
+        "exec 3<>/dev/tcp/10.0.2.2/{port}; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+    )));
+    server.join().expect("server thread");
+    assert!(fetched.contains(&token), "guest fetched: {fetched}");
+
+    // /boot is mounted and holds the GRUB menu libostree had our generator
+    // write, and GRUB's environment block (boot counter: nothing armed).
+    let cfg = must(vm.ok("cat /boot/grub/grub.cfg"));
+    assert!(cfg.contains("ostree="), "grub.cfg:\n{cfg}");
+    assert!(
+        cfg.contains("load_env boot_counter boot_success"),
+        "grub.cfg:\n{cfg}"
+    );
+    let env = must(vm.ok("stat -c %s /boot/grub/grubenv; grep -v '^#' /boot/grub/grubenv || true"));
+    assert_eq!(env.lines().next(), Some("1024"), "grubenv:\n{env}");
+    assert!(!env.contains("boot_counter="), "grubenv:\n{env}");
+
+    // The image's kernel arguments: the tree's, then --karg, then root.
+    let args = cmdline(vm);
+    for want in [
+        "systemd.unified_cgroup_hierarchy=1",
+        TEST_KARG,
+        "root=LABEL=root",
+        "rw",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} missing: {args:?}");
+    }
+    let pos = |k: &str| args.iter().position(|a| a == k).unwrap();
+    assert!(pos("systemd.unified_cgroup_hierarchy=1") < pos(TEST_KARG));
+    assert!(pos(TEST_KARG) < pos("root=LABEL=root"));
+
+    // A deployment written by stock libostree (no code of ours but the
+    // generator it runs) becomes the default menu entry with its own kernel
+    // arguments, the image's carried over. Undeployed again, the menu is as
+    // before. (Every later boot of this test proves GRUB follows the menu.)
+    must(vm.ok(&format!(
+        "ostree admin deploy --os=cairn --karg-append=cairn.second=1 cairn:{}",
+        image.ref_
+    )));
+    let cfg = must(vm.ok("cat /boot/grub/grub.cfg"));
+    assert_eq!(cfg.matches("\nmenuentry ").count(), 2, "grub.cfg:\n{cfg}");
+    let default_linux = cfg
+        .lines()
+        .find(|l| l.trim_start().starts_with("linux "))
+        .unwrap_or_else(|| panic!("no linux line in grub.cfg:\n{cfg}"));
+    for want in ["cairn.second=1", TEST_KARG] {
+        assert!(
+            default_linux.split_whitespace().any(|a| a == want),
+            "{want} missing from the default entry: {default_linux}"
+        );
+    }
+    must(vm.ok("ostree admin undeploy 0"));
+    let cfg = must(vm.ok("cat /boot/grub/grub.cfg"));
+    assert_eq!(cfg.matches("\nmenuentry ").count(), 1, "grub.cfg:\n{cfg}");
+    assert!(!cfg.contains("cairn.second=1"), "grub.cfg:\n{cfg}");
+    let st = status(vm);
+    assert_eq!(deployments(&st).len(), 1, "{st:#}");
+}
+
+#[test]
+fn a_node_boots_upgrades_rolls_back_survives_a_power_cut_and_falls_back_from_a_broken_update() {
+    let t0 = Instant::now();
+    let image = test_image();
+    let image_before = std::fs::metadata(&image.image).expect("image");
+    let v1 = image.commit.clone();
+    let v1_version = image.version.clone().expect("v1 has a version");
+    let (updates, _updates_lock) = must(prepare_updates(image));
+    let (v2, v3) = (updates.v2.clone(), updates.v3.clone());
+    assert_ne!(v1, v2);
+    assert_ne!(v1_version, updates.v2_version);
+    eprintln!(
+        "lifecycle: v1 {v1} ({v1_version}), v2 {v2} ({}), v3 {v3} (never boots); prepared in {:.1} s",
+        updates.v2_version,
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Not in the machine's work directory, which Vm::start empties.
+    let http_log = updates
+        .repo
+        .with_file_name(format!("http.{}.log", std::process::id()));
+    let server = must(HttpServer::start(&updates.repo, Some(&http_log)));
+    let url = format!("http://10.0.2.2:{}/", server.port);
+
+    // ---- 1. first boot of v1
+    let mut vm = must(boot_test_image("lifecycle"));
+    assert_boot_finished(&mut vm, "v1");
+    let boot_time = vm.since_power_on();
+    first_boot_checks(&mut vm, image);
+
+    // Point the node's remote at the HTTP server (the image's remote is the
+    // file:// path of the repository it was written from).
+    must(vm.ok(&format!(
+        "set -e; ostree --repo=/ostree/repo remote delete --if-exists cairn; \
+         ostree --repo=/ostree/repo remote add --no-gpg-verify cairn {url}; \
+         ostree --repo=/ostree/repo remote show-url cairn"
+    )));
+
+    // The node's own state, made on v1.
+    must(vm.ok(&format!(
+        "set -e; mkdir -p $(dirname {ETC_FILE}) $(dirname {VAR_FILE}); \
+         echo 'made on v1 before the upgrade' > {ETC_FILE}; \
+         echo '# cairn-test: edited on v1' >> /etc/fstab; \
+         echo 'node data from v1' > {VAR_FILE}; sync"
+    )));
+
+    // ---- 2. host upgrade --reboot to v2
+    let check = must(vm.run("host upgrade --check --unchanged-exit-77"));
+    assert!(check.success(), "host upgrade --check: {check}");
+    assert!(check.stdout.contains(&updates.v2_version), "{check}");
+
+    let (_, _, mark) = served_since(&server, 0);
+    let (_, upgrade_wall) = run_rebooting(
+        &mut vm,
+        "host upgrade --reboot",
+        "/var/lib/cairn-test/upgrade-1.log",
+    );
+    let (requests, bytes, mark) = served_since(&server, mark);
+    assert_boot_finished(&mut vm, "v2 after host upgrade --reboot");
+    let log = rebooting_output(
+        &mut vm,
+        "host upgrade --reboot",
+        "/var/lib/cairn-test/upgrade-1.log",
+    );
+    eprintln!(
+        "lifecycle: host upgrade --reboot: {requests} HTTP requests, {bytes} bytes served; \
+         {:.1} s from the command to the next boot's control shell; output:\n{log}",
+        upgrade_wall.as_secs_f64()
+    );
+    assert!(log.contains("Staged"), "{log}");
+    assert!(requests > 0, "the upgrade fetched nothing over HTTP");
+    let deltas = std::fs::read_to_string(&http_log).unwrap_or_default();
+    assert!(
+        deltas.contains("GET /deltas/"),
+        "the upgrade did not use the static delta:\n{deltas}"
+    );
+
+    // v2 booted, v1 is the rollback, the node's state kept; the counter the
+    // upgrade armed was cleared by v2's health check.
+    assert_eq!(running_commit(&mut vm), v2);
+    let st = status(&mut vm);
+    let b = booted(&st);
+    assert_eq!(b["checksum"], v2.as_str(), "{st:#}");
+    assert_eq!(b["version"], updates.v2_version.as_str(), "{st:#}");
+    assert_eq!(b["index"], 0, "{st:#}");
+    let rb = rollback(&st);
+    assert_eq!(rb["checksum"], v1.as_str(), "{st:#}");
+    assert_eq!(rb["version"], v1_version.as_str(), "{st:#}");
+    assert_eq!(
+        b["origin"]["refspec"],
+        format!("cairn:{}", image.ref_).as_str(),
+        "{st:#}"
+    );
+    assert_eq!(st["bootCounter"]["state"], "off", "{st:#}");
+    assert_eq!(st["bootCounter"]["bootSuccess"], true, "{st:#}");
+    assert_eq!(st["bootCounter"]["bootCounter"], Value::Null, "{st:#}");
+    let env = grubenv(&mut vm);
+    assert!(
+        env.contains("boot_success=1\n") && !env.contains("boot_counter="),
+        "v2 proven:\n{env}"
+    );
+    assert_eq!(must(vm.ok(&format!("cat {V2_FILE}"))), V2_TEXT);
+    assert_node_state_kept(&mut vm, "after the upgrade");
+    let text = must(vm.ok("host status"));
+    eprintln!("lifecycle: host status on v2:\n{text}");
+
+    // ---- 3. host rollback --reboot
+    let rb_log = "/var/lib/cairn-test/rollback.log";
+    let (_, rollback_wall) = run_rebooting(&mut vm, "host rollback --reboot", rb_log);
+    assert_boot_finished(&mut vm, "v1 after host rollback --reboot");
+    let log = rebooting_output(&mut vm, "host rollback --reboot", rb_log);
+    eprintln!(
+        "lifecycle: host rollback --reboot: {:.1} s to the next boot's control shell; output:\n{log}",
+        rollback_wall.as_secs_f64()
+    );
+    assert_eq!(running_commit(&mut vm), v1);
+    let st = status(&mut vm);
+    assert_eq!(booted(&st)["checksum"], v1.as_str(), "{st:#}");
+    assert_eq!(rollback(&st)["checksum"], v2.as_str(), "{st:#}");
+    let gone = must(vm.run(&format!("test -e {V2_FILE}")));
+    assert!(!gone.success(), "v1 has {V2_FILE}");
+    assert_node_state_kept(&mut vm, "after the rollback");
+    let (_, _, mark) = served_since(&server, mark);
+
+    // ---- 4. power cut in the middle of an upgrade
+    must(vm.ok(
+        "setsid -f sh -c 'host upgrade >/run/cairn-upgrade.log 2>&1; echo \"exit $?\" >>/run/cairn-upgrade.log' \
+         </dev/null >/dev/null 2>&1",
+    ));
+    let started = Instant::now();
+    let at_cut = loop {
+        let log = must(vm.ok("cat /run/cairn-upgrade.log 2>/dev/null || true"));
+        // Cut once the deploy has begun (after the pull and the change
+        // report), or when it finished, or when it takes too long.
+        if log.contains("Update on")
+            || log.contains("exit ")
+            || started.elapsed() > Duration::from_secs(300)
+        {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let cut_after = started.elapsed();
+    let phase = if at_cut.contains("exit ") {
+        "after `host upgrade` exited (staged, not finalized)"
+    } else if at_cut.contains("Staged") {
+        "after staging, before `host upgrade` exited"
+    } else if at_cut.contains("Update on") {
+        "while staging the deployment"
+    } else {
+        "while pulling"
+    };
+    eprintln!(
+        "lifecycle: power cut {:.1} s into `host upgrade`, {phase}; its output so far:\n{at_cut}",
+        cut_after.as_secs_f64()
+    );
+    let before_cut = vm.boot_id().expect("booted").to_string();
+    let after_cut = must(vm.power_cut_and_restart());
+    assert_ne!(before_cut, after_cut);
+    assert_boot_finished(&mut vm, "after the power cut");
+    let now = running_commit(&mut vm);
+    assert!(now == v1 || now == v2, "booted {now}, neither v1 nor v2");
+    let st = status(&mut vm);
+    assert_eq!(booted(&st)["checksum"], now.as_str(), "{st:#}");
+    let text = must(vm.ok("host status && ostree admin status"));
+    eprintln!(
+        "lifecycle: after the power cut booted {} ({}):\n{text}",
+        if now == v1 { "v1" } else { "v2" },
+        now
+    );
+    // Every deployment listed is complete: its directory and origin exist.
+    for d in deployments(&st) {
+        let dir = format!(
+            "/ostree/deploy/cairn/deploy/{}.{}",
+            d["checksum"].as_str().expect("checksum"),
+            d["serial"]
+        );
+        must(vm.ok(&format!("test -d {dir}/usr/bin && test -f {dir}.origin")));
+    }
+    assert_eq!(
+        must(vm.ok(&format!("cat {VAR_FILE}"))),
+        "node data from v1\n"
+    );
+
+    if now == v2 {
+        assert_eq!(must(vm.ok(&format!("cat {V2_FILE}"))), V2_TEXT);
+    }
+    assert_node_state_kept(&mut vm, "after the power cut");
+    let (requests, bytes, _) = served_since(&server, mark);
+    eprintln!(
+        "lifecycle: after the rollback: {requests} HTTP requests, {bytes} bytes served (objects were local)"
+    );
+
+    // ---- 5. the node upgrades again, to a v3 that never reaches user space;
+    // GRUB and the health check fall back to what ran before (`now`)
+    must(updates.publish(&v3));
+    let out = must(vm.ok("host upgrade"));
+    eprintln!("lifecycle: host upgrade to v3:\n{out}");
+    let st = status(&mut vm);
+    assert_eq!(st["deployments"][0]["checksum"], v3.as_str(), "{st:#}");
+    assert_eq!(st["bootCounter"]["state"], "counting", "{st:#}");
+    assert_eq!(st["bootCounter"]["bootCounter"], 3, "{st:#}");
+    let text = must(vm.ok("host status"));
+    assert!(text.contains("Boot counter: armed"), "{text}");
+    let env = grubenv(&mut vm);
+    assert!(
+        env.contains("boot_counter=3\n") && env.contains("boot_success=0\n"),
+        "armed for v3:\n{env}"
+    );
+
+    let rebooted = Instant::now();
+    // One reboot; the rest happens without anyone: 3 panicking boots of v3,
+    // then GRUB boots v2. Four boots in a row can take longer than the
+    // harness waits for one on a loaded machine: wait up to three times.
+    let old_boot = vm.boot_id().expect("booted").to_string();
+    let mut next = vm.reboot();
+    for _ in 0..2 {
+        match &next {
+            Ok(_) => break,
+            Err(e) => eprintln!("lifecycle: still waiting for the fallback boot ({e:#})"),
+        }
+        next = vm.wait_ready();
+    }
+    let new_boot = must(next);
+    assert_ne!(new_boot, old_boot, "the machine did not reboot");
+    let fallback_time = rebooted.elapsed();
+    assert_boot_finished(&mut vm, "the fallback from v3");
+    let serial = vm.serial_text();
+    let panics = serial.matches("Kernel panic").count();
+    let init_exits = serial.matches(BROKEN_INIT_SAYS).count();
+    eprintln!(
+        "lifecycle: back on {now} {:.1} s after the reboot into v3; {panics} kernel panics, {init_exits} broken inits on the serial console",
+        fallback_time.as_secs_f64()
+    );
+    assert!(panics >= 3, "v3 had 3 attempts, saw {panics} panics");
+    assert!(init_exits >= 3, "v3's init ran {init_exits} times, not 3");
+
+    let st = status(&mut vm);
+    let d0 = &st["deployments"][0];
+    assert_eq!(d0["checksum"], now.as_str(), "{now} is the default: {st:#}");
+    assert_eq!(d0["booted"], true, "{now} is booted: {st:#}");
+    let bad = st["health"]["badCommits"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no health state: {st:#}"));
+    let v3_bad = bad
+        .iter()
+        .find(|b| b["checksum"] == v3.as_str())
+        .unwrap_or_else(|| panic!("v3 not recorded as bad: {st:#}"));
+    assert!(
+        v3_bad["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not boot to a healthy user space in 3 attempts"),
+        "{v3_bad:#}"
+    );
+    assert_eq!(st["bootCounter"]["state"], "off", "{st:#}");
+    assert_eq!(st["bootCounter"]["bootCounter"], Value::Null, "{st:#}");
+    let text = must(vm.ok("host status"));
+    assert!(
+        text.contains("did not boot to a healthy user space"),
+        "{text}"
+    );
+    // The next boot stays on `now`: its deployment is GRUB's default entry and
+    // nothing is armed. (Booting once more would prove only what the boots
+    // above already did: GRUB boots entry 0.) The deployment comes from
+    // `host status`, not /proc/cmdline: the fallback rewrote the boot
+    // entries, so this boot's `ostree=` path may name another one by now.
+    let fallback_dir = format!("/ostree/deploy/cairn/deploy/{}.{}", now, d0["serial"]);
+    let cfg = must(vm.ok("cat /boot/grub/grub.cfg"));
+    let default_linux = cfg
+        .lines()
+        .find(|l| l.trim_start().starts_with("linux "))
+        .unwrap_or_else(|| panic!("no linux line in grub.cfg:\n{cfg}"));
+    let default_target = default_linux
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("ostree="))
+        .unwrap_or_else(|| panic!("no ostree= in the default entry: {default_linux}"));
+    let target = must(vm.ok(&format!("readlink -f /sysroot{default_target}")));
+    assert_eq!(
+        target.trim(),
+        format!("/sysroot{fallback_dir}"),
+        "GRUB's default entry is not the deployment of {now}:\n{cfg}"
+    );
+    let env = grubenv(&mut vm);
+    assert!(!env.contains("boot_counter="), "armed again:\n{env}");
+
+    let runs = vm.serial_logs().len();
+    drop(vm);
+    eprintln!(
+        "lifecycle: figures: v1 boot {:.1} s; upgrade+reboot {:.1} s; rollback+reboot {:.1} s; \
+         3 failed boots of v3 + fallback {:.1} s; {runs} QEMU runs; total {:.0} s",
+        boot_time.as_secs_f64(),
+        upgrade_wall.as_secs_f64(),
+        rollback_wall.as_secs_f64(),
+        fallback_time.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        runs, 2,
+        "one serial log per QEMU run: the first and the power cut"
+    );
+
+    // The image under test was only ever read.
+    let image_after = std::fs::metadata(&image.image).expect("image");
+    assert_eq!(image_before.len(), image_after.len());
+    assert_eq!(image_before.modified().ok(), image_after.modified().ok());
+    drop(server);
+    let _ = std::fs::remove_file(&http_log);
+}
