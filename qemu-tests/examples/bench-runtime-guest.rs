@@ -1,7 +1,8 @@
 //! Start-to-exit latency of `/bin/true` from a busybox image inside the
 //! booted cgroup-v2 cairn guest, side by side in one run: `host app run --rm`
 //! (with its bridge NIC and with `--network none`), crun 1.8 (Debian's, from
-//! the apps test manifest) on a bundle of the same tree, and the bare
+//! `qemu-tests/manifests/bench-host.toml`, which the runtime test's image
+//! leaves out) on a bundle of the same tree, and the bare
 //! `unshare -mpnui -f --mount-proc chroot ROOTFS /bin/true` floor. Rounds are
 //! interleaved so load changes hit every tool alike; `host --help` shows what
 //! starting the `host` binary alone costs. With `NOPIE_HOST=FILE` (the same
@@ -26,7 +27,8 @@ fn main() {
         .nth(1)
         .map(|a| a.parse().expect("ROUNDS is a number"))
         .unwrap_or(20);
-    let image = apps_image();
+    // The apps image with crun (its own build directory, apps-bench*).
+    let image = bench_image();
     // NOPIE_HOST: the same host linked without PIE (scripts/bench-runtime-guest
     // builds it), shared into the guest over 9p for one more row.
     let nopie = std::env::var_os("NOPIE_HOST").map(std::path::PathBuf::from);
@@ -42,7 +44,7 @@ fn main() {
         ];
     }
     eprintln!("bench: booting {}", image.image.display());
-    let mut vm = boot_with("bench", extra);
+    let mut vm = boot_with(image, "bench", extra);
     if let Some(path) = &nopie {
         let name = path.file_name().unwrap().to_string_lossy();
         must(vm.ok(&format!(

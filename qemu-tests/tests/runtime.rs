@@ -1,17 +1,25 @@
 //! The container runtime proven inside a booted cairn host (issue 6, QEMU):
 //! pure cgroup v2, the host's own systemd, the image's own `host` binary.
 //!
-//! - An app baked in by the manifest's `[[apps]]` (a busybox httpd) is
-//!   running after boot, answers on its bridge address from the host, is
-//!   healthy, and runs again after a reboot.
-//! - It follows the host: after `host upgrade --reboot` to a v2 commit that
-//!   bakes a new image for it (served over HTTP from the build machine's
-//!   loopback, 10.0.2.2 in the guest) it serves v2; after
-//!   `host rollback --reboot` it serves v1 again.
-//! - Limits hold: a fork bomb stops at `pids.max`, a memory hog is OOM-killed
-//!   alone while a neighbour keeps running, `cpu.max` throttles a busy loop.
+//! One guest, three boots (each boot costs 80-120 s under TCG, so every
+//! check shares them):
 //!
-//! The image (`tests/support/apps_image.rs`): the test host plus crun and
+//! 1. v1 boots. An app baked in by the manifest's `[[apps]]` (a busybox
+//!    httpd) is running: its pinned image is in the store and verifies, it
+//!    answers on its bridge address from the host, is healthy, has the
+//!    manifest's limits in its cgroup, and runs in its own user namespace
+//!    with the image's files still owned by root. Then limits hold: a fork
+//!    bomb stops at `pids.max`, a memory hog is OOM-killed alone while a
+//!    neighbour keeps running, `cpu.max` throttles a busy loop (those
+//!    containers are removed again).
+//! 2. `host upgrade --reboot` to a v2 commit that bakes a new image for the
+//!    app (served over HTTP from the build machine's loopback, 10.0.2.2 in
+//!    the guest): v2 is booted, the app runs again after the reboot (a new
+//!    container of this boot) and serves v2; v1's image is pruned.
+//! 3. `host rollback --reboot`: v1 is booted and the app serves v1 again.
+//!
+//! The image (`tests/support/apps_image.rs`): the test host
+//! (`manifests/test-host.toml`, so its cached package stage is reused) plus
 //! an `[[apps]]` entry for a busybox OCI layout the test writes, composed
 //! into `build/qemu-tests/apps/`.
 //!
@@ -118,17 +126,17 @@ fn assert_app_serving(vm: &mut Vm, page_text: &str) -> Value {
     entry
 }
 
-#[test]
-fn baked_app_runs_after_boot_and_after_a_reboot() {
-    let image = apps_image();
-    let mut vm = boot("baked");
-
+/// The first boot of v1: the baked app's pinned image is in the store and
+/// verifies, the app serves and is healthy, its manifest limits are in its
+/// cgroup, and it runs in its own user namespace with the image's owners
+/// kept. Returns its `host app ps` entry.
+fn assert_baked_app_after_first_boot(vm: &mut Vm, image: &AppsImage) -> Value {
     // The image in the node's store is the pinned one.
     let images = must(vm.ok("host app images --json"));
     assert!(images.contains(&image.digest), "{images}");
     must(vm.ok(&format!("host app verify {APP_IMAGE}")));
 
-    let first = assert_app_serving(&mut vm, APP_PAGE);
+    let first = assert_app_serving(vm, APP_PAGE);
     let inspect = must(vm.ok(&format!("host app inspect {APP}")));
     eprintln!("runtime: baked app after boot: {first}");
     assert!(inspect.contains(&image.digest), "{inspect}");
@@ -155,20 +163,7 @@ fn baked_app_runs_after_boot_and_after_a_reboot() {
     );
     let owner = must(vm.ok(&format!("host app exec {APP} stat -c %u:%g /bin")));
     assert_eq!(owner.trim(), "0:0", "image files keep their owner: {owner}");
-    let started_first = first["created"].clone();
-
-    let started = Instant::now();
-    must(vm.reboot());
-    assert_boot_finished(&mut vm);
-    let second = assert_app_serving(&mut vm, APP_PAGE);
-    eprintln!(
-        "runtime: baked app serving again {:.1} s after the reboot began: {second}",
-        started.elapsed().as_secs_f64()
-    );
-    // A new container of this boot, not the record of the last one.
-    assert_ne!(second["created"], started_first, "{second:#}");
-    let commit = must(vm.ok("host status --json"));
-    assert!(commit.contains(&image.commit), "{commit}");
+    first
 }
 
 /// Value of `key` in a flat-keyed cgroup file (`key value` lines).
@@ -179,9 +174,10 @@ fn cg_value(text: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in:\n{text}"))
 }
 
-#[test]
-fn limits_hold_pids_memory_cpu() {
-    let mut vm = boot("limits");
+/// Limits hold, in containers started next to the baked app (and removed
+/// again): pids.max stops a fork bomb, memory.max OOM-kills a hog alone,
+/// cpu.max throttles a busy loop.
+fn assert_limits_hold_pids_memory_cpu(vm: &mut Vm) {
     let cg = "/sys/fs/cgroup/cairn.slice";
     assert_eq!(
         must(vm.ok("stat -fc %T /sys/fs/cgroup")).trim(),
@@ -219,14 +215,14 @@ fn limits_hold_pids_memory_cpu() {
     must(vm.ok(&format!(
         "host app run -d --name neighbour {APP_IMAGE} sleep 3600"
     )));
-    let neighbour_pid = ps_entry(&mut vm, "neighbour")["id"].clone();
+    let neighbour_pid = ps_entry(vm, "neighbour")["id"].clone();
     let neighbour_before = must(vm.ok("host app inspect neighbour"));
     must(vm.ok(&format!(
         "host app run -d --name hog --memory 32M {APP_IMAGE} /bin/sh -c \
          'head -c 209715200 /dev/zero | tail >/dev/null; echo \"hog exit $?\"; exec sleep 3600'"
     )));
     let log = wait_for(
-        &mut vm,
+        vm,
         "the memory hog finished",
         "host app logs hog | grep 'hog exit'",
         Duration::from_secs(180),
@@ -242,11 +238,11 @@ fn limits_hold_pids_memory_cpu() {
     let dmesg = must(vm.ok("dmesg | grep -i 'memory cgroup out of memory' || true"));
     eprintln!("runtime: kernel: {dmesg}");
     assert_eq!(
-        ps_entry(&mut vm, "hog")["status"],
+        ps_entry(vm, "hog")["status"],
         "running",
         "the hog's own pid 1 survives"
     );
-    let nb = ps_entry(&mut vm, "neighbour");
+    let nb = ps_entry(vm, "neighbour");
     assert_eq!(nb["status"], "running", "{nb:#}");
     assert_eq!(nb["id"], neighbour_pid);
     assert_eq!(nb["restarts"], 0, "{nb:#}");
@@ -312,7 +308,10 @@ fn prepare_apps_v2(v1: &AppsImage) -> Result<(PathBuf, String, String)> {
         )?;
         ostree_cli(&repo, &["refs", &format!("--create={ref_}"), &v1.commit])?;
         let manifest = dir.join("apps-host-v2.toml");
-        std::fs::write(&manifest, apps_manifest("busybox-oci-v2", &digest))?;
+        std::fs::write(
+            &manifest,
+            apps_manifest(v1.host_manifest, "busybox-oci-v2", &digest),
+        )?;
         run_host(
             &host,
             &[
@@ -372,19 +371,27 @@ fn booted_commit(vm: &mut Vm) -> String {
         .to_string()
 }
 
+/// The whole runtime tier in one guest, three boots: v1 (the baked app
+/// runs under its limits; pids, memory and cpu limits hold), `host upgrade
+/// --reboot` to v2 (the app runs again in a new container and serves v2),
+/// `host rollback --reboot` to v1 (it serves v1 again).
 #[test]
-fn baked_app_follows_host_upgrade_and_rollback() {
+fn baked_app_and_limits_hold_through_host_upgrade_and_rollback_reboots() {
     let v1 = apps_image();
     let (repo, v2, v2_digest) = must(prepare_apps_v2(v1));
     let server = must(HttpServer::start(&repo, None));
-    let mut vm = boot("upgrade");
-    assert_app_serving(&mut vm, APP_PAGE);
+    let mut vm = boot("runtime");
+
+    // Boot 1, v1.
+    let first = assert_baked_app_after_first_boot(&mut vm, v1);
+    assert_limits_hold_pids_memory_cpu(&mut vm);
+
+    // Boot 2: `host upgrade --reboot` to v2.
     must(vm.ok(&format!(
         "set -e; ostree --repo=/ostree/repo remote delete --if-exists cairn; \
          ostree --repo=/ostree/repo remote add --no-gpg-verify cairn http://10.0.2.2:{}/",
         server.port
     )));
-
     let started = Instant::now();
     run_rebooting(
         &mut vm,
@@ -394,6 +401,15 @@ fn baked_app_follows_host_upgrade_and_rollback() {
     assert_boot_finished(&mut vm);
     assert_eq!(booted_commit(&mut vm), v2);
     let entry = assert_app_serving(&mut vm, APP_PAGE_V2);
+    eprintln!(
+        "runtime: upgraded to {v2}, app v2 serving again {:.1} s after the upgrade (and its reboot) began: {entry}",
+        started.elapsed().as_secs_f64()
+    );
+    // A new container of this boot, not the record of the last one.
+    assert_ne!(entry["created"], first["created"], "{entry:#}");
+    // v1 stays deployed next to v2 (the rollback target).
+    let commit = must(vm.ok("host status --json"));
+    assert!(commit.contains(&v1.commit), "{commit}");
     let inspect = must(vm.ok(&format!("host app inspect {APP}")));
     assert!(inspect.contains(&v2_digest), "{inspect}");
     // The unit pruned v1's image: one checkout left, v2's.
@@ -404,11 +420,9 @@ fn baked_app_follows_host_upgrade_and_rollback() {
         .collect();
     assert_eq!(commits.len(), 1, "checkouts after the upgrade: {checkouts}");
     assert!(inspect.contains(commits[0]), "{checkouts} vs {inspect}");
-    eprintln!(
-        "runtime: upgraded to {v2}, app v2 serving {:.1} s after the upgrade began: {entry}",
-        started.elapsed().as_secs_f64()
-    );
+    let upgraded = entry;
 
+    // Boot 3: `host rollback --reboot` to v1.
     let started = Instant::now();
     run_rebooting(
         &mut vm,
@@ -418,6 +432,7 @@ fn baked_app_follows_host_upgrade_and_rollback() {
     assert_boot_finished(&mut vm);
     assert_eq!(booted_commit(&mut vm), v1.commit);
     let entry = assert_app_serving(&mut vm, APP_PAGE);
+    assert_ne!(entry["created"], upgraded["created"], "{entry:#}");
     let inspect = must(vm.ok(&format!("host app inspect {APP}")));
     assert!(inspect.contains(&v1.digest), "{inspect}");
     assert!(!inspect.contains(&v2_digest), "{inspect}");

@@ -1,12 +1,19 @@
-//! The apps test image shared by the runtime's QEMU tests
+//! The apps test image shared by the runtime's QEMU test
 //! (`tests/runtime.rs`) and the guest benchmark
 //! (`examples/bench-runtime-guest.rs`): a busybox OCI layout this code writes
 //! (deterministic tar, so the same busybox gives the same digest and an
-//! unchanged compose is skipped) and a manifest under
-//! `build/qemu-tests/apps/` that includes `qemu-tests/manifests/apps-host.toml`
-//! (the test host + crun) and adds the `[[apps]]` entry, composed into its own
-//! repository there and written as a qcow2 image named after the commit and
-//! the `host` binary.
+//! unchanged compose is skipped) and a manifest under `build/qemu-tests/`
+//! that includes a host manifest and adds the `[[apps]]` entry, composed into
+//! its own repository there and written as a qcow2 image named after the
+//! commit and the `host` binary.
+//!
+//! Two hosts: the test's ([`apps_image`], `build/qemu-tests/apps/`) is the
+//! test host itself (`qemu-tests/manifests/test-host.toml`), so its package
+//! set is the boot tests' and the cached package stage is reused (no second
+//! mmdebstrap run); the benchmark's ([`bench_image`],
+//! `build/qemu-tests/apps-bench-release/` from its release build) is
+//! `qemu-tests/manifests/bench-host.toml`, the test host plus crun, the peer
+//! runtime it compares against.
 
 #![allow(dead_code)]
 
@@ -17,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 pub use qemu_tests::fixture::run_host;
-use qemu_tests::fixture::{build_dir, host_binary, line_value, workspace, TEST_KARG};
+use qemu_tests::fixture::{
+    build_dir, host_binary, line_value, workspace, TEST_KARG, TEST_MANIFEST,
+};
 use qemu_tests::{Vm, VmConfig};
 use sha2::{Digest, Sha256};
 
@@ -26,7 +35,26 @@ pub fn must<T>(r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-pub const APPS_MANIFEST: &str = "qemu-tests/manifests/apps-host.toml";
+/// What a variant of the apps image is composed from, and where.
+pub struct AppsHost {
+    /// The host manifest (relative to the workspace) the written one includes.
+    pub manifest: &'static str,
+    /// Its directory under `build/` (`-release` is appended in a release
+    /// build, so the benchmark's release `host` never moves a debug ref).
+    pub dir: &'static str,
+}
+
+/// The test's apps host: the test host itself, whose package set (and so
+/// cached package stage) the boot tests share.
+pub const APPS_HOST: AppsHost = AppsHost {
+    manifest: TEST_MANIFEST,
+    dir: "qemu-tests/apps",
+};
+/// The guest benchmark's: the test host plus crun.
+pub const BENCH_HOST: AppsHost = AppsHost {
+    manifest: "qemu-tests/manifests/bench-host.toml",
+    dir: "qemu-tests/apps-bench",
+};
 /// The baked app: name, address, port, and what its httpd serves.
 pub const APP: &str = "web";
 pub const APP_IP: &str = "10.88.0.50";
@@ -36,6 +64,8 @@ pub const APP_PAGE: &str = "cairn baked app: hello from busybox httpd";
 pub const APP_IMAGE: &str = "cairn-app-web:baked";
 
 pub struct AppsImage {
+    /// The host manifest it includes ([`AppsHost::manifest`]).
+    pub host_manifest: &'static str,
     pub image: PathBuf,
     pub repo: PathBuf,
     pub ref_: String,
@@ -43,34 +73,51 @@ pub struct AppsImage {
     pub digest: String,
 }
 
-/// The apps image, built once per test process.
+/// The test's apps image ([`APPS_HOST`]), built once per process.
 pub fn apps_image() -> &'static AppsImage {
     static IMAGE: OnceLock<std::result::Result<AppsImage, String>> = OnceLock::new();
-    match IMAGE.get_or_init(|| build_apps_image().map_err(|e| format!("{e:#}"))) {
+    built_once(&IMAGE, &APPS_HOST)
+}
+
+/// The guest benchmark's apps image ([`BENCH_HOST`], with crun), built once
+/// per process.
+pub fn bench_image() -> &'static AppsImage {
+    static IMAGE: OnceLock<std::result::Result<AppsImage, String>> = OnceLock::new();
+    built_once(&IMAGE, &BENCH_HOST)
+}
+
+fn built_once(
+    cell: &'static OnceLock<std::result::Result<AppsImage, String>>,
+    host: &AppsHost,
+) -> &'static AppsImage {
+    match cell.get_or_init(|| build_apps_image(host).map_err(|e| format!("{e:#}"))) {
         Ok(image) => image,
-        Err(e) => panic!("building the apps test image failed: {e}"),
+        Err(e) => panic!("building the apps image of {} failed: {e}", host.manifest),
     }
 }
 
-pub fn build_apps_image() -> Result<AppsImage> {
+pub fn build_apps_image(apps_host: &AppsHost) -> Result<AppsImage> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the QEMU runtime tests compose trees and write disk images, which needs root; run them as root (scripts/test does)");
     }
     let host = host_binary()?;
     // A release build (the benchmark) installs the release `host` in the
-    // tree: its own repository, so it never moves the tests' ref.
-    let dir = build_dir(if cfg!(debug_assertions) {
-        "qemu-tests/apps"
+    // tree: its own repository, so it never moves a debug build's ref.
+    let dir = build_dir(&if cfg!(debug_assertions) {
+        apps_host.dir.to_string()
     } else {
-        "qemu-tests/apps-release"
+        format!("{}-release", apps_host.dir)
     });
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
     let digest = write_busybox_layout(&dir.join("busybox-oci"), APP_PAGE)?;
     let manifest = dir.join("apps-host.toml");
-    std::fs::write(&manifest, apps_manifest("busybox-oci", &digest))
-        .with_context(|| format!("writing {}", manifest.display()))?;
+    std::fs::write(
+        &manifest,
+        apps_manifest(apps_host.manifest, "busybox-oci", &digest),
+    )
+    .with_context(|| format!("writing {}", manifest.display()))?;
 
     let repo = dir.join("repo");
     let started = Instant::now();
@@ -154,6 +201,7 @@ pub fn build_apps_image() -> Result<AppsImage> {
         );
     }
     Ok(AppsImage {
+        host_manifest: apps_host.manifest,
         image,
         repo,
         ref_,
@@ -172,9 +220,10 @@ pub fn image_key(commit: &str, host: &Path) -> Result<String> {
     Ok(hex::encode(&hasher.finalize()[..12]))
 }
 
-/// A manifest (to be written under `build/`) of the apps test host with the
-/// app `web` from the OCI layout `image` (relative to the manifest).
-pub fn apps_manifest(image: &str, digest: &str) -> String {
+/// A manifest (to be written under `build/`) that includes `host_manifest`
+/// (relative to the workspace) and adds the app `web` from the OCI layout
+/// `image` (relative to the written manifest).
+pub fn apps_manifest(host_manifest: &str, image: &str, digest: &str) -> String {
     format!(
         "# Written by qemu-tests (tests/support/apps_image.rs): the apps test host.\n\
          include = [{include:?}]\n\n\
@@ -187,7 +236,7 @@ pub fn apps_manifest(image: &str, digest: &str) -> String {
          ip = \"{APP_IP}\"\n\
          health-cmd = \"wget -q -O- http://127.0.0.1:{APP_PORT}/\"\n\
          health-interval = \"3s\"\n",
-        include = workspace().join(APPS_MANIFEST).to_string_lossy()
+        include = workspace().join(host_manifest).to_string_lossy()
     )
 }
 
@@ -287,15 +336,15 @@ pub fn write_busybox_layout(layout: &Path, page: &str) -> Result<String> {
     Ok(manifest_digest)
 }
 
-/// Boot the apps image in a fresh overlay (`build/qemu-tests/runs/apps-<name>.<pid>`)
-/// and wait until systemd says the boot finished; fails if it ends degraded.
+/// Boot the test's apps image in a fresh overlay
+/// (`build/qemu-tests/runs/apps-<name>.<pid>`) and wait until systemd says
+/// the boot finished; fails if it ends degraded.
 pub fn boot(name: &str) -> Vm {
-    boot_with(name, Vec::new())
+    boot_with(apps_image(), name, Vec::new())
 }
 
-/// [`boot`] with more QEMU arguments.
-pub fn boot_with(name: &str, extra_args: Vec<String>) -> Vm {
-    let image = apps_image();
+/// [`boot`] of `image`, with more QEMU arguments.
+pub fn boot_with(image: &AppsImage, name: &str, extra_args: Vec<String>) -> Vm {
     let runs = build_dir("qemu-tests/runs");
     remove_stale_runs(&runs, &format!("apps-{name}"));
     let workdir = runs.join(format!("apps-{name}.{}", std::process::id()));
