@@ -1,6 +1,6 @@
 //! Commit metadata keys: what a composed commit says about itself. The
 //! builder writes them, the updater and the image writer read them; each key
-//! is spelled here once.
+//! is spelled here once (the table for users is in docs/manifest.md).
 
 /// The commit's version (`<prefix>.<date>.<serial>` or `--version`), the key
 /// libostree and rpm-ostree use for the same thing.
@@ -9,11 +9,11 @@ pub const VERSION: &str = "version";
 pub const INPUT_HASH: &str = "cairn.inputhash";
 /// SHA-256 of the resolved manifest.
 pub const MANIFEST_DIGEST: &str = "cairn.manifest-digest";
-/// Installed packages, one `name version arch` line each.
+/// Installed packages, `name=version`, sorted.
 pub const PACKAGES: &str = "cairn.packages";
 /// The manifest's kernel arguments; deployments of the commit get them.
 pub const KARGS: &str = "cairn.kargs";
-/// Apps baked into the tree, with their pinned digests.
+/// Apps baked into the tree, `name@sha256:…`.
 pub const APPS: &str = "cairn.apps";
 /// The kernel release (`uname -r`) the tree boots.
 pub const KERNEL: &str = "cairn.kernel";
