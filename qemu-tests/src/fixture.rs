@@ -221,6 +221,35 @@ fn compose(host: &Path, repo: &Path) -> Result<(String, String)> {
     Ok((ref_, commit))
 }
 
+/// An archive repository at `repo` whose `ref_` starts at `commit` of
+/// `source` (objects hardlinked, nothing copied): where a test composes the
+/// updates of an image, so the updates' parent is the image's commit and
+/// `host compose publish` writes static deltas from it.
+pub fn start_update_repo(repo: &Path, source: &Path, ref_: &str, commit: &str) -> Result<()> {
+    ostree_cli(repo, &["init", "--mode=archive"])?;
+    ostree_cli(repo, &["pull-local", &source.to_string_lossy(), commit])?;
+    ostree_cli(repo, &["refs", &format!("--create={ref_}"), commit])?;
+    Ok(())
+}
+
+/// `host compose tree` of `manifest` into `repo`, with the shared compose
+/// cache; returns the new commit.
+pub fn compose_into(repo: &Path, manifest: &Path) -> Result<String> {
+    let out = run_host(
+        &host_binary()?,
+        &[
+            "compose".as_ref(),
+            "tree".as_ref(),
+            "--repo".as_ref(),
+            repo.as_os_str(),
+            "--cache".as_ref(),
+            build_dir("cache").as_os_str(),
+            manifest.as_os_str(),
+        ],
+    )?;
+    line_value(&out, "commit").context("`host compose tree` printed no commit line")
+}
+
 /// Run the host binary from the workspace; its stderr (progress) passes
 /// through, its stdout is returned. Every QEMU test runs `host` through this.
 pub fn run_host<S: AsRef<std::ffi::OsStr>>(host: &Path, args: &[S]) -> Result<String> {

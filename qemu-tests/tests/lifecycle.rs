@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use qemu_tests::fixture::{
-    build_dir, host_binary, line_value, ostree_cli, run_host, workspace, DirLock, HttpServer,
-    TEST_KARG, TEST_MANIFEST,
+    build_dir, compose_into, host_binary, ostree_cli, run_host, start_update_repo, workspace,
+    DirLock, HttpServer, TEST_KARG, TEST_MANIFEST,
 };
 use qemu_tests::{boot_test_image, test_image, TestImage, Vm};
 use serde_json::Value;
@@ -111,23 +111,6 @@ fn remove_stale_updates(parent: &Path, keep: &Path) {
     }
 }
 
-/// `host compose tree` of `manifest` into `repo`; returns the commit.
-fn compose(repo: &Path, manifest: &Path) -> Result<String> {
-    let out = run_host(
-        &host_binary()?,
-        &[
-            "compose",
-            "tree",
-            "--repo",
-            &repo.to_string_lossy(),
-            "--cache",
-            &build_dir("cache").to_string_lossy(),
-            &manifest.to_string_lossy(),
-        ],
-    )?;
-    line_value(&out, "commit").context("`host compose tree` printed no commit line")
-}
-
 /// v2 and v3 for the image's commit, in `build/qemu-tests/updates/<v1>/`,
 /// with the ref on v2 and published. The returned lock (exclusive: the test
 /// moves the ref) keeps other test processes from using or removing it.
@@ -159,13 +142,7 @@ fn prepare_updates(image: &TestImage) -> Result<(Updates, DirLock)> {
         let started = Instant::now();
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        // v1 into a repository of our own: objects are hardlinked, nothing copied.
-        ostree_cli(&repo, &["init", "--mode=archive"])?;
-        ostree_cli(
-            &repo,
-            &["pull-local", &image.repo.to_string_lossy(), &image.commit],
-        )?;
-        ostree_cli(&repo, &["refs", &format!("--create={ref_}"), &image.commit])?;
+        start_update_repo(&repo, &image.repo, &ref_, &image.commit)?;
         std::fs::write(dir.join("upgrade-v2"), V2_TEXT)?;
         std::fs::write(dir.join("broken-init"), BROKEN_INIT)?;
         let v2_manifest = dir.join("v2.toml");
@@ -188,8 +165,8 @@ fn prepare_updates(image: &TestImage) -> Result<(Updates, DirLock)> {
                 v2_manifest.to_string_lossy()
             ),
         )?;
-        let v2 = compose(&repo, &v2_manifest)?;
-        let v3 = compose(&repo, &v3_manifest)?;
+        let v2 = compose_into(&repo, &v2_manifest)?;
+        let v3 = compose_into(&repo, &v3_manifest)?;
         std::fs::write(dir.join("v2.commit"), &v2)?;
         std::fs::write(dir.join("v3.commit"), &v3)?;
         eprintln!(

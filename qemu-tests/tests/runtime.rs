@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use apps_image::*;
-use qemu_tests::fixture::{build_dir, host_binary, ostree_cli, HttpServer};
+use qemu_tests::fixture::{compose_into, host_binary, ostree_cli, start_update_repo, HttpServer};
 use qemu_tests::Vm;
 use serde_json::Value;
 
@@ -301,29 +301,13 @@ fn prepare_apps_v2(v1: &AppsImage) -> Result<(PathBuf, String, String)> {
             .is_ok_and(|apps| apps.contains(&digest));
     if !reusable {
         let _ = std::fs::remove_dir_all(&repo);
-        ostree_cli(&repo, &["init", "--mode=archive"])?;
-        ostree_cli(
-            &repo,
-            &["pull-local", &v1.repo.to_string_lossy(), &v1.commit],
-        )?;
-        ostree_cli(&repo, &["refs", &format!("--create={ref_}"), &v1.commit])?;
+        start_update_repo(&repo, &v1.repo, ref_, &v1.commit)?;
         let manifest = dir.join("apps-host-v2.toml");
         std::fs::write(
             &manifest,
             apps_manifest(v1.host_manifest, "busybox-oci-v2", &digest),
         )?;
-        run_host(
-            &host,
-            &[
-                "compose".as_ref(),
-                "tree".as_ref(),
-                "--repo".as_ref(),
-                repo.as_os_str(),
-                "--cache".as_ref(),
-                build_dir("cache").as_os_str(),
-                manifest.as_os_str(),
-            ],
-        )?;
+        compose_into(&repo, &manifest)?;
     }
     run_host(
         &host,
