@@ -118,7 +118,7 @@ fn build_test_image() -> Result<TestImage> {
         }
         None => {
             let repo = build_dir("qemu-tests/repo");
-            let (ref_, commit) = compose(&host, &repo)?;
+            let (ref_, commit) = compose_unless_changed(&repo, &ws.join(TEST_MANIFEST))?;
             (repo, ref_, commit, started.elapsed())
         }
     };
@@ -188,20 +188,19 @@ fn build_test_image() -> Result<TestImage> {
     })
 }
 
-/// `host compose tree` of the test manifest; returns (ref, commit).
-fn compose(host: &Path, repo: &Path) -> Result<(String, String)> {
-    let ws = workspace();
-    let cache = build_dir("cache");
-    let manifest = ws.join(TEST_MANIFEST);
+/// `host compose tree --unless-changed` of `manifest` into `repo` with the
+/// shared compose cache; returns (ref, commit), the ref's current commit
+/// when the inputs did not change.
+pub fn compose_unless_changed(repo: &Path, manifest: &Path) -> Result<(String, String)> {
     let out = run_host(
-        host,
+        &host_binary()?,
         &[
             "compose".as_ref(),
             "tree".as_ref(),
             "--repo".as_ref(),
             repo.as_os_str(),
             "--cache".as_ref(),
-            cache.as_os_str(),
+            build_dir("cache").as_os_str(),
             "--unless-changed".as_ref(),
             manifest.as_os_str(),
         ],

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 pub use qemu_tests::fixture::run_host;
 use qemu_tests::fixture::{
-    build_dir, host_binary, line_value, workspace, TEST_KARG, TEST_MANIFEST,
+    build_dir, compose_unless_changed, host_binary, line_value, workspace, TEST_KARG, TEST_MANIFEST,
 };
 use qemu_tests::{Vm, VmConfig};
 use sha2::{Digest, Sha256};
@@ -121,30 +121,7 @@ pub fn build_apps_image(apps_host: &AppsHost) -> Result<AppsImage> {
 
     let repo = dir.join("repo");
     let started = Instant::now();
-    let out = run_host(
-        &host,
-        &[
-            "compose".as_ref(),
-            "tree".as_ref(),
-            "--repo".as_ref(),
-            repo.as_os_str(),
-            "--cache".as_ref(),
-            build_dir("cache").as_os_str(),
-            "--unless-changed".as_ref(),
-            manifest.as_os_str(),
-        ],
-    )?;
-    let commit =
-        line_value(&out, "commit").context("`host compose tree` printed no commit line")?;
-    let ref_ = match line_value(&out, "ref") {
-        Some(r) => r,
-        None => out
-            .lines()
-            .find_map(|l| l.strip_prefix("no changes: "))
-            .and_then(|l| l.split_whitespace().next())
-            .map(str::to_string)
-            .context("`host compose tree` printed neither a ref line nor `no changes: <ref>`")?,
-    };
+    let (ref_, commit) = compose_unless_changed(&repo, &manifest)?;
     eprintln!(
         "runtime: composed {commit} in {:.1} s",
         started.elapsed().as_secs_f64()
