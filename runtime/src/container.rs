@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -33,7 +33,7 @@ struct ChildPlan {
     /// itself, in the child's own mount namespace) before the overlay.
     idmapped_lowers: Vec<PathBuf>,
     /// The container's user namespace and the namespaces it owns, made
-    /// before the clone (see [`new_userns`]).
+    /// before the clone (see [`PendingUserns`]).
     userns: Option<(IdRange, UsernsFds)>,
     rootfs: PathBuf,
     mounts: Vec<PlannedMount>,
@@ -723,15 +723,25 @@ fn child_main(
 /// waits for an RCU grace period: tens of ms under TCG, a few on real
 /// hardware. When the parent has nothing to do before the child goes on
 /// (no network, no cgroup move) the two do not wait for each other.
+///
+/// `userns`: the namespaces begun earlier for a spec with a user namespace
+/// (see [`PendingUserns`]); begun here if not given.
 pub fn launch(
     spec: &Spec,
     lowers: &[&Path],
     cgroup: Option<&Path>,
     prepare: Option<&mut dyn FnMut(Pid) -> Result<()>>,
+    userns: Option<PendingUserns>,
 ) -> Result<Pid> {
     let t0 = std::time::Instant::now();
     let userns = match crate::spec::userns_range(spec) {
-        Some(range) => Some((range, new_userns(&range)?)),
+        Some(range) => {
+            let pending = match userns {
+                Some(p) => p,
+                None => PendingUserns::spawn(range)?,
+            };
+            Some((range, pending.finish(&range)?))
+        }
         None => None,
     };
     let plan = ChildPlan::new(spec, lowers, userns)?;
@@ -846,63 +856,225 @@ pub struct UsernsFds {
     pub net: OwnedFd,
     pub uts: OwnedFd,
     pub ipc: OwnedFd,
+    /// The exiting child that made them, reaped on drop (then its stack goes).
+    holder: Option<(Pid, Option<HolderStack>)>,
 }
 
-/// A user namespace that maps container ids 0.. onto `range`, with a
-/// network, uts and ipc namespace it owns. A short-lived child makes them
-/// (a namespace needs a process to be born in); the launcher mounts
-/// idmapped through the user namespace, the container's init joins the
-/// others at once and the user namespace last.
-pub fn new_userns(range: &IdRange) -> Result<UsernsFds> {
-    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    // SAFETY: the child only makes syscalls and ends in _exit.
-    let child = match unsafe { nix::unistd::fork() }.context("fork")? {
-        nix::unistd::ForkResult::Child => {
-            drop((ready_r, hold_w));
-            // One call: the user namespace is made first and owns the others.
-            let ok = nix::sched::unshare(
-                CloneFlags::CLONE_NEWUSER
-                    | CloneFlags::CLONE_NEWNET
-                    | CloneFlags::CLONE_NEWUTS
-                    | CloneFlags::CLONE_NEWIPC,
-            )
-            .is_ok();
-            let _ = nix::unistd::write(&ready_w, if ok { b"u" } else { b"e" });
-            let mut b = [0u8; 1];
-            let _ = nix::unistd::read(hold_r.as_raw_fd(), &mut b);
-            // SAFETY: leaving the forked child without running destructors.
-            unsafe { libc::_exit(0) }
+impl Drop for UsernsFds {
+    fn drop(&mut self) {
+        if let Some((pid, stack)) = self.holder.take() {
+            let _ = nix::sys::wait::waitpid(pid, None);
+            drop(stack);
         }
-        nix::unistd::ForkResult::Parent { child } => child,
+    }
+}
+
+/// A user namespace that maps container ids 0.. onto a range, with a
+/// network, uts and ipc namespace it owns, being made by a short-lived
+/// child (a namespace needs a process to be born in). Making a network
+/// namespace is the slowest step of a start (about a ms), so it is begun
+/// early, `run` as soon as the range is claimed, a monitor before it builds
+/// the scaffold, and the kernel works on the other CPU meanwhile.
+/// [`finish`](Self::finish) maps the ids (while the child still makes the
+/// network namespace) and takes the namespaces by file descriptor. The
+/// launcher mounts idmapped through the user namespace; the container's
+/// init joins the others at once and the user namespace last.
+pub struct PendingUserns {
+    range: IdRange,
+    child: Pid,
+    /// The child says `u` once it is in the user namespace, then `n` once
+    /// it made the others (`e` instead: it failed).
+    ready: OwnedFd,
+    /// Closing it lets the child exit.
+    hold: Option<OwnedFd>,
+    stack: Option<HolderStack>,
+}
+
+/// What [`holder_main`] gets: descriptor numbers in its copy of our table.
+struct HolderArgs {
+    ready: RawFd,
+    hold: RawFd,
+    hold_parent_end: RawFd,
+}
+
+/// The holder's stack, with its [`HolderArgs`] at the bottom.
+struct HolderStack {
+    base: *mut libc::c_void,
+}
+
+const HOLDER_STACK: usize = 64 * 1024;
+
+impl HolderStack {
+    fn new(args: HolderArgs) -> Result<Self> {
+        // SAFETY: a fresh private anonymous mapping, ours alone.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                HOLDER_STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mapping a stack");
+        }
+        // SAFETY: the mapping is page-aligned and large enough.
+        unsafe { base.cast::<HolderArgs>().write(args) };
+        Ok(Self { base })
+    }
+    fn args(&self) -> *mut libc::c_void {
+        self.base
+    }
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping; the stack grows down.
+        unsafe { self.base.cast::<u8>().add(HOLDER_STACK).cast() }
+    }
+}
+
+impl Drop for HolderStack {
+    fn drop(&mut self) {
+        // SAFETY: only dropped once the child that ran on it is reaped.
+        unsafe { libc::munmap(self.base, HOLDER_STACK) };
+    }
+}
+
+/// The holder: it shares our memory (CLONE_VM, so no page tables are
+/// copied and our later writes fault nothing in) but nothing else. It
+/// touches only its own stack and its [`HolderArgs`], and makes raw
+/// syscalls through `libc::syscall`, which are not cancellation points and
+/// take no locks. It runs on the TLS of the thread that cloned it: the only
+/// TLS write is `errno` when a syscall fails, which leaves that thread a
+/// wrong `errno` if it reads one at that instant; a failure here fails the
+/// start anyway.
+extern "C" fn holder_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the HolderArgs of a HolderStack that outlives us.
+    let args = unsafe { &*arg.cast::<HolderArgs>() };
+    let sys = |nr: libc::c_long, a: libc::c_long, b: libc::c_long, c: libc::c_long| {
+        // SAFETY: plain syscalls on our own descriptors and namespaces.
+        unsafe { libc::syscall(nr, a, b, c) }
     };
-    drop((ready_w, hold_r));
-    let result = (|| -> Result<UsernsFds> {
+    let say = |what: &u8| {
+        sys(
+            libc::SYS_write,
+            args.ready.into(),
+            (what as *const u8) as libc::c_long,
+            1,
+        )
+    };
+    sys(libc::SYS_close, args.hold_parent_end.into(), 0, 0);
+    // The user namespace first: it owns the ones made after it.
+    let user = sys(libc::SYS_unshare, libc::CLONE_NEWUSER.into(), 0, 0) == 0;
+    say(if user { &b'u' } else { &b'e' });
+    let others = user
+        && sys(
+            libc::SYS_unshare,
+            (libc::CLONE_NEWNET | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC).into(),
+            0,
+            0,
+        ) == 0;
+    say(if others { &b'n' } else { &b'e' });
+    // Held until the parent has the namespaces: EOF when it closes its end
+    // or dies.
+    let mut b = 0u8;
+    sys(
+        libc::SYS_read,
+        args.hold.into(),
+        (&mut b as *mut u8) as libc::c_long,
+        1,
+    );
+    0
+}
+
+impl PendingUserns {
+    pub fn spawn(range: IdRange) -> Result<Self> {
+        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let stack = HolderStack::new(HolderArgs {
+            ready: ready_w.as_raw_fd(),
+            hold: hold_r.as_raw_fd(),
+            hold_parent_end: hold_w.as_raw_fd(),
+        })?;
+        // SAFETY: see holder_main; the stack and its arguments outlive the
+        // child (they are unmapped only after it is reaped).
+        let pid = unsafe {
+            libc::clone(
+                holder_main,
+                stack.top(),
+                libc::CLONE_VM | libc::SIGCHLD,
+                stack.args(),
+            )
+        };
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error()).context("clone (user namespace holder)");
+        }
+        // The child has its own copies of the descriptors.
+        drop((ready_w, hold_r));
+        Ok(Self {
+            range,
+            child: Pid::from_raw(pid),
+            ready: ready_r,
+            hold: Some(hold_w),
+            stack: Some(stack),
+        })
+    }
+
+    fn expect(&self, what: u8) -> Result<()> {
         let mut b = [0u8; 1];
-        if !matches!(nix::unistd::read(ready_r.as_raw_fd(), &mut b), Ok(1)) || b[0] != b'u' {
+        if !matches!(nix::unistd::read(self.ready.as_raw_fd(), &mut b), Ok(1)) || b[0] != what {
             bail!("creating a user namespace failed (is user.max_user_namespaces 0?)");
         }
-        for file in ["uid_map", "gid_map"] {
-            let path = format!("/proc/{child}/{file}");
-            fs::write(&path, range.map_line())
-                .with_context(|| format!("writing {path} ({})", range.map_line().trim()))?;
+        Ok(())
+    }
+
+    /// Map container ids 0.. onto the range of `spawn` (which must be
+    /// `range`) and take the namespaces.
+    pub fn finish(mut self, range: &IdRange) -> Result<UsernsFds> {
+        if self.range != *range {
+            bail!(
+                "internal error: user namespace made for ids {:?}, the container has {:?}",
+                self.range,
+                range
+            );
         }
+        let child = self.child;
         let open = |ns: &str| -> Result<OwnedFd> {
             let path = format!("/proc/{child}/ns/{ns}");
             Ok(fs::File::open(&path)
                 .with_context(|| format!("opening {path}"))?
                 .into())
         };
-        Ok(UsernsFds {
-            user: open("user")?,
+        self.expect(b'u')?;
+        for file in ["uid_map", "gid_map"] {
+            let path = format!("/proc/{child}/{file}");
+            fs::write(&path, range.map_line())
+                .with_context(|| format!("writing {path} ({})", range.map_line().trim()))?;
+        }
+        let user = open("user")?;
+        self.expect(b'n')?;
+        let fds = UsernsFds {
+            user,
             net: open("net")?,
             uts: open("uts")?,
             ipc: open("ipc")?,
-        })
-    })();
-    drop(hold_w);
-    let _ = nix::sys::wait::waitpid(child, None);
-    result
+            holder: Some((child, self.stack.take())),
+        };
+        // Let it go; `UsernsFds` reaps it once it had time to exit.
+        drop(self.hold.take());
+        self.child = Pid::from_raw(0);
+        Ok(fds)
+    }
+}
+
+impl Drop for PendingUserns {
+    fn drop(&mut self) {
+        drop(self.hold.take());
+        if self.child.as_raw() > 0 {
+            let _ = nix::sys::wait::waitpid(self.child, None);
+        }
+        drop(self.stack.take());
+    }
 }
 
 fn kill_child(pid: Pid) {

@@ -376,9 +376,15 @@ impl Runtime {
             stop_signal: img.config.stop_signal.clone(),
             userns: None,
         };
+        let mut early_userns = None;
         if !opts.userns_host {
-            record.userns =
-                Some(crate::userns::Allocator::new(&self.paths.userns()).allocate(&id)?);
+            let range = crate::userns::Allocator::new(&self.paths.userns_claims()).allocate(&id)?;
+            record.userns = Some(range);
+            if !opts.detach {
+                // Its namespaces take a while: begun now, they are made while
+                // the records are written (see PendingUserns).
+                early_userns = Some(crate::container::PendingUserns::spawn(range)?);
+            }
         }
         undo.record = Some(record.clone());
         // Made by the monitor at each start, on tmpfs (see Paths::run_root).
@@ -423,8 +429,13 @@ impl Runtime {
 
         tracing::debug!("run: container {name} prepared after {:?}", t0.elapsed());
         if !opts.detach {
-            let code =
-                crate::monitor::supervise_loaded(self, record, spec, ContainerState::default())?;
+            let code = crate::monitor::supervise_loaded(
+                self,
+                record,
+                spec,
+                ContainerState::default(),
+                early_userns,
+            )?;
             std::mem::forget(undo);
             return Ok(RunOutcome::Exited { name, code });
         }
@@ -540,7 +551,7 @@ impl Runtime {
             Allocator::new(&self.paths.net(), net).release(&r.id)?;
         }
         if let Some(range) = &r.userns {
-            crate::userns::Allocator::new(&self.paths.userns()).release(&r.id, range)?;
+            crate::userns::Allocator::new(&self.paths.userns_claims()).release(&r.id, range)?;
         }
         if cgroup::detect(&self.cgroups.root) == cgroup::Layout::Unified {
             self.cgroups.remove(&r.name)?;

@@ -35,6 +35,8 @@ struct Monitor<'a> {
     state: ContainerState,
     sfd: SignalFd,
     cgroup: Option<std::path::PathBuf>,
+    /// The first start's namespaces, begun by a foreground `run`.
+    early_userns: Option<container::PendingUserns>,
 }
 
 /// A pidfd of `pid` (Linux ≥ 5.3), readable once it has exited; `None`
@@ -88,6 +90,13 @@ impl Monitor<'_> {
         let checkout = paths.checkouts().join(&self.record.image_commit);
         let scaffold = run.join("scaffold");
         let record = &self.record;
+        // Begun first: the kernel makes the namespaces while we build the scaffold.
+        let userns = match self.early_userns.take() {
+            Some(p) => Some(p),
+            None => crate::spec::userns_range(&self.spec)
+                .map(container::PendingUserns::spawn)
+                .transpose()?,
+        };
         crate::state::create_private_dir(&paths.run_root())?;
         std::fs::create_dir_all(run.join("rootfs"))
             .with_context(|| format!("creating {}", run.display()))?;
@@ -119,6 +128,7 @@ impl Monitor<'_> {
             &[&scaffold, &checkout],
             self.cgroup.as_deref(),
             prepare,
+            userns,
         )
     }
 
@@ -308,7 +318,7 @@ pub fn supervise(rt: &Runtime, name: &str) -> Result<i32> {
     let record: ContainerRecord = read_json(&dir.join("container.json"))?;
     let spec: Spec = read_json(&dir.join("config.json"))?;
     let state: ContainerState = read_json(&dir.join("state.json")).unwrap_or_default();
-    supervise_loaded(rt, record, spec, state)
+    supervise_loaded(rt, record, spec, state, None)
 }
 
 /// Supervise a container in this process, its records already in hand:
@@ -319,6 +329,7 @@ pub(crate) fn supervise_loaded(
     record: ContainerRecord,
     spec: Spec,
     mut state: ContainerState,
+    early_userns: Option<container::PendingUserns>,
 ) -> Result<i32> {
     let name = record.name.clone();
     let name = name.as_str();
@@ -344,6 +355,7 @@ pub(crate) fn supervise_loaded(
         state,
         sfd,
         cgroup: None,
+        early_userns,
     };
     let res = supervise_inner(&mut m);
     if m.cgroup.is_some() {

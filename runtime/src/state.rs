@@ -50,9 +50,9 @@ impl Paths {
     pub fn net(&self) -> PathBuf {
         self.root.join("net")
     }
-    /// User namespace id ranges claimed by containers.
-    pub fn userns(&self) -> PathBuf {
-        self.root.join("userns")
+    /// User namespace id ranges claimed by containers (see `userns.rs`).
+    pub fn userns_claims(&self) -> PathBuf {
+        self.root.join("userns.claims")
     }
     pub fn containers(&self) -> PathBuf {
         self.root.join("containers")

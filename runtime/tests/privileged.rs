@@ -61,6 +61,10 @@ const TESTS: &[(&str, TestFn)] = &[
         auto_remove_records_live_on_tmpfs,
     ),
     (
+        "user_namespace_holder_maps_the_range_and_is_reaped",
+        user_namespace_holder_maps_the_range_and_is_reaped,
+    ),
+    (
         "prune_keeps_what_tags_and_containers_use",
         prune_keeps_what_tags_and_containers_use,
     ),
@@ -1425,6 +1429,87 @@ fn host_uid(pid: i32) -> u32 {
         .unwrap()
 }
 
+/// The short-lived child that makes a container's user namespace (it shares
+/// our memory, see `container::PendingUserns`) maps exactly the range, and
+/// is reaped whether the namespaces are taken or given up.
+fn user_namespace_holder_maps_the_range_and_is_reaped() {
+    use cairn_runtime::container::PendingUserns;
+    use cairn_runtime::userns::{IdRange, POOL_START, RANGE_SIZE};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let children = || {
+        std::fs::read_to_string(format!(
+            "/proc/self/task/{}/children",
+            nix::unistd::gettid()
+        ))
+        .unwrap()
+    };
+    let before = children();
+    let range = IdRange {
+        host_start: POOL_START + 7 * RANGE_SIZE,
+        size: RANGE_SIZE,
+    };
+    // Given up before it is finished: killed by nothing, it just goes.
+    drop(PendingUserns::spawn(range).unwrap());
+    assert_eq!(children(), before, "a dropped holder is reaped");
+    let other = IdRange {
+        host_start: POOL_START,
+        size: RANGE_SIZE,
+    };
+    match PendingUserns::spawn(range).unwrap().finish(&other) {
+        Ok(_) => panic!("namespaces for another range were handed out"),
+        Err(e) => assert!(e.to_string().contains("internal error"), "{e:#}"),
+    }
+    assert_eq!(children(), before);
+
+    let fds = PendingUserns::spawn(range).unwrap().finish(&range).unwrap();
+    let user = fds.user.as_raw_fd();
+    let mut cat = std::process::Command::new("cat");
+    cat.arg("/proc/self/uid_map").arg("/proc/self/gid_map");
+    // SAFETY: setns only, between fork and exec.
+    unsafe {
+        cat.pre_exec(move || {
+            if libc::setns(user, libc::CLONE_NEWUSER) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cat.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let maps = String::from_utf8(out.stdout).unwrap();
+    let want = format!("0 {} {}", range.host_start, range.size);
+    let lines: Vec<String> = maps
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(lines, [want.clone(), want], "{maps}");
+    // The network namespace is the user namespace's: a fresh one, with
+    // only its loopback.
+    let net = fds.net.as_raw_fd();
+    let mut ip = std::process::Command::new("ip");
+    ip.args(["-o", "link"]);
+    // SAFETY: setns only, between fork and exec.
+    unsafe {
+        ip.pre_exec(move || {
+            if libc::setns(net, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = ip.output().unwrap();
+    let links = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(links.lines().count(), 1, "{links}");
+    assert!(links.contains(": lo:"), "{links}");
+    drop(fds);
+    assert_eq!(
+        children(),
+        before,
+        "the holder is reaped with its namespaces' fds"
+    );
+}
+
 fn user_namespace_maps_root_and_keeps_image_owners() {
     use std::os::unix::fs::PermissionsExt;
     let env = Env::new();
@@ -1481,10 +1566,17 @@ fn user_namespace_maps_root_and_keeps_image_owners() {
     // exec and health checks enter the same namespace.
     assert_eq!(env.rt.exec("u2", &["true".into()]).unwrap(), 0);
     // rm frees the range; the next container may take it again.
-    let claims = env.rt.paths.userns();
-    let before = std::fs::read_dir(&claims).unwrap().count();
+    let claims = env.rt.paths.userns_claims();
+    let taken = || {
+        std::fs::read(&claims)
+            .unwrap()
+            .chunks(32)
+            .filter(|slot| slot.iter().any(|&b| b != 0))
+            .count()
+    };
+    let before = taken();
     env.rt.rm("u2", true).unwrap();
-    assert_eq!(std::fs::read_dir(&claims).unwrap().count(), before - 1);
+    assert_eq!(taken(), before - 1);
     env.rt
         .run(&RunOptions {
             detach: true,
