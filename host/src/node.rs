@@ -217,6 +217,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
                 cache_only,
                 allow_downgrade,
                 progress,
+                bad_commits: None,
             };
             let outcome = cairn_updater::upgrade(&target, &opts, &mut out)?;
             if outcome == Outcome::Unchanged && unchanged_exit_77 {

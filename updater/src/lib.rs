@@ -15,6 +15,7 @@ pub mod commit;
 pub mod fleetlock;
 pub mod health;
 pub mod ops;
+pub mod plan;
 pub mod pull;
 pub mod status;
 pub mod sysroot;
@@ -23,5 +24,6 @@ pub use ops::{
     cleanup, deploy, kargs, pin, rollback, switch, upgrade, CleanupOptions, KargsEdit, Outcome,
     UpgradeOptions,
 };
+pub use plan::Refusal;
 pub use status::{read_status, Status};
 pub use sysroot::{SysrootTarget, STATEROOT};

@@ -2,13 +2,14 @@
 //! cleanup, pin, kargs. Each takes the sysroot lock for its whole duration.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ostree::gio;
 use ostree::glib;
 
 use crate::commit::{boot_files, short, CommitInfo};
+use crate::plan::{self, BootNeed, Plan, PlanOptions, Request, Snapshot, Staging};
 use crate::pull::{human_bytes, pull, PullRequest};
 use crate::status::{split_refspec, Origin, Roles};
 use crate::sysroot::{require_root, SysrootLock, SysrootTarget, STATEROOT};
@@ -36,6 +37,11 @@ pub struct UpgradeOptions {
     pub allow_downgrade: bool,
     /// Show pull progress (a bar on a terminal).
     pub progress: bool,
+    /// A health state file (`host health check`'s): the commits it lists as
+    /// bad are refused with [`crate::plan::Refusal::BadCommit`]. Read under the sysroot
+    /// lock the deployment is written in, so a commit is never staged after
+    /// being marked bad (the agent sets it; `host upgrade` does not).
+    pub bad_commits: Option<PathBuf>,
 }
 
 /// A locked, loaded sysroot.
@@ -85,6 +91,28 @@ impl Session {
         Ok(match self.sysroot.deployments().into_iter().next() {
             Some(next) if next.osname() == STATEROOT && !next.equal(&merge) => next,
             _ => merge,
+        })
+    }
+
+    /// The plain facts the planner starts from.
+    fn snapshot(&self) -> Result<Snapshot> {
+        let merge = self.merge_deployment()?;
+        let current = CommitInfo::load(&self.repo, &merge.csum())?;
+        let next = match self.sysroot.deployments().into_iter().next() {
+            Some(d) if d.csum() != current.checksum => {
+                Some(CommitInfo::load(&self.repo, &d.csum())?)
+            }
+            _ => None,
+        };
+        Ok(Snapshot {
+            current_kargs: merge
+                .bootconfig()
+                .and_then(|b| b.get("options"))
+                .map(|o| o.to_string())
+                .unwrap_or_default(),
+            current_refspec: self.origin_of(&merge).ok().map(|o| o.refspec),
+            current,
+            next,
         })
     }
 
@@ -142,86 +170,86 @@ fn show_change(out: &mut dyn Write, from: &CommitInfo, to: &CommitInfo) -> Resul
     Ok(())
 }
 
-/// Kernel arguments for a deployment of `to` based on `merge` (a deployment of
-/// `from`): the arguments `from`'s manifest set (`cairn.kargs`) and `to`'s no
-/// longer does are removed, new ones added; the rest (including `host kargs`
-/// edits) carries over. `None` when the manifests agree: libostree keeps the
-/// merge deployment's arguments.
-fn kargs_for_update(
-    merge: &ostree::Deployment,
-    from: &CommitInfo,
-    to: &CommitInfo,
-    out: &mut dyn Write,
-) -> Result<Option<Vec<String>>> {
-    if from.kargs == to.kargs {
-        return Ok(None);
-    }
-    let current = merge
-        .bootconfig()
-        .and_then(|b| b.get("options"))
-        .map(|o| o.to_string())
-        .unwrap_or_default();
-    let edit = crate::ops::KargsEdit {
-        delete: Vec::new(),
-        replace: Vec::new(),
-        append: to
-            .kargs
-            .iter()
-            .filter(|k| !from.kargs.contains(k))
-            .cloned()
-            .collect(),
-    };
-    let ka = ostree::KernelArgs::from_string(&current);
-    for gone in from.kargs.iter().filter(|k| !to.kargs.contains(k)) {
-        // Already removed by hand (`host kargs --delete`): nothing to do.
-        let _ = ka.delete(gone);
-    }
-    let base = ka
-        .to_strv()
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let new = edit.apply(&base)?;
-    writeln!(
-        out,
-        "  Kernel arguments (from the manifest): {}",
-        new.join(" ")
-    )?;
-    Ok(Some(new))
-}
-
-/// Refuse before writing anything if /boot cannot hold the new kernel and initramfs.
-fn check_boot_space(s: &Session, csum: &str, what: &str) -> Result<()> {
+/// What the kernel and initramfs of `csum` need in /boot; `None` when there
+/// is nothing new to write there.
+fn measure_boot(s: &Session, csum: &str) -> Result<Option<BootNeed>> {
     let Some(new) = boot_files(&s.repo, csum)? else {
-        return Ok(());
+        return Ok(None);
     };
     for d in s.sysroot.deployments() {
         if let Some(b) = boot_files(&s.repo, &d.csum())? {
             if b.files == new.files {
                 // Same kernel and initramfs: libostree reuses the files in /boot.
-                return Ok(());
+                return Ok(None);
             }
         }
     }
-    let boot = s.path.join("boot");
-    let st = nix::sys::statvfs::statvfs(&boot)
-        .with_context(|| format!("checking free space in {}", boot.display()))?;
-    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
-    // Room for the loader entries written next to them.
-    let need = new.size() + 64 * 1024;
-    if free < need {
-        bail!(
-            "not enough space in {}: the kernel and initramfs of {what} (kernel {}) need {}, \
-             only {} is free. Nothing was changed. Free space with `host cleanup -r` \
-             (removes the rollback deployment) and try again",
-            boot.display(),
-            new.kernel_version,
-            human_bytes(need),
-            human_bytes(free)
-        );
+    let dir = s.path.join("boot");
+    let st = nix::sys::statvfs::statvfs(&dir)
+        .with_context(|| format!("checking free space in {}", dir.display()))?;
+    Ok(Some(BootNeed {
+        dir,
+        kernel_version: new.kernel_version.clone(),
+        // Room for the loader entries written next to them.
+        need: new.size() + 64 * 1024,
+        free: st.blocks_available() as u64 * st.fragment_size() as u64,
+    }))
+}
+
+/// The checksums the health state at `path` lists as bad on this node.
+fn bad_commits(path: Option<&Path>) -> Vec<String> {
+    path.map(|p| {
+        crate::health::HealthState::load(p)
+            .bad_commits
+            .into_iter()
+            .map(|b| b.checksum)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Run the planner; `None` (said on `out`) when there is nothing to do. A
+/// refusal is returned as an error that downcasts to [`Refusal`].
+fn plan_update(
+    snap: &Snapshot,
+    req: &Request,
+    opts: &PlanOptions,
+    bad: &[String],
+    boot: Option<&BootNeed>,
+    out: &mut dyn Write,
+) -> Result<Option<Staging>> {
+    match plan::plan(snap, req, opts, bad, boot)? {
+        Plan::Unchanged { message } => {
+            writeln!(out, "{message}")?;
+            Ok(None)
+        }
+        Plan::Stage(staging) => Ok(Some(*staging)),
     }
-    Ok(())
+}
+
+/// Write a planned deployment, in the locked session that planned it: nothing
+/// (another operation, a commit marked bad) changes between the two.
+fn stage(s: &Session, plan: &Staging, out: &mut dyn Write) -> Result<Outcome> {
+    if let Some(k) = &plan.kargs {
+        writeln!(
+            out,
+            "  Kernel arguments (from the manifest): {}",
+            k.join(" ")
+        )?;
+    }
+    let origin = new_origin(&s.sysroot, &plan.refspec, plan.override_commit.as_deref());
+    let kargs: Option<Vec<&str>> = plan
+        .kargs
+        .as_ref()
+        .map(|k| k.iter().map(String::as_str).collect());
+    write_deployment(
+        s,
+        &plan.to.checksum,
+        &origin,
+        kargs.as_deref(),
+        &plan.to.describe(),
+        out,
+    )
 }
 
 /// Write a new deployment of `csum`: staged on a booted system (finalized at
@@ -236,7 +264,6 @@ fn write_deployment(
     out: &mut dyn Write,
 ) -> Result<Outcome> {
     let merge = s.merge_deployment()?;
-    check_boot_space(s, csum, what)?;
     failpoint!("deploy::before-write");
     let opts = ostree::SysrootDeployTreeOpts {
         override_kernel_argv: kargs,
@@ -310,14 +337,6 @@ fn write_deployment(
     })
 }
 
-/// Is `csum` already the deployment that boots next?
-fn boots_next(s: &Session, csum: &str) -> bool {
-    s.sysroot
-        .deployments()
-        .first()
-        .is_some_and(|d| d.csum() == csum)
-}
-
 /// `host upgrade`: fetch the origin ref's head and deploy it.
 pub fn upgrade(
     target: &SysrootTarget,
@@ -325,10 +344,9 @@ pub fn upgrade(
     out: &mut dyn Write,
 ) -> Result<Outcome> {
     let s = Session::begin(target, "upgrade", out)?;
-    let merge = s.merge_deployment()?;
+    let snap = s.snapshot()?;
     let origin = s.origin_of(&s.origin_deployment()?)?;
     let remote = remote_of(&origin)?;
-    let current = CommitInfo::load(&s.repo, &merge.csum())?;
     if let Some(c) = &origin.override_commit {
         writeln!(
             out,
@@ -365,72 +383,50 @@ pub fn upgrade(
         })?
         .to_string();
     let new = CommitInfo::load(&s.repo, &new_csum)?;
-    if new_csum == current.checksum || boots_next(&s, &new_csum) {
-        writeln!(
-            out,
-            "No update: {} is already the latest on {}.",
-            new.describe(),
-            origin.refspec
-        )?;
-        return Ok(Outcome::Unchanged);
-    }
-    // Compare with what boots next too: a staged or pending deployment may be
-    // newer than the booted one.
-    let next = match s.sysroot.deployments().first() {
-        Some(d) if d.csum() != current.checksum => CommitInfo::load(&s.repo, &d.csum())?,
-        _ => current.clone(),
+    let writes = !opts.check && !opts.download_only;
+    // Only `--cache-only` can find the commit incomplete (a pull fetches it all).
+    let partial = opts.cache_only && !opts.check && {
+        let (_, state) = s.repo.load_commit(&new_csum)?;
+        state.contains(ostree::RepoCommitState::PARTIAL)
     };
-    let newest = if next.timestamp > current.timestamp {
-        &next
+    let boot = if writes && !partial {
+        measure_boot(&s, &new_csum)?
     } else {
-        &current
+        None
     };
-    if new.timestamp < newest.timestamp && !opts.allow_downgrade {
-        bail!(
-            "{} on {} is older than the deployed {} ({} < {}): refusing to downgrade. \
-             Pass --allow-downgrade if that is intended",
-            new.describe(),
-            origin.refspec,
-            newest.describe(),
-            new.timestamp_rfc3339(),
-            newest.timestamp_rfc3339()
-        );
-    }
+    let req = Request::Upgrade {
+        origin: origin.clone(),
+        target: new,
+    };
+    let plan_opts = PlanOptions {
+        allow_downgrade: opts.allow_downgrade,
+        stage: writes,
+    };
+    // Read under the sysroot lock held until the deployment is written.
+    let bad = bad_commits(opts.bad_commits.as_deref());
+    let Some(plan) = plan_update(&snap, &req, &plan_opts, &bad, boot.as_ref(), out)? else {
+        return Ok(Outcome::Unchanged);
+    };
     writeln!(out, "Update on {}:", origin.refspec)?;
-    show_change(out, &current, &new)?;
+    show_change(out, &plan.from, &plan.to)?;
     if opts.check {
         return Ok(Outcome::UpdateAvailable { checksum: new_csum });
     }
-    if opts.cache_only {
-        let (_, state) = s.repo.load_commit(&new_csum)?;
-        if state.contains(ostree::RepoCommitState::PARTIAL) {
-            bail!(
-                "commit {} is only partly downloaded: run `host upgrade --download-only` first",
-                short(&new_csum)
-            );
-        }
+    if partial {
+        bail!(
+            "commit {} is only partly downloaded: run `host upgrade --download-only` first",
+            short(&new_csum)
+        );
     }
     if opts.download_only {
         writeln!(
             out,
             "Downloaded {}; run `host upgrade` (or `host upgrade --cache-only`) to deploy it.",
-            new.describe()
+            plan.to.describe()
         )?;
         return Ok(Outcome::Downloaded { checksum: new_csum });
     }
-    let origin_kf = new_origin(&s.sysroot, &origin.refspec, None);
-    let kargs = kargs_for_update(&merge, &current, &new, out)?;
-    let kargs: Option<Vec<&str>> = kargs
-        .as_ref()
-        .map(|k| k.iter().map(String::as_str).collect());
-    write_deployment(
-        &s,
-        &new_csum,
-        &origin_kf,
-        kargs.as_deref(),
-        &new.describe(),
-        out,
-    )
+    stage(&s, &plan, out)
 }
 
 /// Find a commit of `remote:ref`'s history by version or checksum (prefix).
@@ -473,10 +469,9 @@ pub fn deploy(
     out: &mut dyn Write,
 ) -> Result<Outcome> {
     let s = Session::begin(target, "deploy", out)?;
-    let merge = s.merge_deployment()?;
+    let snap = s.snapshot()?;
     let origin = s.origin_of(&s.origin_deployment()?)?;
     let remote = remote_of(&origin)?;
-    let current = CommitInfo::load(&s.repo, &merge.csum())?;
     writeln!(out, "Fetching the history of {}…", origin.refspec)?;
     pull(
         &s.repo,
@@ -490,12 +485,13 @@ pub fn deploy(
         progress,
     )?;
     let found = find_in_history(&s, &origin.refspec, wanted)?;
-    if found.checksum == current.checksum || boots_next(&s, &found.checksum) {
-        writeln!(
-            out,
-            "{} is already deployed and boots next.",
-            found.describe()
-        )?;
+    let req = Request::Deploy {
+        origin: origin.clone(),
+        target: found.clone(),
+    };
+    // Planned before the download too: a no-op or refused commit is not fetched.
+    let peek = PlanOptions::default();
+    if plan_update(&snap, &req, &peek, &[], None, out)?.is_none() {
         return Ok(Outcome::Unchanged);
     }
     writeln!(out, "Fetching {}…", found.describe())?;
@@ -512,21 +508,17 @@ pub fn deploy(
     )?;
     failpoint!("pull::after-pull");
     writeln!(out, "  {}", stats.describe())?;
+    let boot = measure_boot(&s, &found.checksum)?;
+    let plan_opts = PlanOptions {
+        stage: true,
+        ..Default::default()
+    };
+    let Some(plan) = plan_update(&snap, &req, &plan_opts, &[], boot.as_ref(), out)? else {
+        return Ok(Outcome::Unchanged);
+    };
     writeln!(out, "Deploying from {}:", origin.refspec)?;
-    show_change(out, &current, &found)?;
-    let origin_kf = new_origin(&s.sysroot, &origin.refspec, Some(&found.checksum));
-    let kargs = kargs_for_update(&merge, &current, &found, out)?;
-    let kargs: Option<Vec<&str>> = kargs
-        .as_ref()
-        .map(|k| k.iter().map(String::as_str).collect());
-    write_deployment(
-        &s,
-        &found.checksum,
-        &origin_kf,
-        kargs.as_deref(),
-        &found.describe(),
-        out,
-    )
+    show_change(out, &plan.from, &plan.to)?;
+    stage(&s, &plan, out)
 }
 
 /// `host switch REMOTE:REF`: move the node to another ref (and remote).
@@ -553,8 +545,7 @@ pub fn switch(
             }
         );
     }
-    let merge = s.merge_deployment()?;
-    let current = CommitInfo::load(&s.repo, &merge.csum())?;
+    let snap = s.snapshot()?;
     writeln!(out, "Fetching {refspec}…")?;
     let stats = pull(
         &s.repo,
@@ -575,29 +566,21 @@ pub fn switch(
         .ok_or_else(|| anyhow!("{refspec} did not resolve after pulling it"))?
         .to_string();
     let new = CommitInfo::load(&s.repo, &new_csum)?;
-    let same_origin = s
-        .origin_of(&merge)
-        .map(|o| o.refspec == refspec)
-        .unwrap_or(false);
-    if same_origin && (new_csum == current.checksum || boots_next(&s, &new_csum)) {
-        writeln!(out, "Already on {refspec} at {}.", new.describe())?;
+    let boot = measure_boot(&s, &new_csum)?;
+    let req = Request::Switch {
+        refspec: refspec.to_string(),
+        target: new,
+    };
+    let plan_opts = PlanOptions {
+        stage: true,
+        ..Default::default()
+    };
+    let Some(plan) = plan_update(&snap, &req, &plan_opts, &[], boot.as_ref(), out)? else {
         return Ok(Outcome::Unchanged);
-    }
+    };
     writeln!(out, "Switching to {refspec}:")?;
-    show_change(out, &current, &new)?;
-    let origin_kf = new_origin(&s.sysroot, refspec, None);
-    let kargs = kargs_for_update(&merge, &current, &new, out)?;
-    let kargs: Option<Vec<&str>> = kargs
-        .as_ref()
-        .map(|k| k.iter().map(String::as_str).collect());
-    write_deployment(
-        &s,
-        &new_csum,
-        &origin_kf,
-        kargs.as_deref(),
-        &new.describe(),
-        out,
-    )
+    show_change(out, &plan.from, &plan.to)?;
+    stage(&s, &plan, out)
 }
 
 fn describe_deployment(repo: &ostree::Repo, d: &ostree::Deployment) -> String {

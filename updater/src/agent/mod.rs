@@ -318,35 +318,30 @@ impl Env for NodeEnv {
     }
 
     fn check(&mut self, stage: bool) -> Result<Found> {
-        // A commit that failed its health checks here is never staged again.
-        let health = crate::health::HealthState::load(&self.health_state);
-        if stage && !health.bad_commits.is_empty() {
-            let mut log = Vec::new();
-            let peek = crate::upgrade(
-                &self.target,
-                &crate::UpgradeOptions {
-                    check: true,
-                    ..Default::default()
-                },
-                &mut log,
-            )?;
-            if let crate::Outcome::UpdateAvailable { checksum } = peek {
-                if health.is_bad(&checksum) {
-                    tracing::warn!(
-                        "agent: not staging {checksum}: it failed its health checks on this node"
-                    );
-                    return Ok(Found::Nothing);
-                }
-            }
-        }
         let opts = crate::UpgradeOptions {
             check: !stage,
+            // A commit that failed its health checks here is never staged
+            // again: the upgrade refuses it under the lock it stages in.
+            bad_commits: stage.then(|| self.health_state.clone()),
             ..Default::default()
         };
         let mut log = Vec::new();
         let outcome = crate::upgrade(&self.target, &opts, &mut log);
         tracing::info!("agent: {}", String::from_utf8_lossy(&log).trim_end());
-        Ok(match outcome? {
+        let outcome = match outcome {
+            Err(e) => match e.downcast_ref::<crate::Refusal>() {
+                Some(crate::Refusal::BadCommit { commit }) => {
+                    tracing::warn!(
+                        "agent: not staging {}: it failed its health checks on this node",
+                        commit.checksum
+                    );
+                    return Ok(Found::Nothing);
+                }
+                _ => return Err(e),
+            },
+            Ok(o) => o,
+        };
+        Ok(match outcome {
             crate::Outcome::Unchanged => Found::Nothing,
             crate::Outcome::UpdateAvailable { checksum }
             | crate::Outcome::Downloaded { checksum } => Found::Available { checksum },
