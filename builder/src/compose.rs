@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use cairn_contracts::metadata as meta_keys;
 use sha2::{Digest, Sha256};
 
-use crate::manifest::Manifest;
+use crate::manifest::{Base, Manifest, Packages};
 use crate::progress::Progress;
 use crate::repo::{self, NewCommit};
 use crate::{stage, tree};
@@ -86,45 +86,44 @@ pub enum Outcome {
 }
 
 /// The base of the tree, resolved but not yet installed.
-enum Base {
-    Packages(stage::ResolvedPackages),
-    Rootfs { path: PathBuf, digest: String },
+enum ResolvedBase<'a> {
+    Packages {
+        packages: &'a Packages,
+        resolved: stage::ResolvedPackages,
+    },
+    Rootfs {
+        path: &'a Path,
+        digest: String,
+    },
 }
 
 pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcome> {
     let progress = &opts.progress;
     // Directories the compose creates get the same modes on every machine.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    let refname = manifest.ref_name().to_string();
+    let refname = manifest.refname.clone();
     if let Some(v) = &opts.version {
         crate::manifest::check_version(v).map_err(|m| anyhow::anyhow!("--version: {m}"))?;
     }
-    // Every file the manifest copies or runs, opened once (and checked: a
-    // regular file beneath its manifest's directory): what is hashed into
-    // the inputs is what goes into the tree.
-    let mut sources = manifest
-        .open_sources()
-        .with_context(|| format!("manifest {}: opening its files", manifest.path.display()))?;
-    let manifest_digest = manifest
-        .digest_of(&mut sources)
-        .context("hashing the manifest's files")?;
+    // Computed at load from the bytes of every file the manifest copies or
+    // runs, the same bytes that go into the tree.
+    let manifest_digest = manifest.digest();
     std::fs::create_dir_all(&opts.cache)
         .with_context(|| format!("creating cache directory {}", opts.cache.display()))?;
     let _lock = CacheLock::acquire(&opts.cache, progress)?;
 
-    let base = if let Some(pkgs) = &manifest.spec.packages {
-        Base::Packages(stage::resolve(pkgs, &opts.cache, progress)?)
-    } else {
-        let path = manifest
-            .spec
-            .rootfs
-            .clone()
-            .expect("validated: packages or rootfs");
-        let digest = stage::rootfs_digest(&path)?;
-        Base::Rootfs { path, digest }
+    let base = match &manifest.base {
+        Base::Packages(packages) => ResolvedBase::Packages {
+            packages,
+            resolved: stage::resolve(packages, &opts.cache, progress)?,
+        },
+        Base::Rootfs(path) => ResolvedBase::Rootfs {
+            path,
+            digest: stage::rootfs_digest(path)?,
+        },
     };
 
-    let host_binary = match (&manifest.spec.self_install, &opts.host_binary) {
+    let host_binary = match (&manifest.self_install, &opts.host_binary) {
         (Some(_), None) => bail!(
             "manifest {}: key `self-install` needs the host binary to install; \
              run the compose through `host compose tree`",
@@ -133,12 +132,12 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         (Some(_), Some(b)) => Some(b.clone()),
         (None, _) => None,
     };
-    let input_hash = input_hash(&manifest_digest, &base, host_binary.as_deref())?;
+    let input_hash = input_hash(manifest_digest, &base, host_binary.as_deref())?;
 
     if opts.dry_run {
         let packages = match &base {
-            Base::Packages(r) => r.set.to_lines(),
-            Base::Rootfs { .. } => Vec::new(),
+            ResolvedBase::Packages { resolved, .. } => resolved.set.to_lines(),
+            ResolvedBase::Rootfs { .. } => Vec::new(),
         };
         return Ok(Outcome::DryRun {
             refname,
@@ -175,7 +174,7 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
             }
             v.clone()
         }
-        None => next_version(manifest.spec.version_prefix.as_deref(), now, &existing),
+        None => next_version(manifest.version_prefix.as_deref(), now, &existing),
     };
 
     // Work in the cache's file system so copies can reflink and renames stay cheap.
@@ -187,27 +186,23 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         .tempdir_in(&work_parent)?;
     let root = work.path().join("rootfs");
 
-    // The stage (if any) is installed before the step starts, so its own
-    // progress is not nested inside "preparing the tree".
-    let staged = match &base {
-        Base::Packages(resolved) => {
-            let pkgs = manifest.spec.packages.as_ref().expect("packages base");
-            Some(stage::ensure_stage(pkgs, resolved, &opts.cache, progress)?)
-        }
-        Base::Rootfs { .. } => None,
-    };
-    let step = progress.step("preparing the tree");
-    match (&staged, &base) {
-        (Some(staged), _) => {
+    let step = match &base {
+        ResolvedBase::Packages { packages, resolved } => {
+            // Installed before the step starts, so its own progress is not
+            // nested inside "preparing the tree".
+            let staged = stage::ensure_stage(packages, resolved, &opts.cache, progress)?;
+            let step = progress.step("preparing the tree");
             step.message("copying the package stage");
             stage::copy_tree(&staged.rootfs, &root)?;
+            step
         }
-        (None, Base::Rootfs { path, .. }) => {
+        ResolvedBase::Rootfs { path, .. } => {
+            let step = progress.step("preparing the tree");
             step.message("unpacking the base rootfs");
             stage::unpack_rootfs(path, &root)?;
+            step
         }
-        (None, Base::Packages(_)) => unreachable!("a packages base always has a stage"),
-    }
+    };
     // From here on every write into the tree resolves inside it.
     let tree = crate::confined::Root::open(&root)?;
     let baked_apps = customize(
@@ -218,7 +213,6 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         &refname,
         &version,
         now,
-        &mut sources,
     )?;
     step.finish("");
     let installed = tree::installed_packages(&tree)?;
@@ -227,7 +221,7 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
     let step = progress.step("committing");
     let mut metadata: BTreeMap<String, glib::Variant> = BTreeMap::new();
     use glib::prelude::ToVariant;
-    for (k, v) in &manifest.spec.metadata {
+    for (k, v) in &manifest.metadata {
         metadata.insert(k.clone(), v.to_variant());
     }
     metadata.insert(meta_keys::VERSION.into(), version.to_variant());
@@ -240,10 +234,7 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         meta_keys::PACKAGES.into(),
         installed.to_lines().to_variant(),
     );
-    metadata.insert(
-        meta_keys::KARGS.into(),
-        manifest.spec.kernel_args.to_variant(),
-    );
+    metadata.insert(meta_keys::KARGS.into(), manifest.kernel_args.to_variant());
     if !baked_apps.is_empty() {
         metadata.insert(meta_keys::APPS.into(), baked_apps.to_variant());
     }
@@ -465,41 +456,39 @@ fn customize(
     refname: &str,
     version: &str,
     now: i64,
-    sources: &mut crate::manifest::Sources,
 ) -> Result<Vec<String>> {
-    let spec = &manifest.spec;
-    tree::add_files(root, &spec.files, &mut sources.files)?;
-    if let (Some(dst), Some(bin)) = (&spec.self_install, host_binary) {
+    let m = manifest;
+    tree::add_files(root, &m.files)?;
+    if let (Some(dst), Some(bin)) = (&m.self_install, host_binary) {
         tree::self_install(root, bin, dst, scratch)?;
     }
-    let apps = crate::apps::bake(root, &spec.apps, scratch)?;
-    tree::write_kargs(root, &spec.kernel_args)?;
-    tree::write_sysusers(root, spec)?;
-    tree::apply_units(
-        root,
-        &spec.units.enable,
-        &spec.units.disable,
-        &spec.units.mask,
-    )?;
+    let apps = crate::apps::bake(root, &m.apps, scratch)?;
+    tree::write_kargs(root, &m.kernel_args)?;
+    tree::write_sysusers(root, &m.users, &m.groups)?;
+    tree::apply_units(root, &m.units.enable, &m.units.disable, &m.units.mask)?;
     let env = vec![
         ("CAIRN_REF".to_string(), refname.to_string()),
         ("CAIRN_VERSION".to_string(), version.to_string()),
         ("SOURCE_DATE_EPOCH".to_string(), now.to_string()),
     ];
-    tree::run_postprocess(root, &spec.postprocess, &sources.scripts, &env)?;
-    tree::remove_files(root, &spec.remove_files)?;
+    tree::run_postprocess(root, &m.postprocess, &env)?;
+    tree::remove_files(root, &m.remove_files)?;
     Ok(apps)
 }
 
 /// Everything that determines the tree's content, hashed: the manifest's
 /// meaning, the exact package set (or base root), and the installed binary.
-fn input_hash(manifest_digest: &str, base: &Base, host_binary: Option<&Path>) -> Result<String> {
+fn input_hash(
+    manifest_digest: &str,
+    base: &ResolvedBase<'_>,
+    host_binary: Option<&Path>,
+) -> Result<String> {
     let mut h = Sha256::new();
     h.update(INPUT_FORMAT);
     h.update("\nmanifest ");
     h.update(manifest_digest);
     match base {
-        Base::Packages(r) => {
+        ResolvedBase::Packages { resolved: r, .. } => {
             h.update("\nsources\n");
             for s in &r.sources {
                 h.update(&s.0);
@@ -511,7 +500,7 @@ fn input_hash(manifest_digest: &str, base: &Base, host_binary: Option<&Path>) ->
                 h.update("\n");
             }
         }
-        Base::Rootfs { digest, .. } => {
+        ResolvedBase::Rootfs { digest, .. } => {
             h.update("\nrootfs ");
             h.update(digest);
         }

@@ -99,32 +99,12 @@ fn explain(e: io::Error, what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, msg)
 }
 
-/// A file the manifest names, opened once: what is hashed is what is copied.
+/// A file the manifest names, opened for reading (the manifest reads it
+/// once, at load).
 #[derive(Debug)]
 pub struct Source {
     pub file: File,
     pub metadata: std::fs::Metadata,
-    /// SHA-256 of the content, once [`Source::sha256`] has read it.
-    pub digest: Option<String>,
-}
-
-impl Source {
-    /// SHA-256 of the file's content, read from the start; the file is
-    /// rewound, so a later copy reads the same file again from its start.
-    pub fn sha256(&mut self) -> io::Result<String> {
-        use sha2::Digest;
-        let mut hasher = sha2::Sha256::new();
-        self.rewind()?;
-        io::copy(&mut self.file, &mut hasher)?;
-        self.rewind()?;
-        let digest = hex::encode(hasher.finalize());
-        self.digest = Some(digest.clone());
-        Ok(digest)
-    }
-
-    pub fn rewind(&mut self) -> io::Result<()> {
-        io::Seek::seek(&mut self.file, io::SeekFrom::Start(0)).map(|_| ())
-    }
 }
 
 /// Opens `rel` (relative, no `..`) beneath `dir` without following any
@@ -191,11 +171,7 @@ pub fn open_source(dir: &Path, path: &Path, follow_symlinks: bool) -> io::Result
     // The same inode, now opened for reading.
     let file = File::open(fd_path(handle.as_fd()))?;
     let metadata = file.metadata()?;
-    Ok(Source {
-        file,
-        metadata,
-        digest: None,
-    })
+    Ok(Source { file, metadata })
 }
 
 /// The staged tree: every path is resolved inside it.

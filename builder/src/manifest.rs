@@ -2,13 +2,16 @@
 //!
 //! Adding a key? 1. add it to [`ManifestFile`] (all fields optional or
 //! defaulted, `deny_unknown_fields` stays on), 2. give it a merge rule in
-//! [`ManifestFile::merge_included`], 3. document it in `docs/manifest.md`,
-//! 4. cover it in `tests/manifest.rs`.
+//! `ManifestFile::merge_included`, 3. check it and carry it into
+//! [`Manifest`] in `Merged::resolve`, 4. document it in `docs/manifest.md`,
+//! 5. cover it in `tests/manifest.rs`.
 //!
 //! Each file is parsed and checked on its own first, so an unknown key is
 //! reported with the file and line it is on; then `include`d files are merged
 //! under the including one: arrays concatenate (included first), tables merge
-//! key by key, and scalars of the including file win.
+//! key by key, and scalars of the including file win. Loading ends in
+//! [`Manifest`], the resolved model: the base is one of two kinds, and
+//! every file the manifest copies or runs has been read, once.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -284,7 +287,7 @@ pub struct Script {
 
 impl Script {
     /// The name errors and logs use for this script.
-    pub fn display_name(&self) -> String {
+    fn display_name(&self) -> String {
         if let Some(name) = &self.name {
             return name.clone();
         }
@@ -295,18 +298,78 @@ impl Script {
     }
 }
 
-/// A fully merged and validated manifest; all relative paths made absolute.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// A loaded manifest: merged, validated and resolved. All paths are
+/// absolute, the base is one of its two kinds, and every file the manifest
+/// copies or runs was opened once and read into memory: the digest hashed
+/// into the compose's inputs and the bytes written into the tree are the same.
+#[derive(Debug, Clone)]
 pub struct Manifest {
     /// The file it was loaded from.
-    #[serde(skip)]
     pub path: PathBuf,
-    #[serde(flatten)]
-    pub spec: ManifestFile,
+    /// The OSTree branch the commit lands on.
+    pub refname: String,
+    pub version_prefix: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub base: Base,
+    pub self_install: Option<String>,
+    /// One per `[[files]]` entry, in order.
+    pub files: Vec<SourceFile>,
+    pub remove_files: Vec<String>,
+    pub units: Units,
+    pub users: Vec<User>,
+    pub groups: Vec<Group>,
+    pub kernel_args: Vec<String>,
+    /// One per `[[postprocess]]` entry, in order.
+    pub postprocess: Vec<PostprocessScript>,
+    pub apps: Vec<App>,
+    /// See [`Manifest::digest`].
+    digest: String,
+    /// See [`Manifest::to_toml`].
+    toml: String,
 }
 
+/// What the tree starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Base {
+    /// Debian packages installed with mmdebstrap (`suite` is set).
+    Packages(Packages),
+    /// A prepared root: a directory or a tar archive, not a symlink.
+    Rootfs(PathBuf),
+}
+
+/// A `[[files]]` entry with its source read.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// Where the content was read from (for messages).
+    pub src: PathBuf,
+    pub dst: String,
+    /// The entry's `mode`, if it gives one.
+    pub mode: Option<Mode>,
+    /// The source's mode bits when it was opened.
+    pub src_mode: u32,
+    /// The source's content, read once when the manifest was loaded.
+    pub content: Vec<u8>,
+    /// SHA-256 (hex) of `content`.
+    pub sha256: String,
+}
+
+/// A `[[postprocess]]` entry with its text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostprocessScript {
+    /// The name errors and logs use: `name`, else the script's path, else
+    /// "inline script".
+    pub name: String,
+    /// The `inline` text, or the `script` file's content read once at load.
+    pub body: String,
+}
+
+/// The most a manifest's `[[files]]` source or postprocess script may hold:
+/// each is kept in memory from load to copy.
+pub const MAX_SOURCE_BYTES: u64 = 256 << 20;
+
 impl Manifest {
-    /// Load a manifest and everything it includes.
+    /// Load a manifest and everything it includes: merge, validate, and read
+    /// every file it copies or runs (once).
     pub fn load(path: &Path) -> Result<Manifest> {
         let path = std::path::absolute(path).map_err(|source| ManifestError::Read {
             path: path.to_owned(),
@@ -314,39 +377,29 @@ impl Manifest {
         })?;
         let mut stack = Vec::new();
         let spec = load_merged(&path, &mut stack)?;
-        let manifest = Manifest { path, spec };
-        manifest.validate()?;
-        Ok(manifest)
+        Merged { path, spec }.resolve()
     }
 
-    /// Parse a manifest from text, as if read from `path` (used by tests and `--dry-run`).
-    pub fn from_str_at(text: &str, path: &Path) -> Result<Manifest> {
-        let mut spec = parse_file(text, path)?;
-        absolutize(&mut spec, path.parent().unwrap_or(Path::new("/")));
-        if !spec.include.is_empty() {
-            return Err(ManifestError::Invalid {
-                path: path.to_owned(),
-                key: "include".into(),
-                message: "includes need a manifest on disk; use Manifest::load".into(),
-            });
-        }
-        let manifest = Manifest {
-            path: path.to_owned(),
-            spec,
-        };
-        manifest.validate()?;
-        Ok(manifest)
+    /// SHA-256 over the manifest's meaning: the merged keys with every source
+    /// file and script replaced by its content digest (the base's location
+    /// and the apps' image paths left out), so moving a checkout changes nothing.
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 
-    pub fn ref_name(&self) -> &str {
-        self.spec.ref_.as_deref().unwrap_or_default()
-    }
-
-    /// The resolved manifest as TOML (what `--dry-run` prints).
+    /// The merged manifest as TOML (what `--dry-run` prints).
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(&self.spec).unwrap_or_else(|e| format!("# unprintable: {e}\n"))
+        self.toml.clone()
     }
+}
 
+/// The merged manifest as written, before it is checked and resolved.
+struct Merged {
+    path: PathBuf,
+    spec: ManifestFile,
+}
+
+impl Merged {
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ManifestError {
         ManifestError::Invalid {
             path: self.path.clone(),
@@ -373,7 +426,9 @@ impl Manifest {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks every key and reads the sources: the typed [`Manifest`], or an
+    /// error naming the file, the key and (for sources) the line.
+    fn resolve(self) -> Result<Manifest> {
         let s = &self.spec;
         // Every string (keys and values, paths included): libostree and C
         // tools would cut a string at a NUL without a word.
@@ -390,6 +445,7 @@ impl Manifest {
             return Err(self.invalid("ref", "missing: every manifest needs the branch to commit to, e.g. ref = \"cairn/bookworm/x86_64/container-host\""));
         };
         check_ref(r).map_err(|m| self.invalid("ref", m))?;
+        let refname = r.to_string();
         if let Some(p) = &s.version_prefix {
             check_version(p).map_err(|m| self.invalid("version-prefix", m))?;
         }
@@ -411,7 +467,7 @@ impl Manifest {
                 return Err(self.invalid(key, "contains control characters"));
             }
         }
-        match (&s.packages, &s.rootfs) {
+        let base = match (&s.packages, &s.rootfs) {
             (None, None) => {
                 return Err(self.invalid(
                     "packages",
@@ -421,8 +477,9 @@ impl Manifest {
             (Some(_), Some(_)) => {
                 return Err(self.invalid("rootfs", "give either [packages] or `rootfs`, not both"))
             }
-            _ => {}
-        }
+            (Some(p), None) => Base::Packages(p.clone()),
+            (None, Some(r)) => Base::Rootfs(r.clone()),
+        };
         if let Some(p) = &s.packages {
             if p.suite.is_none() {
                 return Err(self.invalid("packages.suite", "missing, e.g. suite = \"bookworm\""));
@@ -491,6 +548,7 @@ impl Manifest {
         if let Some(dst) = &s.self_install {
             check_tree_path(dst, true).map_err(|m| self.invalid("self-install", m))?;
         }
+        let mut files = Vec::new();
         for (i, f) in s.files.iter().enumerate() {
             check_tree_path(&f.dst, true)
                 .map_err(|m| self.invalid(format!("files[{i}].dst"), m))?;
@@ -503,16 +561,35 @@ impl Manifest {
                     ),
                 ));
             }
-            if let Err(e) = open_file_source(f) {
-                return Err(self.invalid_at(
+            let key = || format!("files[{}].src", f.origin.index);
+            let src = crate::confined::open_source(&f.origin.dir, &f.src, f.follow_symlinks)
+                .map_err(|e| {
+                    self.invalid_at(
+                        &f.origin,
+                        key(),
+                        format!(
+                            "{e}; `src` must be a regular file inside the directory of the manifest that names it, \
+                             reached without symlinks (set `follow-symlinks = true` on the entry to follow them)"
+                        ),
+                    )
+                })?;
+            // Read once, here: the digest and the copy into the tree both
+            // come from these bytes.
+            let content = read_bounded(src.file).map_err(|e| {
+                self.invalid_at(
                     &f.origin,
-                    format!("files[{}].src", f.origin.index),
-                    format!(
-                        "{e}; `src` must be a regular file inside the directory of the manifest that names it, \
-                         reached without symlinks (set `follow-symlinks = true` on the entry to follow them)"
-                    ),
-                ));
-            }
+                    key(),
+                    format!("reading {}: {e}", f.src.display()),
+                )
+            })?;
+            files.push(SourceFile {
+                src: f.src.clone(),
+                dst: f.dst.clone(),
+                mode: f.mode,
+                src_mode: std::os::unix::fs::MetadataExt::mode(&src.metadata),
+                sha256: hex::encode(Sha256::digest(&content)),
+                content,
+            });
             if let Some(m) = f.mode {
                 if m.bits() > 0o7777 {
                     return Err(self.invalid(
@@ -675,115 +752,122 @@ impl Manifest {
                 }
             }
         }
+        let mut scripts = Vec::new();
         for (i, sc) in s.postprocess.iter().enumerate() {
             let key = format!("postprocess[{i}]");
-            match (&sc.script, &sc.inline) {
+            let name = sc.display_name();
+            scripts.push(match (&sc.script, &sc.inline) {
                 (Some(p), None) => {
-                    if let Err(e) = crate::confined::open_source(&sc.origin.dir, p, false) {
-                        return Err(self.invalid_at(
+                    let key = || format!("postprocess[{}].script", sc.origin.index);
+                    let src = crate::confined::open_source(&sc.origin.dir, p, false).map_err(|e| {
+                        self.invalid_at(
                             &sc.origin,
-                            format!("postprocess[{}].script", sc.origin.index),
+                            key(),
                             format!(
                                 "{e}; a script must be a regular file inside the directory of the manifest that names it, reached without symlinks"
                             ),
-                        ));
-                    }
+                        )
+                    })?;
+                    let body = read_bounded(src.file)
+                        .and_then(|bytes| {
+                            String::from_utf8(bytes).map_err(|_| {
+                                std::io::Error::new(
+                                    std::io::ErrorKind::InvalidData,
+                                    "not UTF-8 text; save the script as UTF-8",
+                                )
+                            })
+                        })
+                        .map_err(|e| {
+                            self.invalid_at(&sc.origin, key(), format!("reading {}: {e}", p.display()))
+                        })?;
+                    PostprocessScript { name, body }
                 }
-                (None, Some(_)) => {}
+                (None, Some(text)) => PostprocessScript {
+                    name,
+                    body: text.clone(),
+                },
                 _ => {
                     return Err(self.invalid(
                         key,
                         "give exactly one of `script` (a file) or `inline` (text)",
                     ))
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// Opens every file the manifest copies or runs, once, with the checks of
-    /// [`open_file_source`]: hash and copy read the same open files.
-    pub fn open_sources(&self) -> std::io::Result<Sources> {
-        let files = self
-            .spec
-            .files
-            .iter()
-            .map(open_file_source)
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let mut scripts = Vec::new();
-        for sc in &self.spec.postprocess {
-            scripts.push(match (&sc.script, &sc.inline) {
-                (Some(p), _) => {
-                    let mut src = crate::confined::open_source(&sc.origin.dir, p, false)?;
-                    let mut text = String::new();
-                    std::io::Read::read_to_string(&mut src.file, &mut text).map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("reading {}: {e}", p.display()))
-                    })?;
-                    text
-                }
-                (None, Some(text)) => text.clone(),
-                (None, None) => String::new(),
             });
         }
-        Ok(Sources { files, scripts })
+        let digest = digest(s, &files, &scripts);
+        let toml = toml::to_string_pretty(s).unwrap_or_else(|e| format!("# unprintable: {e}\n"));
+        let s = self.spec;
+        Ok(Manifest {
+            path: self.path,
+            refname,
+            version_prefix: s.version_prefix,
+            metadata: s.metadata,
+            base,
+            self_install: s.self_install,
+            files,
+            remove_files: s.remove_files,
+            units: s.units,
+            users: s.users,
+            groups: s.groups,
+            kernel_args: s.kernel_args,
+            postprocess: scripts,
+            apps: s.apps,
+            digest,
+            toml,
+        })
     }
+}
 
-    /// SHA-256 over the manifest's meaning: the merged keys with every source
-    /// file replaced by its content digest, so moving a checkout changes nothing.
-    pub fn digest(&self) -> std::io::Result<String> {
-        self.digest_of(&mut self.open_sources()?)
+/// [`Manifest::digest`]: the merged manifest as JSON, with each `src` and
+/// `script` path replaced by `sha256:<hex>` of the bytes read at load (a
+/// script without `name` named by its file name), apps' `image` by their
+/// pinned digest and `rootfs` by the word `rootfs` (the base's content is
+/// hashed separately, see compose).
+fn digest(spec: &ManifestFile, files: &[SourceFile], scripts: &[PostprocessScript]) -> String {
+    let mut canon = spec.clone();
+    canon.include.clear();
+    for (f, src) in canon.files.iter_mut().zip(files) {
+        f.src = PathBuf::from(format!("sha256:{}", src.sha256));
     }
-
-    /// [`Manifest::digest`] over already opened sources (rewound after hashing).
-    pub fn digest_of(&self, sources: &mut Sources) -> std::io::Result<String> {
-        let mut canon = self.spec.clone();
-        canon.include.clear();
-        for (f, src) in canon.files.iter_mut().zip(&mut sources.files) {
-            f.src = PathBuf::from(format!("sha256:{}", src.sha256()?));
-        }
-        for (sc, body) in canon.postprocess.iter_mut().zip(&sources.scripts) {
-            if let Some(p) = &sc.script {
-                let digest = hex::encode(Sha256::digest(body.as_bytes()));
-                if sc.name.is_none() {
-                    sc.name = p.file_name().map(|n| n.to_string_lossy().into_owned());
-                }
-                sc.script = Some(PathBuf::from(format!("sha256:{digest}")));
+    for (sc, resolved) in canon.postprocess.iter_mut().zip(scripts) {
+        if let Some(p) = &sc.script {
+            let digest = hex::encode(Sha256::digest(resolved.body.as_bytes()));
+            if sc.name.is_none() {
+                sc.name = p.file_name().map(|n| n.to_string_lossy().into_owned());
             }
+            sc.script = Some(PathBuf::from(format!("sha256:{digest}")));
         }
-        for app in &mut canon.apps {
-            // The image is pinned (and verified at compose) by its digest.
-            app.image = PathBuf::from(app.digest.clone());
-        }
-        if canon.rootfs.is_some() {
-            // The base's content is hashed separately (see compose); its location is not meaning.
-            canon.rootfs = Some(PathBuf::from("rootfs"));
-        }
-        let json = serde_json::to_vec(&canon).expect("manifest serializes");
-        Ok(hex::encode(Sha256::digest(json)))
     }
+    for app in &mut canon.apps {
+        // The image is pinned (and verified at compose) by its digest.
+        app.image = PathBuf::from(app.digest.clone());
+    }
+    if canon.rootfs.is_some() {
+        // The base's content is hashed separately (see compose); its location is not meaning.
+        canon.rootfs = Some(PathBuf::from("rootfs"));
+    }
+    let json = serde_json::to_vec(&canon).expect("manifest serializes");
+    hex::encode(Sha256::digest(json))
 }
 
-/// The manifest's files and script bodies, each opened once.
-#[derive(Debug)]
-pub struct Sources {
-    /// One per `files` entry, in order.
-    pub files: Vec<crate::confined::Source>,
-    /// One per `postprocess` entry, in order: the script's text.
-    pub scripts: Vec<String>,
+/// Reads an opened source whole, refusing more than [`MAX_SOURCE_BYTES`].
+fn read_bounded(file: std::fs::File) -> std::io::Result<Vec<u8>> {
+    let mut content = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_SOURCE_BYTES + 1),
+        &mut content,
+    )?;
+    if content.len() as u64 > MAX_SOURCE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "larger than {} MiB; ship it in a package or the rootfs instead",
+                MAX_SOURCE_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(content)
 }
-
-/// Opens a `files` entry's `src`: a regular file beneath the directory of the
-/// manifest that names it, without following symlinks (`follow-symlinks =
-/// true`: following them, still only a regular file).
-pub fn open_file_source(f: &FileEntry) -> std::io::Result<crate::confined::Source> {
-    let dir = if f.origin.dir.as_os_str().is_empty() {
-        f.src.parent().unwrap_or(Path::new("/")).to_path_buf()
-    } else {
-        f.origin.dir.clone()
-    };
-    crate::confined::open_source(&dir, &f.src, f.follow_symlinks)
-}
-
 pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut file = std::fs::File::open(path)?;
@@ -984,10 +1068,10 @@ fn load_merged(path: &Path, stack: &mut Vec<PathBuf>) -> Result<ManifestFile> {
     let mut merged = ManifestFile::default();
     for inc in &includes {
         let included = load_merged(inc, stack)?;
-        merged = merged.merge_over(included);
+        merged = merged.merge_included(included);
     }
     stack.pop();
-    Ok(merged.merge_over(spec))
+    Ok(merged.merge_included(spec))
 }
 
 fn absolutize(spec: &mut ManifestFile, dir: &Path) {
@@ -1011,10 +1095,6 @@ fn absolutize(spec: &mut ManifestFile, dir: &Path) {
 impl ManifestFile {
     /// `self` is what was merged so far (included files); `top` is the
     /// including file, whose scalars win and whose arrays come last.
-    pub fn merge_over(self, top: ManifestFile) -> ManifestFile {
-        self.merge_included(top)
-    }
-
     fn merge_included(self, top: ManifestFile) -> ManifestFile {
         fn cat<T>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
             a.extend(b);

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use cairn_builder::manifest::{Manifest, ManifestError};
+use cairn_builder::manifest::{Base, Manifest, ManifestError};
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);
@@ -21,8 +21,10 @@ fn err(dir: &Path, text: &str) -> String {
 fn the_shipped_manifest_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/container-host.toml");
     let m = Manifest::load(&path).unwrap();
-    assert_eq!(m.ref_name(), "cairn/bookworm/x86_64/container-host");
-    let pkgs = m.spec.packages.as_ref().unwrap();
+    assert_eq!(m.refname, "cairn/bookworm/x86_64/container-host");
+    let Base::Packages(pkgs) = &m.base else {
+        panic!("container-host.toml is built from packages")
+    };
     for needed in [
         "linux-image-amd64",
         "dracut",
@@ -37,9 +39,8 @@ fn the_shipped_manifest_loads() {
             "container-host.toml must install {needed}"
         );
     }
-    assert_eq!(m.spec.self_install.as_deref(), Some("/usr/bin/host"));
+    assert_eq!(m.self_install.as_deref(), Some("/usr/bin/host"));
     assert!(m
-        .spec
         .kernel_args
         .iter()
         .any(|k| k == "systemd.unified_cgroup_hierarchy=1"));
@@ -83,17 +84,25 @@ dst = "/usr/share/b"
 "#,
     );
     let m = Manifest::load(&top).unwrap();
-    assert_eq!(m.ref_name(), "top/ref");
-    assert_eq!(m.spec.version_prefix.as_deref(), Some("1"));
-    assert_eq!(m.spec.kernel_args, vec!["console=ttyS0", "quiet"]);
-    assert_eq!(m.spec.metadata["kept"], "base");
-    assert_eq!(m.spec.metadata["replaced"], "top");
-    let pkgs = m.spec.packages.as_ref().unwrap();
+    assert_eq!(m.refname, "top/ref");
+    assert_eq!(m.version_prefix.as_deref(), Some("1"));
+    assert_eq!(m.kernel_args, vec!["console=ttyS0", "quiet"]);
+    assert_eq!(m.metadata["kept"], "base");
+    assert_eq!(m.metadata["replaced"], "top");
+    let Base::Packages(pkgs) = &m.base else {
+        panic!("a packages base")
+    };
     assert_eq!(pkgs.suite.as_deref(), Some("bookworm"));
     assert_eq!(pkgs.install, vec!["systemd", "iproute2"]);
     // Paths are relative to the file that names them.
-    assert_eq!(m.spec.files[0].src, dir.path().join("base/files/a"));
-    assert_eq!(m.spec.files[1].src, dir.path().join("files/b"));
+    assert_eq!(m.files[0].src, dir.path().join("base/files/a"));
+    assert_eq!(m.files[1].src, dir.path().join("files/b"));
+    // Each source is read at load; its digest is of those bytes.
+    assert_eq!(m.files[0].content, b"a");
+    assert_eq!(
+        m.files[1].sha256,
+        "3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d"
+    );
 }
 
 #[test]
@@ -192,17 +201,17 @@ fn the_digest_follows_content_not_location() {
     let da = Manifest::load(&a.path().join("m.toml"))
         .unwrap()
         .digest()
-        .unwrap();
+        .to_string();
     let db = Manifest::load(&b.path().join("m.toml"))
         .unwrap()
         .digest()
-        .unwrap();
+        .to_string();
     assert_eq!(da, db);
     write(b.path(), "files/x", "different");
     let db2 = Manifest::load(&b.path().join("m.toml"))
         .unwrap()
         .digest()
-        .unwrap();
+        .to_string();
     assert_ne!(da, db2);
 }
 
@@ -256,8 +265,12 @@ fn file_sources_stay_inside_the_manifest_directory() {
     for ok in ["files/abs", "files/rel", "linkdir/ok", "../secret"] {
         let p = write(&dir, "m.toml", &allowed(ok));
         let m = Manifest::load(&p).unwrap();
-        assert!(m.spec.files[1].follow_symlinks);
-        m.digest().unwrap();
+        let expected = if ok == "linkdir/ok" {
+            "ok"
+        } else {
+            "build machine secret"
+        };
+        assert_eq!(m.files[1].content, expected.as_bytes(), "{ok}");
     }
     let e = err(&dir, &allowed("files/fifo"));
     assert!(
@@ -486,9 +499,7 @@ fn files_drop_setuid_unless_the_mode_says_so() {
     std::fs::create_dir_all(tree.path().join("usr/lib")).unwrap();
     std::os::unix::fs::symlink("/usr/lib", tree.path().join("etc/link")).unwrap();
     let root = cairn_builder::confined::Root::open(tree.path()).unwrap();
-    let mut sources = m.open_sources().unwrap();
-    m.digest_of(&mut sources).unwrap();
-    cairn_builder::tree::add_files(&root, &m.spec.files, &mut sources.files).unwrap();
+    cairn_builder::tree::add_files(&root, &m.files).unwrap();
     let mode = |p: &str| {
         std::fs::symlink_metadata(tree.path().join(p))
             .unwrap()

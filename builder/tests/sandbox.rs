@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use cairn_builder::confined::Root;
-use cairn_builder::manifest::Script;
+use cairn_builder::manifest::PostprocessScript;
 use cairn_builder::tree;
 
 fn require_root() {
@@ -75,14 +75,12 @@ impl Fixture {
     }
 
     fn run(&self, body: &str) -> anyhow::Result<()> {
-        let script = Script {
-            script: None,
-            inline: Some(body.to_string()),
-            name: Some("probe".into()),
-            origin: Default::default(),
+        let script = PostprocessScript {
+            name: "probe".into(),
+            body: body.to_string(),
         };
         let root = Root::open(&self.tree()).unwrap();
-        tree::run_postprocess(&root, &[script], &[body.to_string()], &[])
+        tree::run_postprocess(&root, &[script], &[])
     }
 
     fn read(&self, p: &str) -> String {
@@ -280,4 +278,29 @@ echo "$CAIRN_REF" > /usr/share/env-clean
     assert_eq!(md("usr/bin/tool").mode() & 0o7777, 0o4755);
     assert_eq!(f.read("usr/share/uid"), "900\n");
     assert_eq!(f.read("usr/share/env-clean"), "\n");
+}
+
+/// The script reaches bwrap through an anonymous in-memory file (no copy on
+/// the build machine's disk, so a killed compose leaves none behind): it is
+/// `/run/cairn-postprocess`, read-only, byte for byte, also beyond a pipe's
+/// buffer.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn the_script_is_passed_read_only_without_a_file() {
+    let f = Fixture::new();
+    let body = format!(
+        "cat /run/cairn-postprocess > /copy\n\
+         if (echo x >> /run/cairn-postprocess) 2>/dev/null; then echo writable > /writable; fi\n\
+         #{}\n",
+        "x".repeat(200_000)
+    );
+    f.run(&body).unwrap();
+    assert!(
+        f.read("copy") == body,
+        "the script bwrap ran is not the body"
+    );
+    assert!(
+        !f.tree().join("writable").exists(),
+        "the script is writable"
+    );
 }
