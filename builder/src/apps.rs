@@ -35,7 +35,7 @@ pub fn bake(root: &crate::confined::Root, apps: &[App], scratch: &Path) -> Resul
         std::fs::create_dir_all(&verify_repo)?;
         repo.create(ostree::RepoMode::BareUser, ostree::gio::Cancellable::NONE)
             .with_context(|| format!("creating {}", verify_repo.display()))?;
-        let info = cairn_runtime::image::import(&repo, &app.image, Some(&image_name(app)))
+        let info = cairn_oci::image::import(&repo, &app.image, Some(&image_name(app)))
             .with_context(ctx)?;
         if info.manifest_digest != app.digest {
             bail!(

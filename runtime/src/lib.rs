@@ -1,7 +1,7 @@
 //! cairn-runtime: run application containers from immutable, content-addressed images.
 //!
 //! Images are imported from OCI layouts/archives into an OSTree repository
-//! ([`image`]); containers run from a read-only checkout of the image commit
+//! (by `cairn-oci`) and checked out read-only ([`image`]); containers run from a read-only checkout of the image commit
 //! ([`container`]), each described as an OCI runtime config ([`spec`]), with
 //! their own network namespace on a host bridge ([`net`]), cgroup v2 limits
 //! ([`cgroup`]) and a small supervising monitor process ([`monitor`]).
@@ -10,13 +10,13 @@ pub mod cgroup;
 pub mod container;
 pub mod engine;
 pub mod image;
-pub mod layer;
 pub mod monitor;
 pub mod mountfd;
 pub mod net;
-pub mod source;
 pub mod spec;
 pub mod state;
 pub mod userns;
 
+// The OCI side lives in `cairn-oci`, shared with the builder.
+pub use cairn_oci::{layer, source};
 pub use engine::{MonitorCommand, Pruned, PsEntry, RunOptions, RunOutcome, Runtime};
