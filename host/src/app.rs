@@ -5,10 +5,14 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
+use cairn_runtime::cgroup::{self, Limits};
+use cairn_runtime::engine::{HealthCheck, MIN_HEALTH_INTERVAL};
 use cairn_runtime::image::{ImportLimits, ImportOptions};
 use cairn_runtime::net::{NetworkConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
+use cairn_runtime::spec::Volume;
 use cairn_runtime::state::{RestartPolicy, DEFAULT_ROOT};
 use cairn_runtime::{RunOptions, RunOutcome, Runtime};
 use clap::{Args, Subcommand};
@@ -153,17 +157,17 @@ struct RunArgs {
     #[arg(long)]
     rm: bool,
     /// Memory limit, e.g. 256M (cgroup v2 memory.max).
-    #[arg(long)]
-    memory: Option<String>,
+    #[arg(long, value_parser = parse_memory)]
+    memory: Option<u64>,
     /// CPU limit in CPUs, e.g. 0.5 (cgroup v2 cpu.max).
-    #[arg(long)]
-    cpus: Option<String>,
+    #[arg(long, value_parser = parse_cpus)]
+    cpus: Option<u64>,
     /// Relative CPU weight 1-10000 (cgroup v2 cpu.weight).
-    #[arg(long)]
-    cpu_weight: Option<String>,
+    #[arg(long, value_parser = parse_cpu_weight)]
+    cpu_weight: Option<u64>,
     /// Maximum number of processes (cgroup v2 pids.max).
-    #[arg(long)]
-    pids: Option<String>,
+    #[arg(long, value_parser = parse_pids)]
+    pids: Option<u64>,
     /// Address on the bridge (default: the next free one).
     #[arg(long)]
     ip: Option<Ipv4Addr>,
@@ -174,20 +178,20 @@ struct RunArgs {
     #[arg(short, long = "env")]
     env: Vec<String>,
     /// Bind mount SRC:DST[:ro]; repeatable.
-    #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]")]
-    volume: Vec<String>,
+    #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]", value_parser = parse_volume)]
+    volume: Vec<Volume>,
     /// Health check, run with /bin/sh -c inside the container.
     #[arg(long)]
     health_cmd: Option<String>,
     /// Time between health checks.
-    #[arg(long, default_value = "10s")]
-    health_interval: String,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    health_interval: Duration,
     /// Consecutive failures before the container counts as unhealthy.
     #[arg(long, default_value_t = 3)]
     health_retries: u32,
     /// Restart policy: no, on-failure or always (with back-off).
-    #[arg(long, default_value = "no")]
-    restart: String,
+    #[arg(long, default_value = "no", value_parser = parse_restart)]
+    restart: RestartPolicy,
     /// Seconds between SIGTERM and SIGKILL when stopping.
     #[arg(long, default_value_t = 10)]
     stop_timeout: u64,
@@ -311,29 +315,7 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
             )?;
         }
         AppSub::Run(a) => {
-            let a = *a;
-            let opts = RunOptions {
-                image: a.image,
-                name: a.name,
-                command: a.command,
-                env: a.env,
-                volumes: a.volume,
-                memory: a.memory,
-                cpus: a.cpus,
-                cpu_weight: a.cpu_weight,
-                pids: a.pids,
-                ip: a.ip,
-                no_network: a.network == "none",
-                restart: a.restart.parse::<RestartPolicy>()?,
-                health_cmd: a.health_cmd,
-                health_interval: cairn_contracts::duration::parse(&a.health_interval)
-                    .context("--health-interval")?,
-                health_retries: a.health_retries,
-                detach: a.detach,
-                auto_remove: a.rm,
-                stop_timeout: a.stop_timeout,
-                userns_host: a.userns == "host",
-            };
+            let opts = run_options(*a)?;
             drop(out);
             match rt.run(&opts)? {
                 RunOutcome::Detached { name, ip } => {
@@ -410,6 +392,125 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The typed run spec of `host app run`'s arguments (each already parsed
+/// by its flag's value parser).
+fn run_options(a: RunArgs) -> Result<RunOptions> {
+    let health = match a.health_cmd {
+        Some(cmd) => {
+            // Only with a check: the interval alone is not used.
+            if a.health_interval < MIN_HEALTH_INTERVAL {
+                bail!("--health-interval must be at least 100ms");
+            }
+            Some(HealthCheck {
+                cmd,
+                interval: a.health_interval,
+                retries: a.health_retries,
+            })
+        }
+        None => None,
+    };
+    Ok(RunOptions {
+        image: a.image,
+        name: a.name,
+        command: a.command,
+        env: a.env,
+        volumes: a.volume,
+        limits: Limits {
+            memory: a.memory,
+            cpu_quota_us: a.cpus,
+            cpu_weight: a.cpu_weight,
+            pids: a.pids,
+        },
+        ip: a.ip,
+        no_network: a.network == "none",
+        restart: a.restart,
+        health,
+        detach: a.detach,
+        auto_remove: a.rm,
+        stop_timeout: a.stop_timeout,
+        userns_host: a.userns == "host",
+    })
+}
+
+/// `--memory`: `256M`, `1.5G`, `512k`, `1048576`, with binary multiples.
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                _ => {
+                    return Err(format!(
+                    "memory limit {s:?}: unknown unit {c:?} (use a number of bytes, or k, m, g, t)"
+                ))
+                }
+            };
+            (&t[..i], mult)
+        }
+        _ => (t, 1),
+    };
+    let v: f64 = num
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v > 0.0)
+        .ok_or_else(|| format!("memory limit {s:?} is not a positive size like 256M or 1G"))?;
+    let bytes = (v * mult as f64) as u64;
+    if bytes < cgroup::MIN_MEMORY {
+        return Err(format!(
+            "memory limit {s:?} is below 1M: the container could not start"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// `--cpus`: `0.5` → 50000 µs of every 100000 µs.
+fn parse_cpus(s: &str) -> Result<u64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v > 0.0)
+        .ok_or_else(|| format!("--cpus {s:?} is not a positive number of CPUs like 0.5 or 2"))?;
+    let quota = (v * cgroup::CPU_PERIOD_US as f64).round() as u64;
+    if quota < cgroup::MIN_CPU_QUOTA_US {
+        return Err(format!("--cpus {s:?} is below 0.01 CPUs"));
+    }
+    Ok(quota)
+}
+
+fn parse_pids(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("--pids {s:?} is not a positive whole number"))
+}
+
+fn parse_cpu_weight(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|v| (1..=cgroup::MAX_CPU_WEIGHT).contains(v))
+        .ok_or_else(|| format!("--cpu-weight {s:?} must be a whole number from 1 to 10000"))
+}
+
+/// `-v SRC:DST[:ro|:rw]`.
+fn parse_volume(s: &str) -> Result<Volume, String> {
+    Volume::parse(s).map_err(|e| format!("{e:#}"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    cairn_contracts::duration::parse(s).map_err(|e| format!("{e:#}"))
+}
+
+fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
+    s.parse::<RestartPolicy>().map_err(|e| format!("{e:#}"))
+}
+
 /// `123`, `64K`, `512M`, `16G`, `1T` (powers of 1024) as bytes.
 fn parse_size(s: &str) -> Result<u64, String> {
     let (num, shift) = match s.as_bytes().last().map(u8::to_ascii_uppercase) {
@@ -443,5 +544,107 @@ mod tests {
         assert_eq!(parse_size("8M"), Ok(d.ratio_grace));
         assert_eq!(parse_size("4M"), Ok(d.max_metadata_size));
         assert_eq!(parse_size("1M"), Ok(d.max_tar_header_size));
+    }
+
+    #[test]
+    fn limit_syntax() {
+        assert_eq!(parse_memory("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_memory("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_memory("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_memory("2097152").unwrap(), 2 << 20);
+        let e = parse_memory("12Q").unwrap_err();
+        assert!(e.contains("unknown unit 'Q'"), "{e}");
+        assert!(parse_memory("-1M").is_err());
+        assert!(
+            parse_memory("12").is_err(),
+            "12 bytes is too small to run anything"
+        );
+        assert!(parse_memory("M").is_err());
+        assert_eq!(parse_cpus("0.5").unwrap(), 50_000);
+        assert_eq!(parse_cpus("2").unwrap(), 200_000);
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("half").is_err());
+        assert!(parse_cpus("-1").unwrap_err().contains("--cpus"));
+        assert_eq!(parse_pids("256").unwrap(), 256);
+        assert!(parse_pids("0").is_err());
+        assert!(parse_cpu_weight("10001").is_err());
+        assert_eq!(parse_cpu_weight("100").unwrap(), 100);
+    }
+
+    /// `host app run`'s arguments, as clap parses them.
+    fn run_args(args: &[&str]) -> Result<RunOptions> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let cli = Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        run_options(cli.run)
+    }
+
+    #[test]
+    fn run_spec_from_the_command_line() {
+        let o = run_args(&[
+            "--memory=64M",
+            "--cpus=0.5",
+            "--cpu-weight=200",
+            "--pids=32",
+            "-v",
+            "/tmp:/data:ro",
+            "--health-cmd=true",
+            "--health-interval=1s",
+            "--health-retries=2",
+            "--restart=on-failure",
+            "busybox",
+            "sh",
+            "-c",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.limits,
+            Limits {
+                memory: Some(64 << 20),
+                cpu_quota_us: Some(50_000),
+                cpu_weight: Some(200),
+                pids: Some(32),
+            }
+        );
+        assert_eq!(o.volumes.len(), 1);
+        assert!(o.volumes[0].readonly && o.volumes[0].destination == "/data");
+        assert_eq!(
+            o.health,
+            Some(HealthCheck {
+                cmd: "true".into(),
+                interval: Duration::from_secs(1),
+                retries: 2
+            })
+        );
+        assert_eq!(o.restart, RestartPolicy::OnFailure);
+        assert_eq!(o.command, ["sh", "-c", "x"]);
+        // Bad values are refused with the flag named, before anything runs.
+        for (args, msg) in [
+            (&["--memory=12Q", "i"][..], "unknown unit 'Q'"),
+            (&["--cpus=-1", "i"], "--cpus"),
+            (&["--cpu-weight=0", "i"], "--cpu-weight"),
+            (&["--pids=0", "i"], "--pids"),
+            (
+                &["-v", "/nonexistent-src:/data", "i"],
+                "does not exist on the host",
+            ),
+            (&["--restart=sometimes", "i"], "--restart"),
+            (&["--health-interval=1x", "i"], "--health-interval"),
+            (
+                &["--health-cmd=true", "--health-interval=10ms", "i"],
+                "at least 100ms",
+            ),
+        ] {
+            let e = run_args(args).unwrap_err().to_string();
+            assert!(e.contains(msg), "{args:?}: {e}");
+        }
+        // An interval is only checked with a check to time.
+        run_args(&["--health-interval=10ms", "i"]).unwrap();
     }
 }

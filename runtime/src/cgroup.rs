@@ -1,6 +1,7 @@
-//! Resource limits: parsing what users type, and writing cgroup v2 files.
-//! The writer takes the cgroup root as a path so tests run it against a
-//! temp dir.
+//! Resource limits and the cgroup v2 files they go to. Every write to a
+//! cgroup file goes through [`CgroupManager`]; what users type is parsed
+//! by `host`, so limits arrive here as numbers. The manager takes the
+//! cgroup root as a path so tests run it against a temp dir.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,69 +33,35 @@ impl Limits {
     pub fn is_empty(&self) -> bool {
         *self == Limits::default()
     }
-}
 
-/// `256M`, `1.5G`, `512k`, `1048576`, with binary multiples.
-pub fn parse_memory(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                _ => bail!(
-                    "memory limit {s:?}: unknown unit {c:?} (use a number of bytes, or k, m, g, t)"
-                ),
-            };
-            (&t[..i], mult)
+    /// Refuse values the kernel would reject or no container could run
+    /// under, before anything is created.
+    pub fn validate(&self) -> Result<()> {
+        if self.memory.is_some_and(|m| m < MIN_MEMORY) {
+            bail!("memory limit below 1M: the container could not start");
         }
-        _ => (t, 1),
-    };
-    let v: f64 = num
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v > 0.0)
-        .with_context(|| format!("memory limit {s:?} is not a positive size like 256M or 1G"))?;
-    let bytes = (v * mult as f64) as u64;
-    if bytes < 1 << 20 {
-        bail!("memory limit {s:?} is below 1M: the container could not start");
+        if self.cpu_quota_us.is_some_and(|q| q < MIN_CPU_QUOTA_US) {
+            bail!("CPU limit below 0.01 CPUs");
+        }
+        if self
+            .cpu_weight
+            .is_some_and(|w| !(1..=MAX_CPU_WEIGHT).contains(&w))
+        {
+            bail!("CPU weight must be from 1 to {MAX_CPU_WEIGHT}");
+        }
+        if self.pids == Some(0) {
+            bail!("process limit must be positive");
+        }
+        Ok(())
     }
-    Ok(bytes)
 }
 
-/// `0.5` → 50000 µs of every 100000 µs.
-pub fn parse_cpus(s: &str) -> Result<u64> {
-    let v: f64 = s
-        .trim()
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v > 0.0)
-        .with_context(|| format!("--cpus {s:?} is not a positive number of CPUs like 0.5 or 2"))?;
-    let quota = (v * CPU_PERIOD_US as f64).round() as u64;
-    if quota < 1000 {
-        bail!("--cpus {s:?} is below 0.01 CPUs");
-    }
-    Ok(quota)
-}
-
-pub fn parse_pids(s: &str) -> Result<u64> {
-    s.trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|v| *v > 0)
-        .with_context(|| format!("--pids {s:?} is not a positive whole number"))
-}
-
-pub fn parse_cpu_weight(s: &str) -> Result<u64> {
-    s.trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|v| (1..=10000).contains(v))
-        .with_context(|| format!("--cpu-weight {s:?} must be a whole number from 1 to 10000"))
-}
+/// Smallest memory.max a container starts under.
+pub const MIN_MEMORY: u64 = 1 << 20;
+/// Smallest cpu.max quota (0.01 CPUs of [`CPU_PERIOD_US`]).
+pub const MIN_CPU_QUOTA_US: u64 = 1000;
+/// cpu.weight's upper bound (the kernel's).
+pub const MAX_CPU_WEIGHT: u64 = 10_000;
 
 /// How this host mounts cgroups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +158,7 @@ impl CgroupManager {
     }
 
     pub fn add_process(&self, name: &str, pid: i32) -> Result<()> {
-        write(&self.path(name).join("cgroup.procs"), &pid.to_string())
+        add_process_at(&self.path(name), pid)
     }
 
     /// Kill what is left in the cgroup and remove it. Missing is fine.
@@ -215,6 +182,14 @@ impl CgroupManager {
     }
 }
 
+/// Move `pid` (0: the caller) into the cgroup at `dir`, a directory
+/// [`CgroupManager::create`] made: for code handed that directory rather
+/// than the manager (a container's launch, `exec`), so that it writes no
+/// cgroup file itself.
+pub fn add_process_at(dir: &Path, pid: i32) -> Result<()> {
+    write(&dir.join("cgroup.procs"), &pid.to_string())
+}
+
 fn write(path: &Path, value: &str) -> Result<()> {
     fs::write(path, value).with_context(|| format!("writing {value:?} to {}", path.display()))
 }
@@ -224,27 +199,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn limit_syntax() {
-        assert_eq!(parse_memory("256M").unwrap(), 256 << 20);
-        assert_eq!(parse_memory("1g").unwrap(), 1 << 30);
-        assert_eq!(parse_memory("1.5G").unwrap(), 3 << 29);
-        assert_eq!(parse_memory("2097152").unwrap(), 2 << 20);
-        let e = parse_memory("12Q").unwrap_err().to_string();
-        assert!(e.contains("unknown unit 'Q'"), "{e}");
-        assert!(parse_memory("-1M").is_err());
-        assert!(
-            parse_memory("12").is_err(),
-            "12 bytes is too small to run anything"
-        );
-        assert!(parse_memory("M").is_err());
-        assert_eq!(parse_cpus("0.5").unwrap(), 50_000);
-        assert_eq!(parse_cpus("2").unwrap(), 200_000);
-        assert!(parse_cpus("0").is_err());
-        assert!(parse_cpus("half").is_err());
-        assert_eq!(parse_pids("256").unwrap(), 256);
-        assert!(parse_pids("0").is_err());
-        assert!(parse_cpu_weight("10001").is_err());
-        assert_eq!(parse_cpu_weight("100").unwrap(), 100);
+    fn limits_out_of_range() {
+        let ok = Limits {
+            memory: Some(MIN_MEMORY),
+            cpu_quota_us: Some(MIN_CPU_QUOTA_US),
+            cpu_weight: Some(MAX_CPU_WEIGHT),
+            pids: Some(1),
+        };
+        ok.validate().unwrap();
+        for (bad, msg) in [
+            (
+                Limits {
+                    memory: Some(12),
+                    ..ok.clone()
+                },
+                "below 1M",
+            ),
+            (
+                Limits {
+                    cpu_quota_us: Some(0),
+                    ..ok.clone()
+                },
+                "0.01 CPUs",
+            ),
+            (
+                Limits {
+                    cpu_weight: Some(0),
+                    ..ok.clone()
+                },
+                "1 to 10000",
+            ),
+            (
+                Limits {
+                    cpu_weight: Some(10_001),
+                    ..ok.clone()
+                },
+                "1 to 10000",
+            ),
+            (
+                Limits {
+                    pids: Some(0),
+                    ..ok.clone()
+                },
+                "positive",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(msg), "{e}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::io::{Read, Seek, Write};
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -31,32 +32,45 @@ pub struct Runtime {
     pub monitor_command: Option<MonitorCommand>,
 }
 
-/// Everything `host app run` takes.
+/// Everything `host app run` takes, typed: `host` parses what users type
+/// (with error messages naming its flags); this library takes values.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     pub image: String,
     pub name: Option<String>,
     pub command: Vec<String>,
+    /// KEY=VALUE, over the image's environment.
     pub env: Vec<String>,
-    pub volumes: Vec<String>,
-    pub memory: Option<String>,
-    pub cpus: Option<String>,
-    pub cpu_weight: Option<String>,
-    pub pids: Option<String>,
+    pub volumes: Vec<Volume>,
+    pub limits: Limits,
     pub ip: Option<Ipv4Addr>,
     /// No network namespace wiring (loopback only).
     pub no_network: bool,
     pub restart: RestartPolicy,
-    pub health_cmd: Option<String>,
-    pub health_interval: Duration,
-    pub health_retries: u32,
+    pub health: Option<HealthCheck>,
     pub detach: bool,
     pub auto_remove: bool,
+    /// Seconds between the stop signal and SIGKILL.
     pub stop_timeout: u64,
     /// Run with the host's uids and gids (no user namespace): root in the
     /// container is root on the host. Only for images that need it.
     pub userns_host: bool,
 }
+
+/// A container's health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Run with `/bin/sh -c` inside the container.
+    pub cmd: String,
+    /// Time between checks, at least [`MIN_HEALTH_INTERVAL`].
+    pub interval: Duration,
+    /// Consecutive failures before the container counts as unhealthy
+    /// (0 counts as 1).
+    pub retries: u32,
+}
+
+/// Checks more often than this would mostly measure their own cost.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub enum RunOutcome {
@@ -299,35 +313,30 @@ impl Runtime {
             None => format!("c-{}", random_hex(4)?),
         };
         check_name(&name)?;
-        let limits = Limits {
-            memory: opts
-                .memory
-                .as_deref()
-                .map(cgroup::parse_memory)
-                .transpose()?,
-            cpu_quota_us: opts.cpus.as_deref().map(cgroup::parse_cpus).transpose()?,
-            cpu_weight: opts
-                .cpu_weight
-                .as_deref()
-                .map(cgroup::parse_cpu_weight)
-                .transpose()?,
-            pids: opts.pids.as_deref().map(cgroup::parse_pids).transpose()?,
-        };
+        let limits = opts.limits.clone();
+        limits.validate()?;
         self.cgroups.check_supported(&limits)?;
-        let volumes = opts
-            .volumes
-            .iter()
-            .map(|v| Volume::parse(v))
-            .collect::<Result<Vec<_>>>()?;
-        let health = match &opts.health_cmd {
-            Some(cmd) => {
-                if opts.health_interval < Duration::from_millis(100) {
-                    bail!("--health-interval must be at least 100ms");
+        let volumes = &opts.volumes;
+        for v in volumes {
+            // Checked again here: the source may have gone since it was named.
+            if !v.source.exists() {
+                bail!(
+                    "volume {}:{}: {} does not exist on the host",
+                    v.source.display(),
+                    v.destination,
+                    v.source.display()
+                );
+            }
+        }
+        let health = match &opts.health {
+            Some(h) => {
+                if h.interval < MIN_HEALTH_INTERVAL {
+                    bail!("the health check interval must be at least 100ms");
                 }
                 Some(HealthConfig {
-                    cmd: cmd.clone(),
-                    interval_ms: opts.health_interval.as_millis() as u64,
-                    retries: opts.health_retries.max(1),
+                    cmd: h.cmd.clone(),
+                    interval_ms: h.interval.as_millis() as u64,
+                    retries: h.retries.max(1),
                 })
             }
             None => None,
@@ -398,7 +407,7 @@ impl Runtime {
             rootfs: &rootfs,
             command: &opts.command,
             env: &opts.env,
-            volumes: &volumes,
+            volumes,
             limits: &limits,
             cgroups_path,
             userns: record.userns,
@@ -446,31 +455,43 @@ impl Runtime {
         let mut cmd = make(&self.paths.root, &name);
         let null = std::process::Stdio::null;
         cmd.stdin(null()).stdout(null()).stderr(null());
-        // SAFETY: setsid only detaches the monitor from our session.
+        // The monitor says on this pipe when the container runs, or why it
+        // could not start (see monitor::READY_FD_ENV). Close-on-exec here so
+        // no other child of ours holds it open; only the monitor inherits it.
+        let (ready_r, ready_w) = ready_pipe()?;
+        let ready_fd = ready_w.as_raw_fd();
+        cmd.env(crate::monitor::READY_FD_ENV, ready_fd.to_string());
+        // SAFETY: setsid only detaches the monitor from our session; fcntl
+        // only clears the close-on-exec flag of the child's copy of the fd.
         unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
+            cmd.pre_exec(move || {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                if libc::fcntl(ready_fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
             });
         }
         let mut child = cmd.spawn().context("starting the container monitor")?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let st = self.state(&name)?;
-            match st.status {
-                Status::Created => {}
-                Status::Failed => {
-                    let _ = child.wait();
-                    bail!(
-                        "{}",
-                        st.error
-                            .unwrap_or_else(|| "the container failed to start".into())
-                    );
-                }
-                _ => break,
+        // Ours closed, the monitor's end of it (or its death) is what we read.
+        drop(ready_w);
+        match wait_ready(ready_r, Duration::from_secs(60))? {
+            Ready::Running => {}
+            Ready::Failed(msg) => {
+                let _ = child.wait();
+                bail!(
+                    "{}",
+                    if msg.is_empty() {
+                        "the container failed to start".into()
+                    } else {
+                        msg
+                    }
+                );
             }
-            if let Some(status) = child.try_wait()? {
+            Ready::Closed => {
+                // The monitor ended without a word: it died (or failed
+                // before it could say so; then its state may tell why).
+                let status = child.wait()?;
                 let st = self.state(&name)?;
                 if st.status == Status::Created || st.status == Status::Failed {
                     bail!(
@@ -478,12 +499,7 @@ impl Runtime {
                         st.error.map(|e| format!(": {e}")).unwrap_or_default()
                     );
                 }
-                break;
             }
-            if Instant::now() > deadline {
-                bail!("the container did not start within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(5));
         }
         std::mem::forget(undo);
         // Reap the monitor whenever it ends, should this process live on.
@@ -715,6 +731,85 @@ impl Runtime {
         state["status"] = serde_json::to_value(st.observed())?;
         Ok(serde_json::json!({ "container": r, "state": state, "config": config }))
     }
+}
+
+/// What a detached container's monitor said on its readiness pipe.
+enum Ready {
+    Running,
+    /// It could not start the container; why.
+    Failed(String),
+    /// End of file with nothing said: the monitor is gone.
+    Closed,
+}
+
+/// A close-on-exec pipe whose write end is not fd 0, 1 or 2 (the child's
+/// stdio setup would take those before its pre_exec runs).
+fn ready_pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    if w.as_raw_fd() > 2 {
+        return Ok((r, w));
+    }
+    let high = nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::F_DUPFD_CLOEXEC(3))
+        .context("dup of the readiness pipe")?;
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok((r, unsafe { OwnedFd::from_raw_fd(high) }))
+}
+
+/// Block until the monitor writes on `pipe` or closes it: one byte
+/// [`monitor::READY_RUNNING`](crate::monitor::READY_RUNNING), or
+/// [`monitor::READY_FAILED`](crate::monitor::READY_FAILED), the error and
+/// a NUL.
+fn wait_ready(pipe: OwnedFd, timeout: Duration) -> Result<Ready> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("the container did not start within {} s", timeout.as_secs());
+        }
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+            .unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, ms) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => break,
+            Err(e) => return Err(e).context("waiting for the container monitor"),
+        }
+    }
+    let mut f = std::fs::File::from(pipe);
+    let mut first = [0u8; 1];
+    let n = loop {
+        match f.read(&mut first) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r.context("reading from the container monitor")?,
+        }
+    };
+    if n == 0 {
+        return Ok(Ready::Closed);
+    }
+    if first[0] == crate::monitor::READY_RUNNING {
+        return Ok(Ready::Running);
+    }
+    // The error follows, up to a NUL (or the end of the pipe).
+    let mut msg = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Some(end) = buf[..n].iter().position(|&b| b == 0) {
+                    msg.extend_from_slice(&buf[..end]);
+                    break;
+                }
+                msg.extend_from_slice(&buf[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    Ok(Ready::Failed(
+        String::from_utf8_lossy(&msg).trim().to_string(),
+    ))
 }
 
 /// Files the runtime provides inside a container (over the image's own).

@@ -23,6 +23,15 @@ use crate::state::{
 };
 use crate::Runtime;
 
+/// The environment variable that gives a detached monitor the number of
+/// the inherited fd on which `run -d` waits: the monitor writes
+/// [`READY_RUNNING`] once the container runs, or [`READY_FAILED`], the
+/// error and a NUL if its first start failed, then closes it. End of file
+/// with nothing written tells `run` the monitor died.
+pub const READY_FD_ENV: &str = "CAIRN_MONITOR_READY_FD";
+pub const READY_RUNNING: u8 = b'R';
+pub const READY_FAILED: u8 = b'E';
+
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A run this long resets the back-off.
@@ -37,6 +46,8 @@ struct Monitor<'a> {
     cgroup: Option<std::path::PathBuf>,
     /// The first start's namespaces, begun by a foreground `run`.
     early_userns: Option<container::PendingUserns>,
+    /// Where `run -d` waits to hear the first start's outcome.
+    ready: Option<std::fs::File>,
 }
 
 /// A pidfd of `pid` (Linux ≥ 5.3), readable once it has exited; `None`
@@ -72,7 +83,50 @@ fn reap(pid: Pid) -> Option<Option<i32>> {
     }
 }
 
+/// The readiness pipe named by [`READY_FD_ENV`], if this monitor was given
+/// one. Taken out of the environment and made close-on-exec, so neither
+/// the container nor a health check inherits it (its holders would keep
+/// `run` from seeing the monitor die).
+fn take_ready_fd() -> Option<std::fs::File> {
+    let v = std::env::var_os(READY_FD_ENV)?;
+    // Single-threaded here: the monitor has not started anything yet.
+    std::env::remove_var(READY_FD_ENV);
+    let fd: i32 = v.to_str()?.parse().ok().filter(|fd| *fd > 2)?;
+    // Only an open pipe: a stale variable must not make us write elsewhere.
+    // SAFETY: fstat and fcntl on a number; neither takes ownership.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+            return None;
+        }
+        if libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) != 0 {
+            return None;
+        }
+        // SAFETY: inherited for us alone; nothing else in this process owns it.
+        Some(std::fs::File::from_raw_fd(fd))
+    }
+}
+
 impl Monitor<'_> {
+    /// Tell `run -d` (if it waits) how the first start went; once.
+    fn report_ready(&mut self, outcome: std::result::Result<(), &str>) {
+        use std::io::Write;
+        let Some(mut f) = self.ready.take() else {
+            return;
+        };
+        let msg = match outcome {
+            Ok(()) => vec![READY_RUNNING],
+            Err(e) => {
+                let mut m = vec![READY_FAILED];
+                m.extend(e.bytes().filter(|&b| b != 0));
+                m.push(0);
+                m
+            }
+        };
+        // `run` may be gone (killed while waiting): nothing to tell then.
+        let _ = f.write_all(&msg);
+    }
+
     fn save(&self) -> Result<()> {
         write_json(
             &self
@@ -304,7 +358,11 @@ fn monitor_signals() -> SigSet {
 /// code. Stdin becomes /dev/null, stdout and stderr (inherited by the
 /// container) its log. (`run` in the foreground supervises in-process, see
 /// [`supervise_loaded`].)
+///
+/// Started by `run -d`, it reports the first start on the pipe named by
+/// [`READY_FD_ENV`].
 pub fn supervise(rt: &Runtime, name: &str) -> Result<i32> {
+    let ready = take_ready_fd();
     let dir = rt.paths.container(name);
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -318,7 +376,7 @@ pub fn supervise(rt: &Runtime, name: &str) -> Result<i32> {
     let record: ContainerRecord = read_json(&dir.join("container.json"))?;
     let spec: Spec = read_json(&dir.join("config.json"))?;
     let state: ContainerState = read_json(&dir.join("state.json")).unwrap_or_default();
-    supervise_loaded(rt, record, spec, state, None)
+    supervise_with(rt, record, spec, state, None, ready)
 }
 
 /// Supervise a container in this process, its records already in hand:
@@ -328,8 +386,19 @@ pub(crate) fn supervise_loaded(
     rt: &Runtime,
     record: ContainerRecord,
     spec: Spec,
+    state: ContainerState,
+    early_userns: Option<container::PendingUserns>,
+) -> Result<i32> {
+    supervise_with(rt, record, spec, state, early_userns, None)
+}
+
+fn supervise_with(
+    rt: &Runtime,
+    record: ContainerRecord,
+    spec: Spec,
     mut state: ContainerState,
     early_userns: Option<container::PendingUserns>,
+    ready: Option<std::fs::File>,
 ) -> Result<i32> {
     let name = record.name.clone();
     let name = name.as_str();
@@ -356,6 +425,7 @@ pub(crate) fn supervise_loaded(
         sfd,
         cgroup: None,
         early_userns,
+        ready,
     };
     let res = supervise_inner(&mut m);
     if m.cgroup.is_some() {
@@ -385,9 +455,11 @@ pub(crate) fn supervise_loaded(
         }
         Err(e) => {
             m.state.status = Status::Failed;
-            m.state.error = Some(format!("{e:#}"));
+            let msg = format!("{e:#}");
+            m.state.error = Some(msg.clone());
             m.state.finished_at = Some(crate::state::now());
             let _ = m.save();
+            m.report_ready(Err(&msg));
             Err(e)
         }
     }
@@ -432,6 +504,7 @@ fn supervise_inner(m: &mut Monitor) -> Result<i32> {
         m.state.started_at = Some(crate::state::now());
         m.state.exit_code = None;
         m.save()?;
+        m.report_ready(Ok(()));
         let code = m.run_once(pid)?;
         tracing::debug!(
             "monitor: {} exited with {code} after {:?}",

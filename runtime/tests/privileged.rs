@@ -17,7 +17,10 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cairn_runtime::cgroup::Limits;
+use cairn_runtime::engine::HealthCheck;
 use cairn_runtime::net::NetworkConfig;
+use cairn_runtime::spec::Volume;
 use cairn_runtime::state::{Health, RestartPolicy, Status};
 use cairn_runtime::{RunOptions, RunOutcome, Runtime};
 use sha2::Digest as _;
@@ -87,6 +90,10 @@ const TESTS: &[(&str, TestFn)] = &[
     (
         "foreground_run_reaps_only_its_own_children",
         foreground_run_reaps_only_its_own_children,
+    ),
+    (
+        "detached_start_is_reported_over_a_pipe",
+        detached_start_is_reported_over_a_pipe,
     ),
 ];
 
@@ -203,6 +210,10 @@ fn runtime_at(root: &Path, bridge: &str, subnet: &str, cgroups: Option<(&str, &s
     rt
 }
 
+fn volume(s: &str) -> Volume {
+    Volume::parse(s).unwrap()
+}
+
 static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// A temporary runtime with its own root, bridge and subnet; Drop removes
@@ -243,8 +254,6 @@ impl Env {
             image: "busybox:test".into(),
             name: Some(name.into()),
             command: cmd.iter().map(|s| s.to_string()).collect(),
-            health_interval: Duration::from_secs(10),
-            health_retries: 3,
             stop_timeout: 2,
             ..Default::default()
         }
@@ -820,10 +829,10 @@ fn exit_codes_and_bad_input_leave_nothing() {
         (RunOptions { image: "nosuch:1".into(), ..env.opts("b1", &["true"]) }, "no image nosuch:1"),
         (env.opts("b2", &["/bin/nosuch"]), "not found in the image"),
         (env.opts("b3", &["nosuch-cmd"]), "not found in the image's PATH"),
-        (RunOptions { memory: Some("12Q".into()), ..env.opts("b4", &["true"]) }, "unknown unit 'Q'"),
-        (RunOptions { cpus: Some("-1".into()), ..env.opts("b5", &["true"]) }, "--cpus"),
+        (RunOptions { limits: Limits { memory: Some(12), ..Default::default() }, ..env.opts("b4", &["true"]) }, "below 1M"),
+        (RunOptions { limits: Limits { cpu_quota_us: Some(0), ..Default::default() }, ..env.opts("b5", &["true"]) }, "0.01 CPUs"),
         (RunOptions { ip: Some(Ipv4Addr::new(192, 0, 2, 1)), ..env.opts("b6", &["true"]) }, "not a host address"),
-        (RunOptions { volumes: vec!["/nonexistent-src:/data".into()], ..env.opts("b7", &["true"]) }, "does not exist on the host"),
+        (RunOptions { volumes: vec![Volume { source: "/nonexistent-src".into(), destination: "/data".into(), readonly: false }], ..env.opts("b7", &["true"]) }, "does not exist on the host"),
         (RunOptions { image: "busybox@sha256:0000000000000000000000000000000000000000000000000000000000000000".into(), ..env.opts("b8", &["true"]) }, "no image"),
     ];
     for (o, want) in bad {
@@ -844,7 +853,10 @@ fn exit_codes_and_bad_input_leave_nothing() {
             "{:#}",
             env.rt
                 .run(&RunOptions {
-                    memory: Some("64M".into()),
+                    limits: Limits {
+                        memory: Some(64 << 20),
+                        ..Default::default()
+                    },
                     ..env.opts("b9", &["true"])
                 })
                 .unwrap_err()
@@ -884,6 +896,55 @@ fn exit_codes_and_bad_input_leave_nothing() {
     env.rt.rm("dup", true).unwrap();
 }
 
+/// `run -d` hears from its monitor over the readiness pipe: an error it
+/// writes, its death without a word, or the container running.
+fn detached_start_is_reported_over_a_pipe() {
+    let mut env = Env::new();
+    env.import();
+    let real = env.rt.monitor_command.take();
+    let sh = |script: &'static str| -> cairn_runtime::MonitorCommand {
+        Box::new(move |_: &Path, _: &str| {
+            let mut c = std::process::Command::new("/bin/sh");
+            c.arg("-c").arg(script);
+            c
+        })
+    };
+    let detached = |env: &Env, name: &str| RunOptions {
+        detach: true,
+        ..env.opts(name, &["sleep", "30"])
+    };
+    // What a monitor whose first start failed says.
+    env.rt.monitor_command = Some(sh(
+        r#"printf 'Eno luck\0' >&"$CAIRN_MONITOR_READY_FD"; sleep 0.2"#,
+    ));
+    let err = format!("{:#}", env.rt.run(&detached(&env, "p1")).unwrap_err());
+    assert_eq!(err, "no luck");
+    assert!(!env.rt.paths.container("p1").exists());
+    // A monitor that dies first.
+    env.rt.monitor_command = Some(sh("exit 3"));
+    let err = format!("{:#}", env.rt.run(&detached(&env, "p2")).unwrap_err());
+    assert!(
+        err.contains("the container monitor exited (exit status: 3) before starting the container"),
+        "{err}"
+    );
+    assert!(!env.rt.paths.container("p2").exists());
+    // The real one: running once `run` returns, and the pipe is not the
+    // container's.
+    env.rt.monitor_command = real;
+    env.rt.run(&detached(&env, "p3")).unwrap();
+    let st = env.rt.state("p3").unwrap();
+    assert_eq!(st.status, Status::Running);
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", st.pid.unwrap())).unwrap();
+    for fd in fds {
+        let target = std::fs::read_link(fd.unwrap().path()).unwrap();
+        assert!(
+            !target.to_string_lossy().starts_with("pipe:"),
+            "the container holds a pipe: {target:?}"
+        );
+    }
+    env.rt.rm("p3", true).unwrap();
+}
+
 fn read_only_root_and_isolation() {
     let env = Env::new();
     env.import();
@@ -917,8 +978,8 @@ fn read_only_root_and_isolation() {
     let o = RunOptions {
         env: vec!["GREETING=hi".into()],
         volumes: vec![
-            format!("{}:/vol:ro", vol.path().display()),
-            format!("{}:/rw", rw.path().display()),
+            volume(&format!("{}:/vol:ro", vol.path().display())),
+            volume(&format!("{}:/rw", rw.path().display())),
         ],
         ..env.opts("iso", &["sh", "-c", script])
     };
@@ -1052,9 +1113,11 @@ fn health_exec_stop_and_restart() {
     env.import();
     let o = RunOptions {
         detach: true,
-        health_cmd: Some("test -e /tmp/ok".into()),
-        health_interval: Duration::from_millis(200),
-        health_retries: 1,
+        health: Some(HealthCheck {
+            cmd: "test -e /tmp/ok".into(),
+            interval: Duration::from_millis(200),
+            retries: 1,
+        }),
         stop_timeout: 1,
         ..env.opts("hc", &["sleep", "1000"])
     };
@@ -1646,8 +1709,8 @@ fn volumes_are_read_only_nosuid_nodev_all_the_way_down() {
     "#;
     let o = RunOptions {
         volumes: vec![
-            format!("{}:/ro:ro", src.path().display()),
-            format!("{}:/rw", src.path().display()),
+            volume(&format!("{}:/ro:ro", src.path().display())),
+            volume(&format!("{}:/rw", src.path().display())),
         ],
         ..env.opts("vol", &["sh", "-c", script])
     };
@@ -1680,7 +1743,7 @@ fn exec_cannot_rewrite_the_host_binary() {
     // libraries: lend them read-only.
     let o = RunOptions {
         detach: true,
-        volumes: vec!["/usr/lib:/lib:ro".into(), "/usr/lib64:/lib64:ro".into()],
+        volumes: vec![volume("/usr/lib:/lib:ro"), volume("/usr/lib64:/lib64:ro")],
         ..env.opts("target", &["sleep", "1000"])
     };
     env.rt.run(&o).unwrap();
