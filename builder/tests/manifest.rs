@@ -511,3 +511,37 @@ fn files_drop_setuid_unless_the_mode_says_so() {
     assert_eq!(mode("usr/bin/b"), 0o4750);
     assert_eq!(mode("usr/lib/c"), 0o755, "resolved inside the tree");
 }
+
+/// Loading reads every source once: the digest is of those bytes and the
+/// copy into the tree writes them, whatever happens to the file afterwards.
+#[test]
+fn sources_are_read_once_at_load() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "files/x", "loaded");
+    let script = write(dir.path(), "post.sh", "echo loaded\n");
+    let p = write(
+        dir.path(),
+        "m.toml",
+        &base("[[files]]\nsrc = \"files/x\"\ndst = \"/etc/x\"\n\n[[postprocess]]\nscript = \"post.sh\"\n"),
+    );
+    let m = Manifest::load(&p).unwrap();
+    assert!(matches!(&m.base, Base::Rootfs(r) if r == dir.path()));
+    assert_eq!(
+        m.files[0].sha256,
+        hex::encode(sha2::Sha256::digest(b"loaded"))
+    );
+    assert_eq!(m.postprocess[0].body, "echo loaded\n");
+    assert_eq!(m.postprocess[0].name, script.display().to_string());
+
+    write(dir.path(), "files/x", "changed");
+    write(dir.path(), "post.sh", "echo changed\n");
+    assert_ne!(Manifest::load(&p).unwrap().digest(), m.digest());
+    let tree = tempfile::tempdir().unwrap();
+    let root = cairn_builder::confined::Root::open(tree.path()).unwrap();
+    cairn_builder::tree::add_files(&root, &m.files).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(tree.path().join("etc/x")).unwrap(),
+        "loaded"
+    );
+}
