@@ -1,6 +1,6 @@
 //! The treefile: a TOML manifest describing one host tree.
 //!
-//! Adding a key? 1. add it to [`ManifestFile`] (all fields optional or
+//! Adding a key? 1. add it to `ManifestFile` (all fields optional or
 //! defaulted, `deny_unknown_fields` stays on), 2. give it a merge rule in
 //! `ManifestFile::merge_included`, 3. check it and carry it into
 //! [`Manifest`] in `Merged::resolve`, 4. document it in `docs/manifest.md`,
@@ -51,7 +51,7 @@ type Result<T> = std::result::Result<T, ManifestError>;
 /// One manifest file as written (before includes are merged).
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ManifestFile {
+struct ManifestFile {
     /// Other manifests to merge under this one, relative to this file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub include: Vec<PathBuf>,
@@ -159,7 +159,7 @@ pub struct Packages {
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileEntry {
+struct FileEntry {
     /// Source path, relative to the manifest that names it.
     pub src: PathBuf,
     /// Absolute destination in the tree, under /usr or /etc.
@@ -181,7 +181,7 @@ pub struct FileEntry {
 /// The manifest file, directory, array index and line an entry comes from,
 /// so errors point at it after includes are merged.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Origin {
+struct Origin {
     pub file: PathBuf,
     pub dir: PathBuf,
     pub index: usize,
@@ -273,7 +273,7 @@ pub struct Group {
 /// A postprocess script: a file (`script`) or inline text (`inline`, with a `name`).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Script {
+struct Script {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub script: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -365,7 +365,7 @@ pub struct PostprocessScript {
 
 /// The most a manifest's `[[files]]` source or postprocess script may hold:
 /// each is kept in memory from load to copy.
-pub const MAX_SOURCE_BYTES: u64 = 256 << 20;
+const MAX_SOURCE_BYTES: u64 = 256 << 20;
 
 impl Manifest {
     /// Load a manifest and everything it includes: merge, validate, and read
