@@ -508,7 +508,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
-    s.parse::<RestartPolicy>().map_err(|e| format!("{e:#}"))
+    Ok(match s {
+        "no" => RestartPolicy::No,
+        "on-failure" => RestartPolicy::OnFailure,
+        "always" => RestartPolicy::Always,
+        _ => return Err(format!("--restart {s:?}: use no, on-failure or always")),
+    })
 }
 
 /// `123`, `64K`, `512M`, `16G`, `1T` (powers of 1024) as bytes.
@@ -569,6 +574,17 @@ mod tests {
         assert!(parse_pids("0").is_err());
         assert!(parse_cpu_weight("10001").is_err());
         assert_eq!(parse_cpu_weight("100").unwrap(), 100);
+    }
+
+    #[test]
+    fn restart_policies_are_named_as_recorded() {
+        for name in ["no", "on-failure", "always"] {
+            let p = parse_restart(name).unwrap();
+            assert_eq!(serde_json::to_value(p).unwrap(), name);
+        }
+        assert!(parse_restart("sometimes")
+            .unwrap_err()
+            .contains("--restart"));
     }
 
     /// `host app run`'s arguments, as clap parses them.

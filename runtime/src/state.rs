@@ -122,18 +122,6 @@ pub enum RestartPolicy {
     Always,
 }
 
-impl std::str::FromStr for RestartPolicy {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "no" => Self::No,
-            "on-failure" => Self::OnFailure,
-            "always" => Self::Always,
-            _ => bail!("--restart {s:?}: use no, on-failure or always"),
-        })
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthConfig {
     /// Run with `/bin/sh -c` inside the container.
@@ -371,14 +359,5 @@ mod tests {
         assert_eq!(parse_signal("int").unwrap(), Signal::SIGINT);
         assert_eq!(parse_signal("9").unwrap(), Signal::SIGKILL);
         assert!(parse_signal("SIGNOPE").is_err());
-    }
-
-    #[test]
-    fn restart_policy_syntax() {
-        assert_eq!(
-            "on-failure".parse::<RestartPolicy>().unwrap(),
-            RestartPolicy::OnFailure
-        );
-        assert!("sometimes".parse::<RestartPolicy>().is_err());
     }
 }
