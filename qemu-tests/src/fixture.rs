@@ -104,7 +104,6 @@ fn require_root() -> Result<()> {
 
 fn build_test_image() -> Result<TestImage> {
     require_root()?;
-    let host = host_binary()?;
     let ws = workspace();
 
     let started = Instant::now();
@@ -126,56 +125,8 @@ fn build_test_image() -> Result<TestImage> {
         .with_context(|| format!("commit {commit} has no cairn.kernel metadata"))?;
     let version = metadata_string(&repo, &commit, "version")?;
 
-    let images = build_dir("qemu-tests/images");
-    std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
-    let key = image_key(&commit, &host)?;
-    let image = images.join(format!("{key}.qcow2"));
-    let started = Instant::now();
-    let image_time = if image.is_file() {
-        eprintln!("qemu-tests: reusing {}", image.display());
-        Duration::ZERO
-    } else {
-        // Older images are of other commits or writers. Keep those of the
-        // last hour: a concurrent test process may be about to boot one.
-        for entry in std::fs::read_dir(&images)?.flatten() {
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > Duration::from_secs(3600));
-            if old {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-        let out = run_host(
-            &host,
-            &[
-                "compose".as_ref(),
-                "image".as_ref(),
-                "--repo".as_ref(),
-                repo.as_os_str(),
-                "--ref".as_ref(),
-                ref_.as_ref(),
-                // The commit composed above, even if another test process
-                // has moved the ref since.
-                "--commit".as_ref(),
-                commit.as_ref(),
-                "--format".as_ref(),
-                "qcow2".as_ref(),
-                "--karg".as_ref(),
-                TEST_KARG.as_ref(),
-                "-o".as_ref(),
-                image.as_os_str(),
-            ],
-        )?;
-        let written =
-            line_value(&out, "commit").context("`host compose image` printed no commit line")?;
-        if written != commit {
-            bail!("`host compose image` deployed {written}, expected {commit}");
-        }
-        started.elapsed()
-    };
+    let (image, image_time) =
+        write_image_unless_present(&build_dir("qemu-tests/images"), &repo, &ref_, &commit)?;
     Ok(TestImage {
         image,
         repo,
@@ -186,6 +137,66 @@ fn build_test_image() -> Result<TestImage> {
         compose_time,
         image_time,
     })
+}
+
+/// A qcow2 disk image of `commit` (of `ref_` in `repo`) in `images`, named
+/// after the commit and the `host` binary that writes it, so an unchanged
+/// pair is written once: `host compose image` unless the file is there.
+/// Returns the image and the time spent writing it (zero when reused).
+pub fn write_image_unless_present(
+    images: &Path,
+    repo: &Path,
+    ref_: &str,
+    commit: &str,
+) -> Result<(PathBuf, Duration)> {
+    let host = host_binary()?;
+    std::fs::create_dir_all(images).with_context(|| format!("creating {}", images.display()))?;
+    let image = images.join(format!("{}.qcow2", image_key(commit, &host)?));
+    if image.is_file() {
+        eprintln!("qemu-tests: reusing {}", image.display());
+        return Ok((image, Duration::ZERO));
+    }
+    // Older images are of other commits or writers. Keep those of the last
+    // hour: a concurrent test process may be about to boot one.
+    for entry in std::fs::read_dir(images)?.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(3600));
+        if old {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let started = Instant::now();
+    let out = run_host(
+        &host,
+        &[
+            "compose".as_ref(),
+            "image".as_ref(),
+            "--repo".as_ref(),
+            repo.as_os_str(),
+            "--ref".as_ref(),
+            ref_.as_ref(),
+            // The commit composed, even if another test process has moved
+            // the ref since.
+            "--commit".as_ref(),
+            commit.as_ref(),
+            "--format".as_ref(),
+            "qcow2".as_ref(),
+            "--karg".as_ref(),
+            TEST_KARG.as_ref(),
+            "-o".as_ref(),
+            image.as_os_str(),
+        ],
+    )?;
+    let written =
+        line_value(&out, "commit").context("`host compose image` printed no commit line")?;
+    if written != commit {
+        bail!("`host compose image` deployed {written}, expected {commit}");
+    }
+    Ok((image, started.elapsed()))
 }
 
 /// `host compose tree --unless-changed` of `manifest` into `repo` with the

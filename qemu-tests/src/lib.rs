@@ -26,7 +26,7 @@ pub fn boot_test_image(name: &str) -> anyhow::Result<Vm> {
 }
 
 /// Remove earlier work directories of `name` whose test process is gone.
-fn remove_stale_runs(runs: &std::path::Path, name: &str) {
+pub fn remove_stale_runs(runs: &std::path::Path, name: &str) {
     let Ok(entries) = std::fs::read_dir(runs) else {
         return;
     };

@@ -34,7 +34,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use apps_image::*;
-use qemu_tests::fixture::{compose_into, host_binary, ostree_cli, start_update_repo, HttpServer};
+use qemu_tests::fixture::{
+    compose_into, host_binary, ostree_cli, run_host, start_update_repo, HttpServer,
+};
 use qemu_tests::Vm;
 use serde_json::Value;
 

@@ -23,11 +23,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-pub use qemu_tests::fixture::run_host;
 use qemu_tests::fixture::{
-    build_dir, compose_unless_changed, host_binary, line_value, workspace, TEST_KARG, TEST_MANIFEST,
+    build_dir, compose_unless_changed, workspace, write_image_unless_present, TEST_MANIFEST,
 };
-use qemu_tests::{Vm, VmConfig};
+use qemu_tests::{remove_stale_runs, Vm, VmConfig};
 use sha2::{Digest, Sha256};
 
 /// Unwrap with the whole error chain in the panic message.
@@ -101,7 +100,6 @@ pub fn build_apps_image(apps_host: &AppsHost) -> Result<AppsImage> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the QEMU runtime tests compose trees and write disk images, which needs root; run them as root (scripts/test does)");
     }
-    let host = host_binary()?;
     // A release build (the benchmark) installs the release `host` in the
     // tree: its own repository, so it never moves a debug build's ref.
     let dir = build_dir(&if cfg!(debug_assertions) {
@@ -127,54 +125,12 @@ pub fn build_apps_image(apps_host: &AppsHost) -> Result<AppsImage> {
         started.elapsed().as_secs_f64()
     );
 
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images)?;
-    let image = images.join(format!("{}.qcow2", image_key(&commit, &host)?));
-    if image.is_file() {
-        eprintln!("runtime: reusing {}", image.display());
-    } else {
-        // Images of other commits or writers, unless a concurrent run may
-        // be about to boot them (younger than an hour).
-        for entry in std::fs::read_dir(&images)?.flatten() {
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > Duration::from_secs(3600));
-            if old {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-        let started = Instant::now();
-        let out = run_host(
-            &host,
-            &[
-                "compose".as_ref(),
-                "image".as_ref(),
-                "--repo".as_ref(),
-                repo.as_os_str(),
-                "--ref".as_ref(),
-                ref_.as_ref(),
-                "--commit".as_ref(),
-                commit.as_ref(),
-                "--format".as_ref(),
-                "qcow2".as_ref(),
-                "--karg".as_ref(),
-                TEST_KARG.as_ref(),
-                "-o".as_ref(),
-                image.as_os_str(),
-            ],
-        )?;
-        let written =
-            line_value(&out, "commit").context("`host compose image` printed no commit line")?;
-        if written != commit {
-            bail!("`host compose image` deployed {written}, expected {commit}");
-        }
+    let (image, took) = write_image_unless_present(&dir.join("images"), &repo, &ref_, &commit)?;
+    if took > Duration::ZERO {
         eprintln!(
             "runtime: wrote {} in {:.1} s",
             image.display(),
-            started.elapsed().as_secs_f64()
+            took.as_secs_f64()
         );
     }
     Ok(AppsImage {
@@ -185,16 +141,6 @@ pub fn build_apps_image(apps_host: &AppsHost) -> Result<AppsImage> {
         commit,
         digest,
     })
-}
-
-pub fn image_key(commit: &str, host: &Path) -> Result<String> {
-    let mut hasher = Sha256::new();
-    hasher.update(commit.as_bytes());
-    hasher.update(TEST_KARG.as_bytes());
-    let mut file =
-        std::fs::File::open(host).with_context(|| format!("reading {}", host.display()))?;
-    std::io::copy(&mut file, &mut hasher)?;
-    Ok(hex::encode(&hasher.finalize()[..12]))
 }
 
 /// A manifest (to be written under `build/`) that includes `host_manifest`
@@ -331,25 +277,6 @@ pub fn boot_with(image: &AppsImage, name: &str, extra_args: Vec<String>) -> Vm {
     must(vm.wait_ready());
     assert_boot_finished(&mut vm);
     vm
-}
-
-pub fn remove_stale_runs(runs: &Path, name: &str) {
-    let Ok(entries) = std::fs::read_dir(runs) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let file_name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = file_name
-            .strip_prefix(name)
-            .and_then(|rest| rest.strip_prefix('.'))
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
 }
 
 pub fn assert_boot_finished(vm: &mut Vm) {
