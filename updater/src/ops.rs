@@ -255,6 +255,8 @@ fn stage(s: &Session, plan: &Staging, out: &mut dyn Write) -> Result<Outcome> {
 /// Write a new deployment of `csum`: staged on a booted system (finalized at
 /// shutdown, so /etc edits made before the reboot are merged), written
 /// directly on a non-booted sysroot.
+/// Room in /boot is checked by the planner before this; `kargs` needs no
+/// check: it redeploys a commit whose kernel and initramfs are in /boot already.
 fn write_deployment(
     s: &Session,
     csum: &str,
