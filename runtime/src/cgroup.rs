@@ -190,6 +190,17 @@ pub fn add_process_at(dir: &Path, pid: i32) -> Result<()> {
     write(&dir.join("cgroup.procs"), &pid.to_string())
 }
 
+/// `dir`'s `cgroup.procs`, open for writing, for a process forked later to
+/// join the cgroup by writing `0` to it: between fork and exec a child
+/// must not allocate, and opening by path would.
+pub fn procs_handle(dir: &Path) -> Result<fs::File> {
+    let path = dir.join("cgroup.procs");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
 fn write(path: &Path, value: &str) -> Result<()> {
     fs::write(path, value).with_context(|| format!("writing {value:?} to {}", path.display()))
 }

@@ -820,10 +820,9 @@ pub fn launch(
         }
         tracing::debug!("launch: namespaces ready after {:?}", t0.elapsed());
         if let (Some(dir), false) = (cgroup, placed) {
-            let procs = dir.join("cgroup.procs");
-            if let Err(e) = fs::write(&procs, pid.to_string()) {
+            if let Err(e) = crate::cgroup::add_process_at(dir, pid.as_raw()) {
                 kill_child(pid);
-                return Err(e).with_context(|| format!("writing {}", procs.display()));
+                return Err(e);
             }
         }
         if let Some(prepare) = prepare {
@@ -1194,7 +1193,11 @@ pub fn spawn_in(
     };
     let pid_ns = open("pid")?;
     let own_pid_ns: OwnedFd = fs::File::open("/proc/thread-self/ns/pid_for_children")?.into();
-    let cgroup_procs = target.cgroup.as_ref().map(|c| c.join("cgroup.procs"));
+    let cgroup_procs = target
+        .cgroup
+        .as_deref()
+        .map(crate::cgroup::procs_handle)
+        .transpose()?;
     let cwd = p.cwd().clone();
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).env_clear();
@@ -1207,11 +1210,11 @@ pub fn spawn_in(
         cmd.stdin(i).stdout(o).stderr(e);
     }
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // syscalls on descriptors opened above.
+    // syscalls on descriptors opened above (the cgroup's `cgroup.procs` too).
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(procs) = &cgroup_procs {
-                let _ = fs::write(procs, "0");
+            if let Some(mut procs) = cgroup_procs.as_ref() {
+                let _ = procs.write_all(b"0");
             }
             for (fd, flag) in &namespaces {
                 nix::sched::setns(fd.as_fd(), *flag).map_err(std::io::Error::from)?;
