@@ -1526,20 +1526,29 @@ fn user_namespace_holder_maps_the_range_and_is_reaped() {
     assert_eq!(children(), before);
 
     let fds = PendingUserns::spawn(range).unwrap().finish(&range).unwrap();
-    let user = fds.user.as_raw_fd();
-    let mut cat = std::process::Command::new("cat");
-    cat.arg("/proc/self/uid_map").arg("/proc/self/gid_map");
-    // SAFETY: setns only, between fork and exec.
-    unsafe {
-        cat.pre_exec(move || {
-            if libc::setns(user, libc::CLONE_NEWUSER) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cat.output().unwrap();
-    assert!(out.status.success(), "{out:?}");
+    // `cmd` run in the namespace of `ns` (a `CLONE_NEW*` kind).
+    let output_in = |ns: &std::os::fd::OwnedFd, kind: libc::c_int, cmd: &[&str]| {
+        let fd = ns.as_raw_fd();
+        let mut c = std::process::Command::new(cmd[0]);
+        c.args(&cmd[1..]);
+        // SAFETY: setns only, between fork and exec.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setns(fd, kind) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+        out
+    };
+    let out = output_in(
+        &fds.user,
+        libc::CLONE_NEWUSER,
+        &["cat", "/proc/self/uid_map", "/proc/self/gid_map"],
+    );
     let maps = String::from_utf8(out.stdout).unwrap();
     let want = format!("0 {} {}", range.host_start, range.size);
     let lines: Vec<String> = maps
@@ -1549,19 +1558,7 @@ fn user_namespace_holder_maps_the_range_and_is_reaped() {
     assert_eq!(lines, [want.clone(), want], "{maps}");
     // The network namespace is the user namespace's: a fresh one, with
     // only its loopback.
-    let net = fds.net.as_raw_fd();
-    let mut ip = std::process::Command::new("ip");
-    ip.args(["-o", "link"]);
-    // SAFETY: setns only, between fork and exec.
-    unsafe {
-        ip.pre_exec(move || {
-            if libc::setns(net, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = ip.output().unwrap();
+    let out = output_in(&fds.net, libc::CLONE_NEWNET, &["ip", "-o", "link"]);
     let links = String::from_utf8_lossy(&out.stdout);
     assert_eq!(links.lines().count(), 1, "{links}");
     assert!(links.contains(": lo:"), "{links}");
