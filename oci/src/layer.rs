@@ -26,7 +26,7 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::image::ImportLimits;
+use crate::limits::ImportLimits;
 
 /// Name prefix that marks a whiteout: `dir/.wh.name` deletes `dir/name`.
 pub const WHITEOUT_PREFIX: &str = ".wh.";

@@ -6,9 +6,10 @@
 //! digests while they stream ([`source`]), layers are applied with every
 //! write resolved inside the staging tree and never through a symlink
 //! ([`layer`]), and sizes, counts and ratios are bounded before reading
-//! ([`image::ImportLimits`]). The result is one commit per image, its
+//! ([`limits::ImportLimits`]). The result is one commit per image, its
 //! manifest digest and config in the commit metadata ([`image`]).
 
 pub mod image;
 pub mod layer;
+pub mod limits;
 pub mod source;

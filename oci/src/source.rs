@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::Digest as _;
 
-use crate::image::ImportLimits;
+use crate::limits::ImportLimits;
 use crate::layer::{at, TarGuard};
 
 /// A `sha256:<hex>` digest, checked for shape.
