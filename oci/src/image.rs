@@ -14,8 +14,8 @@ use gio::prelude::*;
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 
-pub use crate::limits::ImportLimits;
 use crate::layer;
+pub use crate::limits::ImportLimits;
 use crate::source::{archive_member, HashingReader, Sha256, Source};
 
 /// Prefix of every image ref in the node repository.

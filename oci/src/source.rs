@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::Digest as _;
 
-use crate::limits::ImportLimits;
 use crate::layer::{at, TarGuard};
+use crate::limits::ImportLimits;
 
 /// A `sha256:<hex>` digest, checked for shape.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
