@@ -1,31 +1,61 @@
-//! Writing a node's state files so that a power cut leaves either the old
-//! or the new content, never an empty or half-written file: a temporary
-//! file in the same directory, fsynced, renamed over the old one, and the
-//! directory fsynced so the rename itself is on disk. The health state
-//! holds the list of bad commits: losing it would let the agent stage a
-//! commit that already failed.
+//! The one writer of every state file: a temporary file in the same
+//! directory, renamed over the old one, so a reader (or a crash) sees the
+//! old content or the new, never a half-written file. [`write`] also
+//! fsyncs the file and then the directory, so a power cut keeps the new
+//! content once it returns: the health state holds the list of bad commits,
+//! and losing it would let the agent stage a commit that already failed.
+//! [`replace`] skips the syncs, for files a reboot discards anyway (on
+//! `/run`) or that are written on a hot path and can be rebuilt.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 
-/// Replace `path` with `bytes`, durably (see the module doc).
+/// Replace `path` with `bytes`, durably (see the module doc); mode 0600.
 pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file(path, bytes, 0o600, true)
+}
+
+/// [`write`] with the file's mode (e.g. 0644 for what others read).
+pub fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    write_file(path, bytes, mode, true)
+}
+
+/// Replace `path` with `bytes` atomically but without syncing: after a
+/// power cut it may hold the old content (see the module doc); mode 0600.
+pub fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file(path, bytes, 0o600, false)
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<()> {
     let dir = path
         .parent()
+        .filter(|d| !d.as_os_str().is_empty())
         .with_context(|| format!("{} has no directory", path.display()))?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(bytes)
-        .and_then(|()| tmp.as_file().sync_all())
+        .and_then(|()| {
+            if sync {
+                tmp.as_file().sync_all()
+            } else {
+                Ok(())
+            }
+        })
         .with_context(|| format!("writing {}", tmp.path().display()))?;
     tmp.persist(path)
         .with_context(|| format!("writing {}", path.display()))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))?;
+    if sync {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing directory {}", dir.display()))?;
+    }
     Ok(())
 }
 
@@ -42,5 +72,22 @@ mod tests {
             std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
             1
         );
+    }
+
+    #[test]
+    fn modes_and_the_unsynced_replace() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let a = dir.path().join("a");
+        super::write_mode(&a, b"menu", 0o644).unwrap();
+        assert_eq!(mode(&a), 0o644);
+        let b = dir.path().join("b");
+        super::replace(&b, b"one").unwrap();
+        super::replace(&b, b"two").unwrap();
+        assert_eq!(std::fs::read(&b).unwrap(), b"two");
+        assert_eq!(mode(&b), 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        assert!(super::replace(std::path::Path::new("relative"), b"x").is_err());
     }
 }

@@ -17,8 +17,6 @@
 //! Everything here is pure file work; the policy (when to arm, what to do
 //! after a fallback) lives in the updater.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -224,35 +222,6 @@ pub fn render_config(entries: &[BootEntry]) -> String {
     s
 }
 
-/// Write `bytes` to `path` through a temporary file in the same directory,
-/// fsynced, renamed into place, with the directory fsynced after.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no parent directory", path.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))?;
-    Ok(())
-}
-
 /// What libostree runs: read the entries next to `output`
 /// (`<dir of output>/entries`) and write the menu to `output`.
 pub fn generate(output: &Path) -> Result<()> {
@@ -266,7 +235,7 @@ pub fn generate(output: &Path) -> Result<()> {
             dir.join("entries").display()
         );
     }
-    write_atomic(output, render_config(&entries).as_bytes())
+    crate::durable::write_mode(output, render_config(&entries).as_bytes(), 0o644)
 }
 
 /// The arguments libostree passes (`-o FILE`), as the multi-call entry sees them.
@@ -376,7 +345,7 @@ impl GrubEnv {
     /// Replace `path` atomically (GRUB itself writes the block in place; a
     /// rename gives it a new, equally sized file).
     pub fn write(&self, path: &Path) -> Result<()> {
-        write_atomic(path, &self.to_block()?)
+        crate::durable::write_mode(path, &self.to_block()?, 0o644)
     }
 }
 

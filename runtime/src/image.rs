@@ -35,7 +35,11 @@ pub fn remove_checkout(checkouts: &Path, commit: &str) -> Result<bool> {
 /// libostree (see [`resolve_checked_out`]). A commit never changes, so the
 /// record never goes stale.
 pub fn write_checkout_record(checkouts: &Path, info: &ImageInfo) -> Result<()> {
-    crate::state::write_json(&checkout_record(checkouts, &info.commit), info)
+    crate::state::write_json(
+        &checkout_record(checkouts, &info.commit),
+        info,
+        crate::state::Durability::Synced,
+    )
 }
 
 /// `NAME[:TAG]` resolved without libostree, when its commit is already

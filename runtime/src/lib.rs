@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod context;
 pub mod engine;
 pub mod image;
 pub mod monitor;
@@ -19,4 +20,5 @@ pub mod userns;
 
 // The OCI side lives in `cairn-oci`, shared with the builder.
 pub use cairn_oci::{layer, source};
-pub use engine::{MonitorCommand, Pruned, PsEntry, RunOptions, RunOutcome, Runtime};
+pub use context::{MonitorCommand, Runtime};
+pub use engine::{Pruned, PsEntry, RunOptions, RunOutcome};

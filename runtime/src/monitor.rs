@@ -17,11 +17,11 @@ use nix::unistd::Pid;
 use oci_spec::runtime::Spec;
 
 use crate::container::{self, ExecTarget};
+use crate::context::Runtime;
 use crate::state::{
     read_json, write_json, ContainerRecord, ContainerState, Health, HealthState, RestartPolicy,
     Status,
 };
-use crate::Runtime;
 
 /// The environment variable that gives a detached monitor the number of
 /// the inherited fd on which `run -d` waits: the monitor writes
@@ -135,6 +135,7 @@ impl Monitor<'_> {
                 .container(&self.record.name)
                 .join("state.json"),
             &self.state,
+            crate::state::Durability::of(&self.record),
         )
     }
 
@@ -159,7 +160,7 @@ impl Monitor<'_> {
             &self.spec,
             &scaffold,
             &checkout,
-            &crate::engine::generated_files(record),
+            &crate::context::generated_files(record),
         )?;
         tracing::debug!("monitor: scaffold made in {:?}", t0.elapsed());
         if record.network.is_some() && self.state.restarts > 0 {

@@ -128,7 +128,9 @@ impl Allocator {
             Err(e) => return Err(e).with_context(|| format!("reading {}", self.file.display())),
         };
         let out = f(&mut state)?;
-        crate::state::write_atomic(&self.file, &serde_json::to_vec_pretty(&state)?)?;
+        // Not synced: it is on every bridged start's path, and each
+        // persistent container's synced record keeps its address.
+        cairn_contracts::durable::replace(&self.file, &serde_json::to_vec_pretty(&state)?)?;
         Ok(out)
     }
 

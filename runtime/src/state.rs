@@ -19,7 +19,6 @@
 //! reboot leaves is not a container, and its name is free again.
 
 use std::fs;
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -308,17 +307,34 @@ pub fn remove_record_dir(dir: &Path) -> Result<()> {
     }
 }
 
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data)?;
-    drop(f);
-    fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+/// How a record is written (both atomically, see `cairn_contracts::durable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced before returning: the container outlives a reboot, and a
+    /// power cut must not leave it without its records.
+    Synced,
+    /// Not synced: a `--rm` container's records live on `/run` and go with
+    /// the boot anyway (and its start stays as fast as the kernel allows).
+    Volatile,
 }
 
-pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
-    write_atomic(path, &serde_json::to_vec_pretty(v)?)
+impl Durability {
+    /// What the records of `r` need.
+    pub fn of(r: &ContainerRecord) -> Self {
+        if r.auto_remove {
+            Self::Volatile
+        } else {
+            Self::Synced
+        }
+    }
+}
+
+pub fn write_json<T: Serialize>(path: &Path, v: &T, durability: Durability) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(v)?;
+    match durability {
+        Durability::Synced => cairn_contracts::durable::write(path, &bytes),
+        Durability::Volatile => cairn_contracts::durable::replace(path, &bytes),
+    }
 }
 
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
