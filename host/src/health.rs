@@ -43,7 +43,7 @@ pub fn run(cmd: HealthCommand) -> Result<ExitCode> {
     let timeout: Duration = cairn_contracts::duration::parse(&timeout).context("--timeout")?;
     let target = SysrootTarget::from_option(sysroot);
     // GRUB ran out of boot attempts for the default deployment: undo it first.
-    cairn_updater::bootloader::recover_from_fallback(&target, &state_file, &mut std::io::stdout())?;
+    cairn_updater::recovery::recover_from_fallback(&target, &state_file, &mut std::io::stdout())?;
     let sysroot = target.open()?;
     let booted = sysroot
         .booted_deployment()
@@ -74,7 +74,7 @@ pub fn run(cmd: HealthCommand) -> Result<ExitCode> {
     }
     match verdict {
         Verdict::Healthy => {
-            if cairn_updater::bootloader::prove_booted(&target)? {
+            if cairn_updater::recovery::prove_booted(&target)? {
                 println!("boot counter cleared: the booted deployment is proven");
             }
             println!("healthy: {}", report.summary());

@@ -17,6 +17,7 @@ pub mod health;
 pub mod ops;
 pub mod plan;
 pub mod pull;
+pub mod recovery;
 pub mod status;
 pub mod sysroot;
 
@@ -25,5 +26,11 @@ pub use ops::{
     UpgradeOptions,
 };
 pub use plan::Refusal;
-pub use status::{read_status, Status};
+pub use status::Status;
+
+/// The status of a sysroot (`verbose` adds package lists), with what the
+/// update agent last did there.
+pub fn read_status(target: &SysrootTarget, verbose: bool) -> anyhow::Result<Status> {
+    status::read_status_with(target, verbose, agent::summary)
+}
 pub use sysroot::{SysrootTarget, STATEROOT};

@@ -82,27 +82,6 @@ fn var_dir(target: &SysrootTarget, is_booted: bool) -> std::path::PathBuf {
     }
 }
 
-fn agent_summary(var: &std::path::Path) -> Option<AgentSummary> {
-    let record = crate::agent::load_record(&var.join("lib/cairn/agent/state.json"))?;
-    let value = serde_json::to_value(&record.state).ok()?;
-    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
-        t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-    };
-    Some(AgentSummary {
-        policy: serde_json::to_value(record.policy)
-            .ok()?
-            .as_str()?
-            .to_string(),
-        state: value["state"].as_str()?.to_string(),
-        update: value["checksum"].as_str().map(str::to_string),
-        last_check: time(record.last_check),
-        last_result: record.last_result,
-        next_step: time(record.next_step),
-        next_window: time(record.next_window),
-        holds_fleet_lock: record.holds_fleet_lock,
-    })
-}
-
 fn health_summary(var: &std::path::Path) -> Option<HealthSummary> {
     let path = var.join("lib/cairn/health/state.json");
     if !path.exists() {
@@ -241,8 +220,14 @@ impl Roles {
     }
 }
 
-/// Read the status of a sysroot. `verbose` adds package lists.
-pub fn read_status(target: &SysrootTarget, verbose: bool) -> Result<Status> {
+/// Read the status of a sysroot. `verbose` adds package lists; `agent`
+/// reads the update agent's summary from the node's `/var` (the agent's
+/// record is the agent's to read: see `crate::read_status`).
+pub fn read_status_with(
+    target: &SysrootTarget,
+    verbose: bool,
+    agent: impl FnOnce(&std::path::Path) -> Option<AgentSummary>,
+) -> Result<Status> {
     let sysroot = target.open()?;
     let repo = sysroot.repo();
     let roles = Roles::of(&sysroot);
@@ -292,7 +277,7 @@ pub fn read_status(target: &SysrootTarget, verbose: bool) -> Result<Status> {
         is_booted: roles.booted.is_some(),
         diff_base_index: roles.current.map(|i| i as u32),
         deployments,
-        agent: agent_summary(&var),
+        agent: agent(&var),
         health: health_summary(&var),
         boot_counter: crate::bootloader::read(target.path(), &repo).unwrap_or_else(|err| {
             tracing::warn!("{err:#}");

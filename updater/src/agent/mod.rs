@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use config::{AgentConfig, Policy, Strategy};
 
 use crate::fleetlock::{self, Answer};
+use crate::status::AgentSummary;
 use crate::sysroot::SysrootTarget;
 
 pub const STATE_FILE: &str = "/var/lib/cairn/agent/state.json";
@@ -289,6 +290,29 @@ impl Machine {
 
 fn short(c: &str) -> &str {
     &c[..c.len().min(12)]
+}
+
+/// What `host status` shows of the agent, from its record under the node's
+/// `/var` (`var`).
+pub fn summary(var: &Path) -> Option<AgentSummary> {
+    let record = load_record(&var.join(STATE_FILE.trim_start_matches("/var/")))?;
+    let value = serde_json::to_value(&record.state).ok()?;
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    };
+    Some(AgentSummary {
+        policy: serde_json::to_value(record.policy)
+            .ok()?
+            .as_str()?
+            .to_string(),
+        state: value["state"].as_str()?.to_string(),
+        update: value["checksum"].as_str().map(str::to_string),
+        last_check: time(record.last_check),
+        last_result: record.last_result,
+        next_step: time(record.next_step),
+        next_window: time(record.next_window),
+        holds_fleet_lock: record.holds_fleet_lock,
+    })
 }
 
 pub fn load_record(path: &Path) -> Option<Record> {
