@@ -619,12 +619,6 @@ fn check_whiteout_names(rel: &Path, kind: tar::EntryType) -> Result<()> {
     Ok(())
 }
 
-/// Apply one uncompressed layer tar stream onto `dest`, with the default
-/// [`ImportLimits`].
-pub fn apply_layer<R: Read>(reader: R, dest: &Path) -> Result<LayerStats> {
-    apply_layer_limited(reader, dest, &ImportLimits::default(), &mut 0)
-}
-
 /// Apply one uncompressed layer tar stream onto `dest`. `entries` counts the
 /// entries of all layers so far (against `limits.max_entries`).
 /// Ownership is kept when running as root; otherwise the files belong to the
@@ -1132,6 +1126,11 @@ pub fn decompress<'a, R: io::BufRead + 'a>(mut reader: R) -> Result<Box<dyn Read
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One uncompressed layer onto `dest`, with the default limits.
+    fn apply_layer<R: Read>(reader: R, dest: &Path) -> Result<LayerStats> {
+        apply_layer_limited(reader, dest, &ImportLimits::default(), &mut 0)
+    }
 
     fn tar_of(entries: &[(&str, Option<&str>, char)]) -> Vec<u8> {
         // (path, content or link target, kind: f=file d=dir l=symlink)

@@ -157,10 +157,6 @@ impl CgroupManager {
         res.map(|()| cg)
     }
 
-    pub fn add_process(&self, name: &str, pid: i32) -> Result<()> {
-        add_process_at(&self.path(name), pid)
-    }
-
     /// Kill what is left in the cgroup and remove it. Missing is fine.
     pub fn remove(&self, name: &str) -> Result<()> {
         let cg = self.path(name);
@@ -286,7 +282,7 @@ mod tests {
         let sub =
             fs::read_to_string(root.path().join("cairn.slice/cgroup.subtree_control")).unwrap();
         assert_eq!(sub, "+cpu +memory +pids");
-        m.add_process("web", 4242).unwrap();
+        add_process_at(&m.path("web"), 4242).unwrap();
         assert_eq!(read("cgroup.procs"), "4242");
     }
 

@@ -189,10 +189,6 @@ impl Allocator {
             Ok(())
         })
     }
-
-    pub fn owner_of(&self, ip: Ipv4Addr) -> Result<Option<String>> {
-        self.with_state(|st| Ok(st.allocated.get(&ip).cloned()))
-    }
 }
 
 /// Run netlink requests on a small single-threaded runtime of our own.
@@ -288,11 +284,6 @@ pub fn delete_link(name: &str) -> Result<()> {
         }
         Ok(())
     })
-}
-
-pub fn link_exists(name: &str) -> Result<bool> {
-    let name = name.to_string();
-    netlink(move |h| async move { Ok(link_index(&h, &name).await?.is_some()) })
 }
 
 /// Give the process `pid` (in its own network namespace) an `eth0` on the
@@ -422,7 +413,12 @@ mod tests {
         assert_eq!(a.allocate("c6", None).unwrap(), ips[1]);
         // Persistence: a fresh allocator sees the same state.
         let b = Allocator::new(dir.path(), &cfg);
-        assert_eq!(b.owner_of(ips[0]).unwrap().as_deref(), Some("c0"));
+        assert_eq!(
+            b.with_state(|st| Ok(st.allocated.get(&ips[0]).cloned()))
+                .unwrap()
+                .as_deref(),
+            Some("c0")
+        );
         let e = b.allocate("x", Some(ips[0])).unwrap_err().to_string();
         assert!(e.contains("in use by container c0"), "{e}");
         assert!(b.allocate("x", Some(cfg.gateway)).is_err());

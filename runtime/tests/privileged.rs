@@ -516,7 +516,13 @@ fn descriptor_digest(layout: &Path) -> String {
 }
 
 fn link_exists(name: &str) -> bool {
-    cairn_runtime::net::link_exists(name).unwrap()
+    // iproute2's view, not the runtime's own netlink code.
+    let out = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "dev", name])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    out.status.success()
 }
 
 /// The kernel removes a dead container's veth pair with its network

@@ -15,18 +15,8 @@ pub struct SysrootTarget {
 }
 
 impl SysrootTarget {
-    /// The running system (`/`).
-    pub fn booted() -> Self {
-        SysrootTarget { path: None }
-    }
-
-    /// A sysroot at `dir` (for example a mounted, non-booted disk).
-    pub fn at(dir: impl Into<PathBuf>) -> Self {
-        SysrootTarget {
-            path: Some(dir.into()),
-        }
-    }
-
+    /// A sysroot at `dir` (for example a mounted, non-booted disk), or with
+    /// `None` the running system (`/`).
     pub fn from_option(dir: Option<PathBuf>) -> Self {
         SysrootTarget { path: dir }
     }
