@@ -399,7 +399,7 @@ fn run_options(a: RunArgs) -> Result<RunOptions> {
         Some(cmd) => {
             // Only with a check: the interval alone is not used.
             if a.health_interval < MIN_HEALTH_INTERVAL {
-                bail!("--health-interval must be at least 100ms");
+                bail!("--health-interval must be at least {MIN_HEALTH_INTERVAL:?}");
             }
             Some(HealthCheck {
                 cmd,

@@ -724,8 +724,8 @@ fn child_main(
 /// hardware. When the parent has nothing to do before the child goes on
 /// (no network, no cgroup move) the two do not wait for each other.
 ///
-/// `userns`: the namespaces begun earlier for a spec with a user namespace
-/// (see [`PendingUserns`]); begun here if not given.
+/// `userns`: the namespaces begun earlier (see [`PendingUserns`]), which
+/// a spec with a user namespace needs.
 pub fn launch(
     spec: &Spec,
     lowers: &[&Path],
@@ -736,10 +736,9 @@ pub fn launch(
     let t0 = std::time::Instant::now();
     let userns = match crate::spec::userns_range(spec) {
         Some(range) => {
-            let pending = match userns {
-                Some(p) => p,
-                None => PendingUserns::spawn(range)?,
-            };
+            let pending = userns.context(
+                "internal error: a container with a user namespace was launched without one begun",
+            )?;
             Some((range, pending.finish(&range)?))
         }
         None => None,
@@ -855,17 +854,8 @@ pub struct UsernsFds {
     pub net: OwnedFd,
     pub uts: OwnedFd,
     pub ipc: OwnedFd,
-    /// The exiting child that made them, reaped on drop (then its stack goes).
-    holder: Option<(Pid, Option<HolderStack>)>,
-}
-
-impl Drop for UsernsFds {
-    fn drop(&mut self) {
-        if let Some((pid, stack)) = self.holder.take() {
-            let _ = nix::sys::wait::waitpid(pid, None);
-            drop(stack);
-        }
-    }
+    /// The exiting child that made them, reaped with these fds.
+    _holder: Holder,
 }
 
 /// A user namespace that maps container ids 0.. onto a range, with a
@@ -880,13 +870,28 @@ impl Drop for UsernsFds {
 /// init joins the others at once and the user namespace last.
 pub struct PendingUserns {
     range: IdRange,
-    child: Pid,
     /// The child says `u` once it is in the user namespace, then `n` once
     /// it made the others (`e` instead: it failed).
     ready: OwnedFd,
+    holder: Holder,
+}
+
+/// The child that makes the namespaces and the stack it runs on. Dropped,
+/// it lets the child go, reaps it, and only then unmaps the stack.
+struct Holder {
     /// Closing it lets the child exit.
     hold: Option<OwnedFd>,
-    stack: Option<HolderStack>,
+    pid: Pid,
+    /// Kept only to be unmapped (by its own drop) after the child is reaped.
+    _stack: HolderStack,
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.hold.take());
+        let _ = nix::sys::wait::waitpid(self.pid, None);
+        // `_stack` is dropped after this, with the child gone.
+    }
 }
 
 /// What [`holder_main`] gets: descriptor numbers in its copy of our table.
@@ -1012,10 +1017,12 @@ impl PendingUserns {
         drop((ready_w, hold_r));
         Ok(Self {
             range,
-            child: Pid::from_raw(pid),
             ready: ready_r,
-            hold: Some(hold_w),
-            stack: Some(stack),
+            holder: Holder {
+                hold: Some(hold_w),
+                pid: Pid::from_raw(pid),
+                _stack: stack,
+            },
         })
     }
 
@@ -1037,7 +1044,7 @@ impl PendingUserns {
                 range
             );
         }
-        let child = self.child;
+        let child = self.holder.pid;
         let open = |ns: &str| -> Result<OwnedFd> {
             let path = format!("/proc/{child}/ns/{ns}");
             Ok(fs::File::open(&path)
@@ -1052,27 +1059,16 @@ impl PendingUserns {
         }
         let user = open("user")?;
         self.expect(b'n')?;
-        let fds = UsernsFds {
+        let (net, uts, ipc) = (open("net")?, open("uts")?, open("ipc")?);
+        // Let it go now; `UsernsFds` reaps it once it had time to exit.
+        drop(self.holder.hold.take());
+        Ok(UsernsFds {
             user,
-            net: open("net")?,
-            uts: open("uts")?,
-            ipc: open("ipc")?,
-            holder: Some((child, self.stack.take())),
-        };
-        // Let it go; `UsernsFds` reaps it once it had time to exit.
-        drop(self.hold.take());
-        self.child = Pid::from_raw(0);
-        Ok(fds)
-    }
-}
-
-impl Drop for PendingUserns {
-    fn drop(&mut self) {
-        drop(self.hold.take());
-        if self.child.as_raw() > 0 {
-            let _ = nix::sys::wait::waitpid(self.child, None);
-        }
-        drop(self.stack.take());
+            net,
+            uts,
+            ipc,
+            _holder: self.holder,
+        })
     }
 }
 

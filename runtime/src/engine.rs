@@ -311,7 +311,7 @@ impl Runtime {
         let health = match &opts.health {
             Some(h) => {
                 if h.interval < MIN_HEALTH_INTERVAL {
-                    bail!("the health check interval must be at least 100ms");
+                    bail!("the health check interval must be at least {MIN_HEALTH_INTERVAL:?}");
                 }
                 Some(HealthConfig {
                     cmd: h.cmd.clone(),
@@ -429,6 +429,7 @@ impl Runtime {
                 spec,
                 ContainerState::default(),
                 early_userns,
+                None,
             )?;
             std::mem::forget(undo);
             return Ok(RunOutcome::Exited { name, code });

@@ -377,23 +377,15 @@ pub fn supervise(rt: &Runtime, name: &str) -> Result<i32> {
     let record: ContainerRecord = read_json(&dir.join("container.json"))?;
     let spec: Spec = read_json(&dir.join("config.json"))?;
     let state: ContainerState = read_json(&dir.join("state.json")).unwrap_or_default();
-    supervise_with(rt, record, spec, state, None, ready)
+    supervise_loaded(rt, record, spec, state, None, ready)
 }
 
 /// Supervise a container in this process, its records already in hand:
-/// `run` in the foreground has just written them, and parsing the OCI
-/// config back would cost a short container's start several ms in a VM.
+/// `run` in the foreground has just written them (and begun the first
+/// start's namespaces, `early_userns`), and parsing the OCI config back
+/// would cost a short container's start several ms in a VM. `ready`: where
+/// `run -d` waits to hear how the first start went.
 pub(crate) fn supervise_loaded(
-    rt: &Runtime,
-    record: ContainerRecord,
-    spec: Spec,
-    state: ContainerState,
-    early_userns: Option<container::PendingUserns>,
-) -> Result<i32> {
-    supervise_with(rt, record, spec, state, early_userns, None)
-}
-
-fn supervise_with(
     rt: &Runtime,
     record: ContainerRecord,
     spec: Spec,
