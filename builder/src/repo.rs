@@ -311,6 +311,14 @@ mod parallel {
     use glib::prelude::*;
     use ostree::gio;
 
+    /// Held by a worker while it starts or ends its transaction. libostree
+    /// makes a transaction's staging directory and only then locks it, and
+    /// ending a transaction sweeps the repository's unlocked staging
+    /// directories: a worker ending its transaction while another was
+    /// starting one removed the other's directory under it
+    /// (`opendir(staging-…): No such file or directory`).
+    static TMPDIR: Mutex<()> = Mutex::new(());
+
     /// Subtrees smaller than this stay in the main walk.
     const MIN_SUBTREE: u64 = 1 << 20;
     const MAX_DEPTH: usize = 4;
@@ -394,7 +402,11 @@ mod parallel {
         if threads < 2 {
             return Ok(Written::new());
         }
-        let queue = Mutex::new(plan(root, threads)?);
+        let queue = plan(root, threads)?;
+        if queue.is_empty() {
+            return Ok(Written::new());
+        }
+        let queue = Mutex::new(queue);
         let written = Mutex::new(Written::new());
         std::thread::scope(|scope| -> Result<()> {
             let workers: Vec<_> = (0..threads)
@@ -422,7 +434,10 @@ mod parallel {
         // whole file system (these objects included) before the ref moves,
         // so durability is the same as one stock commit, with one sync.
         repo.set_disable_fsync(true);
-        repo.prepare_transaction(cancellable)?;
+        {
+            let _tmpdir = TMPDIR.lock().expect("no poisoned lock");
+            repo.prepare_transaction(cancellable)?;
+        }
         let modifier = modifier(None);
         let result = (|| -> Result<()> {
             loop {
@@ -449,6 +464,7 @@ mod parallel {
                     .insert(rel, (contents.to_string(), meta.to_string()));
             }
         })();
+        let _tmpdir = TMPDIR.lock().expect("no poisoned lock");
         match result {
             Ok(()) => {
                 repo.commit_transaction(cancellable)?;
