@@ -506,11 +506,17 @@ fn input_hash(
         }
     }
     if let Some(bin) = host_binary {
-        h.update("\nhost ");
-        h.update(
-            crate::manifest::file_sha256(bin)
-                .with_context(|| format!("reading {}", bin.display()))?,
-        );
+        // Both executables (see tree::self_install).
+        for (label, path) in [
+            ("\nhost ", bin.to_path_buf()),
+            ("\nhost-full ", cairn_contracts::names::full_executable(bin)),
+        ] {
+            h.update(label);
+            h.update(
+                crate::manifest::file_sha256(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            );
+        }
     }
     Ok(hex::encode(h.finalize()))
 }

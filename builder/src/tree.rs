@@ -76,7 +76,31 @@ pub fn install_file(root: &Root, src: &Path, dst: &str, mode: u32) -> Result<()>
 /// Installs the running `host` binary (debug info stripped: it is dead
 /// weight on a node). It is stripped in `scratch`, outside the tree, and
 /// then copied in.
+/// Install the running `host`: its container executable at `dst` and the
+/// full one next to it (`cairn_contracts::names::full_executable`), debug
+/// info stripped.
 pub fn self_install(root: &Root, binary: &Path, dst: &str, scratch: &Path) -> Result<()> {
+    use cairn_contracts::names::full_executable;
+    let full_dst = full_executable(Path::new(dst));
+    let full_dst = full_dst
+        .to_str()
+        .context("self-install path is not UTF-8")?;
+    for (from, to) in [
+        (binary.to_path_buf(), dst),
+        (full_executable(binary), full_dst),
+    ] {
+        install_stripped(root, &from, to, scratch)?;
+    }
+    Ok(())
+}
+
+fn install_stripped(root: &Root, binary: &Path, dst: &str, scratch: &Path) -> Result<()> {
+    if !binary.is_file() {
+        bail!(
+            "self-install: {} does not exist (build both executables: cargo build -p host)",
+            binary.display()
+        );
+    }
     let stripped = scratch.join("host-stripped");
     let ok = Command::new("objcopy")
         .arg("--strip-debug")

@@ -7,6 +7,8 @@
 pub mod durable;
 pub mod duration;
 pub mod grub;
+pub mod image;
 pub mod metadata;
 pub mod names;
 pub mod packages;
+pub mod rootpath;

@@ -6,3 +6,51 @@ pub const STATEROOT: &str = "cairn";
 /// The remote in the node's repository that updates come from; a
 /// deployment's origin is `REMOTE:REF`.
 pub const REMOTE: &str = "cairn";
+
+/// `host` is two executables side by side: `host`, which serves the
+/// container commands without libostree (their start latency and the
+/// monitor's memory are the product), and `host-full`, every command,
+/// which `host` hands everything else to. This is the suffix of the second.
+pub const FULL_EXECUTABLE_SUFFIX: &str = "-full";
+
+/// The full executable next to the container one: `/usr/bin/host` →
+/// `/usr/bin/host-full`.
+pub fn full_executable(container_executable: &std::path::Path) -> std::path::PathBuf {
+    let mut name = container_executable
+        .file_name()
+        .unwrap_or_default()
+        .to_os_string();
+    name.push(FULL_EXECUTABLE_SUFFIX);
+    container_executable.with_file_name(name)
+}
+
+/// The container executable next to the full one (the inverse of
+/// [`full_executable`]); a path without the suffix is returned as it is.
+pub fn container_executable(executable: &std::path::Path) -> std::path::PathBuf {
+    match executable
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(FULL_EXECUTABLE_SUFFIX))
+    {
+        Some(stem) if !stem.is_empty() => executable.with_file_name(stem),
+        _ => executable.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn the_two_executables_find_each_other() {
+        let light = Path::new("/usr/bin/host");
+        assert_eq!(full_executable(light), Path::new("/usr/bin/host-full"));
+        assert_eq!(container_executable(&full_executable(light)), light);
+        assert_eq!(container_executable(light), light);
+        assert_eq!(
+            container_executable(Path::new("/x/-full")),
+            Path::new("/x/-full")
+        );
+    }
+}

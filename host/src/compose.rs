@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use cairn_builder::compose::{compose_tree, ComposeOptions, Outcome};
 use cairn_builder::manifest::Manifest;
 use cairn_builder::progress::Progress;
@@ -187,7 +187,7 @@ fn tree(args: TreeArgs) -> Result<ExitCode> {
     if args.bare_user {
         opts.repo_mode = ostree::RepoMode::BareUser;
     }
-    opts.host_binary = Some(std::env::current_exe().context("locating the running host binary")?);
+    opts.host_binary = Some(crate::exe::container_executable());
     match compose_tree(&manifest, &opts)? {
         Outcome::Committed {
             refname,

@@ -1,76 +1,66 @@
-//! `host`: the one cairn executable. Argument parsing only; every command is a
-//! thin call into the `cairn-builder`, `cairn-updater` or `cairn-runtime` library.
+//! `host`, the container executable: `host app run|exec|ps|stop|…` and the
+//! monitors of detached containers, with no libostree in the process. Every
+//! other command (and any argument this one cannot parse, help included)
+//! is handed to `host-full` (see exe.rs), which serves them all.
 
-mod agent;
-mod app;
-mod cli;
-mod compose;
-mod compose_image;
-mod fleet;
-mod health;
-mod lazy_libs;
-mod node;
+mod containers;
+mod exe;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
+
+use containers::{AppGlobals, ContainerSub};
+
+/// The container commands of `host`'s command tree (full.rs has all of it).
+#[derive(Debug, Parser)]
+#[command(name = "host")]
+struct ContainerCli {
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: TopCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopCommand {
+    App(ContainerApp),
+}
+
+#[derive(Debug, Args)]
+struct ContainerApp {
+    #[command(flatten)]
+    globals: AppGlobals,
+
+    #[command(subcommand)]
+    command: ContainerSub,
+}
 
 fn main() -> ExitCode {
-    if let Some(code) = grub_generator() {
-        return code;
-    }
-    let cli = cli::Cli::parse();
-    init_logging(cli.verbose);
-    match cli::run(cli) {
-        Ok(code) => code,
-        Err(err) => {
-            // One error style everywhere: the error and its causes, once, on stderr.
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // `host [-v…] app …`: only then is it worth parsing here.
+    let first_command = args
+        .iter()
+        .skip(1)
+        .find(|a| !a.to_string_lossy().starts_with('-'));
+    if first_command.is_some_and(|c| c == "app") {
+        if let Ok(cli) = ContainerCli::try_parse_from(&args) {
+            exe::init_logging(cli.verbose);
+            let TopCommand::App(app) = cli.command;
+            let result = containers::runtime(&app.globals)
+                .and_then(|rt| containers::run(&rt, app.command, None));
+            match result {
+                Ok(code) => return code,
+                // The image store checks it out: that needs libostree.
+                Err(e) if e.downcast_ref::<cairn_runtime::NotCheckedOut>().is_some() => {}
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
         }
     }
-}
-
-fn init_logging(verbose: u8) {
-    use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
-}
-
-/// `host` is also libostree's GRUB menu generator: run as `grub2-generate -o
-/// FILE` (a symlink in the tree; see docs/image.md). Otherwise, on a node whose
-/// tree carries that symlink, point libostree's grub2 backend at it for this
-/// process's own deployment changes (set here, before any thread starts).
-fn grub_generator() -> Option<ExitCode> {
-    use cairn_builder::image::grub;
-    let mut args = std::env::args();
-    let argv0 = args.next().unwrap_or_default();
-    if std::path::Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new(grub::GENERATOR_NAME))
-    {
-        let rest: Vec<String> = args.collect();
-        let result = grub::generator_output(&rest).and_then(|out| grub::generate(&out));
-        return Some(match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("error: {err:#}");
-                ExitCode::FAILURE
-            }
-        });
-    }
-    if std::env::var_os("OSTREE_GRUB2_EXEC").is_none()
-        && std::path::Path::new(grub::GENERATOR_PATH).exists()
-    {
-        std::env::set_var("OSTREE_GRUB2_EXEC", grub::GENERATOR_PATH);
-    }
-    None
+    exe::exec_full(&args)
 }

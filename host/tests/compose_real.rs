@@ -34,6 +34,11 @@ fn container_host_manifest_composes_a_bootable_container_host() {
     // between the two composes even if the workspace is rebuilt meanwhile.
     let host = tmp.path().join("host");
     std::fs::copy(env!("CARGO_BIN_EXE_host"), &host).unwrap();
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_host-full"),
+        tmp.path().join("host-full"),
+    )
+    .unwrap();
     let run = |extra: &[&str]| {
         let mut cmd = Command::new(&host);
         cmd.args(["compose", "tree", "--bare-user", "--repo"])

@@ -3,7 +3,6 @@
 //! config kept in the commit metadata.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::io::{BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -12,14 +11,13 @@ use std::rc::Rc;
 use anyhow::{anyhow, bail, Context, Result};
 use gio::prelude::*;
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::layer;
 pub use crate::limits::ImportLimits;
 use crate::source::{archive_member, HashingReader, Sha256, Source};
 
-/// Prefix of every image ref in the node repository.
-pub const REF_PREFIX: &str = "cairn/app/";
+pub use cairn_contracts::image::{ImageConfig, ImageInfo, ImageName, REF_PREFIX};
 const META_NAME: &str = "cairn.app.name";
 const META_TAG: &str = "cairn.app.tag";
 const META_DIGEST: &str = "cairn.app.manifest-digest";
@@ -28,123 +26,37 @@ const META_SOURCE: &str = "cairn.app.source-format";
 const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 
 /// What a container needs to know from the image config.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ImageConfig {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub entrypoint: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub cmd: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub env: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub working_dir: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub exposed_ports: Vec<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop_signal: Option<String>,
-}
-
-impl ImageConfig {
-    fn from_oci(c: &ImageConfiguration) -> Self {
-        let Some(cfg) = c.config() else {
-            return Self::default();
-        };
-        Self {
-            entrypoint: cfg.entrypoint().clone().unwrap_or_default(),
-            cmd: cfg.cmd().clone().unwrap_or_default(),
-            env: cfg.env().clone().unwrap_or_default(),
-            working_dir: cfg.working_dir().clone().filter(|s| !s.is_empty()),
-            user: cfg.user().clone().filter(|s| !s.is_empty()),
-            exposed_ports: cfg.exposed_ports().clone().unwrap_or_default(),
-            labels: cfg
-                .labels()
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .collect(),
-            stop_signal: cfg.stop_signal().clone(),
-        }
+fn image_config_from_oci(c: &ImageConfiguration) -> ImageConfig {
+    let Some(cfg) = c.config() else {
+        return ImageConfig::default();
+    };
+    ImageConfig {
+        entrypoint: cfg.entrypoint().clone().unwrap_or_default(),
+        cmd: cfg.cmd().clone().unwrap_or_default(),
+        env: cfg.env().clone().unwrap_or_default(),
+        working_dir: cfg.working_dir().clone().filter(|s| !s.is_empty()),
+        user: cfg.user().clone().filter(|s| !s.is_empty()),
+        exposed_ports: cfg.exposed_ports().clone().unwrap_or_default(),
+        labels: cfg
+            .labels()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        stop_signal: cfg.stop_signal().clone(),
     }
 }
 
-/// An image in the store.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ImageInfo {
-    pub name: String,
-    pub tag: String,
-    /// The OSTree ref holding it.
-    #[serde(rename = "ref")]
-    pub ostree_ref: String,
-    /// The OSTree commit of its root file system.
-    pub commit: String,
-    /// `sha256:…` of the OCI manifest (of the config, for `docker save` input,
-    /// which has no manifest blob).
-    pub manifest_digest: String,
-    pub config: ImageConfig,
-}
-
-impl ImageInfo {
-    pub fn reference(&self) -> String {
-        format!("{}:{}", self.name, self.tag)
+/// The name in a reference from an image's own metadata, e.g.
+/// `registry.example/library/busybox:1.36` → `busybox:1.36`.
+fn name_from_annotation(s: &str) -> Option<ImageName> {
+    let s = s.split('@').next()?;
+    let last = s.rsplit('/').next()?;
+    // A bare tag ("latest") is what many tools write: no name in it.
+    if !s.contains('/') && !s.contains(':') {
+        return None;
     }
-}
-
-/// `NAME[:TAG]`, checked so it maps onto an OSTree ref.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageName {
-    pub name: String,
-    pub tag: String,
-}
-
-impl ImageName {
-    pub fn parse(s: &str) -> Result<Self> {
-        let (name, tag) = match s.rsplit_once(':') {
-            Some((n, t)) => (n, t),
-            None => (s, "latest"),
-        };
-        let name_ok = !name.is_empty()
-            && name.len() <= 128
-            && name.as_bytes()[0].is_ascii_alphanumeric()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-        if !name_ok {
-            bail!("image name {name:?}: use lowercase letters, digits, '.', '_' and '-' (starting with a letter or digit)");
-        }
-        let tag_ok = !tag.is_empty()
-            && tag.len() <= 128
-            && tag.as_bytes()[0].is_ascii_alphanumeric()
-            && tag
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-        if !tag_ok {
-            bail!("image tag {tag:?}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)");
-        }
-        Ok(Self {
-            name: name.to_string(),
-            tag: tag.to_string(),
-        })
-    }
-
-    /// From a reference in an image's own metadata, e.g.
-    /// `registry.example/library/busybox:1.36` → `busybox:1.36`.
-    fn from_annotation(s: &str) -> Option<Self> {
-        let s = s.split('@').next()?;
-        let last = s.rsplit('/').next()?;
-        // A bare tag ("latest") is what many tools write: no name in it.
-        if !s.contains('/') && !s.contains(':') {
-            return None;
-        }
-        Self::parse(&last.to_ascii_lowercase()).ok()
-    }
-
-    pub fn ostree_ref(&self) -> String {
-        format!("{REF_PREFIX}{}/{}", self.name, self.tag)
-    }
+    ImageName::parse(&last.to_ascii_lowercase()).ok()
 }
 
 /// What [`import_with`] is asked for besides the image itself.
@@ -329,7 +241,7 @@ pub fn import_with(repo: &ostree::Repo, path: &Path, opts: &ImportOptions) -> Re
         .and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok())
         .map(|t| t.timestamp().max(0) as u64)
         .unwrap_or(0);
-    let cfg = ImageConfig::from_oci(&config);
+    let cfg = image_config_from_oci(&config);
     let commit = commit_tree(repo, &rootfs, &image_name, &digest, &cfg, format, created)?;
     Ok(ImageInfo {
         name: image_name.name.clone(),
@@ -406,7 +318,7 @@ fn unpack_oci(
         .with_context(|| format!("applying {label}"))?;
     }
     let name = if want_name {
-        annotation.as_deref().and_then(ImageName::from_annotation)
+        annotation.as_deref().and_then(name_from_annotation)
     } else {
         None
     };
@@ -742,7 +654,7 @@ fn unpack_docker(
         )
         .with_context(|| format!("applying {label}"))?;
     }
-    let name = repo_tag.and_then(|t| ImageName::from_annotation(&format!("x/{t}")));
+    let name = repo_tag.and_then(|t| name_from_annotation(&format!("x/{t}")));
     Ok((name, cfg_digest, config))
 }
 
@@ -933,13 +845,13 @@ mod tests {
         assert!(ImageName::parse("a/b").is_err());
         assert!(ImageName::parse("x:").is_err());
         assert_eq!(
-            ImageName::from_annotation("registry.example/library/busybox:1.36").unwrap(),
+            name_from_annotation("registry.example/library/busybox:1.36").unwrap(),
             ImageName {
                 name: "busybox".into(),
                 tag: "1.36".into()
             }
         );
-        assert_eq!(ImageName::from_annotation("latest"), None);
+        assert_eq!(name_from_annotation("latest"), None);
     }
 
     // ------------------------------------------------------------ hostile images

@@ -27,6 +27,7 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::limits::ImportLimits;
+use cairn_contracts::rootpath::push_components;
 
 /// Name prefix that marks a whiteout: `dir/.wh.name` deletes `dir/name`.
 pub const WHITEOUT_PREFIX: &str = ".wh.";
@@ -456,71 +457,6 @@ fn phys_of(stack: &[(OwnedFd, OsString)], last: &OsStr) -> PathBuf {
     let mut p: PathBuf = stack.iter().map(|(_, n)| n.as_os_str()).collect();
     p.push(last);
     p
-}
-
-/// Resolve `rel` (a path from a layer or an image config) inside `root`
-/// without ever leaving it. Symlinks met on the way are followed relative to
-/// `root` (absolute targets restart at `root`, `..` stops at `root`). When
-/// `follow_last` is false the last component is not resolved, which is what
-/// creating or deleting that entry needs.
-///
-/// This is a path computation (for callers that need a path, e.g. a mount
-/// target); the layer code itself works on directory fds (see [`Tree`]).
-pub fn resolve_in_root(root: &Path, rel: &Path, follow_last: bool) -> Result<PathBuf> {
-    let mut pending: Vec<std::ffi::OsString> = Vec::new();
-    push_components(&mut pending, rel);
-    pending.reverse();
-    let mut current: Vec<std::ffi::OsString> = Vec::new();
-    let mut hops = 0;
-    while let Some(part) = pending.pop() {
-        if part == ".." {
-            current.pop();
-            continue;
-        }
-        let is_last = pending.is_empty();
-        let mut candidate = root.to_path_buf();
-        candidate.extend(current.iter());
-        candidate.push(&part);
-        if is_last && !follow_last {
-            current.push(part);
-            break;
-        }
-        match fs::symlink_metadata(&candidate) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                hops += 1;
-                if hops > 40 {
-                    bail!(
-                        "too many levels of symbolic links resolving {}",
-                        rel.display()
-                    );
-                }
-                let target = fs::read_link(&candidate)
-                    .with_context(|| format!("reading link {}", candidate.display()))?;
-                if target.is_absolute() {
-                    current.clear();
-                }
-                let mut more = Vec::new();
-                push_components(&mut more, &target);
-                for c in more.into_iter().rev() {
-                    pending.push(c);
-                }
-            }
-            _ => current.push(part),
-        }
-    }
-    let mut out = root.to_path_buf();
-    out.extend(current.iter());
-    Ok(out)
-}
-
-fn push_components(out: &mut Vec<std::ffi::OsString>, p: &Path) {
-    for c in p.components() {
-        match c {
-            Component::Normal(n) => out.push(n.to_os_string()),
-            Component::ParentDir => out.push("..".into()),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
 }
 
 /// Remove whatever `name` in `dir` is (file, symlink or a whole directory
@@ -1126,6 +1062,7 @@ pub fn decompress<'a, R: io::BufRead + 'a>(mut reader: R) -> Result<Box<dyn Read
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cairn_contracts::rootpath::resolve_in_root;
 
     /// One uncompressed layer onto `dest`, with the default limits.
     fn apply_layer<R: Read>(reader: R, dest: &Path) -> Result<LayerStats> {

@@ -13,3 +13,4 @@ pub mod image;
 pub mod layer;
 pub mod limits;
 pub mod source;
+pub mod store;

@@ -60,7 +60,8 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// The `host` executable built from this workspace (`cargo build -p host`).
+/// The `host` executable built from this workspace (`cargo build -p host`;
+/// `host-full` next to it serves all but the container commands).
 pub fn host_binary() -> Result<PathBuf> {
     let profile = if cfg!(debug_assertions) {
         "debug"
@@ -433,9 +434,13 @@ fn image_key(commit: &str, host: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     hasher.update(commit.as_bytes());
     hasher.update(TEST_KARG.as_bytes());
-    let mut file =
-        std::fs::File::open(host).with_context(|| format!("reading {}", host.display()))?;
-    std::io::copy(&mut file, &mut hasher)?;
+    // The writer is `host-full`, and the image holds both executables.
+    let full = cairn_contracts::names::full_executable(host);
+    for exe in [host, full.as_path()] {
+        let mut file =
+            std::fs::File::open(exe).with_context(|| format!("reading {}", exe.display()))?;
+        std::io::copy(&mut file, &mut hasher)?;
+    }
     Ok(hex::encode(&hasher.finalize()[..12]))
 }
 

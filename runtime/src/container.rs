@@ -22,9 +22,9 @@ use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{Gid, Pid, Uid};
 use oci_spec::runtime::{LinuxSeccompAction, Spec};
 
-use crate::layer::resolve_in_root;
 use crate::mountfd;
 use crate::userns::IdRange;
+use cairn_contracts::rootpath::resolve_in_root;
 
 /// What the child needs, computed before the clone.
 struct ChildPlan {

@@ -5,7 +5,7 @@ use std::io::{Read, Seek, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -23,6 +23,26 @@ use crate::state::{
 
 /// Everything `host app run` takes, typed: `host` parses what users type
 /// (with error messages naming its flags); this library takes values.
+/// The image of a `run` is not checked out: the runtime reads images only
+/// from their checkouts (see [`Runtime::run`]), so the caller has the image
+/// store check it out and runs again. Returned before anything is made.
+#[derive(Debug)]
+pub struct NotCheckedOut {
+    pub reference: String,
+}
+
+impl std::fmt::Display for NotCheckedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "image {} is not checked out (import it, or check it out through the image store)",
+            self.reference
+        )
+    }
+}
+
+impl std::error::Error for NotCheckedOut {}
+
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     pub image: String,
@@ -117,137 +137,32 @@ fn random_hex(bytes: usize) -> Result<String> {
     Ok(hex::encode(buf))
 }
 
-/// What [`Runtime::prune`] removed.
-#[derive(Debug, Default)]
-pub struct Pruned {
-    /// Checkouts removed: commit checksums, or `.tmp-…` leftovers.
-    pub checkouts: Vec<String>,
-    pub objects: u64,
-    pub bytes: u64,
-}
-
 impl Runtime {
-    /// The image repository; the state root holding it is kept 0700 (it
-    /// holds images' setuid files, see [`image::private_dir`]).
-    pub fn repo(&self) -> Result<ostree::Repo> {
-        image::private_dir(&self.paths.root)?;
-        image::open_repo(&self.paths.repo())
-    }
-
-    // ---- images -------------------------------------------------------
-
-    pub fn import(&self, path: &Path, name: Option<&str>) -> Result<ImageInfo> {
-        image::import(&self.repo()?, path, name)
-    }
-
-    /// [`Runtime::import`] with a tag and limits.
-    pub fn import_with(&self, path: &Path, opts: &image::ImportOptions) -> Result<ImageInfo> {
-        image::import_with(&self.repo()?, path, opts)
-    }
-
-    pub fn images(&self) -> Result<Vec<ImageInfo>> {
-        if !self.paths.repo().join("config").exists() {
-            return Ok(vec![]);
-        }
-        image::list(&self.repo()?)
-    }
-
-    pub fn verify(&self, reference: &str) -> Result<(ImageInfo, usize)> {
-        image::verify(&self.repo()?, reference)
-    }
-
-    /// Remove an image; refused while a container uses it.
-    pub fn rmi(&self, reference: &str) -> Result<ImageInfo> {
-        let repo = self.repo()?;
-        let info = image::resolve(&repo, reference)?;
-        for r in self.records()? {
-            if r.image_commit == info.commit {
-                bail!(
-                    "image {} is used by container {}: remove the container first (host app rm)",
-                    info.reference(),
-                    r.name
-                );
-            }
-        }
-        let removed = image::remove(&repo, &info.reference())?;
-        let still_used = image::list(&repo)?
-            .iter()
-            .any(|i| i.commit == removed.commit);
-        if !still_used {
-            image::remove_checkout(&self.paths.checkouts(), &removed.commit)?;
-        }
-        Ok(removed)
-    }
-
-    /// The image and its checkout. An image already checked out is found
-    /// without opening the repository (no libostree: loading it is most of
-    /// a short container's start); otherwise the repository resolves it,
-    /// checks it out and records it next to the checkout for next time.
+    /// The image and its checkout, read from the checkout's files (no
+    /// libostree: loading it is most of a short container's start). An
+    /// image that is not checked out yet is a [`NotCheckedOut`] error:
+    /// the image store (`cairn_oci::store::Store::checkout`) makes it.
     fn image_and_checkout(&self, reference: &str) -> Result<(ImageInfo, PathBuf)> {
-        let checkouts = self.paths.checkouts();
-        if let Some(found) = image::resolve_checked_out(&self.paths.repo(), &checkouts, reference) {
-            return Ok(found);
-        }
-        let repo = self.repo()?;
-        let img = image::resolve(&repo, reference)?;
-        let checkout = image::ensure_checkout(&repo, &img.commit, &checkouts)?;
-        image::write_checkout_record(&checkouts, &img)?;
-        Ok((img, checkout))
+        image::resolve_checked_out(&self.paths.repo(), &self.paths.checkouts(), reference)
+            .ok_or_else(|| {
+                NotCheckedOut {
+                    reference: reference.to_string(),
+                }
+                .into()
+            })
     }
 
-    /// Remove what neither an image tag nor a container uses any more:
-    /// checkouts (and their records) of commits a re-import moved a tag away
-    /// from, as a baked app's does after every host upgrade or rollback,
-    /// leftovers of interrupted checkouts, and the repository objects no tag
-    /// reaches. Returns the commits whose checkouts went, and how many
-    /// objects and bytes the repository freed.
-    pub fn prune(&self) -> Result<Pruned> {
-        let mut pruned = Pruned::default();
-        if !self.paths.repo().join("config").exists() {
-            return Ok(pruned);
-        }
-        let repo = self.repo()?;
-        let mut keep: std::collections::HashSet<String> =
-            image::list(&repo)?.into_iter().map(|i| i.commit).collect();
-        keep.extend(self.records()?.into_iter().map(|r| r.image_commit));
-        let checkouts = self.paths.checkouts();
-        let entries = match std::fs::read_dir(&checkouts) {
-            Ok(rd) => rd.collect::<std::io::Result<Vec<_>>>()?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", checkouts.display())),
-        };
-        let mut unused = std::collections::BTreeSet::new();
-        for e in entries {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(rest) = name.strip_prefix(".tmp-") {
-                // .tmp-COMMIT-PID: an interrupted checkout, if PID is gone.
-                if rest
-                    .rsplit_once('-')
-                    .is_some_and(|(_, pid)| !Path::new("/proc").join(pid).exists())
-                {
-                    let path = e.path();
-                    std::fs::remove_dir_all(&path)
-                        .with_context(|| format!("removing {}", path.display()))?;
-                    pruned.checkouts.push(name);
-                }
-                continue;
-            }
-            // COMMIT (the checkout) or COMMIT.json (its record).
-            let commit = name.strip_suffix(".json").unwrap_or(&name);
-            if commit.len() == 64
-                && commit.bytes().all(|b| b.is_ascii_hexdigit())
-                && !keep.contains(commit)
-            {
-                unused.insert(commit.to_string());
-            }
-        }
-        for commit in unused {
-            if image::remove_checkout(&checkouts, &commit)? {
-                pruned.checkouts.push(commit);
-            }
-        }
-        (pruned.objects, pruned.bytes) = image::prune_objects(&repo)?;
-        Ok(pruned)
+    /// The image commits containers use (stopped ones included): the image
+    /// store keeps their checkouts and refuses to remove their images.
+    pub fn images_in_use(&self) -> Result<Vec<image::InUse>> {
+        Ok(self
+            .records()?
+            .into_iter()
+            .map(|r| image::InUse {
+                container: r.name,
+                commit: r.image_commit,
+            })
+            .collect())
     }
 
     // ---- containers ---------------------------------------------------
@@ -284,6 +199,16 @@ impl Runtime {
     /// Create a container and start it: in the foreground (returns its exit
     /// code) or under a detached monitor.
     pub fn run(&self, opts: &RunOptions) -> Result<RunOutcome> {
+        self.run_image(opts, None)
+    }
+
+    /// [`Runtime::run`] of an image the caller has resolved and checked out
+    /// (the image store's `checkout`; `None`: find it from `opts.image`).
+    pub fn run_image(
+        &self,
+        opts: &RunOptions,
+        image: Option<(ImageInfo, PathBuf)>,
+    ) -> Result<RunOutcome> {
         let t0 = Instant::now();
         if !nix::unistd::geteuid().is_root() {
             bail!("running containers needs root (namespaces, mounts, netlink): run it as root");
@@ -327,7 +252,10 @@ impl Runtime {
         if opts.no_network && opts.ip.is_some() {
             bail!("--ip needs the network (drop --network none)");
         }
-        let (img, checkout) = self.image_and_checkout(&opts.image)?;
+        let (img, checkout) = match image {
+            Some(found) => found,
+            None => self.image_and_checkout(&opts.image)?,
+        };
         tracing::debug!(
             "run: image {} resolved after {:?}",
             img.reference(),

@@ -1,7 +1,10 @@
 //! cairn-runtime: run application containers from immutable, content-addressed images.
 //!
-//! Images are imported from OCI layouts/archives into an OSTree repository
-//! (by `cairn-oci`) and checked out read-only ([`image`]); containers run from a read-only checkout of the image commit
+//! Images are imported into an OSTree repository and checked out read-only
+//! by the image store (`cairn_oci::store`); the runtime reads those
+//! checkouts without libostree ([`image`], the layout in
+//! `cairn_contracts::image`), so running and supervising a container never
+//! loads it. Containers run from a read-only checkout of the image commit
 //! ([`container`]), each described as an OCI runtime config ([`spec`]), with
 //! their own network namespace on a host bridge ([`net`]), cgroup v2 limits
 //! ([`cgroup`]) and a small supervising monitor process ([`monitor`]).
@@ -10,7 +13,6 @@ pub mod cgroup;
 pub mod container;
 pub mod context;
 pub mod engine;
-pub mod image;
 pub mod monitor;
 pub mod mountfd;
 pub mod net;
@@ -18,7 +20,7 @@ pub mod spec;
 pub mod state;
 pub mod userns;
 
-// The OCI side lives in `cairn-oci`, shared with the builder.
-pub use cairn_oci::{layer, source};
+// What an image is, and where a state root keeps its checkouts.
+pub use cairn_contracts::image;
 pub use context::{MonitorCommand, Runtime};
-pub use engine::{Pruned, PsEntry, RunOptions, RunOutcome};
+pub use engine::{NotCheckedOut, PsEntry, RunOptions, RunOutcome};

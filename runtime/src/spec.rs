@@ -16,8 +16,8 @@ use oci_spec::runtime::{
 
 use crate::cgroup::{Limits, CPU_PERIOD_US};
 use crate::image::ImageConfig;
-use crate::layer::resolve_in_root;
 use crate::userns::IdRange;
+use cairn_contracts::rootpath::resolve_in_root;
 
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 

@@ -2,8 +2,7 @@
 //! a live container from a dead one after a crash or a reboot.
 //!
 //! ```text
-//! <root>/repo                    OSTree repository of images (bare)
-//! <root>/checkouts/<commit>      read-only trees, one per image commit
+//! <root>/repo, <root>/checkouts  the image store (`cairn_contracts::image`)
 //! <root>/net/<bridge>.json       address allocations
 //! <root>/containers/<name>/      container.json (what was asked)
 //!                                config.json    (the OCI runtime config)
@@ -41,10 +40,10 @@ impl Paths {
         Self { root: root.into() }
     }
     pub fn repo(&self) -> PathBuf {
-        self.root.join("repo")
+        cairn_contracts::image::repo_dir(&self.root)
     }
     pub fn checkouts(&self) -> PathBuf {
-        self.root.join("checkouts")
+        cairn_contracts::image::checkouts_dir(&self.root)
     }
     pub fn net(&self) -> PathBuf {
         self.root.join("net")

@@ -7,12 +7,15 @@
 //! they fail loudly, never skip. Every test makes its images itself, in
 //! temporary directories, uses a temporary state root and removes it all.
 
+#[path = "support/store.rs"]
+mod store;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use store::StoreExt;
 
-use cairn_runtime::image::{self, ImportLimits, ImportOptions};
+use cairn_oci::image::{self, ImportLimits, ImportOptions};
 use cairn_runtime::net::NetworkConfig;
 use cairn_runtime::Runtime;
 use sha2::Digest as _;
@@ -64,7 +67,7 @@ impl Env {
 
     /// The checkout of an imported image.
     fn checkout(&self, info: &image::ImageInfo) -> PathBuf {
-        image::ensure_checkout(
+        cairn_oci::store::ensure_checkout(
             &self.rt.repo().unwrap(),
             &info.commit,
             &self.rt.paths.checkouts(),

@@ -12,10 +12,13 @@
 //! (`ct<pid>`) and subnet, and removes all of it in Drop guards, failed or
 //! not.
 
+#[path = "support/store.rs"]
+mod store;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use store::StoreExt;
 
 use cairn_runtime::cgroup::Limits;
 use cairn_runtime::engine::HealthCheck;
@@ -581,9 +584,8 @@ fn import_verify_whiteouts_and_archive() {
 
     // Whiteouts, the opaque dir and all three compressions, as the tree shows them.
     let repo_h = env.rt.repo().unwrap();
-    let tree =
-        cairn_runtime::image::ensure_checkout(&repo_h, &info.commit, &env.rt.paths.checkouts())
-            .unwrap();
+    let tree = cairn_oci::store::ensure_checkout(&repo_h, &info.commit, &env.rt.paths.checkouts())
+        .unwrap();
     assert!(!tree.join("etc/gone").exists(), "whiteout applied");
     assert_eq!(
         std::fs::read_to_string(tree.join("etc/added")).unwrap(),
@@ -608,7 +610,7 @@ fn import_verify_whiteouts_and_archive() {
     let by_digest = env
         .rt
         .repo()
-        .map(|r| cairn_runtime::image::resolve(&r, &format!("busybox@{}", info.manifest_digest)))
+        .map(|r| cairn_oci::image::resolve(&r, &format!("busybox@{}", info.manifest_digest)))
         .unwrap()
         .unwrap();
     assert_eq!(by_digest.commit, info.commit);
@@ -721,7 +723,7 @@ fn make_docker_save(layout: &Path, out: &Path) {
         let raw = std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap();
         let mut plain = Vec::new();
         std::io::copy(
-            &mut cairn_runtime::layer::decompress(std::io::BufReader::new(&raw[..])).unwrap(),
+            &mut cairn_oci::layer::decompress(std::io::BufReader::new(&raw[..])).unwrap(),
             &mut plain,
         )
         .unwrap();
@@ -1783,7 +1785,7 @@ fn images_made_by_tools_run_in_a_user_namespace() {
             .rt
             .import_with(
                 &path,
-                &cairn_runtime::image::ImportOptions {
+                &cairn_oci::image::ImportOptions {
                     name: Some(name.into()),
                     tag: tag.map(Into::into),
                     ..Default::default()

@@ -1,6 +1,7 @@
-//! The `host` executable loads libostree, gio, gobject and glib on first use
-//! (src/lazy_libs.rs): no DT_NEEDED entry for them, they appear only when a
-//! command calls into them, and those commands still work.
+//! The container path loads no libostree (src/exe.rs): the `host`
+//! executable has no DT_NEEDED entry for libostree, gio, gobject or glib,
+//! neither a foreground `host app run` nor a detached container's monitor
+//! maps them, and every other command still works through `host-full`.
 
 mod common;
 
@@ -34,16 +35,71 @@ const LAZY: [&str; 4] = [
 ];
 
 #[test]
-fn host_has_no_dt_needed_on_the_lazy_libraries() {
+fn only_the_full_executable_links_libostree() {
     let libs = needed(Path::new(env!("CARGO_BIN_EXE_host")));
     // The parse is real: what the binary does need is there.
     assert!(libs.iter().any(|l| l == "libc.so.6"), "{libs:?}");
     for lazy in LAZY {
         assert!(
             !libs.iter().any(|l| l == lazy),
-            "host links {lazy} directly again: {libs:?}"
+            "host links {lazy}: {libs:?}"
         );
     }
+    let full = needed(Path::new(env!("CARGO_BIN_EXE_host-full")));
+    assert!(full.iter().any(|l| l == LAZY[0]), "{full:?}");
+}
+
+/// Both executables are position independent (ET_DYN with DF_1_PIE).
+#[test]
+fn both_executables_are_pie() {
+    for exe in [env!("CARGO_BIN_EXE_host"), env!("CARGO_BIN_EXE_host-full")] {
+        let data = std::fs::read(exe).unwrap();
+        let elf = ElfFile64::<object::Endianness>::parse(&*data).unwrap();
+        let endian = elf.endian();
+        assert_eq!(
+            elf.elf_header().e_type.get(endian),
+            object::elf::ET_DYN,
+            "{exe} is not PIE"
+        );
+        let sections = elf.elf_section_table();
+        let (dyns, _) = sections.dynamic(endian, &*data).unwrap().unwrap();
+        let pie = dyns.iter().any(|d| {
+            d.tag32(endian) == Some(object::elf::DT_FLAGS_1)
+                && d.val32(endian).unwrap_or(0) & object::elf::DF_1_PIE != 0
+        });
+        assert!(pie, "{exe} has no DF_1_PIE");
+    }
+}
+
+/// No hand-written machine code in the product: it builds for any
+/// architecture Rust and Debian do.
+#[test]
+fn no_assembly_in_the_product() {
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut found = Vec::new();
+    for krate in ["contracts", "oci", "builder", "updater", "runtime", "host"] {
+        for e in walk(&ws.join(krate).join("src")) {
+            let text = std::fs::read_to_string(&e).unwrap();
+            let needle = ["asm", "!("].concat();
+            if text.contains(&needle) {
+                found.push(e.display().to_string());
+            }
+        }
+    }
+    assert!(found.is_empty(), "assembly in {found:?}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// The objects the dynamic loader mapped while running `host ARGS`, from
@@ -57,28 +113,26 @@ fn loaded_objects(args: &[&str]) -> (std::process::Output, String) {
 }
 
 #[test]
-fn the_libraries_are_loaded_only_by_commands_that_use_them() {
-    let (out, trace) = loaded_objects(&["app", "--help"]);
-    assert!(out.status.success(), "{}", text(&out));
-    for lazy in LAZY {
-        assert!(
-            !trace.contains(lazy),
-            "{lazy} loaded by app --help:\n{trace}"
-        );
-    }
-
-    // `app verify` opens (here: creates) the image repository through
-    // libostree, then looks the image up in it.
+fn only_commands_that_use_them_load_the_libraries() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     let root_s = root.to_str().unwrap();
+    let (out, trace) = loaded_objects(&["app", "ps", "--root", root_s]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("NAME"));
+    for lazy in LAZY {
+        assert!(!trace.contains(lazy), "{lazy} loaded by app ps:\n{trace}");
+    }
+
+    // `app verify` opens (here: creates) the image repository through
+    // libostree: `host` hands it to `host-full` (which needs the library;
+    // the loader names it by the argv[0] it keeps), which looks it up.
     let (out, trace) = loaded_objects(&["app", "verify", "--root", root_s, "nosuch:1"]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
-        trace.contains("file=libostree-1.so.1 [0];  dynamically loaded by"),
+        trace.contains("file=libostree-1.so.1 [0];  needed by"),
         "{trace}"
     );
-    assert!(trace.contains("file=libglib-2.0.so.0"), "{trace}");
     assert!(
         trace.contains("error: no image nosuch:1 in the store"),
         "{}",
@@ -88,6 +142,15 @@ fn the_libraries_are_loaded_only_by_commands_that_use_them() {
     assert!(root.join("repo/config").is_file());
     let refs = common::ostree_cli(&root.join("repo"), &["refs"]);
     assert_eq!(refs.trim(), "");
+
+    // Help, errors and every other command are `host-full`'s, unchanged.
+    let out = host().args(["app", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("import") && help.contains("run"), "{help}");
+    let out = host().args(["app", "nosuch"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = host().args(["status", "--help"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// A one-layer OCI image layout of the host's static busybox with
@@ -98,7 +161,7 @@ fn busybox_layout(dir: &Path, marker: &str) {
     std::fs::create_dir_all(stage.join("bin")).unwrap();
     std::fs::copy("/bin/busybox", stage.join("bin/busybox"))
         .expect("busybox-static is installed (scripts/setup)");
-    for applet in ["sh", "cat", "true"] {
+    for applet in ["sh", "cat", "true", "sleep"] {
         std::os::unix::fs::symlink("busybox", stage.join("bin").join(applet)).unwrap();
     }
     std::fs::write(stage.join("marker"), marker).unwrap();
@@ -151,7 +214,7 @@ fn busybox_layout(dir: &Path, marker: &str) {
 
 #[test]
 #[ignore = "privileged: needs root; run by scripts/test"]
-fn app_run_of_a_checked_out_image_loads_none_of_them() {
+fn the_container_path_maps_none_of_them() {
     common::require_root("runs containers");
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
@@ -201,4 +264,73 @@ fn app_run_of_a_checked_out_image_loads_none_of_them() {
     assert!(record.is_file() && root.join("checkouts").join(&commit).is_dir());
     app(&["rmi", "bb:1"]);
     assert!(!record.exists() && !root.join("checkouts").join(&commit).exists());
+
+    // A running container: neither `host app run` in the foreground nor
+    // the monitor of a detached one maps them (/proc/PID/maps).
+    let (_, loaded) = app(&["import", a.join("oci").to_str().unwrap(), "--name", "bb:2"]);
+    assert!(loaded);
+    app(&["run", "--rm", "--network", "none", "bb:2", "true"]); // checks it out
+    let mapped = |pid: u32, what: &str| {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        assert!(
+            maps.contains("/host"),
+            "{what}: not the host executable:\n{maps}"
+        );
+        for lazy in LAZY {
+            let stem = lazy.split(".so").next().unwrap();
+            assert!(!maps.contains(stem), "{what} maps {lazy}:\n{maps}");
+        }
+    };
+    let mut fg = host()
+        .args(["app", "--root", &root_s, "run", "--rm", "--name", "fg"])
+        .args(["--network", "none", "bb:2", "sleep", "30"])
+        .spawn()
+        .unwrap();
+    wait_running(&root_s, "fg");
+    mapped(fg.id(), "host app run");
+    let out = host()
+        .args(["app", "--root", &root_s, "run", "-d", "--name", "bg"])
+        .args(["--network", "none", "bb:2", "sleep", "30"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    wait_running(&root_s, "bg");
+    let inspect = host()
+        .args(["app", "--root", &root_s, "inspect", "bg"])
+        .output()
+        .unwrap();
+    let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let monitor = inspect["state"]["monitor_pid"]
+        .as_u64()
+        .expect("a monitor pid");
+    mapped(monitor as u32, "the monitor");
+    for name in ["fg", "bg"] {
+        let out = host()
+            .args(["app", "--root", &root_s, "rm", "--force", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success() || name == "fg", "{}", text(&out));
+    }
+    let _ = fg.wait();
+}
+
+/// Wait until `host app ps` shows NAME running (at most 30 s).
+fn wait_running(root: &str, name: &str) {
+    for _ in 0..300 {
+        let out = host()
+            .args(["app", "--root", root, "ps", "--json"])
+            .output()
+            .unwrap();
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let running = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["name"] == name && c["status"] == "running");
+        if running {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("container {name} did not start");
 }

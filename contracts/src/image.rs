@@ -1,0 +1,254 @@
+//! What an application image is to every crate: its name, its record and
+//! where a state root keeps it. The store's layout is a contract between
+//! the image store (`cairn-oci`, which writes it through libostree) and the
+//! container runtime, which reads a checked-out image without libostree:
+//!
+//! ```text
+//! <root>/repo                          OSTree repository, refs cairn/app/NAME/TAG
+//! <root>/checkouts/<commit>/           read-only tree of an image commit
+//! <root>/checkouts/<commit>.json       its record ([`ImageInfo`])
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every image ref in the node repository.
+pub const REF_PREFIX: &str = "cairn/app/";
+
+/// A checkout record is a few KiB; anything much larger is not one.
+const MAX_RECORD_SIZE: u64 = 1 << 20;
+
+/// What a container needs to know from the image config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed_ports: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+}
+
+/// An image in the store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub name: String,
+    pub tag: String,
+    /// The OSTree ref holding it.
+    #[serde(rename = "ref")]
+    pub ostree_ref: String,
+    /// The OSTree commit of its root file system.
+    pub commit: String,
+    /// `sha256:…` of the OCI manifest (of the config, for `docker save` input,
+    /// which has no manifest blob).
+    pub manifest_digest: String,
+    pub config: ImageConfig,
+}
+
+impl ImageInfo {
+    pub fn reference(&self) -> String {
+        format!("{}:{}", self.name, self.tag)
+    }
+}
+
+/// `NAME[:TAG]`, checked so it maps onto an OSTree ref.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageName {
+    pub name: String,
+    pub tag: String,
+}
+
+impl ImageName {
+    pub fn parse(s: &str) -> Result<Self> {
+        let (name, tag) = match s.rsplit_once(':') {
+            Some((n, t)) => (n, t),
+            None => (s, "latest"),
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 128
+            && name.as_bytes()[0].is_ascii_alphanumeric()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+        if !name_ok {
+            bail!("image name {name:?}: use lowercase letters, digits, '.', '_' and '-' (starting with a letter or digit)");
+        }
+        let tag_ok = !tag.is_empty()
+            && tag.len() <= 128
+            && tag.as_bytes()[0].is_ascii_alphanumeric()
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !tag_ok {
+            bail!("image tag {tag:?}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)");
+        }
+        Ok(Self {
+            name: name.to_string(),
+            tag: tag.to_string(),
+        })
+    }
+
+    pub fn ostree_ref(&self) -> String {
+        format!("{REF_PREFIX}{}/{}", self.name, self.tag)
+    }
+}
+
+/// A container that uses an image commit (from the runtime's records):
+/// such a commit's checkout is kept, and its image cannot be removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InUse {
+    pub container: String,
+    pub commit: String,
+}
+
+/// The image repository of a state root.
+pub fn repo_dir(root: &Path) -> PathBuf {
+    root.join("repo")
+}
+
+/// Where a state root keeps its image checkouts.
+pub fn checkouts_dir(root: &Path) -> PathBuf {
+    root.join("checkouts")
+}
+
+/// The record of a checked-out commit, next to its tree.
+pub fn checkout_record(checkouts: &Path, commit: &str) -> PathBuf {
+    checkouts.join(format!("{commit}.json"))
+}
+
+/// Keep the image's record next to its checkout so that later runs need no
+/// libostree (see [`resolve_checked_out`]). A commit never changes, so the
+/// record never goes stale.
+pub fn write_checkout_record(checkouts: &Path, info: &ImageInfo) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(info)?;
+    crate::durable::write(&checkout_record(checkouts, &info.commit), &bytes)
+}
+
+/// Remove the checkout of `commit` and its record, whichever exist;
+/// returns whether there was a checkout.
+pub fn remove_checkout(checkouts: &Path, commit: &str) -> Result<bool> {
+    let record = checkout_record(checkouts, commit);
+    if record.exists() {
+        std::fs::remove_file(&record).with_context(|| format!("removing {}", record.display()))?;
+    }
+    let co = checkouts.join(commit);
+    if !co.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(&co).with_context(|| format!("removing checkout {}", co.display()))?;
+    Ok(true)
+}
+
+fn is_checksum(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `NAME[:TAG]` resolved without libostree, when its commit is already
+/// checked out: the ref is read from the repository's own file
+/// (`refs/heads/cairn/app/NAME/TAG`, one checksum, replaced atomically by
+/// libostree when the ref moves) and the image's record from the checkout's
+/// record. `None` (the store must resolve and check it out) for a digest
+/// reference, a missing ref file, checkout or record, or anything that does
+/// not match.
+pub fn resolve_checked_out(
+    repo: &Path,
+    checkouts: &Path,
+    reference: &str,
+) -> Option<(ImageInfo, PathBuf)> {
+    if reference.contains('@') || reference.starts_with("sha256:") {
+        return None;
+    }
+    let name = ImageName::parse(reference).ok()?;
+    let r = name.ostree_ref();
+    let commit = std::fs::read_to_string(repo.join("refs/heads").join(&r)).ok()?;
+    let commit = commit.trim();
+    if !is_checksum(commit) {
+        return None;
+    }
+    let tree = checkouts.join(commit);
+    let mut record = Vec::new();
+    std::fs::File::open(checkout_record(checkouts, commit))
+        .ok()?
+        .take(MAX_RECORD_SIZE)
+        .read_to_end(&mut record)
+        .ok()?;
+    let info: ImageInfo = serde_json::from_slice(&record).ok()?;
+    if info.commit != commit || info.name != name.name || info.tag != name.tag || !tree.is_dir() {
+        return None;
+    }
+    Some((
+        ImageInfo {
+            ostree_ref: r,
+            ..info
+        },
+        tree,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_onto_refs() {
+        let n = ImageName::parse("busybox").unwrap();
+        assert_eq!((n.name.as_str(), n.tag.as_str()), ("busybox", "latest"));
+        assert_eq!(n.ostree_ref(), "cairn/app/busybox/latest");
+        for bad in ["Busybox", "a/b", "x:", ":t", "-x", "x:-t"] {
+            assert!(ImageName::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_checked_out_image_resolves_from_its_files_only() {
+        let root = tempfile::tempdir().unwrap();
+        let (repo, checkouts) = (repo_dir(root.path()), checkouts_dir(root.path()));
+        let commit = "a".repeat(64);
+        let info = ImageInfo {
+            name: "web".into(),
+            tag: "v1".into(),
+            ostree_ref: String::new(),
+            commit: commit.clone(),
+            manifest_digest: format!("sha256:{}", "b".repeat(64)),
+            config: ImageConfig::default(),
+        };
+        std::fs::create_dir_all(repo.join("refs/heads/cairn/app/web")).unwrap();
+        std::fs::write(
+            repo.join("refs/heads/cairn/app/web/v1"),
+            format!("{commit}\n"),
+        )
+        .unwrap();
+        // The ref alone is not enough: no checkout, no record.
+        assert!(resolve_checked_out(&repo, &checkouts, "web:v1").is_none());
+        std::fs::create_dir_all(checkouts.join(&commit)).unwrap();
+        write_checkout_record(&checkouts, &info).unwrap();
+        let (found, tree) = resolve_checked_out(&repo, &checkouts, "web:v1").unwrap();
+        assert_eq!(tree, checkouts.join(&commit));
+        assert_eq!(found.ostree_ref, "cairn/app/web/v1");
+        // Digests, other tags and a record of another image are not resolved here.
+        assert!(resolve_checked_out(&repo, &checkouts, "web@sha256:00").is_none());
+        assert!(resolve_checked_out(&repo, &checkouts, "web:v2").is_none());
+        let other = ImageInfo {
+            name: "evil".into(),
+            ..info
+        };
+        write_checkout_record(&checkouts, &other).unwrap();
+        assert!(resolve_checked_out(&repo, &checkouts, "web:v1").is_none());
+        assert!(remove_checkout(&checkouts, &commit).unwrap());
+        assert!(!checkout_record(&checkouts, &commit).exists());
+    }
+}

@@ -1,0 +1,491 @@
+//! `host app` commands that run and supervise containers: the ones both
+//! executables serve (see `exe.rs`), so they never need libostree. Argument
+//! parsing only; the work is done by `cairn_runtime`.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use cairn_runtime::cgroup::{self, Limits};
+use cairn_runtime::engine::{HealthCheck, MIN_HEALTH_INTERVAL};
+use cairn_runtime::image::ImageInfo;
+use cairn_runtime::net::{NetworkConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
+use cairn_runtime::spec::Volume;
+use cairn_runtime::state::{RestartPolicy, DEFAULT_ROOT};
+use cairn_runtime::{RunOptions, RunOutcome, Runtime};
+
+/// An image and its checkout.
+pub type CheckedOut = (ImageInfo, PathBuf);
+use clap::{Args, Subcommand};
+
+/// Options of every `host app` command.
+#[derive(Debug, Args)]
+pub struct AppGlobals {
+    /// State directory: image repository, checkouts, containers, addresses.
+    #[arg(long, env = "CAIRN_ROOT", default_value = DEFAULT_ROOT, global = true)]
+    pub root: PathBuf,
+
+    /// Host bridge that containers attach to.
+    #[arg(long, env = "CAIRN_BRIDGE", default_value = DEFAULT_BRIDGE, global = true)]
+    bridge: String,
+
+    /// The bridge's address and prefix; containers get addresses from this subnet.
+    #[arg(long, env = "CAIRN_SUBNET", default_value = DEFAULT_SUBNET, global = true)]
+    subnet: String,
+}
+
+/// The container commands of `host app`.
+#[derive(Debug, Subcommand)]
+#[command(defer = true)]
+pub enum ContainerSub {
+    /// Create and start a container.
+    Run(Box<RunArgs>),
+    /// List containers with their status and health.
+    Ps {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a container: SIGTERM, then SIGKILL after the timeout.
+    Stop {
+        name: String,
+        /// Seconds to wait before SIGKILL.
+        #[arg(short = 't', long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Remove a container and everything it holds (address, veth, cgroup).
+    Rm {
+        name: String,
+        /// Stop it first if it is running.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Print a container's stdout and stderr.
+    Logs {
+        name: String,
+        /// Keep printing until the container has stopped.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command inside a running container.
+    Exec {
+        name: String,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Everything known about a container, as JSON.
+    Inspect { name: String },
+    /// Supervise a detached container (started by `run -d`).
+    #[command(hide = true)]
+    Monitor { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Container name (default: a random one).
+    #[arg(long)]
+    name: Option<String>,
+    /// Run in the background under a monitor; print the name.
+    #[arg(short, long)]
+    detach: bool,
+    /// Remove the container when it exits.
+    #[arg(long)]
+    rm: bool,
+    /// Memory limit, e.g. 256M (cgroup v2 memory.max).
+    #[arg(long, value_parser = parse_memory)]
+    memory: Option<u64>,
+    /// CPU limit in CPUs, e.g. 0.5 (cgroup v2 cpu.max).
+    #[arg(long, value_parser = parse_cpus)]
+    cpus: Option<u64>,
+    /// Relative CPU weight 1-10000 (cgroup v2 cpu.weight).
+    #[arg(long, value_parser = parse_cpu_weight)]
+    cpu_weight: Option<u64>,
+    /// Maximum number of processes (cgroup v2 pids.max).
+    #[arg(long, value_parser = parse_pids)]
+    pids: Option<u64>,
+    /// Address on the bridge (default: the next free one).
+    #[arg(long)]
+    ip: Option<Ipv4Addr>,
+    /// `bridge` (default) or `none` (loopback only).
+    #[arg(long, default_value = "bridge", value_parser = ["bridge", "none"])]
+    network: String,
+    /// Set an environment variable (KEY=VALUE); repeatable.
+    #[arg(short, long = "env")]
+    env: Vec<String>,
+    /// Bind mount SRC:DST[:ro]; repeatable.
+    #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]", value_parser = parse_volume)]
+    volume: Vec<Volume>,
+    /// Health check, run with /bin/sh -c inside the container.
+    #[arg(long)]
+    health_cmd: Option<String>,
+    /// Time between health checks.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    health_interval: Duration,
+    /// Consecutive failures before the container counts as unhealthy.
+    #[arg(long, default_value_t = 3)]
+    health_retries: u32,
+    /// Restart policy: no, on-failure or always (with back-off).
+    #[arg(long, default_value = "no", value_parser = parse_restart)]
+    restart: RestartPolicy,
+    /// Seconds between SIGTERM and SIGKILL when stopping.
+    #[arg(long, default_value_t = 10)]
+    stop_timeout: u64,
+    /// User namespace: `auto` (default) gives the container its own range
+    /// of host ids, so its root is no one on the host; `host` runs it with
+    /// the host's ids (root in the container is root on the node).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "host"])]
+    userns: String,
+    /// Image: NAME[:TAG], NAME@sha256:… or sha256:…
+    pub image: String,
+    /// Command to run instead of the image's Cmd.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+pub fn runtime(cmd: &AppGlobals) -> Result<Runtime> {
+    let mut rt = Runtime::new(&cmd.root, NetworkConfig::parse(&cmd.bridge, &cmd.subnet)?);
+    let (bridge, subnet) = (cmd.bridge.clone(), cmd.subnet.clone());
+    rt.monitor_command = Some(Box::new(move |root: &Path, name: &str| {
+        // Always the executable without libostree (see exe.rs).
+        let mut c = std::process::Command::new(crate::exe::container_executable());
+        c.arg("app")
+            .arg("--root")
+            .arg(root)
+            .arg("--bridge")
+            .arg(&bridge);
+        c.arg("--subnet").arg(&subnet).arg("monitor").arg(name);
+        c
+    }));
+    Ok(rt)
+}
+
+/// Run a container command. `image` is `run`'s image when the caller's
+/// image store has checked it out; without it, `run` of an image that is
+/// not checked out fails with [`cairn_runtime::NotCheckedOut`] before
+/// anything is made.
+pub fn run(rt: &Runtime, cmd: ContainerSub, image: Option<CheckedOut>) -> Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        ContainerSub::Run(a) => {
+            let opts = run_options(*a)?;
+            drop(out);
+            match rt.run_image(&opts, image)? {
+                RunOutcome::Detached { name, ip } => {
+                    let ip = ip.map(|i| format!(" {i}")).unwrap_or_default();
+                    println!("{name}{ip}");
+                }
+                RunOutcome::Exited { code, .. } => {
+                    return Ok(ExitCode::from(code.clamp(0, 255) as u8))
+                }
+            }
+        }
+        ContainerSub::Ps { json } => {
+            let list = rt.ps()?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &list)?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<20} {:<24} {:<11} {:<10} {:<15} {:>4} RESTARTS",
+                    "NAME", "IMAGE", "STATUS", "HEALTH", "ADDRESS", "EXIT"
+                )?;
+                for c in list {
+                    let health = c
+                        .health
+                        .map(|h| format!("{h:?}").to_lowercase())
+                        .unwrap_or_else(|| "-".into());
+                    let ip = c.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+                    let exit = c
+                        .exit_code
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "-".into());
+                    writeln!(
+                        out,
+                        "{:<20} {:<24} {:<11} {:<10} {:<15} {:>4} {}",
+                        c.name,
+                        c.image,
+                        c.status.to_string(),
+                        health,
+                        ip,
+                        exit,
+                        c.restarts
+                    )?;
+                }
+            }
+        }
+        ContainerSub::Stop { name, timeout } => {
+            if rt.stop(&name, std::time::Duration::from_secs(timeout))? {
+                writeln!(out, "stopped {name}")?;
+            } else {
+                writeln!(out, "{name} was not running")?;
+            }
+        }
+        ContainerSub::Rm { name, force } => {
+            rt.rm(&name, force)?;
+            writeln!(out, "removed {name}")?;
+        }
+        ContainerSub::Logs { name, follow } => rt.logs(&name, follow, &mut out)?,
+        ContainerSub::Exec { name, command } => {
+            drop(out);
+            let code = rt.exec(&name, &command)?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+        ContainerSub::Inspect { name } => {
+            serde_json::to_writer_pretty(&mut out, &rt.inspect(&name)?)?;
+            writeln!(out)?;
+        }
+        ContainerSub::Monitor { name } => {
+            drop(out);
+            let code = cairn_runtime::monitor::supervise(rt, &name)?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The typed run spec of `host app run`'s arguments (each already parsed
+/// by its flag's value parser).
+fn run_options(a: RunArgs) -> Result<RunOptions> {
+    let health = match a.health_cmd {
+        Some(cmd) => {
+            // Only with a check: the interval alone is not used.
+            if a.health_interval < MIN_HEALTH_INTERVAL {
+                bail!("--health-interval must be at least {MIN_HEALTH_INTERVAL:?}");
+            }
+            Some(HealthCheck {
+                cmd,
+                interval: a.health_interval,
+                retries: a.health_retries,
+            })
+        }
+        None => None,
+    };
+    Ok(RunOptions {
+        image: a.image,
+        name: a.name,
+        command: a.command,
+        env: a.env,
+        volumes: a.volume,
+        limits: Limits {
+            memory: a.memory,
+            cpu_quota_us: a.cpus,
+            cpu_weight: a.cpu_weight,
+            pids: a.pids,
+        },
+        ip: a.ip,
+        no_network: a.network == "none",
+        restart: a.restart,
+        health,
+        detach: a.detach,
+        auto_remove: a.rm,
+        stop_timeout: a.stop_timeout,
+        userns_host: a.userns == "host",
+    })
+}
+
+/// `--memory`: `256M`, `1.5G`, `512k`, `1048576`, with binary multiples.
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                _ => {
+                    return Err(format!(
+                    "memory limit {s:?}: unknown unit {c:?} (use a number of bytes, or k, m, g, t)"
+                ))
+                }
+            };
+            (&t[..i], mult)
+        }
+        _ => (t, 1),
+    };
+    let v: f64 = num
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v > 0.0)
+        .ok_or_else(|| format!("memory limit {s:?} is not a positive size like 256M or 1G"))?;
+    let bytes = (v * mult as f64) as u64;
+    if bytes < cgroup::MIN_MEMORY {
+        return Err(format!(
+            "memory limit {s:?} is below 1M: the container could not start"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// `--cpus`: `0.5` → 50000 µs of every 100000 µs.
+fn parse_cpus(s: &str) -> Result<u64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v > 0.0)
+        .ok_or_else(|| format!("--cpus {s:?} is not a positive number of CPUs like 0.5 or 2"))?;
+    let quota = (v * cgroup::CPU_PERIOD_US as f64).round() as u64;
+    if quota < cgroup::MIN_CPU_QUOTA_US {
+        return Err(format!("--cpus {s:?} is below 0.01 CPUs"));
+    }
+    Ok(quota)
+}
+
+fn parse_pids(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("--pids {s:?} is not a positive whole number"))
+}
+
+fn parse_cpu_weight(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|v| (1..=cgroup::MAX_CPU_WEIGHT).contains(v))
+        .ok_or_else(|| format!("--cpu-weight {s:?} must be a whole number from 1 to 10000"))
+}
+
+/// `-v SRC:DST[:ro|:rw]`.
+fn parse_volume(s: &str) -> Result<Volume, String> {
+    Volume::parse(s).map_err(|e| format!("{e:#}"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    cairn_contracts::duration::parse(s).map_err(|e| format!("{e:#}"))
+}
+
+fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
+    Ok(match s {
+        "no" => RestartPolicy::No,
+        "on-failure" => RestartPolicy::OnFailure,
+        "always" => RestartPolicy::Always,
+        _ => return Err(format!("--restart {s:?}: use no, on-failure or always")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_syntax() {
+        assert_eq!(parse_memory("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_memory("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_memory("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_memory("2097152").unwrap(), 2 << 20);
+        let e = parse_memory("12Q").unwrap_err();
+        assert!(e.contains("unknown unit 'Q'"), "{e}");
+        assert!(parse_memory("-1M").is_err());
+        assert!(
+            parse_memory("12").is_err(),
+            "12 bytes is too small to run anything"
+        );
+        assert!(parse_memory("M").is_err());
+        assert_eq!(parse_cpus("0.5").unwrap(), 50_000);
+        assert_eq!(parse_cpus("2").unwrap(), 200_000);
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("half").is_err());
+        assert!(parse_cpus("-1").unwrap_err().contains("--cpus"));
+        assert_eq!(parse_pids("256").unwrap(), 256);
+        assert!(parse_pids("0").is_err());
+        assert!(parse_cpu_weight("10001").is_err());
+        assert_eq!(parse_cpu_weight("100").unwrap(), 100);
+    }
+
+    #[test]
+    fn restart_policies_are_named_as_recorded() {
+        for name in ["no", "on-failure", "always"] {
+            let p = parse_restart(name).unwrap();
+            assert_eq!(serde_json::to_value(p).unwrap(), name);
+        }
+        assert!(parse_restart("sometimes")
+            .unwrap_err()
+            .contains("--restart"));
+    }
+
+    /// `host app run`'s arguments, as clap parses them.
+    fn run_args(args: &[&str]) -> Result<RunOptions> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let cli = Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        run_options(cli.run)
+    }
+
+    #[test]
+    fn run_spec_from_the_command_line() {
+        let o = run_args(&[
+            "--memory=64M",
+            "--cpus=0.5",
+            "--cpu-weight=200",
+            "--pids=32",
+            "-v",
+            "/tmp:/data:ro",
+            "--health-cmd=true",
+            "--health-interval=1s",
+            "--health-retries=2",
+            "--restart=on-failure",
+            "busybox",
+            "sh",
+            "-c",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.limits,
+            Limits {
+                memory: Some(64 << 20),
+                cpu_quota_us: Some(50_000),
+                cpu_weight: Some(200),
+                pids: Some(32),
+            }
+        );
+        assert_eq!(o.volumes.len(), 1);
+        assert!(o.volumes[0].readonly && o.volumes[0].destination == "/data");
+        assert_eq!(
+            o.health,
+            Some(HealthCheck {
+                cmd: "true".into(),
+                interval: Duration::from_secs(1),
+                retries: 2
+            })
+        );
+        assert_eq!(o.restart, RestartPolicy::OnFailure);
+        assert_eq!(o.command, ["sh", "-c", "x"]);
+        // Bad values are refused with the flag named, before anything runs.
+        for (args, msg) in [
+            (&["--memory=12Q", "i"][..], "unknown unit 'Q'"),
+            (&["--cpus=-1", "i"], "--cpus"),
+            (&["--cpu-weight=0", "i"], "--cpu-weight"),
+            (&["--pids=0", "i"], "--pids"),
+            (
+                &["-v", "/nonexistent-src:/data", "i"],
+                "does not exist on the host",
+            ),
+            (&["--restart=sometimes", "i"], "--restart"),
+            (&["--health-interval=1x", "i"], "--health-interval"),
+            (
+                &["--health-cmd=true", "--health-interval=10ms", "i"],
+                "at least 100ms",
+            ),
+        ] {
+            let e = run_args(args).unwrap_err().to_string();
+            assert!(e.contains(msg), "{args:?}: {e}");
+        }
+        // An interval is only checked with a check to time.
+        run_args(&["--health-interval=10ms", "i"]).unwrap();
+    }
+}

@@ -1,0 +1,198 @@
+//! A node's image store: the repository of imported images and the
+//! read-only checkouts containers run from, under one state root (layout in
+//! [`cairn_contracts::image`]). The container runtime reads checkouts
+//! without libostree; everything that needs the repository — import, list,
+//! verify, check out, remove, prune — is here.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use cairn_contracts::image::{
+    checkouts_dir, remove_checkout, repo_dir, resolve_checked_out, write_checkout_record,
+    ImageInfo, InUse,
+};
+
+use crate::image::{self, ImportOptions};
+
+/// What [`Store::prune`] removed.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    /// Checkouts removed: commit checksums, or `.tmp-…` leftovers.
+    pub checkouts: Vec<String>,
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// The image store of a state root.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    fn has_repo(&self) -> bool {
+        repo_dir(&self.root).join("config").exists()
+    }
+
+    /// The image repository, created on first use; the state root holding
+    /// it is kept 0700 (it holds images' setuid files, see
+    /// [`image::private_dir`]).
+    pub fn repo(&self) -> Result<ostree::Repo> {
+        image::private_dir(&self.root)?;
+        image::open_repo(&repo_dir(&self.root))
+    }
+
+    pub fn import(&self, path: &Path, name: Option<&str>) -> Result<ImageInfo> {
+        image::import(&self.repo()?, path, name)
+    }
+
+    /// [`Store::import`] with a tag and limits.
+    pub fn import_with(&self, path: &Path, opts: &ImportOptions) -> Result<ImageInfo> {
+        image::import_with(&self.repo()?, path, opts)
+    }
+
+    pub fn images(&self) -> Result<Vec<ImageInfo>> {
+        if !self.has_repo() {
+            return Ok(vec![]);
+        }
+        image::list(&self.repo()?)
+    }
+
+    pub fn verify(&self, reference: &str) -> Result<(ImageInfo, usize)> {
+        image::verify(&self.repo()?, reference)
+    }
+
+    /// The image and its checkout, made (and recorded for the runtime) if
+    /// missing. An image already checked out is found without libostree.
+    pub fn checkout(&self, reference: &str) -> Result<(ImageInfo, PathBuf)> {
+        let checkouts = checkouts_dir(&self.root);
+        if let Some(found) = resolve_checked_out(&repo_dir(&self.root), &checkouts, reference) {
+            return Ok(found);
+        }
+        let repo = self.repo()?;
+        let img = image::resolve(&repo, reference)?;
+        let checkout = ensure_checkout(&repo, &img.commit, &checkouts)?;
+        write_checkout_record(&checkouts, &img)?;
+        Ok((img, checkout))
+    }
+
+    /// Remove an image; refused while a container uses it.
+    pub fn rmi(&self, reference: &str, in_use: &[InUse]) -> Result<ImageInfo> {
+        let repo = self.repo()?;
+        let info = image::resolve(&repo, reference)?;
+        if let Some(u) = in_use.iter().find(|u| u.commit == info.commit) {
+            bail!(
+                "image {} is used by container {}: remove the container first (host app rm)",
+                info.reference(),
+                u.container
+            );
+        }
+        let removed = image::remove(&repo, &info.reference())?;
+        let still_used = image::list(&repo)?
+            .iter()
+            .any(|i| i.commit == removed.commit);
+        if !still_used {
+            remove_checkout(&checkouts_dir(&self.root), &removed.commit)?;
+        }
+        Ok(removed)
+    }
+
+    /// Remove what neither an image tag nor a container uses any more:
+    /// checkouts (and their records) of commits a re-import moved a tag away
+    /// from, as a baked app's does after every host upgrade or rollback,
+    /// leftovers of interrupted checkouts, and the repository objects no tag
+    /// reaches. Returns the commits whose checkouts went, and how many
+    /// objects and bytes the repository freed.
+    pub fn prune(&self, in_use: &[InUse]) -> Result<Pruned> {
+        let mut pruned = Pruned::default();
+        if !self.has_repo() {
+            return Ok(pruned);
+        }
+        let repo = self.repo()?;
+        let mut keep: HashSet<String> = image::list(&repo)?.into_iter().map(|i| i.commit).collect();
+        keep.extend(in_use.iter().map(|u| u.commit.clone()));
+        let checkouts = checkouts_dir(&self.root);
+        let entries = match std::fs::read_dir(&checkouts) {
+            Ok(rd) => rd.collect::<std::io::Result<Vec<_>>>()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", checkouts.display())),
+        };
+        let mut unused = BTreeSet::new();
+        for e in entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.strip_prefix(".tmp-") {
+                // .tmp-COMMIT-PID: an interrupted checkout, if PID is gone.
+                if rest
+                    .rsplit_once('-')
+                    .is_some_and(|(_, pid)| !Path::new("/proc").join(pid).exists())
+                {
+                    let path = e.path();
+                    std::fs::remove_dir_all(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
+                    pruned.checkouts.push(name);
+                }
+                continue;
+            }
+            // COMMIT (the checkout) or COMMIT.json (its record).
+            let commit = name.strip_suffix(".json").unwrap_or(&name);
+            if commit.len() == 64
+                && commit.bytes().all(|b| b.is_ascii_hexdigit())
+                && !keep.contains(commit)
+            {
+                unused.insert(commit.to_string());
+            }
+        }
+        for commit in unused {
+            if remove_checkout(&checkouts, &commit)? {
+                pruned.checkouts.push(commit);
+            }
+        }
+        (pruned.objects, pruned.bytes) = image::prune_objects(&repo)?;
+        Ok(pruned)
+    }
+}
+
+/// A read-only tree of `commit`, shared by every container of that commit:
+/// `<dir>/<commit>`, made once (hardlinks into the repository when it can).
+pub fn ensure_checkout(repo: &ostree::Repo, commit: &str, dir: &Path) -> Result<PathBuf> {
+    // 0700: checkouts share the repository's inodes, setuid files included.
+    image::private_dir(dir)?;
+    let dest = dir.join(commit);
+    if dest.exists() {
+        return Ok(dest);
+    }
+    let tmp = dir.join(format!(".tmp-{commit}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let opts = ostree::RepoCheckoutAtOptions {
+        mode: if repo.mode() == ostree::RepoMode::Bare {
+            ostree::RepoCheckoutMode::None
+        } else {
+            ostree::RepoCheckoutMode::User
+        },
+        ..Default::default()
+    };
+    if let Err(e) = repo.checkout_at(
+        Some(&opts),
+        libc::AT_FDCWD,
+        &tmp,
+        commit,
+        gio::Cancellable::NONE,
+    ) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e).with_context(|| format!("checking out {commit} into {}", tmp.display()));
+    }
+    match std::fs::rename(&tmp, &dest) {
+        Ok(()) => Ok(dest),
+        // Another process won the race: theirs is as good as ours.
+        Err(_) if dest.exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dest)
+        }
+        Err(e) => Err(e).with_context(|| format!("renaming checkout to {}", dest.display())),
+    }
+}
