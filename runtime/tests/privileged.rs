@@ -834,14 +834,14 @@ fn exit_codes_and_bad_input_leave_nothing() {
     };
     let nlinks = links(());
     let bad: Vec<(RunOptions, &str)> = vec![
-        (RunOptions { image: "nosuch:1".into(), ..env.opts("b1", &["true"]) }, "no image nosuch:1"),
+        (RunOptions { image: "nosuch:1".into(), ..env.opts("b1", &["true"]) }, "image nosuch:1 is not checked out"),
         (env.opts("b2", &["/bin/nosuch"]), "not found in the image"),
         (env.opts("b3", &["nosuch-cmd"]), "not found in the image's PATH"),
         (RunOptions { limits: Limits { memory: Some(12), ..Default::default() }, ..env.opts("b4", &["true"]) }, "below 1M"),
         (RunOptions { limits: Limits { cpu_quota_us: Some(0), ..Default::default() }, ..env.opts("b5", &["true"]) }, "0.01 CPUs"),
         (RunOptions { ip: Some(Ipv4Addr::new(192, 0, 2, 1)), ..env.opts("b6", &["true"]) }, "not a host address"),
         (RunOptions { volumes: vec![Volume { source: "/nonexistent-src".into(), destination: "/data".into(), readonly: false }], ..env.opts("b7", &["true"]) }, "does not exist on the host"),
-        (RunOptions { image: "busybox@sha256:0000000000000000000000000000000000000000000000000000000000000000".into(), ..env.opts("b8", &["true"]) }, "no image"),
+        (RunOptions { image: "busybox@sha256:0000000000000000000000000000000000000000000000000000000000000000".into(), ..env.opts("b8", &["true"]) }, "is not checked out"),
     ];
     for (o, want) in bad {
         let name = o.name.clone().unwrap();
