@@ -16,44 +16,25 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context, Result};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
-use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{Gid, Pid, Uid};
 use oci_spec::runtime::{LinuxSeccompAction, Spec};
 
-use crate::layer::resolve_in_root;
-use crate::mountfd;
+use crate::mountplan::{MountPlan, SysOps};
 use crate::userns::IdRange;
 
 /// What the child needs, computed before the clone.
 struct ChildPlan {
-    lowers: String,
-    /// Image layers to mount idmapped through the user namespace (each over
-    /// itself, in the child's own mount namespace) before the overlay.
-    idmapped_lowers: Vec<PathBuf>,
     /// The container's user namespace and the namespaces it owns, made
     /// before the clone (see [`PendingUserns`]).
     userns: Option<(IdRange, UsernsFds)>,
-    rootfs: PathBuf,
-    mounts: Vec<PlannedMount>,
+    mounts: MountPlan,
     hostname: String,
-    masked: Vec<String>,
-    readonly: Vec<String>,
     security: Security,
     cwd: PathBuf,
     exe: CString,
     argv: Vec<CString>,
     envp: Vec<CString>,
-}
-
-struct PlannedMount {
-    destination: String,
-    source: Option<String>,
-    typ: Option<String>,
-    flags: MsFlags,
-    data: String,
-    bind: bool,
 }
 
 /// Credentials and restrictions applied right before exec.
@@ -192,117 +173,24 @@ impl Security {
     }
 }
 
-fn mount_flags(opts: &[String]) -> (MsFlags, String, bool) {
-    let mut flags = MsFlags::empty();
-    let mut data = Vec::new();
-    let mut bind = false;
-    for o in opts {
-        match o.as_str() {
-            "ro" => flags |= MsFlags::MS_RDONLY,
-            "rw" => {}
-            "nosuid" => flags |= MsFlags::MS_NOSUID,
-            "nodev" => flags |= MsFlags::MS_NODEV,
-            "noexec" => flags |= MsFlags::MS_NOEXEC,
-            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
-            "relatime" => flags |= MsFlags::MS_RELATIME,
-            "bind" => bind = true,
-            "rbind" => {
-                bind = true;
-                flags |= MsFlags::MS_REC;
-            }
-            other => data.push(other.to_string()),
-        }
-    }
-    (flags, data.join(","), bind)
-}
-
 fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| anyhow!("{s:?} contains a NUL byte"))
-}
-
-/// Mount data for a container in the user namespace `range`: file systems
-/// the launcher makes (it mounts them before joining the namespace) belong
-/// to the container's root, and devpts' tty group is the container's.
-fn userns_mount_data(typ: Option<&str>, data: &str, range: &IdRange) -> String {
-    let mut opts: Vec<String> = data
-        .split(',')
-        .filter(|o| !o.is_empty())
-        .map(str::to_string)
-        .collect();
-    match typ {
-        Some("tmpfs") => {
-            opts.retain(|o| !o.starts_with("uid=") && !o.starts_with("gid="));
-            opts.push(format!("uid={}", range.host_start));
-            opts.push(format!("gid={}", range.host_start));
-        }
-        Some("devpts") => {
-            for o in &mut opts {
-                if let Some(g) = o.strip_prefix("gid=").and_then(|g| g.parse::<u32>().ok()) {
-                    *o = format!("gid={}", range.host_id(g).unwrap_or(range.host_start));
-                }
-            }
-        }
-        _ => {}
-    }
-    opts.join(",")
 }
 
 impl ChildPlan {
     /// `lowers`: the overlay's read-only layers, top first; the scaffold
     /// (index 0) is the launcher's own, the rest are image trees.
     fn new(spec: &Spec, lowers: &[&Path], userns: Option<(IdRange, UsernsFds)>) -> Result<Self> {
-        let root = spec.root().as_ref().context("config has no root")?;
         let p = spec.process().as_ref().context("config has no process")?;
         let args = p.args().clone().unwrap_or_default();
         if args.is_empty() {
             bail!("config has no process args");
         }
-        let mut mounts = Vec::new();
-        for m in spec.mounts().iter().flatten() {
-            let (flags, mut data, bind) = mount_flags(m.options().as_deref().unwrap_or(&[]));
-            if let Some((range, _)) = &userns {
-                data = userns_mount_data(m.typ().as_deref(), &data, range);
-            }
-            mounts.push(PlannedMount {
-                destination: m.destination().to_string_lossy().into_owned(),
-                source: m
-                    .source()
-                    .as_ref()
-                    .map(|s| s.to_string_lossy().into_owned()),
-                typ: m.typ().clone(),
-                flags,
-                data,
-                bind: bind || m.typ().as_deref() == Some("bind"),
-            });
-        }
-        let linux = spec.linux().as_ref();
-        let lowers: Vec<String> = lowers
-            .iter()
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect();
-        for l in &lowers {
-            if l.contains(':') || l.contains(',') {
-                bail!("path {l} contains ':' or ',' and cannot be an overlay layer");
-            }
-        }
-        let idmapped_lowers = if userns.is_some() {
-            lowers.iter().skip(1).map(PathBuf::from).collect()
-        } else {
-            Vec::new()
-        };
+        let mounts = MountPlan::new(spec, lowers, userns.as_ref().map(|(range, _)| range))?;
         Ok(Self {
-            lowers: lowers.join(":"),
-            idmapped_lowers,
             userns,
-            rootfs: root.path().clone(),
             mounts,
             hostname: spec.hostname().clone().unwrap_or_default(),
-            masked: linux
-                .and_then(|l| l.masked_paths().clone())
-                .unwrap_or_default(),
-            readonly: linux
-                .and_then(|l| l.readonly_paths().clone())
-                .unwrap_or_default(),
             security: Security::from_spec(spec)?,
             cwd: p.cwd().clone(),
             exe: cstring(&args[0])?,
@@ -416,47 +304,6 @@ fn plain_path_kind(root: &Path, rel: &Path) -> Option<fs::FileType> {
     kind
 }
 
-fn setup_dev(dev: &Path) -> Result<()> {
-    for (name, major, minor) in [
-        ("null", 1, 3),
-        ("zero", 1, 5),
-        ("full", 1, 7),
-        ("random", 1, 8),
-        ("urandom", 1, 9),
-        ("tty", 5, 0),
-    ] {
-        let p = dev.join(name);
-        mknod(
-            &p,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(major, minor),
-        )
-        .with_context(|| format!("mknod {}", p.display()))?;
-        // mknod honours the umask: set the mode explicitly.
-        nix::sys::stat::fchmodat(
-            None,
-            &p,
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )?;
-    }
-    for (name, target) in [
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-        ("ptmx", "pts/ptmx"),
-        ("core", "/proc/kcore"),
-    ] {
-        std::os::unix::fs::symlink(target, dev.join(name))?;
-    }
-    for d in ["pts", "shm", "mqueue"] {
-        fs::create_dir_all(dev.join(d))?;
-    }
-    Ok(())
-}
-
 /// The container's side of the launch, in its new namespaces. Every mount
 /// is made while the child still has the host's credentials; with a user
 /// namespace it joins that namespace only at the end, right before dropping
@@ -466,132 +313,12 @@ fn setup_dev(dev: &Path) -> Result<()> {
 /// path); its network, uts and ipc namespaces are its user namespace's
 /// own, so it may ping, bind low ports and set its hostname.
 fn child_setup(plan: &ChildPlan) -> Result<std::convert::Infallible> {
-    let none: Option<&str> = None;
     nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).context("unshare(cgroup)")?;
-    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
-        .context("making / private")?;
-    let userns_fd = plan.userns.as_ref().map(|(_, fds)| &fds.user);
-    for lower in &plan.idmapped_lowers {
-        // The shared checkout is owned by host ids; through the idmapped
-        // mount its root is the container's root. Over itself, in this
-        // mount namespace only.
-        let tree = mountfd::clone_tree(lower, false)
-            .with_context(|| format!("cloning image tree {}", lower.display()))?;
-        mountfd::set_attrs(
-            &tree,
-            mountfd::MOUNT_ATTR_IDMAP | mountfd::MOUNT_ATTR_RDONLY,
-            userns_fd,
-        )
-        .with_context(|| {
-            format!(
-                "idmapping image tree {} (its file system must support idmapped mounts: ext4, xfs, btrfs; run with --userns=host otherwise)",
-                lower.display()
-            )
-        })?;
-        mountfd::attach(&tree, lower)
-            .with_context(|| format!("mounting idmapped {}", lower.display()))?;
-    }
-    let root = &plan.rootfs;
-    mount(
-        Some("overlay"),
-        root,
-        Some("overlay"),
-        MsFlags::MS_RDONLY,
-        Some(format!("lowerdir={}", plan.lowers).as_str()),
-    )
-    .with_context(|| format!("mounting the read-only root at {}", root.display()))?;
-    for m in &plan.mounts {
-        let target = resolve_in_root(root, Path::new(&m.destination), true)?;
-        let data = (!m.data.is_empty()).then_some(m.data.as_str());
-        if m.bind {
-            let src = m.source.as_deref().context("bind mount without a source")?;
-            // Attributes go to every mount of the tree (AT_RECURSIVE): a
-            // read-only volume stays read-only below its top, and nosuid and
-            // nodev hold on every submount.
-            let mut attrs = 0;
-            for (flag, attr) in [
-                (MsFlags::MS_RDONLY, mountfd::MOUNT_ATTR_RDONLY),
-                (MsFlags::MS_NOSUID, mountfd::MOUNT_ATTR_NOSUID),
-                (MsFlags::MS_NODEV, mountfd::MOUNT_ATTR_NODEV),
-                (MsFlags::MS_NOEXEC, mountfd::MOUNT_ATTR_NOEXEC),
-            ] {
-                if m.flags.contains(flag) {
-                    attrs |= attr;
-                }
-            }
-            let tree = mountfd::clone_tree(Path::new(src), m.flags.contains(MsFlags::MS_REC))
-                .with_context(|| format!("cloning volume {src}"))?;
-            let idmapped = match userns_fd {
-                Some(u) => {
-                    mountfd::set_attrs(&tree, attrs | mountfd::MOUNT_ATTR_IDMAP, Some(u)).is_ok()
-                }
-                None => false,
-            };
-            if !idmapped {
-                // No idmapped mounts on this file system: its files show up
-                // as owned by nobody inside (documented in docs/runtime.md).
-                mountfd::set_attrs(&tree, attrs, None)
-                    .with_context(|| format!("setting the options of volume {src}"))?;
-            }
-            mountfd::attach(&tree, &target)
-                .with_context(|| format!("bind mounting {src} at {}", m.destination))?;
-        } else {
-            mount(
-                m.source.as_deref(),
-                &target,
-                m.typ.as_deref(),
-                m.flags,
-                data,
-            )
-            .with_context(|| {
-                format!(
-                    "mounting {} at {}",
-                    m.typ.as_deref().unwrap_or("?"),
-                    m.destination
-                )
-            })?;
-        }
-        if m.destination == "/dev" {
-            setup_dev(&target)?;
-        }
-    }
+    let mut ops = SysOps {
+        userns: plan.userns.as_ref().map(|(_, fds)| &fds.user),
+    };
+    plan.mounts.apply(&mut ops)?;
     nix::unistd::sethostname(&plan.hostname).context("sethostname")?;
-    nix::unistd::chdir(root).context("chdir to the new root")?;
-    nix::unistd::pivot_root(".", ".").context("pivot_root")?;
-    umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
-    nix::unistd::chdir("/")?;
-    for p in &plan.masked {
-        match fs::metadata(p) {
-            Ok(m) if m.is_dir() => mount(
-                Some("tmpfs"),
-                p.as_str(),
-                Some("tmpfs"),
-                MsFlags::MS_RDONLY,
-                none,
-            )
-            .with_context(|| format!("masking {p}"))?,
-            Ok(_) => mount(Some("/dev/null"), p.as_str(), none, MsFlags::MS_BIND, none)
-                .with_context(|| format!("masking {p}"))?,
-            Err(_) => {}
-        }
-    }
-    for p in &plan.readonly {
-        if fs::metadata(p).is_err() {
-            continue;
-        }
-        let tree =
-            mountfd::clone_tree(Path::new(p), true).with_context(|| format!("binding {p}"))?;
-        mountfd::set_attrs(
-            &tree,
-            mountfd::MOUNT_ATTR_RDONLY
-                | mountfd::MOUNT_ATTR_NOSUID
-                | mountfd::MOUNT_ATTR_NODEV
-                | mountfd::MOUNT_ATTR_NOEXEC,
-            None,
-        )
-        .with_context(|| format!("making {p} read-only"))?;
-        mountfd::attach(&tree, Path::new(p)).with_context(|| format!("making {p} read-only"))?;
-    }
     if let Some((_, fds)) = &plan.userns {
         nix::sched::setns(fds.user.as_fd(), CloneFlags::CLONE_NEWUSER)
             .context("joining the container's user namespace")?;
@@ -1288,14 +1015,6 @@ mod tests {
         let sec = Security::from_spec(&spec).unwrap();
         assert!(sec.bounding.contains(&caps::Capability::CAP_NET_RAW));
         assert!(!sec.bounding.contains(&caps::Capability::CAP_SYS_ADMIN));
-        let (flags, data, bind) = mount_flags(&[
-            "nosuid".into(),
-            "mode=755".into(),
-            "size=1k".into(),
-            "ro".into(),
-        ]);
-        assert!(flags.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID));
-        assert_eq!((data.as_str(), bind), ("mode=755,size=1k", false));
     }
 
     #[test]

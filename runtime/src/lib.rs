@@ -13,6 +13,7 @@ pub mod engine;
 pub mod image;
 pub mod monitor;
 pub mod mountfd;
+mod mountplan;
 pub mod net;
 pub mod spec;
 pub mod state;
