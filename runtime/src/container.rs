@@ -3,8 +3,9 @@
 //! seccomp — and entering a running container for `exec` and health checks.
 //!
 //! Everything that can fail for a reason the user controls is prepared in the
-//! parent; the child only performs syscalls and reports the first failure
-//! through a close-on-exec pipe (an empty pipe means the exec happened).
+//! parent (the mounts as a `MountPlan`); the child walks what was prepared
+//! and reports the first failure through a close-on-exec pipe (an empty pipe
+//! means the exec happened). What the child may do is in `child_main`.
 
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -345,7 +346,8 @@ fn reset_signals() {
             s,
             nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGSTOP
         ) {
-            // SAFETY: restoring the default disposition installs no handler.
+            // SAFETY: SIG_DFL runs no code of ours in a signal context,
+            // which is what makes `signal` unsafe in general.
             unsafe {
                 let _ = nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigDfl);
             }
@@ -355,7 +357,8 @@ fn reset_signals() {
 
 /// Mark every inherited descriptor above stderr close-on-exec.
 fn cloexec_from_3() {
-    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only changes fd flags.
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets fd flags and
+    // closes nothing, so no OwnedFd of ours goes stale; integer arguments.
     unsafe {
         libc::syscall(
             libc::SYS_close_range,
@@ -392,6 +395,27 @@ fn join_owned_namespaces(plan: &ChildPlan) -> nix::Result<()> {
 /// The child's side of [`launch`]. `born_in_namespaces`: clone3 made it in
 /// its namespaces already (otherwise it unshares them). `handshake`: tell the
 /// parent the namespaces exist, then wait for its go (network, cgroup).
+///
+/// It runs in a copy of the parent's address space (clone3 or fork, never
+/// CLONE_VM), so nothing it writes reaches the parent, and it has a single
+/// thread. It never returns: execve or `_exit`. It is not restricted to
+/// async-signal-safe calls, and this is why that is sound:
+/// - It allocates: resolving mount destinations, paths made C strings for
+///   open_tree and move_mount, execve's argv arrays, credentials, and error
+///   messages on a failure. The parsing and C strings of the plans are made
+///   before the clone to keep this small, not because allocating here is
+///   wrong: the clone3 child comes from a single-threaded parent, so no
+///   other thread can hold the allocator's lock, and glibc's fork takes and
+///   resets that lock around the fork for the forked child.
+/// - It takes no other lock another thread may hold at the fork: no stdio,
+///   no `std::env`, no tracing, no mutex shared with the parent. The one
+///   exception is anyhow capturing a backtrace for an error, which reads the
+///   environment (once per process) and, when RUST_BACKTRACE asks for one,
+///   takes the unwinder's locks: only on a failure, and only a concern in
+///   the forked child of a threaded parent.
+/// - It calls nothing that depends on glibc's fork bookkeeping, which the
+///   clone3 child skips (atfork handlers, the cached thread id in its TLS):
+///   no pthread calls, no robust mutexes.
 fn child_main(
     plan: &ChildPlan,
     born_in_namespaces: bool,
@@ -405,7 +429,8 @@ fn child_main(
     if !born_in_namespaces {
         if let Err(e) = nix::sched::unshare(container_namespaces(plan)) {
             let _ = err.write_all(format!("unshare: {e}").as_bytes());
-            // SAFETY: leaving the forked child without running the parent's destructors.
+            // SAFETY: _exit only ends this process; the destructors and atexit
+            // handlers it skips belong to the parent's copy of the state.
             unsafe { libc::_exit(127) };
         }
     }
@@ -493,8 +518,8 @@ pub fn launch(
         } else {
             None
         };
-        // SAFETY: single-threaded (see clone3_fork); the child only makes
-        // syscalls and ends in execve or _exit.
+        // SAFETY: single-threaded, checked above, as clone3_fork requires;
+        // the child does only what child_main documents and never returns.
         match unsafe { clone3_fork(flags, cgroup_fd.as_ref()) } {
             Some(Ok(nix::unistd::ForkResult::Child)) => {
                 drop(err_r);
@@ -518,7 +543,9 @@ pub fn launch(
                 .context("opening our pid namespace")?
                 .into();
             nix::sched::unshare(CloneFlags::CLONE_NEWPID).context("unshare(pid)")?;
-            // SAFETY: the child only makes syscalls and ends in execve or _exit.
+            // SAFETY: other threads may exist here; the child relies only on
+            // what glibc's fork leaves usable (see child_main) and never
+            // returns.
             let forked = unsafe { nix::unistd::fork() };
             let restored = nix::sched::setns(own_pid_ns.as_fd(), CloneFlags::CLONE_NEWPID);
             let pid = match forked.context("fork")? {
@@ -637,7 +664,7 @@ const HOLDER_STACK: usize = 64 * 1024;
 
 impl HolderStack {
     fn new(args: HolderArgs) -> Result<Self> {
-        // SAFETY: a fresh private anonymous mapping, ours alone.
+        // SAFETY: no pointer is passed in; the result is checked below.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -651,7 +678,8 @@ impl HolderStack {
         if base == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context("mapping a stack");
         }
-        // SAFETY: the mapping is page-aligned and large enough.
+        // SAFETY: the mapping is fresh, writable, page-aligned (more than
+        // HolderArgs needs) and far larger than it; nothing else uses it yet.
         unsafe { base.cast::<HolderArgs>().write(args) };
         Ok(Self { base })
     }
@@ -659,14 +687,18 @@ impl HolderStack {
         self.base
     }
     fn top(&self) -> *mut libc::c_void {
-        // SAFETY: one past the end of the mapping; the stack grows down.
+        // SAFETY: one past the end of the same mapping (allowed for `add`);
+        // the stack grows down from there. Page-aligned, so 16-byte aligned
+        // as the ABI wants a new stack.
         unsafe { self.base.cast::<u8>().add(HOLDER_STACK).cast() }
     }
 }
 
 impl Drop for HolderStack {
     fn drop(&mut self) {
-        // SAFETY: only dropped once the child that ran on it is reaped.
+        // SAFETY: the mapping is ours. A Holder drops it only after reaping
+        // the child that ran on it; without a child (clone failed) nobody
+        // else uses it.
         unsafe { libc::munmap(self.base, HOLDER_STACK) };
     }
 }
@@ -680,10 +712,13 @@ impl Drop for HolderStack {
 /// wrong `errno` if it reads one at that instant; a failure here fails the
 /// start anyway.
 extern "C" fn holder_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the HolderArgs of a HolderStack that outlives us.
+    // SAFETY: `arg` is the HolderArgs of a HolderStack that outlives us,
+    // written before the clone and never again: shared reads only.
     let args = unsafe { &*arg.cast::<HolderArgs>() };
     let sys = |nr: libc::c_long, a: libc::c_long, b: libc::c_long, c: libc::c_long| {
-        // SAFETY: plain syscalls on our own descriptors and namespaces.
+        // SAFETY: the calls below take integers, except read and write,
+        // given one byte on this stack or in a static that outlives the
+        // call. Descriptors are our copies (no CLONE_FILES).
         unsafe { libc::syscall(nr, a, b, c) }
     };
     let say = |what: &u8| {
@@ -727,8 +762,11 @@ impl PendingUserns {
             hold: hold_r.as_raw_fd(),
             hold_parent_end: hold_w.as_raw_fd(),
         })?;
-        // SAFETY: see holder_main; the stack and its arguments outlive the
-        // child (they are unmapped only after it is reaped).
+        // SAFETY: the child shares our memory (CLONE_VM) but touches only
+        // its stack and its HolderArgs, with raw syscalls (see holder_main);
+        // both outlive it: `stack` moves into the Holder, which reaps the
+        // child before unmapping it. No CLONE_FILES: the child has its own
+        // copy of the descriptors named in HolderArgs, so we may close ours.
         let pid = unsafe {
             libc::clone(
                 holder_main,
@@ -819,9 +857,12 @@ fn single_threaded() -> bool {
 /// flag (ENOSYS, EINVAL, E2BIG): the caller forks instead.
 ///
 /// # Safety
-/// clone3 bypasses glibc's fork bookkeeping (atfork handlers, lock resets),
-/// so the caller must be single-threaded, and the child may only make
-/// syscalls until it execs or exits.
+/// clone3 bypasses glibc's fork bookkeeping (atfork handlers, the resets of
+/// its internal locks, the child's cached thread id). The caller must be
+/// single-threaded, so no lock is held by a thread the child lacks; the
+/// child may then allocate, but must not rely on that bookkeeping (no
+/// pthread calls, no atfork handlers) and must end in execve or `_exit`,
+/// never returning into code that takes it for the parent.
 unsafe fn clone3_fork(
     flags: CloneFlags,
     cgroup: Option<&OwnedFd>,
@@ -852,8 +893,10 @@ unsafe fn clone3_fork(
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = fd.as_raw_fd() as u64;
     }
-    // SAFETY: no CLONE_VM, no new stack: the child continues here on a copy
-    // of this address space, like fork.
+    // SAFETY: `args` lives across the call and the size passed is its own;
+    // the kernel reads it (and borrows the cgroup fd) only during the call.
+    // No CLONE_VM and no new stack: the child continues here on a copy of
+    // this address space, like fork.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_clone3,
@@ -932,8 +975,12 @@ pub fn spawn_in(
     if let Some((i, o, e)) = stdio {
         cmd.stdin(i).stdout(o).stderr(e);
     }
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // syscalls on descriptors opened above (the cgroup's `cgroup.procs` too).
+    // SAFETY: the closure runs in the child std forks (glibc's fork: the
+    // allocator's lock is reset in the child), which has one thread and a
+    // copy of our memory. Besides syscalls on the descriptors opened above
+    // (the cgroup's `cgroup.procs` too) it allocates (setgroups' list, the
+    // capability sets, error messages) and takes no other lock, as
+    // child_main explains; the backtrace caveat there applies to its errors.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(mut procs) = cgroup_procs.as_ref() {

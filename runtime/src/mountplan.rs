@@ -371,7 +371,10 @@ impl MountPlan {
     }
 
     /// Take the steps in order through `ops`, stopping at the first that
-    /// fails (the container must not start with a mount missing).
+    /// fails (the container must not start with a mount missing). Runs in
+    /// the launcher's child after the clone (what it may do there is in
+    /// `container::child_main`): it allocates only to resolve destinations,
+    /// for the paths of open_tree and move_mount, and for errors.
     pub(crate) fn apply<O: MountOps>(&self, ops: &mut O) -> Result<()> {
         for step in &self.steps {
             self.apply_step(step, ops)?;
