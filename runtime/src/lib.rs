@@ -15,6 +15,7 @@ pub mod context;
 pub mod engine;
 pub mod monitor;
 pub mod mountfd;
+mod mountplan;
 pub mod net;
 pub mod spec;
 pub mod state;

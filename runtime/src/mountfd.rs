@@ -45,13 +45,14 @@ pub fn clone_tree(path: &Path, recursive: bool) -> nix::Result<OwnedFd> {
     if recursive {
         flags |= AT_RECURSIVE;
     }
-    // SAFETY: a NUL-terminated path that outlives the call; the returned fd
-    // is new and owned by nobody else.
+    // SAFETY: `c` is NUL-terminated and outlives the call, which only reads
+    // it; the other arguments are integers.
     let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
     if fd < 0 {
         return Err(Errno::last());
     }
-    // SAFETY: see above.
+    // SAFETY: a non-negative result is a descriptor open_tree just made
+    // for us: nothing else owns or closes it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
@@ -66,8 +67,9 @@ pub fn set_attrs(tree: &OwnedFd, attrs: u64, userns: Option<&OwnedFd>) -> nix::R
         userns_fd: userns.map_or(0, |u| u.as_raw_fd() as u64),
     };
     let empty = c"";
-    // SAFETY: the struct and the empty path live across the call; the size
-    // passed is the struct's.
+    // SAFETY: the struct and the empty path live across the call and the
+    // size passed is the struct's (the kernel reads no further, and only
+    // during the call); `tree` and `userns` are borrowed, so open, for it.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
@@ -88,7 +90,8 @@ pub fn set_attrs(tree: &OwnedFd, attrs: u64, userns: Option<&OwnedFd>) -> nix::R
 pub fn attach(tree: &OwnedFd, target: &Path) -> nix::Result<()> {
     let c = cpath(target)?;
     let empty = c"";
-    // SAFETY: NUL-terminated strings that outlive the call.
+    // SAFETY: NUL-terminated strings that outlive the call, which only reads
+    // them; `tree` is borrowed, so open, for it.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
