@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use cairn_updater::{
     ops::{ensure_can_reboot, reboot},
-    CleanupOptions, KargsEdit, Outcome, SysrootTarget, UpgradeOptions,
+    CleanupOptions, KargsEdit, Outcome, Step, SysrootTarget, UpgradeOptions,
 };
 use clap::{Args, Subcommand};
 
@@ -74,6 +74,9 @@ pub enum NodeCommand {
         /// Exit with 77 when there is no update.
         #[arg(long)]
         unchanged_exit_77: bool,
+        /// Print the report as JSON (steps are not shown).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         sysroot: SysrootArg,
     },
@@ -84,6 +87,9 @@ pub enum NodeCommand {
         /// Reboot into it (running system only).
         #[arg(short, long)]
         reboot: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         sysroot: SysrootArg,
     },
@@ -96,6 +102,9 @@ pub enum NodeCommand {
         /// Reboot into it (running system only).
         #[arg(short, long)]
         reboot: bool,
+        /// Print the report as JSON (steps are not shown).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         sysroot: SysrootArg,
     },
@@ -107,6 +116,9 @@ pub enum NodeCommand {
         /// Reboot into it (running system only).
         #[arg(short, long)]
         reboot: bool,
+        /// Print the report as JSON (steps are not shown).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         sysroot: SysrootArg,
     },
@@ -120,6 +132,9 @@ pub enum NodeCommand {
         /// Remove the rollback deployments (pinned ones are kept).
         #[arg(short, long)]
         rollback: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         sysroot: SysrootArg,
     },
@@ -163,6 +178,41 @@ fn after(outcome: &Outcome, do_reboot: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Shows an operation's steps as they happen: as text on stdout, or with
+/// `--json` (where stdout holds only the report) just the wait for the lock,
+/// on stderr.
+pub(crate) fn show_step(json: bool) -> impl FnMut(&Step) {
+    move |step: &Step| {
+        if json {
+            if let Step::WaitingForLock = step {
+                eprint!("{}", render::step(step));
+            }
+        } else {
+            print!("{}", render::step(step));
+            // Seen before the operation goes on (a test reads the lock wait
+            // while the lock is still held).
+            let _ = std::io::stdout().flush();
+        }
+    }
+}
+
+/// Print a report: its JSON (`value`), or its text.
+fn show(
+    json: bool,
+    value: impl FnOnce() -> serde_json::Result<serde_json::Value>,
+    text: impl FnOnce() -> String,
+) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &value()?)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(text().as_bytes())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 fn check_reboot(do_reboot: bool, target: &SysrootTarget) -> Result<()> {
     if do_reboot {
         ensure_can_reboot(target)?;
@@ -173,8 +223,6 @@ fn check_reboot(do_reboot: bool, target: &SysrootTarget) -> Result<()> {
 pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
     // Failpoints are armed only when FAILPOINTS is set (tests).
     let _failpoints = cairn_updater::failpoints::setup();
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
     let progress = std::io::stderr().is_terminal();
     match cmd {
         NodeCommand::Status {
@@ -189,6 +237,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             if booted {
                 status = status.only_booted();
             }
+            let mut out = std::io::stdout().lock();
             if json {
                 status.write_json(&mut out)?;
             } else {
@@ -207,6 +256,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             reboot: do_reboot,
             allow_downgrade,
             unchanged_exit_77,
+            json,
             sysroot,
         } => {
             let target = sysroot.target();
@@ -219,7 +269,13 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
                 progress,
                 bad_commits: None,
             };
-            let outcome = cairn_updater::upgrade(&target, &opts, &mut out)?;
+            let report = cairn_updater::upgrade(&target, &opts, &mut show_step(json))?;
+            show(
+                json,
+                || serde_json::to_value(&report),
+                || render::update(&report),
+            )?;
+            let outcome = report.outcome();
             if outcome == Outcome::Unchanged && unchanged_exit_77 {
                 return Ok(ExitCode::from(77));
             }
@@ -227,42 +283,66 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
         }
         NodeCommand::Rollback {
             reboot: do_reboot,
+            json,
             sysroot,
         } => {
             let target = sysroot.target();
             check_reboot(do_reboot, &target)?;
-            let outcome = cairn_updater::rollback(&target, &mut out)?;
-            after(&outcome, do_reboot)
+            let report = cairn_updater::rollback(&target, &mut show_step(json))?;
+            show(
+                json,
+                || serde_json::to_value(&report),
+                || render::rollback(&report),
+            )?;
+            after(&report.outcome(), do_reboot)
         }
         NodeCommand::Deploy {
             revision,
             reboot: do_reboot,
+            json,
             sysroot,
         } => {
             let target = sysroot.target();
             check_reboot(do_reboot, &target)?;
-            let outcome = cairn_updater::deploy(&target, &revision, progress, &mut out)?;
-            after(&outcome, do_reboot)
+            let report = cairn_updater::deploy(&target, &revision, progress, &mut show_step(json))?;
+            show(
+                json,
+                || serde_json::to_value(&report),
+                || render::update(&report),
+            )?;
+            after(&report.outcome(), do_reboot)
         }
         NodeCommand::Switch {
             refspec,
             reboot: do_reboot,
+            json,
             sysroot,
         } => {
             let target = sysroot.target();
             check_reboot(do_reboot, &target)?;
-            let outcome = cairn_updater::switch(&target, &refspec, progress, &mut out)?;
-            after(&outcome, do_reboot)
+            let report = cairn_updater::switch(&target, &refspec, progress, &mut show_step(json))?;
+            show(
+                json,
+                || serde_json::to_value(&report),
+                || render::update(&report),
+            )?;
+            after(&report.outcome(), do_reboot)
         }
         NodeCommand::Cleanup {
             pending,
             rollback,
+            json,
             sysroot,
         } => {
-            cairn_updater::cleanup(
+            let report = cairn_updater::cleanup(
                 &sysroot.target(),
                 &CleanupOptions { pending, rollback },
-                &mut out,
+                &mut show_step(json),
+            )?;
+            show(
+                json,
+                || serde_json::to_value(&report),
+                || render::cleanup(&report),
             )?;
             Ok(ExitCode::SUCCESS)
         }
@@ -271,7 +351,13 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             unpin,
             sysroot,
         } => {
-            cairn_updater::pin(&sysroot.target(), index, !unpin, &mut out)?;
+            let report =
+                cairn_updater::pin(&sysroot.target(), index, !unpin, &mut show_step(false))?;
+            show(
+                false,
+                || serde_json::to_value(&report),
+                || render::pin(&report),
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Kargs {
@@ -288,8 +374,13 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
                 delete,
                 replace,
             };
-            let outcome = cairn_updater::kargs(&target, &edit, &mut out)?;
-            after(&outcome, do_reboot)
+            let report = cairn_updater::kargs(&target, &edit, &mut show_step(false))?;
+            show(
+                false,
+                || serde_json::to_value(&report),
+                || render::kargs(&report),
+            )?;
+            after(&report.outcome(), do_reboot)
         }
     }
 }
@@ -340,4 +431,180 @@ pub fn publish(args: PublishArgs) -> Result<ExitCode> {
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Text of the updater's reports and steps: what `host` has always printed
+/// for each operation (tests match these strings). Each function returns
+/// whole lines.
+pub(crate) mod render {
+    use cairn_updater::commit::short;
+    use cairn_updater::pull::human_bytes;
+    use cairn_updater::report::{
+        Change, ChangeKind, CleanupAction, FallbackReport, Fetch, NoChange, UpdateResult, Written,
+    };
+    use cairn_updater::{
+        CleanupReport, KargsReport, PinReport, RollbackReport, Step, UpdateReport,
+    };
+
+    /// A step, shown while the operation runs.
+    pub fn step(step: &Step) -> String {
+        match step {
+            Step::WaitingForLock => {
+                "Waiting for the sysroot lock: another `host` or `ostree` operation is running…\n"
+                    .to_string()
+            }
+            Step::Unpins { commit, refspec } => format!(
+                "Note: the deployment was pinned to commit {} by `host deploy`; upgrading follows {refspec} again.\n",
+                short(commit)
+            ),
+            Step::Fetching { what } => match what {
+                Fetch::Ref { refspec } => format!("Fetching {refspec}…\n"),
+                Fetch::History { refspec } => format!("Fetching the history of {refspec}…\n"),
+                Fetch::Commit { commit } => format!("Fetching {}…\n", commit.describe()),
+            },
+            Step::Fetched { stats } => format!("  {}\n", stats.describe()),
+            Step::Planned { change: c } => change(c),
+        }
+    }
+
+    /// The heading, "from -> to" and the package diff.
+    pub fn change(c: &Change) -> String {
+        let mut s = match c.kind {
+            ChangeKind::Upgrade => format!("Update on {}:\n", c.refspec),
+            ChangeKind::Deploy => format!("Deploying from {}:\n", c.refspec),
+            ChangeKind::Switch => format!("Switching to {}:\n", c.refspec),
+        };
+        s += &format!("  {} -> {}\n", c.from.describe(), c.to.describe());
+        s += &format!(
+            "  Timestamp: {} -> {}\n",
+            c.from.timestamp_rfc3339(),
+            c.to.timestamp_rfc3339()
+        );
+        if let Some(diff) = &c.packages {
+            s += &format!("  Packages: {}\n", diff.summary());
+            for line in diff.lines() {
+                s += &format!("    {line}\n");
+            }
+        }
+        s
+    }
+
+    pub fn no_change(why: &NoChange) -> String {
+        match why {
+            NoChange::Latest { target, refspec } => format!(
+                "No update: {} is already the latest on {refspec}.\n",
+                target.describe()
+            ),
+            NoChange::AlreadyDeployed { target } => {
+                format!(
+                    "{} is already deployed and boots next.\n",
+                    target.describe()
+                )
+            }
+            NoChange::AlreadyOn { refspec, target } => {
+                format!("Already on {refspec} at {}.\n", target.describe())
+            }
+        }
+    }
+
+    fn written(w: &Written) -> String {
+        let mut s = String::new();
+        if let Some(d) = &w.replaced_staged {
+            s += &format!("WARNING: this replaces the staged deployment {d}.\n");
+        }
+        if let Some(d) = &w.restaged {
+            s += &format!("Restaging {d}.\n");
+        }
+        let what = w.commit.describe();
+        if w.staged {
+            s += &format!("Staged {what}: it is finalized at shutdown and boots next (changes to /etc made before the reboot are kept).\n");
+        } else {
+            s += &format!("Deployed {what}: it boots next.\n");
+        }
+        s
+    }
+
+    /// The end of an upgrade, deploy or switch (its steps were shown already).
+    pub fn update(r: &UpdateReport) -> String {
+        match &r.result {
+            UpdateResult::Unchanged { why } => no_change(why),
+            UpdateResult::UpdateAvailable => String::new(),
+            UpdateResult::Downloaded => format!(
+                "Downloaded {}; run `host upgrade` (or `host upgrade --cache-only`) to deploy it.\n",
+                r.change.as_ref().map(|c| c.to.describe()).unwrap_or_default()
+            ),
+            UpdateResult::Deployed { written: w } => {
+                let mut s = String::new();
+                if let Some(k) = &r.manifest_kargs {
+                    s += &format!("  Kernel arguments (from the manifest): {}\n", k.join(" "));
+                }
+                s + &written(w)
+            }
+        }
+    }
+
+    pub fn rollback(r: &RollbackReport) -> String {
+        let mut s = String::new();
+        if let Some(d) = &r.dropped_staged {
+            s += &format!(
+                "WARNING: dropping the staged deployment {}: it will not be finalized at shutdown. \
+                 Run `host upgrade` to stage it again.\n",
+                d.describe()
+            );
+        }
+        s + &format!("Rolled back: {} boots next.\n", r.next.describe())
+    }
+
+    pub fn cleanup(r: &CleanupReport) -> String {
+        let mut s = String::new();
+        for e in &r.deployments {
+            let (i, d) = (e.deployment.index, e.deployment.describe());
+            s += &match e.action {
+                CleanupAction::KeptPinned => format!("Keeping pinned deployment {i}: {d}\n"),
+                CleanupAction::RemovedPending => format!("Removing pending deployment {i}: {d}\n"),
+                CleanupAction::RemovedRollback => {
+                    format!("Removing rollback deployment {i}: {d}\n")
+                }
+            };
+        }
+        if let Some(path) = &r.not_booted {
+            s += &format!("No pending deployments: {path} is not booted.\n");
+        }
+        s + &format!(
+            "Removed {} deployment(s); pruned the repo: {} freed.\n",
+            r.removed(),
+            human_bytes(r.freed_bytes)
+        )
+    }
+
+    pub fn pin(r: &PinReport) -> String {
+        let state = if r.pinned { "pinned" } else { "unpinned" };
+        let i = r.deployment.index;
+        if r.changed {
+            format!(
+                "Deployment {i} ({}) is now {state}.\n",
+                r.deployment.describe()
+            )
+        } else {
+            format!("Deployment {i} is already {state}.\n")
+        }
+    }
+
+    pub fn kargs(r: &KargsReport) -> String {
+        match r {
+            KargsReport::Current { options } => format!("{options}\n"),
+            KargsReport::Unchanged => "Kernel arguments unchanged.\n".to_string(),
+            KargsReport::Deployed { kargs, written: w } => {
+                format!("Kernel arguments: {}\n", kargs.join(" ")) + &written(w)
+            }
+        }
+    }
+
+    pub fn fallback(r: &FallbackReport) -> String {
+        format!(
+            "Deployment of {} {}: making the booted deployment the default again.\n",
+            short(&r.bad),
+            r.reason
+        ) + &rollback(&r.rollback)
+    }
 }
