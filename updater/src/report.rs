@@ -166,11 +166,6 @@ impl<F: FnMut(&Step)> Observer for F {
     }
 }
 
-/// An observer that ignores every step.
-pub fn quiet() -> impl Observer {
-    |_: &Step| {}
-}
-
 /// A deployment written by an update, kargs edit or switch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -347,4 +342,153 @@ pub struct FallbackReport {
     pub bad: String,
     pub reason: String,
     pub rollback: RollbackReport,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(version: &str, n: u8, packages: &[&str]) -> CommitInfo {
+        CommitInfo {
+            checksum: format!("{n:02x}").repeat(32),
+            version: Some(version.into()),
+            timestamp: u64::from(n),
+            parent: None,
+            packages: packages.iter().map(|p| p.to_string()).collect(),
+            has_packages: !packages.is_empty(),
+            kargs: Vec::new(),
+        }
+    }
+
+    fn report(change: Option<Change>, result: UpdateResult) -> UpdateReport {
+        UpdateReport {
+            unpinned: None,
+            pulled: None,
+            change,
+            manifest_kargs: None,
+            result,
+        }
+    }
+
+    #[test]
+    fn an_update_report_gives_the_outcome_exit_codes_and_reboots_follow() {
+        let (v1, v2) = (commit("1.0", 1, &[]), commit("2.0", 2, &[]));
+        let change = Some(Change::new(ChangeKind::Upgrade, "r:x", &v1, &v2));
+        let why = NoChange::Latest {
+            target: (&v1).into(),
+            refspec: "r:x".into(),
+        };
+        assert_eq!(
+            report(None, UpdateResult::Unchanged { why }).outcome(),
+            Outcome::Unchanged
+        );
+        assert_eq!(
+            report(change.clone(), UpdateResult::UpdateAvailable).outcome(),
+            Outcome::UpdateAvailable {
+                checksum: v2.checksum.clone()
+            }
+        );
+        assert_eq!(
+            report(change.clone(), UpdateResult::Downloaded).outcome(),
+            Outcome::Downloaded {
+                checksum: v2.checksum.clone()
+            }
+        );
+        let written = Written {
+            commit: (&v2).into(),
+            staged: true,
+            replaced_staged: None,
+            restaged: None,
+        };
+        assert_eq!(
+            report(change, UpdateResult::Deployed { written }).outcome(),
+            Outcome::Deployed {
+                checksum: v2.checksum,
+                staged: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_change_diffs_packages_only_when_both_commits_list_them() {
+        let (v1, v2) = (commit("1.0", 1, &["a=1"]), commit("2.0", 2, &["a=2"]));
+        let c = Change::new(ChangeKind::Deploy, "r:x", &v1, &v2);
+        assert_eq!(
+            c.packages.map(|d| d.summary()).as_deref(),
+            Some("1 upgraded")
+        );
+        let bare = commit("3.0", 3, &[]);
+        assert_eq!(
+            Change::new(ChangeKind::Switch, "r:y", &v2, &bare).packages,
+            None
+        );
+    }
+
+    #[test]
+    fn names_match_what_status_shows() {
+        let c = CommitRef::from(&commit("1.0", 0xab, &[]));
+        assert_eq!(c.describe(), "1.0 (abababababab)");
+        let d = DeploymentRef {
+            index: 1,
+            checksum: c.checksum.clone(),
+            serial: 2,
+            version: None,
+        };
+        assert_eq!(d.describe(), "abababababab.2");
+    }
+
+    #[test]
+    fn cleanup_and_kargs_outcomes() {
+        let d = DeploymentRef {
+            index: 1,
+            checksum: "c".repeat(64),
+            serial: 0,
+            version: None,
+        };
+        let r = CleanupReport {
+            deployments: vec![
+                CleanupEntry {
+                    action: CleanupAction::KeptPinned,
+                    deployment: d.clone(),
+                },
+                CleanupEntry {
+                    action: CleanupAction::RemovedRollback,
+                    deployment: d,
+                },
+            ],
+            not_booted: None,
+            freed_bytes: 0,
+            changed: true,
+        };
+        assert_eq!(r.removed(), 1);
+        assert!(matches!(r.outcome(), Outcome::Deployed { .. }));
+        assert_eq!(KargsReport::Unchanged.outcome(), Outcome::Unchanged);
+    }
+
+    #[test]
+    fn reports_serialize_with_tagged_kinds() {
+        let v1 = commit("1.0", 1, &[]);
+        let r = report(
+            None,
+            UpdateResult::Unchanged {
+                why: NoChange::AlreadyOn {
+                    refspec: "r:x".into(),
+                    target: (&v1).into(),
+                },
+            },
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["result"]["kind"], "unchanged");
+        assert_eq!(v["result"]["why"]["reason"], "alreadyOn");
+        assert_eq!(v["result"]["why"]["target"]["version"], "1.0");
+        assert_eq!(v["manifestKargs"], serde_json::Value::Null);
+        let step = serde_json::to_value(Step::Fetching {
+            what: Fetch::History {
+                refspec: "r:x".into(),
+            },
+        })
+        .unwrap();
+        assert_eq!(step["step"], "fetching");
+        assert_eq!(step["what"]["kind"], "history");
+    }
 }
