@@ -11,8 +11,7 @@ use crate::pull::PullStats;
 use cairn_contracts::packages::PackageDiff;
 
 /// How an operation ended, for exit codes and follow-ups (reboot).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Nothing to do: already on that commit.
     Unchanged,
