@@ -43,20 +43,28 @@ pub fn run(cmd: HealthCommand) -> Result<ExitCode> {
     let timeout: Duration = cairn_contracts::duration::parse(&timeout).context("--timeout")?;
     let target = SysrootTarget::from_option(sysroot);
     // GRUB ran out of boot attempts for the default deployment: undo it first.
-    cairn_updater::recovery::recover_from_fallback(&target, &state_file, &mut std::io::stdout())?;
+    let mut step = crate::node::show_step(false);
+    if let Some(r) =
+        cairn_updater::recovery::recover_from_fallback(&target, &state_file, &mut step)?
+    {
+        print!("{}", crate::node::render::fallback(&r));
+    }
     let sysroot = target.open()?;
     let booted = sysroot
         .booted_deployment()
         .context("no booted deployment: health checks gate the running system")?;
     let has_rollback = sysroot.deployments().len() > 1;
-    let mut stdout = std::io::stdout();
     let (verdict, report) = health::gate(
         std::path::Path::new("/"),
         &state_file,
         &booted.csum(),
         has_rollback,
         timeout,
-        &mut || cairn_updater::rollback(&target, &mut stdout).map(|_| ()),
+        &mut || {
+            let r = cairn_updater::rollback(&target, &mut step)?;
+            print!("{}", crate::node::render::rollback(&r));
+            Ok(())
+        },
     )?;
     for r in &report.results {
         let mark = if r.passed { "ok  " } else { "FAIL" };

@@ -18,6 +18,7 @@ pub mod ops;
 pub mod plan;
 pub mod pull;
 pub mod recovery;
+pub mod report;
 pub mod status;
 pub mod sysroot;
 
@@ -26,6 +27,9 @@ pub use ops::{
     UpgradeOptions,
 };
 pub use plan::Refusal;
+pub use report::{
+    CleanupReport, KargsReport, Observer, PinReport, RollbackReport, Step, UpdateReport,
+};
 pub use status::Status;
 
 /// The status of a sysroot (`verbose` adds package lists), with what the

@@ -1,7 +1,6 @@
 //! The operations that change a sysroot: upgrade, deploy, switch, rollback,
 //! cleanup, pin, kargs. Each takes the sysroot lock for its whole duration.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -10,23 +9,16 @@ use ostree::glib;
 
 use crate::commit::{boot_files, short, CommitInfo};
 use crate::plan::{self, BootNeed, Plan, PlanOptions, Request, Snapshot, Staging};
-use crate::pull::{human_bytes, pull, PullRequest};
+use crate::pull::{pull, PullRequest};
+use crate::report::{
+    Change, ChangeKind, CleanupAction, CleanupEntry, CleanupReport, CommitRef, DeploymentRef,
+    Fetch, KargsReport, Observer, PinReport, RollbackReport, Step, UpdateReport, UpdateResult,
+    Written,
+};
 use crate::status::{split_refspec, Origin, Roles};
 use crate::sysroot::{require_root, SysrootLock, SysrootTarget, STATEROOT};
-use cairn_contracts::packages::PackageDiff;
 
-/// How an operation ended, for exit codes and follow-ups (reboot).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Nothing to do: already on that commit.
-    Unchanged,
-    /// `--check`: an update exists, nothing was downloaded or deployed.
-    UpdateAvailable { checksum: String },
-    /// `--download-only`: the commit is in the local repo, not deployed.
-    Downloaded { checksum: String },
-    /// A new deployment boots next. `staged`: finalized at shutdown.
-    Deployed { checksum: String, staged: bool },
-}
+pub use crate::report::Outcome;
 
 #[derive(Debug, Clone, Default)]
 pub struct UpgradeOptions {
@@ -53,10 +45,10 @@ struct Session {
 }
 
 impl Session {
-    fn begin(target: &SysrootTarget, what: &str, out: &mut dyn Write) -> Result<Self> {
+    fn begin(target: &SysrootTarget, what: &str, obs: &mut dyn Observer) -> Result<Self> {
         require_root(what)?;
         let sysroot = target.open_for_write()?;
-        let lock = SysrootLock::acquire(&sysroot, out)?;
+        let lock = SysrootLock::acquire(&sysroot, &mut || obs.step(&Step::WaitingForLock))?;
         let repo = sysroot.repo();
         Ok(Session {
             repo,
@@ -151,23 +143,39 @@ fn remote_of(origin: &Origin) -> Result<&str> {
     })
 }
 
-/// Print "from -> to" and the package diff.
-fn show_change(out: &mut dyn Write, from: &CommitInfo, to: &CommitInfo) -> Result<()> {
-    writeln!(out, "  {} -> {}", from.describe(), to.describe())?;
-    writeln!(
-        out,
-        "  Timestamp: {} -> {}",
-        from.timestamp_rfc3339(),
-        to.timestamp_rfc3339()
-    )?;
-    if from.has_packages && to.has_packages {
-        let diff = PackageDiff::between(&from.packages, &to.packages);
-        writeln!(out, "  Packages: {}", diff.summary())?;
-        for line in diff.lines() {
-            writeln!(out, "    {line}")?;
-        }
-    }
-    Ok(())
+/// Report the planned change before anything is written (a power cut while
+/// staging then comes after it, as the lifecycle test expects).
+fn planned(
+    report: &mut UpdateReport,
+    kind: ChangeKind,
+    refspec: &str,
+    plan: &Staging,
+    obs: &mut dyn Observer,
+) {
+    let change = Change::new(kind, refspec, &plan.from, &plan.to);
+    obs.step(&Step::Planned {
+        change: change.clone(),
+    });
+    report.change = Some(change);
+}
+
+/// Pull and report it as steps.
+fn pull_observed(
+    s: &Session,
+    req: &PullRequest,
+    what: Fetch,
+    progress: bool,
+    obs: &mut dyn Observer,
+) -> Result<crate::pull::PullStats> {
+    obs.step(&Step::Fetching { what });
+    pull(&s.repo, req, progress)
+}
+
+fn fetched(report: &mut UpdateReport, stats: crate::pull::PullStats, obs: &mut dyn Observer) {
+    obs.step(&Step::Fetched {
+        stats: stats.clone(),
+    });
+    report.pulled = Some(stats);
 }
 
 /// What the kernel and initramfs of `csum` need in /boot; `None` when there
@@ -208,48 +216,48 @@ fn bad_commits(path: Option<&Path>) -> Vec<String> {
     .unwrap_or_default()
 }
 
-/// Run the planner; `None` (said on `out`) when there is nothing to do. A
-/// refusal is returned as an error that downcasts to [`Refusal`].
+/// Run the planner; `None` (the report says why) when there is nothing to
+/// do. A refusal is returned as an error that downcasts to [`Refusal`].
 fn plan_update(
     snap: &Snapshot,
     req: &Request,
     opts: &PlanOptions,
     bad: &[String],
     boot: Option<&BootNeed>,
-    out: &mut dyn Write,
+    report: &mut UpdateReport,
 ) -> Result<Option<Staging>> {
     match plan::plan(snap, req, opts, bad, boot)? {
-        Plan::Unchanged { message } => {
-            writeln!(out, "{message}")?;
+        Plan::Unchanged { why } => {
+            report.result = UpdateResult::Unchanged { why };
             Ok(None)
         }
         Plan::Stage(staging) => Ok(Some(*staging)),
     }
 }
 
+/// An empty update report, filled in as the operation goes.
+fn new_report() -> UpdateReport {
+    UpdateReport {
+        unpinned: None,
+        pulled: None,
+        change: None,
+        manifest_kargs: None,
+        // Replaced by the planner's verdict or what was written.
+        result: UpdateResult::UpdateAvailable,
+    }
+}
+
 /// Write a planned deployment, in the locked session that planned it: nothing
 /// (another operation, a commit marked bad) changes between the two.
-fn stage(s: &Session, plan: &Staging, out: &mut dyn Write) -> Result<Outcome> {
-    if let Some(k) = &plan.kargs {
-        writeln!(
-            out,
-            "  Kernel arguments (from the manifest): {}",
-            k.join(" ")
-        )?;
-    }
+fn stage(s: &Session, plan: &Staging, report: &mut UpdateReport) -> Result<()> {
+    report.manifest_kargs = plan.kargs.clone();
     let origin = new_origin(&s.sysroot, &plan.refspec, plan.override_commit.as_deref());
     let kargs: Option<Vec<&str>> = plan
         .kargs
         .as_ref()
         .map(|k| k.iter().map(String::as_str).collect());
-    write_deployment(
-        s,
-        &plan.to.checksum,
-        &origin,
-        kargs.as_deref(),
-        &plan.to.describe(),
-        out,
-    )
+    write_deployment(s, &plan.to.checksum, &origin, kargs.as_deref(), &plan.to)
+        .map(|written| report.result = UpdateResult::Deployed { written })
 }
 
 /// Write a new deployment of `csum`: staged on a booted system (finalized at
@@ -262,9 +270,15 @@ fn write_deployment(
     csum: &str,
     origin: &glib::KeyFile,
     kargs: Option<&[&str]>,
-    what: &str,
-    out: &mut dyn Write,
-) -> Result<Outcome> {
+    commit: &CommitInfo,
+) -> Result<Written> {
+    let what = commit.describe();
+    let mut written = Written {
+        commit: commit.into(),
+        staged: false,
+        replaced_staged: None,
+        restaged: None,
+    };
     let merge = s.merge_deployment()?;
     failpoint!("deploy::before-write");
     let opts = ostree::SysrootDeployTreeOpts {
@@ -274,13 +288,9 @@ fn write_deployment(
     if s.booted() {
         if let Some(staged) = s.sysroot.staged_deployment() {
             if staged.csum() != csum {
-                writeln!(
-                    out,
-                    "WARNING: this replaces the staged deployment {}.",
-                    describe_deployment(&s.repo, &staged)
-                )?;
+                written.replaced_staged = Some(describe_deployment(&s.repo, &staged));
             } else {
-                writeln!(out, "Restaging {}.", describe_deployment(&s.repo, &staged))?;
+                written.restaged = Some(describe_deployment(&s.repo, &staged));
             }
         }
         s.sysroot
@@ -296,14 +306,8 @@ fn write_deployment(
         failpoint!("deploy::after-stage");
         crate::bootloader::arm(&s.path, &s.repo)
             .context("the deployment is staged, but GRUB's boot counter could not be armed")?;
-        writeln!(
-            out,
-            "Staged {what}: it is finalized at shutdown and boots next (changes to /etc made before the reboot are kept)."
-        )?;
-        return Ok(Outcome::Deployed {
-            checksum: csum.to_string(),
-            staged: true,
-        });
+        written.staged = true;
+        return Ok(written);
     }
     let new = s
         .sysroot
@@ -332,35 +336,30 @@ fn write_deployment(
     s.sysroot
         .cleanup(gio::Cancellable::NONE)
         .context("cleaning up old deployments")?;
-    writeln!(out, "Deployed {what}: it boots next.")?;
-    Ok(Outcome::Deployed {
-        checksum: csum.to_string(),
-        staged: false,
-    })
+    Ok(written)
 }
 
 /// `host upgrade`: fetch the origin ref's head and deploy it.
 pub fn upgrade(
     target: &SysrootTarget,
     opts: &UpgradeOptions,
-    out: &mut dyn Write,
-) -> Result<Outcome> {
-    let s = Session::begin(target, "upgrade", out)?;
+    obs: &mut dyn Observer,
+) -> Result<UpdateReport> {
+    let mut report = new_report();
+    let s = Session::begin(target, "upgrade", obs)?;
     let snap = s.snapshot()?;
     let origin = s.origin_of(&s.origin_deployment()?)?;
     let remote = remote_of(&origin)?;
     if let Some(c) = &origin.override_commit {
-        writeln!(
-            out,
-            "Note: the deployment was pinned to commit {} by `host deploy`; upgrading follows {} again.",
-            short(c),
-            origin.refspec
-        )?;
+        obs.step(&Step::Unpins {
+            commit: c.clone(),
+            refspec: origin.refspec.clone(),
+        });
+        report.unpinned = Some(c.clone());
     }
     if !opts.cache_only {
-        writeln!(out, "Fetching {}…", origin.refspec)?;
-        let stats = pull(
-            &s.repo,
+        let stats = pull_observed(
+            &s,
             &PullRequest {
                 remote,
                 ref_: &origin.ref_,
@@ -368,10 +367,14 @@ pub fn upgrade(
                 commit_only: opts.check,
                 depth: 0,
             },
+            Fetch::Ref {
+                refspec: origin.refspec.clone(),
+            },
             opts.progress,
+            obs,
         )?;
         failpoint!("pull::after-pull");
-        writeln!(out, "  {}", stats.describe())?;
+        fetched(&mut report, stats, obs);
     }
     let new_csum = s
         .repo
@@ -406,13 +409,19 @@ pub fn upgrade(
     };
     // Read under the sysroot lock held until the deployment is written.
     let bad = bad_commits(opts.bad_commits.as_deref());
-    let Some(plan) = plan_update(&snap, &req, &plan_opts, &bad, boot.as_ref(), out)? else {
-        return Ok(Outcome::Unchanged);
+    let Some(plan) = plan_update(&snap, &req, &plan_opts, &bad, boot.as_ref(), &mut report)? else {
+        return Ok(report);
     };
-    writeln!(out, "Update on {}:", origin.refspec)?;
-    show_change(out, &plan.from, &plan.to)?;
+    planned(
+        &mut report,
+        ChangeKind::Upgrade,
+        &origin.refspec,
+        &plan,
+        obs,
+    );
     if opts.check {
-        return Ok(Outcome::UpdateAvailable { checksum: new_csum });
+        report.result = UpdateResult::UpdateAvailable;
+        return Ok(report);
     }
     if partial {
         bail!(
@@ -421,14 +430,11 @@ pub fn upgrade(
         );
     }
     if opts.download_only {
-        writeln!(
-            out,
-            "Downloaded {}; run `host upgrade` (or `host upgrade --cache-only`) to deploy it.",
-            plan.to.describe()
-        )?;
-        return Ok(Outcome::Downloaded { checksum: new_csum });
+        report.result = UpdateResult::Downloaded;
+        return Ok(report);
     }
-    stage(&s, &plan, out)
+    stage(&s, &plan, &mut report)?;
+    Ok(report)
 }
 
 /// Find a commit of `remote:ref`'s history by version or checksum (prefix).
@@ -468,15 +474,15 @@ pub fn deploy(
     target: &SysrootTarget,
     wanted: &str,
     progress: bool,
-    out: &mut dyn Write,
-) -> Result<Outcome> {
-    let s = Session::begin(target, "deploy", out)?;
+    obs: &mut dyn Observer,
+) -> Result<UpdateReport> {
+    let mut report = new_report();
+    let s = Session::begin(target, "deploy", obs)?;
     let snap = s.snapshot()?;
     let origin = s.origin_of(&s.origin_deployment()?)?;
     let remote = remote_of(&origin)?;
-    writeln!(out, "Fetching the history of {}…", origin.refspec)?;
-    pull(
-        &s.repo,
+    pull_observed(
+        &s,
         &PullRequest {
             remote,
             ref_: &origin.ref_,
@@ -484,7 +490,11 @@ pub fn deploy(
             commit_only: true,
             depth: -1,
         },
+        Fetch::History {
+            refspec: origin.refspec.clone(),
+        },
         progress,
+        obs,
     )?;
     let found = find_in_history(&s, &origin.refspec, wanted)?;
     let req = Request::Deploy {
@@ -493,12 +503,11 @@ pub fn deploy(
     };
     // Planned before the download too: a no-op or refused commit is not fetched.
     let peek = PlanOptions::default();
-    if plan_update(&snap, &req, &peek, &[], None, out)?.is_none() {
-        return Ok(Outcome::Unchanged);
+    if plan_update(&snap, &req, &peek, &[], None, &mut report)?.is_none() {
+        return Ok(report);
     }
-    writeln!(out, "Fetching {}…", found.describe())?;
-    let stats = pull(
-        &s.repo,
+    let stats = pull_observed(
+        &s,
         &PullRequest {
             remote,
             ref_: &origin.ref_,
@@ -506,21 +515,25 @@ pub fn deploy(
             commit_only: false,
             depth: 0,
         },
+        Fetch::Commit {
+            commit: CommitRef::from(&found),
+        },
         progress,
+        obs,
     )?;
     failpoint!("pull::after-pull");
-    writeln!(out, "  {}", stats.describe())?;
+    fetched(&mut report, stats, obs);
     let boot = measure_boot(&s, &found.checksum)?;
     let plan_opts = PlanOptions {
         stage: true,
         ..Default::default()
     };
-    let Some(plan) = plan_update(&snap, &req, &plan_opts, &[], boot.as_ref(), out)? else {
-        return Ok(Outcome::Unchanged);
+    let Some(plan) = plan_update(&snap, &req, &plan_opts, &[], boot.as_ref(), &mut report)? else {
+        return Ok(report);
     };
-    writeln!(out, "Deploying from {}:", origin.refspec)?;
-    show_change(out, &plan.from, &plan.to)?;
-    stage(&s, &plan, out)
+    planned(&mut report, ChangeKind::Deploy, &origin.refspec, &plan, obs);
+    stage(&s, &plan, &mut report)?;
+    Ok(report)
 }
 
 /// `host switch REMOTE:REF`: move the node to another ref (and remote).
@@ -528,13 +541,14 @@ pub fn switch(
     target: &SysrootTarget,
     refspec: &str,
     progress: bool,
-    out: &mut dyn Write,
-) -> Result<Outcome> {
+    obs: &mut dyn Observer,
+) -> Result<UpdateReport> {
+    let mut report = new_report();
     let (remote, ref_) = split_refspec(refspec);
     let remote = remote.ok_or_else(|| {
         anyhow!("`{refspec}` is not REMOTE:REF (for example cairn:cairn/bookworm/x86_64/container-host)")
     })?;
-    let s = Session::begin(target, "switch", out)?;
+    let s = Session::begin(target, "switch", obs)?;
     let remotes: Vec<String> = s.repo.remote_list().iter().map(|r| r.to_string()).collect();
     if !remotes.contains(&remote) {
         bail!(
@@ -548,9 +562,8 @@ pub fn switch(
         );
     }
     let snap = s.snapshot()?;
-    writeln!(out, "Fetching {refspec}…")?;
-    let stats = pull(
-        &s.repo,
+    let stats = pull_observed(
+        &s,
         &PullRequest {
             remote: &remote,
             ref_: &ref_,
@@ -558,10 +571,14 @@ pub fn switch(
             commit_only: false,
             depth: 0,
         },
+        Fetch::Ref {
+            refspec: refspec.to_string(),
+        },
         progress,
+        obs,
     )?;
     failpoint!("pull::after-pull");
-    writeln!(out, "  {}", stats.describe())?;
+    fetched(&mut report, stats, obs);
     let new_csum = s
         .repo
         .resolve_rev(refspec, false)?
@@ -577,25 +594,34 @@ pub fn switch(
         stage: true,
         ..Default::default()
     };
-    let Some(plan) = plan_update(&snap, &req, &plan_opts, &[], boot.as_ref(), out)? else {
-        return Ok(Outcome::Unchanged);
+    let Some(plan) = plan_update(&snap, &req, &plan_opts, &[], boot.as_ref(), &mut report)? else {
+        return Ok(report);
     };
-    writeln!(out, "Switching to {refspec}:")?;
-    show_change(out, &plan.from, &plan.to)?;
-    stage(&s, &plan, out)
+    planned(&mut report, ChangeKind::Switch, refspec, &plan, obs);
+    stage(&s, &plan, &mut report)?;
+    Ok(report)
 }
 
 fn describe_deployment(repo: &ostree::Repo, d: &ostree::Deployment) -> String {
-    match CommitInfo::load(repo, &d.csum()) {
-        Ok(c) => format!("{}.{}", c.describe(), d.deployserial()),
-        Err(_) => format!("{}.{}", short(&d.csum()), d.deployserial()),
+    deployment_ref(repo, 0, d).describe()
+}
+
+/// `d` at `index`, with its commit's version when the commit loads.
+fn deployment_ref(repo: &ostree::Repo, index: usize, d: &ostree::Deployment) -> DeploymentRef {
+    DeploymentRef {
+        index,
+        checksum: d.csum().to_string(),
+        serial: d.deployserial(),
+        version: CommitInfo::load(repo, &d.csum())
+            .ok()
+            .and_then(|c| c.version),
     }
 }
 
 /// `host rollback`: the previous deployment boots next; twice goes back.
 /// A staged deployment is dropped (with a warning): the booted one stays.
-pub fn rollback(target: &SysrootTarget, out: &mut dyn Write) -> Result<Outcome> {
-    let s = Session::begin(target, "rollback", out)?;
+pub fn rollback(target: &SysrootTarget, obs: &mut dyn Observer) -> Result<RollbackReport> {
+    let s = Session::begin(target, "rollback", obs)?;
     let roles = Roles::of(&s.sysroot);
     let plan = rollback_plan(&roles).map_err(|e| match e {
         RollbackError::Empty => anyhow!("no deployments in {}", s.path.display()),
@@ -604,14 +630,9 @@ pub fn rollback(target: &SysrootTarget, out: &mut dyn Write) -> Result<Outcome> 
             describe_deployment(&s.repo, &roles.deployments[i])
         ),
     })?;
-    if let Some(st) = plan.drops_staged {
-        writeln!(
-            out,
-            "WARNING: dropping the staged deployment {}: it will not be finalized at shutdown. \
-             Run `host upgrade` to stage it again.",
-            describe_deployment(&s.repo, &roles.deployments[st])
-        )?;
-    }
+    let dropped_staged = plan
+        .drops_staged
+        .map(|st| deployment_ref(&s.repo, st, &roles.deployments[st]));
     let new_order: Vec<ostree::Deployment> = plan
         .order
         .iter()
@@ -619,8 +640,7 @@ pub fn rollback(target: &SysrootTarget, out: &mut dyn Write) -> Result<Outcome> 
         // deployment by identity (`Deployment::clone` would deep-copy it).
         .map(|&i| Clone::clone(&roles.deployments[i]))
         .collect();
-    let next = &new_order[0];
-    let next_desc = describe_deployment(&s.repo, next);
+    let next = deployment_ref(&s.repo, 0, &new_order[0]);
     failpoint!("rollback::before-write");
     s.sysroot
         .write_deployments(&new_order, gio::Cancellable::NONE)
@@ -628,10 +648,9 @@ pub fn rollback(target: &SysrootTarget, out: &mut dyn Write) -> Result<Outcome> 
     failpoint!("rollback::after-write");
     // What boots next has booted before: no counting.
     crate::bootloader::disarm(&s.path, &s.repo)?;
-    writeln!(out, "Rolled back: {next_desc} boots next.")?;
-    Ok(Outcome::Deployed {
-        checksum: next.csum().to_string(),
-        staged: false,
+    Ok(RollbackReport {
+        dropped_staged,
+        next,
     })
 }
 
@@ -720,44 +739,40 @@ fn dir_size(path: &Path) -> u64 {
 pub fn cleanup(
     target: &SysrootTarget,
     opts: &CleanupOptions,
-    out: &mut dyn Write,
-) -> Result<Outcome> {
-    let s = Session::begin(target, "cleanup", out)?;
+    obs: &mut dyn Observer,
+) -> Result<CleanupReport> {
+    let s = Session::begin(target, "cleanup", obs)?;
     let roles = Roles::of(&s.sysroot);
     let rollback_from = roles.current.map(|c| c + 1).unwrap_or(usize::MAX);
     let cur_os = roles.current.map(|c| roles.deployments[c].osname());
     let mut keep = Vec::new();
+    let mut entries = Vec::new();
     let mut removed = 0;
     for (i, d) in roles.deployments.iter().enumerate() {
         let pending = opts.pending && roles.is_pending(i);
         let rollback =
             opts.rollback && i >= rollback_from && Some(d.osname()) == cur_os && !d.is_pinned();
         if opts.rollback && i >= rollback_from && d.is_pinned() {
-            writeln!(
-                out,
-                "Keeping pinned deployment {i}: {}",
-                describe_deployment(&s.repo, d)
-            )?;
+            entries.push(CleanupEntry {
+                action: CleanupAction::KeptPinned,
+                deployment: deployment_ref(&s.repo, i, d),
+            });
         }
         if pending || rollback {
-            writeln!(
-                out,
-                "Removing {} deployment {i}: {}",
-                if pending { "pending" } else { "rollback" },
-                describe_deployment(&s.repo, d)
-            )?;
+            entries.push(CleanupEntry {
+                action: if pending {
+                    CleanupAction::RemovedPending
+                } else {
+                    CleanupAction::RemovedRollback
+                },
+                deployment: deployment_ref(&s.repo, i, d),
+            });
             removed += 1;
         } else {
             keep.push(Clone::clone(d)); // same object, not a deep copy
         }
     }
-    if opts.pending && roles.booted.is_none() {
-        writeln!(
-            out,
-            "No pending deployments: {} is not booted.",
-            s.path.display()
-        )?;
-    }
+    let not_booted = (opts.pending && roles.booted.is_none()).then(|| s.path.display().to_string());
     if removed > 0 {
         failpoint!("cleanup::before-write");
         s.sysroot
@@ -777,18 +792,11 @@ pub fn cleanup(
         .cleanup(gio::Cancellable::NONE)
         .context("removing unused deployments and pruning the repo")?;
     let after = dir_size(&objects);
-    writeln!(
-        out,
-        "Removed {removed} deployment(s); pruned the repo: {} freed.",
-        human_bytes(before.saturating_sub(after))
-    )?;
-    Ok(if removed > 0 || before != after {
-        Outcome::Deployed {
-            checksum: String::new(),
-            staged: false,
-        }
-    } else {
-        Outcome::Unchanged
+    Ok(CleanupReport {
+        deployments: entries,
+        not_booted,
+        freed_bytes: before.saturating_sub(after),
+        changed: removed > 0 || before != after,
     })
 }
 
@@ -797,9 +805,9 @@ pub fn pin(
     target: &SysrootTarget,
     index: usize,
     pinned: bool,
-    out: &mut dyn Write,
-) -> Result<Outcome> {
-    let s = Session::begin(target, "pin", out)?;
+    obs: &mut dyn Observer,
+) -> Result<PinReport> {
+    let s = Session::begin(target, "pin", obs)?;
     let ds = s.sysroot.deployments();
     let d = ds.get(index).ok_or_else(|| {
         anyhow!(
@@ -807,28 +815,20 @@ pub fn pin(
             ds.len()
         )
     })?;
+    let mut report = PinReport {
+        deployment: deployment_ref(&s.repo, index, d),
+        pinned,
+        changed: false,
+    };
     if d.is_pinned() == pinned {
-        writeln!(
-            out,
-            "Deployment {index} is already {}.",
-            if pinned { "pinned" } else { "unpinned" }
-        )?;
-        return Ok(Outcome::Unchanged);
+        return Ok(report);
     }
     failpoint!("pin::before-write");
     s.sysroot
         .deployment_set_pinned(d, pinned)
         .with_context(|| format!("changing the pin of deployment {index}"))?;
-    writeln!(
-        out,
-        "Deployment {index} ({}) is now {}.",
-        describe_deployment(&s.repo, d),
-        if pinned { "pinned" } else { "unpinned" }
-    )?;
-    Ok(Outcome::Deployed {
-        checksum: d.csum().to_string(),
-        staged: false,
-    })
+    report.changed = true;
+    Ok(report)
 }
 
 /// Kernel argument edits, applied in order: delete, replace, append.
@@ -861,9 +861,13 @@ impl KargsEdit {
     }
 }
 
-/// `host kargs`: print the kernel arguments, or deploy the same commit again
-/// with edited ones.
-pub fn kargs(target: &SysrootTarget, edit: &KargsEdit, out: &mut dyn Write) -> Result<Outcome> {
+/// `host kargs`: the kernel arguments, or deploy the same commit again with
+/// edited ones.
+pub fn kargs(
+    target: &SysrootTarget,
+    edit: &KargsEdit,
+    obs: &mut dyn Observer,
+) -> Result<KargsReport> {
     if edit.is_empty() {
         let sysroot = target.open()?;
         let d = sysroot
@@ -872,11 +876,11 @@ pub fn kargs(target: &SysrootTarget, edit: &KargsEdit, out: &mut dyn Write) -> R
         let options = d
             .bootconfig()
             .and_then(|b| b.get("options"))
-            .unwrap_or_default();
-        writeln!(out, "{options}")?;
-        return Ok(Outcome::Unchanged);
+            .unwrap_or_default()
+            .to_string();
+        return Ok(KargsReport::Current { options });
     }
-    let s = Session::begin(target, "kargs", out)?;
+    let s = Session::begin(target, "kargs", obs)?;
     // Edit what boots next: a staged deployment (kept, restaged with the new
     // arguments) or the booted/default one.
     let merge = match s.sysroot.staged_deployment() {
@@ -895,23 +899,18 @@ pub fn kargs(target: &SysrootTarget, edit: &KargsEdit, out: &mut dyn Write) -> R
         .map(String::as_str)
         .eq(current_list.iter().copied())
     {
-        writeln!(out, "Kernel arguments unchanged.")?;
-        return Ok(Outcome::Unchanged);
+        return Ok(KargsReport::Unchanged);
     }
-    writeln!(out, "Kernel arguments: {}", new.join(" "))?;
     let refs: Vec<&str> = new.iter().map(String::as_str).collect();
     let origin = merge
         .origin()
         .ok_or_else(|| anyhow!("deployment {} has no origin", merge.csum()))?;
     let info = CommitInfo::load(&s.repo, &merge.csum())?;
-    write_deployment(
-        &s,
-        &merge.csum(),
-        &origin,
-        Some(&refs),
-        &info.describe(),
-        out,
-    )
+    let written = write_deployment(&s, &merge.csum(), &origin, Some(&refs), &info)?;
+    Ok(KargsReport::Deployed {
+        kargs: new,
+        written,
+    })
 }
 
 /// `--reboot` only makes sense on the running system.

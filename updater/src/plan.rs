@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use crate::commit::CommitInfo;
 use crate::pull::human_bytes;
+use crate::report::NoChange;
 use crate::status::Origin;
 
 /// The deployments an update starts from.
@@ -68,9 +69,9 @@ pub struct BootNeed {
 /// A planned update.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
-    /// Nothing to do; `message` says why.
+    /// Nothing to do, and why.
     Unchanged {
-        message: String,
+        why: NoChange,
     },
     Stage(Box<Staging>),
 }
@@ -162,22 +163,22 @@ pub fn plan(
             .as_ref()
             .is_some_and(|n| n.checksum == target.checksum);
     let unchanged = match req {
-        Request::Upgrade { origin, .. } => boots_next.then(|| {
-            format!(
-                "No update: {} is already the latest on {}.",
-                target.describe(),
-                origin.refspec
-            )
+        Request::Upgrade { origin, .. } => boots_next.then(|| NoChange::Latest {
+            target: target.into(),
+            refspec: origin.refspec.clone(),
         }),
-        Request::Deploy { .. } => {
-            boots_next.then(|| format!("{} is already deployed and boots next.", target.describe()))
-        }
+        Request::Deploy { .. } => boots_next.then(|| NoChange::AlreadyDeployed {
+            target: target.into(),
+        }),
         Request::Switch { refspec, .. } => (boots_next
             && snap.current_refspec.as_deref() == Some(refspec.as_str()))
-        .then(|| format!("Already on {refspec} at {}.", target.describe())),
+        .then(|| NoChange::AlreadyOn {
+            refspec: refspec.clone(),
+            target: target.into(),
+        }),
     };
-    if let Some(message) = unchanged {
-        return Ok(Plan::Unchanged { message });
+    if let Some(why) = unchanged {
+        return Ok(Plan::Unchanged { why });
     }
     if bad_commits.contains(&target.checksum) {
         return Err(Refusal::BadCommit {
@@ -321,10 +322,10 @@ mod tests {
         assert_eq!(
             p,
             Plan::Unchanged {
-                message: format!(
-                    "No update: {} is already the latest on {REF}.",
-                    v1.describe()
-                )
+                why: NoChange::Latest {
+                    target: (&v1).into(),
+                    refspec: REF.into()
+                }
             }
         );
         let mut snap = on(&v1);
@@ -372,7 +373,9 @@ mod tests {
         assert_eq!(
             p,
             Plan::Unchanged {
-                message: format!("{} is already deployed and boots next.", v2.describe())
+                why: NoChange::AlreadyDeployed {
+                    target: (&v2).into()
+                }
             }
         );
     }
@@ -415,7 +418,10 @@ mod tests {
         assert_eq!(
             plan(&snap, &req, &stage(), &[], None).unwrap(),
             Plan::Unchanged {
-                message: format!("Already on cairn:cairn/green at {}.", green.describe())
+                why: NoChange::AlreadyOn {
+                    refspec: "cairn:cairn/green".into(),
+                    target: (&green).into()
+                }
             }
         );
     }

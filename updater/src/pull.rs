@@ -10,7 +10,8 @@ use ostree::glib;
 use ostree::prelude::*;
 
 /// What a pull cost, as libostree's progress reports it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PullStats {
     pub bytes_transferred: u64,
     pub objects_fetched: u32,

@@ -5,7 +5,6 @@
 //! the default deployment is proven, which stops the counting. The boot
 //! counter itself is `bootloader.rs`; `host health check` runs both.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::Result;
@@ -13,6 +12,7 @@ use cairn_contracts::grub::BOOT_ATTEMPTS;
 
 use crate::bootloader::{disarm, read, CounterState};
 use crate::health::{BadCommit, HealthState};
+use crate::report::{FallbackReport, Observer};
 use crate::sysroot::SysrootTarget;
 
 /// Why a commit is recorded as bad after GRUB fell back from it.
@@ -25,12 +25,13 @@ pub fn fallback_reason() -> String {
 /// Run by `host health check` before the checks: when GRUB ran out of
 /// attempts and booted the previous deployment, record the default
 /// (never-healthy) commit as bad, make the booted deployment the default
-/// again (no reboot needed) and clear the counter. Returns the bad commit.
+/// again (no reboot needed) and clear the counter. Returns what it did, if
+/// anything.
 pub fn recover_from_fallback(
     target: &SysrootTarget,
     state_file: &Path,
-    out: &mut dyn Write,
-) -> Result<Option<String>> {
+    obs: &mut dyn Observer,
+) -> Result<Option<FallbackReport>> {
     let sysroot = target.open()?;
     let repo = sysroot.repo();
     let Some(counter) = read(target.path(), &repo)? else {
@@ -63,18 +64,17 @@ pub fn recover_from_fallback(
         });
     }
     state.save(state_file)?;
-    writeln!(
-        out,
-        "Deployment of {} {reason}: making the booted deployment the default again.",
-        &bad[..bad.len().min(12)]
-    )?;
     drop(sysroot);
     // The booted deployment is not first: a rollback puts it first again
     // (and disarms the counter).
-    crate::ops::rollback(target, out)?;
+    let rollback = crate::ops::rollback(target, obs)?;
     let sysroot = target.open()?;
     disarm(target.path(), &sysroot.repo())?;
-    Ok(Some(bad))
+    Ok(Some(FallbackReport {
+        bad,
+        reason,
+        rollback,
+    }))
 }
 
 /// Run by `host health check` after a healthy verdict: the booted deployment

@@ -1,6 +1,5 @@
 //! Opening and locking the sysroot: small RAII wrappers over libostree.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -74,18 +73,15 @@ pub struct SysrootLock {
 }
 
 impl SysrootLock {
-    /// Take the lock, waiting (and saying so on `out`) if another operation holds it.
-    /// The sysroot is (re)loaded once the lock is held.
-    pub fn acquire(sysroot: &ostree::Sysroot, out: &mut dyn Write) -> Result<Self> {
+    /// Take the lock, waiting (after calling `waiting`, so the caller can say
+    /// so) if another operation holds it. The sysroot is (re)loaded once the
+    /// lock is held.
+    pub fn acquire(sysroot: &ostree::Sysroot, waiting: &mut dyn FnMut()) -> Result<Self> {
         let got = sysroot
             .try_lock()
             .context("taking the sysroot lock (ostree/lock)")?;
         if !got {
-            writeln!(
-                out,
-                "Waiting for the sysroot lock: another `host` or `ostree` operation is running…"
-            )?;
-            out.flush()?;
+            waiting();
             sysroot
                 .lock()
                 .context("waiting for the sysroot lock (ostree/lock)")?;

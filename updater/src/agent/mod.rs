@@ -336,6 +336,26 @@ pub struct NodeEnv {
     pub health_state: PathBuf,
 }
 
+/// One line per upgrade round: its result, and the change when there is one;
+/// the whole report as JSON at debug level (it is long).
+fn log_report(r: &crate::UpdateReport) {
+    use crate::report::UpdateResult;
+    let result = match &r.result {
+        UpdateResult::Unchanged { .. } => "no update",
+        UpdateResult::UpdateAvailable => "update available",
+        UpdateResult::Downloaded => "downloaded",
+        UpdateResult::Deployed { written } if written.staged => "staged",
+        UpdateResult::Deployed { .. } => "deployed",
+    };
+    let change = r
+        .change
+        .as_ref()
+        .map(|c| format!(": {} -> {}", c.from.describe(), c.to.describe()))
+        .unwrap_or_default();
+    tracing::info!("agent: upgrade: {result}{change}");
+    tracing::debug!(report = %serde_json::to_string(r).unwrap_or_default(), "agent: upgrade report");
+}
+
 impl Env for NodeEnv {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
@@ -349,10 +369,17 @@ impl Env for NodeEnv {
             bad_commits: stage.then(|| self.health_state.clone()),
             ..Default::default()
         };
-        let mut log = Vec::new();
-        let outcome = crate::upgrade(&self.target, &opts, &mut log);
-        tracing::info!("agent: {}", String::from_utf8_lossy(&log).trim_end());
-        let outcome = match outcome {
+        let mut log_step = |step: &crate::Step| {
+            // Only waiting is worth a line while it happens; the report has the rest.
+            if let crate::Step::WaitingForLock = step {
+                tracing::info!("agent: waiting for the sysroot lock");
+            }
+        };
+        let report = crate::upgrade(&self.target, &opts, &mut log_step);
+        if let Ok(r) = &report {
+            log_report(r);
+        }
+        let outcome = match report.map(|r| r.outcome()) {
             Err(e) => match e.downcast_ref::<crate::Refusal>() {
                 Some(crate::Refusal::BadCommit { commit }) => {
                     tracing::warn!(
