@@ -198,14 +198,10 @@ pub(crate) fn show_step(json: bool) -> impl FnMut(&Step) {
 
 /// Print a report: its JSON (`to_json` writes it; the report's own field
 /// order is kept), or its text.
-fn show(
-    json: bool,
-    to_json: impl FnOnce(&mut dyn Write) -> serde_json::Result<()>,
-    text: impl FnOnce() -> String,
-) -> Result<()> {
+fn show<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
-        to_json(&mut out)?;
+        serde_json::to_writer_pretty(&mut out, value)?;
         writeln!(out)?;
     } else {
         out.write_all(text().as_bytes())?;
@@ -240,7 +236,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             }
             show(
                 json,
-                |w| serde_json::to_writer_pretty(w, &status),
+                &status,
                 || render::status(&status, verbose),
             )?;
             if pending_exit_77 && pending {
@@ -271,7 +267,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             let report = cairn_updater::upgrade(&target, &opts, &mut show_step(json))?;
             show(
                 json,
-                |w| serde_json::to_writer_pretty(w, &report),
+                &report,
                 || render::update(&report),
             )?;
             let outcome = report.outcome();
@@ -290,7 +286,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             let report = cairn_updater::rollback(&target, &mut show_step(json))?;
             show(
                 json,
-                |w| serde_json::to_writer_pretty(w, &report),
+                &report,
                 || render::rollback(&report),
             )?;
             after(&report.outcome(), do_reboot)
@@ -306,7 +302,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             let report = cairn_updater::deploy(&target, &revision, progress, &mut show_step(json))?;
             show(
                 json,
-                |w| serde_json::to_writer_pretty(w, &report),
+                &report,
                 || render::update(&report),
             )?;
             after(&report.outcome(), do_reboot)
@@ -322,7 +318,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             let report = cairn_updater::switch(&target, &refspec, progress, &mut show_step(json))?;
             show(
                 json,
-                |w| serde_json::to_writer_pretty(w, &report),
+                &report,
                 || render::update(&report),
             )?;
             after(&report.outcome(), do_reboot)
@@ -340,7 +336,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             )?;
             show(
                 json,
-                |w| serde_json::to_writer_pretty(w, &report),
+                &report,
                 || render::cleanup(&report),
             )?;
             Ok(ExitCode::SUCCESS)
@@ -354,7 +350,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
                 cairn_updater::pin(&sysroot.target(), index, !unpin, &mut show_step(false))?;
             show(
                 false,
-                |w| serde_json::to_writer_pretty(w, &report),
+                &report,
                 || render::pin(&report),
             )?;
             Ok(ExitCode::SUCCESS)
@@ -376,7 +372,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             let report = cairn_updater::kargs(&target, &edit, &mut show_step(false))?;
             show(
                 false,
-                |w| serde_json::to_writer_pretty(w, &report),
+                &report,
                 || render::kargs(&report),
             )?;
             after(&report.outcome(), do_reboot)
@@ -758,11 +754,8 @@ mod tests {
         }
     }
 
-    // host does not depend on serde itself, so no `impl Serialize` helper.
-    macro_rules! json {
-        ($v:expr) => {
-            serde_json::to_value($v).unwrap()
-        };
+    fn json(v: &impl serde::Serialize) -> serde_json::Value {
+        serde_json::to_value(v).unwrap()
     }
 
     fn staged_upgrade() -> UpdateReport {
@@ -832,7 +825,7 @@ mod tests {
 
     #[test]
     fn an_upgrade_report_as_json() {
-        let v = json!(&staged_upgrade());
+        let v = json(&staged_upgrade());
         assert_eq!(v["result"]["kind"], "deployed");
         assert_eq!(v["result"]["written"]["staged"], true);
         assert_eq!(v["result"]["written"]["commit"]["version"], "2.0");
@@ -864,7 +857,7 @@ mod tests {
             format!("No update: 1.0 (010101010101) is already the latest on {REF}.\n")
         );
         assert_eq!(r.outcome(), Outcome::Unchanged);
-        let v = json!(&r);
+        let v = json(&r);
         assert_eq!(v["result"]["kind"], "unchanged");
         assert_eq!(v["result"]["why"]["reason"], "latest");
         assert_eq!(v["result"]["why"]["target"]["version"], "1.0");
@@ -882,7 +875,7 @@ mod tests {
              finalized at shutdown. Run `host upgrade` to stage it again.\n\
              Rolled back: 1.0 (010101010101).0 boots next.\n"
         );
-        let v = json!(&r);
+        let v = json(&r);
         assert_eq!(v["droppedStaged"]["version"], "2.0");
         assert_eq!(v["next"]["checksum"], "01".repeat(32));
         let plain = RollbackReport {
@@ -918,7 +911,7 @@ mod tests {
              Keeping pinned deployment 2: 1.0 (010101010101).0\n\
              Removed 1 deployment(s); pruned the repo: 2.0 KiB freed.\n"
         );
-        assert_eq!(json!(&r)["deployments"][1]["action"], "keptPinned");
+        assert_eq!(json(&r)["deployments"][1]["action"], "keptPinned");
     }
 
     #[test]
