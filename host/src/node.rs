@@ -234,11 +234,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             if booted {
                 status = status.only_booted();
             }
-            show(
-                json,
-                &status,
-                || render::status(&status, verbose),
-            )?;
+            show(json, &status, || render::status(&status, verbose))?;
             if pending_exit_77 && pending {
                 return Ok(ExitCode::from(77));
             }
@@ -265,11 +261,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
                 bad_commits: None,
             };
             let report = cairn_updater::upgrade(&target, &opts, &mut show_step(json))?;
-            show(
-                json,
-                &report,
-                || render::update(&report),
-            )?;
+            show(json, &report, || render::update(&report))?;
             let outcome = report.outcome();
             if outcome == Outcome::Unchanged && unchanged_exit_77 {
                 return Ok(ExitCode::from(77));
@@ -284,11 +276,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             let target = sysroot.target();
             check_reboot(do_reboot, &target)?;
             let report = cairn_updater::rollback(&target, &mut show_step(json))?;
-            show(
-                json,
-                &report,
-                || render::rollback(&report),
-            )?;
+            show(json, &report, || render::rollback(&report))?;
             after(&report.outcome(), do_reboot)
         }
         NodeCommand::Deploy {
@@ -300,11 +288,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             let target = sysroot.target();
             check_reboot(do_reboot, &target)?;
             let report = cairn_updater::deploy(&target, &revision, progress, &mut show_step(json))?;
-            show(
-                json,
-                &report,
-                || render::update(&report),
-            )?;
+            show(json, &report, || render::update(&report))?;
             after(&report.outcome(), do_reboot)
         }
         NodeCommand::Switch {
@@ -316,11 +300,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             let target = sysroot.target();
             check_reboot(do_reboot, &target)?;
             let report = cairn_updater::switch(&target, &refspec, progress, &mut show_step(json))?;
-            show(
-                json,
-                &report,
-                || render::update(&report),
-            )?;
+            show(json, &report, || render::update(&report))?;
             after(&report.outcome(), do_reboot)
         }
         NodeCommand::Cleanup {
@@ -334,11 +314,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
                 &CleanupOptions { pending, rollback },
                 &mut show_step(json),
             )?;
-            show(
-                json,
-                &report,
-                || render::cleanup(&report),
-            )?;
+            show(json, &report, || render::cleanup(&report))?;
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Pin {
@@ -348,11 +324,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
         } => {
             let report =
                 cairn_updater::pin(&sysroot.target(), index, !unpin, &mut show_step(false))?;
-            show(
-                false,
-                &report,
-                || render::pin(&report),
-            )?;
+            show(false, &report, || render::pin(&report))?;
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Kargs {
@@ -370,11 +342,7 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
                 replace,
             };
             let report = cairn_updater::kargs(&target, &edit, &mut show_step(false))?;
-            show(
-                false,
-                &report,
-                || render::kargs(&report),
-            )?;
+            show(false, &report, || render::kargs(&report))?;
             after(&report.outcome(), do_reboot)
         }
     }

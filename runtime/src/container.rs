@@ -1022,32 +1022,7 @@ mod tests {
 
     #[test]
     fn default_seccomp_profile_compiles() {
-        let tree = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(tree.path().join("bin")).unwrap();
-        std::fs::write(tree.path().join("bin/true"), "").unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            tree.path().join("bin/true"),
-            std::fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
-        let image = crate::image::ImageConfig {
-            cmd: vec!["/bin/true".into()],
-            ..Default::default()
-        };
-        let spec = crate::spec::build(&crate::spec::SpecInput {
-            hostname: "h",
-            image: &image,
-            image_root: tree.path(),
-            rootfs: Path::new("/r"),
-            command: &[],
-            env: &[],
-            volumes: &[],
-            limits: &Default::default(),
-            cgroups_path: None,
-            userns: None,
-        })
-        .unwrap();
+        let spec = crate::mountplan::tests::built_spec(None);
         let bpf = compile_seccomp(&spec).unwrap().unwrap();
         assert!(bpf.len() > crate::spec::DENIED_SYSCALLS.len());
         // The precompiled default is what compiling the profile now gives.

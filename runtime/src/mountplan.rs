@@ -649,7 +649,7 @@ impl MountOps for SysOps<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::mountfd::{
         MOUNT_ATTR_IDMAP as IDMAP, MOUNT_ATTR_NODEV as NODEV, MOUNT_ATTR_NOEXEC as NOEXEC,
@@ -722,7 +722,7 @@ mod tests {
     }
 
     /// The config `spec::build` makes, with a read-only and a writable volume.
-    fn built_spec(userns: Option<IdRange>) -> Spec {
+    pub(crate) fn built_spec(userns: Option<IdRange>) -> Spec {
         use std::os::unix::fs::PermissionsExt;
         let tree = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(tree.path().join("bin")).unwrap();

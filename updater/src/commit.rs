@@ -53,14 +53,20 @@ impl CommitInfo {
 
     /// "1.2 (abcdef012345)" or just the short checksum.
     pub fn describe(&self) -> String {
-        match &self.version {
-            Some(v) => format!("{v} ({})", short(&self.checksum)),
-            None => short(&self.checksum).to_string(),
-        }
+        describe(self.version.as_deref(), &self.checksum)
     }
 
     pub fn timestamp_rfc3339(&self) -> String {
         format_timestamp(self.timestamp)
+    }
+}
+
+/// How a commit is named to people: "1.2 (abcdef012345)", or just the
+/// short checksum of a commit without a version.
+pub fn describe(version: Option<&str>, checksum: &str) -> String {
+    match version {
+        Some(v) => format!("{v} ({})", short(checksum)),
+        None => short(checksum).to_string(),
     }
 }
 

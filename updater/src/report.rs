@@ -36,10 +36,7 @@ pub struct CommitRef {
 impl CommitRef {
     /// "1.2 (abcdef012345)" or just the short checksum.
     pub fn describe(&self) -> String {
-        match &self.version {
-            Some(v) => format!("{v} ({})", short(&self.checksum)),
-            None => short(&self.checksum).to_string(),
-        }
+        crate::commit::describe(self.version.as_deref(), &self.checksum)
     }
 
     pub fn timestamp_rfc3339(&self) -> String {
