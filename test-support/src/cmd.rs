@@ -174,6 +174,7 @@ mod tests {
         assert_eq!(line_value(out, "commit").as_deref(), Some("abc"));
         assert_eq!(line_value(out, "ref").as_deref(), Some("a/b"));
         assert_eq!(line_value(out, "com"), None);
+        assert_eq!(line_value("commits 3\n", "commit"), None);
     }
 
     #[test]
