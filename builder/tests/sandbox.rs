@@ -12,10 +12,7 @@ use cairn_builder::manifest::PostprocessScript;
 use cairn_builder::tree;
 
 fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test must run as root (postprocess runs bwrap as root in a compose); run it through scripts/test"
-    );
+    cairn_test_support::require_root("postprocess runs bwrap as root in a compose");
 }
 
 struct Fixture {

@@ -10,23 +10,16 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cairn_test_support::{compose_tree_args, free_port, line_value, ostree_cli, Etcd};
 use common::{host, require_root, text};
 use serde_json::Value;
 
 const REF: &str = "test/x86_64/agent";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Kills its processes and removes the work directory (deployments carry
 /// libostree's immutable bit) even when the test fails.
@@ -73,24 +66,15 @@ fn run(cmd: &mut Command) -> String {
 
 fn compose(w: &Path, release: &str) -> String {
     std::fs::write(w.join("files/release"), release).unwrap();
-    let out = run(host().current_dir(w).args([
-        "compose", "tree", "--quiet", "--repo", "repo", "--cache", "cache", "m.toml",
-    ]));
-    out.lines()
-        .find_map(|l| l.strip_prefix("commit "))
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            String::from_utf8_lossy(
-                &Command::new("ostree")
-                    .arg(format!("--repo={}", w.join("repo").display()))
-                    .args(["rev-parse", REF])
-                    .output()
-                    .unwrap()
-                    .stdout,
-            )
+    let out =
+        run(host()
+            .current_dir(w)
+            .args(compose_tree_args("repo", "cache", "m.toml", &["--quiet"])));
+    line_value(&out, "commit").unwrap_or_else(|| {
+        ostree_cli(&w.join("repo"), &["rev-parse", REF])
             .trim()
             .to_string()
-        })
+    })
 }
 
 fn node_config(w: &Path, id: &str, port: u16) -> PathBuf {
@@ -203,35 +187,8 @@ fn agent_once_stages_on_a_sysroot_and_waits_for_the_fleet_lock() {
     assert_ne!(v1, v2);
 
     // etcd and one FleetLock server on loopback, one slot in group blue.
-    let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("etcd is not installed: scripts/setup installs Debian's etcd-server");
-    let (client, peer) = (free_port(), free_port());
-    let etcd_url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let mut child = Command::new(etcd)
-        .args(["--name", "agent", "--data-dir"])
-        .arg(w.join("etcd"))
-        .args([
-            "--listen-client-urls",
-            &etcd_url,
-            "--advertise-client-urls",
-            &etcd_url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("agent={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_listening(client, &mut child, "etcd");
-    work.children.push(child);
+    let etcd = Etcd::start();
+    let etcd_url = etcd.url().to_string();
     let port = free_port();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
+use cairn_test_support::compose_tree_args;
 use common::{host, ostree_cli};
 
 fn require_root() {
@@ -143,18 +144,10 @@ gid = 10
     }
 
     fn compose(&self, repo: &str, extra_args: &[&str]) -> Output {
-        let mut args = vec![
-            "compose",
-            "tree",
-            "--bare-user",
-            "--repo",
-            repo,
-            "--cache",
-            "cache",
-            "--quiet",
-        ];
-        args.extend_from_slice(extra_args);
-        args.push("manifest.toml");
+        let mut extra = vec!["--bare-user", "--quiet"];
+        extra.extend_from_slice(extra_args);
+        let args = compose_tree_args(repo, "cache", "manifest.toml", &extra);
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
         self.host(&args)
     }
 
@@ -824,68 +817,16 @@ fn promote_moves_a_tested_tree_to_another_channel_without_rebuilding() {
         .contains("is not in the history of test/x86_64/stable"));
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(data))
-}
-
-/// An OCI image layout of a busybox root with one uncompressed layer;
-/// returns the manifest digest (`sha256:…`).
+/// An OCI image layout (`DIR/oci`) of a busybox root with one uncompressed
+/// layer; returns the manifest digest (`sha256:…`).
 fn make_oci_layout(dir: &Path) -> String {
-    let rootfs = dir.join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .unwrap();
-    std::fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
-    let layer = dir.join("layer.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .args(["--numeric-owner", "-cf"])
-        .arg(&layer)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let layout = dir.join("oci");
-    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    let put = |bytes: &[u8]| -> (String, usize) {
-        let hex = sha256_hex(bytes);
-        std::fs::write(layout.join("blobs/sha256").join(&hex), bytes).unwrap();
-        (format!("sha256:{hex}"), bytes.len())
+    let spec = cairn_test_support::LayoutSpec {
+        applets: cairn_test_support::Applets::Only(&["sh"]),
+        cmd: &["/bin/sh", "-c", "sleep 3600"],
+        ref_name: Some("demo:1"),
+        ..Default::default()
     };
-    let (layer_digest, layer_size) = put(&std::fs::read(&layer).unwrap());
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": { "Cmd": ["/bin/sh", "-c", "sleep 3600"] },
-        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
-    });
-    let (config_digest, config_size) = put(config.to_string().as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size },
-        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size }],
-    });
-    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest, "size": manifest_size,
-            "annotations": { "org.opencontainers.image.ref.name": "demo:1" },
-        }],
-    });
-    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    manifest_digest
+    cairn_test_support::busybox_layout(&dir.join("oci"), &spec).unwrap()
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
+use cairn_test_support::compose_tree_args;
 use common::{host, ostree_cli};
 
 const REF: &str = "cairn/bookworm/x86_64/container-host";
@@ -41,12 +42,14 @@ fn container_host_manifest_composes_a_bootable_container_host() {
     .unwrap();
     let run = |extra: &[&str]| {
         let mut cmd = Command::new(&host);
-        cmd.args(["compose", "tree", "--bare-user", "--repo"])
-            .arg(&repo)
-            .arg("--cache")
-            .arg(root.join("build/cache"))
-            .args(extra)
-            .arg(root.join("manifests/container-host.toml"));
+        let mut all = vec!["--bare-user"];
+        all.extend_from_slice(extra);
+        cmd.args(compose_tree_args(
+            &repo,
+            root.join("build/cache"),
+            root.join("manifests/container-host.toml"),
+            &all,
+        ));
         let out = cmd.output().unwrap();
         eprintln!(
             "{}{}",
@@ -186,11 +189,12 @@ fn an_unknown_package_fails_in_seconds_with_its_name() {
     )
     .unwrap();
     let out = host()
-        .args(["compose", "tree", "--quiet", "--repo"])
-        .arg(tmp.path().join("repo"))
-        .arg("--cache")
-        .arg(checkout().join("build/cache"))
-        .arg(&manifest)
+        .args(compose_tree_args(
+            tmp.path().join("repo"),
+            checkout().join("build/cache"),
+            &manifest,
+            &["--quiet"],
+        ))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -163,63 +163,16 @@ fn only_commands_that_use_them_load_the_libraries() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
-/// A one-layer OCI image layout of the host's static busybox with
-/// `/marker` holding `marker`.
+/// A one-layer OCI image layout (`DIR/oci`) of the host's static busybox
+/// with `/marker` holding `marker`.
 fn busybox_layout(dir: &Path, marker: &str) {
-    use sha2::Digest as _;
-    let stage = dir.join("stage");
-    std::fs::create_dir_all(stage.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", stage.join("bin/busybox"))
-        .expect("busybox-static is installed (scripts/setup)");
-    for applet in ["sh", "cat", "true", "sleep"] {
-        std::os::unix::fs::symlink("busybox", stage.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(stage.join("marker"), marker).unwrap();
-    let layer = dir.join("layer.tar");
-    let st = std::process::Command::new("tar")
-        .arg("-C")
-        .arg(&stage)
-        .arg("-cf")
-        .arg(&layer)
-        .args(["bin", "marker"])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let layout = dir.join("oci");
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |data: &[u8]| -> (String, usize) {
-        let h = hex::encode(sha2::Sha256::digest(data));
-        std::fs::write(blobs.join(&h), data).unwrap();
-        (format!("sha256:{h}"), data.len())
+    let spec = cairn_test_support::LayoutSpec {
+        applets: cairn_test_support::Applets::Only(&["sh", "cat", "true", "sleep"]),
+        files: &[("marker", marker.as_bytes())],
+        cmd: &["/bin/cat", "/marker"],
+        ..Default::default()
     };
-    let (layer_digest, layer_size) = put(&std::fs::read(&layer).unwrap());
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": { "Cmd": ["/bin/cat", "/marker"] },
-        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
-    });
-    let (config_digest, config_size) = put(&serde_json::to_vec(&config).unwrap());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": config_digest, "size": config_size },
-        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                     "digest": layer_digest, "size": layer_size }],
-    });
-    let (manifest_digest, manifest_size) = put(&serde_json::to_vec(&manifest).unwrap());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{ "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                        "digest": manifest_digest, "size": manifest_size }],
-    });
-    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
+    cairn_test_support::busybox_layout(&dir.join("oci"), &spec).unwrap();
 }
 
 #[test]

@@ -12,13 +12,13 @@
 //! existing repository instead of composing, e.g. to boot-test a repository
 //! that CI produced.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cairn_test_support::{compose_tree_args, try_ostree_cli, Host};
 use sha2::{Digest, Sha256};
 
 /// The manifest the test image is composed from.
@@ -95,9 +95,7 @@ pub fn test_image() -> &'static TestImage {
 }
 
 fn require_root() -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
+    if !cairn_test_support::is_root() {
         bail!("the QEMU boot tests compose trees and write disk images, which needs root; run them as root (scripts/test does)");
     }
     Ok(())
@@ -206,16 +204,7 @@ pub fn write_image_unless_present(
 pub fn compose_unless_changed(repo: &Path, manifest: &Path) -> Result<(String, String)> {
     let out = run_host(
         &host_binary()?,
-        &[
-            "compose".as_ref(),
-            "tree".as_ref(),
-            "--repo".as_ref(),
-            repo.as_os_str(),
-            "--cache".as_ref(),
-            build_dir("cache").as_os_str(),
-            "--unless-changed".as_ref(),
-            manifest.as_os_str(),
-        ],
+        &compose_tree_args(repo, build_dir("cache"), manifest, &["--unless-changed"]),
     )?;
     let commit =
         line_value(&out, "commit").context("`host compose tree` printed no commit line")?;
@@ -252,15 +241,7 @@ pub fn start_update_repo(repo: &Path, source: &Path, ref_: &str, commit: &str) -
 pub fn compose_into(repo: &Path, manifest: &Path) -> Result<String> {
     let out = run_host(
         &host_binary()?,
-        &[
-            "compose".as_ref(),
-            "tree".as_ref(),
-            "--repo".as_ref(),
-            repo.as_os_str(),
-            "--cache".as_ref(),
-            build_dir("cache").as_os_str(),
-            manifest.as_os_str(),
-        ],
+        &compose_tree_args(repo, build_dir("cache"), manifest, &[]),
     )?;
     line_value(&out, "commit").context("`host compose tree` printed no commit line")
 }
@@ -268,32 +249,7 @@ pub fn compose_into(repo: &Path, manifest: &Path) -> Result<String> {
 /// Run the host binary from the workspace; its stderr (progress) passes
 /// through, its stdout is returned. Every QEMU test runs `host` through this.
 pub fn run_host<S: AsRef<std::ffi::OsStr>>(host: &Path, args: &[S]) -> Result<String> {
-    let shown: Vec<String> = args
-        .iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect();
-    eprintln!("qemu-tests: {} {}", host.display(), shown.join(" "));
-    let mut child = Command::new(host)
-        .args(args)
-        .current_dir(workspace())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", host.display()))?;
-    let mut stdout = String::new();
-    child
-        .stdout
-        .take()
-        .expect("piped")
-        .read_to_string(&mut stdout)?;
-    let status = child.wait()?;
-    if !status.success() {
-        bail!(
-            "`host {}` failed ({status}); stdout:\n{stdout}",
-            shown.join(" ")
-        );
-    }
-    Ok(stdout)
+    Ok(Host::new(host).in_dir(workspace()).run(args)?)
 }
 
 /// An flock on `<dir>.lock`: exclusive while a process composes into `dir`,
@@ -392,27 +348,11 @@ impl Drop for HttpServer {
 }
 
 /// The value of a `key value` line.
-pub fn line_value(out: &str, key: &str) -> Option<String> {
-    out.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
-        .map(|v| v.trim().to_string())
-}
+pub use cairn_test_support::line_value;
 
 /// The stock ostree CLI, allowed in tests to cross-check what our code did.
 pub fn ostree_cli(repo: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("ostree")
-        .arg(format!("--repo={}", repo.display()))
-        .args(args)
-        .output()
-        .context("running the ostree CLI (Debian package ostree)")?;
-    if !out.status.success() {
-        bail!(
-            "ostree {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Ok(try_ostree_cli(repo, args)?.trim().to_string())
 }
 
 /// A string metadata key of a commit, None if absent.
@@ -447,6 +387,7 @@ fn image_key(commit: &str, host: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read as _;
 
     #[test]
     fn http_server_serves_the_directory_and_logs_requests() {
@@ -466,15 +407,6 @@ mod tests {
         assert!(reply.starts_with("HTTP/1.0 200"), "{reply}");
         assert!(reply.ends_with("[core]\n"), "{reply}");
         assert!(logged.contains("\"GET /config HTTP/1.0\" 200"), "{logged}");
-    }
-
-    #[test]
-    fn line_values() {
-        let out = "ref cairn/x\ncommit abc\nversion 1.2\n";
-        assert_eq!(line_value(out, "commit").as_deref(), Some("abc"));
-        assert_eq!(line_value(out, "ref").as_deref(), Some("cairn/x"));
-        assert_eq!(line_value(out, "size"), None);
-        assert_eq!(line_value("commits 3\n", "commit"), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! [`vm::Vm`] boots such an image under TCG and runs commands in it.
 
 pub mod fixture;
+pub mod guest;
 pub mod vm;
 
 pub use fixture::{test_image, TestImage};

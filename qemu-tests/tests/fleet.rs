@@ -29,7 +29,7 @@
 //! root. It takes about 15 minutes under TCG.
 
 use std::collections::BTreeMap;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cairn_test_support::{free_port, Etcd, EtcdOptions};
 use qemu_tests::fixture::{
     build_dir, compose_into, host_binary, ostree_cli, start_update_repo, workspace, DirLock,
     HttpServer, TEST_MANIFEST,
@@ -61,10 +62,6 @@ const CHECK: &str = "/etc/cairn/health.d/required/50-fleet-test";
 fn stamp(t0: Instant) -> String {
     let s = t0.elapsed().as_secs();
     format!("[{:02}:{:02}]", s / 60, s % 60)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A child process killed when dropped.
@@ -94,43 +91,22 @@ fn wait_listening(port: u16, what: &str, child: &mut Child, log: &Path) -> Resul
     Ok(())
 }
 
-/// etcd on loopback (Debian's etcd-server; scripts/setup installs it).
-fn start_etcd(dir: &Path) -> Result<(Proc, String)> {
-    let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .context("etcd is not installed: scripts/setup installs Debian's etcd-server")?;
-    let (client, peer) = (free_port()?, free_port()?);
-    let url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let log = dir.join("etcd.log");
-    let mut child = Command::new(etcd)
-        .args(["--name", "fleet", "--data-dir"])
-        .arg(dir.join("etcd-data"))
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("fleet={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()
-        .context("starting etcd")?;
-    wait_listening(client, "etcd", &mut child, &log)?;
-    Ok((Proc(child), url))
+/// etcd on the host's loopback (Debian's etcd-server; scripts/setup
+/// installs it), logging to `dir/etcd.log`; the guests reach only the
+/// FleetLock server in front of it.
+fn start_etcd(dir: &Path) -> Result<(Etcd, String)> {
+    let etcd = Etcd::try_start(&EtcdOptions {
+        name: "fleet".into(),
+        log: Some(dir.join("etcd.log")),
+        ..EtcdOptions::default()
+    })?;
+    let url = etcd.url().to_string();
+    Ok((etcd, url))
 }
 
 /// `host fleet serve` on loopback: one slot per group.
 fn start_fleet_server(dir: &Path, etcd: &str) -> Result<(Proc, u16)> {
-    let port = free_port()?;
+    let port = free_port();
     let log = dir.join("fleet-serve.log");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -8,12 +8,7 @@ use std::process::Command;
 use qemu_tests::fixture::{build_dir, host_binary};
 
 fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the image writer tests need root (loop devices, mounts)"
-    );
+    cairn_test_support::require_root("loop devices, mounts");
 }
 
 fn sh(cmd: &mut Command) -> String {

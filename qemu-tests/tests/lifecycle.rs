@@ -45,6 +45,10 @@ use qemu_tests::fixture::{
     build_dir, compose_into, host_binary, ostree_cli, run_host, start_update_repo, workspace,
     DirLock, HttpServer, TEST_KARG, TEST_MANIFEST,
 };
+use qemu_tests::guest::{
+    booted, deployments, rebooting_output, run_rebooting, running_commit, running_deployment,
+    status,
+};
 use qemu_tests::{boot_test_image, test_image, TestImage, Vm};
 use serde_json::Value;
 
@@ -264,55 +268,6 @@ fn assert_boot_finished(vm: &mut Vm, what: &str) {
     );
 }
 
-/// Start `command` detached in the guest (it reboots the machine), its output
-/// to `log` (which must be under /var to survive); if it fails, reboot anyway
-/// so the test sees the failure in the log instead of waiting for a boot that
-/// never comes. Returns the new boot id and the wall time until the control
-/// shell of the new boot answered.
-fn run_rebooting(vm: &mut Vm, command: &str, log: &str) -> (String, Duration) {
-    let old = vm.boot_id().expect("booted").to_string();
-    let started = Instant::now();
-    must(vm.ok(&format!(
-        "mkdir -p \"$(dirname {log})\"; setsid -f sh -c '\
-         s=$(date +%s%N); {command} >{log} 2>&1; rc=$?; \
-         echo \"exit $rc after $(( ($(date +%s%N) - s) / 1000000 )) ms\" >>{log}; sync; \
-         [ $rc = 0 ] || systemctl reboot' </dev/null >/dev/null 2>&1"
-    )));
-    let id = must(vm.wait_ready());
-    assert_ne!(id, old, "`{command}` did not reboot the machine");
-    (id, started.elapsed())
-}
-
-/// Output of a rebooting command (written before the reboot); fails if it
-/// recorded a non-zero exit.
-fn rebooting_output(vm: &mut Vm, command: &str, log: &str) -> String {
-    let text = must(vm.ok(&format!("cat {log}")));
-    if let Some(line) = text.lines().find(|l| l.starts_with("exit ")) {
-        assert!(line.starts_with("exit 0 "), "`{command}` failed:\n{text}");
-    }
-    text
-}
-
-fn status(vm: &mut Vm) -> Value {
-    let text = must(vm.ok("host status --json"));
-    serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("host status --json is not JSON ({e}):\n{text}"))
-}
-
-fn deployments(status: &Value) -> &Vec<Value> {
-    status["deployments"].as_array().expect("deployments array")
-}
-
-/// The booted deployment; exactly one.
-fn booted(status: &Value) -> &Value {
-    let booted: Vec<_> = deployments(status)
-        .iter()
-        .filter(|d| d["booted"] == true)
-        .collect();
-    assert_eq!(booted.len(), 1, "one booted deployment: {status:#}");
-    booted[0]
-}
-
 /// The deployment marked rollback; exactly one.
 fn rollback(status: &Value) -> &Value {
     let rb: Vec<_> = deployments(status)
@@ -321,27 +276,6 @@ fn rollback(status: &Value) -> &Value {
         .collect();
     assert_eq!(rb.len(), 1, "one rollback deployment: {status:#}");
     rb[0]
-}
-
-/// The directory of the running deployment, from the kernel command line
-/// (not from our own `host status`).
-fn running_deployment(vm: &mut Vm) -> String {
-    must(vm.ok(
-        r#"set -e; arg=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^ostree=//p'); readlink -f "/sysroot$arg""#,
-    ))
-    .trim()
-    .to_string()
-}
-
-/// The commit of the running deployment (the checksum of `<checksum>.N`).
-fn running_commit(vm: &mut Vm) -> String {
-    let path = running_deployment(vm);
-    let name = Path::new(&path)
-        .file_name()
-        .expect("deployment directory")
-        .to_string_lossy()
-        .into_owned();
-    name.split('.').next().unwrap_or_default().to_string()
 }
 
 /// The kernel command line of the running guest, one argument per item.

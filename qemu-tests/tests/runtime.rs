@@ -37,6 +37,7 @@ use apps_image::*;
 use qemu_tests::fixture::{
     compose_into, host_binary, ostree_cli, run_host, start_update_repo, HttpServer,
 };
+use qemu_tests::guest::{booted_commit, rebooting_output, run_rebooting};
 use qemu_tests::Vm;
 use serde_json::Value;
 
@@ -324,39 +325,6 @@ fn prepare_apps_v2(v1: &AppsImage) -> Result<(PathBuf, String, String)> {
     Ok((repo, commit, digest))
 }
 
-/// Run a command that reboots the guest, detached (its output to `log`
-/// under /var); reboot anyway if it fails, so the failure shows in the log.
-fn run_rebooting(vm: &mut Vm, command: &str, log: &str) -> String {
-    let old = vm.boot_id().expect("booted").to_string();
-    must(vm.ok(&format!(
-        "mkdir -p \"$(dirname {log})\"; setsid -f sh -c '\
-         {command} >{log} 2>&1; rc=$?; echo \"exit $rc\" >>{log}; sync; \
-         [ $rc = 0 ] || systemctl reboot' </dev/null >/dev/null 2>&1"
-    )));
-    let id = must(vm.wait_ready());
-    assert_ne!(id, old, "`{command}` did not reboot the machine");
-    let out = must(vm.ok(&format!("cat {log}")));
-    assert!(
-        !out.lines().any(|l| l.starts_with("exit ") && l != "exit 0"),
-        "`{command}` failed:\n{out}"
-    );
-    id
-}
-
-/// The booted deployment's commit.
-fn booted_commit(vm: &mut Vm) -> String {
-    let status = must(vm.ok("host status --json"));
-    let status: Value = serde_json::from_str(&status).expect("host status --json");
-    status["deployments"]
-        .as_array()
-        .expect("deployments")
-        .iter()
-        .find(|d| d["booted"] == true)
-        .and_then(|d| d["checksum"].as_str())
-        .expect("a booted deployment")
-        .to_string()
-}
-
 /// The whole runtime tier in one guest, three boots: v1 (the baked app
 /// runs under its limits; pids, memory and cpu limits hold), `host upgrade
 /// --reboot` to v2 (the app runs again in a new container and serves v2),
@@ -379,11 +347,9 @@ fn baked_app_and_limits_hold_through_host_upgrade_and_rollback_reboots() {
         server.port
     )));
     let started = Instant::now();
-    run_rebooting(
-        &mut vm,
-        "host upgrade --reboot",
-        "/var/lib/cairn-test/upgrade.log",
-    );
+    let log = "/var/lib/cairn-test/upgrade.log";
+    run_rebooting(&mut vm, "host upgrade --reboot", log);
+    rebooting_output(&mut vm, "host upgrade --reboot", log);
     assert_boot_finished(&mut vm);
     assert_eq!(booted_commit(&mut vm), v2);
     let entry = assert_app_serving(&mut vm, APP_PAGE_V2);
@@ -410,11 +376,9 @@ fn baked_app_and_limits_hold_through_host_upgrade_and_rollback_reboots() {
 
     // Boot 3: `host rollback --reboot` to v1.
     let started = Instant::now();
-    run_rebooting(
-        &mut vm,
-        "host rollback --reboot",
-        "/var/lib/cairn-test/rollback.log",
-    );
+    let log = "/var/lib/cairn-test/rollback.log";
+    run_rebooting(&mut vm, "host rollback --reboot", log);
+    rebooting_output(&mut vm, "host rollback --reboot", log);
     assert_boot_finished(&mut vm);
     assert_eq!(booted_commit(&mut vm), v1.commit);
     let entry = assert_app_serving(&mut vm, APP_PAGE);

@@ -25,10 +25,7 @@ mod tool_images;
 use tool_images::{run, BuildahImages, APP_UID, HOME_MODE};
 
 fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "privileged import tests must run as root (ownership, setuid bits, file capabilities): run scripts/test as root"
-    );
+    cairn_test_support::require_root("ownership, setuid bits, file capabilities");
 }
 
 /// A runtime over a fresh temporary state root.

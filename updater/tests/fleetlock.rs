@@ -2,87 +2,15 @@
 //! etcd-server, installed by scripts/setup). No root needed.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use cairn_updater::fleetlock::etcd::Etcd;
+use cairn_test_support::{free_port, Etcd};
+use cairn_updater::fleetlock::etcd::Etcd as EtcdClient;
 use cairn_updater::fleetlock::server::{self, Config, Store, DEFAULT_PREFIX};
 use cairn_updater::fleetlock::{Answer, Client};
 
-struct EtcdProcess {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl EtcdProcess {
-    fn start() -> EtcdProcess {
-        let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect("etcd is not installed: scripts/setup installs Debian's etcd-server; these tests need a real etcd");
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new(etcd)
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("test={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting etcd");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if ureq::get(&format!("{url}/health")).call().is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not become healthy on {url} within 30s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        EtcdProcess {
-            child,
-            url,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for EtcdProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn config(etcd: &EtcdProcess, default_slots: u32, groups: &[(&str, u32)]) -> Config {
+fn config(etcd: &Etcd, default_slots: u32, groups: &[(&str, u32)]) -> Config {
     Config {
-        etcd: vec![etcd.url.clone()],
+        etcd: vec![etcd.url().to_string()],
         listen: "127.0.0.1:0".into(),
         default_slots,
         groups: groups
@@ -102,7 +30,7 @@ fn denied_kind(a: &Answer) -> &str {
 
 #[test]
 fn slots_are_granted_up_to_the_group_limit_and_freed_at_steady_state() {
-    let etcd = EtcdProcess::start();
+    let etcd = Etcd::start();
     let srv = server::start(config(&etcd, 1, &[("blue", 2)]), 4).unwrap();
     let base = format!("http://{}", srv.addr);
     let node = |id: &str, group: &str| Client::new(&base, id, group);
@@ -143,7 +71,7 @@ fn slots_are_granted_up_to_the_group_limit_and_freed_at_steady_state() {
 
     // The operator's view, straight from etcd.
     let store = Store::new(
-        Etcd::new(std::slice::from_ref(&etcd.url)).unwrap(),
+        EtcdClient::new(&[etcd.url().to_string()]).unwrap(),
         DEFAULT_PREFIX,
     );
     let groups = store.groups().unwrap();
@@ -156,7 +84,7 @@ fn slots_are_granted_up_to_the_group_limit_and_freed_at_steady_state() {
 
 #[test]
 fn a_node_that_never_comes_back_holds_its_slot_until_an_operator_frees_it() {
-    let etcd = EtcdProcess::start();
+    let etcd = Etcd::start();
     let srv = server::start(config(&etcd, 1, &[]), 2).unwrap();
     let base = format!("http://{}", srv.addr);
     assert_eq!(
@@ -169,7 +97,7 @@ fn a_node_that_never_comes_back_holds_its_slot_until_an_operator_frees_it() {
         "failed_lock"
     );
     let store = Store::new(
-        Etcd::new(std::slice::from_ref(&etcd.url)).unwrap(),
+        EtcdClient::new(&[etcd.url().to_string()]).unwrap(),
         DEFAULT_PREFIX,
     );
     assert!(store.release("g", "lost").unwrap());
@@ -182,7 +110,7 @@ fn a_node_that_never_comes_back_holds_its_slot_until_an_operator_frees_it() {
 
 #[test]
 fn two_servers_racing_for_the_last_slot_grant_it_once() {
-    let etcd = EtcdProcess::start();
+    let etcd = Etcd::start();
     let one = server::start(config(&etcd, 1, &[]), 4).unwrap();
     let two = server::start(config(&etcd, 1, &[]), 4).unwrap();
     let bases = [
@@ -209,7 +137,7 @@ fn two_servers_racing_for_the_last_slot_grant_it_once() {
         "exactly one node may reboot: {granted:?}"
     );
     let mut servers = Store::new(
-        Etcd::new(std::slice::from_ref(&etcd.url)).unwrap(),
+        EtcdClient::new(&[etcd.url().to_string()]).unwrap(),
         DEFAULT_PREFIX,
     )
     .servers()
@@ -222,7 +150,7 @@ fn two_servers_racing_for_the_last_slot_grant_it_once() {
 
 #[test]
 fn malformed_requests_get_a_clear_error() {
-    let etcd = EtcdProcess::start();
+    let etcd = Etcd::start();
     let srv = server::start(config(&etcd, 1, &[]), 2).unwrap();
     let url = format!("http://{}/v1/pre-reboot", srv.addr);
     let status_and_body = |r: Result<ureq::Response, ureq::Error>| match r {

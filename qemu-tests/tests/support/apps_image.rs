@@ -18,7 +18,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,6 @@ use qemu_tests::fixture::{
     build_dir, compose_unless_changed, workspace, write_image_unless_present, TEST_MANIFEST,
 };
 use qemu_tests::{remove_stale_runs, Vm, VmConfig};
-use sha2::{Digest, Sha256};
 
 /// Unwrap with the whole error chain in the panic message.
 pub fn must<T>(r: Result<T>) -> T {
@@ -96,8 +94,7 @@ fn built_once(
 }
 
 pub fn build_apps_image(apps_host: &AppsHost) -> Result<AppsImage> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !cairn_test_support::is_root() {
         bail!("the QEMU runtime tests compose trees and write disk images, which needs root; run them as root (scripts/test does)");
     }
     // A release build (the benchmark) installs the release `host` in the
@@ -168,95 +165,26 @@ pub fn apps_manifest(host_manifest: &str, image: &str, digest: &str) -> String {
 /// is deterministic (sorted, fixed mtime and owners), so the same busybox
 /// always gives the same manifest digest, which is returned.
 pub fn write_busybox_layout(layout: &Path, page: &str) -> Result<String> {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.is_file())
-        .context(
-            "busybox is not installed (Debian package busybox-static; scripts/setup installs it)",
-        )?;
-    let work = layout.with_extension("work");
-    let _ = std::fs::remove_dir_all(&work);
-    let rootfs = work.join("rootfs");
-    for d in ["bin", "www", "etc", "tmp"] {
-        std::fs::create_dir_all(rootfs.join(d))?;
-    }
-    std::fs::copy(busybox, rootfs.join("bin/busybox"))?;
-    let list = Command::new(busybox)
-        .arg("--list")
-        .output()
-        .context("busybox --list")?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        let applet = applet.trim();
-        if !applet.is_empty() && applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
-        }
-    }
-    std::fs::write(rootfs.join("www/index.html"), format!("{page}\n"))?;
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
-    let layer = work.join("layer.tar");
-    let status = Command::new("tar")
-        .args([
-            "--sort=name",
-            "--mtime=@0",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--format=gnu",
-            "-C",
-        ])
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&layer)
-        .arg(".")
-        .status()
-        .context("running tar")?;
-    if !status.success() {
-        bail!("tar of {} failed: {status}", rootfs.display());
-    }
-
-    let _ = std::fs::remove_dir_all(layout);
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs)?;
-    let put = |bytes: &[u8]| -> Result<(String, usize)> {
-        let hex = hex::encode(Sha256::digest(bytes));
-        std::fs::write(blobs.join(&hex), bytes)?;
-        Ok((format!("sha256:{hex}"), bytes.len()))
+    // The same bytes as the layout this file wrote by hand before
+    // cairn-test-support, so composes cached on its digest stay valid.
+    let page = format!("{page}\n");
+    let port = APP_PORT.to_string();
+    let exposed = format!("{APP_PORT}/tcp");
+    let spec = cairn_test_support::LayoutSpec {
+        applets: cairn_test_support::Applets::All,
+        dirs: &["www", "etc", "tmp"],
+        files: &[
+            ("www/index.html", page.as_bytes()),
+            ("etc/passwd", b"root:x:0:0:root:/:/bin/sh\n"),
+            ("etc/group", b"root:x:0:\n"),
+        ],
+        cmd: &["/bin/httpd", "-f", "-p", &port, "-h", "/www"],
+        exposed_ports: &[&exposed],
+        created: Some("1970-01-01T00:00:00Z"),
+        ref_name: Some("busybox:web"),
     };
-    let (layer_digest, layer_size) = put(&std::fs::read(&layer)?)?;
-    let config = serde_json::json!({
-        "created": "1970-01-01T00:00:00Z",
-        "architecture": "amd64", "os": "linux",
-        "config": {
-            "Cmd": ["/bin/httpd", "-f", "-p", APP_PORT.to_string(), "-h", "/www"],
-            "ExposedPorts": { format!("{APP_PORT}/tcp"): {} },
-        },
-        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
-    });
-    let (config_digest, config_size) = put(config.to_string().as_bytes())?;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size },
-        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size }],
-    });
-    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes())?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest, "size": manifest_size,
-            "annotations": { "org.opencontainers.image.ref.name": "busybox:web" },
-        }],
-    });
-    std::fs::write(layout.join("index.json"), index.to_string())?;
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-    let _ = std::fs::remove_dir_all(&work);
-    Ok(manifest_digest)
+    cairn_test_support::busybox_layout(layout, &spec)
+        .with_context(|| format!("writing the busybox layout {}", layout.display()))
 }
 
 /// Boot the test's apps image in a fresh overlay
