@@ -105,7 +105,10 @@ pub trait Env {
     /// Look for an update; with `stage`, download and stage it.
     fn check(&mut self, stage: bool) -> Result<Found>;
     fn fleet_lock(&mut self) -> Result<Answer>;
-    fn reboot(&mut self) -> Result<()>;
+    /// Reboot, with `record` saved first: systemd stops the agent as soon as
+    /// the reboot is asked for, and the next boot must find the record
+    /// saying which commit it rebooted for and that it holds the slot.
+    fn reboot(&mut self, record: &Record) -> Result<()>;
     /// A random extra wait in `0..=max` (jitter spreads a fleet's checks).
     fn jitter(&mut self, max: Duration) -> Duration;
 }
@@ -283,7 +286,7 @@ impl Machine {
             }
         }
         self.go(State::Rebooting { checksum })?;
-        env.reboot()?;
+        env.reboot(&self.record)?;
         Ok(None)
     }
 }
@@ -334,6 +337,8 @@ pub struct NodeEnv {
     pub can_reboot: bool,
     /// The health state `host health check` keeps for this node (bad commits).
     pub health_state: PathBuf,
+    /// Where the agent's record is kept.
+    pub state_file: PathBuf,
 }
 
 /// One line per upgrade round: its result, and the change when there is one;
@@ -407,7 +412,8 @@ impl Env for NodeEnv {
         }
     }
 
-    fn reboot(&mut self) -> Result<()> {
+    fn reboot(&mut self, record: &Record) -> Result<()> {
+        save_record(&self.state_file, record)?;
         if !self.can_reboot {
             tracing::warn!(
                 "agent: would reboot now, but {} is not the running system",
@@ -567,6 +573,7 @@ pub fn run(
         fleet: fleet.clone(),
         can_reboot: booted,
         health_state: health_state.clone(),
+        state_file: state_file.clone(),
     };
     let mut machine = Machine::new(config, record);
     // A slot to give back is offered again every RELEASE_RETRY until the
@@ -650,8 +657,16 @@ mod tests {
             self.log.push("lock".into());
             Ok(self.locks.remove(0))
         }
-        fn reboot(&mut self) -> Result<()> {
-            self.log.push("reboot".into());
+        fn reboot(&mut self, record: &Record) -> Result<()> {
+            // What the next boot will read: rebooting, and the slot if taken.
+            self.log.push(format!(
+                "reboot ({}, slot {:?})",
+                record.state.kind(),
+                record
+                    .lock_for
+                    .as_deref()
+                    .filter(|_| record.holds_fleet_lock)
+            ));
             Ok(())
         }
         fn jitter(&mut self, _max: Duration) -> Duration {
@@ -742,7 +757,10 @@ mod tests {
         let mut m = machine("policy = \"apply\"");
         let mut env = fake("2026-11-24T12:00:00Z", vec![staged()], vec![]);
         assert_eq!(m.step(&mut env).unwrap(), None);
-        assert_eq!(env.log, vec!["check stage=true", "reboot"]);
+        assert_eq!(
+            env.log,
+            vec!["check stage=true", "reboot (rebooting, slot None)"]
+        );
         assert_eq!(
             m.state(),
             &State::Rebooting {
@@ -768,7 +786,10 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         assert_eq!(m.step(&mut env).unwrap(), None);
-        assert_eq!(env.log, vec!["check stage=true", "reboot"]);
+        assert_eq!(
+            env.log,
+            vec!["check stage=true", "reboot (rebooting, slot None)"]
+        );
     }
 
     #[test]
@@ -792,7 +813,16 @@ mod tests {
             }
         );
         assert_eq!(m.step(&mut env).unwrap(), None);
-        assert_eq!(env.log, vec!["check stage=true", "lock", "lock", "reboot"]);
+        // The record the reboot saves already holds the slot for c2.
+        assert_eq!(
+            env.log,
+            vec![
+                "check stage=true",
+                "lock",
+                "lock",
+                "reboot (rebooting, slot Some(\"c2\"))"
+            ]
+        );
         assert!(m.record.holds_fleet_lock);
         assert_eq!(m.record.lock_for.as_deref(), Some("c2"));
         let health = |healthy: Option<&str>, bad: &[&str]| crate::health::HealthState {
