@@ -748,6 +748,16 @@ fn blue_green_rollout_with_fleet_lock_and_a_failing_health_check() {
         t_p3.as_secs_f64()
     );
 
+    // The failed node's agent settles once back on v2: its first check there
+    // refuses v3. Green can finish before that check does under TCG, so wait
+    // for it (a hung agent still fails here, with the journals).
+    let snaps = wait_for(
+        t0,
+        &mut nodes,
+        "the failed node's agent settled on v2",
+        Duration::from_secs(600),
+        |s| s[failed].agent_state() != "rebooting",
+    );
     // The blue rollout stayed stopped all along: the failed node keeps the
     // slot and never tried v3 again, the other never left v2.
     let f = &snaps[failed];
