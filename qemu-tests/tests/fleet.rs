@@ -719,7 +719,7 @@ fn blue_green_rollout_with_fleet_lock_and_a_failing_health_check() {
     let reason = snaps[failed].health["bad_commits"][0]["reason"].to_string();
     assert!(reason.contains("50-fleet-test"), "{reason}");
 
-    let snaps = wait_for(
+    wait_for(
         t0,
         &mut nodes,
         "green on the promoted v2",
