@@ -392,10 +392,23 @@ fn first_boot_checks(vm: &mut Vm, image: &TestImage) {
     let server = std::thread::spawn(move || {
         use std::io::{Read, Write};
         let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        // Read the whole request first: closing a socket with unread bytes
+        // sends a reset, and the guest's `cat` would lose the reply.
+        let mut request = Vec::new();
         let mut buf = [0u8; 1024];
-        let _ = conn.read(&mut buf);
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
         conn.write_all(format!("HTTP/1.0 200 OK\r\n\r\n{reply}\n").as_bytes())
             .expect("reply");
+        // Half-close, then wait for the guest to close its end, so nothing
+        // it sends late can turn our close into a reset.
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+        while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
     });
     let fetched = must(vm.ok(&format!(
         "exec 3<>/dev/tcp/10.0.2.2/{port}; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
