@@ -61,6 +61,12 @@ impl ComposeOptions {
             progress: Progress::silent(),
         }
     }
+
+    /// Sign what this compose writes as `signer` says (or not at all).
+    pub fn set_signer(&mut self, signer: Option<&crate::keys::Signer>) {
+        self.gpg_sign = signer.map(|s| s.key_id.clone());
+        self.gpg_homedir = signer.and_then(|s| s.homedir.clone());
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

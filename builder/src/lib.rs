@@ -7,6 +7,7 @@ pub mod compose;
 pub mod confined;
 pub mod diff;
 pub mod image;
+pub mod keys;
 pub mod manifest;
 pub mod progress;
 pub mod publish;

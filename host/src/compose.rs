@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use cairn_builder::compose::{compose_tree, ComposeOptions, Outcome};
+use cairn_builder::keys::Signer;
 use cairn_builder::manifest::Manifest;
 use cairn_builder::progress::Progress;
 use clap::{Args, Subcommand};
@@ -40,6 +41,13 @@ pub enum ComposeCommand {
     /// Prepare a repository for serving: a static delta from the previous
     /// commit of each ref to its head, then a fresh (optionally signed) summary.
     Publish(crate::node::PublishArgs),
+
+    /// Make a release signing key pair for composes and the images that trust them.
+    ///
+    /// Prints the key's fingerprint and the public key file. Sign with
+    /// `--gpg-homedir DIR` (or CAIRN_GPG_HOMEDIR=DIR); give nodes the public
+    /// key with `host compose image --trust DIR/cairn-release.asc`.
+    Keygen(KeygenArgs),
 }
 
 /// Where composes write by default: `build/` under the current directory
@@ -74,13 +82,8 @@ pub struct TreeArgs {
     #[arg(long)]
     pub unless_changed: bool,
 
-    /// Sign the commit with this GPG key id.
-    #[arg(long, value_name = "KEYID")]
-    pub gpg_sign: Option<String>,
-
-    /// GPG home directory holding the signing key.
-    #[arg(long, value_name = "DIR", requires = "gpg_sign")]
-    pub gpg_homedir: Option<PathBuf>,
+    #[command(flatten)]
+    pub signing: SigningArgs,
 
     /// Create a new repository in `bare-user` mode instead of `archive`.
     #[arg(long, hide = true)]
@@ -134,13 +137,39 @@ pub struct PromoteArgs {
     #[arg(long)]
     pub version: Option<String>,
 
-    /// Sign the new commit with this GPG key id.
-    #[arg(long, value_name = "KEYID")]
+    #[command(flatten)]
+    pub signing: SigningArgs,
+}
+
+/// Who signs what a compose writes (commits, the summary): one definition for
+/// `tree`, `promote` and `publish`.
+#[derive(Debug, Clone, Args)]
+pub struct SigningArgs {
+    /// Sign with this GPG key (id or fingerprint).
+    #[arg(long, value_name = "KEYID", env = "CAIRN_GPG_KEY")]
     pub gpg_sign: Option<String>,
 
-    /// GPG home directory holding the signing key.
-    #[arg(long, value_name = "DIR", requires = "gpg_sign")]
+    /// GnuPG home directory holding the signing key; alone, it signs with the
+    /// one secret key there (as `host compose keygen DIR` makes it).
+    #[arg(long, value_name = "DIR", env = "CAIRN_GPG_HOMEDIR")]
     pub gpg_homedir: Option<PathBuf>,
+}
+
+impl SigningArgs {
+    pub fn signer(self) -> Result<Option<Signer>> {
+        Signer::resolve(self.gpg_sign, self.gpg_homedir)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// New or empty directory for the key pair (made mode 0700): the secret
+    /// key stays there; the public key is exported to DIR/cairn-release.asc.
+    pub dir: PathBuf,
+
+    /// The key's user id.
+    #[arg(long, default_value = "cairn release key")]
+    pub name: String,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +201,7 @@ pub fn run(cmd: ComposeCommand) -> Result<ExitCode> {
         ComposeCommand::Promote(args) => promote(args),
         ComposeCommand::Image(args) => crate::compose_image::run(args),
         ComposeCommand::Publish(args) => crate::node::publish(args),
+        ComposeCommand::Keygen(args) => keygen(args),
     }
 }
 
@@ -181,14 +211,18 @@ fn tree(args: TreeArgs) -> Result<ExitCode> {
     opts.version = args.version;
     opts.dry_run = args.dry_run;
     opts.unless_changed = args.unless_changed;
-    opts.gpg_sign = args.gpg_sign;
-    opts.gpg_homedir = args.gpg_homedir;
+    let signer = args.signing.signer()?;
+    opts.set_signer(signer.as_ref());
     opts.progress = Progress::new(args.quiet);
     if args.bare_user {
         opts.repo_mode = ostree::RepoMode::BareUser;
     }
     opts.host_binary = Some(crate::exe::container_executable());
-    match compose_tree(&manifest, &opts)? {
+    let outcome = compose_tree(&manifest, &opts);
+    if let Some(s) = &signer {
+        s.stop_agent();
+    }
+    match outcome? {
         Outcome::Committed {
             refname,
             checksum,
@@ -254,14 +288,25 @@ fn commit(args: CommitArgs) -> Result<ExitCode> {
 fn promote(args: PromoteArgs) -> Result<ExitCode> {
     let mut opts = ComposeOptions::new(args.repo, PathBuf::new());
     opts.version = args.version;
-    opts.gpg_sign = args.gpg_sign;
-    opts.gpg_homedir = args.gpg_homedir;
-    let p = cairn_builder::compose::promote(&opts, &args.from, &args.to, args.commit.as_deref())?;
+    let signer = args.signing.signer()?;
+    opts.set_signer(signer.as_ref());
+    let p = cairn_builder::compose::promote(&opts, &args.from, &args.to, args.commit.as_deref());
+    if let Some(s) = &signer {
+        s.stop_agent();
+    }
+    let p = p?;
     println!("ref {}", args.to);
     println!("commit {}", p.commit);
     println!("version {}", p.version);
     println!("content-checksum {}", p.content_checksum);
     println!("promoted-from {}", p.source);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn keygen(args: KeygenArgs) -> Result<ExitCode> {
+    let pair = cairn_builder::keys::generate(&args.dir, &args.name)?;
+    println!("fingerprint {}", pair.fingerprint);
+    println!("public-key {}", pair.public_key.display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
-use cairn_builder::image::{self, ImageFormat, ImageOptions};
+use anyhow::{bail, Result};
+use cairn_builder::image::{self, ImageFormat, ImageOptions, Trust};
 use clap::Args;
 
 /// Write a BIOS-bootable disk image (GPT, GRUB, /boot, root) with the commit deployed.
@@ -48,6 +48,17 @@ pub struct ImageArgs {
     #[arg(long = "karg", value_name = "ARG")]
     pub kargs: Vec<String>,
 
+    /// Armored public key whose signatures the node accepts (repeatable): its
+    /// remote verifies every commit and the summary, and the deployed commit
+    /// must verify too. Make a key with `host compose keygen DIR`.
+    #[arg(long, value_name = "KEYFILE")]
+    pub trust: Vec<PathBuf>,
+
+    /// Write a node that installs updates without checking any signature
+    /// (lab images only): `host status` on it warns on every call.
+    #[arg(long, conflicts_with = "trust")]
+    pub insecure_no_verify: bool,
+
     /// No progress output on stderr.
     #[arg(short, long)]
     pub quiet: bool,
@@ -59,6 +70,16 @@ pub struct ImageArgs {
 
 pub fn run(args: ImageArgs) -> Result<ExitCode> {
     let format: ImageFormat = args.format.parse().map_err(anyhow::Error::msg)?;
+    let trust = match (args.trust, args.insecure_no_verify) {
+        (_, true) => Trust::InsecureNoVerify,
+        (keys, false) if !keys.is_empty() => Trust::Keys(keys),
+        _ => bail!(
+            "refusing to write a node that would install unsigned updates: give --trust KEYFILE, \
+             the public key your composes are signed with (make a pair with `host compose keygen DIR`, \
+             then sign with --gpg-homedir DIR and trust DIR/{}), or --insecure-no-verify for a lab image",
+            cairn_builder::keys::PUBLIC_KEY_FILE
+        ),
+    };
     let report = image::write_image(&ImageOptions {
         repo: args.repo,
         ref_: args.ref_,
@@ -67,6 +88,7 @@ pub fn run(args: ImageArgs) -> Result<ExitCode> {
         size: args.size,
         remote_url: args.remote_url,
         extra_kargs: args.kargs,
+        trust,
         output: args.output,
         quiet: args.quiet,
     })?;

@@ -230,6 +230,9 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
             sysroot,
         } => {
             let mut status = cairn_updater::read_status(&sysroot.target(), verbose)?;
+            if !status.verified && !status.deployments.is_empty() {
+                eprintln!("{}", render::UNVERIFIED_WARNING);
+            }
             let pending = status.deployments.iter().any(|d| d.pending);
             if booted {
                 status = status.only_booted();
@@ -355,13 +358,8 @@ pub struct PublishArgs {
     #[arg(long, env = "CAIRN_REPO", default_value = "build/repo")]
     pub repo: PathBuf,
 
-    /// Sign the summary with this GPG key id.
-    #[arg(long, value_name = "KEYID")]
-    pub gpg_sign: Option<String>,
-
-    /// GPG home directory holding the signing key.
-    #[arg(long, value_name = "DIR", requires = "gpg_sign")]
-    pub gpg_homedir: Option<PathBuf>,
+    #[command(flatten)]
+    pub signing: crate::compose::SigningArgs,
 
     /// Only refresh the summary; generate no static deltas.
     #[arg(long)]
@@ -370,14 +368,19 @@ pub struct PublishArgs {
 
 pub fn publish(args: PublishArgs) -> Result<ExitCode> {
     use cairn_builder::publish::{publish, PublishOptions};
+    let signer = args.signing.signer()?;
     let report = publish(
         &args.repo,
         &PublishOptions {
-            gpg_sign: args.gpg_sign,
-            gpg_homedir: args.gpg_homedir,
+            gpg_sign: signer.as_ref().map(|s| s.key_id.clone()),
+            gpg_homedir: signer.as_ref().and_then(|s| s.homedir.clone()),
             no_deltas: args.no_deltas,
         },
-    )?;
+    );
+    if let Some(s) = &signer {
+        s.stop_agent();
+    }
+    let report = report?;
     for r in &report.refs {
         match &r.delta_from {
             Some((from, true)) => println!("{} {}: delta from {from} generated", r.refname, r.head),
@@ -573,6 +576,12 @@ pub(crate) mod render {
     }
 
     /// `host status`: `●` marks the booted deployment.
+    /// Said on every `host status` of a node whose updates are not verified.
+    pub const UNVERIFIED_WARNING: &str =
+        "warning: this node installs updates WITHOUT verifying signatures \
+        (its remote has gpg-verify or gpg-verify-summary off): anyone who can answer its update \
+        requests can replace its root file system. Write the image with --trust KEYFILE.";
+
     pub fn status(st: &Status, verbose: bool) -> String {
         let mut s = String::new();
         // Writing to a String cannot fail.

@@ -132,6 +132,8 @@ gid = 10
             .env("SOURCE_DATE_EPOCH", "1795000000")
             .env_remove("CAIRN_REPO")
             .env_remove("CAIRN_CACHE")
+            .env_remove("CAIRN_GPG_KEY")
+            .env_remove("CAIRN_GPG_HOMEDIR")
             .output()
             .unwrap();
         eprintln!(
@@ -601,80 +603,120 @@ fn rootfs_tarball_base_composes_like_the_directory() {
     );
 }
 
+/// Processes whose command line names `dir` (a gpg-agent left running).
+fn processes_naming(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect()
+}
+
 #[test]
 #[ignore = "privileged: needs root; run by scripts/test"]
-fn gpg_signed_commits_verify_with_stock_ostree() {
+fn keygen_keys_sign_commits_promotions_and_summaries() {
     let env = Env::new();
     env.manifest("");
-    let home = env.path("gnupg");
-    std::fs::create_dir_all(&home).unwrap();
-    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let gpg = |args: &[&str]| {
-        let out = Command::new("gpg")
-            .arg("--homedir")
-            .arg(&home)
-            .args(["--batch", "--passphrase", ""])
+    let keys = env.path("keys");
+    let made = env.host(&["compose", "keygen", "keys", "--name", "cairn test"]);
+    assert!(made.status.success());
+    let fpr = field(&made, "fingerprint").to_string();
+    assert_eq!(fpr.len(), 40, "{fpr}");
+    assert_eq!(field(&made, "public-key"), "keys/cairn-release.asc");
+    let public = std::fs::read_to_string(keys.join("cairn-release.asc")).unwrap();
+    assert!(public.starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----"));
+    assert!(!public.contains("PRIVATE"));
+    let mode = std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the key directory is private");
+    // An existing key is never replaced.
+    let again = env.host(&["compose", "keygen", "keys"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is not empty"));
+
+    // The home alone (as the README's main command sets it) names the key.
+    let signed = |args: &[&str]| {
+        let out = host()
             .args(args)
+            .current_dir(env.dir.path())
+            .env("SOURCE_DATE_EPOCH", "1795000000")
+            .env("CAIRN_GPG_HOMEDIR", &keys)
+            .env_remove("CAIRN_GPG_KEY")
+            .env_remove("CAIRN_REPO")
+            .env_remove("CAIRN_CACHE")
             .output()
-            .expect("gpg");
-        assert!(
-            out.status.success(),
-            "gpg {args:?}: {}",
+            .unwrap();
+        eprintln!(
+            "$ CAIRN_GPG_HOMEDIR=keys host {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout).unwrap()
+        assert!(out.status.success());
+        out
     };
-    gpg(&[
-        "--quick-gen-key",
-        "cairn test <test@cairn.invalid>",
-        "rsa2048",
-        "sign",
-        "never",
-    ]);
-    let listing = gpg(&["--list-keys", "--with-colons"]);
-    let fpr = listing
-        .lines()
-        .find_map(|l| l.strip_prefix("fpr:"))
-        .and_then(|l| l.split(':').find(|f| !f.is_empty()))
-        .unwrap()
-        .to_string();
-    let out = env.compose(
+    let tree = compose_tree_args("repo", "cache", "manifest.toml", &["--quiet"]);
+    let tree: Vec<&str> = tree.iter().map(|a| a.to_str().unwrap()).collect();
+    let composed = signed(&tree);
+    let promoted = signed(&[
+        "compose",
+        "promote",
+        "--repo",
         "repo",
-        &["--gpg-sign", &fpr, "--gpg-homedir", home.to_str().unwrap()],
-    );
-    let _ = Command::new("gpgconf")
+        "--from",
+        "test/x86_64/base",
+        "--to",
+        "test/x86_64/stable",
+    ]);
+    let published = signed(&["compose", "publish", "--repo", "repo", "--no-deltas"]);
+    assert!(String::from_utf8_lossy(&published.stdout).contains("summary regenerated and signed"));
+    assert!(env.path("repo/summary.sig").is_file());
+    // No gpg-agent of the key's home outlives the commands.
+    assert_eq!(processes_naming(&keys), Vec::<String>::new());
+
+    // Stock ostree verifies both commits against the exported public key
+    // (libostree reads keyring files, *.gpg, from a directory).
+    let trusted = env.path("trusted");
+    std::fs::create_dir_all(&trusted).unwrap();
+    let binary = Command::new("gpg")
         .arg("--homedir")
-        .arg(&home)
-        .args(["--kill", "gpg-agent"])
-        .status();
-    assert!(out.status.success());
-    // libostree verifies against keyring files (*.gpg) in a directory.
-    let keys = env.path("trusted");
-    std::fs::create_dir_all(&keys).unwrap();
-    let public = Command::new("gpg")
-        .arg("--homedir")
-        .arg(&home)
-        .args(["--export", &fpr])
+        .arg(&keys)
+        .args(["--batch", "--export", &fpr])
         .output()
         .unwrap();
-    std::fs::write(keys.join("cairn-test.gpg"), public.stdout).unwrap();
-    let shown = env.ostree(
-        "repo",
-        &[
-            "show",
-            &format!("--gpg-homedir={}", keys.display()),
-            field(&out, "commit"),
-        ],
-    );
-    assert!(shown.contains("Good signature"), "{shown}");
+    assert!(binary.status.success());
+    std::fs::write(trusted.join("cairn-test.gpg"), binary.stdout).unwrap();
+    for commit in [field(&composed, "commit"), field(&promoted, "commit")] {
+        let shown = env.ostree(
+            "repo",
+            &[
+                "show",
+                &format!("--gpg-homedir={}", trusted.display()),
+                commit,
+            ],
+        );
+        assert!(shown.contains("Good signature"), "{shown}");
+        assert!(
+            shown.contains(&fpr[24..]),
+            "signed by the keygen key: {shown}"
+        );
+    }
+    let _ = Command::new("gpgconf")
+        .arg("--homedir")
+        .arg(&keys)
+        .args(["--kill", "all"])
+        .status();
 
+    // A key the home does not hold fails the compose, and the ref stays.
     let bad = env.compose(
         "repo-bad",
         &[
             "--gpg-sign",
             "0000DEADBEEF",
             "--gpg-homedir",
-            home.to_str().unwrap(),
+            keys.to_str().unwrap(),
         ],
     );
     assert!(!bad.status.success());
@@ -683,6 +725,74 @@ fn gpg_signed_commits_verify_with_stock_ostree() {
         env.ref_head("repo-bad").is_none(),
         "a failed signature must not move the ref"
     );
+    // A home without a key says how to make one.
+    std::fs::create_dir_all(env.path("empty-home")).unwrap();
+    std::fs::set_permissions(
+        env.path("empty-home"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    let none = env.compose("repo-none", &["--gpg-homedir", "empty-home"]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("holds no secret key"));
+    assert!(env.ref_head("repo-none").is_none());
+    let _ = Command::new("gpgconf")
+        .arg("--homedir")
+        .arg(env.path("empty-home"))
+        .args(["--kill", "all"])
+        .status();
+}
+
+/// Without --trust or --insecure-no-verify no image is written: a node must
+/// know whose updates to install. Checked before root is needed.
+#[test]
+fn an_image_without_trusted_keys_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = host()
+        .args([
+            "compose",
+            "image",
+            "--repo",
+            "repo",
+            "--ref",
+            "a/b",
+            "-o",
+            "disk.qcow2",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--trust KEYFILE"), "{err}");
+    assert!(err.contains("host compose keygen"), "{err}");
+    assert!(err.contains("--insecure-no-verify"), "{err}");
+    assert!(!dir.path().join("disk.qcow2").exists());
+    // A secret key is never written into an image.
+    std::fs::write(
+        dir.path().join("secret.asc"),
+        "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nxx\n",
+    )
+    .unwrap();
+    let out = host()
+        .args([
+            "compose",
+            "image",
+            "--repo",
+            "repo",
+            "--ref",
+            "a/b",
+            "-o",
+            "disk.qcow2",
+        ])
+        .args(["--trust", "secret.asc"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("SECRET key"), "{err}");
+    assert!(!dir.path().join("disk.qcow2").exists());
 }
 
 /// Regression: a base root without /var (or /etc) failed in the layout step

@@ -876,6 +876,22 @@ fn unsigned_or_wrongly_signed_commits_are_refused() {
     let err = fx.fails(&["upgrade"]);
     assert!(err.contains("summary") || err.contains("GPG"), "{err}");
     assert_eq!(fx.versions()[0], "5.0");
+
+    // A tampered summary: a good signature of the previous summary next to
+    // a summary that names another head.
+    fx.publish(&["--gpg-sign", &g.key, "--gpg-homedir", g.home_str()]);
+    let sig = std::fs::read(fx.src_path().join("summary.sig")).unwrap();
+    let v7 = fx.commit(REF, &Tree::new("7.0", 7));
+    sign(&v7);
+    fx.publish(&[]);
+    std::fs::write(fx.src_path().join("summary.sig"), sig).unwrap();
+    let before = fx.status();
+    let err = fx.fails(&["upgrade"]);
+    assert!(
+        err.contains("summary") || err.contains("GPG") || err.contains("signature"),
+        "{err}"
+    );
+    assert_eq!(fx.status(), before, "nothing staged, nothing moved");
 }
 
 /// Umounts the tmpfs /boot of a fixture.

@@ -186,6 +186,9 @@ pub fn write_image_unless_present(
             "qcow2".as_ref(),
             "--karg".as_ref(),
             TEST_KARG.as_ref(),
+            // The tests point the node at their own unsigned HTTP
+            // repositories; signed updates are proven in host/tests.
+            "--insecure-no-verify".as_ref(),
             "-o".as_ref(),
             image.as_os_str(),
         ],

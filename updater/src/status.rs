@@ -32,6 +32,10 @@ pub struct Status {
     /// GRUB's boot counter (null on other bootloaders).
     #[serde(default)]
     pub boot_counter: Option<crate::bootloader::BootCounter>,
+    /// Whether the remote the current deployment follows verifies what it
+    /// installs: signed commits and a signed summary.
+    #[serde(default)]
+    pub verified: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +272,11 @@ pub fn read_status_with(
             package_diff,
         });
     }
+    let verified = roles
+        .current
+        .and_then(|i| deployments[i].origin.as_ref())
+        .and_then(|o| o.remote.as_deref())
+        .is_some_and(|remote| remote_verifies(&repo, remote));
     let var = var_dir(target, roles.booted.is_some());
     Ok(Status {
         api_version: API_VERSION.to_string(),
@@ -281,7 +290,15 @@ pub fn read_status_with(
             tracing::warn!("{err:#}");
             None
         }),
+        verified,
     })
+}
+
+/// Both halves of verification on: a commit and the summary that names it
+/// must be signed by a trusted key. A remote that is missing verifies nothing.
+fn remote_verifies(repo: &ostree::Repo, remote: &str) -> bool {
+    repo.remote_get_gpg_verify(remote).unwrap_or(false)
+        && repo.remote_get_gpg_verify_summary(remote).unwrap_or(false)
 }
 
 impl Status {

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use gio::prelude::*;
 
 use cairn_contracts::names::{REMOTE, STATEROOT as OSNAME};
@@ -33,7 +33,7 @@ pub fn read_source(repo_path: &Path, ref_: &str, commit: Option<&str>) -> Result
         .with_context(|| format!("opening OSTree repository {}", repo_path.display()))?;
     let wanted = commit.unwrap_or(ref_);
     if commit.is_some_and(|c| c.len() != 64 || !c.bytes().all(|b| b.is_ascii_hexdigit())) {
-        anyhow::bail!("--commit {wanted}: expected a full 64-digit commit checksum");
+        bail!("--commit {wanted}: expected a full 64-digit commit checksum");
     }
     let checksum = repo
         .resolve_rev(wanted, false)
@@ -54,9 +54,9 @@ pub fn read_source(repo_path: &Path, ref_: &str, commit: Option<&str>) -> Result
     let kargs = match meta.lookup::<Vec<String>>(cairn_contracts::metadata::KARGS) {
         Ok(Some(kargs)) => kargs,
         Ok(None) => kargs_from_tree(&repo, &checksum)?,
-        Err(err) => anyhow::bail!(
-            "commit {checksum}: metadata cairn.kargs is not an array of strings: {err}"
-        ),
+        Err(err) => {
+            bail!("commit {checksum}: metadata cairn.kargs is not an array of strings: {err}")
+        }
     };
     Ok(SourceCommit {
         checksum,
@@ -149,6 +149,7 @@ pub fn deploy(
     ref_: &str,
     remote_url: &str,
     kargs: &[String],
+    trusted: Option<&[crate::keys::PublicKey]>,
 ) -> Result<()> {
     physical_root_skeleton(sysroot_path)?;
     let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(sysroot_path)));
@@ -173,8 +174,11 @@ pub fn deploy(
     let repo = sysroot.repo();
     set_bootloader(&repo, "none")?;
 
+    // Signed commits and a signed summary, or (a lab image) neither.
+    let verify = trusted.is_some();
     let remote_opts = glib::VariantDict::new(None);
-    remote_opts.insert_value("gpg-verify", &false.to_variant());
+    remote_opts.insert_value("gpg-verify", &verify.to_variant());
+    remote_opts.insert_value("gpg-verify-summary", &verify.to_variant());
     repo.remote_add(
         REMOTE,
         Some(remote_url),
@@ -182,6 +186,25 @@ pub fn deploy(
         no_cancel(),
     )
     .with_context(|| format!("adding remote {REMOTE} = {remote_url}"))?;
+    for key in trusted.unwrap_or_default() {
+        let stream = gio::MemoryInputStream::from_bytes(&glib::Bytes::from(&key.armored));
+        let ids: Vec<&str> = key.fingerprints.iter().map(String::as_str).collect();
+        let imported = repo
+            .remote_gpg_import(REMOTE, Some(&stream), &ids, no_cancel())
+            .with_context(|| {
+                format!(
+                    "importing the keys of {} into remote {REMOTE}",
+                    key.path.display()
+                )
+            })?;
+        if imported as usize != ids.len() {
+            bail!(
+                "importing {}: {imported} of {} keys were imported into remote {REMOTE}",
+                key.path.display(),
+                ids.len()
+            );
+        }
+    }
 
     let source_url = format!("file://{}", source_repo.display());
     let pull_opts = glib::VariantDict::new(None);
@@ -189,6 +212,17 @@ pub fn deploy(
     pull_opts.insert_value("depth", &0i32.to_variant());
     repo.pull_with_options(&source_url, &pull_opts.end(), None, no_cancel())
         .with_context(|| format!("pulling commit {} from {source_url}", source.checksum))?;
+    if verify {
+        // The first deployment answers to the same keys as every later one.
+        repo.verify_commit_for_remote(&source.checksum, REMOTE, no_cancel())
+            .and_then(|r| r.require_valid_signature())
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "commit {} is not signed by a key given with --trust ({e}); sign it with `host compose tree --gpg-homedir DIR` or `host compose promote --gpg-homedir DIR`",
+                    source.checksum
+                )
+            })?;
+    }
     repo.set_ref_immediate(Some(REMOTE), ref_, Some(&source.checksum), no_cancel())
         .with_context(|| format!("setting ref {REMOTE}:{ref_}"))?;
 

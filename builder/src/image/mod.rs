@@ -74,10 +74,24 @@ pub struct ImageOptions {
     pub remote_url: Option<String>,
     /// Kernel arguments after the tree's own.
     pub extra_kargs: Vec<String>,
+    /// What the node checks before it installs an update.
+    pub trust: Trust,
     /// Output file.
     pub output: PathBuf,
     /// No progress output.
     pub quiet: bool,
+}
+
+/// What a node verifies before it installs an update from its remote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Commits and summaries signed by one of these armored public keys
+    /// (files): the remote gets `gpg-verify=true` and `gpg-verify-summary=true`
+    /// with the keys imported, and the deployed commit must verify too.
+    Keys(Vec<PathBuf>),
+    /// Nothing: whoever answers the node's HTTP requests can install a root
+    /// file system on it. For lab images only (`--insecure-no-verify`).
+    InsecureNoVerify,
 }
 
 /// What was written.
@@ -137,13 +151,29 @@ fn check_inputs(opts: &ImageOptions) -> Result<()> {
             bail!("--remote-url {url:?}: a URL has no spaces or control characters");
         }
     }
+    if opts.trust == Trust::Keys(Vec::new()) {
+        bail!("no trusted key given: a node must know whose updates to install");
+    }
     Ok(())
+}
+
+/// The trusted keys, read and parsed before anything is written.
+fn load_trust(trust: &Trust) -> Result<Option<Vec<crate::keys::PublicKey>>> {
+    match trust {
+        Trust::InsecureNoVerify => Ok(None),
+        Trust::Keys(paths) => paths
+            .iter()
+            .map(|p| crate::keys::PublicKey::load(p).context("--trust"))
+            .collect::<Result<Vec<_>>>()
+            .map(Some),
+    }
 }
 
 pub fn write_image(opts: &ImageOptions) -> Result<ImageReport> {
     let started = Instant::now();
     let progress = Progress::new(opts.quiet);
     check_inputs(opts)?;
+    let trusted = load_trust(&opts.trust)?;
     if !nix::unistd::geteuid().is_root() {
         bail!("writing a disk image needs root (loop devices, mounts); run it again as root");
     }
@@ -214,6 +244,7 @@ pub fn write_image(opts: &ImageOptions) -> Result<ImageReport> {
         opts,
         &remote_url,
         &kargs,
+        trusted.as_deref(),
         &progress,
     )?;
 
@@ -277,6 +308,7 @@ fn fill(
     opts: &ImageOptions,
     remote_url: &str,
     kargs: &[String],
+    trusted: Option<&[crate::keys::PublicKey]>,
     progress: &Progress,
 ) -> Result<()> {
     // Guards drop in reverse order of declaration: mounts, then loop devices,
@@ -301,6 +333,7 @@ fn fill(
         &opts.ref_,
         remote_url,
         kargs,
+        trusted,
     )?;
     step.finish("");
 
@@ -349,6 +382,7 @@ mod tests {
             format: ImageFormat::Raw,
             size,
             remote_url: None,
+            trust: Trust::InsecureNoVerify,
             extra_kargs: vec![],
             output: dir.join("disk.img"),
             quiet: true,
