@@ -635,6 +635,24 @@ pub(crate) mod render {
                 d.timestamp
             )?;
             writeln!(out, "       Commit: {}.{}", d.checksum, d.serial)?;
+            match &d.signature {
+                Some(sig) if sig.trusted => writeln!(
+                    out,
+                    "    Signed by: {} ({})",
+                    sig.user.as_deref().unwrap_or("?"),
+                    sig.fingerprint
+                )?,
+                Some(sig) => writeln!(
+                    out,
+                    "    Signature: {} (NOT trusted by this node)",
+                    if sig.fingerprint.is_empty() {
+                        "unreadable"
+                    } else {
+                        &sig.fingerprint
+                    }
+                )?,
+                None => {}
+            }
             if let Some(o) = d.origin.as_ref().and_then(|o| o.override_commit.as_ref()) {
                 writeln!(out, "     Override: commit {o} (set by `host deploy`)")?;
             }

@@ -837,6 +837,18 @@ fn unsigned_or_wrongly_signed_commits_are_refused() {
     fx.ok(&["upgrade"]);
     assert_eq!(fx.versions(), ["4.0", "1.0"]);
     fx.assert_bootable();
+    // Status names the signer, verified against the remote's keys.
+    let st = fx.status();
+    let sig = &st["deployments"][0]["signature"];
+    assert_eq!(sig["trusted"], true, "{st:#}");
+    assert!(
+        g.key.ends_with(sig["fingerprint"].as_str().unwrap())
+            || sig["fingerprint"].as_str().unwrap().ends_with(&g.key),
+        "{st:#}"
+    );
+    assert_eq!(sig["user"], "cairn test", "{st:#}");
+    let text = fx.ok(&["status"]);
+    assert!(text.contains("Signed by: cairn test ("), "{text}");
 
     // Signed summaries: the remote now also verifies the summary.
     let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(fx.sysroot())));

@@ -134,6 +134,90 @@ pub struct DeploymentStatus {
     /// Package diff against the diff base; absent for the base itself or when
     /// a commit carries no package list.
     pub package_diff: Option<PackageDiff>,
+    /// Who signed the commit, as the deployment's remote sees it; null for
+    /// an unsigned commit.
+    pub signature: Option<SignatureStatus>,
+}
+
+/// The first signature of a commit (the good one, if any is good).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignatureStatus {
+    /// Fingerprint of the primary key that signed (of the signing key when
+    /// the key is unknown here).
+    pub fingerprint: String,
+    /// The key's user id, when the key is known here.
+    pub user: Option<String>,
+    /// A good signature by a key the deployment's remote trusts.
+    pub trusted: bool,
+}
+
+/// libostree's detached metadata key for GPG signatures.
+const GPG_SIGNATURES_KEY: &str = "ostree.gpgsigs";
+
+/// Verify `checksum` against the keys `remote` trusts. Unsigned commits are
+/// answered without running gpg (status is read often).
+fn signature_of(
+    repo: &ostree::Repo,
+    checksum: &str,
+    remote: Option<&str>,
+) -> Option<SignatureStatus> {
+    let detached = repo
+        .read_commit_detached_metadata(checksum, gio::Cancellable::NONE)
+        .ok()
+        .flatten()?;
+    let dict = glib::VariantDict::new(Some(&detached));
+    if !dict.contains(GPG_SIGNATURES_KEY) {
+        return None;
+    }
+    // Without a remote, the keys of no remote: the signature shows, untrusted.
+    let result = repo
+        .verify_commit_for_remote(checksum, remote.unwrap_or(""), gio::Cancellable::NONE)
+        .or_else(|_| {
+            repo.verify_commit_ext(
+                checksum,
+                None::<&gio::File>,
+                None::<&gio::File>,
+                gio::Cancellable::NONE,
+            )
+        });
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!("verifying commit {checksum}: {e}");
+            return Some(SignatureStatus {
+                fingerprint: String::new(),
+                user: None,
+                trusted: false,
+            });
+        }
+    };
+    let n = result.count_all();
+    let pick = (0..n)
+        .find(|&i| signature_attrs(&result.all(i)).2)
+        .or((n > 0).then_some(0))?;
+    let (fingerprint, user, valid) = signature_attrs(&result.all(pick));
+    Some(SignatureStatus {
+        fingerprint,
+        user,
+        trusted: valid,
+    })
+}
+
+/// (fingerprint, user name, valid) of one signature's attributes, in
+/// OstreeGpgSignatureAttr order: 0 valid, 4 key missing, 5 fingerprint,
+/// 10 user name, 12 primary key fingerprint.
+fn signature_attrs(v: &glib::Variant) -> (String, Option<String>, bool) {
+    let child = |i: usize| v.try_child_value(i);
+    let string = |i: usize| {
+        child(i)
+            .and_then(|c| c.get::<String>())
+            .filter(|s| !s.is_empty())
+    };
+    let flag = |i: usize| child(i).and_then(|c| c.get::<bool>()).unwrap_or(false);
+    let fingerprint = string(12).or_else(|| string(5)).unwrap_or_default();
+    let valid = flag(0) && !flag(4);
+    (fingerprint, string(10), valid)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +247,14 @@ impl Origin {
             override_commit,
         })
     }
+}
+
+/// The remote a deployment follows, from its origin.
+fn origin_remote(d: &ostree::Deployment) -> Option<String> {
+    d.origin()
+        .as_ref()
+        .and_then(Origin::from_keyfile)
+        .and_then(|o| o.remote)
 }
 
 pub fn split_refspec(refspec: &str) -> (Option<String>, String) {
@@ -270,6 +362,7 @@ pub fn read_status_with(
             kernel_args,
             packages: verbose.then(|| c.packages.clone()),
             package_diff,
+            signature: signature_of(&repo, &d.csum(), origin_remote(d).as_deref()),
         });
     }
     let verified = roles
