@@ -9,8 +9,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-/// The armored public key `keygen` exports next to the secret key.
-pub const PUBLIC_KEY_FILE: &str = "cairn-release.asc";
+pub use cairn_contracts::names::PUBLIC_KEY_FILE;
 
 /// A public key file larger than this is not a release key (keyrings of a
 /// few keys are a few KiB); it is refused before it is read.

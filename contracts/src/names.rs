@@ -7,6 +7,10 @@ pub const STATEROOT: &str = "cairn";
 /// deployment's origin is `REMOTE:REF`.
 pub const REMOTE: &str = "cairn";
 
+/// The armored public release key `host compose keygen DIR` exports into DIR,
+/// for `host compose image --trust`.
+pub const PUBLIC_KEY_FILE: &str = "cairn-release.asc";
+
 /// `host` is two executables side by side: `host`, which serves the
 /// container commands without libostree (their start latency and the
 /// monitor's memory are the product), and `host-full`, every command,

@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cairn_contracts::names::PUBLIC_KEY_FILE;
 use qemu_tests::fixture::{
     build_dir, compose_into, host_binary, ostree_cli, run_host, start_update_repo, workspace,
     DirLock, HttpServer, TEST_KARG, TEST_MANIFEST,
@@ -69,9 +70,11 @@ const BROKEN_INIT_SAYS: &str = "cairn lifecycle test: this init exits at once";
 const ETC_FILE: &str = "/etc/cairn-test/upgrade.conf";
 const VAR_FILE: &str = "/var/lib/cairn-test/upgrade-data";
 
-/// The updates: commits on the test ref, v1 → v2 → v3.
+/// The updates: commits on the test ref, v1 → v2 → v3, signed by the
+/// release key in `keys` (made with the updates, kept with them).
 struct Updates {
     repo: PathBuf,
+    keys: PathBuf,
     ref_: String,
     v2: String,
     v2_version: String,
@@ -80,14 +83,21 @@ struct Updates {
 
 impl Updates {
     /// Point the ref at `commit` and publish (summary, static delta from its
-    /// parent), as a release pipeline would.
+    /// parent), as a release pipeline would, with a signed summary.
     fn publish(&self, commit: &str) -> Result<()> {
+        self.publish_summary(commit, true)
+    }
+
+    fn publish_summary(&self, commit: &str, signed: bool) -> Result<()> {
         ostree_cli(&self.repo, &["reset", &self.ref_, commit])?;
         let started = Instant::now();
-        let out = run_host(
-            &host_binary()?,
-            &["compose", "publish", "--repo", &self.repo.to_string_lossy()],
-        )?;
+        let repo = self.repo.to_string_lossy();
+        let keys = self.keys.to_string_lossy();
+        let mut args = vec!["compose", "publish", "--repo", &repo];
+        if signed {
+            args.extend(["--gpg-homedir", &keys]);
+        }
+        let out = run_host(&host_binary()?, &args)?;
         eprintln!(
             "lifecycle: published {commit} in {:.1} s:\n{out}",
             started.elapsed().as_secs_f64()
@@ -125,6 +135,7 @@ fn prepare_updates(image: &TestImage) -> Result<(Updates, DirLock)> {
     let lock = DirLock::take(&dir, libc::LOCK_EX)?;
     remove_stale_updates(&parent_dir, &dir);
     let repo = dir.join("repo");
+    let keys = dir.join("keys");
     let ref_ = image.ref_.clone();
     let recorded = |name: &str| {
         std::fs::read_to_string(dir.join(name))
@@ -138,6 +149,7 @@ fn prepare_updates(image: &TestImage) -> Result<(Updates, DirLock)> {
         && parent_of(&v2).as_deref() == Some(image.commit.as_str())
         && parent_of(&v3).as_deref() == Some(v2.as_str())
         && ostree_cli(&repo, &["cat", &v2, V2_FILE]).is_ok_and(|t| t == V2_TEXT.trim())
+        && keys.join(PUBLIC_KEY_FILE).is_file()
         && ostree_cli(&repo, &["fsck", "--quiet"]).is_ok();
     let (v2, v3) = if reusable {
         eprintln!("lifecycle: reusing v2 and v3 in {}", repo.display());
@@ -171,6 +183,33 @@ fn prepare_updates(image: &TestImage) -> Result<(Updates, DirLock)> {
         )?;
         let v2 = compose_into(&repo, &v2_manifest)?;
         let v3 = compose_into(&repo, &v3_manifest)?;
+        // Signed as a release pipeline signs them: a key made for these
+        // updates, used for their commits and every summary.
+        let made = run_host(
+            &host_binary()?,
+            &["compose".as_ref(), "keygen".as_ref(), keys.as_os_str()],
+        )?;
+        let fingerprint = made
+            .lines()
+            .find_map(|l| l.strip_prefix("fingerprint "))
+            .context("keygen printed no fingerprint")?
+            .to_string();
+        for commit in [&v2, &v3] {
+            ostree_cli(
+                &repo,
+                &[
+                    "gpg-sign",
+                    &format!("--gpg-homedir={}", keys.display()),
+                    commit,
+                    &fingerprint,
+                ],
+            )?;
+        }
+        let _ = std::process::Command::new("gpgconf")
+            .arg("--homedir")
+            .arg(&keys)
+            .args(["--kill", "all"])
+            .status();
         std::fs::write(dir.join("v2.commit"), &v2)?;
         std::fs::write(dir.join("v3.commit"), &v3)?;
         eprintln!(
@@ -190,6 +229,7 @@ fn prepare_updates(image: &TestImage) -> Result<(Updates, DirLock)> {
         .to_string();
     let updates = Updates {
         repo,
+        keys,
         ref_,
         v2,
         v2_version,
@@ -501,12 +541,38 @@ fn a_node_boots_upgrades_rolls_back_survives_a_power_cut_and_falls_back_from_a_b
     first_boot_checks(&mut vm, image);
 
     // Point the node's remote at the HTTP server (the image's remote is the
-    // file:// path of the repository it was written from).
+    // file:// path of the repository it was written from), verifying
+    // commits and summary against the updates' release key, as an image
+    // written with --trust does.
+    let public_key = std::fs::read_to_string(updates.keys.join(PUBLIC_KEY_FILE))
+        .expect("the updates' public key");
     must(vm.ok(&format!(
         "set -e; ostree --repo=/ostree/repo remote delete --if-exists cairn; \
-         ostree --repo=/ostree/repo remote add --no-gpg-verify cairn {url}; \
+         ostree --repo=/ostree/repo remote add --set=gpg-verify=true \
+           --set=gpg-verify-summary=true cairn {url}; \
+         ostree --repo=/ostree/repo remote gpg-import --stdin cairn <<'CAIRN_KEY'\n{public_key}CAIRN_KEY\n\
          ostree --repo=/ostree/repo remote show-url cairn"
     )));
+    assert_eq!(
+        status(&mut vm)["verified"],
+        true,
+        "the node verifies its updates"
+    );
+
+    // An unsigned summary is refused before anything is fetched or staged.
+    must(updates.publish_summary(&updates.v2, false));
+    let before = status(&mut vm)["deployments"].clone();
+    let refused = must(vm.run("host upgrade"));
+    assert!(
+        !refused.success(),
+        "an unsigned summary was accepted: {refused}"
+    );
+    assert!(
+        refused.stderr.contains("GPG") || refused.stderr.contains("signature"),
+        "{refused}"
+    );
+    assert_eq!(status(&mut vm)["deployments"], before, "nothing staged");
+    must(updates.publish(&updates.v2));
 
     // The node's own state, made on v1.
     must(vm.ok(&format!(
