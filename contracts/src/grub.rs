@@ -4,8 +4,9 @@
 //!
 //! libostree writes one BLS entry per deployment into
 //! `/boot/loader.N/entries/ostree-*.conf`, runs `$OSTREE_GRUB2_EXEC -o
-//! /boot/loader.N/grub.cfg` (the `host` executable under the name
-//! [`GENERATOR_NAME`]), and then flips the `/boot/loader` symlink.
+//! /boot/loader.N/grub.cfg` (the `host` executable: under the name
+//! [`GENERATOR_NAME`] on a node, or the running `host-full` itself, see
+//! [`is_generator_call`]), and then flips the `/boot/loader` symlink.
 //! `/boot/grub/grub.cfg` is a symlink to `../loader/grub.cfg`, so GRUB always
 //! reads the menu of the deployment set that was swapped in last.
 //!
@@ -25,6 +26,10 @@ use anyhow::{bail, Context, Result};
 pub const GENERATOR_NAME: &str = "grub2-generate";
 /// Where the tree carries the generator: a symlink to `/usr/bin/host`.
 pub const GENERATOR_PATH: &str = "/usr/lib/cairn/grub2-generate";
+/// What libostree's grub2 backend sets in its generator's environment (and
+/// nowhere else): with `-o FILE` it tells the generator by its call, whatever
+/// the executable is named (see [`is_generator_call`]).
+pub const BOOTVERSION_ENV: &str = "_OSTREE_GRUB2_BOOTVERSION";
 /// The environment block, relative to the /boot file system.
 pub const GRUBENV: &str = "grub/grubenv";
 /// Size of a GRUB environment block; GRUB rewrites it in place, never resizes it.
@@ -249,6 +254,17 @@ pub fn generator_output(args: &[String]) -> Result<PathBuf> {
     }
 }
 
+/// Is this process libostree's generator? Either it was called by
+/// [`GENERATOR_NAME`] (the tree's symlink), or libostree's grub2 backend
+/// spawned it under any other name (`host-full` itself, so a machine without
+/// the tree's symlink can service a disk): then [`BOOTVERSION_ENV`] is set and
+/// the arguments are exactly `-o FILE`, which no `host` command accepts.
+pub fn is_generator_call(argv0: &str, args: &[String], bootversion_env: bool) -> bool {
+    let by_name = Path::new(argv0).file_name() == Some(std::ffi::OsStr::new(GENERATOR_NAME));
+    let by_call = bootversion_env && matches!(args, [o, _] if o == "-o");
+    by_name || by_call
+}
+
 /// A GRUB environment block: `name=value` lines in order, unknown names kept.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GrubEnv {
@@ -442,6 +458,25 @@ mod tests {
             PathBuf::from("/boot/loader.1/grub.cfg")
         );
         assert!(generator_output(&[]).is_err());
+    }
+
+    #[test]
+    fn the_generator_is_told_by_its_name_or_by_libostrees_call() {
+        let o = |f: &str| vec!["-o".to_string(), f.to_string()];
+        let cfg = o("/mnt/disk/boot/loader.1/grub.cfg");
+        // The tree's symlink: by name, whatever the environment.
+        assert!(is_generator_call(
+            "/usr/lib/cairn/grub2-generate",
+            &cfg,
+            false
+        ));
+        // host-full spawned by libostree on a machine without the symlink.
+        assert!(is_generator_call("/usr/bin/host-full", &cfg, true));
+        // Not from libostree, or not its arguments: a `host` command.
+        assert!(!is_generator_call("/usr/bin/host-full", &cfg, false));
+        let upgrade = ["upgrade".to_string(), "--json".to_string()];
+        assert!(!is_generator_call("/usr/bin/host-full", &upgrade, true));
+        assert!(!is_generator_call("host-full", &["-o".to_string()], true));
     }
 
     #[test]

@@ -34,17 +34,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// `host` is also libostree's GRUB menu generator: run as `grub2-generate -o
-/// FILE` (a symlink in the tree; see docs/image.md). Otherwise, on a node whose
-/// tree carries that symlink, point libostree's grub2 backend at it for this
-/// process's own deployment changes (set here, before any thread starts).
+/// `host` is also libostree's GRUB menu generator (see
+/// `cairn_contracts::grub::is_generator_call`): run as `grub2-generate -o
+/// FILE` (a symlink in the tree; see docs/image.md), or as itself when
+/// libostree spawns it. Otherwise, unless the caller named a generator, point
+/// libostree's grub2 backend at this very executable for this process's own
+/// deployment changes (set here, before any thread starts). Not the tree's
+/// symlink, and never grub-mkconfig: a build machine servicing a mounted disk
+/// (`--sysroot`) has neither the symlink nor a menu to write for that disk,
+/// and libostree runs a generator not named `grub2-mkconfig` as is, with no
+/// chroot into the new deployment, so the running binary writes the disk's
+/// menu on any machine.
 fn grub_generator() -> Option<ExitCode> {
     use cairn_builder::image::grub;
     let mut args = std::env::args();
     let argv0 = args.next().unwrap_or_default();
-    if std::path::Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new(grub::GENERATOR_NAME))
-    {
-        let rest: Vec<String> = args.collect();
+    let rest: Vec<String> = args.collect();
+    let from_libostree = std::env::var_os(grub::BOOTVERSION_ENV).is_some();
+    if grub::is_generator_call(&argv0, &rest, from_libostree) {
         let result = grub::generator_output(&rest).and_then(|out| grub::generate(&out));
         return Some(match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -54,10 +61,12 @@ fn grub_generator() -> Option<ExitCode> {
             }
         });
     }
-    if std::env::var_os("OSTREE_GRUB2_EXEC").is_none()
-        && std::path::Path::new(grub::GENERATOR_PATH).exists()
-    {
-        std::env::set_var("OSTREE_GRUB2_EXEC", grub::GENERATOR_PATH);
+    if std::env::var_os("OSTREE_GRUB2_EXEC").is_none() {
+        // Without it the updater refuses to change a GRUB sysroot (see
+        // cairn_updater::bootloader::require_generator): nothing is lost.
+        if let Ok(me) = std::env::current_exe() {
+            std::env::set_var("OSTREE_GRUB2_EXEC", me);
+        }
     }
     None
 }

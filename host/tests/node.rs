@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -1020,6 +1021,159 @@ fn sigkill_at_every_step_leaves_a_bootable_sysroot() {
     fx.ok(&["cleanup"]);
     fx.assert_bootable();
     assert_ne!(fx.status()["deployments"][0]["checksum"], v1);
+}
+
+/// The sysroot as a cairn disk image has it: `sysroot.bootloader=grub2`,
+/// `/boot/grub/grub.cfg -> ../loader/grub.cfg`, an empty environment block,
+/// and the first menu written from the first deployment's entry.
+fn make_grub_disk(fx: &Fixture) {
+    use cairn_builder::image::{deploy::prepare_boot_for_grub, grub};
+    let sysroot = fx.sysroot();
+    prepare_boot_for_grub(&sysroot.join("boot")).unwrap();
+    grub::generate(&sysroot.join("boot/loader/grub.cfg")).unwrap();
+    let repo = ostree::Repo::new_for_path(sysroot.join("ostree/repo"));
+    repo.open(gio::Cancellable::NONE).unwrap();
+    let config = repo.copy_config();
+    config.set_string("sysroot", "bootloader", "grub2");
+    repo.write_config(&config).unwrap();
+}
+
+/// A build machine's environment: no `OSTREE_GRUB2_EXEC`, and neither the
+/// tree's generator nor grub-mkconfig within reach (libostree's default is
+/// the absolute /usr/sbin/grub-mkconfig, run chrooted in the new deployment,
+/// which the synthetic trees lack, as a cairn tree does).
+fn run_offline(fx: &Fixture, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let empty = fx.dir.path().join("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut cmd = host();
+    cmd.args(args)
+        .arg("--sysroot")
+        .arg(fx.sysroot())
+        .env_remove("OSTREE_GRUB2_EXEC")
+        .env("PATH", &empty);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// The deployment each entry of the GRUB menu GRUB would read boots (its
+/// `ostree=` argument, a link through `ostree/boot.N`, resolved).
+fn menu_deployments(fx: &Fixture) -> Vec<PathBuf> {
+    let cfg_path = fx.sysroot().join("boot/grub/grub.cfg");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(
+        cfg.starts_with("# Written by cairn's GRUB generator"),
+        "{}:\n{cfg}",
+        cfg_path.display()
+    );
+    cfg.lines()
+        .filter(|l| l.trim_start().starts_with("linux "))
+        .map(|l| {
+            l.split_whitespace()
+                .find_map(|a| a.strip_prefix("ostree="))
+                .unwrap_or_else(|| panic!("no ostree= in {l}"))
+        })
+        .map(|a| std::fs::canonicalize(fx.sysroot().join(a.trim_start_matches('/'))).unwrap())
+        .collect()
+}
+
+/// What a failed operation must leave as it was: the names under /boot (two
+/// levels: loader dirs, kernels), the deployment dirs, the `ostree/boot.*`
+/// links, and the menu.
+fn disk_state(fx: &Fixture) -> Vec<String> {
+    let sysroot = fx.sysroot();
+    let mut names = Vec::new();
+    let mut list = |dir: &Path, depth: usize| {
+        for e in walk(dir, depth) {
+            names.push(e.strip_prefix(&sysroot).unwrap().display().to_string());
+        }
+    };
+    list(&sysroot.join("boot"), 3);
+    list(&sysroot.join("ostree/deploy/cairn/deploy"), 1);
+    list(&sysroot.join("ostree"), 1);
+    names.sort();
+    names.push(std::fs::read_to_string(sysroot.join("boot/grub/grub.cfg")).unwrap());
+    names.push(
+        String::from_utf8_lossy(&std::fs::read(sysroot.join("boot/grub/grubenv")).unwrap()).into(),
+    );
+    names
+}
+
+fn walk(dir: &Path, depth: usize) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if depth > 1 && e.file_type().unwrap().is_dir() {
+            out.extend(walk(&p, depth - 1));
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn offline_servicing_of_a_grub_disk_from_a_machine_without_the_generator() {
+    let fx = Fixture::new();
+    make_grub_disk(&fx);
+    let sysroot = fx.sysroot().display().to_string();
+    let deployment = |i: usize| std::fs::canonicalize(fx.deployment_dir(i)).unwrap();
+    // The point: this machine is not a cairn node.
+    assert!(!Path::new(cairn_contracts::grub::GENERATOR_PATH).exists());
+
+    fx.commit(REF, &Tree::new("2.0", 2));
+    let loader = || std::fs::read_link(fx.sysroot().join("boot/loader")).unwrap();
+    let old_loader = loader();
+    let out = run_offline(&fx, &["upgrade"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(fx.versions(), ["2.0", "1.0"]);
+    // libostree's grub2 backend ran the generator: the menu of the new
+    // loader dir lists the new deployment first and keeps the old one.
+    assert_ne!(loader(), old_loader, "the loader was not swapped");
+    assert_eq!(menu_deployments(&fx), [deployment(0), deployment(1)]);
+    let env = cairn_contracts::grub::GrubEnv::read(&fx.sysroot().join("boot/grub/grubenv"));
+    assert_eq!(env.unwrap().get("boot_counter"), Some("3"), "armed");
+    fx.assert_bootable();
+
+    let out = run_offline(&fx, &["rollback"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(fx.versions(), ["1.0", "2.0"]);
+    assert_eq!(menu_deployments(&fx), [deployment(0), deployment(1)]);
+
+    // Forced failures after the new deployment dir is written: a generator
+    // that fails (so libostree's boot configuration write fails), and an
+    // error right after deploy_tree. Nothing may be left behind.
+    let failing = fx.dir.path().join("failing-generator");
+    std::fs::write(&failing, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&failing, std::fs::Permissions::from_mode(0o755)).unwrap();
+    fx.commit(REF, &Tree::new("3.0", 3));
+    let failing = failing.to_str().unwrap();
+    for (envs, says) in [
+        (
+            ("OSTREE_GRUB2_EXEC", failing),
+            format!("writing the new boot configuration in {sysroot}/boot"),
+        ),
+        (
+            ("FAILPOINTS", "deploy::after-deploy-tree=return"),
+            "failpoint deploy::after-deploy-tree triggered".to_string(),
+        ),
+    ] {
+        let before = disk_state(&fx);
+        let out = run_offline(&fx, &["upgrade"], &[envs]);
+        assert_eq!(out.status.code(), Some(1), "{envs:?}: {}", text(&out));
+        assert!(text(&out).contains(&says), "{envs:?}: {}", text(&out));
+        assert_eq!(disk_state(&fx), before, "{envs:?}: {}", text(&out));
+        assert_eq!(fx.versions(), ["1.0", "2.0"]);
+        fx.assert_bootable();
+    }
+
+    // And the disk takes the next upgrade.
+    let out = run_offline(&fx, &["upgrade"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(fx.versions(), ["3.0", "1.0"]);
+    assert_eq!(menu_deployments(&fx), [deployment(0), deployment(1)]);
+    fx.assert_bootable();
 }
 
 #[test]

@@ -30,6 +30,29 @@ pub fn uses_grub(repo: &ostree::Repo) -> bool {
         .is_ok_and(|b| b == "grub2")
 }
 
+/// Refuse, before anything is written, to change the deployments of a GRUB
+/// sysroot when no menu generator is named: libostree's grub2 backend would
+/// then run this machine's grub-mkconfig (chrooted into the new deployment on
+/// a disk that is not booted), which fails there, or where it works writes a
+/// menu for the wrong machine. `host-full` names itself (see its
+/// `grub_generator`); this guards every other caller of the library.
+pub fn require_generator(sysroot: &Path, repo: &ostree::Repo) -> Result<()> {
+    if uses_grub(repo) && std::env::var_os(GENERATOR_ENV).is_none() {
+        anyhow::bail!(
+            "{} boots with GRUB, but {GENERATOR_ENV} is not set, so libostree would write its \
+             menu with this machine's grub-mkconfig; nothing was changed. Run the operation \
+             through `host`, which writes the menu itself, or set {GENERATOR_ENV} to cairn's \
+             generator ({} on a cairn node)",
+            sysroot.display(),
+            cairn_contracts::grub::GENERATOR_PATH
+        );
+    }
+    Ok(())
+}
+
+/// The variable that names libostree's GRUB menu generator.
+pub const GENERATOR_ENV: &str = "OSTREE_GRUB2_EXEC";
+
 /// The environment block of the sysroot at `sysroot` (`/` when booted).
 pub fn grubenv_path(sysroot: &Path) -> PathBuf {
     sysroot.join("boot").join(GRUBENV)

@@ -309,27 +309,31 @@ fn write_deployment(
         written.staged = true;
         return Ok(written);
     }
-    let new = s
-        .sysroot
-        .deploy_tree_with_options(
-            Some(STATEROOT),
-            csum,
-            Some(origin),
-            Some(&merge),
-            Some(&opts),
-            gio::Cancellable::NONE,
-        )
-        .with_context(|| format!("writing a deployment of {what}"))?;
-    failpoint!("deploy::after-deploy-tree");
-    s.sysroot
-        .simple_write_deployment(
-            Some(STATEROOT),
-            &new,
-            Some(&merge),
-            ostree::SysrootSimpleWriteDeploymentFlags::NO_CLEAN,
-            gio::Cancellable::NONE,
-        )
-        .context("writing the new boot configuration")?;
+    crate::bootloader::require_generator(&s.path, &s.repo)?;
+    let write = || -> Result<()> {
+        let new = s
+            .sysroot
+            .deploy_tree_with_options(
+                Some(STATEROOT),
+                csum,
+                Some(origin),
+                Some(&merge),
+                Some(&opts),
+                gio::Cancellable::NONE,
+            )
+            .with_context(|| format!("writing a deployment of {what}"))?;
+        failpoint!("deploy::after-deploy-tree");
+        s.sysroot
+            .simple_write_deployment(
+                Some(STATEROOT),
+                &new,
+                Some(&merge),
+                ostree::SysrootSimpleWriteDeploymentFlags::NO_CLEAN,
+                gio::Cancellable::NONE,
+            )
+            .with_context(|| boot_config_failed("the new boot configuration", &s.path))
+    };
+    write().map_err(|e| discard_unwritten(&s.path, e))?;
     failpoint!("deploy::after-bootloader-swap");
     crate::bootloader::arm(&s.path, &s.repo)
         .context("the deployment is written, but GRUB's boot counter could not be armed")?;
@@ -337,6 +341,49 @@ fn write_deployment(
         .cleanup(gio::Cancellable::NONE)
         .context("cleaning up old deployments")?;
     Ok(written)
+}
+
+/// What a failed boot configuration write says: libostree runs the GRUB
+/// generator in that step, and hides the generator's own output unless
+/// `OSTREE_DEBUG_GRUB2` is set.
+fn boot_config_failed(what: &str, sysroot: &Path) -> String {
+    format!(
+        "writing {what} in {}/boot (on a GRUB disk this runs the menu generator, \
+         ${}; set OSTREE_DEBUG_GRUB2=1 to see its output)",
+        sysroot.display(),
+        crate::bootloader::GENERATOR_ENV
+    )
+}
+
+/// Undo what a failed deployment change left on disk, so a failure changes
+/// nothing: libostree keeps a new deployment directory, its kernel copy and a
+/// half-written `loader.N` until the next cleanup. Those are exactly what
+/// `prepare_cleanup` removes (deployments not in the list, the boot version
+/// not in use), and it does not prune the repo, so a pulled commit stays for
+/// the next try. It runs on a freshly loaded sysroot: the session's object
+/// may not have seen how far the write got (a reload is skipped when
+/// `ostree/deploy` kept its mtime), and cleaning by a stale list could remove
+/// what was just swapped in.
+fn discard_unwritten(sysroot: &Path, err: anyhow::Error) -> anyhow::Error {
+    let fresh = ostree::Sysroot::new(Some(&gio::File::for_path(sysroot)));
+    let cleaned = fresh
+        .load(gio::Cancellable::NONE)
+        .and_then(|()| fresh.prepare_cleanup(gio::Cancellable::NONE));
+    match cleaned {
+        Ok(()) => err,
+        Err(e) => {
+            let cleanup = if sysroot == Path::new("/") {
+                "host cleanup".to_string()
+            } else {
+                format!("host cleanup --sysroot {}", sysroot.display())
+            };
+            anyhow!(
+                "{err:#}\nremoving what the failed write left in {} failed too ({e}); \
+                 `{cleanup}` removes it",
+                sysroot.display()
+            )
+        }
+    }
 }
 
 /// `host upgrade`: fetch the origin ref's head and deploy it.
@@ -641,10 +688,12 @@ pub fn rollback(target: &SysrootTarget, obs: &mut dyn Observer) -> Result<Rollba
         .map(|&i| Clone::clone(&roles.deployments[i]))
         .collect();
     let next = deployment_ref(&s.repo, 0, &new_order[0]);
+    crate::bootloader::require_generator(&s.path, &s.repo)?;
     failpoint!("rollback::before-write");
     s.sysroot
         .write_deployments(&new_order, gio::Cancellable::NONE)
-        .context("writing the new boot order")?;
+        .with_context(|| boot_config_failed("the new boot order", &s.path))
+        .map_err(|e| discard_unwritten(&s.path, e))?;
     failpoint!("rollback::after-write");
     // What boots next has booted before: no counting.
     crate::bootloader::disarm(&s.path, &s.repo)?;
@@ -774,10 +823,12 @@ pub fn cleanup(
     }
     let not_booted = (opts.pending && roles.booted.is_none()).then(|| s.path.display().to_string());
     if removed > 0 {
+        crate::bootloader::require_generator(&s.path, &s.repo)?;
         failpoint!("cleanup::before-write");
         s.sysroot
             .write_deployments(&keep, gio::Cancellable::NONE)
-            .context("writing the remaining deployments")?;
+            .with_context(|| boot_config_failed("the remaining deployments", &s.path))
+            .map_err(|e| discard_unwritten(&s.path, e))?;
         if let (Some(b), Some(first)) = (roles.booted, keep.first()) {
             if roles.deployments[b].equal(first) {
                 // The unproven deployment is gone: the booted one boots next.
