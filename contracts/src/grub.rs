@@ -26,6 +26,8 @@ use anyhow::{bail, Context, Result};
 pub const GENERATOR_NAME: &str = "grub2-generate";
 /// Where the tree carries the generator: a symlink to `/usr/bin/host`.
 pub const GENERATOR_PATH: &str = "/usr/lib/cairn/grub2-generate";
+/// The variable that names libostree's GRUB menu generator.
+pub const GENERATOR_ENV: &str = "OSTREE_GRUB2_EXEC";
 /// What libostree's grub2 backend sets in its generator's environment (and
 /// nowhere else): with `-o FILE` it tells the generator by its call, whatever
 /// the executable is named (see [`is_generator_call`]).

@@ -61,11 +61,11 @@ fn grub_generator() -> Option<ExitCode> {
             }
         });
     }
-    if std::env::var_os("OSTREE_GRUB2_EXEC").is_none() {
+    if std::env::var_os(grub::GENERATOR_ENV).is_none() {
         // Without it the updater refuses to change a GRUB sysroot (see
         // cairn_updater::bootloader::require_generator): nothing is lost.
         if let Ok(me) = std::env::current_exe() {
-            std::env::set_var("OSTREE_GRUB2_EXEC", me);
+            std::env::set_var(grub::GENERATOR_ENV, me);
         }
     }
     None

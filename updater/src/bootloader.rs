@@ -50,8 +50,7 @@ pub fn require_generator(sysroot: &Path, repo: &ostree::Repo) -> Result<()> {
     Ok(())
 }
 
-/// The variable that names libostree's GRUB menu generator.
-pub const GENERATOR_ENV: &str = "OSTREE_GRUB2_EXEC";
+pub use cairn_contracts::grub::GENERATOR_ENV;
 
 /// The environment block of the sysroot at `sysroot` (`/` when booted).
 pub fn grubenv_path(sysroot: &Path) -> PathBuf {
