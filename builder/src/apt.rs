@@ -263,13 +263,23 @@ pub struct AptState {
 }
 
 impl AptState {
-    pub fn new(cache: &Path, sources: &[SourceLine], exclude: &[String]) -> Result<AptState> {
+    /// The state directory of `sources` in `cache` (whether or not it exists yet).
+    pub fn dir_for(cache: &Path, sources: &[SourceLine]) -> PathBuf {
         let mut key = Sha256::new();
         for s in sources {
             key.update(s.0.as_bytes());
             key.update(b"\n");
         }
-        let dir = cache.join("apt").join(&hex::encode(key.finalize())[..16]);
+        cache.join("apt").join(&hex::encode(key.finalize())[..16])
+    }
+
+    /// The downloaded package indices (`*_Packages`) of this state.
+    pub fn lists_dir(&self) -> PathBuf {
+        self.dir.join("var/lib/apt/lists")
+    }
+
+    pub fn new(cache: &Path, sources: &[SourceLine], exclude: &[String]) -> Result<AptState> {
+        let dir = AptState::dir_for(cache, sources);
         for sub in [
             "etc/apt/sources.list.d",
             "etc/apt/preferences.d",

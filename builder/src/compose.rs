@@ -3,9 +3,10 @@
 //! The pipeline, in order: resolve the base (apt simulation or a rootfs
 //! digest) → input hash → no-op check → version → stage (cached mmdebstrap
 //! output or the rootfs) copied into a work directory → files, units, users,
-//! kernel arguments, postprocess, removals → OSTree layout → commit and ref
-//! move in one libostree transaction. Nothing touches the repository before
-//! the tree is complete, so a failure or an interruption leaves it as it was.
+//! kernel arguments, postprocess, removals → SBOM → OSTree layout → commit
+//! and ref move in one libostree transaction. Nothing touches the repository
+//! before the tree is complete, so a failure or an interruption leaves it as
+//! it was.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -220,6 +221,22 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         &version,
         now,
     )?;
+    // After the scripts, so it lists what the tree ships; before the layout
+    // moves the dpkg database (the SBOM goes to /usr, which the layout keeps).
+    step.message("writing the SBOM");
+    let sbom_sources = match &base {
+        ResolvedBase::Packages { resolved, .. } => crate::sbom::ChecksumSources {
+            debs: Some(stage::debs_dir(&opts.cache)),
+            lists: Some(
+                crate::apt::AptState {
+                    dir: crate::apt::AptState::dir_for(&opts.cache, &resolved.sources),
+                }
+                .lists_dir(),
+            ),
+        },
+        ResolvedBase::Rootfs { .. } => crate::sbom::ChecksumSources::default(),
+    };
+    crate::sbom::write_into(&tree, now, &sbom_sources)?;
     step.finish("");
     let installed = tree::installed_packages(&tree)?;
     let facts = tree::ostree_layout(&tree)?;

@@ -12,5 +12,6 @@ pub mod manifest;
 pub mod progress;
 pub mod publish;
 pub mod repo;
+pub mod sbom;
 pub mod stage;
 pub mod tree;

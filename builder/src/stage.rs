@@ -118,6 +118,12 @@ fn load_stage(rootfs: PathBuf, list: &Path) -> Result<Stage> {
     })
 }
 
+/// Every `.deb` a compose fetched, as apt stored it (`name_version_arch.deb`),
+/// kept for later composes and the SBOM's checksums.
+pub fn debs_dir(cache: &Path) -> PathBuf {
+    cache.join("debs")
+}
+
 fn run_mmdebstrap(
     packages: &Packages,
     resolved: &ResolvedPackages,
@@ -125,7 +131,7 @@ fn run_mmdebstrap(
     target: &Path,
     progress: &Progress,
 ) -> Result<()> {
-    let debs = cache.join("debs");
+    let debs = debs_dir(cache);
     std::fs::create_dir_all(&debs)?;
     let work = target.parent().expect("target has a parent");
     let sources = work.join("sources.list");

@@ -22,6 +22,14 @@ pub const PROMOTED_FROM: &str = "cairn.promoted-from";
 pub const PROMOTED_FROM_REF: &str = "cairn.promoted-from-ref";
 pub const PROMOTED_FROM_VERSION: &str = "cairn.promoted-from-version";
 
+/// Where a commit's tree carries its SBOM (an SPDX 2.3 JSON document of the
+/// installed Debian packages), relative to the tree's root. A file rather
+/// than a metadata key: it travels with the tree (promotion keeps it, a
+/// deployment has it at `/usr/share/cairn/sbom.spdx.json`), and stock tools
+/// read it (`ostree cat COMMIT /usr/share/cairn/sbom.spdx.json`). Trees
+/// with no installed package have none.
+pub const SBOM_PATH: &str = "usr/share/cairn/sbom.spdx.json";
+
 /// Keys the compose writes itself: a manifest's `[metadata]` may not set them.
 pub const COMPOSE_WRITTEN: &[&str] = &[
     VERSION,

@@ -35,6 +35,13 @@ pub enum ComposeCommand {
     /// FROM and TO are refs, versions or commit checksums.
     Diff(DiffArgs),
 
+    /// Print the SBOM of a commit: the SPDX 2.3 JSON document of its packages.
+    ///
+    /// REF is a ref, version or commit checksum. The document is read from the
+    /// commit's tree (/usr/share/cairn/sbom.spdx.json); trees without installed
+    /// Debian packages carry none.
+    Sbom(SbomArgs),
+
     /// Write a bootable disk image of a composed commit.
     Image(crate::compose_image::ImageArgs),
 
@@ -193,10 +200,22 @@ pub struct DiffArgs {
     pub files: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct SbomArgs {
+    /// The repository holding the commit.
+    #[arg(long, env = "CAIRN_REPO", default_value_os_t = default_repo())]
+    pub repo: PathBuf,
+
+    /// The commit: ref, version or checksum.
+    #[arg(value_name = "REF")]
+    pub rev: String,
+}
+
 pub fn run(cmd: ComposeCommand) -> Result<ExitCode> {
     match cmd {
         ComposeCommand::Tree(args) => tree(args),
         ComposeCommand::Diff(args) => diff(args),
+        ComposeCommand::Sbom(args) => sbom(args),
         ComposeCommand::Commit(args) => commit(args),
         ComposeCommand::Promote(args) => promote(args),
         ComposeCommand::Image(args) => crate::compose_image::run(args),
@@ -339,5 +358,16 @@ fn diff(args: DiffArgs) -> Result<ExitCode> {
             println!("  A {f}");
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sbom(args: SbomArgs) -> Result<ExitCode> {
+    let repo = cairn_builder::repo::open(&args.repo)?;
+    let (_, bytes) = cairn_builder::sbom::read_from_commit(&repo, &args.rev)?;
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| anyhow::anyhow!("writing the SBOM to stdout: {e}"))?;
     Ok(ExitCode::SUCCESS)
 }

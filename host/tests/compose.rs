@@ -579,6 +579,131 @@ fn diff_reports_packages_and_files_between_versions() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no commit, ref or version \"nope\""));
 }
 
+/// Every commit of a tree with packages carries an SPDX SBOM of them;
+/// `compose sbom` prints it for a ref, a version or a checksum. Copyright
+/// files are read inside the tree: a symlink out of it reads nothing of the
+/// build machine.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn sbom_lists_the_trees_packages_and_compose_sbom_prints_it() {
+    let env = Env::new();
+    env.manifest("");
+    env.write(
+        "base/var/lib/dpkg/status",
+        &dpkg_status(&[
+            ("busybox", "1:1.35.0-4"),
+            ("demo", "1.0-1"),
+            ("libstdc++6", "12.2.0-14"),
+        ]),
+    );
+    env.write(
+        "base/usr/share/doc/demo/copyright",
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n\
+         Files: *\nCopyright: 2026 Demo\nLicense: GPL-2+\n\n\
+         Files: vendored/*\nCopyright: 2020 Other\nLicense: Expat\n",
+    );
+    // Free text: not machine readable, so no license is claimed.
+    env.write(
+        "base/usr/share/doc/busybox/copyright",
+        "This is busybox, licensed under\nLicense: GPL-2\n",
+    );
+    env.write(
+        "outside/copyright",
+        "Format: x\n\nFiles: *\nLicense: Build-Machine-Secret\n",
+    );
+    std::fs::create_dir_all(env.path("base/usr/share/doc/libstdc++6")).unwrap();
+    std::os::unix::fs::symlink(
+        env.path("outside/copyright"),
+        env.path("base/usr/share/doc/libstdc++6/copyright"),
+    )
+    .unwrap();
+    let out = env.compose("repo", &[]);
+    assert!(out.status.success());
+    assert_eq!(field(&out, "packages"), "3");
+    let commit = field(&out, "commit").to_string();
+
+    let printed = |rev: &str| {
+        let out = env.host(&["compose", "sbom", "--repo", "repo", rev]);
+        assert!(out.status.success(), "compose sbom {rev}");
+        out.stdout
+    };
+    let sbom = printed("test/x86_64/base");
+    assert_eq!(printed("7.20261118.0"), sbom);
+    assert_eq!(printed(&commit), sbom);
+    // The file in the tree, as stock tools read it.
+    assert_eq!(
+        env.ostree("repo", &["cat", &commit, "/usr/share/cairn/sbom.spdx.json"])
+            .as_bytes(),
+        &sbom[..]
+    );
+
+    let doc: serde_json::Value = serde_json::from_slice(&sbom).unwrap();
+    assert_eq!(doc["spdxVersion"], "SPDX-2.3");
+    assert_eq!(doc["creationInfo"]["created"], "2026-11-18T11:06:40Z");
+    let pkgs = doc["packages"].as_array().unwrap();
+    let summary: Vec<(String, String, String, String)> = pkgs
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["versionInfo"].as_str().unwrap().to_string(),
+                p["licenseDeclared"].as_str().unwrap().to_string(),
+                p["externalRefs"][0]["referenceLocator"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    let row = |n: &str, v: &str, l: &str, purl: &str| {
+        (
+            n.to_string(),
+            v.to_string(),
+            l.to_string(),
+            purl.to_string(),
+        )
+    };
+    assert_eq!(
+        summary,
+        [
+            row(
+                "busybox",
+                "1:1.35.0-4",
+                "NOASSERTION",
+                "pkg:deb/debian/busybox@1%3A1.35.0-4?arch=amd64"
+            ),
+            row(
+                "demo",
+                "1.0-1",
+                "GPL-2.0-or-later AND MIT",
+                "pkg:deb/debian/demo@1.0-1?arch=amd64"
+            ),
+            row(
+                "libstdc++6",
+                "12.2.0-14",
+                "NOASSERTION",
+                "pkg:deb/debian/libstdc%2B%2B6@12.2.0-14?arch=amd64"
+            ),
+        ]
+    );
+    assert!(!String::from_utf8_lossy(&sbom).contains("Build-Machine-Secret"));
+    assert_eq!(doc["relationships"].as_array().unwrap().len(), 3);
+
+    // A tree without a dpkg database carries no SBOM, and says so.
+    std::fs::remove_file(env.path("base/var/lib/dpkg/status")).unwrap();
+    let bare = env.compose("repo", &[]);
+    assert!(bare.status.success());
+    let none = env.host(&["compose", "sbom", "--repo", "repo", "test/x86_64/base"]);
+    assert!(!none.status.success());
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        err.contains("has no SBOM at /usr/share/cairn/sbom.spdx.json"),
+        "{err}"
+    );
+    // The older commit still has its own.
+    assert_eq!(printed(&commit), sbom);
+}
+
 #[test]
 #[ignore = "privileged: needs root; run by scripts/test"]
 fn rootfs_tarball_base_composes_like_the_directory() {

@@ -168,6 +168,29 @@ fn container_host_manifest_composes_a_bootable_container_host() {
     ] {
         assert!(packages.contains(p), "package list lacks {p}");
     }
+    // The SBOM lists the same packages, each with the SHA-256 of its .deb,
+    // and licenses from the machine-readable copyright files.
+    let sbom = Command::new(&host)
+        .args(["compose", "sbom", "--repo"])
+        .arg(&repo)
+        .arg(REF)
+        .output()
+        .unwrap();
+    assert!(sbom.status.success(), "compose sbom failed");
+    let doc: serde_json::Value = serde_json::from_slice(&sbom.stdout).unwrap();
+    let listed = doc["packages"].as_array().unwrap();
+    assert_eq!(listed.len(), packages.matches('=').count());
+    for p in listed {
+        assert_eq!(p["checksums"][0]["algorithm"], "SHA256", "{p}");
+    }
+    let systemd = listed.iter().find(|p| p["name"] == "systemd").unwrap();
+    assert!(
+        systemd["licenseDeclared"]
+            .as_str()
+            .unwrap()
+            .contains("LGPL-2.1-or-later"),
+        "{systemd}"
+    );
     ostree(&repo, &["fsck"]);
     let log = ostree(&repo, &["log", REF]);
     assert!(log.contains("ContentChecksum:"));
