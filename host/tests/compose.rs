@@ -873,51 +873,30 @@ fn keygen_keys_sign_commits_promotions_and_summaries() {
 #[test]
 fn an_image_without_trusted_keys_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let out = host()
-        .args([
-            "compose",
-            "image",
-            "--repo",
-            "repo",
-            "--ref",
-            "a/b",
-            "-o",
-            "disk.qcow2",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let image = |extra: &[&str]| {
+        let out = host()
+            .args(["compose", "image", "--repo", "repo", "--ref", "a/b"])
+            .args(extra)
+            .args(["-o", "disk.qcow2"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(!dir.path().join("disk.qcow2").exists());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = image(&[]);
     assert!(err.contains("--trust KEYFILE"), "{err}");
     assert!(err.contains("host compose keygen"), "{err}");
     assert!(err.contains("--insecure-no-verify"), "{err}");
-    assert!(!dir.path().join("disk.qcow2").exists());
     // A secret key is never written into an image.
     std::fs::write(
         dir.path().join("secret.asc"),
         "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nxx\n",
     )
     .unwrap();
-    let out = host()
-        .args([
-            "compose",
-            "image",
-            "--repo",
-            "repo",
-            "--ref",
-            "a/b",
-            "-o",
-            "disk.qcow2",
-        ])
-        .args(["--trust", "secret.asc"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = image(&["--trust", "secret.asc"]);
     assert!(err.contains("SECRET key"), "{err}");
-    assert!(!dir.path().join("disk.qcow2").exists());
 }
 
 /// Regression: a base root without /var (or /etc) failed in the layout step
