@@ -21,14 +21,26 @@ fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Root, the `host` under test and an empty work directory `sub` of build/.
-fn setup(sub: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+/// One image writer at a time in this file: a test looks for any mount or
+/// loop device the writer leaves, and must not see the other test's.
+static ONE_WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Root, the `host` under test and an empty work directory `sub` of build/;
+/// hold the guard for the whole test.
+fn setup(
+    sub: &str,
+) -> (
+    std::sync::MutexGuard<'static, ()>,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let guard = ONE_WRITER.lock().unwrap_or_else(|e| e.into_inner());
     require_root();
     let host = host_binary().unwrap_or_else(|e| panic!("{e:#}"));
     let work = build_dir(sub);
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
-    (host, work)
+    (guard, host, work)
 }
 
 /// Loop devices whose backing file lies in `dir`.
@@ -43,7 +55,7 @@ fn loops_backed_by(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_tree_that_cannot_deploy_leaves_nothing_behind() {
-    let (host, work) = setup("qemu-tests/image-writer");
+    let (_one_writer, host, work) = setup("qemu-tests/image-writer");
 
     // A commit without a kernel: everything up to the deployment works (GPT,
     // GRUB, loop devices, file systems, mounts), then libostree refuses.
@@ -224,7 +236,7 @@ impl Drop for Mounted {
 
 #[test]
 fn an_image_trusts_only_its_keys_and_its_node_verifies_updates() {
-    let (host, work) = setup("qemu-tests/image-writer-trust");
+    let (_one_writer, host, work) = setup("qemu-tests/image-writer-trust");
 
     // A tree libostree deploys (a kernel and an initramfs where it looks for
     // them; they never boot here), committed unsigned and then signed.
