@@ -2,6 +2,7 @@
 //! executables serve (see `exe.rs`), so they never need libostree. Argument
 //! parsing only; the work is done by `cairn_runtime`.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -152,15 +153,61 @@ pub fn runtime(cmd: &AppGlobals) -> Result<Runtime> {
     rt.monitor_command = Some(Box::new(move |root: &Path, name: &str| {
         // Always the executable without libostree (see exe.rs).
         let mut c = std::process::Command::new(crate::exe::container_executable());
-        c.arg("app")
-            .arg("--root")
-            .arg(root)
-            .arg("--bridge")
-            .arg(&bridge);
-        c.arg("--subnet").arg(&subnet).arg("monitor").arg(name);
+        c.args(monitor_args(root, &bridge, &subnet, name));
         c
     }));
     Ok(rt)
+}
+
+/// A detached container's monitor command line (after argv[0]): an ordinary
+/// `host app … monitor NAME`, which [`monitor_invocation`] reads back exactly.
+fn monitor_args(root: &Path, bridge: &str, subnet: &str, name: &str) -> [OsString; 9] {
+    [
+        "app".into(),
+        "--root".into(),
+        root.into(),
+        "--bridge".into(),
+        bridge.into(),
+        "--subnet".into(),
+        subnet.into(),
+        "monitor".into(),
+        name.into(),
+    ]
+}
+
+/// The monitor's own command line, recognised without clap: an idle monitor
+/// per container is the product's memory cost, and parsing (clap's code and
+/// tables) is most of what such a process would otherwise keep mapped.
+/// Anything else is parsed as usual.
+#[allow(dead_code)] // used by the container executable only
+pub fn monitor_invocation(args: &[OsString]) -> Option<(AppGlobals, String)> {
+    let [_, app, root_flag, root, bridge_flag, bridge, subnet_flag, subnet, monitor, name] = args
+    else {
+        return None;
+    };
+    let name = name.to_str()?;
+    let shape = [app, root_flag, bridge_flag, subnet_flag, monitor]
+        == ["app", "--root", "--bridge", "--subnet", "monitor"];
+    if !shape || name.is_empty() {
+        return None;
+    }
+    let globals = AppGlobals {
+        root: root.into(),
+        bridge: bridge.to_str()?.to_string(),
+        subnet: subnet.to_str()?.to_string(),
+    };
+    Some((globals, name.to_string()))
+}
+
+/// Supervise container `name` (the monitor's whole life).
+#[allow(dead_code)] // used by the container executable only
+pub fn supervise(globals: &AppGlobals, name: &str) -> Result<ExitCode> {
+    monitor(&runtime(globals)?, name)
+}
+
+fn monitor(rt: &Runtime, name: &str) -> Result<ExitCode> {
+    let code = cairn_runtime::monitor::supervise(rt, name)?;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
 /// Run a container command. `image` is `run`'s image when the caller's
@@ -241,8 +288,7 @@ pub fn run(rt: &Runtime, cmd: ContainerSub, image: Option<CheckedOut>) -> Result
         }
         ContainerSub::Monitor { name } => {
             drop(out);
-            let code = cairn_runtime::monitor::supervise(rt, &name)?;
-            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+            return monitor(rt, &name);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -374,6 +420,49 @@ fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_monitor_command_line_is_read_back_exactly() {
+        let root = Path::new("/var/lib/cairn");
+        let args: Vec<OsString> = std::iter::once(OsString::from("/usr/bin/host"))
+            .chain(monitor_args(root, "cairn0", "10.88.0.1/16", "web"))
+            .collect();
+        let (g, name) = monitor_invocation(&args).expect("recognised");
+        assert_eq!((g.root.as_path(), name.as_str()), (root, "web"));
+        assert_eq!(
+            (g.bridge.as_str(), g.subnet.as_str()),
+            ("cairn0", "10.88.0.1/16")
+        );
+        // The same line parses the same through clap (the hidden subcommand).
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(subcommand)]
+            app: Top,
+        }
+        #[derive(clap::Subcommand)]
+        enum Top {
+            App {
+                #[command(flatten)]
+                globals: AppGlobals,
+                #[command(subcommand)]
+                command: ContainerSub,
+            },
+        }
+        let Top::App { globals, command } = T::try_parse_from(&args).unwrap().app;
+        assert_eq!(globals.root, root);
+        assert!(matches!(command, ContainerSub::Monitor { name } if name == "web"));
+        // Anything else goes through clap.
+        for bad in [
+            &args[..args.len() - 1],
+            &[args.clone(), vec!["x".into()]].concat()[..],
+        ] {
+            assert!(monitor_invocation(bad).is_none());
+        }
+        let mut other = args.clone();
+        other[8] = "logs".into();
+        assert!(monitor_invocation(&other).is_none());
+    }
+
     use super::*;
 
     #[test]

@@ -40,6 +40,15 @@ struct ContainerApp {
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
+    if let Some((globals, name)) = containers::monitor_invocation(&args) {
+        if std::env::var_os("RUST_LOG").is_some() {
+            exe::init_logging(0);
+        }
+        return containers::supervise(&globals, &name).unwrap_or_else(|e| {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        });
+    }
     // `host [-v…] app …`: only then is it worth parsing here.
     let first_command = args
         .iter()
