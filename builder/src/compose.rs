@@ -38,9 +38,8 @@ pub struct ComposeOptions {
     pub host_binary: Option<PathBuf>,
     /// Fixed time for the commit and the automatic version (reproducible builds).
     pub source_date_epoch: Option<i64>,
-    /// GPG key to sign the commit with, and the keyring directory.
-    pub gpg_sign: Option<String>,
-    pub gpg_homedir: Option<PathBuf>,
+    /// Who signs the commit (none: unsigned).
+    pub signer: Option<crate::keys::Signer>,
     pub progress: Progress,
 }
 
@@ -57,16 +56,9 @@ impl ComposeOptions {
             source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
                 .ok()
                 .and_then(|s| s.parse().ok()),
-            gpg_sign: None,
-            gpg_homedir: None,
+            signer: None,
             progress: Progress::silent(),
         }
-    }
-
-    /// Sign what this compose writes as `signer` says (or not at all).
-    pub fn set_signer(&mut self, signer: Option<&crate::keys::Signer>) {
-        self.gpg_sign = signer.map(|s| s.key_id.clone());
-        self.gpg_homedir = signer.and_then(|s| s.homedir.clone());
     }
 }
 
@@ -275,8 +267,7 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
             timestamp: u64::try_from(now).unwrap_or(0),
             metadata,
             bootable: facts.kernel.is_some(),
-            gpg_key: opts.gpg_sign.as_deref(),
-            gpg_homedir: opts.gpg_homedir.as_deref(),
+            signer: opts.signer.as_ref(),
         },
     )?;
     let content_checksum = repo::content_checksum(&repo, &checksum)?;
@@ -342,8 +333,7 @@ pub fn commit_prepared(
             timestamp: u64::try_from(now).unwrap_or(0),
             metadata,
             bootable,
-            gpg_key: opts.gpg_sign.as_deref(),
-            gpg_homedir: opts.gpg_homedir.as_deref(),
+            signer: opts.signer.as_ref(),
         },
     )?;
     let content = repo::content_checksum(&repo, &checksum)?;
@@ -437,8 +427,7 @@ pub fn promote(
         &subject,
         u64::try_from(now).unwrap_or(0),
         &metadata,
-        opts.gpg_sign.as_deref(),
-        opts.gpg_homedir.as_deref(),
+        opts.signer.as_ref(),
     )?;
     let content_checksum = repo::content_checksum(&repo, &commit)?;
     Ok(Promotion {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use ostree::gio;
 
 pub use cairn_contracts::names::PUBLIC_KEY_FILE;
 
@@ -57,13 +58,40 @@ impl Signer {
     }
 
     /// The home directory as libostree's signing calls take it.
-    pub fn homedir_str(&self) -> Option<String> {
+    fn homedir_str(&self) -> Option<String> {
         self.homedir.as_ref().map(|h| h.display().to_string())
+    }
+
+    /// Sign commit `checksum` of `repo` (its detached metadata).
+    pub fn sign_commit(&self, repo: &ostree::Repo, checksum: &str) -> Result<()> {
+        let signed = repo
+            .sign_commit(
+                checksum,
+                &self.key_id,
+                self.homedir_str().as_deref(),
+                gio::Cancellable::NONE,
+            )
+            .with_context(|| format!("signing commit {checksum} with GPG key {}", self.key_id));
+        self.stop_agent();
+        signed
+    }
+
+    /// Sign the summary of `repo` (`summary.sig`).
+    pub fn sign_summary(&self, repo: &ostree::Repo) -> Result<()> {
+        let signed = repo
+            .add_gpg_signature_summary(
+                &[self.key_id.as_str()],
+                self.homedir_str().as_deref(),
+                gio::Cancellable::NONE,
+            )
+            .with_context(|| format!("signing the summary with GPG key {}", self.key_id));
+        self.stop_agent();
+        signed
     }
 
     /// Stop the gpg-agent that signing started in a home of our own (never the
     /// user's default one), so no daemon outlives the command.
-    pub fn stop_agent(&self) {
+    fn stop_agent(&self) {
         if let Some(home) = &self.homedir {
             stop_agent(home);
         }

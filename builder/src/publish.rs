@@ -3,7 +3,7 @@
 //! fetches a small update in a few requests), then a fresh summary (which lists
 //! the refs and the deltas), optionally GPG-signed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use ostree::gio;
@@ -11,9 +11,8 @@ use ostree::glib;
 
 #[derive(Debug, Clone, Default)]
 pub struct PublishOptions {
-    /// Sign the summary with this GPG key id.
-    pub gpg_sign: Option<String>,
-    pub gpg_homedir: Option<PathBuf>,
+    /// Who signs the summary (none: unsigned).
+    pub signer: Option<crate::keys::Signer>,
     /// Skip static deltas (summary only).
     pub no_deltas: bool,
 }
@@ -91,13 +90,8 @@ pub fn publish(path: &Path, opts: &PublishOptions) -> Result<PublishReport> {
     }
     repo.regenerate_summary(None, gio::Cancellable::NONE)
         .with_context(|| format!("regenerating the summary of {}", path.display()))?;
-    if let Some(key) = &opts.gpg_sign {
-        let homedir = opts
-            .gpg_homedir
-            .as_ref()
-            .map(|h| h.to_string_lossy().to_string());
-        repo.add_gpg_signature_summary(&[key.as_str()], homedir.as_deref(), gio::Cancellable::NONE)
-            .with_context(|| format!("signing the summary with GPG key {key}"))?;
+    if let Some(signer) = &opts.signer {
+        signer.sign_summary(&repo)?;
         report.summary_signed = true;
     }
     Ok(report)

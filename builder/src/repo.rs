@@ -9,6 +9,8 @@ use gio::prelude::*;
 use glib::prelude::*;
 use ostree::gio;
 
+use crate::keys::Signer;
+
 /// Opens `path`, creating an `archive` repository (servable over plain HTTP as is) if missing.
 pub fn open_or_create(path: &Path, mode: ostree::RepoMode) -> Result<ostree::Repo> {
     let repo = ostree::Repo::new_for_path(path);
@@ -143,9 +145,8 @@ pub struct NewCommit<'a> {
     pub metadata: BTreeMap<String, glib::Variant>,
     /// Add `ostree.bootable`/`ostree.linux` (libostree reads the tree's kernel).
     pub bootable: bool,
-    /// Sign the commit with this GPG key before the ref moves.
-    pub gpg_key: Option<&'a str>,
-    pub gpg_homedir: Option<&'a Path>,
+    /// Sign the commit before the ref moves.
+    pub signer: Option<&'a Signer>,
 }
 
 /// Writes `root` as a commit and moves the ref. Large subtrees are written
@@ -221,10 +222,8 @@ pub fn write_commit(repo: &ostree::Repo, root: &Path, spec: NewCommit<'_>) -> Re
                 cancellable,
             )
             .context("writing the commit object")?;
-        if let Some(key) = spec.gpg_key {
-            let homedir = spec.gpg_homedir.map(|p| p.display().to_string());
-            repo.sign_commit(&checksum, key, homedir.as_deref(), cancellable)
-                .with_context(|| format!("signing commit {checksum} with GPG key {key}"))?;
+        if let Some(signer) = spec.signer {
+            signer.sign_commit(repo, &checksum)?;
         }
         repo.transaction_set_ref(None, spec.refname, Some(&checksum));
         Ok(checksum.to_string())
@@ -253,8 +252,7 @@ pub fn write_commit_of_tree(
     subject: &str,
     timestamp: u64,
     metadata: &glib::Variant,
-    gpg_key: Option<&str>,
-    gpg_homedir: Option<&Path>,
+    signer: Option<&Signer>,
 ) -> Result<String> {
     let cancellable = gio::Cancellable::NONE;
     let (root, _) = repo
@@ -277,10 +275,8 @@ pub fn write_commit_of_tree(
                 cancellable,
             )
             .context("writing the commit object")?;
-        if let Some(key) = gpg_key {
-            let homedir = gpg_homedir.map(|p| p.display().to_string());
-            repo.sign_commit(&checksum, key, homedir.as_deref(), cancellable)
-                .with_context(|| format!("signing commit {checksum} with GPG key {key}"))?;
+        if let Some(signer) = signer {
+            signer.sign_commit(repo, &checksum)?;
         }
         repo.transaction_set_ref(None, refname, Some(&checksum));
         Ok(checksum.to_string())

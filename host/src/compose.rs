@@ -230,18 +230,13 @@ fn tree(args: TreeArgs) -> Result<ExitCode> {
     opts.version = args.version;
     opts.dry_run = args.dry_run;
     opts.unless_changed = args.unless_changed;
-    let signer = args.signing.signer()?;
-    opts.set_signer(signer.as_ref());
+    opts.signer = args.signing.signer()?;
     opts.progress = Progress::new(args.quiet);
     if args.bare_user {
         opts.repo_mode = ostree::RepoMode::BareUser;
     }
     opts.host_binary = Some(crate::exe::container_executable());
-    let outcome = compose_tree(&manifest, &opts);
-    if let Some(s) = &signer {
-        s.stop_agent();
-    }
-    match outcome? {
+    match compose_tree(&manifest, &opts)? {
         Outcome::Committed {
             refname,
             checksum,
@@ -307,13 +302,8 @@ fn commit(args: CommitArgs) -> Result<ExitCode> {
 fn promote(args: PromoteArgs) -> Result<ExitCode> {
     let mut opts = ComposeOptions::new(args.repo, PathBuf::new());
     opts.version = args.version;
-    let signer = args.signing.signer()?;
-    opts.set_signer(signer.as_ref());
-    let p = cairn_builder::compose::promote(&opts, &args.from, &args.to, args.commit.as_deref());
-    if let Some(s) = &signer {
-        s.stop_agent();
-    }
-    let p = p?;
+    opts.signer = args.signing.signer()?;
+    let p = cairn_builder::compose::promote(&opts, &args.from, &args.to, args.commit.as_deref())?;
     println!("ref {}", args.to);
     println!("commit {}", p.commit);
     println!("version {}", p.version);

@@ -368,19 +368,13 @@ pub struct PublishArgs {
 
 pub fn publish(args: PublishArgs) -> Result<ExitCode> {
     use cairn_builder::publish::{publish, PublishOptions};
-    let signer = args.signing.signer()?;
     let report = publish(
         &args.repo,
         &PublishOptions {
-            gpg_sign: signer.as_ref().map(|s| s.key_id.clone()),
-            gpg_homedir: signer.as_ref().and_then(|s| s.homedir.clone()),
+            signer: args.signing.signer()?,
             no_deltas: args.no_deltas,
         },
-    );
-    if let Some(s) = &signer {
-        s.stop_agent();
-    }
-    let report = report?;
+    )?;
     for r in &report.refs {
         match &r.delta_from {
             Some((from, true)) => println!("{} {}: delta from {from} generated", r.refname, r.head),
@@ -575,13 +569,13 @@ pub(crate) mod render {
         ) + &rollback(&r.rollback)
     }
 
-    /// `host status`: `●` marks the booted deployment.
     /// Said on every `host status` of a node whose updates are not verified.
     pub const UNVERIFIED_WARNING: &str =
         "warning: this node installs updates WITHOUT verifying signatures \
         (its remote has gpg-verify or gpg-verify-summary off): anyone who can answer its update \
         requests can replace its root file system. Write the image with --trust KEYFILE.";
 
+    /// `host status`: `●` marks the booted deployment.
     pub fn status(st: &Status, verbose: bool) -> String {
         let mut s = String::new();
         // Writing to a String cannot fail.
