@@ -101,7 +101,8 @@ fn assert_app_serving(vm: &mut Vm, page_text: &str) -> Value {
             "timeout 5 bash -c 'exec 3<>/dev/tcp/{APP_IP}/{APP_PORT} && \
              printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && cat <&3'"
         ),
-        Duration::from_secs(60),
+        // Generous: scripts/test boots this guest beside lifecycle's.
+        Duration::from_secs(180),
     );
     assert!(page.contains("200 OK"), "{page}");
     assert!(page.contains(page_text), "{page}");
@@ -115,8 +116,8 @@ fn assert_app_serving(vm: &mut Vm, page_text: &str) -> Value {
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "the baked app is not healthy after 90 s: {entry:#}\n{}",
+            started.elapsed() < Duration::from_secs(180),
+            "the baked app is not healthy after 180 s: {entry:#}\n{}",
             must(vm.run(&format!(
                 "host app inspect {APP}; host app logs {APP} | tail"
             )))
