@@ -859,7 +859,10 @@ impl Merged {
                     ),
                 ));
             };
-            if trusted_keys.iter().any(|k| k.fingerprints[0] == *fingerprint) {
+            if trusted_keys
+                .iter()
+                .any(|k| k.fingerprints[0] == *fingerprint)
+            {
                 return Err(self.invalid(key, format!("key {fingerprint} is named twice")));
             }
             trusted_keys.push(parsed);

@@ -558,7 +558,11 @@ fn trusted_keys_are_read_checked_and_digested() {
     let pair = cairn_builder::keys::generate(&top.path().join("gpg-a"), "a").unwrap();
     std::fs::create_dir_all(dir.join("keys")).unwrap();
     std::fs::copy(&pair.public_key, dir.join("keys/a.asc")).unwrap();
-    let p = write(&dir, "m.toml", &base("\n[trust]\nkeys = [\"keys/a.asc\"]\n"));
+    let p = write(
+        &dir,
+        "m.toml",
+        &base("\n[trust]\nkeys = [\"keys/a.asc\"]\n"),
+    );
     let m = Manifest::load(&p).unwrap();
     assert_eq!(m.trusted_keys.len(), 1);
     assert_eq!(m.trusted_keys[0].fingerprints, [pair.fingerprint.clone()]);

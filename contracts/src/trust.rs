@@ -63,9 +63,15 @@ mod tests {
     fn only_armored_public_keys_pass() {
         let ok = format!("\n{ARMOR_PUBLIC}\n\nabc\n-----END PGP PUBLIC KEY BLOCK-----\n");
         assert!(check_public_key("k", ok.as_bytes()).is_ok());
-        let e = format!("{:#}", check_public_key("k", ARMOR_SECRET.as_bytes()).unwrap_err());
+        let e = format!(
+            "{:#}",
+            check_public_key("k", ARMOR_SECRET.as_bytes()).unwrap_err()
+        );
         assert!(e.contains("SECRET"), "{e}");
-        let e = format!("{:#}", check_public_key("k", b"\x99\x01binary").unwrap_err());
+        let e = format!(
+            "{:#}",
+            check_public_key("k", b"\x99\x01binary").unwrap_err()
+        );
         assert!(e.contains("not an armored public key"), "{e}");
         let big = vec![b'a'; MAX_PUBLIC_KEY_BYTES as usize + 1];
         let e = format!("{:#}", check_public_key("k", &big).unwrap_err());

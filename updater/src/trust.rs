@@ -24,6 +24,7 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use ostree::gio;
+use ostree::gio::prelude::FileExt;
 use ostree::glib;
 
 /// One key file a deployment ships: its file name (`<FINGERPRINT>.asc`) and
@@ -111,7 +112,11 @@ pub fn shipped_keys(root: &Path) -> Result<Option<Vec<ShippedKey>>> {
     let mut keys = Vec::new();
     for name in names {
         let path = walked.join(&name);
-        let fd = match open_at(Some(&dir), Path::new(&name), OFlag::O_RDONLY | OFlag::O_NONBLOCK) {
+        let fd = match open_at(
+            Some(&dir),
+            Path::new(&name),
+            OFlag::O_RDONLY | OFlag::O_NONBLOCK,
+        ) {
             Ok(fd) => fd,
             Err(Errno::ELOOP) => bail!(
                 "{} is a symlink: a tree's trusted keys are read without following symlinks",
@@ -161,12 +166,22 @@ pub fn install_keyring(repo: &ostree::Repo, remote: &str, keys: &[ShippedKey]) -
         .create(ostree::RepoMode::Archive, gio::Cancellable::NONE)
         .context("creating a scratch repository for the keyring")?;
     scratch_repo
-        .remote_add(remote, Some("file:///nonexistent"), None, gio::Cancellable::NONE)
+        .remote_add(
+            remote,
+            Some("file:///nonexistent"),
+            None,
+            gio::Cancellable::NONE,
+        )
         .context("adding the scratch remote")?;
     for key in keys {
         let stream = gio::MemoryInputStream::from_bytes(&glib::Bytes::from(&key.armored));
         let imported = scratch_repo
-            .remote_gpg_import(remote, Some(&stream), &[key.fingerprint()], gio::Cancellable::NONE)
+            .remote_gpg_import(
+                remote,
+                Some(&stream),
+                &[key.fingerprint()],
+                gio::Cancellable::NONE,
+            )
             .with_context(|| {
                 format!(
                     "importing trusted key {} (it must hold the key whose fingerprint is its name)",
@@ -174,7 +189,11 @@ pub fn install_keyring(repo: &ostree::Repo, remote: &str, keys: &[ShippedKey]) -
                 )
             })?;
         if imported == 0 {
-            bail!("trusted key {} holds no key {}", key.name, key.fingerprint());
+            bail!(
+                "trusted key {} holds no key {}",
+                key.name,
+                key.fingerprint()
+            );
         }
     }
     let built = std::fs::read(keyring_path(&scratch_repo, remote)?)
