@@ -565,7 +565,10 @@ fn trusted_keys_are_read_checked_and_digested() {
     );
     let m = Manifest::load(&p).unwrap();
     assert_eq!(m.trusted_keys.len(), 1);
-    assert_eq!(m.trusted_keys[0].fingerprints, vec![pair.fingerprint.clone()]);
+    assert_eq!(
+        m.trusted_keys[0].fingerprints,
+        vec![pair.fingerprint.clone()]
+    );
     let plain = write(&dir, "plain.toml", &base(""));
     assert!(Manifest::load(&plain).unwrap().trusted_keys.is_empty());
     assert_ne!(
