@@ -471,6 +471,7 @@ fn customize(
 ) -> Result<Vec<String>> {
     let m = manifest;
     tree::add_files(root, &m.files)?;
+    tree::add_trusted_keys(root, &m.trusted_keys)?;
     if let (Some(dst), Some(bin)) = (&m.self_install, host_binary) {
         tree::self_install(root, bin, dst, scratch)?;
     }

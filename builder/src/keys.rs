@@ -12,12 +12,7 @@ use ostree::gio;
 
 pub use cairn_contracts::names::PUBLIC_KEY_FILE;
 
-/// A public key file larger than this is not a release key (keyrings of a
-/// few keys are a few KiB); it is refused before it is read.
-const MAX_PUBLIC_KEY_BYTES: u64 = 1 << 20;
-
-const ARMOR_PUBLIC: &str = "-----BEGIN PGP PUBLIC KEY BLOCK-----";
-const ARMOR_SECRET: &str = "-----BEGIN PGP PRIVATE KEY BLOCK-----";
+use cairn_contracts::trust::MAX_PUBLIC_KEY_BYTES;
 
 /// Who signs: a key id (or fingerprint) and the GnuPG home holding it
 /// (`None`: the user's own, `~/.gnupg`).
@@ -256,27 +251,7 @@ pub fn read_public_key(path: &Path) -> Result<Vec<u8>> {
     file.take(MAX_PUBLIC_KEY_BYTES + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading key file {}", path.display()))?;
-    if bytes.len() as u64 > MAX_PUBLIC_KEY_BYTES {
-        bail!(
-            "key file {} is larger than {} KiB: not a release public key",
-            path.display(),
-            MAX_PUBLIC_KEY_BYTES >> 10
-        );
-    }
-    let text = String::from_utf8_lossy(&bytes);
-    if text.contains(ARMOR_SECRET) {
-        bail!(
-            "key file {} holds a SECRET key: give the public key (`{}` from `host compose keygen`)",
-            path.display(),
-            PUBLIC_KEY_FILE
-        );
-    }
-    if !text.trim_start().starts_with(ARMOR_PUBLIC) {
-        bail!(
-            "key file {} is not an armored public key (it must begin with {ARMOR_PUBLIC}; export one with `gpg --armor --export KEYID`)",
-            path.display()
-        );
-    }
+    cairn_contracts::trust::check_public_key(&path.display().to_string(), &bytes)?;
     Ok(bytes)
 }
 
@@ -293,8 +268,15 @@ impl PublicKey {
     /// Read `path` ([`read_public_key`]) and let gpg parse it, in a scratch
     /// home: a file gpg cannot read as keys is refused here, not on the node.
     pub fn load(path: &Path) -> Result<PublicKey> {
-        use std::io::Write;
         let armored = read_public_key(path)?;
+        PublicKey::parse(path, armored)
+    }
+
+    /// Check `armored` (read from `path`, named in messages) as
+    /// [`read_public_key`] does and let gpg parse it, in a scratch home.
+    pub fn parse(path: &Path, armored: Vec<u8>) -> Result<PublicKey> {
+        use std::io::Write;
+        cairn_contracts::trust::check_public_key(&path.display().to_string(), &armored)?;
         let home = tempfile::tempdir().context("creating a scratch GnuPG home")?;
         let mut child = gpg(home.path())
             .args(["--with-colons", "--show-keys"])
@@ -332,6 +314,7 @@ impl PublicKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cairn_contracts::trust::{ARMOR_PUBLIC, ARMOR_SECRET};
 
     #[test]
     fn primary_fingerprints_skip_subkeys() {

@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
+use cairn_contracts::trust::{MAX_PUBLIC_KEY_BYTES, TRUSTED_KEYS_DIR};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -93,6 +94,29 @@ struct ManifestFile {
     /// Application containers baked into the tree, started at boot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apps: Vec<App>,
+    /// The public keys the tree trusts for its own updates.
+    #[serde(default, skip_serializing_if = "Trust::is_empty")]
+    pub trust: Trust,
+}
+
+/// `[trust]`: the release public keys shipped in the tree (under
+/// `cairn_contracts::trust::TRUSTED_KEYS_DIR`); a node verifies the updates
+/// of a deployment with the keys that deployment ships.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Trust {
+    /// Armored public key files, relative to the manifest that names them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<PathBuf>,
+    /// The directory of the manifest each key was named in (same order).
+    #[serde(skip)]
+    key_dirs: Vec<PathBuf>,
+}
+
+impl Trust {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
 }
 
 /// An application container baked into the host tree: its image ships in the
@@ -322,6 +346,8 @@ pub struct Manifest {
     /// One per `[[postprocess]]` entry, in order.
     pub postprocess: Vec<PostprocessScript>,
     pub apps: Vec<App>,
+    /// `[trust] keys`, read and parsed: one public key each.
+    pub trusted_keys: Vec<crate::keys::PublicKey>,
     /// See [`Manifest::digest`].
     digest: String,
     /// See [`Manifest::to_toml`].
@@ -561,6 +587,15 @@ impl Merged {
                     ),
                 ));
             }
+            if Path::new(&f.dst).starts_with(Path::new("/").join(TRUSTED_KEYS_DIR)) {
+                return Err(self.invalid(
+                    format!("files[{i}].dst"),
+                    format!(
+                        "{:?}: the tree's trusted keys are shipped with `[trust] keys = [\"KEYFILE.asc\"]`",
+                        f.dst
+                    ),
+                ));
+            }
             let key = || format!("files[{}].src", f.origin.index);
             let src = crate::confined::open_source(&f.origin.dir, &f.src, f.follow_symlinks)
                 .map_err(|e| {
@@ -794,7 +829,45 @@ impl Merged {
                 }
             });
         }
-        let digest = digest(s, &files, &scripts);
+        let mut trusted_keys: Vec<crate::keys::PublicKey> = Vec::new();
+        for (i, (p, dir)) in s.trust.keys.iter().zip(&s.trust.key_dirs).enumerate() {
+            let key = format!("trust.keys[{i}]");
+            let src = crate::confined::open_source(dir, p, false).map_err(|e| {
+                self.invalid(
+                    key.clone(),
+                    format!(
+                        "{e}; a key must be a regular file inside the directory of the manifest that names it, reached without symlinks"
+                    ),
+                )
+            })?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(src.file, MAX_PUBLIC_KEY_BYTES + 1),
+                &mut bytes,
+            )
+            .map_err(|e| self.invalid(key.clone(), format!("reading {}: {e}", p.display())))?;
+            let parsed = crate::keys::PublicKey::parse(p, bytes)
+                .map_err(|e| self.invalid(key.clone(), format!("{e:#}")))?;
+            let [fingerprint] = parsed.fingerprints.as_slice() else {
+                return Err(self.invalid(
+                    key,
+                    format!(
+                        "{} holds {} keys ({}): give one key per file",
+                        p.display(),
+                        parsed.fingerprints.len(),
+                        parsed.fingerprints.join(", ")
+                    ),
+                ));
+            };
+            if trusted_keys
+                .iter()
+                .any(|k| k.fingerprints[0] == *fingerprint)
+            {
+                return Err(self.invalid(key, format!("key {fingerprint} is named twice")));
+            }
+            trusted_keys.push(parsed);
+        }
+        let digest = digest(s, &files, &scripts, &trusted_keys);
         let toml = toml::to_string_pretty(s).unwrap_or_else(|e| format!("# unprintable: {e}\n"));
         let s = self.spec;
         Ok(Manifest {
@@ -812,6 +885,7 @@ impl Merged {
             kernel_args: s.kernel_args,
             postprocess: scripts,
             apps: s.apps,
+            trusted_keys,
             digest,
             toml,
         })
@@ -823,9 +897,20 @@ impl Merged {
 /// script without `name` named by its file name), apps' `image` by their
 /// pinned digest and `rootfs` by the word `rootfs` (the base's content is
 /// hashed separately, see compose).
-fn digest(spec: &ManifestFile, files: &[SourceFile], scripts: &[PostprocessScript]) -> String {
+fn digest(
+    spec: &ManifestFile,
+    files: &[SourceFile],
+    scripts: &[PostprocessScript],
+    keys: &[crate::keys::PublicKey],
+) -> String {
     let mut canon = spec.clone();
     canon.include.clear();
+    for (p, key) in canon.trust.keys.iter_mut().zip(keys) {
+        *p = PathBuf::from(format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(&key.armored))
+        ));
+    }
     for (f, src) in canon.files.iter_mut().zip(files) {
         f.src = PathBuf::from(format!("sha256:{}", src.sha256));
     }
@@ -1034,6 +1119,7 @@ fn parse_file(text: &str, path: &Path) -> Result<ManifestFile> {
             line: line_of(spans.as_ref().map(|s| &s.files), i),
         };
     }
+    spec.trust.key_dirs = vec![dir.clone(); spec.trust.keys.len()];
     for (i, sc) in spec.postprocess.iter_mut().enumerate() {
         sc.origin = Origin {
             file: path.to_owned(),
@@ -1083,6 +1169,7 @@ fn absolutize(spec: &mut ManifestFile, dir: &Path) {
     spec.include.iter_mut().for_each(abs);
     spec.files.iter_mut().for_each(|f| abs(&mut f.src));
     spec.apps.iter_mut().for_each(|a| abs(&mut a.image));
+    spec.trust.keys.iter_mut().for_each(abs);
     spec.postprocess
         .iter_mut()
         .filter_map(|s| s.script.as_mut())
@@ -1134,6 +1221,10 @@ impl ManifestFile {
             kernel_args: cat(self.kernel_args, top.kernel_args),
             postprocess: cat(self.postprocess, top.postprocess),
             apps: cat(self.apps, top.apps),
+            trust: Trust {
+                keys: cat(self.trust.keys, top.trust.keys),
+                key_dirs: cat(self.trust.key_dirs, top.trust.key_dirs),
+            },
         }
     }
 }

@@ -60,6 +60,28 @@ pub fn add_files(root: &Root, files: &[SourceFile]) -> Result<()> {
     Ok(())
 }
 
+/// Writes the manifest's `[trust] keys` into the tree, each as
+/// `TRUSTED_KEYS_DIR/<FINGERPRINT>.asc` (0644): the keys a node verifies
+/// this tree's updates with.
+pub fn add_trusted_keys(root: &Root, keys: &[crate::keys::PublicKey]) -> Result<()> {
+    use cairn_contracts::trust::{key_file_name, TRUSTED_KEYS_DIR};
+    for key in keys {
+        let fingerprint = key
+            .fingerprints
+            .first()
+            .with_context(|| format!("key file {} holds no key", key.path.display()))?;
+        let dst = format!("/{TRUSTED_KEYS_DIR}/{}", key_file_name(fingerprint));
+        let at = root
+            .at(&dst, true)
+            .with_context(|| format!("trust.keys: {dst}"))?;
+        let mut out = at.create_file()?;
+        out.write_all(&key.armored)
+            .with_context(|| format!("writing {} to {dst}", key.path.display()))?;
+        at.finish_file(&out, 0o644)?;
+    }
+    Ok(())
+}
+
 /// Copies a build-machine file (the host binary, an app archive) into the
 /// tree at `dst` as root:root with `mode`, creating parents (0755) inside the tree.
 pub fn install_file(root: &Root, src: &Path, dst: &str, mode: u32) -> Result<()> {

@@ -545,3 +545,62 @@ fn sources_are_read_once_at_load() {
         "loaded"
     );
 }
+
+/// `[trust] keys`: armored public keys beside the manifest, parsed by gpg at
+/// load (one key per file), named by fingerprint; their content is in the
+/// digest; a secret key, garbage, a symlink out and a second key per file
+/// are refused with the key's name.
+#[test]
+fn trusted_keys_are_read_checked_and_digested() {
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = cairn_builder::keys::generate(&top.path().join("gpg-a"), "a").unwrap();
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    std::fs::copy(&pair.public_key, dir.join("keys/a.asc")).unwrap();
+    let p = write(
+        &dir,
+        "m.toml",
+        &base("\n[trust]\nkeys = [\"keys/a.asc\"]\n"),
+    );
+    let m = Manifest::load(&p).unwrap();
+    assert_eq!(m.trusted_keys.len(), 1);
+    assert_eq!(
+        m.trusted_keys[0].fingerprints,
+        vec![pair.fingerprint.clone()]
+    );
+    let plain = write(&dir, "plain.toml", &base(""));
+    assert!(Manifest::load(&plain).unwrap().trusted_keys.is_empty());
+    assert_ne!(
+        Manifest::load(&plain).unwrap().digest(),
+        m.digest(),
+        "the keys are part of the manifest's meaning"
+    );
+
+    let bad = |content: &[u8]| {
+        std::fs::write(dir.join("keys/bad.asc"), content).unwrap();
+        err(&dir, &base("\n[trust]\nkeys = [\"keys/bad.asc\"]\n"))
+    };
+    let e = bad(b"-----BEGIN PGP PRIVATE KEY BLOCK-----\nx\n");
+    assert!(e.contains("trust.keys[0]") && e.contains("SECRET"), "{e}");
+    let e = bad(b"\x99\x01garbage");
+    assert!(e.contains("not an armored public key"), "{e}");
+    let e = bad(b"-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nnot base64 !!\n-----END PGP PUBLIC KEY BLOCK-----\n");
+    assert!(e.contains("trust.keys[0]"), "{e}");
+    // Two keys in one file.
+    let other = cairn_builder::keys::generate(&top.path().join("gpg-b"), "b").unwrap();
+    let mut both = std::fs::read(&pair.public_key).unwrap();
+    both.extend(std::fs::read(&other.public_key).unwrap());
+    let e = bad(&both);
+    assert!(e.contains("one key per file"), "{e}");
+    // A symlink out of the manifest's directory.
+    std::os::unix::fs::symlink(&pair.public_key, dir.join("keys/link.asc")).unwrap();
+    let e = err(&dir, &base("\n[trust]\nkeys = [\"keys/link.asc\"]\n"));
+    assert!(e.contains("trust.keys[0]") && e.contains("symlink"), "{e}");
+    // The directory is owned by [trust].
+    let e = err(
+        &dir,
+        &base("\n[[files]]\nsrc = \"keys/a.asc\"\ndst = \"/usr/share/cairn/trusted-keys/x.asc\"\n"),
+    );
+    assert!(e.contains("[trust] keys"), "{e}");
+}

@@ -12,3 +12,4 @@ pub mod metadata;
 pub mod names;
 pub mod packages;
 pub mod rootpath;
+pub mod trust;

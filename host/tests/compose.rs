@@ -782,9 +782,22 @@ fn keygen_keys_sign_commits_promotions_and_summaries() {
         assert!(out.status.success());
         out
     };
+    // The tree ships its public key ([trust] keys), named by fingerprint.
+    env.manifest("\n[trust]\nkeys = [\"keys/cairn-release.asc\"]\n");
     let tree = compose_tree_args("repo", "cache", "manifest.toml", &["--quiet"]);
     let tree: Vec<&str> = tree.iter().map(|a| a.to_str().unwrap()).collect();
     let composed = signed(&tree);
+    let shipped = Command::new("ostree")
+        .arg(format!("--repo={}", env.path("repo").display()))
+        .args(["cat", "test/x86_64/base"])
+        .arg(format!(
+            "/{}/{fpr}.asc",
+            cairn_contracts::trust::TRUSTED_KEYS_DIR
+        ))
+        .output()
+        .unwrap();
+    assert!(shipped.status.success(), "{}", common::text(&shipped));
+    assert_eq!(String::from_utf8_lossy(&shipped.stdout), public);
     let promoted = signed(&[
         "compose",
         "promote",

@@ -41,6 +41,8 @@ struct Tree<'a> {
     extra: Vec<(String, Vec<u8>)>,
     /// `cairn.kargs`.
     kargs: &'a [&'a str],
+    /// Files at any path of the tree: (path relative to its root, bytes).
+    files: Vec<(String, Vec<u8>)>,
 }
 
 impl<'a> Tree<'a> {
@@ -53,6 +55,7 @@ impl<'a> Tree<'a> {
             time: T0 + n * 1000,
             extra: Vec::new(),
             kargs: &["rw", "console=ttyS0"],
+            files: Vec::new(),
         }
     }
 }
@@ -196,6 +199,11 @@ impl Fixture {
         }
         for (name, data) in &t.extra {
             std::fs::write(root.join("usr/share/data").join(name), data).unwrap();
+        }
+        for (path, data) in &t.files {
+            let path = root.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, data).unwrap();
         }
 
         let parent = self.src.resolve_rev(ref_, true).unwrap();
@@ -905,6 +913,201 @@ fn unsigned_or_wrongly_signed_commits_are_refused() {
         "{err}"
     );
     assert_eq!(fx.status(), before, "nothing staged, nothing moved");
+}
+
+/// A release key made by `host compose keygen DIR`: its home, fingerprint
+/// and armored public key.
+struct ReleaseKey {
+    home: PathBuf,
+    fingerprint: String,
+    public: Vec<u8>,
+}
+
+impl ReleaseKey {
+    fn new(dir: &Path, name: &str) -> Self {
+        let out = host()
+            .args(["compose", "keygen", "--name", name])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "keygen: {}", text(&out));
+        let fingerprint = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("fingerprint "))
+            .expect("keygen prints the fingerprint")
+            .to_string();
+        let public = std::fs::read(dir.join("cairn-release.asc")).unwrap();
+        ReleaseKey {
+            home: dir.to_path_buf(),
+            fingerprint,
+            public,
+        }
+    }
+
+    fn sign(&self, repo: &ostree::Repo, commit: &str) {
+        repo.sign_commit(
+            commit,
+            &self.fingerprint,
+            Some(self.home.to_str().unwrap()),
+            gio::Cancellable::NONE,
+        )
+        .unwrap();
+    }
+
+    /// The tree file that makes a tree trust this key.
+    fn shipped(&self) -> (String, Vec<u8>) {
+        (
+            format!(
+                "{}/{}.asc",
+                cairn_contracts::trust::TRUSTED_KEYS_DIR,
+                self.fingerprint
+            ),
+            self.public.clone(),
+        )
+    }
+}
+
+impl Drop for ReleaseKey {
+    fn drop(&mut self) {
+        let _ = Command::new("gpgconf")
+            .arg("--homedir")
+            .arg(&self.home)
+            .args(["--kill", "all"])
+            .output();
+    }
+}
+
+/// Issue #14: trust follows the OS version. The image trusts key A (the
+/// remote's keyring, as `compose image --trust` writes it); a tree shipping
+/// A, then one signed by A shipping B, rotate the node to B: afterwards A is
+/// refused, B accepted, nothing staged by the refusal.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn trusted_keys_follow_the_deployment_and_rotate_from_a_to_b() {
+    let fx = Fixture::build(false, None);
+    let a = ReleaseKey::new(&fx.dir.path().join("key-a"), "key a");
+    let b = ReleaseKey::new(&fx.dir.path().join("key-b"), "key b");
+    assert_ne!(a.fingerprint, b.fingerprint);
+
+    // The node's remote as the image writer makes it: verifying, key A in
+    // the remote's keyring, no gpgkeypath.
+    let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(fx.sysroot())));
+    sysroot.load(gio::Cancellable::NONE).unwrap();
+    let repo = sysroot.repo();
+    let url = repo.remote_get_url("cairn").unwrap();
+    repo.remote_delete("cairn", gio::Cancellable::NONE).unwrap();
+    let opts = glib::VariantDict::new(None);
+    opts.insert("gpg-verify", true);
+    opts.insert("gpg-verify-summary", false);
+    repo.remote_add(
+        "cairn",
+        Some(&url),
+        Some(&opts.end()),
+        gio::Cancellable::NONE,
+    )
+    .unwrap();
+    let stream = gio::MemoryInputStream::from_bytes(&glib::Bytes::from(&a.public));
+    let n = repo
+        .remote_gpg_import(
+            "cairn",
+            Some(&stream),
+            &[a.fingerprint.as_str()],
+            gio::Cancellable::NONE,
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    let keyring = fx.sysroot().join("ostree/repo/cairn.trustedkeys.gpg");
+    let image_keyring = std::fs::read(&keyring).unwrap();
+    drop(repo);
+    drop(sysroot);
+
+    let tree = |version, n, keys: &[&ReleaseKey]| {
+        let mut t = Tree::new(version, n);
+        t.files = keys.iter().map(|k| k.shipped()).collect();
+        t
+    };
+
+    // v1 (the deployed one) ships no key: the image's keyring (A) stays.
+    let v11 = fx.commit(REF, &tree("1.1", 2, &[&a]));
+    a.sign(&fx.src, &v11);
+    fx.ok(&["upgrade"]);
+    assert_eq!(fx.versions(), ["1.1", "1.0"]);
+    assert_eq!(std::fs::read(&keyring).unwrap(), image_keyring);
+
+    // v2 signed by A ships B: accepted (verified with v1.1's key, A).
+    let v2 = fx.commit(REF, &tree("2.0", 3, &[&b]));
+    a.sign(&fx.src, &v2);
+    fx.ok(&["upgrade"]);
+    assert_eq!(fx.versions(), ["2.0", "1.1"]);
+    // Status judges with the keys updates now follow (v2's: B). v2 still
+    // names its signer, A, no longer trusted for an update.
+    let st = fx.status();
+    let sig = &st["deployments"][0]["signature"];
+    assert_eq!(sig["trusted"], false, "{st:#}");
+    assert!(
+        a.fingerprint
+            .ends_with(sig["fingerprint"].as_str().unwrap()),
+        "{st:#}"
+    );
+    let text = fx.ok(&["status"]);
+    assert!(
+        text.contains(&format!("Signature: {} (NOT trusted", a.fingerprint)),
+        "{text}"
+    );
+
+    // v3 signed by A: refused now that updates follow v2 (trusts B only).
+    let before = fx.status();
+    let v3 = fx.commit(REF, &tree("3.0", 4, &[&b]));
+    a.sign(&fx.src, &v3);
+    let err = fx.fails(&["upgrade"]);
+    assert!(
+        err.contains(&b.fingerprint),
+        "names the keys it trusts: {err}"
+    );
+    assert!(
+        err.contains("GPG") || err.contains("signature") || err.contains("key"),
+        "{err}"
+    );
+    assert_eq!(fx.status(), before, "nothing staged, nothing moved");
+    let err = fx.fails(&["upgrade", "--check"]);
+    assert!(err.contains(&b.fingerprint), "{err}");
+
+    // v3' signed by B: accepted.
+    let v3b = fx.commit(REF, &tree("3.1", 5, &[&b]));
+    b.sign(&fx.src, &v3b);
+    fx.ok(&["upgrade"]);
+    assert_eq!(fx.versions()[0], "3.1");
+    let st = fx.status();
+    let sig = &st["deployments"][0]["signature"];
+    assert_eq!(sig["trusted"], true, "{st:#}");
+    assert!(
+        b.fingerprint
+            .ends_with(sig["fingerprint"].as_str().unwrap()),
+        "{st:#}"
+    );
+    fx.assert_bootable();
+
+    // A tree shipping a key file that is a symlink out of it: the update
+    // that follows it is refused before anything is fetched.
+    let csum = fx.status()["deployments"][0]["checksum"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deployment = std::fs::read_dir(fx.sysroot().join("ostree/deploy/cairn/deploy"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir() && p.file_name().unwrap().to_string_lossy().starts_with(&csum))
+        .expect("the deployment of 3.1");
+    let key_file = deployment.join(b.shipped().0);
+    let saved = std::fs::read(&key_file).unwrap();
+    let outside = fx.dir.path().join("outside.asc");
+    std::fs::write(&outside, &a.public).unwrap();
+    std::fs::remove_file(&key_file).unwrap();
+    std::os::unix::fs::symlink(&outside, &key_file).unwrap();
+    let err = fx.fails(&["upgrade", "--check"]);
+    assert!(err.contains("symlink"), "{err}");
+    std::fs::remove_file(&key_file).unwrap();
+    std::fs::write(&key_file, saved).unwrap();
 }
 
 /// Umounts the tmpfs /boot of a fixture.

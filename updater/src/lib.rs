@@ -21,6 +21,7 @@ pub mod recovery;
 pub mod report;
 pub mod status;
 pub mod sysroot;
+pub mod trust;
 
 pub use ops::{
     cleanup, deploy, kargs, pin, rollback, switch, upgrade, CleanupOptions, KargsEdit, Outcome,

@@ -167,8 +167,27 @@ fn pull_observed(
     progress: bool,
     obs: &mut dyn Observer,
 ) -> Result<crate::pull::PullStats> {
+    // Trust follows the OS version: the keys of the deployment this update
+    // is based on (crate::trust), installed before anything is fetched.
+    let keyring = crate::trust::follow_deployment(
+        &s.sysroot,
+        &s.path,
+        &s.repo,
+        req.remote,
+        &s.origin_deployment()?,
+    )?;
     obs.step(&Step::Fetching { what });
-    pull(&s.repo, req, progress)
+    pull(&s.repo, req, progress).map_err(|e| match keyring {
+        crate::trust::Keyring::Shipped {
+            deployment,
+            fingerprints,
+        } if s.repo.remote_get_gpg_verify(req.remote).unwrap_or(false) => e.context(format!(
+            "remote {} trusts the keys deployment {deployment} ships: {}",
+            req.remote,
+            fingerprints.join(", ")
+        )),
+        _ => e,
+    })
 }
 
 fn fetched(report: &mut UpdateReport, stats: crate::pull::PullStats, obs: &mut dyn Observer) {
@@ -257,7 +276,29 @@ fn stage(s: &Session, plan: &Staging, report: &mut UpdateReport) -> Result<()> {
         .as_ref()
         .map(|k| k.iter().map(String::as_str).collect());
     write_deployment(s, &plan.to.checksum, &origin, kargs.as_deref(), &plan.to)
-        .map(|written| report.result = UpdateResult::Deployed { written })
+        .map(|written| report.result = UpdateResult::Deployed { written })?;
+    follow_keys_after_write(s);
+    Ok(())
+}
+
+/// After the deployment updates follow changed (a new one written, a
+/// rollback), make the remote's keyring its keys now, so `host status`
+/// judges signatures with the keys the next pull will use. The next pull
+/// does it again before fetching, so a failure here is only a warning.
+fn follow_keys_after_write(s: &Session) {
+    let result = (|| -> Result<()> {
+        s.sysroot
+            .load_if_changed(gio::Cancellable::NONE)
+            .context("reloading the sysroot")?;
+        let d = s.origin_deployment()?;
+        let origin = s.origin_of(&d)?;
+        let remote = remote_of(&origin)?;
+        crate::trust::follow_deployment(&s.sysroot, &s.path, &s.repo, remote, &d)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!("the remote's keyring is left as it was: {e:#}");
+    }
 }
 
 /// Write a new deployment of `csum`: staged on a booted system (finalized at
@@ -697,6 +738,7 @@ pub fn rollback(target: &SysrootTarget, obs: &mut dyn Observer) -> Result<Rollba
     failpoint!("rollback::after-write");
     // What boots next has booted before: no counting.
     crate::bootloader::disarm(&s.path, &s.repo)?;
+    follow_keys_after_write(&s);
     Ok(RollbackReport {
         dropped_staged,
         next,
