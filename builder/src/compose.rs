@@ -466,8 +466,13 @@ pub fn verify(manifest: &Manifest, rev: &str, mut opts: ComposeOptions) -> Resul
         return Ok(Verification::Identical { content_checksum });
     }
     let scratch_repo = repo::open(&opts.repo)?;
-    let files = crate::diff::diff_files(&repo, &commit, &scratch_repo, &checksum)
-        .with_context(|| format!("comparing {commit} of {} with the re-composed tree", original_repo.display()))?;
+    let files =
+        crate::diff::diff_files(&repo, &commit, &scratch_repo, &checksum).with_context(|| {
+            format!(
+                "comparing {commit} of {} with the re-composed tree",
+                original_repo.display()
+            )
+        })?;
     Ok(Verification::Differs {
         original,
         recomposed: content_checksum,

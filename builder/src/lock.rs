@@ -89,7 +89,9 @@ fn invalid(origin: &str, message: impl Into<String>) -> LockError {
 }
 
 pub(crate) fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl Lock {
@@ -213,7 +215,10 @@ impl Lock {
                 return Err(at("name", "not a Debian package name (lowercase letters, digits, `+-.`, starting with a letter or digit)"));
             }
             if !crate::sbom::version_ok(&p.version) {
-                return Err(at("version", "not a Debian version (letters, digits, `.+~:-`, starting with a digit)"));
+                return Err(at(
+                    "version",
+                    "not a Debian version (letters, digits, `.+~:-`, starting with a digit)",
+                ));
             }
             if !crate::sbom::arch_ok(&p.architecture) {
                 return Err(at(
@@ -225,10 +230,7 @@ impl Lock {
                 return Err(at("sha256", "not a SHA-256 (64 lowercase hex digits)"));
             }
             if !seen.insert(p.name.clone()) {
-                return Err(at(
-                    "name",
-                    "listed twice; a lock has one entry per package",
-                ));
+                return Err(at("name", "listed twice; a lock has one entry per package"));
             }
         }
         Ok(())
@@ -247,7 +249,9 @@ mod tests {
             source_date_epoch: 1_795_000_000,
             manifest_digest: SHA.into(),
             host_digest: SHA.into(),
-            sources: vec!["deb [signed-by=/k.gpg] http://deb.debian.org/debian bookworm main".into()],
+            sources: vec![
+                "deb [signed-by=/k.gpg] http://deb.debian.org/debian bookworm main".into(),
+            ],
             packages: vec![
                 LockedPackage {
                     name: "libc6".into(),
@@ -297,12 +301,18 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_with_their_line() {
-        let text = sample().to_toml().replace("format = 1\n", "format = 1\nextra = 2\n");
-        let e = err(&text);
-        assert!(e.contains("lock.toml") && e.contains("extra") && e.contains("line 2"), "{e}");
         let text = sample()
             .to_toml()
-            .replace("architecture = \"amd64\"", "architecture = \"amd64\"\nurl = \"x\"");
+            .replace("format = 1\n", "format = 1\nextra = 2\n");
+        let e = err(&text);
+        assert!(
+            e.contains("lock.toml") && e.contains("extra") && e.contains("line 2"),
+            "{e}"
+        );
+        let text = sample().to_toml().replace(
+            "architecture = \"amd64\"",
+            "architecture = \"amd64\"\nurl = \"x\"",
+        );
         let e = err(&text);
         assert!(e.contains("url"), "{e}");
     }
@@ -331,7 +341,10 @@ mod tests {
             let mut lock = sample();
             lock.packages[1].sha256 = bad.to_string();
             let e = err(&lock.to_toml());
-            assert!(e.contains("package[1].sha256") && e.contains("perl-base"), "{e}");
+            assert!(
+                e.contains("package[1].sha256") && e.contains("perl-base"),
+                "{e}"
+            );
             let mut lock = sample();
             lock.manifest_digest = bad.to_string();
             assert!(err(&lock.to_toml()).contains("manifest-digest"));

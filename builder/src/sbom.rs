@@ -224,12 +224,7 @@ pub(crate) fn archive_file_name(name: &str, version: &str, arch: &str) -> String
         }
         out
     }
-    format!(
-        "{}_{}_{}.deb",
-        quote(name),
-        quote(version),
-        quote(arch)
-    )
+    format!("{}_{}_{}.deb", quote(name), quote(version), quote(arch))
 }
 
 /// SHA-256 of the package's `.deb` in the download cache, if it is there.

@@ -93,7 +93,10 @@ impl LockedDebs {
     /// The apt source of the flat repository (the files are verified, so
     /// apt needs no signature: `trusted=yes`).
     pub fn source_line(&self) -> SourceLine {
-        SourceLine(format!("deb [trusted=yes] file:{} ./", self.repo().display()))
+        SourceLine(format!(
+            "deb [trusted=yes] file:{} ./",
+            self.repo().display()
+        ))
     }
 }
 
@@ -125,15 +128,19 @@ pub fn resolve_locked(
                 .with_context(|| format!("removing leftover {}", e.path().display()))?;
         }
     }
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("creating {}", parent.display()))?;
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     let locked = LockedDebs {
         dir: tempfile::Builder::new()
             .prefix("lock-")
             .tempdir_in(&parent)
             .with_context(|| format!("creating a directory in {}", parent.display()))?,
     };
-    if locked.repo().display().to_string().contains(char::is_whitespace) {
+    if locked
+        .repo()
+        .display()
+        .to_string()
+        .contains(char::is_whitespace)
+    {
         bail!(
             "the cache path {} contains whitespace, which an apt source line cannot carry; use another --cache",
             cache.display()
@@ -235,7 +242,8 @@ fn fetch_locked(
         .iter()
         .filter(|p| !partial.path().join(p.file_name()).exists())
         .filter(|p| {
-            !out.status.success() && (stderr.contains(&format!("'{}'", p.name)) || stderr.is_empty())
+            !out.status.success()
+                && (stderr.contains(&format!("'{}'", p.name)) || stderr.is_empty())
         })
         .map(|p| format!("{}={}", p.name, p.version))
         .collect();
@@ -320,7 +328,8 @@ fn copy_verified(
             from.display()
         );
     }
-    let mut out = std::fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut out =
+        std::fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
     let mut h = Sha256::new();
     let mut reader = std::io::BufReader::new(file);
     let mut buf = vec![0u8; 1 << 16];

@@ -1218,21 +1218,48 @@ fn compose_lock_and_verify_a_small_tree() {
     let out = env.host(&["compose", "lock", "--repo", "repo", &commit]);
     assert!(out.status.success());
     let lock = String::from_utf8(out.stdout).unwrap();
-    assert!(lock.starts_with("format = 1\nsource-date-epoch = 1795000000\n"), "{lock}");
+    assert!(
+        lock.starts_with("format = 1\nsource-date-epoch = 1795000000\n"),
+        "{lock}"
+    );
     assert!(lock.contains("manifest-digest = \""), "{lock}");
     assert!(lock.contains("host-digest = \""), "{lock}");
     // A rootfs base: no packages, no sources.
     assert!(!lock.contains("[[package]]"), "{lock}");
     assert!(env
-        .ostree("repo", &["show", "--print-metadata-key=cairn.lock", &commit])
+        .ostree(
+            "repo",
+            &["show", "--print-metadata-key=cairn.lock", &commit]
+        )
         .contains("format = 1"));
-    let out = env.host(&["compose", "lock", "--repo", "repo", "test/x86_64/base", "-o", "lock.toml"]);
+    let out = env.host(&[
+        "compose",
+        "lock",
+        "--repo",
+        "repo",
+        "test/x86_64/base",
+        "-o",
+        "lock.toml",
+    ]);
     assert!(out.status.success());
-    assert_eq!(std::fs::read_to_string(env.path("lock.toml")).unwrap(), lock);
+    assert_eq!(
+        std::fs::read_to_string(env.path("lock.toml")).unwrap(),
+        lock
+    );
 
     // Verified under another SOURCE_DATE_EPOCH: the recorded one is used.
     let verify = |extra: &[&str]| {
-        let mut args = vec!["compose", "verify", "--repo", "repo", "--cache", "cache", "--manifest", "manifest.toml", "--quiet"];
+        let mut args = vec![
+            "compose",
+            "verify",
+            "--repo",
+            "repo",
+            "--cache",
+            "cache",
+            "--manifest",
+            "manifest.toml",
+            "--quiet",
+        ];
         args.extend_from_slice(extra);
         let out = host()
             .args(&args)
@@ -1240,12 +1267,19 @@ fn compose_lock_and_verify_a_small_tree() {
             .env("SOURCE_DATE_EPOCH", "1")
             .output()
             .unwrap();
-        eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     };
     let out = verify(&[&commit]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("identical {content}"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("identical {content}")
+    );
     // The scratch repository is gone, and the original repository has no new commit.
     let leftovers: Vec<_> = std::fs::read_dir(env.path("cache"))
         .unwrap()
@@ -1256,7 +1290,10 @@ fn compose_lock_and_verify_a_small_tree() {
     assert_eq!(env.ref_head("repo").as_deref(), Some(commit.as_str()));
 
     // `compose tree --lock` with the recorded lock gives the same tree.
-    let out = env.compose("repo2", &["--lock", "lock.toml", "--version", "7.20261118.0"]);
+    let out = env.compose(
+        "repo2",
+        &["--lock", "lock.toml", "--version", "7.20261118.0"],
+    );
     assert!(out.status.success());
     assert_eq!(field(&out, "content-checksum"), content);
 
@@ -1274,13 +1311,21 @@ fn compose_lock_and_verify_a_small_tree() {
     let out = verify(&[&commit]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("was composed from a manifest with digest"), "{stderr}");
+    assert!(
+        stderr.contains("was composed from a manifest with digest"),
+        "{stderr}"
+    );
     let out = env.compose("repo2", &["--lock", "lock.toml"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("the lock was written for manifest digest"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the lock was written for manifest digest")
+    );
 
     // A hostile lock is refused before anything is composed.
-    env.write("bad.toml", &lock.replace("format = 1", "format = 1\nsurprise = true"));
+    env.write(
+        "bad.toml",
+        &lock.replace("format = 1", "format = 1\nsurprise = true"),
+    );
     let out = env.compose("repo3", &["--lock", "bad.toml"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("surprise"));
