@@ -168,7 +168,8 @@ pub fn resolve_locked(
         let from = debs.unwrap_or(&cache_debs).join(p.file_name());
         copy_verified(&from, &locked.pool().join(p.file_name()), p, debs)?;
     }
-    write_flat_index(&repo)?;
+    let suite = packages.suite.clone().unwrap_or_default();
+    write_flat_index(&repo, &suite)?;
     step.message("resolving the manifest against the locked packages");
     let state = AptState::create(
         locked.dir.path().join("apt"),
@@ -195,7 +196,6 @@ pub fn resolve_locked(
             unused.join(", ")
         );
     }
-    let suite = packages.suite.clone().unwrap_or_default();
     // The same key as a compose from the mirror that resolved to this set
     // from these sources: the stage is the same.
     let stage_key = stage_key(packages, &sources, &variant, &suite, &want);
@@ -361,8 +361,10 @@ fn copy_verified(
 }
 
 /// `Packages` (dpkg-scanpackages) and a `Release` listing it, so apt reads
-/// the flat repository without guessing at compressed indices.
-fn write_flat_index(repo: &Path) -> Result<()> {
+/// the flat repository without guessing at compressed indices. The
+/// `Suite`/`Codename` are the manifest's: mmdebstrap picks the essential
+/// and required packages of that suite (`?archive(^SUITE$)`).
+fn write_flat_index(repo: &Path, suite: &str) -> Result<()> {
     let out = Command::new("dpkg-scanpackages")
         .args(["--multiversion", "pool", "/dev/null"])
         .current_dir(repo)
@@ -379,7 +381,8 @@ fn write_flat_index(repo: &Path) -> Result<()> {
     }
     std::fs::write(repo.join("Packages"), &out.stdout)?;
     let release = format!(
-        "Origin: cairn-lock\nLabel: cairn-lock\nDate: Thu, 01 Jan 1970 00:00:00 UTC\nSHA256:\n {} {} Packages\n",
+        "Origin: cairn-lock\nLabel: cairn-lock\nSuite: {suite}\nCodename: {suite}\n\
+         Date: Thu, 01 Jan 1970 00:00:00 UTC\nSHA256:\n {} {} Packages\n",
         hex::encode(Sha256::digest(&out.stdout)),
         out.stdout.len()
     );
