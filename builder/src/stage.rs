@@ -224,6 +224,11 @@ fn fetch_locked(
             missing[0].file_name()
         );
     }
+    // apt-get download runs in the download directory: the state's paths
+    // must not be relative to where the compose started.
+    let cache = &cache
+        .canonicalize()
+        .with_context(|| format!("resolving {}", cache.display()))?;
     let state = AptState::new(cache, sources, exclude)?;
     state.update()?;
     let partial = tempfile::Builder::new()
