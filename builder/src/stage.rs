@@ -399,6 +399,9 @@ fn write_flat_index(repo: &Path, suite: &str) -> Result<()> {
 pub struct Stage {
     pub rootfs: PathBuf,
     pub installed: PackageSet,
+    /// A stage built from a lock is not published to the cache: it is
+    /// removed (with this directory) when the stage is dropped.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 /// Returns the installed stage for `resolved`, running mmdebstrap only when the cache lacks it.
@@ -429,6 +432,22 @@ pub fn ensure_stage(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    if resolved.locked.is_some() {
+        // Built from the lock's flat repository: used for this compose only,
+        // so a difference to a stage from the mirror never reaches the cache.
+        let scratch = tempfile::Builder::new()
+            .prefix(".locked-")
+            .tempdir_in(cache.join("stages"))?;
+        let kept = scratch.path().join("stage");
+        std::fs::rename(&tmp, &kept)
+            .with_context(|| format!("moving {} to {}", tmp.display(), kept.display()))?;
+        let installed = apt::installed_packages(&kept.join("rootfs/var/lib/dpkg"))?;
+        return Ok(Stage {
+            rootfs: kept.join("rootfs"),
+            installed,
+            _scratch: Some(scratch),
+        });
+    }
     let installed = apt::installed_packages(&tmp.join("rootfs/var/lib/dpkg"))?;
     std::fs::write(
         tmp.join("packages.txt"),
@@ -449,6 +468,7 @@ fn load_stage(rootfs: PathBuf, list: &Path) -> Result<Stage> {
     Ok(Stage {
         rootfs,
         installed: PackageSet::from_lines(&lines),
+        _scratch: None,
     })
 }
 
@@ -503,8 +523,20 @@ fn run_mmdebstrap(
         .arg(format!("--variant={}", resolved.variant))
         .arg("--aptopt=Acquire::Languages \"none\"")
         .arg("--aptopt=APT::Install-Recommends \"false\"");
-    if !packages.install.is_empty() {
-        cmd.arg(format!("--include={}", packages.install.join(",")));
+    // With a lock, every locked package is named: the flat repository's
+    // priorities are the .debs' own, not the archive's overrides (apt is
+    // `important` in its control file, `required` in the archive), so
+    // mmdebstrap's `?priority(required)` alone would miss some.
+    let mut include = packages.install.clone();
+    if resolved.locked.is_some() {
+        for name in resolved.set.0.keys() {
+            if !include.contains(name) {
+                include.push(name.clone());
+            }
+        }
+    }
+    if !include.is_empty() {
+        cmd.arg(format!("--include={}", include.join(",")));
     }
     for glob in &packages.path_exclude {
         cmd.arg(format!("--dpkgopt=path-exclude={glob}"));
