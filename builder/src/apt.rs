@@ -279,7 +279,11 @@ impl AptState {
     }
 
     pub fn new(cache: &Path, sources: &[SourceLine], exclude: &[String]) -> Result<AptState> {
-        let dir = AptState::dir_for(cache, sources);
+        AptState::create(AptState::dir_for(cache, sources), sources, exclude)
+    }
+
+    /// A state directory at `dir` (e.g. a temporary one) for `sources`.
+    pub fn create(dir: PathBuf, sources: &[SourceLine], exclude: &[String]) -> Result<AptState> {
         for sub in [
             "etc/apt/sources.list.d",
             "etc/apt/preferences.d",
@@ -304,7 +308,7 @@ impl AptState {
         Ok(AptState { dir })
     }
 
-    fn command(&self) -> Command {
+    pub(crate) fn command(&self) -> Command {
         let d = self.dir.display();
         let mut cmd = Command::new("apt-get");
         cmd.env("DEBIAN_FRONTEND", "noninteractive")

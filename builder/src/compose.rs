@@ -41,6 +41,12 @@ pub struct ComposeOptions {
     /// Who signs the commit (none: unsigned).
     pub signer: Option<crate::keys::Signer>,
     pub progress: Progress,
+    /// `--lock`: compose exactly the lock's packages instead of resolving.
+    pub lock: Option<crate::lock::Lock>,
+    /// `--debs`: the locked `.deb`s come from this directory.
+    pub lock_debs: Option<PathBuf>,
+    /// Install the packages again even when the stage cache has them.
+    pub rebuild_stage: bool,
 }
 
 impl ComposeOptions {
@@ -58,6 +64,9 @@ impl ComposeOptions {
                 .and_then(|s| s.parse().ok()),
             signer: None,
             progress: Progress::silent(),
+            lock: None,
+            lock_debs: None,
+            rebuild_stage: false,
         }
     }
 }
@@ -111,10 +120,40 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         .with_context(|| format!("creating cache directory {}", opts.cache.display()))?;
     let _lock = CacheLock::acquire(&opts.cache, progress)?;
 
+    if let Some(lock) = &opts.lock {
+        if lock.manifest_digest != manifest_digest {
+            bail!(
+                "the lock was written for manifest digest {}, but {} has digest {manifest_digest}: \
+                 the manifest (or a file or script it names) changed since that commit; \
+                 compose with the manifest the lock's commit was composed from, or without --lock",
+                lock.manifest_digest,
+                manifest.path.display()
+            );
+        }
+        if matches!(manifest.base, Base::Rootfs(_)) && !lock.packages.is_empty() {
+            bail!(
+                "the lock lists {} packages, but manifest {} has no [packages] (it uses `rootfs`): \
+                 the lock belongs to another tree",
+                lock.packages.len(),
+                manifest.path.display()
+            );
+        }
+    } else if opts.lock_debs.is_some() {
+        bail!("--debs needs --lock: the .debs are checked against a lock's checksums");
+    }
     let base = match &manifest.base {
         Base::Packages(packages) => ResolvedBase::Packages {
             packages,
-            resolved: stage::resolve(packages, &opts.cache, progress)?,
+            resolved: match &opts.lock {
+                Some(lock) => stage::resolve_locked(
+                    packages,
+                    lock,
+                    opts.lock_debs.as_deref(),
+                    &opts.cache,
+                    progress,
+                )?,
+                None => stage::resolve(packages, &opts.cache, progress)?,
+            },
         },
         Base::Rootfs(path) => ResolvedBase::Rootfs {
             path,
@@ -185,22 +224,47 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         .tempdir_in(&work_parent)?;
     let root = work.path().join("rootfs");
 
-    let step = match &base {
+    let (step, locked_packages) = match &base {
         ResolvedBase::Packages { packages, resolved } => {
             // Installed before the step starts, so its own progress is not
             // nested inside "preparing the tree".
-            let staged = stage::ensure_stage(packages, resolved, &opts.cache, progress)?;
+            let staged = stage::ensure_stage(
+                packages,
+                resolved,
+                &opts.cache,
+                opts.rebuild_stage,
+                progress,
+            )?;
             let step = progress.step("preparing the tree");
+            step.message("recording the packages in the lock");
+            let locked = match &opts.lock {
+                // Verified against the lock before anything was installed.
+                Some(lock) => lock.packages.clone(),
+                None => lock_packages(&staged.rootfs, &opts.cache, resolved)?,
+            };
             step.message("copying the package stage");
             stage::copy_tree(&staged.rootfs, &root)?;
-            step
+            (step, locked)
         }
         ResolvedBase::Rootfs { path, .. } => {
             let step = progress.step("preparing the tree");
             step.message("unpacking the base rootfs");
             stage::unpack_rootfs(path, &root)?;
-            step
+            (step, Vec::new())
         }
+    };
+    let lock = crate::lock::Lock {
+        format: crate::lock::FORMAT,
+        source_date_epoch: now,
+        manifest_digest: manifest_digest.to_string(),
+        host_digest: crate::lock::composer_digest()?,
+        sources: match &base {
+            ResolvedBase::Packages { resolved, .. } => {
+                resolved.sources.iter().map(|s| s.0.clone()).collect()
+            }
+            ResolvedBase::Rootfs { .. } => Vec::new(),
+        },
+        packages: locked_packages,
     };
     // From here on every write into the tree resolves inside it.
     let tree = crate::confined::Root::open(&root)?;
@@ -218,7 +282,11 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
     step.message("writing the SBOM");
     let sbom_sources = match &base {
         ResolvedBase::Packages { resolved, .. } => crate::sbom::ChecksumSources {
-            debs: Some(stage::debs_dir(&opts.cache)),
+            // With a lock: exactly the verified .debs.
+            debs: Some(match &resolved.locked {
+                Some(locked) => locked.pool(),
+                None => stage::debs_dir(&opts.cache),
+            }),
             lists: Some(
                 crate::apt::AptState {
                     dir: crate::apt::AptState::dir_for(&opts.cache, &resolved.sources),
@@ -250,6 +318,7 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         installed.to_lines().to_variant(),
     );
     metadata.insert(meta_keys::KARGS.into(), manifest.kernel_args.to_variant());
+    metadata.insert(meta_keys::LOCK.into(), lock.to_toml().to_variant());
     if !baked_apps.is_empty() {
         metadata.insert(meta_keys::APPS.into(), baked_apps.to_variant());
     }
@@ -278,6 +347,136 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         version,
         content_checksum,
         packages: installed.0.len(),
+    })
+}
+
+/// The lock's packages from an installed stage: its dpkg database, with
+/// the SHA-256 of each `.deb` taken as the SBOM takes it.
+fn lock_packages(
+    stage_root: &Path,
+    cache: &Path,
+    resolved: &stage::ResolvedPackages,
+) -> Result<Vec<crate::lock::LockedPackage>> {
+    let root = crate::confined::Root::open(stage_root)?;
+    let sources = crate::sbom::ChecksumSources {
+        debs: Some(stage::debs_dir(cache)),
+        lists: Some(
+            crate::apt::AptState {
+                dir: crate::apt::AptState::dir_for(cache, &resolved.sources),
+            }
+            .lists_dir(),
+        ),
+    };
+    let mut out = Vec::new();
+    for p in crate::sbom::installed_with_checksums(&root, &sources)? {
+        let Some(sha256) = p.sha256 else {
+            bail!(
+                "no SHA-256 for the installed {}={} ({}): its .deb is neither in {} nor in the apt indices, \
+                 so the lock cannot record it; remove the stage {} and compose again",
+                p.name,
+                p.version,
+                p.arch,
+                stage::debs_dir(cache).display(),
+                stage_root.parent().unwrap_or(stage_root).display()
+            );
+        };
+        out.push(crate::lock::LockedPackage {
+            name: p.name,
+            version: p.version,
+            architecture: p.arch,
+            sha256,
+        });
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// What `compose verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// The re-composed tree has the commit's content checksum.
+    Identical { content_checksum: String },
+    /// It does not: the paths that differ (original → re-composed).
+    Differs {
+        original: String,
+        recomposed: String,
+        files: crate::diff::FileDiff,
+    },
+}
+
+/// Re-composes commit `rev` of `opts.repo` from its recorded lock (packages,
+/// sources, `SOURCE_DATE_EPOCH`, version) and `manifest` into a scratch
+/// repository in the cache (removed afterwards, also on error) and compares
+/// the trees. A different composing executable than recorded is a warning.
+pub fn verify(manifest: &Manifest, rev: &str, mut opts: ComposeOptions) -> Result<Verification> {
+    let repo = repo::open(&opts.repo)?;
+    let commit = repo::resolve_commit(&repo, rev)?;
+    let info = repo::load_commit(&repo, &commit)?;
+    let text = info.string(meta_keys::LOCK).ok_or_else(|| {
+        anyhow::anyhow!(
+            "commit {commit} ({rev}) records no lockfile (`{}`): it was composed before cairn recorded \
+             its inputs, so it cannot be verified; compose it again and verify the new commit",
+            meta_keys::LOCK
+        )
+    })?;
+    let lock = crate::lock::Lock::parse(&text, &format!("the lock of commit {commit}"))?;
+    if lock.manifest_digest != manifest.digest() {
+        bail!(
+            "manifest {} has digest {}, but commit {commit} was composed from a manifest with digest {}: \
+             check out the manifest (and the files and scripts it names) the commit was composed from",
+            manifest.path.display(),
+            manifest.digest(),
+            lock.manifest_digest
+        );
+    }
+    let me = crate::lock::composer_digest()?;
+    if me != lock.host_digest {
+        let warning = format!(
+            "WARNING: this executable (sha256 {me}) is not the one that composed {commit} (sha256 {}): \
+             the result may differ because the composer differs",
+            lock.host_digest
+        );
+        tracing::warn!("{warning}");
+        opts.progress.note(&warning);
+    }
+    std::fs::create_dir_all(&opts.cache)
+        .with_context(|| format!("creating cache directory {}", opts.cache.display()))?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".verify-")
+        .tempdir_in(&opts.cache)
+        .with_context(|| format!("creating a scratch repository in {}", opts.cache.display()))?;
+    let original_repo = std::mem::replace(&mut opts.repo, scratch.path().join("repo"));
+    opts.repo_mode = ostree::RepoMode::BareUser;
+    opts.version = info.version();
+    opts.source_date_epoch = Some(lock.source_date_epoch);
+    opts.lock = Some(lock);
+    opts.dry_run = false;
+    opts.unless_changed = false;
+    opts.signer = None;
+    let Outcome::Committed {
+        checksum,
+        content_checksum,
+        ..
+    } = compose_tree(manifest, &opts)?
+    else {
+        bail!("the scratch compose of {commit} committed nothing");
+    };
+    let original = repo::content_checksum(&repo, &commit)?;
+    if original == content_checksum {
+        return Ok(Verification::Identical { content_checksum });
+    }
+    let scratch_repo = repo::open(&opts.repo)?;
+    let files =
+        crate::diff::diff_files(&repo, &commit, &scratch_repo, &checksum).with_context(|| {
+            format!(
+                "comparing {commit} of {} with the re-composed tree",
+                original_repo.display()
+            )
+        })?;
+    Ok(Verification::Differs {
+        original,
+        recomposed: content_checksum,
+        files,
     })
 }
 

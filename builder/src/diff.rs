@@ -39,10 +39,7 @@ pub fn diff_commits(repo: &ostree::Repo, from_rev: &str, to_rev: &str) -> Result
         crate::apt::PackageSet::from_lines(&c.strings(cairn_contracts::metadata::PACKAGES)).0
     };
     let packages = PackageDiff::between_maps(&pkgs(&a), &pkgs(&b));
-    let mut files = FileDiff::default();
-    let (ta, _) = root_tree(repo, &from)?;
-    let (tb, _) = root_tree(repo, &to)?;
-    diff_trees(repo, "", Some(&ta), Some(&tb), &mut files)?;
+    let files = diff_files(repo, &from, repo, &to)?;
     Ok(CommitDiff {
         from,
         to,
@@ -51,6 +48,22 @@ pub fn diff_commits(repo: &ostree::Repo, from_rev: &str, to_rev: &str) -> Result
         packages,
         files,
     })
+}
+
+/// The file changes from commit `from` of `repo_a` to commit `to` of
+/// `repo_b` (two repositories: `compose verify` compares a scratch compose
+/// with the original without copying either).
+pub fn diff_files(
+    repo_a: &ostree::Repo,
+    from: &str,
+    repo_b: &ostree::Repo,
+    to: &str,
+) -> Result<FileDiff> {
+    let mut files = FileDiff::default();
+    let (ta, _) = root_tree(repo_a, from)?;
+    let (tb, _) = root_tree(repo_b, to)?;
+    diff_trees((repo_a, repo_b), "", Some(&ta), Some(&tb), &mut files)?;
+    Ok(files)
 }
 
 fn root_tree(repo: &ostree::Repo, commit: &str) -> Result<(String, String)> {
@@ -80,7 +93,7 @@ fn load_dirtree(repo: &ostree::Repo, checksum: &str) -> Result<DirTree> {
 }
 
 fn diff_trees(
-    repo: &ostree::Repo,
+    repos: (&ostree::Repo, &ostree::Repo),
     prefix: &str,
     a: Option<&str>,
     b: Option<&str>,
@@ -88,11 +101,11 @@ fn diff_trees(
 ) -> Result<()> {
     let empty = DirTree::default();
     let ta = match a {
-        Some(c) => load_dirtree(repo, c)?,
+        Some(c) => load_dirtree(repos.0, c)?,
         None => empty.clone(),
     };
     let tb = match b {
-        Some(c) => load_dirtree(repo, c)?,
+        Some(c) => load_dirtree(repos.1, c)?,
         None => empty,
     };
     for (name, ca) in &ta.0 {
@@ -112,7 +125,7 @@ fn diff_trees(
         let path = format!("{prefix}/{name}");
         match tb.1.get(name) {
             Some(cb) if cb == ca => {}
-            Some(cb) => diff_trees(repo, &path, Some(&ca[..64]), Some(&cb[..64]), out)?,
+            Some(cb) => diff_trees(repos, &path, Some(&ca[..64]), Some(&cb[..64]), out)?,
             None => {
                 out.removed.push(format!("{path}/"));
             }

@@ -8,6 +8,7 @@ pub mod confined;
 pub mod diff;
 pub mod image;
 pub mod keys;
+pub mod lock;
 pub mod manifest;
 pub mod progress;
 pub mod publish;

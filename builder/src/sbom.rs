@@ -116,8 +116,29 @@ pub fn collect(root: &Root, sources: &ChecksumSources) -> Result<Vec<DebPackage>
     for p in &mut packages {
         p.license = license_of(root, &p.name);
     }
+    fill_checksums(&mut packages, sources)?;
+    Ok(packages)
+}
+
+/// The installed packages of a tree with the SHA-256 of their `.deb`s, no
+/// licenses: what the lockfile records (from the package stage).
+pub fn installed_with_checksums(root: &Root, sources: &ChecksumSources) -> Result<Vec<DebPackage>> {
+    const STATUS: &str = "var/lib/dpkg/status";
+    let status = match read_bounded(root, STATUS, MAX_STATUS_BYTES) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => bail!("/{STATUS} of the package stage is larger than {MAX_STATUS_BYTES} bytes"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading /{STATUS} of the package stage")),
+    };
+    let mut packages = parse_status(&String::from_utf8_lossy(&status));
+    fill_checksums(&mut packages, sources)?;
+    Ok(packages)
+}
+
+/// The `.deb` checksums: from `CACHE/debs`, then from the apt indices.
+fn fill_checksums(packages: &mut [DebPackage], sources: &ChecksumSources) -> Result<()> {
     if let Some(debs) = &sources.debs {
-        for p in &mut packages {
+        for p in packages.iter_mut() {
             p.sha256 = deb_sha256(debs, p)?;
         }
     }
@@ -136,7 +157,7 @@ pub fn collect(root: &Root, sources: &ChecksumSources) -> Result<Vec<DebPackage>
             }
         }
     }
-    Ok(packages)
+    Ok(())
 }
 
 /// A regular file of the tree, at most `max` bytes (`Ok(None)` if larger).
@@ -151,7 +172,7 @@ fn read_bounded(root: &Root, path: &str, max: u64) -> std::io::Result<Option<Vec
 }
 
 /// Debian's package name grammar: the only names used to build a path.
-fn name_ok(name: &str) -> bool {
+pub(crate) fn name_ok(name: &str) -> bool {
     name.len() >= 2
         && name.len() <= 128
         && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
@@ -160,7 +181,7 @@ fn name_ok(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
 }
 
-fn version_ok(v: &str) -> bool {
+pub(crate) fn version_ok(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 256
         && v.starts_with(|c: char| c.is_ascii_digit())
@@ -168,7 +189,7 @@ fn version_ok(v: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || ".+~:-".contains(c))
 }
 
-fn arch_ok(a: &str) -> bool {
+pub(crate) fn arch_ok(a: &str) -> bool {
     !a.is_empty() && a.len() <= 64 && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
@@ -191,7 +212,7 @@ fn license_of(root: &Root, name: &str) -> Option<String> {
 
 /// `name_version_arch.deb` as apt stores it in its archives (and so in
 /// `CACHE/debs`): `_`, `:`, `%` and unprintable bytes as `%xx` (apt's QuoteString).
-fn archive_file_name(p: &DebPackage) -> String {
+pub(crate) fn archive_file_name(name: &str, version: &str, arch: &str) -> String {
     fn quote(s: &str) -> String {
         let mut out = String::new();
         for b in s.bytes() {
@@ -203,12 +224,7 @@ fn archive_file_name(p: &DebPackage) -> String {
         }
         out
     }
-    format!(
-        "{}_{}_{}.deb",
-        quote(&p.name),
-        quote(&p.version),
-        quote(&p.arch)
-    )
+    format!("{}_{}_{}.deb", quote(name), quote(version), quote(arch))
 }
 
 /// SHA-256 of the package's `.deb` in the download cache, if it is there.
@@ -216,7 +232,7 @@ fn deb_sha256(debs: &Path, p: &DebPackage) -> Result<Option<String>> {
     if !(name_ok(&p.name) && version_ok(&p.version) && arch_ok(&p.arch)) {
         return Ok(None);
     }
-    let path = debs.join(archive_file_name(p));
+    let path = debs.join(archive_file_name(&p.name, &p.version, &p.arch));
     use std::os::unix::fs::OpenOptionsExt;
     let file = match std::fs::OpenOptions::new()
         .read(true)

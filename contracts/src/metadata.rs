@@ -17,6 +17,11 @@ pub const KARGS: &str = "cairn.kargs";
 pub const APPS: &str = "cairn.apps";
 /// The kernel release (`uname -r`) the tree boots.
 pub const KERNEL: &str = "cairn.kernel";
+/// The commit's lockfile (TOML text, builder/src/lock.rs): every package's
+/// name, version, architecture and `.deb` SHA-256, the manifest and `host`
+/// digests, `SOURCE_DATE_EPOCH` and the apt sources. `host compose lock`
+/// prints it; `compose tree --lock` and `compose verify` read it.
+pub const LOCK: &str = "cairn.lock";
 /// On a promoted commit: the commit, ref and version it was promoted from.
 pub const PROMOTED_FROM: &str = "cairn.promoted-from";
 pub const PROMOTED_FROM_REF: &str = "cairn.promoted-from-ref";
@@ -39,6 +44,7 @@ pub const COMPOSE_WRITTEN: &[&str] = &[
     KARGS,
     APPS,
     KERNEL,
+    LOCK,
 ];
 
 /// True for a key that only the compose (or libostree) may write.
@@ -52,7 +58,7 @@ mod tests {
 
     #[test]
     fn reserved_keys() {
-        for key in [VERSION, KARGS, PROMOTED_FROM_REF, "ostree.bootable"] {
+        for key in [VERSION, KARGS, LOCK, PROMOTED_FROM_REF, "ostree.bootable"] {
             assert!(is_reserved(key), "{key}");
         }
         for key in ["cairn.variant", "org.example.team", "versions"] {

@@ -42,6 +42,20 @@ pub enum ComposeCommand {
     /// Debian packages carry none.
     Sbom(SbomArgs),
 
+    /// Print the lockfile a commit recorded: its exact inputs.
+    ///
+    /// Every package's name, version, architecture and .deb sha256, the
+    /// manifest and composing `host` digests, SOURCE_DATE_EPOCH and the apt
+    /// sources, as TOML. `compose tree --lock FILE` composes exactly it.
+    Lock(LockArgs),
+
+    /// Re-compose a commit from its recorded inputs and compare the trees.
+    ///
+    /// Composes MANIFEST with the commit's lock, SOURCE_DATE_EPOCH and
+    /// version into a scratch repository (removed afterwards) and prints
+    /// `identical <content checksum>` (exit 0) or the differing paths (exit 1).
+    Verify(VerifyArgs),
+
     /// Write a bootable disk image of a composed commit.
     Image(crate::compose_image::ImageArgs),
 
@@ -95,6 +109,64 @@ pub struct TreeArgs {
     /// Create a new repository in `bare-user` mode instead of `archive`.
     #[arg(long, hide = true)]
     pub bare_user: bool,
+
+    /// Compose exactly the packages of this lockfile (`host compose lock REF -o FILE`)
+    /// instead of resolving them; each .deb is checked against its sha256.
+    #[arg(long, value_name = "FILE")]
+    pub lock: Option<PathBuf>,
+
+    /// With --lock: take the locked .debs from this directory instead of the
+    /// cache and the mirror (for versions the mirror no longer has).
+    #[arg(long, value_name = "DIR", requires = "lock")]
+    pub debs: Option<PathBuf>,
+
+    /// No progress output; only the result lines.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The repository holding the commit.
+    #[arg(long, env = "CAIRN_REPO", default_value_os_t = default_repo())]
+    pub repo: PathBuf,
+
+    /// The commit: ref, version or checksum.
+    #[arg(value_name = "REF")]
+    pub rev: String,
+
+    /// Write the lockfile here instead of printing it.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The repository holding the commit.
+    #[arg(long, env = "CAIRN_REPO", default_value_os_t = default_repo())]
+    pub repo: PathBuf,
+
+    /// Cache of downloaded packages, apt indices and installed package stages
+    /// (the scratch repository is made here too).
+    #[arg(long, env = "CAIRN_CACHE", default_value = "build/cache")]
+    pub cache: PathBuf,
+
+    /// The commit: ref, version or checksum.
+    #[arg(value_name = "REF")]
+    pub rev: String,
+
+    /// The manifest the commit was composed from (its digest must match the recorded one).
+    #[arg(long)]
+    pub manifest: PathBuf,
+
+    /// Take the locked .debs from this directory instead of the cache and the mirror.
+    #[arg(long, value_name = "DIR")]
+    pub debs: Option<PathBuf>,
+
+    /// Install the packages again with mmdebstrap even when the stage cache
+    /// has a stage for these inputs.
+    #[arg(long)]
+    pub rebuild_stage: bool,
 
     /// No progress output; only the result lines.
     #[arg(short, long)]
@@ -216,6 +288,8 @@ pub fn run(cmd: ComposeCommand) -> Result<ExitCode> {
         ComposeCommand::Tree(args) => tree(args),
         ComposeCommand::Diff(args) => diff(args),
         ComposeCommand::Sbom(args) => sbom(args),
+        ComposeCommand::Lock(args) => lock(args),
+        ComposeCommand::Verify(args) => verify(args),
         ComposeCommand::Commit(args) => commit(args),
         ComposeCommand::Promote(args) => promote(args),
         ComposeCommand::Image(args) => crate::compose_image::run(args),
@@ -236,6 +310,10 @@ fn tree(args: TreeArgs) -> Result<ExitCode> {
         opts.repo_mode = ostree::RepoMode::BareUser;
     }
     opts.host_binary = Some(crate::exe::container_executable());
+    if let Some(path) = &args.lock {
+        opts.lock = Some(cairn_builder::lock::Lock::read(path)?);
+    }
+    opts.lock_debs = args.debs;
     match compose_tree(&manifest, &opts)? {
         Outcome::Committed {
             refname,
@@ -278,6 +356,70 @@ fn tree(args: TreeArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn lock(args: LockArgs) -> Result<ExitCode> {
+    let repo = cairn_builder::repo::open(&args.repo)?;
+    let commit = cairn_builder::repo::resolve_commit(&repo, &args.rev)?;
+    let info = cairn_builder::repo::load_commit(&repo, &commit)?;
+    let key = cairn_contracts::metadata::LOCK;
+    let Some(text) = info.string(key) else {
+        anyhow::bail!(
+            "commit {commit} ({}) records no lockfile (`{key}`): it was composed before cairn recorded its inputs; \
+             compose it again to get one",
+            args.rev
+        );
+    };
+    match &args.output {
+        Some(path) => std::fs::write(path, &text)
+            .map_err(|e| anyhow::anyhow!("writing the lockfile to {}: {e}", path.display()))?,
+        None => {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|e| anyhow::anyhow!("writing the lockfile to stdout: {e}"))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(args: VerifyArgs) -> Result<ExitCode> {
+    let manifest = Manifest::load(&args.manifest)?;
+    let mut opts = ComposeOptions::new(args.repo, args.cache);
+    opts.progress = Progress::new(args.quiet);
+    opts.host_binary = Some(crate::exe::container_executable());
+    opts.lock_debs = args.debs;
+    opts.rebuild_stage = args.rebuild_stage;
+    match cairn_builder::compose::verify(&manifest, &args.rev, opts)? {
+        cairn_builder::compose::Verification::Identical { content_checksum } => {
+            println!("identical {content_checksum}");
+            Ok(ExitCode::SUCCESS)
+        }
+        cairn_builder::compose::Verification::Differs {
+            original,
+            recomposed,
+            files,
+        } => {
+            println!("differs {original} {recomposed}");
+            println!(
+                "files: {} modified, {} removed, {} added",
+                files.modified.len(),
+                files.removed.len(),
+                files.added.len()
+            );
+            for f in &files.modified {
+                println!("  M {f}");
+            }
+            for f in &files.removed {
+                println!("  D {f}");
+            }
+            for f in &files.added {
+                println!("  A {f}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn commit(args: CommitArgs) -> Result<ExitCode> {

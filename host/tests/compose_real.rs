@@ -199,6 +199,82 @@ fn container_host_manifest_composes_a_bootable_container_host() {
     let again = run(&["--unless-changed"]);
     assert!(again.starts_with("no changes"), "{again}");
     assert_eq!(ostree(&repo, &["rev-parse", REF]).trim(), commit);
+
+    // The lock names every installed package with its .deb's sha256, and a
+    // re-compose from it (cached stage) gives the very same tree.
+    let cache = root.join("build/cache");
+    let lock_out = Command::new(&host)
+        .args(["compose", "lock", "--repo"])
+        .arg(&repo)
+        .arg(REF)
+        .output()
+        .unwrap();
+    assert!(lock_out.status.success(), "compose lock failed");
+    let lock = String::from_utf8(lock_out.stdout).unwrap();
+    assert_eq!(
+        lock.matches("[[package]]").count(),
+        packages.matches('=').count(),
+        "{lock}"
+    );
+    assert!(lock.contains("sources = [\"deb "), "{lock}");
+    let verify = Command::new(&host)
+        .args(["compose", "verify", "--quiet", "--repo"])
+        .arg(&repo)
+        .arg("--cache")
+        .arg(&cache)
+        .arg("--manifest")
+        .arg(root.join("manifests/container-host.toml"))
+        .arg(REF)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(verify.status.success(), "compose verify: {stdout}");
+    let content = repo_content_checksum(&repo, &commit);
+    assert_eq!(stdout.trim(), format!("identical {content}"));
+
+    // A locked version the mirror does not have fails, naming it and --debs.
+    let mut bogus = String::new();
+    let mut name = String::new();
+    let mut replaced = false;
+    for line in lock.lines() {
+        if let Some(n) = line.strip_prefix("name = ") {
+            name = n.trim_matches('"').to_string();
+        }
+        if !replaced && line.starts_with("version = ") {
+            bogus.push_str("version = \"9.9.9-cairn-bogus\"\n");
+            replaced = true;
+            continue;
+        }
+        bogus.push_str(line);
+        bogus.push('\n');
+    }
+    let bogus_path = tmp.path().join("bogus.toml");
+    std::fs::write(&bogus_path, bogus).unwrap();
+    let out = Command::new(&host)
+        .args(compose_tree_args(
+            tmp.path().join("repo-bogus"),
+            &cache,
+            root.join("manifests/container-host.toml"),
+            &["--quiet", "--lock", bogus_path.to_str().unwrap()],
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("{name}=9.9.9-cairn-bogus")) && err.contains("--debs DIR"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("repo-bogus/refs/heads").join(REF).exists());
+}
+
+fn repo_content_checksum(repo: &Path, commit: &str) -> String {
+    ostree(repo, &["log", commit])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ContentChecksum:"))
+        .map(|c| c.trim().to_string())
+        .expect("ContentChecksum in ostree log")
 }
 
 #[test]
