@@ -238,7 +238,8 @@ fn container_host_manifest_composes_a_bootable_container_host() {
     let mut name = String::new();
     let mut replaced = false;
     for line in lock.lines() {
-        if let Some(n) = line.strip_prefix("name = ") {
+        // The name of the package whose version is replaced: the first.
+        if let (false, Some(n)) = (replaced, line.strip_prefix("name = ")) {
             name = n.trim_matches('"').to_string();
         }
         if !replaced && line.starts_with("version = ") {
