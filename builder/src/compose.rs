@@ -432,12 +432,12 @@ pub fn verify(manifest: &Manifest, rev: &str, mut opts: ComposeOptions) -> Resul
     let me = crate::lock::composer_digest()?;
     if me != lock.host_digest {
         let warning = format!(
-            "WARNING: this executable (sha256 {me}) is not the one that composed {commit} (sha256 {}): \
+            "this executable (sha256 {me}) is not the one that composed {commit} (sha256 {}): \
              the result may differ because the composer differs",
             lock.host_digest
         );
+        // A warning, not progress: printed under --quiet too.
         tracing::warn!("{warning}");
-        opts.progress.note(&warning);
     }
     std::fs::create_dir_all(&opts.cache)
         .with_context(|| format!("creating cache directory {}", opts.cache.display()))?;

@@ -435,9 +435,14 @@ pub fn ensure_stage(
     if resolved.locked.is_some() {
         // Built from the lock's flat repository: used for this compose only,
         // so a difference to a stage from the mirror never reaches the cache.
+        // Kept in CACHE/work, which the next compose sweeps if this one is
+        // killed before it removes it.
+        let work = cache.join("work");
+        std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
         let scratch = tempfile::Builder::new()
             .prefix(".locked-")
-            .tempdir_in(cache.join("stages"))?;
+            .tempdir_in(&work)
+            .with_context(|| format!("creating a scratch stage in {}", work.display()))?;
         let kept = scratch.path().join("stage");
         std::fs::rename(&tmp, &kept)
             .with_context(|| format!("moving {} to {}", tmp.display(), kept.display()))?;
