@@ -70,8 +70,10 @@ impl LockedPackage {
 /// SHA-256 of the executable running now: the `host` that composes
 /// (`host-full` when `host` handed the command over).
 pub fn composer_digest() -> Result<String> {
-    let exe = std::env::current_exe().context("finding the running executable")?;
-    crate::manifest::file_sha256(&exe).with_context(|| format!("reading {}", exe.display()))
+    // /proc/self/exe opens the running file itself, even after a rebuild
+    // replaced the path it was started from.
+    let exe = std::path::Path::new("/proc/self/exe");
+    crate::manifest::file_sha256(exe).context("reading the running executable (/proc/self/exe)")
 }
 
 /// A lockfile that does not parse or check, with the key at fault.
