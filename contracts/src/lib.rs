@@ -13,3 +13,4 @@ pub mod names;
 pub mod packages;
 pub mod rootpath;
 pub mod trust;
+pub mod units;

@@ -41,6 +41,10 @@ pub fn container_executable(executable: &std::path::Path) -> std::path::PathBuf 
     }
 }
 
+/// A node config `host compose image --config` writes into the image's
+/// /var (the stateroot's), the last source first-boot provisioning reads.
+pub const PROVISION_EMBEDDED_CONFIG: &str = "/var/lib/cairn/provision/embedded.toml";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::app;
 use crate::node;
-use crate::{agent, compose, fleet, health};
+use crate::{agent, compose, fleet, health, provision};
 
 /// cairn: an immutable container host, composed from a manifest, updated atomically.
 #[derive(Debug, Parser)]
@@ -49,6 +49,11 @@ pub enum Command {
     #[command(subcommand)]
     Health(health::HealthCommand),
 
+    /// First-boot provisioning: a node config gives each node its hostname,
+    /// users and SSH keys, network, agent and fleet settings, checks and apps.
+    #[command(subcommand)]
+    Provision(provision::ProvisionCommand),
+
     /// Reboot coordination for fleets (FleetLock on etcd).
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
@@ -75,6 +80,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fleet(cmd) => fleet::run(cmd),
         Command::Agent(args) => agent::run(args),
         Command::Health(cmd) => health::run(cmd),
+        Command::Provision(cmd) => provision::run(cmd),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "host", &mut std::io::stdout());

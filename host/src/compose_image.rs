@@ -59,6 +59,12 @@ pub struct ImageArgs {
     #[arg(long, conflicts_with = "trust")]
     pub insecure_no_verify: bool,
 
+    /// A node config to embed (docs/provisioning.md): the node applies it at
+    /// its first boot unless fw_cfg, a config drive or a URL gives another.
+    /// Checked first, as `host provision validate` does.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// No progress output on stderr.
     #[arg(short, long)]
     pub quiet: bool,
@@ -80,6 +86,10 @@ pub fn run(args: ImageArgs) -> Result<ExitCode> {
             cairn_builder::keys::PUBLIC_KEY_FILE
         ),
     };
+    let node_config = match &args.config {
+        Some(path) => Some(crate::provision::checked_file(path)?.into_bytes()),
+        None => None,
+    };
     let report = image::write_image(&ImageOptions {
         repo: args.repo,
         ref_: args.ref_,
@@ -89,6 +99,7 @@ pub fn run(args: ImageArgs) -> Result<ExitCode> {
         remote_url: args.remote_url,
         extra_kargs: args.kargs,
         trust,
+        node_config,
         output: args.output,
         quiet: args.quiet,
     })?;

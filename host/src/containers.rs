@@ -418,6 +418,25 @@ fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
     })
 }
 
+/// Checks `args` (what follows `host app run`) exactly as `run` parses
+/// them, so a node config's apps fail validation where the node would fail.
+#[allow(dead_code)] // used by the full executable only
+pub fn check_run_args(args: &[String]) -> Result<()> {
+    #[derive(Debug, clap::Parser)]
+    #[command(name = "host app run", no_binary_name = true)]
+    struct RunOnly {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+    let parsed = <RunOnly as clap::Parser>::try_parse_from(args)
+        .map_err(|e| anyhow::anyhow!("{}", e.render().to_string().trim_end()))?;
+    let opts = run_options(parsed.args)?;
+    if let Some(name) = &opts.name {
+        cairn_runtime::engine::check_name(name)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

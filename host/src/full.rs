@@ -13,6 +13,7 @@ mod exe;
 mod fleet;
 mod health;
 mod node;
+mod provision;
 
 use std::process::ExitCode;
 

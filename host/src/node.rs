@@ -704,6 +704,16 @@ pub(crate) mod render {
                 )?;
             }
         }
+        if let Some(p) = &st.provision {
+            let text = crate::provision::render_state(p);
+            // The headline and, when it failed, why.
+            for line in text
+                .lines()
+                .filter(|l| !l.starts_with("  ") || l.starts_with("  error:"))
+            {
+                writeln!(out, "{line}")?;
+            }
+        }
         Ok(())
     }
 }
@@ -980,8 +990,20 @@ mod tests {
                 at: "2026-11-23T01:00:00Z".into(),
             }],
         });
+        let mut failed = cairn_updater::provision::apply::ProvisionState::failed(
+            Some("fw_cfg opt/org.cairn/config".into()),
+            "node config fw_cfg opt/org.cairn/config: hostname: \"-x\" is not a hostname".into(),
+        );
+        failed.at = "2026-11-23T00:59:00Z".into();
+        failed.files = vec!["/etc/motd".into()];
+        status.provision = Some(failed);
         let out = render::status(&status, false);
         let text = out;
+        assert!(
+            text.contains("Provisioning: FAILED at 2026-11-23T00:59:00Z from fw_cfg opt/org.cairn/config\n  error: node config fw_cfg opt/org.cairn/config: hostname:"),
+            "{text}"
+        );
+        assert!(!text.contains("files:"), "{text}");
         assert!(
             text.contains("Agent: policy apply, waiting-for-window c0ffee012345\n"),
             "{text}"
@@ -1005,5 +1027,7 @@ mod tests {
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["agent"]["state"], "waiting-for-window");
         assert_eq!(json["health"]["badCommits"][0]["checksum"], "badbadbad0001");
+        assert_eq!(json["provision"]["result"], "failed");
+        assert_eq!(json["provision"]["source"], "fw_cfg opt/org.cairn/config");
     }
 }

@@ -6,3 +6,5 @@ passwd -l root >/dev/null
 # The GRUB menu generator libostree runs (OSTREE_GRUB2_EXEC) is the host binary.
 mkdir -p /usr/lib/cairn
 ln -sf ../../bin/host /usr/lib/cairn/grub2-generate
+# Every node makes its own SSH host keys at first boot (cairn-ssh-keygen.service).
+rm -f /etc/ssh/ssh_host_*

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub const DIRS: &[&str] = &["/usr/lib/cairn/health.d", "/etc/cairn/health.d"];
 pub const STATE_FILE: &str = "/var/lib/cairn/health/state.json";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
     Required,

@@ -16,6 +16,7 @@ pub mod fleetlock;
 pub mod health;
 pub mod ops;
 pub mod plan;
+pub mod provision;
 pub mod pull;
 pub mod recovery;
 pub mod report;

@@ -29,6 +29,9 @@ pub struct Status {
     /// The last health check (`host health check`), if any ran here.
     #[serde(default)]
     pub health: Option<HealthSummary>,
+    /// What first-boot provisioning did here (null before it ran).
+    #[serde(default)]
+    pub provision: Option<crate::provision::apply::ProvisionState>,
     /// GRUB's boot counter (null on other bootloaders).
     #[serde(default)]
     pub boot_counter: Option<crate::bootloader::BootCounter>,
@@ -379,6 +382,7 @@ pub fn read_status_with(
         deployments,
         agent: agent(&var),
         health: health_summary(&var),
+        provision: crate::provision::apply::ProvisionState::load(&var),
         boot_counter: crate::bootloader::read(target.path(), &repo).unwrap_or_else(|err| {
             tracing::warn!("{err:#}");
             None

@@ -254,6 +254,21 @@ pub fn deploy(
     Ok(())
 }
 
+/// Writes `config` into the stateroot's /var (the node's /var), private to
+/// root: it may carry password hashes.
+pub fn embed_node_config(sysroot_path: &Path, config: &[u8]) -> Result<()> {
+    let rel = cairn_contracts::names::PROVISION_EMBEDDED_CONFIG
+        .strip_prefix("/var/")
+        .context("the embedded config lives under /var")?;
+    let path = sysroot_path
+        .join(format!("ostree/deploy/{OSNAME}/var"))
+        .join(rel);
+    let dir = path.parent().context("a config path has a directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    cairn_contracts::durable::write_mode(&path, config, 0o600)
+        .with_context(|| format!("embedding the node config at {}", path.display()))
+}
+
 fn set_bootloader(repo: &ostree::Repo, value: &str) -> Result<()> {
     let config = repo.copy_config();
     config.set_string("sysroot", "bootloader", value);

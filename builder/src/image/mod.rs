@@ -76,6 +76,9 @@ pub struct ImageOptions {
     pub extra_kargs: Vec<String>,
     /// What the node checks before it installs an update.
     pub trust: Trust,
+    /// A node config to embed (checked by the caller), read by first-boot
+    /// provisioning when no other source has one.
+    pub node_config: Option<Vec<u8>>,
     /// Output file.
     pub output: PathBuf,
     /// No progress output.
@@ -335,6 +338,9 @@ fn fill(
         kargs,
         trusted,
     )?;
+    if let Some(config) = &opts.node_config {
+        deploy::embed_node_config(root_mnt.target(), config)?;
+    }
     step.finish("");
 
     let step = progress.step("unmount");
@@ -383,6 +389,7 @@ mod tests {
             size,
             remote_url: None,
             trust: Trust::InsecureNoVerify,
+            node_config: None,
             extra_kargs: vec![],
             output: dir.join("disk.img"),
             quiet: true,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, NaiveTime, Timelike, Utc, Weekday};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Defaults shipped in the tree, then the machine's own settings.
@@ -14,7 +15,7 @@ pub const DEFAULT_PATHS: &[&str] = &["/usr/lib/cairn/agent.toml", "/etc/cairn/ag
 /// Drop-ins, read in name order after the files above.
 pub const DROPIN_DIR: &str = "/etc/cairn/agent.d";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
     /// Do nothing.
@@ -28,7 +29,7 @@ pub enum Policy {
     Apply,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     /// Reboot as soon as an update is staged.
@@ -40,38 +41,52 @@ pub enum Strategy {
     FleetLock,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct Fragment {
-    policy: Option<Policy>,
-    interval: Option<String>,
-    jitter: Option<String>,
-    window: Option<WindowFragment>,
-    reboot: Option<RebootFragment>,
-    fleet_lock: Option<FleetLockFragment>,
+pub struct Fragment {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowFragment>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootFragment>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_lock: Option<FleetLockFragment>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct WindowFragment {
-    days: Option<Vec<String>>,
-    start: Option<String>,
-    length: Option<String>,
-    timezone: Option<String>,
+pub struct WindowFragment {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RebootFragment {
-    strategy: Option<Strategy>,
+pub struct RebootFragment {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FleetLockFragment {
-    base_url: Option<String>,
-    group: Option<String>,
-    id: Option<String>,
+pub struct FleetLockFragment {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// Days and hours in a time zone when reboots (and, with `apply`, updates) may happen.
@@ -216,6 +231,12 @@ fn merge(base: Fragment, top: Fragment) -> Fragment {
         reboot: top.reboot.or(base.reboot),
         fleet_lock,
     }
+}
+
+/// Checks one fragment as the agent would read it alone (`default_id`
+/// stands in for the machine id a missing fleet-lock id defaults to).
+pub fn check_fragment(f: &Fragment, default_id: &str) -> Result<()> {
+    resolve(f.clone(), Vec::new(), Some(default_id.to_string())).map(drop)
 }
 
 fn resolve(f: Fragment, sources: Vec<PathBuf>, default_id: Option<String>) -> Result<AgentConfig> {
