@@ -113,6 +113,7 @@ pub fn unit_text(app: &App, image_in_tree: &Path) -> String {
         // the node's app store does not grow with every upgrade and rollback
         // (the tree keeps its own copy to import again). Best effort.
         after_start: Some(host_command(&["app", "prune"])),
+        after_boot: false,
     })
 }
 

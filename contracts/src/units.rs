@@ -46,6 +46,9 @@ pub struct AppUnit<'a> {
     pub run_args: Vec<String>,
     /// Run after it started, failures ignored.
     pub after_start: Option<Vec<String>>,
+    /// Start once the boot reached multi-user.target: after every app baked
+    /// into the tree has imported its image (a node config's apps may run those).
+    pub after_boot: bool,
 }
 
 pub fn app_unit_text(u: &AppUnit) -> String {
@@ -55,7 +58,12 @@ pub fn app_unit_text(u: &AppUnit) -> String {
     let _ = writeln!(t, "Wants=network-online.target");
     let _ = writeln!(
         t,
-        "After=network-online.target systemd-networkd.service local-fs.target"
+        "After=network-online.target systemd-networkd.service local-fs.target{}",
+        if u.after_boot {
+            " multi-user.target"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(t, "\n[Service]\nType=oneshot\nRemainAfterExit=yes");
     if let Some(pre) = &u.prepare {

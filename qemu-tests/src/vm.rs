@@ -43,6 +43,8 @@ pub struct VmConfig {
     pub cpus: u32,
     /// More QEMU arguments, e.g. a second `-drive` with an update to bring in.
     pub extra_args: Vec<String>,
+    /// Appended to the user-mode netdev, e.g. `,hostfwd=tcp:127.0.0.1:2222-:22`.
+    pub net_options: String,
 }
 
 impl VmConfig {
@@ -53,6 +55,7 @@ impl VmConfig {
             memory_mib: 1536,
             cpus: 2,
             extra_args: Vec::new(),
+            net_options: String::new(),
         }
     }
 }
@@ -189,7 +192,8 @@ impl Vm {
                 "file={},format=qcow2,if=virtio,cache=writeback",
                 self.overlay.display()
             ))
-            .args(["-netdev", "user,id=net0"])
+            .arg("-netdev")
+            .arg(format!("user,id=net0{}", self.config.net_options))
             .args(["-device", "virtio-net-pci,netdev=net0"])
             .args(["-device", "virtio-serial-pci,id=vser0"])
             .arg("-chardev")

@@ -1,6 +1,7 @@
 //! `host compose image` on its failure paths: whatever goes wrong, no output
 //! file, no temporary file and no loop device are left behind; and the trust
-//! it writes into a node. (Booting its output is proven in tests/lifecycle.rs.)
+//! it writes into a node, and the node config it embeds. (Booting its output
+//! is proven in tests/lifecycle.rs; applying a config in tests/provision.rs.)
 
 use std::path::Path;
 use std::process::Command;
@@ -286,11 +287,21 @@ fn an_image_trusts_only_its_keys_and_its_node_verifies_updates() {
 
     let out_dir = work.join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let write = |ref_: &str, key: &Path, output: &Path| {
+    let node_config = work.join("node.toml");
+    std::fs::write(&node_config, "version = 1\nhostname = \"embedded-1\"\n").unwrap();
+    let bad_config = work.join("bad.toml");
+    std::fs::write(
+        &bad_config,
+        "version = 1\nhostname = \"embedded-1\"\nhostnme = \"x\"\n",
+    )
+    .unwrap();
+    let write_with = |ref_: &str, key: &Path, output: &Path, config: &Path| {
         Command::new(&host)
             .args([
                 "compose", "image", "--quiet", "--format", "raw", "--size", "2G",
             ])
+            .arg("--config")
+            .arg(config)
             .arg("--repo")
             .arg(&repo)
             .args(["--ref", ref_])
@@ -301,6 +312,7 @@ fn an_image_trusts_only_its_keys_and_its_node_verifies_updates() {
             .output()
             .expect("run host")
     };
+    let write = |ref_: &str, key: &Path, output: &Path| write_with(ref_, key, output, &node_config);
 
     // Refused: a commit without a signature, and one signed by a key the
     // image is not told to trust. Nothing is left behind.
@@ -327,7 +339,21 @@ fn an_image_trusts_only_its_keys_and_its_node_verifies_updates() {
         assert_eq!(loops_backed_by(&out_dir), Vec::<String>::new());
     }
 
-    // Written: the signed commit, trusted with its key.
+    // Refused: a node config that would fail on the node, before any disk is made.
+    let res = write_with(
+        "test/signed",
+        &keys.join("cairn-release.asc"),
+        &out_dir.join("refused.raw"),
+        &bad_config,
+    );
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && stderr.contains("line 3"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
+
+    // Written: the signed commit, trusted with its key, with its node config.
     let image = out_dir.join("signed.raw");
     let res = write("test/signed", &keys.join("cairn-release.asc"), &image);
     assert!(
@@ -365,6 +391,14 @@ fn an_image_trusts_only_its_keys_and_its_node_verifies_updates() {
     );
     let stderr = String::from_utf8_lossy(&status.stderr);
     assert!(!stderr.contains("WITHOUT verifying"), "{stderr}");
+    // The node config, in the node's /var, for root only.
+    let embedded = mnt.join("ostree/deploy/cairn/var/lib/cairn/provision/embedded.toml");
+    assert_eq!(
+        std::fs::read(&embedded).unwrap(),
+        std::fs::read(&node_config).unwrap()
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&embedded).unwrap().mode() & 0o7777, 0o600);
     drop(_boot_mount);
     drop(_root_mount);
     drop(boot);

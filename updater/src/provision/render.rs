@@ -196,6 +196,7 @@ pub fn render(c: &NodeConfig) -> Result<Plan> {
             prepare: None,
             run_args: app_run(a).args(),
             after_start: None,
+            after_boot: true,
         });
         e.push(root_file(format!("{UNIT_DIR}/{unit}"), 0o644, text));
         // Enabled as `systemctl enable` would, so it also works in a root that is not running.
