@@ -98,6 +98,9 @@ fn print_plan(plan: &Plan) {
     for u in &plan.units {
         println!("  start {u}");
     }
+    if let Some(r) = &plan.follow {
+        println!("  follow {r} (its next update comes from there)");
+    }
     if !plan.kernel_args.is_empty() {
         println!(
             "  kernel arguments {} (a new deployment, then a reboot)",
@@ -131,6 +134,9 @@ pub fn render_state(s: &ProvisionState) -> String {
     }
     if !s.units.is_empty() {
         t.push_str(&format!("  apps: {}\n", s.units.join(", ")));
+    }
+    if let Some(r) = &s.follows {
+        t.push_str(&format!("  follows: {r}\n"));
     }
     if !s.kernel_args.is_empty() {
         t.push_str(&format!(
@@ -226,12 +232,18 @@ fn activate(plan: &Plan, state: &mut ProvisionState) -> Result<()> {
                 .args(&plan.units),
         )?;
     }
+    let target = cairn_updater::SysrootTarget::from_option(None);
+    if let Some(refspec) = &plan.follow {
+        let mut step = crate::node::show_step(false);
+        cairn_updater::follow(&target, refspec, &mut step)
+            .with_context(|| format!("following {refspec}"))?;
+        state.follows = Some(refspec.clone());
+    }
     if !plan.kernel_args.is_empty() {
         let edit = cairn_updater::KargsEdit {
             append: plan.kernel_args.clone(),
             ..Default::default()
         };
-        let target = cairn_updater::SysrootTarget::from_option(None);
         let mut step = crate::node::show_step(false);
         cairn_updater::kargs(&target, &edit, &mut step).context("adding the kernel arguments")?;
         state.kernel_args = plan.kernel_args.clone();

@@ -7,8 +7,8 @@
 //! 1. first boot: the hostname, root's SSH key (a real `ssh` login from the
 //!    build machine runs `host status`), no password logins, a static
 //!    address on the NIC matched by MAC, the agent's settings (the running
-//!    agent reports them), a health check, an app started by its unit;
-//!    `host status` names the source.
+//!    agent reports them), the channel updates follow, a health check, an
+//!    app started by its unit; `host status` names the source.
 //! 2. a reboot: nothing is provisioned again (the stamp keeps its time), and
 //!    the app is started at boot by its unit.
 //!
@@ -24,7 +24,7 @@ mod apps_image;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use apps_image::*;
 use qemu_tests::fixture::build_dir;
@@ -38,6 +38,8 @@ const MAC: &str = "52:54:00:12:34:56";
 const STATIC_IP: &str = "10.0.2.77";
 const ECHO: &str = "echo";
 const ECHO_IP: &str = "10.88.0.77";
+/// A channel the node follows from its first boot on.
+const FOLLOW: &str = "cairn:cairn/test/green";
 
 fn boot(image: &Path, name: &str, config: &Path, ssh_port: Option<u16>) -> Vm {
     let runs = build_dir("qemu-tests/runs");
@@ -63,27 +65,10 @@ fn status(vm: &mut Vm) -> Value {
 
 /// Poll `check` in the guest until it succeeds, for at most `limit`.
 fn wait_for(vm: &mut Vm, what: &str, check: &str, limit: Duration) -> String {
-    let started = Instant::now();
-    loop {
-        let out = must(vm.run(check));
-        if out.success() {
-            return out.stdout;
-        }
-        if started.elapsed() > limit {
-            let diag = vm
-                .run(
-                    "systemctl --failed --no-legend; journalctl -b -u cairn-provision --no-pager | tail -30; \
-                     host app ps; journalctl -b -u cairn-app-echo --no-pager | tail -20",
-                )
-                .map(|o| o.to_string())
-                .unwrap_or_default();
-            panic!(
-                "{what}: not within {} s: {check}\n{out}\n{diag}",
-                limit.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_secs(3));
-    }
+    let diag =
+        "systemctl --failed --no-legend; journalctl -b -u cairn-provision --no-pager | tail -30; \
+                host app ps; journalctl -b -u cairn-app-echo --no-pager | tail -20";
+    wait_for_in(vm, what, check, limit, diag)
 }
 
 fn ssh(key: &Path, known_hosts: &Path, port: u16, command: &str) -> std::process::Output {
@@ -145,6 +130,9 @@ addresses = ["10.0.2.15/24", "{STATIC_IP}/24"]
 gateway = "10.0.2.2"
 dns = ["10.0.2.3"]
 
+[update]
+ref = "{FOLLOW}"
+
 [agent]
 policy = "check"
 interval = "2h"
@@ -183,6 +171,9 @@ memory = "64M"
         st["provision"]
     );
     assert_eq!(must(a.ok("cat /proc/sys/kernel/hostname")).trim(), HOSTNAME);
+    assert_eq!(st["provision"]["follows"], FOLLOW);
+    let booted = qemu_tests::guest::booted(&st);
+    assert_eq!(booted["origin"]["refspec"], FOLLOW, "{booted:#}");
     let text = must(a.ok("host status"));
     assert!(text.contains("Provisioning: applied at "), "{text}");
 

@@ -59,27 +59,11 @@ fn ps_entry(vm: &mut Vm, name: &str) -> Value {
 
 /// Poll `check` (a guest command) until it succeeds, for at most `limit`.
 fn wait_for(vm: &mut Vm, what: &str, check: &str, limit: Duration) -> String {
-    let started = Instant::now();
-    loop {
-        let out = must(vm.run(check));
-        if out.success() {
-            return out.stdout;
-        }
-        if started.elapsed() > limit {
-            let diag = vm
-                .run(&format!(
-                    "host app ps; systemctl status --no-pager -l cairn-app-{APP}.service | tail -20; \
-                     host app logs {APP} | tail -20; ip -o addr; ip route"
-                ))
-                .map(|o| o.to_string())
-                .unwrap_or_default();
-            panic!(
-                "{what}: not within {} s; last try: {check}\n{out}\nstate:\n{diag}",
-                limit.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    let diag = format!(
+        "host app ps; systemctl status --no-pager -l cairn-app-{APP}.service | tail -20; \
+         host app logs {APP} | tail -20; ip -o addr; ip route"
+    );
+    wait_for_in(vm, what, check, limit, &diag)
 }
 
 /// The baked app, checked from the guest's host side: unit active, running

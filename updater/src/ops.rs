@@ -86,6 +86,28 @@ impl Session {
         })
     }
 
+    /// Fails naming the configured remotes unless `remote` is one of them.
+    fn require_remote(&self, remote: &str) -> Result<()> {
+        let remotes: Vec<String> = self
+            .repo
+            .remote_list()
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        if !remotes.iter().any(|r| r == remote) {
+            bail!(
+                "remote `{remote}` is not configured in {}/ostree/repo (configured: {})",
+                self.path.display(),
+                if remotes.is_empty() {
+                    "none".to_string()
+                } else {
+                    remotes.join(", ")
+                }
+            );
+        }
+        Ok(())
+    }
+
     /// The plain facts the planner starts from.
     fn snapshot(&self) -> Result<Snapshot> {
         let merge = self.merge_deployment()?;
@@ -637,18 +659,7 @@ pub fn switch(
         anyhow!("`{refspec}` is not REMOTE:REF (for example cairn:cairn/bookworm/x86_64/container-host)")
     })?;
     let s = Session::begin(target, "switch", obs)?;
-    let remotes: Vec<String> = s.repo.remote_list().iter().map(|r| r.to_string()).collect();
-    if !remotes.contains(&remote) {
-        bail!(
-            "remote `{remote}` is not configured in {}/ostree/repo (configured: {})",
-            s.path.display(),
-            if remotes.is_empty() {
-                "none".to_string()
-            } else {
-                remotes.join(", ")
-            }
-        );
-    }
+    s.require_remote(&remote)?;
     let snap = s.snapshot()?;
     let stats = pull_observed(
         &s,
@@ -688,6 +699,35 @@ pub fn switch(
     planned(&mut report, ChangeKind::Switch, refspec, &plan, obs);
     stage(&s, &plan, &mut report)?;
     Ok(report)
+}
+
+/// Makes the deployment updates are based on follow `refspec` (REMOTE:REF)
+/// without deploying anything: the next `host upgrade`, or the agent's next
+/// check, pulls and stages that ref's head. What a node config's
+/// `[update] ref` does at first boot (a channel, say). Returns the refspec
+/// it followed before.
+pub fn follow(target: &SysrootTarget, refspec: &str, obs: &mut dyn Observer) -> Result<String> {
+    let (remote, _) = split_refspec(refspec);
+    let remote = remote.ok_or_else(|| {
+        anyhow!("`{refspec}` is not REMOTE:REF (for example cairn:cairn/bookworm/x86_64/container-host)")
+    })?;
+    let s = Session::begin(target, "follow", obs)?;
+    s.require_remote(&remote)?;
+    let d = s.origin_deployment()?;
+    let origin = d
+        .origin()
+        .ok_or_else(|| anyhow!("deployment {} has no origin file", d.csum()))?;
+    let before = origin
+        .string("origin", "refspec")
+        .map(|r| r.to_string())
+        .unwrap_or_default();
+    origin.set_string("origin", "refspec", refspec);
+    // A commit pinned by `host deploy` would keep it from following the ref.
+    let _ = origin.remove_key("origin", "override-commit");
+    s.sysroot
+        .write_origin_file(&d, Some(&origin), gio::Cancellable::NONE)
+        .with_context(|| format!("writing the origin of deployment {}", d.csum()))?;
+    Ok(before)
 }
 
 fn describe_deployment(repo: &ostree::Repo, d: &ostree::Deployment) -> String {

@@ -224,3 +224,23 @@ pub fn assert_boot_finished(vm: &mut Vm) {
         panic!("boot ended {state:?}, not running:\n{}", failed.stdout);
     }
 }
+
+/// Poll `check` (a guest command) every second until it succeeds, for at
+/// most `limit`; then fail with `diag`'s output (a guest command too).
+pub fn wait_for_in(vm: &mut Vm, what: &str, check: &str, limit: Duration, diag: &str) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let out = must(vm.run(check));
+        if out.success() {
+            return out.stdout;
+        }
+        if started.elapsed() > limit {
+            let state = vm.run(diag).map(|o| o.to_string()).unwrap_or_default();
+            panic!(
+                "{what}: not within {} s; last try: {check}\n{out}\nstate:\n{state}",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

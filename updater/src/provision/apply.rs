@@ -56,6 +56,9 @@ pub struct ProvisionState {
     pub units: Vec<String>,
     /// Kernel arguments added (as a new deployment).
     pub kernel_args: Vec<String>,
+    /// The `REMOTE:REF` updates follow since.
+    #[serde(default)]
+    pub follows: Option<String>,
 }
 
 impl ProvisionState {
@@ -82,6 +85,7 @@ impl ProvisionState {
             files: Vec::new(),
             units: Vec::new(),
             kernel_args: Vec::new(),
+            follows: None,
         }
     }
 
@@ -279,6 +283,7 @@ pub fn apply(root: &Path, plan: &Plan, found: &Found) -> Result<ProvisionState> 
         files: plan.entries.iter().map(|e| e.path().to_string()).collect(),
         units: plan.units.clone(),
         kernel_args: Vec::new(),
+        follows: None,
     })
 }
 

@@ -50,6 +50,9 @@ pub struct NodeConfig {
     /// Extra files under /etc or /var.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<File>,
+    /// What the node updates from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<Update>,
     /// The update agent's settings: the keys of /etc/cairn/agent.toml.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentFragment>,
@@ -165,6 +168,16 @@ pub struct File {
     pub content: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_base64: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Update {
+    /// `REMOTE:REF` the node follows from now on (a channel, say,
+    /// `cairn:cairn/bookworm/x86_64/green`): its next upgrade, or the
+    /// agent's next check, moves it to that ref's head.
+    #[serde(rename = "ref")]
+    pub ref_: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -305,6 +318,9 @@ impl NodeConfig {
             if !paths.insert(f.path.as_str()) {
                 bail!("{key}.path: {} is listed twice", f.path);
             }
+        }
+        if let Some(update) = &self.update {
+            check_refspec(&update.ref_).context("update.ref")?;
         }
         if let Some(agent) = &self.agent {
             // The agent's own reader checks it; the node's machine id is
@@ -605,6 +621,23 @@ fn check_url(u: &str) -> Result<()> {
         bail!("{u:?} has no host");
     }
     Ok(())
+}
+
+/// `REMOTE:REF`, both plain OSTree names.
+fn check_refspec(r: &str) -> Result<()> {
+    let ok_part = |p: &str, slash: bool| {
+        !p.is_empty()
+            && !p.starts_with(['.', '-', '/'])
+            && !p.ends_with('/')
+            && !p.contains("..")
+            && !p.contains("//")
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || (slash && b == b'/'))
+    };
+    match r.split_once(':') {
+        Some((remote, ref_)) if ok_part(remote, false) && ok_part(ref_, true) => Ok(()),
+        _ => bail!("{r:?} is not REMOTE:REF, e.g. cairn:cairn/bookworm/x86_64/container-host"),
+    }
 }
 
 /// One kernel argument: `key` or `key=value`, no spaces, quotes or control characters.

@@ -71,6 +71,8 @@ pub struct Plan {
     /// In order: a directory comes before what is in it.
     pub entries: Vec<Entry>,
     pub kernel_args: Vec<String>,
+    /// `REMOTE:REF` the node follows from now on.
+    pub follow: Option<String>,
     /// Units to enable, by name (their files are in `entries`).
     pub units: Vec<String>,
 }
@@ -88,6 +90,7 @@ fn root_file(path: impl Into<String>, mode: u32, content: impl Into<Vec<u8>>) ->
 pub fn render(c: &NodeConfig) -> Result<Plan> {
     let mut plan = Plan {
         kernel_args: c.kernel_args.clone(),
+        follow: c.update.as_ref().map(|u| u.ref_.clone()),
         ..Plan::default()
     };
     let e = &mut plan.entries;

@@ -74,6 +74,10 @@ fn the_documented_example_parses_and_renders() {
     assert_eq!(plan.units, ["cairn-app-web.service"]);
     assert_eq!(file(&plan, "/etc/motd"), "cairn node 1\n");
     assert_eq!(plan.kernel_args, ["mitigations=auto"]);
+    assert_eq!(
+        plan.follow.as_deref(),
+        Some("cairn:cairn/bookworm/x86_64/green")
+    );
 }
 
 #[test]
@@ -185,6 +189,8 @@ fn bad_values_are_refused_naming_their_key() {
             "health[0].name",
         ),
         ("version = 1\nkernel-args = [\"a b\"]", "kernel-args[0]"),
+        ("version = 1\n[update]\nref = \"cairn/x\"", "not REMOTE:REF"),
+        ("version = 1\n[update]\nref = \"cairn:../x\"", "update.ref"),
         (
             "version = 1\n[[apps]]\nname = \"a\"\nimage = \"x\"\n[[apps]]\nname = \"a\"\nimage = \"y\"",
             "listed twice",
