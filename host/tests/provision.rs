@@ -223,3 +223,181 @@ fn a_bad_config_or_a_symlink_out_fails_with_nothing_written() {
     assert!(ok, "{t}");
     assert_eq!(state(&root)["result"], "applied");
 }
+
+/// Removes a loop device when dropped.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// Kills a child process when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn apply_found(root: &Path) -> (bool, String) {
+    let out = host()
+        .args(["provision", "apply", "--root"])
+        .arg(root)
+        .output()
+        .unwrap();
+    (out.status.success(), text(&out))
+}
+
+fn fresh_root(dir: &Path, name: &str) -> std::path::PathBuf {
+    let root = dir.join(name);
+    small_root(&root);
+    root
+}
+
+/// The sources in their order, each read where a node finds it: fw_cfg's
+/// file, a labelled filesystem on a loop device, a URL on the kernel command
+/// line (a real HTTP server on loopback), the embedded file.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn every_source_is_found_in_its_order() {
+    require_root("loop devices and mounts for the config drive");
+    let dir = tempfile::tempdir().unwrap();
+    let config = |h: &str| format!("version = 1\nhostname = \"{h}\"\n");
+    let embed = |root: &Path, h: &str| {
+        let p = root.join("var/lib/cairn/provision/embedded.toml");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, config(h)).unwrap();
+    };
+    let hostname = |root: &Path| std::fs::read_to_string(root.join("etc/hostname")).unwrap();
+
+    // Nothing anywhere: recorded, and never looked for again.
+    let root = fresh_root(dir.path(), "none");
+    let (ok, t) = apply_found(&root);
+    assert!(ok && t.contains("no node config"), "{t}");
+    assert_eq!(state(&root)["result"], "no-config");
+    embed(&root, "late");
+    let (ok, t) = apply_found(&root);
+    assert!(ok && t.contains("already provisioned"), "{t}");
+
+    // Embedded alone.
+    let root = fresh_root(dir.path(), "embedded");
+    embed(&root, "from-image");
+    let (ok, t) = apply_found(&root);
+    assert!(ok, "{t}");
+    assert_eq!(hostname(&root), "from-image\n");
+    assert_eq!(
+        state(&root)["source"],
+        "embedded /var/lib/cairn/provision/embedded.toml"
+    );
+
+    // fw_cfg wins over the embedded config.
+    let root = fresh_root(dir.path(), "fwcfg");
+    embed(&root, "from-image");
+    let fw = root.join("sys/firmware/qemu_fw_cfg/by_name/opt/org.cairn/config");
+    std::fs::create_dir_all(&fw).unwrap();
+    std::fs::write(fw.join("raw"), config("from-fw-cfg")).unwrap();
+    let (ok, t) = apply_found(&root);
+    assert!(ok, "{t}");
+    assert_eq!(hostname(&root), "from-fw-cfg\n");
+    assert_eq!(state(&root)["source"], "fw_cfg opt/org.cairn/config");
+
+    // A config drive: ext4 labelled CAIRNCFG on a loop device.
+    let root = fresh_root(dir.path(), "drive");
+    embed(&root, "from-image");
+    let content = dir.path().join("drive-content");
+    std::fs::create_dir(&content).unwrap();
+    std::fs::write(content.join("config.toml"), config("from-drive")).unwrap();
+    let img = dir.path().join("drive.img");
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-L", "CAIRNCFG", "-d"])
+        .arg(&content)
+        .arg(&img)
+        .arg("8M")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs));
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let device = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let by_label = root.join("dev/disk/by-label");
+    std::fs::create_dir_all(&by_label).unwrap();
+    std::os::unix::fs::symlink(&device.0, by_label.join("CAIRNCFG")).unwrap();
+    let (ok, t) = apply_found(&root);
+    assert!(ok, "{t}");
+    assert_eq!(hostname(&root), "from-drive\n");
+    assert_eq!(state(&root)["source"], format!("config drive {}", device.0));
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&device.0),
+        "the config drive stays mounted:\n{mounts}"
+    );
+    drop(device);
+
+    // A URL on the kernel command line, from a real HTTP server.
+    let served = dir.path().join("served");
+    std::fs::create_dir(&served).unwrap();
+    std::fs::write(served.join("node.toml"), config("from-url")).unwrap();
+    std::fs::write(
+        served.join("huge.toml"),
+        format!("version = 1\n#{}\n", "x".repeat(5 << 20)),
+    )
+    .unwrap();
+    let port = cairn_test_support::free_port();
+    let _server = Server(
+        std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+                "--directory",
+            ])
+            .arg(&served)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = |file: &str| format!("http://127.0.0.1:{port}/{file}");
+    let with_cmdline = |name: &str, file: &str| {
+        let root = fresh_root(dir.path(), name);
+        embed(&root, "from-image");
+        std::fs::create_dir_all(root.join("proc")).unwrap();
+        std::fs::write(
+            root.join("proc/cmdline"),
+            format!(
+                "root=LABEL=root quiet cairn.config.url={} panic=10\n",
+                url(file)
+            ),
+        )
+        .unwrap();
+        root
+    };
+    let root = with_cmdline("url", "node.toml");
+    let (ok, t) = apply_found(&root);
+    assert!(ok, "{t}");
+    assert_eq!(hostname(&root), "from-url\n");
+    assert_eq!(state(&root)["source"], url("node.toml"));
+    // Missing and oversized configs fail, and the embedded one is not used instead.
+    for (name, file, says) in [
+        ("url-404", "gone.toml", "HTTP 404"),
+        ("url-huge", "huge.toml", "over"),
+    ] {
+        let root = with_cmdline(name, file);
+        let (ok, t) = apply_found(&root);
+        assert!(!ok && t.contains(says), "{file}: {t}");
+        assert_eq!(state(&root)["result"], "failed");
+        assert!(!root.join("etc/hostname").exists());
+    }
+}

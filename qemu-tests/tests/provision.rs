@@ -230,7 +230,7 @@ memory = "64M"
     let page = wait_for(
         &mut a,
         "the provisioned app answering",
-        &format!("wget -q -T 5 -O- http://{ECHO_IP}:{APP_PORT}/"),
+        &http_get(ECHO_IP, APP_PORT),
         Duration::from_secs(180),
     );
     assert!(page.contains(APP_PAGE), "{page}");
@@ -251,7 +251,7 @@ memory = "64M"
     let page = wait_for(
         &mut a,
         "the provisioned app after a reboot",
-        &format!("wget -q -T 5 -O- http://{ECHO_IP}:{APP_PORT}/"),
+        &http_get(ECHO_IP, APP_PORT),
         Duration::from_secs(180),
     );
     assert!(page.contains(APP_PAGE), "{page}");

@@ -81,10 +81,7 @@ fn assert_app_serving(vm: &mut Vm, page_text: &str) -> Value {
     let page = wait_for(
         vm,
         "the baked app answering on its address",
-        &format!(
-            "timeout 5 bash -c 'exec 3<>/dev/tcp/{APP_IP}/{APP_PORT} && \
-             printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && cat <&3'"
-        ),
+        &http_get(APP_IP, APP_PORT),
         // Generous: scripts/test boots this guest beside lifecycle's.
         Duration::from_secs(180),
     );

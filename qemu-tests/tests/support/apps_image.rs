@@ -244,3 +244,12 @@ pub fn wait_for_in(vm: &mut Vm, what: &str, check: &str, limit: Duration, diag: 
         std::thread::sleep(Duration::from_secs(1));
     }
 }
+
+/// A guest command that GETs `/` from `ip:port` with bash alone (the host
+/// has no HTTP client) and prints the response.
+pub fn http_get(ip: &str, port: u16) -> String {
+    format!(
+        "timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/{port} && \
+         printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && cat <&3'"
+    )
+}

@@ -538,9 +538,24 @@ fn check_sysctl(k: &str, v: &SysctlValue) -> Result<()> {
 
 /// Where provisioning may write a user's file.
 const FILE_ROOTS: &[&str] = &["/etc/", "/var/"];
+/// Files other keys own: the account files (`[[users]]`) and provisioning's
+/// own state, which a `[[files]]` entry would silently undo.
+const RESERVED: &[&str] = &[
+    "/etc/passwd",
+    "/etc/shadow",
+    "/etc/group",
+    "/etc/gshadow",
+    "/var/lib/cairn/provision/",
+];
 
 fn check_file(f: &File) -> Result<()> {
     check_node_path(&f.path)?;
+    if let Some(r) = RESERVED
+        .iter()
+        .find(|r| f.path == **r || (r.ends_with('/') && f.path.starts_with(**r)))
+    {
+        bail!("{r} is written by provisioning itself (accounts come from [[users]])");
+    }
     if let Some(m) = &f.mode {
         parse_mode(m)?;
     }

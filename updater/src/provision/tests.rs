@@ -167,6 +167,14 @@ fn bad_values_are_refused_naming_their_key() {
         ),
         ("version = 1\n[[files]]\npath = \"/etc/x\"", "give `content`"),
         (
+            "version = 1\n[[files]]\npath = \"/etc/shadow\"\ncontent = \"\"",
+            "written by provisioning itself",
+        ),
+        (
+            "version = 1\n[[files]]\npath = \"/var/lib/cairn/provision/state.json\"\ncontent = \"\"",
+            "written by provisioning itself",
+        ),
+        (
             "version = 1\n[[files]]\npath = \"/etc/x\"\nmode = \"10644\"\ncontent = \"\"",
             "mode",
         ),
