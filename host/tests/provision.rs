@@ -217,11 +217,27 @@ fn a_bad_config_or_a_symlink_out_fails_with_nothing_written() {
     assert!(s["source"].as_str().unwrap().ends_with("config.toml"));
     assert!(s["error"].as_str().unwrap().contains("is not a hostname"));
 
+    // A time zone the tree has no data for.
+    let (ok, t) = apply(&root, "version = 1\ntimezone = \"Mars/Olympus_Mons\"\n");
+    assert!(
+        !ok && t.contains("not in this tree's time zone database"),
+        "{t}"
+    );
+    assert!(!root.join("etc/localtime").exists());
+
     // A failure is tried again: a good config then applies.
     std::fs::remove_file(root.join("etc/cairn")).unwrap();
-    let (ok, t) = apply(&root, "version = 1\nhostname = \"n\"\n");
+    let zone = root.join("usr/share/zoneinfo/Etc");
+    std::fs::create_dir_all(&zone).unwrap();
+    std::fs::write(zone.join("UTC"), "TZif").unwrap();
+    std::os::unix::fs::symlink("Etc/UTC", root.join("usr/share/zoneinfo/UTC")).unwrap();
+    let (ok, t) = apply(&root, "version = 1\nhostname = \"n\"\ntimezone = \"UTC\"\n");
     assert!(ok, "{t}");
     assert_eq!(state(&root)["result"], "applied");
+    assert_eq!(
+        std::fs::read_link(root.join("etc/localtime")).unwrap(),
+        Path::new("../usr/share/zoneinfo/UTC")
+    );
 }
 
 /// Removes a loop device when dropped.

@@ -265,6 +265,23 @@ pub fn apply(root: &Path, plan: &Plan, found: &Found) -> Result<ProvisionState> 
         };
         resolved.push((e, ids));
     }
+    // A time zone the tree has no data for would leave a dangling link.
+    for e in &plan.entries {
+        if let Entry::Symlink { path, target } = e {
+            if path == "/etc/localtime" {
+                let zone = Path::new("usr/share/zoneinfo")
+                    .join(target.trim_start_matches("../usr/share/zoneinfo/"));
+                let file = cairn_contracts::rootpath::resolve_in_root(root, &zone, true)?;
+                if !file.is_file() {
+                    bail!(
+                        "timezone: {} is not in this tree's time zone database (/{})",
+                        target.trim_start_matches("../usr/share/zoneinfo/"),
+                        zone.display()
+                    );
+                }
+            }
+        }
+    }
     let root_fd = open_dir(None, root)?;
     for e in &plan.entries {
         preflight(&root_fd, e.path(), matches!(e, Entry::Dir { .. }))?;
