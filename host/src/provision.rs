@@ -24,6 +24,9 @@ pub enum ProvisionCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Read the node whose root is DIR (a mounted disk, say).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
     },
     /// Find the node config and apply it, once: what the first boot's
     /// cairn-provision.service runs. Later runs see the stamp and do nothing.
@@ -50,8 +53,8 @@ pub fn run(cmd: ProvisionCommand) -> Result<ExitCode> {
             print_plan(&plan);
             Ok(ExitCode::SUCCESS)
         }
-        ProvisionCommand::Show { json } => {
-            let state = ProvisionState::load(Path::new("/var"));
+        ProvisionCommand::Show { json, root } => {
+            let state = ProvisionState::load(&root.join("var"));
             if json {
                 println!("{}", serde_json::to_string_pretty(&state)?);
             } else {
@@ -130,7 +133,10 @@ pub fn render_state(s: &ProvisionState) -> String {
         t.push_str(&format!("  accounts: {}\n", s.accounts.join(", ")));
     }
     if !s.files.is_empty() {
-        t.push_str(&format!("  files: {}\n", s.files.len()));
+        t.push_str("  files:\n");
+        for f in &s.files {
+            t.push_str(&format!("    {f}\n"));
+        }
     }
     if !s.units.is_empty() {
         t.push_str(&format!("  apps: {}\n", s.units.join(", ")));

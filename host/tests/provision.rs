@@ -170,6 +170,21 @@ fn apply_writes_inside_the_root_once() {
     assert_eq!(s["accounts"], serde_json::json!(["root", "alice"]));
     assert_eq!(s["configSha256"].as_str().unwrap().len(), 64);
 
+    let out = host()
+        .args(["provision", "show", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("\nProvisioning: applied at "), "{shown}");
+    assert!(shown.contains("  accounts: root, alice\n"), "{shown}");
+    assert!(
+        shown.contains("    /var/home/alice/.ssh/authorized_keys\n"),
+        "{shown}"
+    );
+    assert!(shown.contains("  apps: cairn-app-web.service\n"), "{shown}");
+
     // The stamp: a second run changes nothing, whatever the config says.
     let (ok, t) = apply(&root, "version = 1\nhostname = \"other\"\n");
     assert!(ok && t.contains("already provisioned"), "{t}");
