@@ -87,6 +87,16 @@ fn root_file(path: impl Into<String>, mode: u32, content: impl Into<Vec<u8>>) ->
     }
 }
 
+/// A config section written back as the TOML file its reader takes.
+fn toml_file(path: &str, section: &impl serde::Serialize) -> Result<Entry> {
+    let body = toml::to_string(section)?;
+    Ok(root_file(
+        path,
+        0o644,
+        format!("# Written by cairn provisioning from the node config.\n{body}"),
+    ))
+}
+
 pub fn render(c: &NodeConfig) -> Result<Plan> {
     let mut plan = Plan {
         kernel_args: c.kernel_args.clone(),
@@ -161,20 +171,10 @@ pub fn render(c: &NodeConfig) -> Result<Plan> {
         e.push(root_file(SYSCTL_FILE, 0o644, t));
     }
     if let Some(agent) = &c.agent {
-        let body = toml::to_string(agent)?;
-        e.push(root_file(
-            AGENT_DROPIN,
-            0o644,
-            format!("# Written by cairn provisioning from the node config.\n{body}"),
-        ));
+        e.push(toml_file(AGENT_DROPIN, agent)?);
     }
     if let Some(fleet) = &c.fleet {
-        let body = toml::to_string(fleet)?;
-        e.push(root_file(
-            FLEET_FILE,
-            0o644,
-            format!("# Written by cairn provisioning from the node config.\n{body}"),
-        ));
+        e.push(toml_file(FLEET_FILE, fleet)?);
     }
     for h in &c.health {
         let kind = match h.kind {
