@@ -419,6 +419,18 @@ impl Vm {
     }
 
     /// Everything the serial console of every run printed, with headers.
+    /// The last `lines` lines of the current QEMU run's serial console.
+    pub fn serial_tail(&self, lines: usize) -> String {
+        let body = self
+            .logs
+            .last()
+            .and_then(|log| std::fs::read(log).ok())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&body);
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     pub fn serial_text(&self) -> String {
         let mut text = String::new();
         for (i, log) in self.logs.iter().enumerate() {
@@ -438,13 +450,15 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.power_off();
         if std::thread::panicking() {
-            eprintln!("{}", self.serial_text());
+            // The serial console comes last: where a log is cut to its tail
+            // (CI), the tail should show where the guest stopped.
             let transcript = std::fs::read(&self.transcript).unwrap_or_default();
             eprintln!(
                 "===== control channel transcript ({}) =====\n{}",
                 self.transcript.display(),
                 String::from_utf8_lossy(&transcript)
             );
+            eprintln!("{}", self.serial_text());
         }
         // The overlay can be large; the logs stay for inspection.
         let _ = std::fs::remove_file(&self.overlay);

@@ -758,7 +758,10 @@ fn a_node_boots_upgrades_rolls_back_survives_a_power_cut_and_falls_back_from_a_b
     for _ in 0..2 {
         match &next {
             Ok(_) => break,
-            Err(e) => eprintln!("lifecycle: still waiting for the fallback boot ({e:#})"),
+            Err(e) => eprintln!(
+                "lifecycle: still waiting for the fallback boot ({e:#}); the serial console's tail:\n{}",
+                vm.serial_tail(40)
+            ),
         }
         next = vm.wait_ready();
     }

@@ -15,7 +15,8 @@
 //! Node B boots the plain test image with a config that does not parse: the
 //! boot ends degraded with the reason on the console and in `host status`,
 //! the node stays usable, and its machine id and SSH host key are its own,
-//! not A's.
+//! not A's. Given a good config with a kernel argument, its next boot
+//! provisions and reboots into a new deployment that has the argument.
 //!
 //! Run with `cargo test -p qemu-tests --test provision -- --test-threads=1` as root.
 
@@ -38,6 +39,8 @@ const MAC: &str = "52:54:00:12:34:56";
 const STATIC_IP: &str = "10.0.2.77";
 const ECHO: &str = "echo";
 const ECHO_IP: &str = "10.88.0.77";
+/// A kernel argument node B's second config adds.
+const KARG: &str = "cairn.provisioned=1";
 /// A channel the node follows from its first boot on.
 const FOLLOW: &str = "cairn:cairn/test/green";
 
@@ -295,5 +298,38 @@ memory = "64M"
     assert_eq!(b_machine_id.len(), 32, "{b_machine_id}");
     assert_ne!(b_machine_id, a_machine_id, "two nodes share a machine id");
     assert_ne!(host_key(&mut b), a_key, "two nodes share an SSH host key");
+
+    // --- node B, fixed: the next boot tries again, and kernel arguments
+    // come as a new deployment the node reboots into by itself ---
+    std::fs::write(
+        &bad,
+        format!("version = 1\nhostname = \"prov-node-b\"\nkernel-args = [\"{KARG}\"]\n"),
+    )
+    .unwrap();
+    let first = b.boot_id().map(str::to_string);
+    // A new QEMU process reads the fw_cfg file again. The control shell
+    // starts after provisioning, so the boot that reboots never answers:
+    // the one that does runs the new deployment.
+    must(b.power_cut_and_restart());
+    assert_ne!(b.boot_id().map(str::to_string), first);
+    must(b.wait_booted());
+    let cmdline = must(b.ok("cat /proc/cmdline"));
+    assert!(cmdline.split_whitespace().any(|a| a == KARG), "{cmdline}");
+    let st = status(&mut b);
+    assert_eq!(
+        st["provision"]["result"], "applied",
+        "{:#}",
+        st["provision"]
+    );
+    assert_eq!(st["provision"]["kernelArgs"], serde_json::json!([KARG]));
+    assert_eq!(
+        st["deployments"].as_array().map(Vec::len),
+        Some(2),
+        "{st:#}"
+    );
+    assert_eq!(
+        must(b.ok("cat /proc/sys/kernel/hostname")).trim(),
+        "prov-node-b"
+    );
     b.power_off();
 }
