@@ -195,8 +195,7 @@ mod tests {
         assert!(e.to_string().contains("stdout:\nout"), "{e}");
     }
 
-    #[test]
-    fn free_ports_can_be_bound() {
-        TcpListener::bind(("127.0.0.1", free_port())).unwrap();
-    }
+    // No test binds a port free_port() returned: between its close and the
+    // bind, any other socket of the machine may be given that port (CI saw
+    // EADDRINUSE), which is the race its doc comment names.
 }
