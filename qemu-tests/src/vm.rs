@@ -418,7 +418,6 @@ impl Vm {
         &self.logs
     }
 
-    /// Everything the serial console of every run printed, with headers.
     /// The last `lines` lines of the current QEMU run's serial console.
     pub fn serial_tail(&self, lines: usize) -> String {
         let body = self
@@ -431,6 +430,7 @@ impl Vm {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Everything the serial console of every run printed, with headers.
     pub fn serial_text(&self) -> String {
         let mut text = String::new();
         for (i, log) in self.logs.iter().enumerate() {
