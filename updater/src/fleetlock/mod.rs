@@ -7,7 +7,6 @@
 //! 200 means granted. The client works with any FleetLock server (airlock on
 //! etcd, fleetlock on Kubernetes); [`server`] is cairn's own, on etcd.
 
-pub mod etcd;
 pub mod server;
 
 use std::time::Duration;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::etcd::Etcd;
+use cairn_etcd::Etcd;
 use super::{ClientParams, ErrorBody, Request, PROTOCOL_HEADER};
 
 pub const DEFAULT_PREFIX: &str = "/cairn/fleetlock";
