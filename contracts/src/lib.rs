@@ -10,6 +10,7 @@ pub mod grub;
 pub mod image;
 pub mod metadata;
 pub mod names;
+pub mod network;
 pub mod packages;
 pub mod rootpath;
 pub mod trust;

@@ -10,7 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::app;
 use crate::node;
-use crate::{agent, compose, fleet, health, provision};
+use crate::{agent, compose, fleet, health, net, provision};
 
 /// cairn: an immutable container host, composed from a manifest, updated atomically.
 #[derive(Debug, Parser)]
@@ -58,6 +58,11 @@ pub enum Command {
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
 
+    /// The fleet network: a subnet per node, routes to every other node's
+    /// containers, no NAT.
+    #[command(subcommand)]
+    Net(net::NetCommand),
+
     /// Print a shell completion script to stdout.
     Completions {
         /// The shell to complete for.
@@ -78,6 +83,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Node(cmd) => node::run(cmd),
         Command::App(cmd) => app::run(cmd),
         Command::Fleet(cmd) => fleet::run(cmd),
+        Command::Net(cmd) => net::run(cmd),
         Command::Agent(args) => agent::run(args),
         Command::Health(cmd) => health::run(cmd),
         Command::Provision(cmd) => provision::run(cmd),

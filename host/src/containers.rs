@@ -13,7 +13,8 @@ use anyhow::{bail, Result};
 use cairn_runtime::cgroup::{self, Limits};
 use cairn_runtime::engine::{HealthCheck, MIN_HEALTH_INTERVAL};
 use cairn_runtime::image::ImageInfo;
-use cairn_runtime::net::{NetworkConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
+use cairn_contracts::network::{read_node_network, DEFAULT_BRIDGE, DEFAULT_SUBNET, NODE_NETWORK};
+use cairn_runtime::net::NetworkConfig;
 use cairn_runtime::spec::Volume;
 use cairn_runtime::state::{RestartPolicy, DEFAULT_ROOT};
 use cairn_runtime::{RunOptions, RunOutcome, Runtime};
@@ -29,13 +30,42 @@ pub struct AppGlobals {
     #[arg(long, env = "CAIRN_ROOT", default_value = DEFAULT_ROOT, global = true)]
     pub root: PathBuf,
 
-    /// Host bridge that containers attach to.
-    #[arg(long, env = "CAIRN_BRIDGE", default_value = DEFAULT_BRIDGE, global = true)]
-    bridge: String,
+    /// Host bridge that containers attach to [default: the fleet network's,
+    /// else cairn0].
+    #[arg(long, env = "CAIRN_BRIDGE", global = true)]
+    bridge: Option<String>,
 
-    /// The bridge's address and prefix; containers get addresses from this subnet.
-    #[arg(long, env = "CAIRN_SUBNET", default_value = DEFAULT_SUBNET, global = true)]
-    subnet: String,
+    /// The bridge's address and prefix; containers get addresses from this
+    /// subnet [default: the subnet this node leased in its fleet network,
+    /// else 10.88.0.1/16].
+    #[arg(long, env = "CAIRN_SUBNET", global = true)]
+    subnet: Option<String>,
+
+    /// What the fleet network agent leased (see `host net status`).
+    #[arg(long, env = "CAIRN_NODE_NETWORK", default_value = NODE_NETWORK, global = true, hide = true)]
+    node_network: PathBuf,
+}
+
+impl AppGlobals {
+    /// The bridge and subnet: given ones win, then the fleet network's
+    /// lease, then the single-node defaults.
+    fn network(&self) -> Result<(String, String)> {
+        let leased = match &self.subnet {
+            Some(_) => None,
+            None => read_node_network(&self.node_network)?,
+        };
+        let bridge = self
+            .bridge
+            .clone()
+            .or_else(|| leased.as_ref().map(|n| n.bridge.clone()))
+            .unwrap_or_else(|| DEFAULT_BRIDGE.to_string());
+        let subnet = self
+            .subnet
+            .clone()
+            .or_else(|| leased.map(|n| n.gateway))
+            .unwrap_or_else(|| DEFAULT_SUBNET.to_string());
+        Ok((bridge, subnet))
+    }
 }
 
 /// The container commands of `host app`.
@@ -148,8 +178,8 @@ pub struct RunArgs {
 }
 
 pub fn runtime(cmd: &AppGlobals) -> Result<Runtime> {
-    let mut rt = Runtime::new(&cmd.root, NetworkConfig::parse(&cmd.bridge, &cmd.subnet)?);
-    let (bridge, subnet) = (cmd.bridge.clone(), cmd.subnet.clone());
+    let (bridge, subnet) = cmd.network()?;
+    let mut rt = Runtime::new(&cmd.root, NetworkConfig::parse(&bridge, &subnet)?);
     rt.monitor_command = Some(Box::new(move |root: &Path, name: &str| {
         // Always the executable without libostree (see exe.rs).
         let mut c = std::process::Command::new(crate::exe::container_executable());
@@ -193,8 +223,9 @@ pub fn monitor_invocation(args: &[OsString]) -> Option<(AppGlobals, String)> {
     }
     let globals = AppGlobals {
         root: root.into(),
-        bridge: bridge.to_str()?.to_string(),
-        subnet: subnet.to_str()?.to_string(),
+        bridge: Some(bridge.to_str()?.to_string()),
+        subnet: Some(subnet.to_str()?.to_string()),
+        node_network: PathBuf::from(NODE_NETWORK),
     };
     Some((globals, name.to_string()))
 }
@@ -448,8 +479,8 @@ mod tests {
         let (g, name) = monitor_invocation(&args).expect("recognised");
         assert_eq!((g.root.as_path(), name.as_str()), (root, "web"));
         assert_eq!(
-            (g.bridge.as_str(), g.subnet.as_str()),
-            ("cairn0", "10.88.0.1/16")
+            (g.bridge.as_deref(), g.subnet.as_deref()),
+            (Some("cairn0"), Some("10.88.0.1/16"))
         );
         // The same line parses the same through clap (the hidden subcommand).
         use clap::Parser;

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
-use cairn_updater::fleetlock::etcd::Etcd;
+use cairn_etcd::Etcd;
 use cairn_updater::fleetlock::server::{self, Config, Store, DEFAULT_PREFIX};
 use clap::{Args, Subcommand};
 

@@ -12,6 +12,7 @@ mod containers;
 mod exe;
 mod fleet;
 mod health;
+mod net;
 mod node;
 mod provision;
 

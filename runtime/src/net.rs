@@ -12,9 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
-/// Default bridge and gateway/prefix (the composed host sets up the same).
-pub const DEFAULT_BRIDGE: &str = "cairn0";
-pub const DEFAULT_SUBNET: &str = "10.88.0.1/16";
+use cairn_contracts::network::{DEFAULT_BRIDGE, DEFAULT_SUBNET};
 
 /// Which bridge containers attach to and the host's address on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
