@@ -69,7 +69,9 @@ impl Ipv4Net {
         Ok(net)
     }
     pub fn mask(&self) -> u32 {
-        u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0)
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0)
     }
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & self.mask() == u32::from(self.addr)
@@ -126,9 +128,9 @@ impl fmt::Display for Ipv4Net {
 impl FromStr for Ipv4Net {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Ipv4Net> {
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| anyhow!("{s:?}: write a network as ADDRESS/PREFIX, e.g. 10.88.0.0/14"))?;
+        let (addr, prefix) = s.split_once('/').ok_or_else(|| {
+            anyhow!("{s:?}: write a network as ADDRESS/PREFIX, e.g. 10.88.0.0/14")
+        })?;
         let addr: Ipv4Addr = addr
             .parse()
             .with_context(|| format!("{s:?}: {addr:?} is not an IPv4 address"))?;
@@ -208,7 +210,12 @@ impl FleetNetwork {
             bail!("etcd-endpoints: name at least one etcd client URL");
         }
         for (i, ep) in self.etcd_endpoints.iter().enumerate() {
-            if !(ep.starts_with("http://") || ep.starts_with("https://")) || ep.len() > 256 {
+            let rest = ep
+                .strip_prefix("http://")
+                .or_else(|| ep.strip_prefix("https://"))
+                .unwrap_or_default();
+            let bad = |c: char| c.is_whitespace() || c.is_control();
+            if rest.is_empty() || rest.starts_with('/') || ep.contains(bad) || ep.len() > 256 {
                 bail!("etcd-endpoints[{i}] {ep:?}: write an http:// or https:// URL");
             }
         }
@@ -329,25 +336,54 @@ mod tests {
         let s = n.subnet(24, 5).unwrap();
         assert_eq!(s.gateway(), Ipv4Addr::new(10, 88, 5, 1));
         assert_eq!(Ipv4Net::from_etcd_key(&s.etcd_key()), Some(s));
-        assert_eq!(Ipv4Net::from_etcd_key("/cairn/network/subnets/10.88.5.7-24"), None);
+        assert_eq!(
+            Ipv4Net::from_etcd_key("/cairn/network/subnets/10.88.5.7-24"),
+            None
+        );
         assert_eq!(Ipv4Net::from_etcd_key("/elsewhere/10.88.5.0-24"), None);
     }
 
     #[test]
     fn fleet_config_defaults_and_checks() {
         let c = FleetNetwork::parse("etcd-endpoints = [\"http://10.0.2.2:2379\"]\n").unwrap();
-        assert_eq!((c.cidr.as_str(), c.node_prefix, c.mode), ("10.88.0.0/14", 24, Mode::Auto));
+        assert_eq!(
+            (c.cidr.as_str(), c.node_prefix, c.mode),
+            ("10.88.0.0/14", 24, Mode::Auto)
+        );
         assert_eq!(c.subnet_grace().unwrap(), Duration::from_secs(300));
         for (text, want) in [
             ("etcd-endpoints = []", "etcd-endpoints"),
             ("etcd-endpoints = [\"10.0.0.1:2379\"]", "etcd-endpoints[0]"),
-            ("etcd-endpoints = [\"http://e\"]\ncidr = \"10.88.0.1/14\"", "cidr"),
-            ("etcd-endpoints = [\"http://e\"]\nnode-prefix = 14", "node-prefix"),
-            ("etcd-endpoints = [\"http://e\"]\nnode-prefix = 30", "node-prefix"),
-            ("etcd-endpoints = [\"http://e\"]\nsubnet-grace = \"1s\"", "subnet-grace"),
+            ("etcd-endpoints = [\"http://\"]", "etcd-endpoints[0]"),
+            (
+                "etcd-endpoints = [\"http://a b:2379\"]",
+                "etcd-endpoints[0]",
+            ),
+            (
+                "etcd-endpoints = [\"http://e\"]\ncidr = \"10.88.0.1/14\"",
+                "cidr",
+            ),
+            (
+                "etcd-endpoints = [\"http://e\"]\nnode-prefix = 14",
+                "node-prefix",
+            ),
+            (
+                "etcd-endpoints = [\"http://e\"]\nnode-prefix = 30",
+                "node-prefix",
+            ),
+            (
+                "etcd-endpoints = [\"http://e\"]\nsubnet-grace = \"1s\"",
+                "subnet-grace",
+            ),
             ("etcd-endpoints = [\"http://e\"]\nmode = \"nat\"", "mode"),
-            ("etcd-endpoints = [\"http://e\"]\nmasquerade = true", "masquerade"),
-            ("etcd-endpoints = [\"http://e\"]\nunderlay-interface = \"../x\"", "underlay-interface"),
+            (
+                "etcd-endpoints = [\"http://e\"]\nmasquerade = true",
+                "masquerade",
+            ),
+            (
+                "etcd-endpoints = [\"http://e\"]\nunderlay-interface = \"../x\"",
+                "underlay-interface",
+            ),
         ] {
             let e = format!("{:#}", FleetNetwork::parse(text).unwrap_err());
             assert!(e.contains(want), "{text}: {e}");

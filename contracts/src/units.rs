@@ -58,7 +58,7 @@ pub fn app_unit_text(u: &AppUnit) -> String {
     let _ = writeln!(t, "Wants=network-online.target");
     let _ = writeln!(
         t,
-        "After=network-online.target systemd-networkd.service local-fs.target{}",
+        "After=network-online.target systemd-networkd.service cairn-net.service local-fs.target{}",
         if u.after_boot {
             " multi-user.target"
         } else {

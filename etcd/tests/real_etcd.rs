@@ -30,8 +30,14 @@ fn create_only_puts_bound_to_a_lease_go_with_it() {
     assert!(!c.delete_if("/t/a", snap.kvs[0].mod_revision - 1).unwrap());
     c.lease_keepalive(lease).unwrap();
     c.lease_revoke(lease).unwrap();
-    assert!(c.get("/t/a").unwrap().is_none(), "revoking the lease removes its keys");
-    assert!(c.lease_keepalive(lease).is_err(), "a revoked lease cannot be renewed");
+    assert!(
+        c.get("/t/a").unwrap().is_none(),
+        "revoking the lease removes its keys"
+    );
+    assert!(
+        c.lease_keepalive(lease).is_err(),
+        "a revoked lease cannot be renewed"
+    );
     c.lease_revoke(lease).unwrap();
 }
 
@@ -54,11 +60,18 @@ fn a_watch_from_a_snapshot_misses_nothing() {
     });
     c.put("/w/after", b"2", None).unwrap();
     c.put("/other", b"y", None).unwrap();
-    assert!(c.delete_if("/w/before", c.get("/w/before").unwrap().unwrap().mod_revision).unwrap());
+    assert!(c
+        .delete_if(
+            "/w/before",
+            c.get("/w/before").unwrap().unwrap().mod_revision
+        )
+        .unwrap());
     let deadline = Instant::now() + Duration::from_secs(20);
     while mirror.entries.contains_key("/w/before") || !mirror.entries.contains_key("/w/after") {
         let left = deadline.saturating_duration_since(Instant::now());
-        let (rev, evs) = rx.recv_timeout(left).expect("the watch delivered every change");
+        let (rev, evs) = rx
+            .recv_timeout(left)
+            .expect("the watch delivered every change");
         assert!(
             evs.iter().all(|e| match e {
                 Event::Put { key, .. } | Event::Delete { key } => key.starts_with("/w/"),

@@ -10,10 +10,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use cairn_contracts::network::{read_node_network, DEFAULT_BRIDGE, DEFAULT_SUBNET, NODE_NETWORK};
 use cairn_runtime::cgroup::{self, Limits};
 use cairn_runtime::engine::{HealthCheck, MIN_HEALTH_INTERVAL};
 use cairn_runtime::image::ImageInfo;
-use cairn_contracts::network::{read_node_network, DEFAULT_BRIDGE, DEFAULT_SUBNET, NODE_NETWORK};
 use cairn_runtime::net::NetworkConfig;
 use cairn_runtime::spec::Volume;
 use cairn_runtime::state::{RestartPolicy, DEFAULT_ROOT};

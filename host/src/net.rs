@@ -24,7 +24,7 @@ pub enum NetCommand {
         #[arg(long)]
         json: bool,
         /// The agent's published state.
-        #[arg(long, value_name = "FILE", default_value = NODE_NETWORK)]
+        #[arg(long, value_name = "FILE", env = "CAIRN_NODE_NETWORK", default_value = NODE_NETWORK)]
         node_network: PathBuf,
     },
 }
@@ -38,7 +38,7 @@ pub struct AgentArgs {
     #[arg(long, default_value = DEFAULT_BRIDGE)]
     bridge: String,
     /// Where the agent publishes what it leased (read by `host app`).
-    #[arg(long, value_name = "FILE", default_value = NODE_NETWORK)]
+    #[arg(long, value_name = "FILE", env = "CAIRN_NODE_NETWORK", default_value = NODE_NETWORK)]
     node_network: PathBuf,
     /// Where the agent remembers its subnet across reboots.
     #[arg(long, value_name = "DIR", default_value = NETWORK_STATE_DIR)]
@@ -64,8 +64,8 @@ pub fn run(cmd: NetCommand) -> Result<ExitCode> {
                     a.config.display()
                 )
             })?;
-            let cfg = FleetNetwork::parse(&text)
-                .with_context(|| format!("{}", a.config.display()))?;
+            let cfg =
+                FleetNetwork::parse(&text).with_context(|| format!("{}", a.config.display()))?;
             let paths = Paths {
                 node_network: a.node_network,
                 state_dir: a.state_dir,
@@ -92,8 +92,14 @@ pub fn run(cmd: NetCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             };
             println!("Fleet network: {} (mode {})", node.cidr, node.mode);
-            println!("  Subnet: {} on {} (gateway {})", node.subnet, node.bridge, node.gateway);
-            println!("  Underlay: {} on {}, MTU {}", node.underlay, node.underlay_interface, node.mtu);
+            println!(
+                "  Subnet: {} on {} (gateway {})",
+                node.subnet, node.bridge, node.gateway
+            );
+            println!(
+                "  Underlay: {} on {}, MTU {}",
+                node.underlay, node.underlay_interface, node.mtu
+            );
             println!("  etcd: {} ({})", st.etcd, node.etcd_endpoints.join(", "));
             println!("Peers: {}", st.peers.len());
             for p in &st.peers {

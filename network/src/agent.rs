@@ -240,16 +240,23 @@ pub fn plan_routes(
             continue;
         }
         if !cidr.covers(&subnet) || subnet.prefix != own.prefix {
-            skipped.push(format!("{subnet}: not a /{} subnet of {cidr}; not routed", own.prefix));
+            skipped.push(format!(
+                "{subnet}: not a /{} subnet of {cidr}; not routed",
+                own.prefix
+            ));
             continue;
         }
         let Some(rec) = parse_record(value) else {
-            skipped.push(format!("{subnet}: its record is not a cairn subnet record; not routed"));
+            skipped.push(format!(
+                "{subnet}: its record is not a cairn subnet record; not routed"
+            ));
             continue;
         };
         let u = rec.underlay;
         if !unicast(u) || cidr.contains(u) || u == underlay.addr {
-            skipped.push(format!("{subnet}: underlay address {u} cannot be a peer; not routed"));
+            skipped.push(format!(
+                "{subnet}: underlay address {u} cannot be a peer; not routed"
+            ));
             continue;
         }
         let on_link = underlay.net.contains(u);
@@ -285,7 +292,10 @@ pub fn plan_routes(
 }
 
 fn unicast(ip: Ipv4Addr) -> bool {
-    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast()
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || ip.is_broadcast()
         || ip.is_link_local())
 }
 
@@ -393,10 +403,16 @@ mod tests {
         e.insert(key("10.88.4.0/24"), rec("10.89.0.1", mac)); // underlay inside the fleet
         e.insert(key("10.88.5.0/24"), rec("127.0.0.1", mac)); // loopback
         e.insert(key("10.88.6.0/24"), b"{not json".to_vec());
-        e.insert(key("10.88.7.0/24"), rec("172.16.0.10", Some("ff:ff:ff:ff:ff:ff")));
+        e.insert(
+            key("10.88.7.0/24"),
+            rec("172.16.0.10", Some("ff:ff:ff:ff:ff:ff")),
+        );
         e.insert(key("10.88.8.0/25"), rec("192.168.50.4", mac)); // wrong length
         e.insert(key("10.99.0.0/24"), rec("192.168.50.5", mac)); // outside the fleet
-        e.insert("/cairn/network/subnets/junk".into(), rec("192.168.50.6", mac));
+        e.insert(
+            "/cairn/network/subnets/junk".into(),
+            rec("192.168.50.6", mac),
+        );
 
         let (routes, skipped) = plan_routes(cidr, own, Mode::Auto, &underlay(), &e);
         let got: Vec<String> = routes
@@ -415,9 +431,14 @@ mod tests {
         // host-gw cannot reach beyond the link; vxlan goes through the tunnel for all.
         let (routes, skipped) = plan_routes(cidr, own, Mode::HostGw, &underlay(), &e);
         assert_eq!(routes.len(), 1);
-        assert!(skipped.iter().any(|s| s.contains("host-gw needs one L2")), "{skipped:#?}");
+        assert!(
+            skipped.iter().any(|s| s.contains("host-gw needs one L2")),
+            "{skipped:#?}"
+        );
         let (routes, _) = plan_routes(cidr, own, Mode::Vxlan, &underlay(), &e);
-        assert!(routes.iter().all(|r| matches!(r.path, RoutePath::Vxlan { .. })));
+        assert!(routes
+            .iter()
+            .all(|r| matches!(r.path, RoutePath::Vxlan { .. })));
         assert_eq!(routes.len(), 2);
     }
 

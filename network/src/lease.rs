@@ -98,7 +98,9 @@ impl Leaser {
         match held {
             Ok(h) => {
                 cairn_contracts::durable::write(&self.memory, format!("{}\n", h.subnet).as_bytes())
-                    .with_context(|| format!("remembering the subnet in {}", self.memory.display()))?;
+                    .with_context(|| {
+                        format!("remembering the subnet in {}", self.memory.display())
+                    })?;
                 Ok(h)
             }
             Err(e) => {
@@ -176,8 +178,11 @@ impl Leaser {
 
     /// Rewrites our record (say, a new VXLAN MAC), still bound to the lease.
     pub fn update(&self, held: &Held, record: &SubnetRecord) -> Result<()> {
-        self.etcd
-            .put(&held.subnet.etcd_key(), &serde_json::to_vec(record)?, Some(held.lease))
+        self.etcd.put(
+            &held.subnet.etcd_key(),
+            &serde_json::to_vec(record)?,
+            Some(held.lease),
+        )
     }
 
     pub fn keepalive(&self, held: &Held) -> Result<()> {

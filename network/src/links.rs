@@ -212,12 +212,16 @@ pub fn ensure_bridge(bridge: &str, gateway: Ipv4Addr, prefix: u8) -> Result<()> 
             }
         }
         if !present.contains(&(gateway, prefix)) {
-            match h.address().add(index, gateway.into(), prefix).execute().await {
+            match h
+                .address()
+                .add(index, gateway.into(), prefix)
+                .execute()
+                .await
+            {
                 Ok(()) => {}
                 Err(e) if errno(&e) == Some(libc::EEXIST) => {}
                 Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("adding {gateway}/{prefix} to {bridge}"))
+                    return Err(e).with_context(|| format!("adding {gateway}/{prefix} to {bridge}"))
                 }
             }
         }
@@ -251,19 +255,25 @@ pub fn ensure_vxlan(underlay: &Underlay, subnet: Ipv4Net) -> Result<([u8; 6], u3
                 .learning(false)
                 .mtu(mtu)
                 .build();
-            h.link()
-                .add(msg)
-                .execute()
-                .await
-                .with_context(|| format!("creating the VXLAN device {VXLAN_DEVICE} on {}", u.name))?;
+            h.link().add(msg).execute().await.with_context(|| {
+                format!("creating the VXLAN device {VXLAN_DEVICE} on {}", u.name)
+            })?;
         }
         let l = link(&h, VXLAN_DEVICE)
             .await?
             .ok_or_else(|| anyhow!("{VXLAN_DEVICE} vanished"))?;
-        match h.address().add(l.index, subnet.addr.into(), 32).execute().await {
+        match h
+            .address()
+            .add(l.index, subnet.addr.into(), 32)
+            .execute()
+            .await
+        {
             Ok(()) => {}
             Err(e) if errno(&e) == Some(libc::EEXIST) => {}
-            Err(e) => return Err(e).with_context(|| format!("adding {}/32 to {VXLAN_DEVICE}", subnet.addr)),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("adding {}/32 to {VXLAN_DEVICE}", subnet.addr))
+            }
         }
         h.link()
             .set(rtnetlink::LinkUnspec::new_with_index(l.index).up().build())
@@ -351,7 +361,10 @@ pub fn program(underlay: &Underlay, routes: &[Route]) -> Result<()> {
                 Path::Direct { via } => builder.gateway(*via).output_interface(u.index).build(),
                 Path::Vxlan { underlay, mac } => {
                     let vx = vx.ok_or_else(|| {
-                        anyhow!("peer {} needs VXLAN, but {VXLAN_DEVICE} does not exist", r.subnet)
+                        anyhow!(
+                            "peer {} needs VXLAN, but {VXLAN_DEVICE} does not exist",
+                            r.subnet
+                        )
                     })?;
                     vx_neigh.insert(r.subnet.addr, *mac);
                     vx_fdb.insert(*mac, *underlay);
@@ -362,7 +375,11 @@ pub fn program(underlay: &Underlay, routes: &[Route]) -> Result<()> {
                         .build()
                 }
             };
-            if let Path::Vxlan { underlay: peer, mac } = &r.path {
+            if let Path::Vxlan {
+                underlay: peer,
+                mac,
+            } = &r.path
+            {
                 let vx = vx.expect("checked above");
                 h.neighbours()
                     .add(vx, IpAddr::V4(r.subnet.addr))
@@ -370,19 +387,26 @@ pub fn program(underlay: &Underlay, routes: &[Route]) -> Result<()> {
                     .replace()
                     .execute()
                     .await
-                    .with_context(|| format!("adding the neighbour of {} on {VXLAN_DEVICE}", r.subnet))?;
+                    .with_context(|| {
+                        format!("adding the neighbour of {} on {VXLAN_DEVICE}", r.subnet)
+                    })?;
                 let mut fdb = h.neighbours().add_bridge(vx, mac).replace();
                 fdb.message_mut().header.flags = NeighbourFlags::Own;
                 fdb.message_mut()
                     .attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*peer)));
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                        *peer,
+                    )));
                 fdb.execute()
                     .await
                     .with_context(|| format!("adding the FDB entry of {} ({peer})", r.subnet))?;
             }
-            h.route().add(msg).replace().execute().await.with_context(|| {
-                format!("adding the route to {} ({:?})", r.subnet, r.path)
-            })?;
+            h.route()
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("adding the route to {} ({:?})", r.subnet, r.path))?;
         }
         if let Some(vx) = vx {
             prune_vxlan_entries(&h, vx, &vx_neigh, &vx_fdb).await?;

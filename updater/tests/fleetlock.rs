@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use cairn_test_support::{free_port, Etcd};
 use cairn_etcd::Etcd as EtcdClient;
+use cairn_test_support::{free_port, Etcd};
 use cairn_updater::fleetlock::server::{self, Config, Store, DEFAULT_PREFIX};
 use cairn_updater::fleetlock::{Answer, Client};
 

@@ -19,8 +19,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use cairn_etcd::Etcd;
 use super::{ClientParams, ErrorBody, Request, PROTOCOL_HEADER};
+use cairn_etcd::Etcd;
 
 pub const DEFAULT_PREFIX: &str = "/cairn/fleetlock";
 

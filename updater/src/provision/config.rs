@@ -11,6 +11,8 @@ use base64::Engine as _;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use cairn_contracts::network::FleetNetwork;
+
 use crate::agent::config::Fragment as AgentFragment;
 use crate::health::Kind as HealthKind;
 
@@ -56,9 +58,9 @@ pub struct NodeConfig {
     /// The update agent's settings: the keys of /etc/cairn/agent.toml.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentFragment>,
-    /// The fleet this node belongs to.
+    /// The fleet network this node joins: the keys of /etc/cairn/network.toml.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fleet: Option<Fleet>,
+    pub fleet: Option<FleetNetwork>,
     /// Health checks that gate updates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub health: Vec<HealthCheck>,
@@ -178,14 +180,6 @@ pub struct Update {
     /// agent's next check, moves it to that ref's head.
     #[serde(rename = "ref")]
     pub ref_: String,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Fleet {
-    /// etcd client URLs of the fleet's members.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub etcd_endpoints: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -328,9 +322,8 @@ impl NodeConfig {
             crate::agent::config::check_fragment(agent, "node-id").context("agent")?;
         }
         if let Some(fleet) = &self.fleet {
-            for (i, url) in fleet.etcd_endpoints.iter().enumerate() {
-                check_url(url).with_context(|| format!("fleet.etcd-endpoints[{i}]"))?;
-            }
+            // The network agent's own checks, naming the key at fault.
+            fleet.validate().context("fleet")?;
         }
         let mut checks = std::collections::BTreeSet::new();
         for (i, h) in self.health.iter().enumerate() {
@@ -619,21 +612,6 @@ fn check_file_name(n: &str) -> Result<()> {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if !ok {
         bail!("{n:?}: letters, digits, '.', '_' and '-', not starting with '.'");
-    }
-    Ok(())
-}
-
-fn check_url(u: &str) -> Result<()> {
-    let rest = u
-        .strip_prefix("http://")
-        .or_else(|| u.strip_prefix("https://"))
-        .ok_or_else(|| anyhow::anyhow!("{u:?} is not an http:// or https:// URL"))?;
-    let host = rest.split('/').next().unwrap_or_default();
-    if host.is_empty()
-        || u.bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-    {
-        bail!("{u:?} has no host");
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use anyhow::{bail, Result};
 use base64::Engine as _;
 
+use cairn_contracts::network::NETWORK_CONFIG;
 use cairn_contracts::units::{app_unit_name, app_unit_text, AppRun, AppUnit};
 
 use super::config::{parse_mode, Interface, NodeConfig};
@@ -17,7 +18,6 @@ pub const NETWORK_DIR: &str = "/etc/systemd/network";
 pub const SYSCTL_FILE: &str = "/etc/sysctl.d/90-cairn-provision.conf";
 /// After the shipped /usr/lib/cairn/agent.toml and /etc/cairn/agent.toml, so its keys win.
 pub const AGENT_DROPIN: &str = "/etc/cairn/agent.d/50-provision.toml";
-pub const FLEET_FILE: &str = "/etc/cairn/fleet.toml";
 pub const HEALTH_DIR: &str = "/etc/cairn/health.d";
 pub const UNIT_DIR: &str = "/etc/systemd/system";
 /// Home directories: /home and /root are links into /var in every tree.
@@ -174,7 +174,7 @@ pub fn render(c: &NodeConfig) -> Result<Plan> {
         e.push(toml_file(AGENT_DROPIN, agent)?);
     }
     if let Some(fleet) = &c.fleet {
-        e.push(toml_file(FLEET_FILE, fleet)?);
+        e.push(toml_file(NETWORK_CONFIG, fleet)?);
     }
     for h in &c.health {
         let kind = match h.kind {

@@ -59,8 +59,25 @@ fn the_documented_example_parses_and_renders() {
     assert_eq!(cfg.policy, crate::agent::Policy::Apply);
     assert_eq!(cfg.strategy, crate::agent::Strategy::FleetLock);
     assert_eq!(cfg.fleet_lock.unwrap().group, "workers");
-    assert!(file(&plan, "/etc/cairn/fleet.toml")
-        .contains("etcd-endpoints = [\"http://192.0.2.5:2379\"]"));
+    // The fleet network's agent reads its config back with its own parser.
+    let fleet = file(&plan, cairn_contracts::network::NETWORK_CONFIG);
+    assert!(
+        fleet.starts_with("# Written by cairn provisioning"),
+        "{fleet}"
+    );
+    assert!(
+        fleet.contains("etcd-endpoints = [\"http://192.0.2.5:2379\"]"),
+        "{fleet}"
+    );
+    assert!(fleet.contains("cidr = \"10.88.0.0/14\""), "{fleet}");
+    assert!(fleet.contains("node-prefix = 24"), "{fleet}");
+    assert!(fleet.contains("mode = \"auto\""), "{fleet}");
+    let net = cairn_contracts::network::FleetNetwork::parse(fleet).unwrap();
+    assert_eq!(Some(&net), c.fleet.as_ref());
+    assert!(plan.entries.iter().any(|e| matches!(
+        e,
+        Entry::File { path, mode: 0o644, .. } if path == "/etc/cairn/network.toml"
+    )));
     let check = plan
         .entries
         .iter()
@@ -86,6 +103,28 @@ fn a_minimal_config_renders_nothing_but_what_it_says() {
     let plan = render(&c).unwrap();
     assert_eq!(plan.entries.len(), 1);
     assert!(plan.accounts.is_empty() && plan.kernel_args.is_empty() && plan.units.is_empty());
+}
+
+#[test]
+fn a_fleet_section_renders_the_network_config_with_its_defaults() {
+    let c = NodeConfig::parse(
+        "version = 1\n[fleet]\netcd-endpoints = [\"http://10.0.2.2:2379\"]\n",
+        "t",
+    )
+    .unwrap();
+    let plan = render(&c).unwrap();
+    assert_eq!(plan.entries.len(), 1);
+    let text = file(&plan, "/etc/cairn/network.toml");
+    assert_eq!(
+        text,
+        "# Written by cairn provisioning from the node config.\n\
+         etcd-endpoints = [\"http://10.0.2.2:2379\"]\n\
+         cidr = \"10.88.0.0/14\"\n\
+         node-prefix = 24\n\
+         mode = \"auto\"\n\
+         subnet-grace = \"5m\"\n"
+    );
+    cairn_contracts::network::FleetNetwork::parse(text).unwrap();
 }
 
 #[test]
@@ -187,7 +226,18 @@ fn bad_values_are_refused_naming_their_key() {
             "version = 1\n[agent.reboot]\nstrategy = \"fleet-lock\"",
             "needs [fleet-lock]",
         ),
-        ("version = 1\n[fleet]\netcd-endpoints = [\"etcd:2379\"]", "http://"),
+        (
+            "version = 1\n[fleet]\netcd-endpoints = [\"etcd:2379\"]",
+            "fleet: etcd-endpoints[0]",
+        ),
+        (
+            "version = 1\n[fleet]\netcd-endpoints = [\"http://e:2379\"]\ncidr = \"10.88.0.1/14\"",
+            "fleet: cidr",
+        ),
+        (
+            "version = 1\n[fleet]\netcd-endpoints = [\"http://e:2379\"]\nmode = \"nat\"",
+            "mode",
+        ),
         (
             "version = 1\n[[health]]\nname = \"x\"\nkind = \"required\"\nscript = \"echo\"",
             "interpreter line",
