@@ -95,6 +95,7 @@ pub fn unit_text(app: &App, image_in_tree: &Path) -> String {
         ip: app.ip,
         health_cmd: app.health_cmd.as_deref(),
         health_interval: app.health_interval.as_deref(),
+        services: &app.services,
         env: &app.env,
         image: format!("{repo_name}@{}", app.digest),
         command: &app.command,
@@ -135,6 +136,7 @@ mod tests {
             ip: Some("10.88.0.50".parse().unwrap()),
             health_cmd: None,
             health_interval: None,
+            services: vec![],
             restart: None,
         };
         let text = unit_text(&app, Path::new("/usr/lib/cairn/apps/web/image.tar"));

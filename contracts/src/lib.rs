@@ -13,5 +13,6 @@ pub mod names;
 pub mod network;
 pub mod packages;
 pub mod rootpath;
+pub mod services;
 pub mod trust;
 pub mod units;

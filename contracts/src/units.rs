@@ -100,6 +100,8 @@ pub struct AppRun<'a> {
     pub ip: Option<std::net::Ipv4Addr>,
     pub health_cmd: Option<&'a str>,
     pub health_interval: Option<&'a str>,
+    /// `--service NAME[:PORT]` each.
+    pub services: &'a [String],
     pub env: &'a [String],
     pub image: String,
     pub command: &'a [String],
@@ -128,6 +130,10 @@ impl AppRun<'_> {
                 args.push(flag.into());
                 args.push(v.into());
             }
+        }
+        for s in self.services {
+            args.push("--service".into());
+            args.push(s.clone());
         }
         for e in self.env {
             args.push("--env".into());

@@ -63,6 +63,10 @@ pub enum Command {
     #[command(subcommand)]
     Net(net::NetCommand),
 
+    /// Services registered by containers fleet-wide (`--service`).
+    #[command(subcommand)]
+    Service(net::ServiceCommand),
+
     /// Print a shell completion script to stdout.
     Completions {
         /// The shell to complete for.
@@ -84,6 +88,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::App(cmd) => app::run(cmd),
         Command::Fleet(cmd) => fleet::run(cmd),
         Command::Net(cmd) => net::run(cmd),
+        Command::Service(cmd) => net::run_service(cmd),
         Command::Agent(args) => agent::run(args),
         Command::Health(cmd) => health::run(cmd),
         Command::Provision(cmd) => provision::run(cmd),

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use cairn_contracts::network::{read_node_network, DEFAULT_BRIDGE, DEFAULT_SUBNET, NODE_NETWORK};
+use cairn_contracts::services::{ServicePort, REGISTRATION_DIR};
 use cairn_runtime::cgroup::{self, Limits};
 use cairn_runtime::engine::{HealthCheck, MIN_HEALTH_INTERVAL};
 use cairn_runtime::image::ImageInfo;
@@ -49,7 +50,7 @@ pub struct AppGlobals {
 impl AppGlobals {
     /// The bridge and subnet: given ones win, then the fleet network's
     /// lease, then the single-node defaults.
-    fn network(&self) -> Result<(String, String)> {
+    fn network(&self) -> Result<(String, String, Option<Ipv4Addr>)> {
         let leased = match &self.subnet {
             Some(_) => None,
             None => read_node_network(&self.node_network)?,
@@ -59,12 +60,16 @@ impl AppGlobals {
             .clone()
             .or_else(|| leased.as_ref().map(|n| n.bridge.clone()))
             .unwrap_or_else(|| DEFAULT_BRIDGE.to_string());
+        // The fleet network's DNS answers on the bridge's address.
+        let dns = leased
+            .as_ref()
+            .and_then(|n| n.gateway.split('/').next()?.parse().ok());
         let subnet = self
             .subnet
             .clone()
             .or_else(|| leased.map(|n| n.gateway))
             .unwrap_or_else(|| DEFAULT_SUBNET.to_string());
-        Ok((bridge, subnet))
+        Ok((bridge, subnet, dns))
     }
 }
 
@@ -159,6 +164,15 @@ pub struct RunArgs {
     /// Consecutive failures before the container counts as unhealthy.
     #[arg(long, default_value_t = 3)]
     health_retries: u32,
+    /// Register the container as an instance of service NAME (port PORT)
+    /// while it runs and passes its health check: NAME.service.cairn
+    /// resolves to it fleet-wide (docs/network.md). Repeatable.
+    #[arg(long = "service", value_name = "NAME[:PORT]", value_parser = parse_service)]
+    services: Vec<ServicePort>,
+    /// Where the monitor publishes its registration (the fleet network
+    /// agent reads it).
+    #[arg(long, env = "CAIRN_REGISTRATION_DIR", default_value = REGISTRATION_DIR, hide = true)]
+    registration_dir: PathBuf,
     /// Restart policy: no, on-failure or always (with back-off).
     #[arg(long, default_value = "no", value_parser = parse_restart)]
     restart: RestartPolicy,
@@ -178,8 +192,9 @@ pub struct RunArgs {
 }
 
 pub fn runtime(cmd: &AppGlobals) -> Result<Runtime> {
-    let (bridge, subnet) = cmd.network()?;
+    let (bridge, subnet, dns) = cmd.network()?;
     let mut rt = Runtime::new(&cmd.root, NetworkConfig::parse(&bridge, &subnet)?);
+    rt.dns = dns;
     rt.monitor_command = Some(Box::new(move |root: &Path, name: &str| {
         // Always the executable without libostree (see exe.rs).
         let mut c = std::process::Command::new(crate::exe::container_executable());
@@ -362,7 +377,14 @@ fn run_options(a: RunArgs) -> Result<RunOptions> {
         auto_remove: a.rm,
         stop_timeout: a.stop_timeout,
         userns_host: a.userns == "host",
+        services: a.services,
+        registration_dir: Some(a.registration_dir),
+        dns: None,
     })
+}
+
+fn parse_service(s: &str) -> Result<ServicePort, String> {
+    s.parse().map_err(|e: anyhow::Error| format!("{e:#}"))
 }
 
 /// `--memory`: `256M`, `1.5G`, `512k`, `1048576`, with binary multiples.

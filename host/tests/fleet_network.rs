@@ -73,6 +73,7 @@ impl Node {
         c.args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_host")]);
         c.env("CAIRN_ROOT", self.dir.join("apps"));
         c.env("CAIRN_NODE_NETWORK", self.dir.join("node.json"));
+        c.env("CAIRN_REGISTRATION_DIR", self.dir.join("services"));
         c
     }
 
@@ -91,6 +92,16 @@ impl Node {
         let mut all = vec!["-n", self.ns.as_str()];
         all.extend_from_slice(args);
         ip(&all)
+    }
+
+    /// A command of the build machine's, run inside the node's namespace.
+    fn host_ns(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
 
     fn write_config(&self, etcd: &str, mode: &str, cidr: &str) -> PathBuf {
@@ -169,7 +180,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.stop_agent();
         // Containers first: their processes would keep the namespace alive.
-        let _ = self.host().args(["app", "rm", "-f", "web"]).output();
+        for c in ["web", "web2"] {
+            let _ = self.host().args(["app", "rm", "-f", c]).output();
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }
@@ -195,7 +208,9 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> Option<String>) 
 fn busybox_image(dir: &Path) -> PathBuf {
     let layout = dir.join("oci");
     let spec = cairn_test_support::LayoutSpec {
-        applets: cairn_test_support::Applets::Only(&["sh", "httpd", "wget", "cat", "sleep"]),
+        applets: cairn_test_support::Applets::Only(&[
+            "sh", "httpd", "wget", "cat", "sleep", "test", "nslookup",
+        ]),
         dirs: &["www"],
         files: &[("www/index.html", b"served by node B\n")],
         cmd: &["/bin/sh"],
@@ -268,13 +283,121 @@ fn containers_on_two_nodes_reach_each_other_with_their_own_addresses() {
     });
     assert!(route.contains(&format!("via {}", b.underlay)), "{route}");
 
-    // A server on B, a client on A, by address: no NAT anywhere.
+    // A server on B, a client on A, by address: no NAT anywhere. The
+    // server is an instance of service `web` while /flag/ok exists.
     let web_ip = format!("{pb}.20");
+    let flag = tmp.path().join("flag");
+    std::fs::create_dir_all(&flag).unwrap();
+    std::fs::write(flag.join("ok"), "").unwrap();
+    let volume = format!("{}:/flag:ro", flag.display());
     b.ok(&[
-        "app", "run", "-d", "--name", "web", "--ip", &web_ip, "bb", "httpd", "-f", "-vv", "-p",
-        "8080", "-h", "/www",
+        "app",
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--ip",
+        &web_ip,
+        "--service",
+        "web:8080",
+        "--health-cmd",
+        "test -e /flag/ok",
+        "--health-interval",
+        "500ms",
+        "--health-retries",
+        "1",
+        "-v",
+        &volume,
+        "bb",
+        "httpd",
+        "-f",
+        "-vv",
+        "-p",
+        "8080",
+        "-h",
+        "/www",
     ]);
     fetch_across(&a, &b, &format!("{pa}.30"), &web_ip);
+
+    // Found by name: A's container resolves web.service.cairn through A's
+    // DNS (its resolv.conf names A's bridge), which answers from etcd.
+    let listed = wait_for(
+        "web in `host service ls` on A",
+        Duration::from_secs(20),
+        || {
+            let out = a.ok(&["service", "ls", "--json"]);
+            out.contains(&web_ip).then_some(out)
+        },
+    );
+    let rows: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(rows[0]["service"], "web", "{rows}");
+    assert_eq!(rows[0]["port"], 8080, "{rows}");
+    let by_name = a.ok(&[
+        "app",
+        "run",
+        "--rm",
+        "bb",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        "http://web.service.cairn:8080/",
+    ]);
+    assert_eq!(by_name, "served by node B\n");
+    let srv = a.ok(&[
+        "app",
+        "run",
+        "--rm",
+        "bb",
+        "nslookup",
+        "-type=SRV",
+        "web.service.cairn",
+    ]);
+    assert!(srv.contains("8080") && srv.contains("web."), "{srv}");
+
+    // A failed health check takes the instance out of DNS everywhere.
+    std::fs::remove_file(flag.join("ok")).unwrap();
+    let failed = Instant::now();
+    let gateway_a = format!("{pa}.1");
+    wait_for("web to leave A's DNS", Duration::from_secs(10), || {
+        let out = a.host_ns(&["/bin/busybox", "nslookup", "web.service.cairn", &gateway_a]);
+        (!out.contains(&web_ip)).then_some(out)
+    });
+    eprintln!(
+        "a failed health check left the other node's DNS {:.2} s after the flag went (interval 500 ms)",
+        failed.elapsed().as_secs_f64()
+    );
+    std::fs::write(flag.join("ok"), "").unwrap();
+
+    // A new instance on A is visible on B at once.
+    let gateway_b = format!("{pb}.1");
+    let started = Instant::now();
+    a.ok(&[
+        "app",
+        "run",
+        "-d",
+        "--name",
+        "web2",
+        "--service",
+        "web:8080",
+        "bb",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/www",
+    ]);
+    let ran = started.elapsed();
+    let web2 = wait_for("web2 in B's DNS", Duration::from_secs(10), || {
+        let out = b.host_ns(&["/bin/busybox", "nslookup", "web.service.cairn", &gateway_b]);
+        out.contains(&format!("{pa}.")).then_some(out)
+    });
+    eprintln!(
+        "a new instance on A answered in B's DNS {:.2} s after `host app run -d` returned: {web2}",
+        (started.elapsed() - ran).as_secs_f64()
+    );
+    a.ok(&["app", "rm", "-f", "web2"]);
     let st = a.status();
     assert_eq!(st["node"]["subnet"], sa);
     assert_eq!(st["etcd"], "ok");
@@ -330,6 +453,19 @@ fn containers_on_two_nodes_reach_each_other_with_their_own_addresses() {
     });
     eprintln!(
         "B's subnet left A's routes {:.1} s after B's agent died",
+        started.elapsed().as_secs_f64()
+    );
+    let gone = wait_for(
+        "B's instances to leave the directory",
+        Duration::from_secs(30),
+        || {
+            let out = a.ok(&["service", "ls", "--json"]);
+            (!out.contains(&web_ip)).then_some(out)
+        },
+    );
+    assert!(!gone.contains(&web_ip));
+    eprintln!(
+        "B's service records left the directory {:.1} s after B's agent died (registration TTL 10 s)",
         started.elapsed().as_secs_f64()
     );
     assert!(a.status()["peers"]

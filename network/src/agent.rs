@@ -5,9 +5,9 @@
 //! the new run asks for the same subnet back).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,10 +15,13 @@ use cairn_contracts::network::{
     FleetNetwork, Ipv4Net, Mode, NodeNetwork, SubnetRecord, BRIDGE_NETWORK_FILE,
     ETCD_SUBNETS_PREFIX,
 };
+use cairn_contracts::services::{check_label, ETCD_SERVICES_PREFIX};
 use cairn_etcd::{Etcd, Mirror};
 
+use crate::dns::{self, Directory};
 use crate::lease::{parse_record, Held, Leaser};
 use crate::links::{self, Path as RoutePath, Route, Underlay};
+use crate::registry::Registrar;
 
 /// Where the agent reads and writes; the defaults are the node's paths,
 /// tests give their own.
@@ -30,6 +33,10 @@ pub struct Paths {
     /// networkd here).
     pub networkd_dir: Option<PathBuf>,
     pub machine_id: PathBuf,
+    /// Where monitors publish serving containers (contracts::services).
+    pub registration_dir: PathBuf,
+    /// The DNS responder's port on the bridge address (53 on a node).
+    pub dns_port: u16,
 }
 
 /// Where the agent is, for its log lines and tests.
@@ -37,6 +44,7 @@ pub struct Paths {
 pub enum Progress {
     Joined { subnet: Ipv4Net, reclaimed: bool },
     Routed { peers: usize },
+    Registered { keys: usize },
 }
 
 /// Joins and serves until the lease is lost or etcd stays away longer than
@@ -63,10 +71,7 @@ pub fn run(
         );
     }
     let node = read_machine_id(&paths.machine_id)?;
-    let hostname = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
+    let hostname = dns_hostname(&node);
     let mut record = SubnetRecord {
         node,
         hostname,
@@ -100,50 +105,129 @@ pub fn run(
         mtu,
         etcd_endpoints: cfg.etcd_endpoints.clone(),
     };
-    cairn_contracts::durable::replace(&paths.node_network, &serde_json::to_vec_pretty(&published)?)
-        .with_context(|| format!("writing {}", paths.node_network.display()))?;
+    if let Some(dir) = paths.node_network.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Read by `host app` and `host net status`: no secret in it.
+    cairn_contracts::durable::write_mode(
+        &paths.node_network,
+        &serde_json::to_vec_pretty(&published)?,
+        0o644,
+    )
+    .with_context(|| format!("writing {}", paths.node_network.display()))?;
     progress(Progress::Joined {
         subnet: held.subnet,
         reclaimed: held.reclaimed,
     });
     notify_ready();
 
-    // Routes follow the mirror on a thread of their own; this thread keeps
-    // the lease alive and returns the first fatal error of either.
+    // Routes and the DNS directory each follow etcd on a thread of their
+    // own; this thread publishes registrations and keeps the leases alive,
+    // and returns the first fatal error of any.
     let (fatal_tx, fatal_rx) = mpsc::channel::<anyhow::Error>();
     let (routed_tx, routed_rx) = mpsc::channel::<usize>();
-    let (watcher, own, mode, u) = (etcd.clone(), held.subnet, cfg.mode, underlay.clone());
-    std::thread::spawn(move || {
-        let err = follow_peers(&watcher, cidr, own, mode, &u, grace, |n| {
-            let _ = routed_tx.send(n);
-        });
-        let _ = fatal_tx.send(err);
+    let (own, mode, u) = (held.subnet, cfg.mode, underlay.clone());
+    spawn_follower(
+        &etcd,
+        ETCD_SUBNETS_PREFIX,
+        grace,
+        fatal_tx.clone(),
+        move |m| {
+            let (routes, skipped) = plan_routes(cidr, own, mode, &u, &m.entries);
+            for s in skipped {
+                tracing::warn!("{s}");
+            }
+            links::program(&u, &routes)?;
+            let _ = routed_tx.send(routes.len());
+            Ok(())
+        },
+    );
+    let directory = Arc::new(RwLock::new(Directory::default()));
+    let dir = directory.clone();
+    spawn_follower(&etcd, ETCD_SERVICES_PREFIX, grace, fatal_tx, move |m| {
+        let d = Directory::from_entries(&m.entries);
+        *dir.write().unwrap_or_else(|p| p.into_inner()) = d;
+        Ok(())
     });
-    keep_alive(&leaser, &held, grace, &fatal_rx, &routed_rx, &mut progress)
+    let gateway = held.subnet.gateway();
+    let _dns = dns::start(
+        SocketAddr::from((gateway, paths.dns_port)),
+        directory,
+        dns::system_upstreams(&[IpAddr::V4(gateway)]),
+    )
+    .with_context(|| format!("starting the DNS responder on {gateway}:{}", paths.dns_port))?;
+    let mut registrar = Registrar::new(
+        etcd.clone(),
+        &paths.registration_dir,
+        &record.hostname,
+        &record.node,
+        held.subnet,
+        REGISTRATION_TTL.as_secs() as i64,
+    );
+    registrar.forget_earlier_runs()?;
+    serve(
+        &leaser,
+        &held,
+        grace,
+        &mut registrar,
+        &fatal_rx,
+        &routed_rx,
+        &mut progress,
+    )
 }
 
-fn keep_alive(
+/// How long a dead node's service records outlive it.
+pub const REGISTRATION_TTL: Duration = Duration::from_secs(10);
+/// How often registration files are looked at: a new instance is in etcd
+/// within this, and everywhere a watch later.
+const SCAN_EVERY: Duration = Duration::from_millis(250);
+
+fn serve(
     leaser: &Leaser,
     held: &Held,
     grace: Duration,
+    registrar: &mut Registrar,
     fatal: &mpsc::Receiver<anyhow::Error>,
     routed: &mpsc::Receiver<usize>,
     progress: &mut impl FnMut(Progress),
 ) -> Result<()> {
-    let every = grace / 3;
+    let subnet_every = (grace / 3).min(Duration::from_secs(10));
+    let registration_every = REGISTRATION_TTL / 3;
+    let (mut subnet_at, mut registration_at) = (Instant::now(), Instant::now());
     let mut last_ok = Instant::now();
+    let mut warned = std::collections::BTreeSet::new();
     loop {
-        let until = Instant::now() + every.min(Duration::from_secs(10));
-        while let Some(left) = until.checked_duration_since(Instant::now()) {
-            match routed.recv_timeout(left.min(Duration::from_millis(200))) {
-                Ok(peers) => progress(Progress::Routed { peers }),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-            if let Ok(e) = fatal.try_recv() {
-                return Err(e.context("following the fleet's subnets"));
+        if let Ok(peers) = routed.recv_timeout(SCAN_EVERY) {
+            progress(Progress::Routed { peers });
+        }
+        if let Ok(e) = fatal.try_recv() {
+            return Err(e.context("following the fleet in etcd"));
+        }
+        let mut skipped = Vec::new();
+        match registrar.sync(&mut skipped) {
+            Ok(true) => progress(Progress::Registered {
+                keys: registrar.published(),
+            }),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("registering this node's services: {e:#}; trying again"),
+        }
+        for s in skipped {
+            // Once per bad file, not four times a second.
+            if warned.insert(s.clone()) {
+                tracing::warn!("registration skipped: {s}");
             }
         }
+        let now = Instant::now();
+        if now >= registration_at {
+            registration_at = now + registration_every;
+            if let Err(e) = registrar.keepalive() {
+                tracing::warn!("renewing the registration lease: {e:#}; trying again");
+            }
+        }
+        if now < subnet_at {
+            continue;
+        }
+        subnet_at = now + subnet_every;
         match leaser.keepalive(held) {
             Ok(()) => last_ok = Instant::now(),
             Err(e) if e.to_string().contains("expired") => {
@@ -164,35 +248,40 @@ fn keep_alive(
     }
 }
 
-/// Mirrors the subnets and reprograms routes whenever they change; returns
-/// only an error (a broken watch is resumed from a new snapshot).
-fn follow_peers(
+/// Follows `prefix` on a thread: `apply` sees the mirror at start and after
+/// every change. A broken watch resumes from a new snapshot; only failing
+/// longer than `grace` is fatal (sent on `fatal`).
+fn spawn_follower(
     etcd: &Etcd,
-    cidr: Ipv4Net,
-    own: Ipv4Net,
-    mode: Mode,
-    underlay: &Underlay,
+    prefix: &'static str,
     grace: Duration,
-    mut routed: impl FnMut(usize),
+    fatal: mpsc::Sender<anyhow::Error>,
+    apply: impl FnMut(&Mirror) -> Result<()> + Send + 'static,
+) {
+    let etcd = etcd.clone();
+    std::thread::spawn(move || {
+        let e = follow_prefix(&etcd, prefix, grace, apply);
+        let _ = fatal.send(e);
+    });
+}
+
+/// Mirrors `prefix` and calls `apply` whenever it changes; returns only an
+/// error.
+fn follow_prefix(
+    etcd: &Etcd,
+    prefix: &str,
+    grace: Duration,
+    mut apply: impl FnMut(&Mirror) -> Result<()>,
 ) -> anyhow::Error {
     let mut failing_since: Option<Instant> = None;
     loop {
         let result = (|| -> Result<()> {
-            let mut mirror = Mirror::from_snapshot(etcd.snapshot(ETCD_SUBNETS_PREFIX)?);
-            let mut apply = |mirror: &Mirror| -> Result<()> {
-                let (routes, skipped) = plan_routes(cidr, own, mode, underlay, &mirror.entries);
-                for s in skipped {
-                    tracing::warn!("{s}");
-                }
-                links::program(underlay, &routes)?;
-                routed(routes.len());
-                Ok(())
-            };
+            let mut mirror = Mirror::from_snapshot(etcd.snapshot(prefix)?);
             apply(&mirror)?;
             failing_since = None;
             let mut err = None;
             etcd.watch_prefix(
-                ETCD_SUBNETS_PREFIX,
+                prefix,
                 mirror.revision + 1,
                 Duration::from_secs(60),
                 |rev, events| {
@@ -212,7 +301,7 @@ fn follow_peers(
         if since.elapsed() > grace {
             return e;
         }
-        tracing::warn!("following peers: {e:#}; resuming");
+        tracing::warn!("following {prefix}: {e:#}; resuming");
         std::thread::sleep(Duration::from_secs(1));
     }
 }
@@ -320,6 +409,22 @@ fn wait_for_etcd(etcd: &Etcd, grace: Duration) -> Result<()> {
     }
 }
 
+/// The node's name in DNS (`CONTAINER.NODE.cairn`): its hostname when that
+/// is a DNS label, else one made from the machine id.
+fn dns_hostname(machine_id: &str) -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let first = host.split('.').next().unwrap_or_default().to_string();
+    if check_label("node", &first).is_ok() {
+        first
+    } else {
+        format!("node-{}", &machine_id[..machine_id.len().min(12)])
+    }
+}
+
 fn read_machine_id(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the machine id from {}", path.display()))?;
@@ -339,8 +444,28 @@ fn shadow_networkd(dir: &Path, bridge: &str, subnet: &Ipv4Net) -> Result<()> {
         subnet.gateway(),
         subnet.prefix
     );
-    cairn_contracts::durable::replace(&dir.join(BRIDGE_NETWORK_FILE), text.as_bytes())
-        .with_context(|| format!("writing {}", dir.join(BRIDGE_NETWORK_FILE).display()))
+    let path = dir.join(BRIDGE_NETWORK_FILE);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // networkd reads it as its own user: 0644.
+    cairn_contracts::durable::write_mode(&path, text.as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // networkd reads its files again only when told; the address is set
+    // already, this keeps networkd from taking it back later.
+    match std::process::Command::new("networkctl")
+        .arg("reload")
+        .status()
+    {
+        Ok(st) if st.success() => {}
+        Ok(st) => tracing::warn!(
+            "networkctl reload: {st}; networkd sees {} at its next reload",
+            path.display()
+        ),
+        Err(e) => tracing::warn!(
+            "networkctl reload: {e}; networkd sees {} at its next reload",
+            path.display()
+        ),
+    }
+    Ok(())
 }
 
 /// Tells systemd (Type=notify) the node's subnet is ready: containers may

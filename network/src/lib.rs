@@ -5,6 +5,8 @@
 //! network a node keeps the single-node bridge and none of this runs.
 
 pub mod agent;
+pub mod dns;
 pub mod lease;
 pub mod links;
+pub mod registry;
 pub mod status;

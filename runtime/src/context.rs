@@ -22,6 +22,9 @@ pub struct Runtime {
     pub network: NetworkConfig,
     pub cgroups: CgroupManager,
     pub monitor_command: Option<MonitorCommand>,
+    /// The resolver containers get when their run names none (the fleet
+    /// network's DNS on the bridge).
+    pub dns: Option<std::net::Ipv4Addr>,
 }
 
 impl Runtime {
@@ -31,6 +34,7 @@ impl Runtime {
             network,
             cgroups: CgroupManager::new("/sys/fs/cgroup", "cairn.slice"),
             monitor_command: None,
+            dns: None,
         }
     }
 
@@ -69,7 +73,13 @@ pub(crate) fn generated_files(r: &ContainerRecord) -> Vec<(&'static str, String)
     vec![
         ("/etc/hostname", format!("{}\n", r.name)),
         ("/etc/hosts", hosts),
-        ("/etc/resolv.conf", resolv_conf()),
+        (
+            "/etc/resolv.conf",
+            match r.dns {
+                Some(ip) => format!("nameserver {ip}\n"),
+                None => resolv_conf(),
+            },
+        ),
     ]
 }
 

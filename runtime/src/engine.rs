@@ -64,6 +64,16 @@ pub struct RunOptions {
     /// Run with the host's uids and gids (no user namespace): root in the
     /// container is root on the host. Only for images that need it.
     pub userns_host: bool,
+    /// Services this container is an instance of while it runs and passes
+    /// its health check (needs a network and a DNS-safe name).
+    pub services: Vec<cairn_contracts::services::ServicePort>,
+    /// Where its monitor publishes it (default: the node's
+    /// [`cairn_contracts::services::REGISTRATION_DIR`]).
+    pub registration_dir: Option<PathBuf>,
+    /// The one resolver of the container's /etc/resolv.conf (the fleet
+    /// network's DNS, which forwards what is not its own); None: the
+    /// node's resolvers.
+    pub dns: Option<Ipv4Addr>,
 }
 
 /// A container's health check.
@@ -252,6 +262,21 @@ impl Runtime {
         if opts.no_network && opts.ip.is_some() {
             bail!("--ip needs the network (drop --network none)");
         }
+        if !opts.services.is_empty() {
+            if opts.no_network {
+                bail!("--service needs the network (drop --network none)");
+            }
+            if opts.services.len() > cairn_contracts::services::MAX_SERVICES {
+                bail!(
+                    "--service: at most {} per container",
+                    cairn_contracts::services::MAX_SERVICES
+                );
+            }
+            cairn_contracts::services::check_label(
+                "--service needs a container name that is a DNS label; --name",
+                &name,
+            )?;
+        }
         let (img, checkout) = match image {
             Some(found) => found,
             None => self.image_and_checkout(&opts.image)?,
@@ -292,6 +317,13 @@ impl Runtime {
             stop_timeout: opts.stop_timeout,
             stop_signal: img.config.stop_signal.clone(),
             userns: None,
+            services: opts.services.clone(),
+            registration_dir: (!opts.services.is_empty()).then(|| {
+                opts.registration_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(cairn_contracts::services::REGISTRATION_DIR))
+            }),
+            dns: opts.dns.or(self.dns).filter(|_| !opts.no_network),
         };
         let mut early_userns = None;
         if !opts.userns_host {

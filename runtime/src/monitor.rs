@@ -48,6 +48,8 @@ struct Monitor<'a> {
     early_userns: Option<container::PendingUserns>,
     /// Where `run -d` waits to hear the first start's outcome.
     ready: Option<std::fs::File>,
+    /// Whether this container's registration file is published now.
+    registered: bool,
 }
 
 /// A pidfd of `pid` (Linux ≥ 5.3), readable once it has exited; `None`
@@ -127,7 +129,7 @@ impl Monitor<'_> {
         let _ = f.write_all(&msg);
     }
 
-    fn save(&self) -> Result<()> {
+    fn save(&mut self) -> Result<()> {
         write_json(
             &self
                 .rt
@@ -136,7 +138,60 @@ impl Monitor<'_> {
                 .join("state.json"),
             &self.state,
             crate::state::Durability::of(&self.record),
-        )
+        )?;
+        self.sync_registration();
+        Ok(())
+    }
+
+    /// A container with services is an instance of them while it runs and
+    /// its health check (if any) passes: its registration file exists
+    /// exactly then. Failing to write it costs the container nothing but
+    /// its listing, so it is logged, never fatal.
+    fn sync_registration(&mut self) {
+        let Some(dir) = &self.record.registration_dir else {
+            return;
+        };
+        let healthy = match (&self.record.health, &self.state.health) {
+            (None, _) => true,
+            (Some(_), Some(h)) => h.status == Health::Healthy,
+            (Some(_), None) => false,
+        };
+        let serving = self.state.status == Status::Running && healthy;
+        if serving == self.registered {
+            return;
+        }
+        let file = dir.join(format!("{}.json", self.record.name));
+        let result = match (
+            serving,
+            self.record.ip,
+            self.state.monitor_pid,
+            self.state.monitor_start,
+        ) {
+            (true, Some(address), Some(monitor_pid), Some(monitor_start)) => {
+                let instance = cairn_contracts::services::Instance {
+                    container: self.record.name.clone(),
+                    address,
+                    services: self.record.services.clone(),
+                    monitor_pid,
+                    monitor_start,
+                    node: String::new(),
+                    node_id: String::new(),
+                };
+                std::fs::create_dir_all(dir)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| Ok(serde_json::to_vec(&instance)?))
+                    .and_then(|b| cairn_contracts::durable::replace(&file, &b))
+            }
+            (true, ..) => Err(anyhow::anyhow!("no address or monitor to publish")),
+            (false, ..) => match std::fs::remove_file(&file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            },
+        };
+        match result {
+            Ok(()) => self.registered = serving,
+            Err(e) => eprintln!("monitor: registration {}: {e:#}", file.display()),
+        }
     }
 
     fn start(&mut self) -> Result<Pid> {
@@ -419,6 +474,7 @@ pub(crate) fn supervise_loaded(
         cgroup: None,
         early_userns,
         ready,
+        registered: false,
     };
     let res = supervise_inner(&mut m);
     if m.cgroup.is_some() {

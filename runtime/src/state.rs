@@ -160,6 +160,16 @@ pub struct ContainerRecord {
     /// containers had user namespaces).
     #[serde(default)]
     pub userns: Option<crate::userns::IdRange>,
+    /// `--service`: the services this container is an instance of while it
+    /// serves, published in `registration_dir` (see contracts::services).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<cairn_contracts::services::ServicePort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_dir: Option<PathBuf>,
+    /// The resolver its /etc/resolv.conf names (the fleet network's DNS
+    /// on the bridge); None: the node's own resolvers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -274,17 +284,7 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Start time of a live process (clock ticks since boot), field 22 of
-/// /proc/PID/stat; None for a missing or zombie process.
-pub fn proc_start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    let mut fields = after.split_whitespace();
-    if matches!(fields.next(), Some("Z") | Some("X")) {
-        return None;
-    }
-    fields.nth(18)?.parse().ok()
-}
+pub use cairn_contracts::services::proc_start_time;
 
 /// Write a file so readers never see half of it.
 /// Remove a container's record directory: the directory itself, or the

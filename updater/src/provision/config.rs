@@ -218,6 +218,10 @@ pub struct App {
     pub health_cmd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_interval: Option<String>,
+    /// Services it is an instance of while healthy: `NAME` or
+    /// `NAME:PORT`, as `host app run --service` (docs/network.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
     /// `no`, `on-failure` or `always` (default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<String>,

@@ -253,6 +253,7 @@ pub fn app_run(a: &super::config::App) -> AppRun<'_> {
         ip: a.ip,
         health_cmd: a.health_cmd.as_deref(),
         health_interval: a.health_interval.as_deref(),
+        services: &a.services,
         env: &a.env,
         image: a.image.clone(),
         command: &a.command,
