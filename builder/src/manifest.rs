@@ -790,6 +790,12 @@ impl Merged {
                     return Err(self.invalid(key("env"), format!("{e:?} is not KEY=VALUE")));
                 }
             }
+            // The grammar of `host app run --service` (cairn-contracts).
+            for sv in &app.services {
+                if let Err(e) = sv.parse::<cairn_contracts::services::ServicePort>() {
+                    return Err(self.invalid(key("services"), format!("{e:#}")));
+                }
+            }
         }
         let mut scripts = Vec::new();
         for (i, sc) in s.postprocess.iter().enumerate() {

@@ -37,6 +37,9 @@ pub const ETCD_CONFIG_KEY: &str = "/cairn/network/config";
 /// One key per leased subnet: `<prefix><a.b.c.d>-<len>` → [`SubnetRecord`].
 pub const ETCD_SUBNETS_PREFIX: &str = "/cairn/network/subnets/";
 
+/// The nftables table the egress masquerade lives in (nothing else does).
+pub const NFT_TABLE: &str = "cairn";
+
 /// The kernel route protocol number cairn's routes carry, so the agent
 /// removes only what it added (`ip route show proto 211`).
 pub const ROUTE_PROTOCOL: u8 = 211;
@@ -187,6 +190,12 @@ pub struct FleetNetwork {
     /// take without losing it): the TTL of its etcd lease.
     #[serde(default = "default_grace")]
     pub subnet_grace: String,
+    /// Masquerade what containers send beyond the fleet cidr (to the
+    /// internet, say) behind the node's address. Off: inside and outside
+    /// the fleet, a container's packets keep its own address, and the
+    /// network beyond must route the cidr to the nodes.
+    #[serde(default)]
+    pub masquerade_egress: bool,
 }
 
 fn default_cidr() -> String {

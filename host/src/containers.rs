@@ -50,7 +50,7 @@ pub struct AppGlobals {
 impl AppGlobals {
     /// The bridge and subnet: given ones win, then the fleet network's
     /// lease, then the single-node defaults.
-    fn network(&self) -> Result<(String, String, Option<Ipv4Addr>)> {
+    fn network(&self) -> Result<(String, String, Option<Ipv4Addr>, Option<u32>)> {
         let leased = match &self.subnet {
             Some(_) => None,
             None => read_node_network(&self.node_network)?,
@@ -64,12 +64,13 @@ impl AppGlobals {
         let dns = leased
             .as_ref()
             .and_then(|n| n.gateway.split('/').next()?.parse().ok());
+        let mtu = leased.as_ref().map(|n| n.mtu);
         let subnet = self
             .subnet
             .clone()
             .or_else(|| leased.map(|n| n.gateway))
             .unwrap_or_else(|| DEFAULT_SUBNET.to_string());
-        Ok((bridge, subnet, dns))
+        Ok((bridge, subnet, dns, mtu))
     }
 }
 
@@ -192,8 +193,10 @@ pub struct RunArgs {
 }
 
 pub fn runtime(cmd: &AppGlobals) -> Result<Runtime> {
-    let (bridge, subnet, dns) = cmd.network()?;
-    let mut rt = Runtime::new(&cmd.root, NetworkConfig::parse(&bridge, &subnet)?);
+    let (bridge, subnet, dns, mtu) = cmd.network()?;
+    let mut network = NetworkConfig::parse(&bridge, &subnet)?;
+    network.mtu = mtu;
+    let mut rt = Runtime::new(&cmd.root, network);
     rt.dns = dns;
     rt.monitor_command = Some(Box::new(move |root: &Path, name: &str| {
         // Always the executable without libostree (see exe.rs).

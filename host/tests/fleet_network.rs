@@ -104,6 +104,17 @@ impl Node {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
 
+    /// A build-machine command inside the node's namespace; must succeed.
+    fn in_ns_cmd(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{} {args:?}: {}", self.ns, text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn write_config(&self, etcd: &str, mode: &str, cidr: &str) -> PathBuf {
         let path = self
             .dir
@@ -209,7 +220,7 @@ fn busybox_image(dir: &Path) -> PathBuf {
     let layout = dir.join("oci");
     let spec = cairn_test_support::LayoutSpec {
         applets: cairn_test_support::Applets::Only(&[
-            "sh", "httpd", "wget", "cat", "sleep", "test", "nslookup",
+            "sh", "httpd", "wget", "cat", "sleep", "test", "nslookup", "timeout",
         ]),
         dirs: &["www"],
         files: &[("www/index.html", b"served by node B\n")],
@@ -443,6 +454,58 @@ fn containers_on_two_nodes_reach_each_other_with_their_own_addresses() {
     assert!(route.contains("onlink"), "{route}");
     assert_eq!(a.status()["node"]["mtu"], 1450);
     fetch_across(&a, &b, &format!("{pa}.31"), &web_ip);
+    // Containers started now get the tunnel's MTU on their link.
+    let mtu = a.ok(&["app", "run", "--rm", "bb", "cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(mtu.trim(), "1450");
+
+    // Beyond the fleet: without masquerade a container's packets keep its
+    // address, which the LAN cannot route back; with masquerade-egress they
+    // leave behind the node's. Inside the fleet nothing changes.
+    let outside = format!("http://{LAN_ADDR}:{}/health", etcd.port());
+    // (Under `sh -c … || exit 1`, so wget is not the container's first
+    // process, which ignores timeout's signals as every PID namespace's
+    // init does.)
+    let out = a
+        .host()
+        .args([
+            "app",
+            "run",
+            "--rm",
+            "bb",
+            "sh",
+            "-c",
+            &format!("timeout 3 wget -q -O - {outside} || exit 1"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "reached beyond the fleet without NAT: {}",
+        text(&out)
+    );
+    let masq_a = a.dir.join("network-masquerade.toml");
+    std::fs::write(
+        &masq_a,
+        std::fs::read_to_string(&vx_a).unwrap() + "masquerade-egress = true\n",
+    )
+    .unwrap();
+    assert_eq!(a.start_agent(&masq_a)["subnet"], sa);
+    let health = a.ok(&[
+        "app",
+        "run",
+        "--rm",
+        "bb",
+        "sh",
+        "-c",
+        &format!("timeout 10 wget -q -O - {outside} || exit 1"),
+    ]);
+    assert!(health.contains("health"), "{health}");
+    let table = a.in_ns_cmd(&["nft", "list", "table", "ip", "cairn"]);
+    assert!(
+        table.contains("masquerade") && table.contains(&format!("ip daddr != {CIDR}")),
+        "{table}"
+    );
+    fetch_across(&a, &b, &format!("{pa}.32"), &web_ip);
 
     // B dies: its lease runs out after the grace (6 s) and A drops the route.
     b.stop_agent();

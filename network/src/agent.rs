@@ -82,7 +82,8 @@ pub fn run(
     tracing::info!(subnet = %held.subnet, reclaimed = held.reclaimed, "leased");
     let mut mtu = underlay.mtu;
     if cfg.mode != Mode::HostGw {
-        let (mac, vx_mtu) = links::ensure_vxlan(&underlay, held.subnet)?;
+        let mac = links::vtep_mac(&record.node);
+        let vx_mtu = links::ensure_vxlan(&underlay, held.subnet, mac)?;
         record.vtep_mac = Some(links::format_mac(&mac));
         leaser.update(&held, &record)?;
         mtu = vx_mtu;
@@ -91,6 +92,7 @@ pub fn run(
     }
     links::ensure_bridge(bridge, held.subnet.gateway(), held.subnet.prefix)?;
     links::enable_forwarding()?;
+    links::set_masquerade(cfg.masquerade_egress, held.subnet, cidr)?;
     if let Some(dir) = &paths.networkd_dir {
         shadow_networkd(dir, bridge, &held.subnet)?;
     }
@@ -175,6 +177,11 @@ pub fn run(
         &mut progress,
     )
 }
+
+/// How long a silent watch is trusted: etcd sends a progress message every
+/// 10 minutes (its default) on a quiet prefix, so longer silence is a dead
+/// connection. Lease renewals notice an unreachable etcd much sooner.
+const WATCH_IDLE: Duration = Duration::from_secs(11 * 60);
 
 /// How long a dead node's service records outlive it.
 pub const REGISTRATION_TTL: Duration = Duration::from_secs(10);
@@ -280,20 +287,15 @@ fn follow_prefix(
             apply(&mirror)?;
             failing_since = None;
             let mut err = None;
-            etcd.watch_prefix(
-                prefix,
-                mirror.revision + 1,
-                Duration::from_secs(60),
-                |rev, events| {
-                    if mirror.apply(rev, events) {
-                        if let Err(e) = apply(&mirror) {
-                            err = Some(e);
-                            return false;
-                        }
+            etcd.watch_prefix(prefix, mirror.revision + 1, WATCH_IDLE, |rev, events| {
+                if mirror.apply(rev, events) {
+                    if let Err(e) = apply(&mirror) {
+                        err = Some(e);
+                        return false;
                     }
-                    true
-                },
-            )?;
+                }
+                true
+            })?;
             Err(err.unwrap_or_else(|| anyhow!("the watch ended")))
         })();
         let e = result.expect_err("the loop only returns errors");

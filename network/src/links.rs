@@ -234,16 +234,32 @@ pub fn ensure_bridge(bridge: &str, gateway: Ipv4Addr, prefix: u8) -> Result<()> 
     })
 }
 
-/// The VXLAN device on `underlay`, up, with `subnet`'s network address as
-/// its own /32 (the VTEP address peers' routes point at). Returns its MAC
-/// and MTU. A device left from another underlay address is made anew.
-pub fn ensure_vxlan(underlay: &Underlay, subnet: Ipv4Net) -> Result<([u8; 6], u32)> {
+/// The VTEP MAC of a node: fixed by its machine id, locally administered
+/// and unicast. Set explicitly, because udev gives a device created with a
+/// random MAC a new one right after (MACAddressPolicy=persistent), and
+/// peers would then send to a MAC that no longer exists.
+pub fn vtep_mac(machine_id: &str) -> [u8; 6] {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("cairn-vtep:{machine_id}").as_bytes());
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&d[..6]);
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
+/// The VXLAN device on `underlay`, up, with MAC `mac` and `subnet`'s
+/// network address as its own /32 (the VTEP address peers' routes point
+/// at). Returns its MTU. A device left in another shape is made anew.
+pub fn ensure_vxlan(underlay: &Underlay, subnet: Ipv4Net, mac: [u8; 6]) -> Result<u32> {
     let u = underlay.clone();
     netlink(move |h| async move {
         let mtu = u.mtu.saturating_sub(VXLAN_OVERHEAD);
         if let Some(l) = link(&h, VXLAN_DEVICE).await? {
             let addrs = ipv4_addresses(&h, l.index).await?;
-            if l.mtu != mtu || !addrs.iter().all(|(ip, _)| *ip == subnet.addr) {
+            if l.mtu != mtu
+                || l.mac.as_deref() != Some(&mac[..])
+                || !addrs.iter().all(|(ip, _)| *ip == subnet.addr)
+            {
                 h.link().del(l.index).execute().await.ok();
             }
         }
@@ -254,6 +270,7 @@ pub fn ensure_vxlan(underlay: &Underlay, subnet: Ipv4Net) -> Result<([u8; 6], u3
                 .port(VXLAN_PORT)
                 .learning(false)
                 .mtu(mtu)
+                .address(mac.to_vec())
                 .build();
             h.link().add(msg).execute().await.with_context(|| {
                 format!("creating the VXLAN device {VXLAN_DEVICE} on {}", u.name)
@@ -280,12 +297,10 @@ pub fn ensure_vxlan(underlay: &Underlay, subnet: Ipv4Net) -> Result<([u8; 6], u3
             .execute()
             .await
             .with_context(|| format!("bringing {VXLAN_DEVICE} up"))?;
-        let mac: [u8; 6] = l
-            .mac
-            .as_deref()
-            .and_then(|m| m.try_into().ok())
-            .ok_or_else(|| anyhow!("{VXLAN_DEVICE} has no MAC address"))?;
-        Ok((mac, mtu))
+        if l.mac.as_deref() != Some(&mac[..]) {
+            bail!("{VXLAN_DEVICE} did not take MAC {}", format_mac(&mac));
+        }
+        Ok(mtu)
     })
 }
 
@@ -455,6 +470,51 @@ async fn prune_vxlan_entries(
     Ok(())
 }
 
+/// The egress masquerade: with `on`, packets from `subnet` to anywhere
+/// outside `cidr` leave behind the node's address; fleet traffic is never
+/// touched. It lives alone in nftables table `ip cairn`, replaced in one
+/// transaction; off removes the table. nft(8) is the kernel's own
+/// ruleset tool (the tree ships nftables for this).
+pub fn set_masquerade(on: bool, subnet: Ipv4Net, cidr: Ipv4Net) -> Result<()> {
+    use std::io::Write;
+    let table = cairn_contracts::network::NFT_TABLE;
+    let script = if on {
+        format!(
+            "table ip {table} {{}}\ndelete table ip {table}\ntable ip {table} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {subnet} ip daddr != {cidr} masquerade\n  }}\n}}\n"
+        )
+    } else {
+        format!("table ip {table} {{}}\ndelete table ip {table}\n")
+    };
+    let mut child = match std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        // Nothing to remove where there is no nftables tool.
+        Err(e) if !on && e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(e).context("running nft for masquerade-egress (is nftables installed?)")
+        }
+    };
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())
+        .context("writing the nft script")?;
+    let out = child.wait_with_output().context("waiting for nft")?;
+    if !out.status.success() {
+        bail!(
+            "nft refused the cairn table: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// cairn's routes in the kernel now.
 pub fn installed_routes() -> Result<Vec<InstalledRoute>> {
     netlink(|h| async move {
@@ -534,5 +594,9 @@ mod tests {
         assert!(parse_mac("00:00:00:00:00:00").is_err());
         assert!(parse_mac("02:42:ac:11:00").is_err());
         assert!(parse_mac("02:42:ac:11:00:0g").is_err());
+        let v = vtep_mac("0123456789abcdef0123456789abcdef");
+        assert_eq!(v[0] & 0x03, 0x02, "locally administered unicast");
+        assert_eq!(parse_mac(&format_mac(&v)).unwrap(), v);
+        assert_ne!(v, vtep_mac("fedcba9876543210fedcba9876543210"));
     }
 }

@@ -54,6 +54,10 @@ impl Runtime {
         if cgroup::detect(&self.cgroups.root) == cgroup::Layout::Unified {
             self.cgroups.remove(&r.name)?;
         }
+        if let Some(dir) = &r.registration_dir {
+            // A --rm container's monitor removes it without a last save.
+            let _ = std::fs::remove_file(dir.join(format!("{}.json", r.name)));
+        }
         let run = self.paths.container_run(&r.name);
         if run.exists() {
             std::fs::remove_dir_all(&run).with_context(|| format!("removing {}", run.display()))?;
@@ -83,11 +87,45 @@ pub(crate) fn generated_files(r: &ContainerRecord) -> Vec<(&'static str, String)
     ]
 }
 
-/// The host's resolvers, minus loopback ones a container cannot reach.
+/// The host's resolvers, minus loopback ones a container cannot reach. A
+/// host on systemd-resolved names only its stub (127.0.0.53): its real
+/// upstreams are in resolved's own file, which is read instead.
 fn resolv_conf() -> String {
     let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    host.lines()
-        .filter(|l| !(l.starts_with("nameserver") && (l.contains(" 127.") || l.contains(" ::1"))))
-        .map(|l| format!("{l}\n"))
-        .collect()
+    let upstreams = std::fs::read_to_string("/run/systemd/resolve/resolv.conf");
+    container_resolv_conf(&host, upstreams.ok().as_deref())
+}
+
+fn container_resolv_conf(host: &str, resolved: Option<&str>) -> String {
+    let loopback =
+        |l: &str| l.starts_with("nameserver") && (l.contains(" 127.") || l.contains(" ::1"));
+    let reachable = |text: &str| -> String {
+        text.lines()
+            .filter(|l| !loopback(l))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let only_stub = host.lines().any(loopback)
+        && !host
+            .lines()
+            .any(|l| l.starts_with("nameserver") && !loopback(l));
+    match resolved {
+        Some(real) if only_stub => reachable(real),
+        _ => reachable(host),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_host_on_resolved_gives_containers_its_real_upstreams() {
+        let stub = "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch lan\n";
+        let real = "nameserver 192.0.2.53\nsearch lan\n";
+        let got = super::container_resolv_conf(stub, Some(real));
+        assert_eq!(got, "nameserver 192.0.2.53\nsearch lan\n");
+        // Without resolved's file: nothing unreachable, at least.
+        assert!(!super::container_resolv_conf(stub, None).contains("127.0.0.53"));
+        let plain = "nameserver 10.0.2.3\n";
+        assert_eq!(super::container_resolv_conf(plain, Some(real)), plain);
+    }
 }

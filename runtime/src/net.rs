@@ -20,6 +20,10 @@ pub struct NetworkConfig {
     pub bridge: String,
     pub gateway: Ipv4Addr,
     pub prefix: u8,
+    /// The containers' link MTU (both veth ends); None: the kernel's 1500.
+    /// The fleet network lowers it under VXLAN, whose headers take 50 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 impl Default for NetworkConfig {
@@ -47,6 +51,7 @@ impl NetworkConfig {
             bridge: bridge.to_string(),
             gateway,
             prefix,
+            mtu: None,
         };
         if gateway == cfg.network() || gateway == cfg.broadcast() {
             bail!("subnet {subnet:?}: the gateway must be a host address of the subnet");
@@ -301,17 +306,20 @@ pub fn attach(cfg: &NetworkConfig, pid: i32, host_if: &str, ip: Ipv4Addr) -> Res
         // created directly inside the container's namespace (moving it there
         // afterwards costs a synchronize_net in the kernel, ~15 ms).
         use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
-        let peer_msg = rtnetlink::LinkUnspec::new_with_name(&pr)
-            .setns_by_pid(pid as u32)
-            .build();
-        let veth = rtnetlink::LinkMessageBuilder::<rtnetlink::LinkVeth>::new_with_info_kind(
+        let mut peer = rtnetlink::LinkUnspec::new_with_name(&pr).setns_by_pid(pid as u32);
+        let mut veth = rtnetlink::LinkMessageBuilder::<rtnetlink::LinkVeth>::new_with_info_kind(
             InfoKind::Veth,
         )
-        .name(hi.clone())
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
-        .controller(br)
-        .up()
-        .build();
+        .name(hi.clone());
+        if let Some(mtu) = c.mtu {
+            peer = peer.mtu(mtu);
+            veth = veth.mtu(mtu);
+        }
+        let veth = veth
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
+            .controller(br)
+            .up()
+            .build();
         h.link()
             .add(veth)
             .execute()
