@@ -95,22 +95,23 @@ impl Node {
     }
 
     /// A command of the build machine's, run inside the node's namespace.
-    fn host_ns(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
+    fn ns_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
             .args(["netns", "exec", &self.ns])
             .args(args)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// [`Node::ns_output`]'s stdout and stderr, whether it failed or not.
+    fn host_ns(&self, args: &[&str]) -> String {
+        let out = self.ns_output(args);
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
 
-    /// A build-machine command inside the node's namespace; must succeed.
+    /// [`Node::ns_output`]'s stdout; it must succeed.
     fn in_ns_cmd(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .args(args)
-            .output()
-            .unwrap();
+        let out = self.ns_output(args);
         assert!(out.status.success(), "{} {args:?}: {}", self.ns, text(&out));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }

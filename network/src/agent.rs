@@ -15,7 +15,7 @@ use cairn_contracts::network::{
     FleetNetwork, Ipv4Net, Mode, NodeNetwork, SubnetRecord, BRIDGE_NETWORK_FILE,
     ETCD_SUBNETS_PREFIX,
 };
-use cairn_contracts::services::{check_label, ETCD_SERVICES_PREFIX};
+use cairn_contracts::services::{check_label, DNS_ZONE, ETCD_SERVICES_PREFIX};
 use cairn_etcd::{Etcd, Mirror};
 
 use crate::dns::{self, Directory};
@@ -440,11 +440,15 @@ fn read_machine_id(path: &Path) -> Result<String> {
 /// networkd owns the bridge on a node and would put the tree's single-node
 /// address back; a file of the same name under /run takes precedence.
 fn shadow_networkd(dir: &Path, bridge: &str, subnet: &Ipv4Net) -> Result<()> {
+    // DNS= and Domains=~cairn: networkd hands them to systemd-resolved,
+    // which then sends the node's own *.cairn queries (only those) to the
+    // fleet network's DNS on this bridge.
     let text = format!(
         "# Written by cairn-net.service: the leased subnet {subnet} (see /etc/cairn/network.toml).\n\
-         [Match]\nName={bridge}\n\n[Network]\nAddress={}/{}\nConfigureWithoutCarrier=yes\nIgnoreCarrierLoss=yes\n\n[Link]\nRequiredForOnline=no\n",
-        subnet.gateway(),
-        subnet.prefix
+         [Match]\nName={bridge}\n\n[Network]\nAddress={gw}/{}\nDNS={gw}\nDomains=~{DNS_ZONE}\n\
+         ConfigureWithoutCarrier=yes\nIgnoreCarrierLoss=yes\n\n[Link]\nRequiredForOnline=no\n",
+        subnet.prefix,
+        gw = subnet.gateway(),
     );
     let path = dir.join(BRIDGE_NETWORK_FILE);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -135,28 +135,15 @@ impl Leaser {
         }
         // Any overlap counts: a key of another length blocks what it covers.
         let free = |net: &Ipv4Net| !taken.iter().any(|t| t.covers(net) || net.covers(t));
-        if let Some(net) = self.remembered().filter(|n| free(n)) {
-            if self
-                .etcd
-                .put_if_leased(&net.etcd_key(), None, value, Some(lease))?
-            {
-                return Ok(Held {
-                    subnet: net,
-                    lease,
-                    reclaimed: true,
-                });
-            }
-        }
+        // The remembered subnet first, then every other in search order.
         let count = self.cidr.subnet_count(self.node_prefix);
         let start = start_index(&record.node, count);
-        for i in 0..count {
-            let idx = ((start + i) % count) as u32;
-            let Some(net) = self.cidr.subnet(self.node_prefix, idx) else {
-                continue;
-            };
-            if !free(&net) {
-                continue;
-            }
+        let remembered = self.remembered();
+        let candidates = remembered.into_iter().chain((0..count).filter_map(|i| {
+            self.cidr
+                .subnet(self.node_prefix, ((start + i) % count) as u32)
+        }));
+        for net in candidates.filter(|n| free(n)) {
             if self
                 .etcd
                 .put_if_leased(&net.etcd_key(), None, value, Some(lease))?
@@ -164,7 +151,7 @@ impl Leaser {
                 return Ok(Held {
                     subnet: net,
                     lease,
-                    reclaimed: false,
+                    reclaimed: Some(net) == remembered,
                 });
             }
         }

@@ -9,7 +9,8 @@
 //! (host-gw); a container on A fetches `web.service.cairn` served by a
 //! container on B, whose server logs the client container's own address;
 //! no NAT rule exists on either node; a failed health check takes the
-//! instance out of A's DNS; a new instance on A answers in B's DNS; the
+//! instance out of A's DNS; node A itself resolves `web.service.cairn`
+//! through systemd-resolved; a new instance on A answers in B's DNS; the
 //! same in VXLAN mode; B powered off: its subnet and records expire on A.
 //!
 //! Run with `cargo test -p qemu-tests --test fleet_network -- --test-threads=1` as root.
@@ -221,6 +222,15 @@ fn containers_on_two_booted_nodes_find_and_reach_each_other() {
         let rules = n.ok("(nft list ruleset 2>/dev/null; iptables-save 2>/dev/null) | grep -ciE 'masquerade|snat|dnat' || true");
         assert_eq!(rules.trim(), "0", "{}: a NAT rule exists", n.name);
     }
+    // The node itself resolves *.cairn (resolved sends the zone to the
+    // bridge's DNS); other names still go to its DHCP resolvers.
+    a.wait(
+        "node A resolving web.service.cairn",
+        &format!("getent hosts web.service.cairn | grep -F '{web_ip}'"),
+        Duration::from_secs(60),
+    );
+    let resolv = a.ok("readlink /etc/resolv.conf; resolvectl domain cairn0");
+    assert!(resolv.contains("~cairn"), "{resolv}");
     let services: Value = serde_json::from_str(&b.ok("host service ls --json")).unwrap();
     assert_eq!(services[0]["node"], "fleet-b", "{services}");
 
