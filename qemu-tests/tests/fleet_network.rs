@@ -62,6 +62,9 @@ fn start(name: &'static str, n: u8, config: &Path, l2: &Path, server: bool) -> N
     let workdir = runs.join(format!("fleetnet-{name}.{}", std::process::id()));
     let mut cfg = VmConfig::new(&apps_image().image, &workdir);
     cfg.memory_mib = 1024;
+    // One vCPU each: in CI these two boot beside the lifecycle guest on a
+    // two-core machine, and every vCPU is a host thread under TCG.
+    cfg.cpus = 1;
     cfg.extra_args = vec![
         "-fw_cfg".into(),
         format!("name=opt/org.cairn/config,file={}", config.display()),
