@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 /// The largest answer read from etcd: a range over a few thousand records,
 /// or one watch message. Anything bigger is refused, not buffered.
 pub const MAX_ANSWER: u64 = 16 << 20;
+/// Keys per range request when a prefix is read whole: 2,000 instance
+/// records are about 1 MB, well under [`MAX_ANSWER`].
+pub const SNAPSHOT_PAGE: usize = 2000;
 
 #[derive(Debug, Clone)]
 pub struct Etcd {
@@ -127,23 +130,47 @@ impl Etcd {
     /// Every key under `prefix`, with revisions and leases, and the revision
     /// of the store the read saw (a watch from `revision + 1` misses nothing).
     pub fn snapshot(&self, prefix: &str) -> Result<Snapshot> {
-        let v = self.call(
-            "/v3/kv/range",
-            json!({ "key": B64.encode(prefix), "range_end": B64.encode(prefix_end(prefix)) }),
-        )?;
+        self.snapshot_paged(prefix, SNAPSHOT_PAGE)
+    }
+
+    /// [`Etcd::snapshot`] read `page` keys at a time, every page at the
+    /// first page's revision: one consistent view, and no answer grows with
+    /// the fleet past [`MAX_ANSWER`].
+    pub fn snapshot_paged(&self, prefix: &str, page: usize) -> Result<Snapshot> {
+        let end = B64.encode(prefix_end(prefix));
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
         let mut kvs = Vec::new();
-        for kv in v["kvs"].as_array().into_iter().flatten() {
-            kvs.push(KeyValue {
-                key: key_of(kv)?,
-                value: decode(&kv["value"])?,
-                mod_revision: int(&kv["mod_revision"]),
-                lease: int(&kv["lease"]),
-            });
+        loop {
+            let mut body =
+                json!({ "key": B64.encode(&from), "range_end": end, "limit": page.to_string() });
+            if revision > 0 {
+                body["revision"] = json!(revision.to_string());
+            }
+            let v = self.call("/v3/kv/range", body)?;
+            if revision == 0 {
+                revision = int(&v["header"]["revision"]);
+            }
+            let mut last = None;
+            for kv in v["kvs"].as_array().into_iter().flatten() {
+                let key = key_of(kv)?;
+                last = Some(key.clone());
+                kvs.push(KeyValue {
+                    key,
+                    value: decode(&kv["value"])?,
+                    mod_revision: int(&kv["mod_revision"]),
+                    lease: int(&kv["lease"]),
+                });
+            }
+            match (v["more"].as_bool().unwrap_or(false), last) {
+                (true, Some(last)) => {
+                    // The next page starts just after the last key.
+                    from = last.into_bytes();
+                    from.push(0);
+                }
+                _ => return Ok(Snapshot { revision, kvs }),
+            }
         }
-        Ok(Snapshot {
-            revision: int(&v["header"]["revision"]),
-            kvs,
-        })
     }
 
     /// Writes `value` only if the key is still at `expected` (`None`: the key

@@ -101,3 +101,22 @@ fn a_compacted_revision_is_an_error_not_silence() {
         .unwrap_err();
     assert!(e.to_string().contains("compacted"), "{e}");
 }
+
+#[test]
+fn a_paged_snapshot_is_whole_and_of_one_revision() {
+    let server = cairn_test_support::Etcd::start();
+    let c = client(&server);
+    for i in 0..7 {
+        c.put(&format!("/p/k{i}"), b"v", None).unwrap();
+    }
+    c.put("/q", b"outside", None).unwrap();
+    let whole = c.snapshot("/p/").unwrap();
+    let paged = c.snapshot_paged("/p/", 2).unwrap();
+    assert_eq!(paged, whole);
+    assert_eq!(paged.kvs.len(), 7);
+    let keys: Vec<_> = paged.kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["/p/k0", "/p/k1", "/p/k2", "/p/k3", "/p/k4", "/p/k5", "/p/k6"]
+    );
+}
