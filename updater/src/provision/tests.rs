@@ -122,7 +122,8 @@ fn a_fleet_section_renders_the_network_config_with_its_defaults() {
          cidr = \"10.88.0.0/14\"\n\
          node-prefix = 24\n\
          mode = \"auto\"\n\
-         subnet-grace = \"5m\"\n"
+         subnet-grace = \"5m\"\n\
+         masquerade-egress = false\n"
     );
     cairn_contracts::network::FleetNetwork::parse(text).unwrap();
 }
