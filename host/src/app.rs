@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use cairn_oci::image::{ImportLimits, ImportOptions};
+use cairn_oci::registry::{ClientOptions, Platform, PullOptions, Reference};
 use cairn_oci::store::Store;
 use clap::{Args, Subcommand};
 
@@ -37,37 +38,42 @@ enum AppSub {
         /// The tag to import from a layout holding several (as PATH:TAG).
         #[arg(long)]
         tag: Option<String>,
-        /// Refuse images whose layers uncompress to more than this (bytes, or
-        /// with a K, M, G or T suffix: powers of 1024).
-        #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
-        max_image_size: u64,
-        /// Refuse a layer that uncompresses to more than N times its size.
-        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_ratio)]
-        max_ratio: u64,
-        /// Refuse images with more layers than this.
-        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_layers)]
-        max_layers: usize,
-        /// Refuse images with more files (tar entries, all layers) than this.
-        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_entries)]
-        max_entries: u64,
-        /// Uncompressed bytes of a layer before its ratio is checked.
-        #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = parse_size)]
-        ratio_grace: u64,
-        /// Refuse entry paths and link targets longer than this (bytes).
-        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_path_len)]
-        max_path_len: usize,
-        /// Refuse entry paths with more components than this.
-        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_path_depth)]
-        max_path_depth: usize,
-        /// Refuse an index, manifest, config or manifest.json larger than this.
-        #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
-        max_metadata_size: u64,
-        /// Refuse a pax header or GNU long name in a tar larger than this.
-        #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
-        max_tar_header_size: u64,
-        /// Refuse an oci-archive or docker save tar with more entries than this.
-        #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_archive_entries)]
-        max_archive_entries: usize,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Pull an image from a registry (the OCI distribution API) into the
+    /// store, every blob checked against its digest as it streams.
+    Pull {
+        /// REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST]; the registry is
+        /// always named (no search list).
+        reference: String,
+        /// Store it as NAME[:TAG] [default: the repository's last component
+        /// and the reference's tag].
+        #[arg(long)]
+        name: Option<String>,
+        /// The image to take from a multi-platform index [default: this
+        /// machine's, linux/amd64 on x86_64].
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
+        /// Credentials, a containers-auth.json file [default: podman's:
+        /// $REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json,
+        /// ~/.config/containers/auth.json, ~/.docker/config.json].
+        #[arg(long, value_name = "FILE")]
+        authfile: Option<PathBuf>,
+        /// false: allow plain HTTP and unchecked certificates; true: verified
+        /// HTTPS only [default: false for registries registries.conf marks
+        /// insecure, else true].
+        #[arg(long, value_name = "BOOL", require_equals = true, num_args = 0..=1, default_missing_value = "true")]
+        tls_verify: Option<bool>,
+        /// Further attempts after a network error, 429 or 5xx (waiting 1 s,
+        /// 2 s, 4 s…); a dropped download resumes where it broke.
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        retry: u32,
+        /// Blobs downloaded at once.
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+        parallel: u32,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List imported images.
     Images {
@@ -93,6 +99,59 @@ enum AppSub {
     Container(ContainerSub),
 }
 
+/// The bounds an import (or a pull's import) checks while it reads.
+#[derive(Debug, Args)]
+struct LimitArgs {
+    /// Refuse images whose layers uncompress to more than this (bytes, or
+    /// with a K, M, G or T suffix: powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
+    max_image_size: u64,
+    /// Refuse a layer that uncompresses to more than N times its size.
+    #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_ratio)]
+    max_ratio: u64,
+    /// Refuse images with more layers than this.
+    #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_layers)]
+    max_layers: usize,
+    /// Refuse images with more files (tar entries, all layers) than this.
+    #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_entries)]
+    max_entries: u64,
+    /// Uncompressed bytes of a layer before its ratio is checked.
+    #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = parse_size)]
+    ratio_grace: u64,
+    /// Refuse entry paths and link targets longer than this (bytes).
+    #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_path_len)]
+    max_path_len: usize,
+    /// Refuse entry paths with more components than this.
+    #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_path_depth)]
+    max_path_depth: usize,
+    /// Refuse an index, manifest, config or manifest.json larger than this.
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
+    max_metadata_size: u64,
+    /// Refuse a pax header or GNU long name in a tar larger than this.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    max_tar_header_size: u64,
+    /// Refuse an oci-archive or docker save tar with more entries than this.
+    #[arg(long, value_name = "N", default_value_t = ImportLimits::default().max_archive_entries)]
+    max_archive_entries: usize,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> ImportLimits {
+        ImportLimits {
+            max_image_size: self.max_image_size,
+            max_ratio: self.max_ratio,
+            ratio_grace: self.ratio_grace,
+            max_entries: self.max_entries,
+            max_path_len: self.max_path_len,
+            max_path_depth: self.max_path_depth,
+            max_metadata_size: self.max_metadata_size,
+            max_layers: self.max_layers,
+            max_tar_header_size: self.max_tar_header_size,
+            max_archive_entries: self.max_archive_entries,
+        }
+    }
+}
+
 pub fn run(cmd: AppCommand) -> Result<ExitCode> {
     let rt = containers::runtime(&cmd.globals)?;
     let store = Store::new(&cmd.globals.root);
@@ -102,32 +161,12 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
             path,
             name,
             tag,
-            max_image_size,
-            max_ratio,
-            max_layers,
-            max_entries,
-            ratio_grace,
-            max_path_len,
-            max_path_depth,
-            max_metadata_size,
-            max_tar_header_size,
-            max_archive_entries,
+            limits,
         } => {
             let opts = ImportOptions {
                 name,
                 tag,
-                limits: ImportLimits {
-                    max_image_size,
-                    max_ratio,
-                    ratio_grace,
-                    max_entries,
-                    max_path_len,
-                    max_path_depth,
-                    max_metadata_size,
-                    max_layers,
-                    max_tar_header_size,
-                    max_archive_entries,
-                },
+                limits: limits.limits(),
             };
             let info = store.import_with(&path, &opts)?;
             writeln!(
@@ -137,6 +176,60 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
                 info.manifest_digest
             )?;
             writeln!(out, "commit {}", info.commit)?;
+        }
+        AppSub::Pull {
+            reference,
+            name,
+            platform,
+            authfile,
+            tls_verify,
+            retry,
+            parallel,
+            limits,
+        } => {
+            let reference = Reference::parse(&reference)?;
+            let opts = PullOptions {
+                platform: match platform {
+                    Some(p) => Platform::parse(&p)?,
+                    None => Platform::host(),
+                },
+                parallel: parallel as usize,
+                limits: limits.limits(),
+            };
+            let mut client = ClientOptions {
+                tls_verify,
+                retries: retry,
+                ..ClientOptions::default()
+            };
+            if let Some(f) = authfile {
+                client.auth_files = vec![f];
+                client.auth_files_explicit = true;
+            }
+            let started = std::time::Instant::now();
+            let progress = crate::pull_progress::PullBars::new();
+            let pulled = store.pull(&reference, name.as_deref(), &client, &opts, &progress)?;
+            progress.finish();
+            let img = &pulled.image;
+            if pulled.up_to_date {
+                writeln!(
+                    out,
+                    "{} is up to date: {} {}",
+                    reference,
+                    img.reference(),
+                    img.manifest_digest
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "pulled {reference} as {} {} ({} bytes in {:.1} s)",
+                    img.reference(),
+                    img.manifest_digest,
+                    pulled.fetched,
+                    started.elapsed().as_secs_f64()
+                )?;
+            }
+            writeln!(out, "digest {}", pulled.resolved_digest)?;
+            writeln!(out, "commit {}", img.commit)?;
         }
         AppSub::Images { json } => {
             let images = store.images()?;

@@ -15,6 +15,7 @@ mod health;
 mod net;
 mod node;
 mod provision;
+mod pull_progress;
 
 use std::process::ExitCode;
 

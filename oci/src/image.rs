@@ -166,6 +166,24 @@ pub fn split_path_tag(path: &Path, tag: Option<&str>) -> Result<(PathBuf, Option
 /// Prefix of the staging directories in `<repo>/tmp`: `cairn-import-PID-…`.
 const STAGING_PREFIX: &str = "cairn-import-";
 
+/// A private work directory in `<repo>/tmp`, removed when dropped (on every
+/// error return and when unwinding); those of killed imports and pulls are
+/// removed first.
+pub(crate) fn staging_dir(repo: &ostree::Repo) -> Result<tempfile::TempDir> {
+    let staging_parent = repo_path(repo)?.join("tmp");
+    private_dir(&staging_parent)?;
+    remove_stale_staging(&staging_parent);
+    tempfile::Builder::new()
+        .prefix(&format!("{STAGING_PREFIX}{}-", std::process::id()))
+        .tempdir_in(&staging_parent)
+        .with_context(|| {
+            format!(
+                "creating a staging directory in {}",
+                staging_parent.display()
+            )
+        })
+}
+
 /// Remove staging directories left by imports whose process is gone (killed
 /// mid-way: a failed import removes its own).
 fn remove_stale_staging(dir: &Path) {
@@ -192,19 +210,7 @@ pub fn import_with(repo: &ostree::Repo, path: &Path, opts: &ImportOptions) -> Re
     let (path, tag) = split_path_tag(path, opts.tag.as_deref())?;
     let path = path.as_path();
     let source = Source::open_limited(path, limits)?;
-    let staging_parent = repo_path(repo)?.join("tmp");
-    private_dir(&staging_parent)?;
-    remove_stale_staging(&staging_parent);
-    // Removed when dropped: on every error return and when unwinding.
-    let staging = tempfile::Builder::new()
-        .prefix(&format!("{STAGING_PREFIX}{}-", std::process::id()))
-        .tempdir_in(&staging_parent)
-        .with_context(|| {
-            format!(
-                "creating a staging directory in {}",
-                staging_parent.display()
-            )
-        })?;
+    let staging = staging_dir(repo)?;
     let rootfs = staging.path().join("rootfs");
     std::fs::create_dir(&rootfs)?;
     // The image's `/`: 0755 whatever the importer's umask (layers rarely
@@ -344,7 +350,7 @@ fn tag_matches(ref_name: &str, tag: &str) -> bool {
 }
 
 /// The OCI name of this host's architecture.
-fn host_arch() -> &'static str {
+pub(crate) fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",

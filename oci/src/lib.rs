@@ -12,5 +12,6 @@
 pub mod image;
 pub mod layer;
 pub mod limits;
+pub mod registry;
 pub mod source;
 pub mod store;

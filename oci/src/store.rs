@@ -14,6 +14,19 @@ use cairn_contracts::image::{
 };
 
 use crate::image::{self, ImportOptions};
+use crate::registry::{self, Client, ClientOptions, PullOptions, PullProgress, Reference};
+
+/// What [`Store::pull`] did.
+#[derive(Debug)]
+pub struct Pulled {
+    pub image: ImageInfo,
+    /// The digest the reference resolved to (an index's for a
+    /// multi-platform image): what to pin.
+    pub resolved_digest: String,
+    /// Bytes downloaded (0 when the store already had the image).
+    pub fetched: u64,
+    pub up_to_date: bool,
+}
 
 /// What [`Store::prune`] removed.
 #[derive(Debug, Default)]
@@ -54,6 +67,62 @@ impl Store {
     /// [`Store::import`] with a tag and limits.
     pub fn import_with(&self, path: &Path, opts: &ImportOptions) -> Result<ImageInfo> {
         image::import_with(&self.repo()?, path, opts)
+    }
+
+    /// Pull `reference` from its registry and store it as `name` (default:
+    /// the repository's last component and the reference's tag, or
+    /// `sha256-<hex>` for a reference by digest alone). Nothing is written
+    /// to the store unless every blob matched its digest; the download's
+    /// layout is removed whatever happens.
+    pub fn pull(
+        &self,
+        reference: &Reference,
+        name: Option<&str>,
+        client: &ClientOptions,
+        opts: &PullOptions,
+        progress: &dyn PullProgress,
+    ) -> Result<Pulled> {
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => default_name(reference),
+        };
+        // A bad name fails before anything is downloaded.
+        let wanted = cairn_contracts::image::ImageName::parse(&name)?;
+        let client = Client::connect(reference, client, progress)?;
+        let resolved = registry::resolve(&client, reference, opts, progress)?;
+        let repo = self.repo()?;
+        let manifest_digest = resolved.manifest_digest.to_string();
+        if let Some(have) = image::list(&repo)?
+            .into_iter()
+            .find(|i| i.name == wanted.name && i.tag == wanted.tag)
+            .filter(|i| i.manifest_digest == manifest_digest)
+        {
+            return Ok(Pulled {
+                image: have,
+                resolved_digest: resolved.digest.to_string(),
+                fetched: 0,
+                up_to_date: true,
+            });
+        }
+        let staging = image::staging_dir(&repo)?;
+        let layout = staging.path().join("layout");
+        let fetched = registry::pull_layout(&client, &resolved, &layout, opts, progress)?;
+        let image = image::import_with(
+            &repo,
+            &layout,
+            &ImportOptions {
+                name: Some(name),
+                tag: None,
+                limits: opts.limits.clone(),
+            },
+        )
+        .with_context(|| format!("importing {reference}"))?;
+        Ok(Pulled {
+            image,
+            resolved_digest: resolved.digest.to_string(),
+            fetched,
+            up_to_date: false,
+        })
     }
 
     pub fn images(&self) -> Result<Vec<ImageInfo>> {
@@ -155,6 +224,16 @@ impl Store {
         (pruned.objects, pruned.bytes) = image::prune_objects(&repo)?;
         Ok(pruned)
     }
+}
+
+/// The store name of a pulled image unless one is given.
+fn default_name(reference: &Reference) -> String {
+    let tag = match (&reference.tag, &reference.digest) {
+        (Some(t), _) => t.clone(),
+        (None, Some(d)) => format!("sha256-{}", d.hex()),
+        (None, None) => "latest".into(),
+    };
+    format!("{}:{tag}", reference.short_name())
 }
 
 /// A read-only tree of `commit`, shared by every container of that commit:
