@@ -170,7 +170,14 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
         (Some(_), Some(b)) => Some(b.clone()),
         (None, _) => None,
     };
-    let input_hash = input_hash(manifest_digest, &base, host_binary.as_deref())?;
+    // Registry apps resolve to digests first: what a tag names now is an
+    // input like the package set.
+    let apps = crate::apps::prepare(&manifest.apps, opts.lock.as_ref().map(|l| &l.apps[..]))?;
+    let app_digests: Vec<String> = apps
+        .iter()
+        .filter_map(|a| Some(format!("{} {}", a.app.name, a.resolved_digest()?)))
+        .collect();
+    let input_hash = input_hash(manifest_digest, &base, host_binary.as_deref(), &app_digests)?;
 
     if opts.dry_run {
         let packages = match &base {
@@ -265,11 +272,13 @@ pub fn compose_tree(manifest: &Manifest, opts: &ComposeOptions) -> Result<Outcom
             ResolvedBase::Rootfs { .. } => Vec::new(),
         },
         packages: locked_packages,
+        apps: apps.iter().filter_map(|a| a.locked()).collect(),
     };
     // From here on every write into the tree resolves inside it.
     let tree = crate::confined::Root::open(&root)?;
     let baked_apps = customize(
         manifest,
+        &apps,
         &tree,
         work.path(),
         host_binary.as_deref(),
@@ -661,6 +670,7 @@ fn version_prefix(version: Option<&str>) -> Option<String> {
 #[allow(clippy::too_many_arguments)]
 fn customize(
     manifest: &Manifest,
+    apps: &[crate::apps::Prepared],
     root: &crate::confined::Root,
     scratch: &Path,
     host_binary: Option<&Path>,
@@ -674,7 +684,7 @@ fn customize(
     if let (Some(dst), Some(bin)) = (&m.self_install, host_binary) {
         tree::self_install(root, bin, dst, scratch)?;
     }
-    let apps = crate::apps::bake(root, &m.apps, scratch)?;
+    let apps = crate::apps::bake(root, apps, scratch)?;
     tree::write_kargs(root, &m.kernel_args)?;
     tree::write_sysusers(root, &m.users, &m.groups)?;
     tree::apply_units(root, &m.units.enable, &m.units.disable, &m.units.mask)?;
@@ -694,6 +704,7 @@ fn input_hash(
     manifest_digest: &str,
     base: &ResolvedBase<'_>,
     host_binary: Option<&Path>,
+    registry_apps: &[String],
 ) -> Result<String> {
     let mut h = Sha256::new();
     h.update(INPUT_FORMAT);
@@ -716,6 +727,11 @@ fn input_hash(
             h.update("\nrootfs ");
             h.update(digest);
         }
+    }
+    // (Absent when there are none, so other trees hash as before.)
+    for app in registry_apps {
+        h.update("\napp ");
+        h.update(app);
     }
     if let Some(bin) = host_binary {
         // Both executables (see tree::self_install).

@@ -47,7 +47,27 @@ pub struct Lock {
     /// Every installed package, sorted by name (empty for a rootfs base).
     #[serde(default, rename = "package")]
     pub packages: Vec<LockedPackage>,
+    /// The digest each app baked from a registry tag resolved to (apps from
+    /// files and digest references pin themselves in the manifest).
+    #[serde(default, rename = "app", skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<LockedApp>,
 }
+
+/// One registry app of the lock: `[[app]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockedApp {
+    /// The app's `name` in the manifest.
+    pub name: String,
+    /// Its `image` reference as the manifest writes it.
+    pub image: String,
+    /// `sha256:…` the reference resolved to (an index's, for a
+    /// multi-platform image).
+    pub digest: String,
+}
+
+/// More registry apps than this is not a tree cairn composes.
+const MAX_APPS: usize = 256;
 
 /// One package of the lock.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -202,6 +222,44 @@ impl Lock {
                 format!("more than {MAX_PACKAGES} [[package]] entries"),
             ));
         }
+        if self.apps.len() > MAX_APPS {
+            return Err(invalid(
+                origin,
+                format!("more than {MAX_APPS} [[app]] entries"),
+            ));
+        }
+        let mut apps = BTreeSet::new();
+        for (i, a) in self.apps.iter().enumerate() {
+            let at =
+                |key: &str, why: String| invalid(origin, format!("key `app[{i}].{key}`: {why}"));
+            let name_ok = !a.name.is_empty()
+                && a.name.len() <= 63
+                && a.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+            if !name_ok {
+                return Err(at(
+                    "name",
+                    format!(
+                        "{:?} is not an app name",
+                        a.name.chars().take(64).collect::<String>()
+                    ),
+                ));
+            }
+            if !apps.insert(a.name.clone()) {
+                return Err(at("name", format!("{:?} listed twice", a.name)));
+            }
+            let image = a
+                .image
+                .strip_prefix(crate::manifest::REGISTRY_PREFIX)
+                .unwrap_or(&a.image);
+            if let Err(e) = cairn_oci::registry::Reference::parse(image) {
+                return Err(at("image", format!("{e:#}")));
+            }
+            if let Err(e) = cairn_oci::source::Sha256::parse(&a.digest) {
+                return Err(at("digest", format!("{e:#}")));
+            }
+        }
         let mut seen = BTreeSet::new();
         for (i, p) in self.packages.iter().enumerate() {
             let at = |key: &str, why: &str| {
@@ -268,6 +326,11 @@ mod tests {
                     sha256: SHA.into(),
                 },
             ],
+            apps: vec![LockedApp {
+                name: "web".into(),
+                image: "registry.example.org/team/web:1".into(),
+                digest: format!("sha256:{SHA}"),
+            }],
         }
     }
 
@@ -290,6 +353,39 @@ mod tests {
             lock.packages[1].file_name(),
             "perl-base_1%3a5.36.0-7_amd64.deb"
         );
+    }
+
+    #[test]
+    fn registry_apps_are_checked() {
+        let text = sample().to_toml();
+        assert!(
+            text.contains("[[app]]\nname = \"web\"\nimage = \"registry.example.org/team/web:1\""),
+            "{text}"
+        );
+        for (field, bad, key) in [
+            ("name", "Web", "app[0].name"),
+            ("image", "web:1", "app[0].image"),
+            ("image", "registry.example.org/../x", "app[0].image"),
+            ("digest", "sha256:00", "app[0].digest"),
+            ("digest", "md5:00", "app[0].digest"),
+        ] {
+            let mut lock = sample();
+            match field {
+                "name" => lock.apps[0].name = bad.into(),
+                "image" => lock.apps[0].image = bad.into(),
+                _ => lock.apps[0].digest = bad.into(),
+            }
+            let e = err(&lock.to_toml());
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let mut lock = sample();
+        lock.apps.push(lock.apps[0].clone());
+        assert!(err(&lock.to_toml()).contains("listed twice"));
+        // Locks written before registry apps have none.
+        let mut lock = sample();
+        lock.apps.clear();
+        assert!(!lock.to_toml().contains("[[app]]"));
+        assert_eq!(Lock::parse(&lock.to_toml(), "x").unwrap(), lock);
     }
 
     #[test]

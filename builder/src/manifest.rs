@@ -126,10 +126,20 @@ impl Trust {
 pub struct App {
     /// Container name (also the unit: `cairn-app-<name>.service`).
     pub name: String,
-    /// OCI image layout directory or oci-archive tar, relative to the manifest.
+    /// OCI image layout directory or oci-archive tar, relative to the
+    /// manifest; or a registry reference `REGISTRY/REPO[:TAG][@sha256:…]`
+    /// when no such file exists (`docker://` in front: always a reference).
     pub image: PathBuf,
-    /// The image's manifest digest, `sha256:…`: the compose fails on any other image.
+    /// The image's manifest digest, `sha256:…`: the compose fails on any
+    /// other image. Required for a layout or archive; for a registry
+    /// reference without one, the compose resolves the tag and records the
+    /// digest it baked (commit metadata and lockfile).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub digest: String,
+    /// `image` as a registry reference, when it is one (decided where the
+    /// manifest is read, relative to its directory).
+    #[serde(skip)]
+    pub registry: Option<cairn_oci::registry::Reference>,
     /// Command instead of the image's Cmd.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
@@ -729,22 +739,42 @@ impl Merged {
             if !app_names.insert(app.name.clone()) {
                 return Err(self.invalid(key("name"), format!("{:?} is baked twice", app.name)));
             }
-            if !app.image.exists() {
+            let text = app.image.to_string_lossy();
+            if let Some(reference) = text.strip_prefix(REGISTRY_PREFIX) {
+                // Marked a reference but not one: say why.
+                if let Err(e) = cairn_oci::registry::Reference::parse(reference) {
+                    return Err(self.invalid(key("image"), format!("{e:#}")));
+                }
+            }
+            let pinned_by_reference = app.registry.as_ref().and_then(|r| r.digest.as_ref());
+            if app.registry.is_none() && !app.image.exists() {
                 return Err(self.invalid(
                     key("image"),
-                    format!("{} does not exist", app.image.display()),
+                    format!(
+                        "{} does not exist (nor is {text:?} a registry reference)",
+                        app.image.display()
+                    ),
                 ));
             }
             let hex = app.digest.strip_prefix("sha256:").unwrap_or_default();
-            if hex.len() != 64
-                || !hex
+            let digest_ok = hex.len() == 64
+                && hex
                     .bytes()
-                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-            {
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+            let optional = app.registry.is_some() && app.digest.is_empty();
+            if !digest_ok && !optional {
                 return Err(self.invalid(
                     key("digest"),
                     format!("{:?} is not a sha256:<64 hex> manifest digest", app.digest),
                 ));
+            }
+            if let Some(d) = pinned_by_reference.filter(|_| !app.digest.is_empty()) {
+                if d.to_string() != app.digest {
+                    return Err(self.invalid(
+                        key("digest"),
+                        format!("{} disagrees with the image reference's @{d}", app.digest),
+                    ));
+                }
             }
             if let Some(r) = &app.restart {
                 if !["no", "on-failure", "always"].contains(&r.as_str()) {
@@ -934,8 +964,11 @@ fn digest(
         }
     }
     for app in &mut canon.apps {
-        // The image is pinned (and verified at compose) by its digest.
-        app.image = PathBuf::from(app.digest.clone());
+        // A file image is pinned (and verified at compose) by its digest; a
+        // registry image means its reference (a tag's digest is in the lock).
+        if app.registry.is_none() {
+            app.image = PathBuf::from(app.digest.clone());
+        }
     }
     if canon.rootfs.is_some() {
         // The base's content is hashed separately (see compose); its location is not meaning.
@@ -1170,6 +1203,24 @@ fn load_merged(path: &Path, stack: &mut Vec<PathBuf>) -> Result<ManifestFile> {
     Ok(merged.merge_included(spec))
 }
 
+/// `[[apps]] image` values with this prefix are registry references
+/// whatever files exist (skopeo's transport name).
+pub const REGISTRY_PREFIX: &str = "docker://";
+
+/// An app's `image` as a registry reference: marked with
+/// [`REGISTRY_PREFIX`], or parsing as one where no file of that name is
+/// next to the manifest.
+fn registry_reference(image: &Path, dir: &Path) -> Option<cairn_oci::registry::Reference> {
+    let text = image.to_str()?;
+    if let Some(marked) = text.strip_prefix(REGISTRY_PREFIX) {
+        return cairn_oci::registry::Reference::parse(marked).ok();
+    }
+    if image.is_absolute() || dir.join(image).symlink_metadata().is_ok() {
+        return None;
+    }
+    cairn_oci::registry::Reference::parse(text).ok()
+}
+
 fn absolutize(spec: &mut ManifestFile, dir: &Path) {
     let abs = |p: &mut PathBuf| {
         if p.is_relative() {
@@ -1178,7 +1229,15 @@ fn absolutize(spec: &mut ManifestFile, dir: &Path) {
     };
     spec.include.iter_mut().for_each(abs);
     spec.files.iter_mut().for_each(|f| abs(&mut f.src));
-    spec.apps.iter_mut().for_each(|a| abs(&mut a.image));
+    for app in &mut spec.apps {
+        let marked = app.image.to_string_lossy().starts_with(REGISTRY_PREFIX);
+        match registry_reference(&app.image, dir) {
+            Some(r) => app.registry = Some(r),
+            // (A marked reference that does not parse is reported as such.)
+            None if marked => {}
+            None => abs(&mut app.image),
+        }
+    }
     spec.trust.keys.iter_mut().for_each(abs);
     spec.postprocess
         .iter_mut()

@@ -167,6 +167,10 @@ fn validation_names_the_key() {
         ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nrestart = \"sometimes\"\n", "apps[0].restart"),
         ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nhealth-interval = \"5 parsecs\"\n", "apps[0].health-interval"),
         ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"f\"\ndigest = \"sha256:00\"\nports = 1\n", "ports"),
+        ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"docker://web:1\"\n", "names no registry"),
+        ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"f\"\n", "apps[0].digest"),
+        ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"reg.example.org/web:1\"\ndigest = \"sha256:00\"\n", "apps[0].digest"),
+        ("ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"reg.example.org/web@sha256:1111111111111111111111111111111111111111111111111111111111111111\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\n", "disagrees"),
     ];
     for (text, expected) in cases {
         let e = err(dir.path(), text);
@@ -175,6 +179,36 @@ fn validation_names_the_key() {
             "for {text:?}: expected {expected:?} in {e:?}"
         );
     }
+}
+
+/// `[[apps]] image` is a registry reference where no file of that name is
+/// next to the manifest (or with `docker://`); a file otherwise.
+#[test]
+fn app_images_are_files_or_registry_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |image: &str| {
+        write(
+            dir.path(),
+            "m.toml",
+            &format!(
+                "ref = \"a/b\"\nrootfs = \".\"\n[[apps]]\nname = \"web\"\nimage = \"{image}\"\n"
+            ),
+        );
+        Manifest::load(&dir.path().join("m.toml"))
+    };
+    let m = load("reg.example.org:5000/team/web:1").unwrap();
+    let r = m.apps[0].registry.as_ref().unwrap();
+    assert_eq!(
+        (r.registry.as_str(), r.repository.as_str()),
+        ("reg.example.org:5000", "team/web")
+    );
+    let m = load("docker://localhost/web").unwrap();
+    assert_eq!(m.apps[0].registry.as_ref().unwrap().registry, "localhost");
+    // A directory of that name next to the manifest is a layout, which
+    // then needs its digest.
+    std::fs::create_dir_all(dir.path().join("reg.example.org/web")).unwrap();
+    let e = load("reg.example.org/web").unwrap_err().to_string();
+    assert!(e.contains("apps[0].digest"), "{e}");
 }
 
 #[test]

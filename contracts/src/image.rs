@@ -8,6 +8,16 @@
 //! <root>/checkouts/<commit>/           read-only tree of an image commit
 //! <root>/checkouts/<commit>.json       its record ([`ImageInfo`])
 //! ```
+//!
+//! Apps baked into a host tree are not in the store: their files are part
+//! of the host commit (one OSTree store for host and apps, so an app
+//! update is a delta of the files that changed and a rollback needs no
+//! import), and containers run from the booted deployment's copy:
+//!
+//! ```text
+//! /usr/lib/cairn/apps/<app>/image.json  its record ([`ImageInfo`], name cairn-app-<app>, tag baked)
+//! /usr/lib/cairn/apps/<app>/rootfs/     the image's unpacked layers
+//! ```
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -115,6 +125,81 @@ pub struct InUse {
     pub commit: String,
 }
 
+/// Where a host tree carries its baked apps (see the module docs).
+pub const BAKED_APPS_DIR: &str = "/usr/lib/cairn/apps";
+/// A baked app's image is `cairn-app-<app>:baked`.
+pub const BAKED_IMAGE_PREFIX: &str = "cairn-app-";
+pub const BAKED_TAG: &str = "baked";
+/// A baked app's record and root, inside its directory.
+pub const BAKED_RECORD: &str = "image.json";
+pub const BAKED_ROOTFS: &str = "rootfs";
+
+/// The image name of baked app `app`.
+pub fn baked_image_name(app: &str) -> String {
+    format!("{BAKED_IMAGE_PREFIX}{app}")
+}
+
+/// Reads a record file without following a symlink, bounded.
+fn read_record(path: &Path) -> Option<ImageInfo> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let mut bytes = Vec::new();
+    f.take(MAX_RECORD_SIZE).read_to_end(&mut bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// A baked app's image, `cairn-app-APP[:baked]` or `cairn-app-APP@sha256:…`,
+/// and the root it runs from, read from `apps_dir` (normally
+/// [`BAKED_APPS_DIR`]). `None` when the reference names no baked app or
+/// anything does not match (a symlinked record or root included).
+pub fn resolve_baked(apps_dir: &Path, reference: &str) -> Option<(ImageInfo, PathBuf)> {
+    let (name, tag, digest) = match reference.split_once('@') {
+        Some((n, d)) => (n, None, Some(d)),
+        None => match reference.rsplit_once(':') {
+            Some((n, t)) => (n, Some(t), None),
+            None => (reference, None, None),
+        },
+    };
+    let app = name.strip_prefix(BAKED_IMAGE_PREFIX)?;
+    // One plain directory name: what `[[apps]] name` allows.
+    if app.is_empty()
+        || !app
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        || tag.is_some_and(|t| t != BAKED_TAG)
+    {
+        return None;
+    }
+    let dir = apps_dir.join(app);
+    let info = read_record(&dir.join(BAKED_RECORD))?;
+    let rootfs = dir.join(BAKED_ROOTFS);
+    let is_dir = std::fs::symlink_metadata(&rootfs).ok()?.is_dir();
+    let matches = info.name == name
+        && info.tag == BAKED_TAG
+        && digest.map_or(true, |d| d == info.manifest_digest);
+    (is_dir && matches).then_some((info, rootfs))
+}
+
+/// Every baked app image under `apps_dir`, sorted by name.
+pub fn baked_images(apps_dir: &Path) -> Vec<ImageInfo> {
+    let Ok(rd) = std::fs::read_dir(apps_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<ImageInfo> = rd
+        .flatten()
+        .filter_map(|e| {
+            let app = e.file_name().into_string().ok()?;
+            resolve_baked(apps_dir, &baked_image_name(&app)).map(|(i, _)| i)
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
 /// The image repository of a state root.
 pub fn repo_dir(root: &Path) -> PathBuf {
     root.join("repo")
@@ -211,6 +296,55 @@ mod tests {
         for bad in ["Busybox", "a/b", "x:", ":t", "-x", "x:-t"] {
             assert!(ImageName::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_baked_app_resolves_from_the_tree_and_nothing_else_does() {
+        let apps = tempfile::tempdir().unwrap();
+        let digest = format!("sha256:{}", "c".repeat(64));
+        let info = ImageInfo {
+            name: baked_image_name("web"),
+            tag: BAKED_TAG.into(),
+            ostree_ref: String::new(),
+            commit: String::new(),
+            manifest_digest: digest.clone(),
+            config: ImageConfig::default(),
+        };
+        let dir = apps.path().join("web");
+        std::fs::create_dir_all(dir.join(BAKED_ROOTFS)).unwrap();
+        std::fs::write(dir.join(BAKED_RECORD), serde_json::to_vec(&info).unwrap()).unwrap();
+        for good in [
+            "cairn-app-web",
+            "cairn-app-web:baked",
+            &format!("cairn-app-web@{digest}"),
+        ] {
+            let (found, root) = resolve_baked(apps.path(), good).unwrap();
+            assert_eq!(
+                (found, root),
+                (info.clone(), dir.join(BAKED_ROOTFS)),
+                "{good}"
+            );
+        }
+        for other in [
+            "web",
+            "cairn-app-web:v1",
+            "cairn-app-db",
+            "cairn-app-../web",
+            "cairn-app-",
+            &format!("cairn-app-web@sha256:{}", "d".repeat(64)),
+        ] {
+            assert!(resolve_baked(apps.path(), other).is_none(), "{other}");
+        }
+        assert_eq!(baked_images(apps.path()), vec![info.clone()]);
+        // A record or root that is a symlink is not followed.
+        std::fs::remove_dir(dir.join(BAKED_ROOTFS)).unwrap();
+        std::os::unix::fs::symlink("/", dir.join(BAKED_ROOTFS)).unwrap();
+        assert!(resolve_baked(apps.path(), "cairn-app-web").is_none());
+        std::fs::remove_file(dir.join(BAKED_ROOTFS)).unwrap();
+        std::fs::create_dir(dir.join(BAKED_ROOTFS)).unwrap();
+        std::fs::rename(dir.join(BAKED_RECORD), apps.path().join("elsewhere.json")).unwrap();
+        std::os::unix::fs::symlink("../elsewhere.json", dir.join(BAKED_RECORD)).unwrap();
+        assert!(resolve_baked(apps.path(), "cairn-app-web").is_none());
     }
 
     #[test]

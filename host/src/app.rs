@@ -154,7 +154,7 @@ impl LimitArgs {
 
 pub fn run(cmd: AppCommand) -> Result<ExitCode> {
     let rt = containers::runtime(&cmd.globals)?;
-    let store = Store::new(&cmd.globals.root);
+    let store = Store::new(&cmd.globals.root).with_baked_apps(&cmd.globals.baked_apps);
     let mut out = std::io::stdout().lock();
     match cmd.command {
         AppSub::Import {
@@ -232,7 +232,9 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
             writeln!(out, "commit {}", img.commit)?;
         }
         AppSub::Images { json } => {
-            let images = store.images()?;
+            // Baked apps first: they are part of the host tree, not the store.
+            let mut images = store.baked();
+            images.extend(store.images()?);
             if json {
                 serde_json::to_writer_pretty(&mut out, &images)?;
                 writeln!(out)?;
@@ -246,7 +248,11 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
                         i.name,
                         i.tag,
                         &d[..12.min(d.len())],
-                        &i.commit[..12]
+                        if i.commit.is_empty() {
+                            "(host tree)"
+                        } else {
+                            &i.commit[..12.min(i.commit.len())]
+                        }
                     )?;
                 }
             }

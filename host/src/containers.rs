@@ -31,6 +31,10 @@ pub struct AppGlobals {
     #[arg(long, env = "CAIRN_ROOT", default_value = DEFAULT_ROOT, global = true)]
     pub root: PathBuf,
 
+    /// Where the host tree's baked apps are (tests point it elsewhere).
+    #[arg(long, env = "CAIRN_BAKED_APPS", default_value = cairn_contracts::image::BAKED_APPS_DIR, global = true, hide = true)]
+    pub baked_apps: PathBuf,
+
     /// Host bridge that containers attach to [default: the fleet network's,
     /// else cairn0].
     #[arg(long, env = "CAIRN_BRIDGE", global = true)]
@@ -198,6 +202,7 @@ pub fn runtime(cmd: &AppGlobals) -> Result<Runtime> {
     network.mtu = mtu;
     let mut rt = Runtime::new(&cmd.root, network);
     rt.dns = dns;
+    rt.baked_apps = cmd.baked_apps.clone();
     rt.monitor_command = Some(Box::new(move |root: &Path, name: &str| {
         // Always the executable without libostree (see exe.rs).
         let mut c = std::process::Command::new(crate::exe::container_executable());
@@ -244,6 +249,8 @@ pub fn monitor_invocation(args: &[OsString]) -> Option<(AppGlobals, String)> {
         bridge: Some(bridge.to_str()?.to_string()),
         subnet: Some(subnet.to_str()?.to_string()),
         node_network: PathBuf::from(NODE_NETWORK),
+        // The monitor runs from the tree its record names.
+        baked_apps: PathBuf::from(cairn_contracts::image::BAKED_APPS_DIR),
     };
     Some((globals, name.to_string()))
 }

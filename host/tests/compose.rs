@@ -134,6 +134,9 @@ gid = 10
             .env_remove("CAIRN_CACHE")
             .env_remove("CAIRN_GPG_KEY")
             .env_remove("CAIRN_GPG_HOMEDIR")
+            // The build machine's container configuration stays out.
+            .env("CONTAINERS_REGISTRIES_CONF", self.path("registries.conf"))
+            .env("REGISTRY_AUTH_FILE", self.path("auth.json"))
             .output()
             .unwrap();
         eprintln!(
@@ -1070,7 +1073,8 @@ fn apps_are_verified_and_baked_into_the_tree_with_a_unit() {
     let commit = field(&out, "commit").to_string();
     let ls = env.ostree("repo", &["ls", "-R", &commit, "/usr"]);
     for needed in [
-        "/usr/lib/cairn/apps/web/image/index.json",
+        "/usr/lib/cairn/apps/web/image.json",
+        "/usr/lib/cairn/apps/web/rootfs/bin/busybox",
         "/usr/lib/systemd/system/cairn-app-web.service",
         "/usr/etc/systemd/system/multi-user.target.wants/cairn-app-web.service -> /usr/lib/systemd/system/cairn-app-web.service",
     ] {
@@ -1094,6 +1098,22 @@ fn apps_are_verified_and_baked_into_the_tree_with_a_unit() {
         &["show", "--print-metadata-key=cairn.apps", &commit],
     );
     assert_eq!(apps.trim(), format!("['web@{digest}']"));
+    // The image's files are the tree's (one store), its record beside them,
+    // and only root enters the app's directory (setuid files of images).
+    let record = env.ostree(
+        "repo",
+        &["cat", &commit, "/usr/lib/cairn/apps/web/image.json"],
+    );
+    let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(record["name"], "cairn-app-web");
+    assert_eq!(record["tag"], "baked");
+    assert_eq!(record["manifest_digest"], digest.as_str());
+    let dir = env.ostree("repo", &["ls", "-d", &commit, "/usr/lib/cairn/apps/web"]);
+    assert!(dir.starts_with("d00700 0 0"), "{dir}");
+    assert!(
+        !unit.contains("\"import\""),
+        "the node never imports a baked app: {unit}"
+    );
 
     // Any other image than the pinned one is refused, and nothing is committed.
     let head = env.ref_head("repo").unwrap();
@@ -1119,6 +1139,123 @@ fn apps_are_verified_and_baked_into_the_tree_with_a_unit() {
     let corrupt = env.compose("repo", &[]);
     assert!(!corrupt.status.success());
     assert_eq!(env.ref_head("repo").unwrap(), head);
+}
+
+/// `[[apps]] image = "REGISTRY/REPO:TAG"`: the compose resolves the tag,
+/// bakes that digest, records it in the commit metadata and the lock, and
+/// `--lock` bakes the locked digest after the tag moved on.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn apps_baked_from_a_registry_are_pinned_in_the_lock() {
+    let env = Env::new();
+    let registry = cairn_test_support::Registry::start();
+    let layout = |name: &str, page: &str| {
+        let spec = cairn_test_support::LayoutSpec {
+            applets: cairn_test_support::Applets::Only(&["sh"]),
+            files: &[("www/index.html", page.as_bytes())],
+            cmd: &["/bin/sh", "-c", "sleep 3600"],
+            ..Default::default()
+        };
+        let dir = env.path(name);
+        cairn_test_support::busybox_layout(&dir, &spec).unwrap();
+        format!("oci:{}", dir.display())
+    };
+    let v1 = registry
+        .push(&layout("v1", "one\n"), "apps/web:1", false)
+        .unwrap();
+    env.write(
+        "registries.conf",
+        &format!(
+            "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
+            registry.host()
+        ),
+    );
+    let reference = format!("{}/apps/web:1", registry.host());
+    env.manifest(&format!(
+        "[[apps]]\nname = \"web\"\nimage = \"{reference}\"\n"
+    ));
+    let out = env.compose("repo", &[]);
+    assert!(out.status.success());
+    let first = field(&out, "commit").to_string();
+    let show = |key: &str, commit: &str| {
+        env.ostree(
+            "repo",
+            &["show", &format!("--print-metadata-key={key}"), commit],
+        )
+    };
+    assert_eq!(show("cairn.apps", &first).trim(), format!("['web@{v1}']"));
+    let page = env.ostree(
+        "repo",
+        &[
+            "cat",
+            &first,
+            "/usr/lib/cairn/apps/web/rootfs/www/index.html",
+        ],
+    );
+    assert_eq!(page, "one\n");
+    let out = env.host(&[
+        "compose",
+        "lock",
+        "--repo",
+        "repo",
+        &first,
+        "-o",
+        "lock.toml",
+    ]);
+    assert!(out.status.success());
+    let lock = std::fs::read_to_string(env.path("lock.toml")).unwrap();
+    assert!(
+        lock.contains(&format!(
+            "[[app]]\nname = \"web\"\nimage = \"{reference}\"\ndigest = \"{v1}\""
+        )),
+        "{lock}"
+    );
+
+    // The tag moves on. --unless-changed sees it (the resolved digest is an
+    // input); --lock still bakes what the lock says.
+    let v2 = registry
+        .push(&layout("v2", "two\n"), "apps/web:1", false)
+        .unwrap();
+    assert_ne!(v1, v2);
+    let out = env.compose("repo", &["--unless-changed"]);
+    assert!(out.status.success());
+    let second = field(&out, "commit").to_string();
+    assert_ne!(second, first, "a moved tag is a change");
+    assert_eq!(show("cairn.apps", &second).trim(), format!("['web@{v2}']"));
+    let out = env.compose("other", &["--lock", "lock.toml"]);
+    assert!(out.status.success());
+    let locked = field(&out, "commit").to_string();
+    assert_eq!(show("cairn.apps", &locked).trim(), format!("['web@{v1}']"));
+    let page = env.ostree(
+        "other",
+        &[
+            "cat",
+            &locked,
+            "/usr/lib/cairn/apps/web/rootfs/www/index.html",
+        ],
+    );
+    assert_eq!(page, "one\n");
+
+    // A digest in the manifest pins as the lock does: the tag is only a
+    // name for the reader, the pinned image is what is baked.
+    env.manifest(&format!(
+        "[[apps]]\nname = \"web\"\nimage = \"{reference}\"\ndigest = \"{v1}\"\n"
+    ));
+    let out = env.compose("repo", &[]);
+    assert!(out.status.success());
+    let pinned = field(&out, "commit").to_string();
+    assert_eq!(show("cairn.apps", &pinned).trim(), format!("['web@{v1}']"));
+    // A digest the registry does not have fails the compose and moves nothing.
+    let head = env.ref_head("repo");
+    env.manifest(&format!(
+        "[[apps]]\nname = \"web\"\nimage = \"{reference}\"\ndigest = \"sha256:{}\"\n",
+        "0".repeat(64)
+    ));
+    let out = env.compose("repo", &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("apps: web") && err.contains("404"), "{err}");
+    assert_eq!(env.ref_head("repo"), head);
 }
 
 /// The tree's own symlinks never lead the compose's writes onto the build

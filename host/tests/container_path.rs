@@ -297,3 +297,72 @@ fn wait_running(root: &str, name: &str) {
     }
     panic!("container {name} did not start");
 }
+
+/// A baked app runs from the host tree (`/usr/lib/cairn/apps/<app>`, here a
+/// directory standing in for it): no import, no store, no libostree.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn a_baked_app_runs_from_the_tree_without_an_import_or_libostree() {
+    use cairn_contracts::image::{ImageInfo, BAKED_RECORD, BAKED_ROOTFS};
+    common::require_root("runs containers");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let apps = tmp.path().join("apps");
+    busybox_layout(tmp.path(), "baked into the tree");
+    let dir = apps.join("web");
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = cairn_oci::image::unpack(
+        &tmp.path().join("oci"),
+        &cairn_oci::image::ImportOptions::default(),
+        &dir.join(BAKED_ROOTFS),
+    )
+    .unwrap();
+    let digest = image.manifest_digest.to_string();
+    let record = ImageInfo {
+        name: "cairn-app-web".into(),
+        tag: "baked".into(),
+        ostree_ref: String::new(),
+        commit: String::new(),
+        manifest_digest: digest.clone(),
+        config: image.config,
+    };
+    std::fs::write(dir.join(BAKED_RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
+    let (root_s, apps_s) = (root.to_str().unwrap(), apps.to_str().unwrap());
+    let app = |args: &[&str]| {
+        let mut all = vec!["app", "--root", root_s, "--baked-apps", apps_s];
+        all.extend_from_slice(args);
+        loaded_objects(&all)
+    };
+
+    let pinned = format!("cairn-app-web@{digest}");
+    let (out, trace) = app(&["run", "--rm", "--network", "none", &pinned]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "baked into the tree");
+    for lazy in LAZY {
+        assert!(!trace.contains(&format!("file={lazy}")), "{lazy} loaded");
+    }
+    assert!(!root.join("repo").exists(), "nothing was imported");
+    assert!(!root.join("checkouts").exists(), "nothing was checked out");
+    // Another digest is not this app.
+    let other = format!("cairn-app-web@sha256:{}", "0".repeat(64));
+    let (out, _) = app(&["run", "--rm", "--network", "none", &other]);
+    assert!(!out.status.success());
+
+    // Listed with the store's images; not the store's to remove or verify.
+    let (out, _) = app(&["images", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["name"], "cairn-app-web", "{listed}");
+    for refused in [
+        &["rmi", "cairn-app-web:baked"][..],
+        &["verify", "cairn-app-web:baked"],
+    ] {
+        let (out, _) = app(refused);
+        assert!(!out.status.success());
+        assert!(
+            text(&out).contains("baked into the host tree"),
+            "{}",
+            text(&out)
+        );
+    }
+}

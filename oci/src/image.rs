@@ -206,40 +206,72 @@ fn remove_stale_staging(dir: &Path) {
 
 /// [`import`] with a tag and limits (see [`ImportOptions`]).
 pub fn import_with(repo: &ostree::Repo, path: &Path, opts: &ImportOptions) -> Result<ImageInfo> {
-    let limits = &opts.limits;
-    let (path, tag) = split_path_tag(path, opts.tag.as_deref())?;
-    let path = path.as_path();
-    let source = Source::open_limited(path, limits)?;
     let staging = staging_dir(repo)?;
     let rootfs = staging.path().join("rootfs");
-    std::fs::create_dir(&rootfs)?;
-    // The image's `/`: 0755 whatever the importer's umask (layers rarely
-    // carry a `./` entry, and it would be skipped).
-    std::fs::set_permissions(&rootfs, std::fs::Permissions::from_mode(0o755))?;
-
-    let (found_name, digest, config, format) = if source.has("index.json") {
-        let (n, d, c) = unpack_oci(
-            &source,
-            &rootfs,
-            opts.name.is_none(),
-            tag.as_deref(),
-            limits,
-        )?;
-        (n, d, c, "oci")
-    } else if source.has("manifest.json") {
-        let (n, d, c) = unpack_docker(&source, &rootfs, tag.as_deref(), limits)?;
-        (n, d, c, "docker-save")
-    } else {
-        bail!("{}: neither an OCI image layout (index.json) nor a docker save archive (manifest.json)", path.display());
-    };
+    let image = unpack(path, opts, &rootfs)?;
     let image_name = match opts.name.as_deref() {
         Some(n) => ImageName::parse(n)?,
-        None => found_name.ok_or_else(|| {
+        None => image.name.ok_or_else(|| {
             anyhow!(
                 "{} carries no image name: pass --name NAME[:TAG]",
                 path.display()
             )
         })?,
+    };
+    let commit = commit_tree(
+        repo,
+        &rootfs,
+        &image_name,
+        &image.manifest_digest,
+        &image.config,
+        image.format,
+        image.created,
+    )?;
+    Ok(ImageInfo {
+        name: image_name.name.clone(),
+        tag: image_name.tag.clone(),
+        ostree_ref: image_name.ostree_ref(),
+        commit,
+        manifest_digest: image.manifest_digest.to_string(),
+        config: image.config,
+    })
+}
+
+/// An image [`unpack`] wrote out.
+#[derive(Debug)]
+pub struct Unpacked {
+    /// The name recorded in the image, if any (looked for only when
+    /// `ImportOptions::name` is None).
+    pub name: Option<ImageName>,
+    pub manifest_digest: Sha256,
+    pub config: ImageConfig,
+    /// The config's `created`, in seconds since the epoch (0 if absent).
+    pub created: u64,
+    /// `oci` or `docker-save`.
+    pub format: &'static str,
+}
+
+/// Verify and apply an image's layers into `rootfs`, a directory made here
+/// (mode 0755) that must not exist yet, with the same checks and limits as
+/// an import. The builder bakes apps this way, straight into a host tree.
+pub fn unpack(path: &Path, opts: &ImportOptions, rootfs: &Path) -> Result<Unpacked> {
+    let limits = &opts.limits;
+    let (path, tag) = split_path_tag(path, opts.tag.as_deref())?;
+    let path = path.as_path();
+    let source = Source::open_limited(path, limits)?;
+    std::fs::create_dir(rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
+    // The image's `/`: 0755 whatever the importer's umask (layers rarely
+    // carry a `./` entry, and it would be skipped).
+    std::fs::set_permissions(rootfs, std::fs::Permissions::from_mode(0o755))?;
+
+    let (name, manifest_digest, config, format) = if source.has("index.json") {
+        let (n, d, c) = unpack_oci(&source, rootfs, opts.name.is_none(), tag.as_deref(), limits)?;
+        (n, d, c, "oci")
+    } else if source.has("manifest.json") {
+        let (n, d, c) = unpack_docker(&source, rootfs, tag.as_deref(), limits)?;
+        (n, d, c, "docker-save")
+    } else {
+        bail!("{}: neither an OCI image layout (index.json) nor a docker save archive (manifest.json)", path.display());
     };
     let created = config
         .created()
@@ -247,15 +279,12 @@ pub fn import_with(repo: &ostree::Repo, path: &Path, opts: &ImportOptions) -> Re
         .and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok())
         .map(|t| t.timestamp().max(0) as u64)
         .unwrap_or(0);
-    let cfg = image_config_from_oci(&config);
-    let commit = commit_tree(repo, &rootfs, &image_name, &digest, &cfg, format, created)?;
-    Ok(ImageInfo {
-        name: image_name.name.clone(),
-        tag: image_name.tag.clone(),
-        ostree_ref: image_name.ostree_ref(),
-        commit,
-        manifest_digest: digest.to_string(),
-        config: cfg,
+    Ok(Unpacked {
+        name,
+        manifest_digest,
+        config: image_config_from_oci(&config),
+        created,
+        format,
     })
 }
 

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cairn_contracts::image::{
-    checkouts_dir, remove_checkout, repo_dir, resolve_checked_out, write_checkout_record,
-    ImageInfo, InUse,
+    baked_images, checkouts_dir, remove_checkout, repo_dir, resolve_baked, resolve_checked_out,
+    write_checkout_record, ImageInfo, InUse, BAKED_APPS_DIR,
 };
 
 use crate::image::{self, ImportOptions};
@@ -37,15 +37,31 @@ pub struct Pruned {
     pub bytes: u64,
 }
 
-/// The image store of a state root.
+/// The image store of a state root, and the apps baked into the host tree.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    baked_apps: PathBuf,
 }
 
 impl Store {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            baked_apps: BAKED_APPS_DIR.into(),
+        }
+    }
+
+    /// Baked apps from `dir` instead of the booted tree's.
+    pub fn with_baked_apps(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.baked_apps = dir.into();
+        self
+    }
+
+    /// The apps the host tree carries (`cairn-app-NAME:baked`): part of the
+    /// host commit, never imported, never removed but by a host update.
+    pub fn baked(&self) -> Vec<ImageInfo> {
+        baked_images(&self.baked_apps)
     }
 
     fn has_repo(&self) -> bool {
@@ -125,6 +141,16 @@ impl Store {
         })
     }
 
+    fn refuse_baked(&self, reference: &str, why: &str) -> Result<()> {
+        if let Some((info, _)) = resolve_baked(&self.baked_apps, reference) {
+            bail!(
+                "{} is baked into the host tree, not in the image store: {why}",
+                info.reference()
+            );
+        }
+        Ok(())
+    }
+
     pub fn images(&self) -> Result<Vec<ImageInfo>> {
         if !self.has_repo() {
             return Ok(vec![]);
@@ -133,12 +159,19 @@ impl Store {
     }
 
     pub fn verify(&self, reference: &str) -> Result<(ImageInfo, usize)> {
+        self.refuse_baked(
+            reference,
+            "its files are the host commit's: `ostree fsck` verifies them",
+        )?;
         image::verify(&self.repo()?, reference)
     }
 
     /// The image and its checkout, made (and recorded for the runtime) if
     /// missing. An image already checked out is found without libostree.
     pub fn checkout(&self, reference: &str) -> Result<(ImageInfo, PathBuf)> {
+        if let Some(found) = resolve_baked(&self.baked_apps, reference) {
+            return Ok(found);
+        }
         let checkouts = checkouts_dir(&self.root);
         if let Some(found) = resolve_checked_out(&repo_dir(&self.root), &checkouts, reference) {
             return Ok(found);
@@ -152,6 +185,7 @@ impl Store {
 
     /// Remove an image; refused while a container uses it.
     pub fn rmi(&self, reference: &str, in_use: &[InUse]) -> Result<ImageInfo> {
+        self.refuse_baked(reference, "a host update that drops the app removes it")?;
         let repo = self.repo()?;
         let info = image::resolve(&repo, reference)?;
         if let Some(u) = in_use.iter().find(|u| u.commit == info.commit) {

@@ -56,8 +56,7 @@ fn main() {
     // One rootfs for crun and the floor: the image's layer, unpacked.
     must(vm.ok(
         "set -e; rm -rf /var/tmp/bench; mkdir -p /var/tmp/bench/bundle/rootfs; \
-         layer=$(ls -S /usr/lib/cairn/apps/web/image/blobs/sha256/* | head -1); \
-         tar -xf \"$layer\" -C /var/tmp/bench/bundle/rootfs; \
+         cp -a /usr/lib/cairn/apps/web/rootfs/. /var/tmp/bench/bundle/rootfs/; \
          mkdir -p /var/tmp/bench/bundle/rootfs/proc /var/tmp/bench/bundle/rootfs/dev /var/tmp/bench/bundle/rootfs/sys; \
          cd /var/tmp/bench/bundle && crun spec && \
          sed -i 's/\"terminal\": true/\"terminal\": false/; s/^\\([[:space:]]*\\)\"sh\"$/\\1\"\\/bin\\/true\"/' config.json && \

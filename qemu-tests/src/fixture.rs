@@ -301,6 +301,46 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
+    /// What it answered (its request log):
+    /// (requests, body bytes) served since the log had `from` lines, and the
+    /// log's current line count. Body bytes are the sizes of the files
+    /// answered with 200 (http.server logs no sizes; it sends whole files).
+    pub fn served_since(&self, from: usize) -> (usize, u64, usize) {
+        let Some(log) = &self.log else {
+            return (0, 0, from);
+        };
+        let file = match std::fs::File::open(log) {
+            Ok(f) => f,
+            Err(_) => return (0, 0, from),
+        };
+        let lines: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(file))
+            .map_while(|l| l.ok())
+            .collect();
+        let (mut requests, mut bytes) = (0, 0);
+        for line in lines.iter().skip(from) {
+            let Some(req) = line.split('"').nth(1) else {
+                continue;
+            };
+            let mut parts = req.split_whitespace();
+            let (Some("GET"), Some(path)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            requests += 1;
+            let status = line.split('"').nth(2).unwrap_or("").trim();
+            if status.starts_with("200") {
+                let path = path
+                    .split('?')
+                    .next()
+                    .unwrap_or(path)
+                    .trim_start_matches('/');
+                bytes += std::fs::metadata(self.root.join(path))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+            }
+        }
+        (requests, bytes, lines.len())
+    }
+
     pub fn start(root: &Path, log: Option<&Path>) -> Result<HttpServer> {
         // A free port: bind port 0, note the port, let it go for python.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?

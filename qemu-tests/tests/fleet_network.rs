@@ -189,7 +189,7 @@ fn containers_on_two_booted_nodes_find_and_reach_each_other() {
     );
     eprintln!("fleet_network: A {sa}, B {sb}; A routes {}", route.trim());
 
-    // The baked app's image (its unit imported it at boot) runs the tests'
+    // The baked app's image (in the host tree) runs the tests'
     // containers. B serves `web` while /run/flag/ok exists on B.
     b.ok("mkdir -p /run/flag && touch /run/flag/ok");
     let web_ip = format!("{pb}.20");

@@ -36,7 +36,6 @@
 //!
 //! Run with `cargo test -p qemu-tests --test lifecycle` as root.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -237,44 +236,6 @@ fn prepare_updates(image: &TestImage) -> Result<(Updates, DirLock)> {
     };
     updates.publish(&updates.v2)?;
     Ok((updates, lock))
-}
-
-/// What `server` answered (its request log):
-/// (requests, body bytes) served since the log had `from` lines, and the
-/// log's current line count. Body bytes are the sizes of the files
-/// answered with 200 (http.server logs no sizes; it sends whole files).
-fn served_since(server: &HttpServer, from: usize) -> (usize, u64, usize) {
-    let Some(log) = &server.log else {
-        return (0, 0, from);
-    };
-    let file = match std::fs::File::open(log) {
-        Ok(f) => f,
-        Err(_) => return (0, 0, from),
-    };
-    let lines: Vec<String> = BufReader::new(file).lines().map_while(|l| l.ok()).collect();
-    let (mut requests, mut bytes) = (0, 0);
-    for line in lines.iter().skip(from) {
-        let Some(req) = line.split('"').nth(1) else {
-            continue;
-        };
-        let mut parts = req.split_whitespace();
-        let (Some("GET"), Some(path)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        requests += 1;
-        let status = line.split('"').nth(2).unwrap_or("").trim();
-        if status.starts_with("200") {
-            let path = path
-                .split('?')
-                .next()
-                .unwrap_or(path)
-                .trim_start_matches('/');
-            bytes += std::fs::metadata(server.root.join(path))
-                .map(|m| m.len())
-                .unwrap_or(0);
-        }
-    }
-    (requests, bytes, lines.len())
 }
 
 /// Wait until systemd says the boot is finished; fails if it ends degraded
@@ -587,13 +548,13 @@ fn a_node_boots_upgrades_rolls_back_survives_a_power_cut_and_falls_back_from_a_b
     assert!(check.success(), "host upgrade --check: {check}");
     assert!(check.stdout.contains(&updates.v2_version), "{check}");
 
-    let (_, _, mark) = served_since(&server, 0);
+    let (_, _, mark) = server.served_since(0);
     let (_, upgrade_wall) = run_rebooting(
         &mut vm,
         "host upgrade --reboot",
         "/var/lib/cairn-test/upgrade-1.log",
     );
-    let (requests, bytes, mark) = served_since(&server, mark);
+    let (requests, bytes, mark) = server.served_since(mark);
     assert_boot_finished(&mut vm, "v2 after host upgrade --reboot");
     let log = rebooting_output(
         &mut vm,
@@ -658,7 +619,7 @@ fn a_node_boots_upgrades_rolls_back_survives_a_power_cut_and_falls_back_from_a_b
     let gone = must(vm.run(&format!("test -e {V2_FILE}")));
     assert!(!gone.success(), "v1 has {V2_FILE}");
     assert_node_state_kept(&mut vm, "after the rollback");
-    let (_, _, mark) = served_since(&server, mark);
+    let (_, _, mark) = server.served_since(mark);
 
     // ---- 4. power cut in the middle of an upgrade
     must(vm.ok(
@@ -727,7 +688,7 @@ fn a_node_boots_upgrades_rolls_back_survives_a_power_cut_and_falls_back_from_a_b
         assert_eq!(must(vm.ok(&format!("cat {V2_FILE}"))), V2_TEXT);
     }
     assert_node_state_kept(&mut vm, "after the power cut");
-    let (requests, bytes, _) = served_since(&server, mark);
+    let (requests, bytes, _) = server.served_since(mark);
     eprintln!(
         "lifecycle: after the rollback: {requests} HTTP requests, {bytes} bytes served (objects were local)"
     );

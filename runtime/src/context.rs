@@ -25,6 +25,9 @@ pub struct Runtime {
     /// The resolver containers get when their run names none (the fleet
     /// network's DNS on the bridge).
     pub dns: Option<std::net::Ipv4Addr>,
+    /// Where the booted host tree carries its baked apps
+    /// ([`cairn_contracts::image::BAKED_APPS_DIR`]).
+    pub baked_apps: PathBuf,
 }
 
 impl Runtime {
@@ -35,6 +38,7 @@ impl Runtime {
             cgroups: CgroupManager::new("/sys/fs/cgroup", "cairn.slice"),
             monitor_command: None,
             dns: None,
+            baked_apps: cairn_contracts::image::BAKED_APPS_DIR.into(),
         }
     }
 

@@ -153,7 +153,10 @@ impl Runtime {
     /// image that is not checked out yet is a [`NotCheckedOut`] error:
     /// the image store (`cairn_oci::store::Store::checkout`) makes it.
     fn image_and_checkout(&self, reference: &str) -> Result<(ImageInfo, PathBuf)> {
-        image::resolve_checked_out(&self.paths.repo(), &self.paths.checkouts(), reference)
+        image::resolve_baked(&self.baked_apps, reference)
+            .or_else(|| {
+                image::resolve_checked_out(&self.paths.repo(), &self.paths.checkouts(), reference)
+            })
             .ok_or_else(|| {
                 NotCheckedOut {
                     reference: reference.to_string(),
@@ -305,6 +308,7 @@ impl Runtime {
             name: name.clone(),
             image: img.reference(),
             image_commit: img.commit.clone(),
+            image_root: Some(checkout.clone()),
             manifest_digest: img.manifest_digest.clone(),
             created: state::now(),
             ip: None,
@@ -624,7 +628,7 @@ impl Runtime {
             .as_ref()
             .and_then(|p| p.env().clone())
             .unwrap_or_default();
-        let checkout = self.paths.checkouts().join(&r.image_commit);
+        let checkout = r.image_root(&self.paths);
         let mut argv = argv.to_vec();
         argv[0] = spec::find_program(&checkout, &argv[0], &env)?;
         let cgroup = (cgroup::detect(&self.cgroups.root) == cgroup::Layout::Unified)

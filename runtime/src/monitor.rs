@@ -197,7 +197,7 @@ impl Monitor<'_> {
     fn start(&mut self) -> Result<Pid> {
         let paths = &self.rt.paths;
         let run = paths.container_run(&self.record.name);
-        let checkout = paths.checkouts().join(&self.record.image_commit);
+        let checkout = self.record.image_root(paths);
         let scaffold = run.join("scaffold");
         let record = &self.record;
         // Begun first: the kernel makes the namespaces while we build the scaffold.

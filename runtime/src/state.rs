@@ -35,6 +35,15 @@ pub struct Paths {
     pub root: PathBuf,
 }
 
+impl ContainerRecord {
+    /// The image tree this container runs from.
+    pub fn image_root(&self, paths: &Paths) -> PathBuf {
+        self.image_root
+            .clone()
+            .unwrap_or_else(|| paths.checkouts().join(&self.image_commit))
+    }
+}
+
 impl Paths {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
@@ -136,6 +145,11 @@ pub struct ContainerRecord {
     pub name: String,
     pub image: String,
     pub image_commit: String,
+    /// The tree it runs from: a store checkout, or a baked app's root in
+    /// the host tree. None in records written before baked apps ran from
+    /// the tree: the checkout of `image_commit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_root: Option<PathBuf>,
     pub manifest_digest: String,
     pub created: String,
     pub ip: Option<Ipv4Addr>,

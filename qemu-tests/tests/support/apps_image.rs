@@ -57,7 +57,7 @@ pub const APP: &str = "web";
 pub const APP_IP: &str = "10.88.0.50";
 pub const APP_PORT: u16 = 8080;
 pub const APP_PAGE: &str = "cairn baked app: hello from busybox httpd";
-/// The name the app's unit imports its image under (builder/src/apps.rs).
+/// The baked app's image, run from the host tree (cairn_contracts::image).
 pub const APP_IMAGE: &str = "cairn-app-web:baked";
 
 pub struct AppsImage {
