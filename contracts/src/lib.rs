@@ -14,5 +14,6 @@ pub mod network;
 pub mod packages;
 pub mod rootpath;
 pub mod services;
+pub mod size;
 pub mod trust;
 pub mod units;

@@ -296,20 +296,9 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `123`, `64K`, `512M`, `16G`, `1T` (powers of 1024) as bytes.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, shift) = match s.as_bytes().last().map(u8::to_ascii_uppercase) {
-        Some(b'K') => (&s[..s.len() - 1], 10),
-        Some(b'M') => (&s[..s.len() - 1], 20),
-        Some(b'G') => (&s[..s.len() - 1], 30),
-        Some(b'T') => (&s[..s.len() - 1], 40),
-        _ => (s, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: a size is a number of bytes, or with K, M, G or T"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
+/// A size flag (cairn_contracts::size's grammar).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    cairn_contracts::size::parse(s).map_err(|e| format!("{e:#}"))
 }
 
 #[cfg(test)]
@@ -318,11 +307,6 @@ mod tests {
 
     #[test]
     fn sizes_and_import_limit_defaults() {
-        assert_eq!(parse_size("123"), Ok(123));
-        assert_eq!(parse_size("64k"), Ok(64 << 10));
-        assert_eq!(parse_size("16G"), Ok(16 << 30));
-        assert!(parse_size("1X").is_err() && parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
         // The flags' defaults are the library's.
         let d = ImportLimits::default();
         assert_eq!(parse_size("16G"), Ok(d.max_image_size));

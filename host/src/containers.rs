@@ -184,6 +184,13 @@ pub struct RunArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping.
     #[arg(long, default_value_t = 10)]
     stop_timeout: u64,
+    /// A detached container's log is rotated once it reaches this size
+    /// (0: never).
+    #[arg(long, value_name = "SIZE", default_value = "10M", value_parser = parse_log_size)]
+    log_max_size: u64,
+    /// Log files kept, the current one included.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    log_max_files: u32,
     /// User namespace: `auto` (default) gives the container its own range
     /// of host ids, so its root is no one on the host; `host` runs it with
     /// the host's ids (root in the container is root on the node).
@@ -386,6 +393,10 @@ fn run_options(a: RunArgs) -> Result<RunOptions> {
         detach: a.detach,
         auto_remove: a.rm,
         stop_timeout: a.stop_timeout,
+        log: cairn_runtime::state::LogConfig {
+            max_size: a.log_max_size,
+            max_files: a.log_max_files,
+        },
         userns_host: a.userns == "host",
         services: a.services,
         registration_dir: Some(a.registration_dir),
@@ -397,33 +408,14 @@ fn parse_service(s: &str) -> Result<ServicePort, String> {
     s.parse().map_err(|e: anyhow::Error| format!("{e:#}"))
 }
 
-/// `--memory`: `256M`, `1.5G`, `512k`, `1048576`, with binary multiples.
+/// `--log-max-size`: a size.
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    cairn_contracts::size::parse(s).map_err(|e| format!("{e:#}"))
+}
+
+/// `--memory`: a size (`256M`, `1.5G`, `1048576`) of at least 1M.
 fn parse_memory(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                _ => {
-                    return Err(format!(
-                    "memory limit {s:?}: unknown unit {c:?} (use a number of bytes, or k, m, g, t)"
-                ))
-                }
-            };
-            (&t[..i], mult)
-        }
-        _ => (t, 1),
-    };
-    let v: f64 = num
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v > 0.0)
-        .ok_or_else(|| format!("memory limit {s:?} is not a positive size like 256M or 1G"))?;
-    let bytes = (v * mult as f64) as u64;
+    let bytes = cairn_contracts::size::parse(s).map_err(|e| format!("memory limit: {e:#}"))?;
     if bytes < cgroup::MIN_MEMORY {
         return Err(format!(
             "memory limit {s:?} is below 1M: the container could not start"

@@ -61,6 +61,8 @@ pub struct RunOptions {
     pub auto_remove: bool,
     /// Seconds between the stop signal and SIGKILL.
     pub stop_timeout: u64,
+    /// Rotation of a detached container's log.
+    pub log: crate::state::LogConfig,
     /// Run with the host's uids and gids (no user namespace): root in the
     /// container is root on the host. Only for images that need it.
     pub userns_host: bool,
@@ -319,6 +321,7 @@ impl Runtime {
             health,
             auto_remove: opts.auto_remove,
             stop_timeout: opts.stop_timeout,
+            log: opts.log,
             stop_signal: img.config.stop_signal.clone(),
             userns: None,
             services: opts.services.clone(),
@@ -393,6 +396,7 @@ impl Runtime {
                 spec,
                 ContainerState::default(),
                 early_userns,
+                None,
                 None,
             )?;
             std::mem::forget(undo);
@@ -587,10 +591,20 @@ impl Runtime {
         self.remove_container_files(&r)
     }
 
-    /// Copy the log to `out`; with `follow`, keep going until the monitor ends.
+    /// Copy the log to `out`, the rotated files first (oldest first); with
+    /// `follow`, keep going (across rotations) until the monitor ends.
     pub fn logs(&self, name: &str, follow: bool, out: &mut dyn Write) -> Result<()> {
-        self.record(name)?;
-        let path = self.paths.container(name).join("container.log");
+        use crate::logfile::log_path;
+        use std::os::unix::fs::MetadataExt;
+        let r = self.record(name)?;
+        let dir = self.paths.container(name);
+        for n in (1..r.log.max_files.max(1)).rev() {
+            // A file rotated away between listing and opening is skipped.
+            if let Ok(mut f) = std::fs::File::open(log_path(&dir, n)) {
+                std::io::copy(&mut f, out)?;
+            }
+        }
+        let path = log_path(&dir, 0);
         let mut f = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(_) if !follow => return Ok(()),
@@ -603,6 +617,15 @@ impl Runtime {
                 // One last read for what was written just before the end.
                 std::io::copy(&mut f, out)?;
                 return Ok(());
+            }
+            // Rotated: the rest of the old file, then the new one.
+            let rotated = std::fs::metadata(&path)
+                .is_ok_and(|m| m.ino() != f.metadata().map(|o| o.ino()).unwrap_or(0));
+            if rotated {
+                std::io::copy(&mut f, out)?;
+                f = std::fs::File::open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                continue;
             }
             let pos = f.stream_position()?;
             std::thread::sleep(Duration::from_millis(200));

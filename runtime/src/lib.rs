@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod container;
 pub mod context;
 pub mod engine;
+pub mod logfile;
 pub mod monitor;
 pub mod mountfd;
 mod mountplan;

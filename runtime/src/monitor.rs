@@ -18,6 +18,7 @@ use oci_spec::runtime::Spec;
 
 use crate::container::{self, ExecTarget};
 use crate::context::Runtime;
+use crate::logfile::LogSink;
 use crate::state::{
     read_json, write_json, ContainerRecord, ContainerState, Health, HealthState, RestartPolicy,
     Status,
@@ -50,6 +51,9 @@ struct Monitor<'a> {
     ready: Option<std::fs::File>,
     /// Whether this container's registration file is published now.
     registered: bool,
+    /// A detached container's log (its output arrives on a pipe); None in
+    /// the foreground, where the output is the terminal's.
+    log: Option<LogSink>,
 }
 
 /// A pidfd of `pid` (Linux ≥ 5.3), readable once it has exited; `None`
@@ -233,13 +237,26 @@ impl Monitor<'_> {
             }
             _ => None,
         };
-        container::launch(
+        // The container inherits stdout and stderr: the log's pipe while it
+        // is made, the log file again for the monitor's own messages.
+        if let Some(log) = &self.log {
+            for fd in [1, 2] {
+                nix::unistd::dup2(log.writer().as_raw_fd(), fd)?;
+            }
+        }
+        let launched = container::launch(
             &self.spec,
             &[&scaffold, &checkout],
             self.cgroup.as_deref(),
             prepare,
             userns,
-        )
+        );
+        if let Some(log) = &self.log {
+            for fd in [1, 2] {
+                nix::unistd::dup2(log.file().as_raw_fd(), fd)?;
+            }
+        }
+        launched
     }
 
     /// Wait for a signal, the container's end (`child`, a pidfd) or the
@@ -248,32 +265,61 @@ impl Monitor<'_> {
     /// threaded program): the signal mask that feeds the signalfd is per
     /// thread. `None`: look at the children.
     fn wait_signal(
-        &self,
+        &mut self,
         timeout: Option<Duration>,
         child: Option<&OwnedFd>,
     ) -> Result<Option<Signal>> {
-        let t = match timeout {
-            Some(d) => PollTimeout::try_from(d.as_millis().min(i32::MAX as u128) as i32)
-                .unwrap_or(PollTimeout::MAX),
-            None => PollTimeout::NONE,
-        };
-        let mut fds = vec![PollFd::new(self.sfd.as_fd(), PollFlags::POLLIN)];
-        if let Some(c) = child {
-            fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
-        }
-        match nix::poll::poll(&mut fds, t) {
-            Ok(0) => return Ok(None),
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => return Ok(None),
-            Err(e) => return Err(e).context("poll"),
-        }
-        if !fds[0].any().unwrap_or(false) {
-            return Ok(None);
+        let deadline = timeout.map(|d| Instant::now() + d);
+        loop {
+            let t = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+                        .unwrap_or(PollTimeout::MAX)
+                }
+                None => PollTimeout::NONE,
+            };
+            let mut fds = vec![PollFd::new(self.sfd.as_fd(), PollFlags::POLLIN)];
+            if let Some(c) = child {
+                fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+            }
+            if let Some(log) = &self.log {
+                fds.push(PollFd::new(log.reader(), PollFlags::POLLIN));
+            }
+            let n = match nix::poll::poll(&mut fds, t) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => return Ok(None),
+                Err(e) => return Err(e).context("poll"),
+            };
+            let signalled = fds[0].any().unwrap_or(false);
+            let exited = child.is_some() && fds[1].any().unwrap_or(false);
+            let output = self.log.is_some() && fds.last().and_then(|f| f.any()).unwrap_or(false);
+            drop(fds);
+            if output {
+                self.drain_log();
+            }
+            if n == 0 || signalled || exited {
+                if !signalled {
+                    return Ok(None);
+                }
+                break;
+            }
+            // Only output: keep waiting for the rest.
         }
         Ok(self
             .sfd
             .read_signal()?
             .and_then(|si| Signal::try_from(si.ssi_signo as i32).ok()))
+    }
+
+    /// Copy the container's pending output into its log. A log that cannot
+    /// be written (a full disk) costs the output, never the supervision.
+    fn drain_log(&mut self) {
+        if let Some(log) = &mut self.log {
+            if let Err(e) = log.drain() {
+                eprintln!("monitor: {e:#}");
+            }
+        }
     }
 
     /// Supervise one run of the container; returns its exit code.
@@ -420,19 +466,14 @@ fn monitor_signals() -> SigSet {
 pub fn supervise(rt: &Runtime, name: &str) -> Result<i32> {
     let ready = take_ready_fd();
     let dir = rt.paths.container(name);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("container.log"))
-        .with_context(|| format!("opening the log of {name}"))?;
+    let record: ContainerRecord = read_json(&dir.join("container.json"))?;
     let null = std::fs::File::open("/dev/null")?;
     nix::unistd::dup2(null.as_raw_fd(), 0)?;
-    nix::unistd::dup2(log.as_raw_fd(), 1)?;
-    nix::unistd::dup2(log.as_raw_fd(), 2)?;
-    let record: ContainerRecord = read_json(&dir.join("container.json"))?;
+    let log = LogSink::open(&dir, record.log, true)
+        .with_context(|| format!("opening the log of {name}"))?;
     let spec: Spec = read_json(&dir.join("config.json"))?;
     let state: ContainerState = read_json(&dir.join("state.json")).unwrap_or_default();
-    supervise_loaded(rt, record, spec, state, None, ready)
+    supervise_loaded(rt, record, spec, state, None, ready, Some(log))
 }
 
 /// Supervise a container in this process, its records already in hand:
@@ -447,6 +488,7 @@ pub(crate) fn supervise_loaded(
     mut state: ContainerState,
     early_userns: Option<container::PendingUserns>,
     ready: Option<std::fs::File>,
+    log: Option<LogSink>,
 ) -> Result<i32> {
     let name = record.name.clone();
     let name = name.as_str();
@@ -475,8 +517,11 @@ pub(crate) fn supervise_loaded(
         early_userns,
         ready,
         registered: false,
+        log,
     };
     let res = supervise_inner(&mut m);
+    // What the container wrote last.
+    m.drain_log();
     if m.cgroup.is_some() {
         if let Err(e) = rt.cgroups.remove(name) {
             eprintln!("monitor: {e:#}");

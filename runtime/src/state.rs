@@ -7,7 +7,7 @@
 //! <root>/containers/<name>/      container.json (what was asked)
 //!                                config.json    (the OCI runtime config)
 //!                                state.json     (what the monitor saw)
-//!                                container.log  (stdout and stderr)
+//!                                container.log  (stdout and stderr; rotated: .1, .2, …)
 //! /run/cairn/<hash>/<name>/      scaffold/, rootfs/ (per boot, tmpfs)
 //! ```
 //!
@@ -119,6 +119,25 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 /// Where per-boot scratch lives (a tmpfs on every systemd host).
 pub const RUN_BASE: &str = "/run/cairn";
 
+/// How much of a detached container's output its log keeps (see
+/// [`crate::logfile`]): `container.log` up to `max_size` bytes (0: no
+/// limit), `max_files` files in all with the rotated ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogConfig {
+    pub max_size: u64,
+    pub max_files: u32,
+}
+
+impl Default for LogConfig {
+    /// About what docker's and podman's users set: 10 MiB × 3.
+    fn default() -> Self {
+        Self {
+            max_size: 10 << 20,
+            max_files: 3,
+        }
+    }
+}
+
 /// What to do when the container's process exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -166,6 +185,9 @@ pub struct ContainerRecord {
     pub auto_remove: bool,
     /// Seconds between SIGTERM and SIGKILL on stop.
     pub stop_timeout: u64,
+    /// Log rotation (records from before it: the defaults).
+    #[serde(default)]
+    pub log: LogConfig,
     /// What `stop` sends first: the image's StopSignal, else SIGTERM.
     #[serde(default)]
     pub stop_signal: Option<String>,

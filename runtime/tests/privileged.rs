@@ -37,6 +37,10 @@ type TestFn = fn();
 
 const TESTS: &[(&str, TestFn)] = &[
     (
+        "a_detached_containers_log_is_rotated_by_size",
+        a_detached_containers_log_is_rotated_by_size,
+    ),
+    (
         "import_verify_whiteouts_and_archive",
         import_verify_whiteouts_and_archive,
     ),
@@ -936,18 +940,26 @@ fn detached_start_is_reported_over_a_pipe() {
         "{err}"
     );
     assert!(!env.rt.paths.container("p2").exists());
-    // The real one: running once `run` returns, and the pipe is not the
-    // container's.
+    // The real one: running once `run` returns, and the readiness pipe is
+    // not the container's (its stdout and stderr are the log's one pipe).
     env.rt.monitor_command = real;
     env.rt.run(&detached(&env, "p3")).unwrap();
     let st = env.rt.state("p3").unwrap();
     assert_eq!(st.status, Status::Running);
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", st.pid.unwrap())).unwrap();
-    for fd in fds {
-        let target = std::fs::read_link(fd.unwrap().path()).unwrap();
+    let fd_dir = format!("/proc/{}/fd", st.pid.unwrap());
+    let log_pipe = std::fs::read_link(format!("{fd_dir}/1")).unwrap();
+    assert!(
+        log_pipe.to_string_lossy().starts_with("pipe:"),
+        "{log_pipe:?}"
+    );
+    assert_eq!(std::fs::read_link(format!("{fd_dir}/2")).unwrap(), log_pipe);
+    for fd in std::fs::read_dir(&fd_dir).unwrap() {
+        let fd = fd.unwrap();
+        let target = std::fs::read_link(fd.path()).unwrap();
         assert!(
-            !target.to_string_lossy().starts_with("pipe:"),
-            "the container holds a pipe: {target:?}"
+            target == log_pipe || !target.to_string_lossy().starts_with("pipe:"),
+            "the container holds another pipe as fd {:?}: {target:?}",
+            fd.file_name()
         );
     }
     env.rt.rm("p3", true).unwrap();
@@ -1231,6 +1243,68 @@ fn health_exec_stop_and_restart() {
         ..env.opts("fine", &["true"])
     });
     assert_eq!((code, env.rt.state("fine").unwrap().restarts), (0, 0));
+}
+
+/// A chatty detached container fills its log only up to the limit:
+/// `container.log` and `max_files - 1` rotated files, each at most
+/// `max_size`, the oldest output dropped; `logs` gives what is kept, in
+/// order, and the monitor's own messages still land in the log.
+fn a_detached_containers_log_is_rotated_by_size() {
+    let env = Env::new();
+    env.import();
+    let line = |i: u32| format!("line-{i:05}-0123456789abcdefghijklmnopqrstuvwxyz");
+    // 6000 lines of 47 bytes: 282,000 bytes, over three files of 64 KiB.
+    let script = "i=0; while [ $i -lt 6000 ]; do printf 'line-%05d-0123456789abcdefghijklmnopqrstuvwxyz\\n' $i; i=$((i+1)); done";
+    let max_size = 64 << 10;
+    let (code, log) = env.run_to_end(RunOptions {
+        log: cairn_runtime::state::LogConfig {
+            max_size,
+            max_files: 3,
+        },
+        ..env.opts("chatty", &["/bin/sh", "-c", script])
+    });
+    assert_eq!(code, 0, "{log}");
+    let dir = env.rt.paths.container("chatty");
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .filter(|(n, _)| n.starts_with("container.log"))
+        .collect();
+    files.sort();
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["container.log", "container.log.1", "container.log.2"],
+        "{files:?}"
+    );
+    assert!(files.iter().all(|(_, size)| *size <= max_size), "{files:?}");
+    assert_eq!(files[1].1, max_size, "a rotated file is full: {files:?}");
+    // What is kept is the newest output, whole and in order.
+    let lines: Vec<&str> = log.lines().collect();
+    let last = lines.iter().rposition(|l| l.starts_with("line-")).unwrap();
+    assert_eq!(
+        lines[last],
+        line(5999),
+        "{:?}",
+        &lines[last.saturating_sub(2)..]
+    );
+    let first_whole = lines
+        .iter()
+        .position(|l| l.len() == 47 && l.starts_with("line-"))
+        .unwrap();
+    let first: u32 = lines[first_whole][5..10].parse().unwrap();
+    assert!(first > 0, "the oldest output was dropped");
+    for (k, l) in lines[first_whole..=last].iter().enumerate() {
+        assert_eq!(*l, line(first + k as u32), "line {k} after the first kept");
+    }
+    let kept: u64 = files.iter().map(|(_, s)| s).sum();
+    assert!(kept > 2 * max_size && kept <= 3 * max_size, "{kept}");
 }
 
 fn cleanup_after_rm_and_after_a_crashed_monitor() {
