@@ -17,9 +17,10 @@ pub fn parse(text: &str) -> Result<u64> {
         Some(b'm') => (&body[..body.len() - 1], 20),
         Some(b'g') => (&body[..body.len() - 1], 30),
         Some(b't') => (&body[..body.len() - 1], 40),
+        // (Named as written: lowercasing keeps byte positions.)
         Some(c) if c.is_ascii_alphabetic() => bail!(
             "size {text:?}: unknown unit {:?} (use a number of bytes, or k, m, g, t)",
-            *c as char
+            t.as_bytes()[body.len() - 1] as char
         ),
         _ => (body, 0),
     };
