@@ -113,6 +113,13 @@ pub enum ContainerSub {
     },
     /// Run a command inside a running container.
     Exec {
+        /// Keep stdin open (it always is: accepted for podman's spelling).
+        #[arg(short, long)]
+        interactive: bool,
+        /// Run it on a pseudo-terminal wired to this terminal (Ctrl-C,
+        /// window size and full-screen programs work).
+        #[arg(short, long)]
+        tty: bool,
         name: String,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
@@ -131,8 +138,16 @@ pub struct RunArgs {
     #[arg(long)]
     name: Option<String>,
     /// Run in the background under a monitor; print the name.
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "tty")]
     detach: bool,
+    /// Keep stdin open (a foreground container's always is: accepted for
+    /// podman's spelling, `-it`).
+    #[arg(short, long)]
+    interactive: bool,
+    /// Run on a pseudo-terminal wired to this terminal (Ctrl-C, window
+    /// size and full-screen programs work); foreground only.
+    #[arg(short, long)]
+    tty: bool,
     /// Remove the container when it exits.
     #[arg(long)]
     rm: bool,
@@ -340,9 +355,11 @@ pub fn run(rt: &Runtime, cmd: ContainerSub, image: Option<CheckedOut>) -> Result
             writeln!(out, "removed {name}")?;
         }
         ContainerSub::Logs { name, follow } => rt.logs(&name, follow, &mut out)?,
-        ContainerSub::Exec { name, command } => {
+        ContainerSub::Exec {
+            name, command, tty, ..
+        } => {
             drop(out);
-            let code = rt.exec(&name, &command)?;
+            let code = rt.exec(&name, &command, tty)?;
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
         ContainerSub::Inspect { name } => {
@@ -393,6 +410,7 @@ fn run_options(a: RunArgs) -> Result<RunOptions> {
         detach: a.detach,
         auto_remove: a.rm,
         stop_timeout: a.stop_timeout,
+        tty: a.tty,
         log: cairn_runtime::state::LogConfig {
             max_size: a.log_max_size,
             max_files: a.log_max_files,

@@ -366,3 +366,258 @@ fn a_baked_app_runs_from_the_tree_without_an_import_or_libostree() {
         );
     }
 }
+
+/// `host` on a pseudo-terminal of the test's own, as a user's terminal.
+struct OnPty {
+    master: std::fs::File,
+    child: std::process::Child,
+    seen: String,
+}
+
+impl OnPty {
+    fn start(args: &[&str], rows: u16, cols: u16) -> OnPty {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let pty = nix::pty::openpty(None, None).unwrap();
+        set_size(&pty.master, rows, cols);
+        let slave = pty.slave;
+        let mut cmd = host();
+        cmd.args(args);
+        cmd.stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave.try_clone().unwrap());
+        // SAFETY: setsid and one ioctl on the child's own stdin.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()?;
+                if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(slave);
+        let master = std::fs::File::from(pty.master);
+        nix::fcntl::fcntl(
+            master.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        OnPty {
+            master,
+            child,
+            seen: String::new(),
+        }
+    }
+
+    /// Read until `what` appeared (panics with what was seen after 20 s).
+    fn expect(&mut self, what: &str) {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !self.seen.contains(what) {
+            let mut buf = [0u8; 4096];
+            match self.master.read(&mut buf) {
+                Ok(n) if n > 0 => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                _ => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {what:?} on the terminal; it showed:\n{}",
+                self.seen
+            );
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.master.write_all(bytes).unwrap();
+    }
+
+    fn exit_code(mut self) -> i32 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            // Keep reading: a full terminal buffer would block the child.
+            let _ = std::io::Read::read(&mut self.master, &mut [0u8; 4096]);
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running:\n{}",
+                self.seen
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+fn set_size(fd: &impl std::os::fd::AsRawFd, rows: u16, cols: u16) {
+    let ws = nix::libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+    assert_eq!(
+        unsafe { nix::libc::ioctl(fd.as_raw_fd(), nix::libc::TIOCSWINSZ, &ws) },
+        0
+    );
+}
+
+/// `run -it` and `exec -it`: the container's stdio is a terminal of the
+/// caller's size that follows resizes, Ctrl-C reaches its foreground
+/// process, and the exit code comes back.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn run_and_exec_with_a_terminal() {
+    common::require_root("runs containers");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let root_s = root.to_str().unwrap().to_string();
+    let spec = cairn_test_support::LayoutSpec {
+        applets: cairn_test_support::Applets::Only(&[
+            "sh", "echo", "sleep", "stty", "test", "read",
+        ]),
+        cmd: &["/bin/sh"],
+        ..Default::default()
+    };
+    cairn_test_support::busybox_layout(&tmp.path().join("oci"), &spec).unwrap();
+    let out = host()
+        .args(["app", "--root", &root_s, "import"])
+        .arg(tmp.path().join("oci"))
+        .args(["--name", "tty:1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let run = |script: &str| {
+        OnPty::start(
+            &[
+                "app",
+                "--root",
+                &root_s,
+                "run",
+                "-it",
+                "--rm",
+                "--network",
+                "none",
+                "tty:1",
+                "sh",
+                "-c",
+                script,
+            ],
+            33,
+            101,
+        )
+    };
+
+    // A terminal of the caller's size; the exit code comes back.
+    let mut t = run("test -t 0 && test -t 1 && test -t 2 && echo TTY-OK; stty size; exit 7");
+    t.expect("TTY-OK");
+    t.expect("33 101");
+    assert_eq!(t.exit_code(), 7);
+
+    // A resize reaches it.
+    let mut t = run("echo ready; read line; stty size");
+    t.expect("ready");
+    set_size(&t.master, 50, 120);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    t.send(b"go\r");
+    t.expect("50 120");
+    assert_eq!(t.exit_code(), 0);
+
+    // An interactive shell, as a user gets one: Ctrl-C interrupts what it
+    // runs, and its exit code comes back.
+    let mut t = OnPty::start(
+        &[
+            "app",
+            "--root",
+            &root_s,
+            "run",
+            "-it",
+            "--rm",
+            "--network",
+            "none",
+            "tty:1",
+            "sh",
+        ],
+        33,
+        101,
+    );
+    t.expect("# ");
+    t.send(b"sleep 60\r");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let interrupted = std::time::Instant::now();
+    t.send(b"\x03");
+    t.send(b"echo after-$((20+22))\r");
+    t.expect("after-42");
+    assert!(
+        interrupted.elapsed().as_secs() < 10,
+        "Ctrl-C did not interrupt sleep:\n{}",
+        t.seen
+    );
+    t.send(b"exit 4\r");
+    assert_eq!(t.exit_code(), 4);
+
+    // exec -it into a running container.
+    let out = host()
+        .args([
+            "app",
+            "--root",
+            &root_s,
+            "run",
+            "-d",
+            "--name",
+            "bg",
+            "--network",
+            "none",
+        ])
+        .args(["tty:1", "sleep", "600"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let mut t = OnPty::start(
+        &[
+            "app",
+            "--root",
+            &root_s,
+            "exec",
+            "-it",
+            "bg",
+            "sh",
+            "-c",
+            "test -t 0 && echo EXEC-TTY; stty size; exit 3",
+        ],
+        40,
+        90,
+    );
+    t.expect("EXEC-TTY");
+    t.expect("40 90");
+    assert_eq!(t.exit_code(), 3);
+    let out = host()
+        .args(["app", "--root", &root_s, "rm", "--force", "bg"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Without a terminal, -t says so.
+    let out = host()
+        .args([
+            "app",
+            "--root",
+            &root_s,
+            "run",
+            "-t",
+            "--rm",
+            "--network",
+            "none",
+            "tty:1",
+            "sh",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("-t needs a terminal"), "{}", text(&out));
+}

@@ -36,6 +36,8 @@ struct ChildPlan {
     exe: CString,
     argv: Vec<CString>,
     envp: Vec<CString>,
+    /// Its stdin is a console (`-t`): make it the controlling terminal.
+    terminal: bool,
 }
 
 /// Credentials and restrictions applied right before exec.
@@ -202,6 +204,7 @@ impl ChildPlan {
                 .flatten()
                 .map(|e| cstring(e))
                 .collect::<Result<_>>()?,
+            terminal: p.terminal().unwrap_or(false),
         })
     }
 }
@@ -323,6 +326,9 @@ fn child_setup(plan: &ChildPlan) -> Result<std::convert::Infallible> {
     if let Some((_, fds)) = &plan.userns {
         nix::sched::setns(fds.user.as_fd(), CloneFlags::CLONE_NEWUSER)
             .context("joining the container's user namespace")?;
+    }
+    if plan.terminal {
+        crate::console::take_controlling_terminal().context("taking the console as terminal")?;
     }
     plan.security.apply()?;
     // Changing credentials cleared the parent-death signal.
@@ -936,6 +942,7 @@ pub fn spawn_in(
         std::process::Stdio,
         std::process::Stdio,
     )>,
+    terminal: bool,
 ) -> Result<std::process::Child> {
     let p = spec.process().as_ref().context("config has no process")?;
     let security = Security::from_spec(spec)?;
@@ -992,6 +999,9 @@ pub fn spawn_in(
             if let Some(fd) = &user_ns {
                 nix::sched::setns(fd.as_fd(), CloneFlags::CLONE_NEWUSER)
                     .map_err(std::io::Error::from)?;
+            }
+            if terminal {
+                crate::console::take_controlling_terminal().map_err(std::io::Error::from)?;
             }
             security
                 .apply()
@@ -1073,6 +1083,7 @@ mod tests {
             limits: &Default::default(),
             cgroups_path: None,
             userns: None,
+            terminal: false,
         })
         .unwrap();
         let out = tempfile::tempdir().unwrap();

@@ -63,6 +63,9 @@ pub struct RunOptions {
     pub stop_timeout: u64,
     /// Rotation of a detached container's log.
     pub log: crate::state::LogConfig,
+    /// `-t`: run in the foreground on a pseudo-terminal of its own, wired
+    /// to this process's terminal.
+    pub tty: bool,
     /// Run with the host's uids and gids (no user namespace): root in the
     /// container is root on the host. Only for images that need it.
     pub userns_host: bool,
@@ -228,6 +231,12 @@ impl Runtime {
         if !nix::unistd::geteuid().is_root() {
             bail!("running containers needs root (namespaces, mounts, netlink): run it as root");
         }
+        if opts.tty && opts.detach {
+            bail!("-t runs a container in the foreground; a detached one's output is its log (host app logs)");
+        }
+        if opts.tty && !nix::unistd::isatty(0).unwrap_or(false) {
+            bail!("-t needs a terminal on stdin (run it from one, or leave -t out)");
+        }
         let name = match &opts.name {
             Some(n) => n.clone(),
             None => format!("c-{}", random_hex(4)?),
@@ -358,6 +367,7 @@ impl Runtime {
             limits: &limits,
             cgroups_path,
             userns: record.userns,
+            terminal: opts.tty,
         })
         .with_context(|| format!("image {}", img.reference()))?;
         if let Some(net) = &network {
@@ -390,6 +400,10 @@ impl Runtime {
 
         tracing::debug!("run: container {name} prepared after {:?}", t0.elapsed());
         if !opts.detach {
+            let output = match opts.tty {
+                true => crate::monitor::Output::Console(crate::console::Console::open()?),
+                false => crate::monitor::Output::Inherited,
+            };
             let code = crate::monitor::supervise_loaded(
                 self,
                 record,
@@ -397,7 +411,7 @@ impl Runtime {
                 ContainerState::default(),
                 early_userns,
                 None,
-                None,
+                output,
             )?;
             std::mem::forget(undo);
             return Ok(RunOutcome::Exited { name, code });
@@ -633,8 +647,9 @@ impl Runtime {
         }
     }
 
-    /// Run a command in a running container; returns its exit code.
-    pub fn exec(&self, name: &str, argv: &[String]) -> Result<i32> {
+    /// Run a command in a running container; returns its exit code. With
+    /// `tty`, on a pseudo-terminal wired to this process's terminal.
+    pub fn exec(&self, name: &str, argv: &[String], tty: bool) -> Result<i32> {
         let r = self.record(name)?;
         let st = self.state(name)?;
         let pid = match (st.observed(), st.pid) {
@@ -656,14 +671,32 @@ impl Runtime {
         argv[0] = spec::find_program(&checkout, &argv[0], &env)?;
         let cgroup = (cgroup::detect(&self.cgroups.root) == cgroup::Layout::Unified)
             .then(|| self.cgroups.path(name));
+        let console = tty.then(crate::console::Console::open).transpose()?;
+        let stdio = match &console {
+            Some(c) => {
+                let slave = || -> Result<std::process::Stdio> {
+                    Ok(c.slave().try_clone_to_owned()?.into())
+                };
+                Some((slave()?, slave()?, slave()?))
+            }
+            None => None,
+        };
+        let mut env = env;
+        if tty && !env.iter().any(|e| e.starts_with("TERM=")) {
+            env.push("TERM=xterm".into());
+        }
         let mut child = crate::container::spawn_in(
             &crate::container::ExecTarget { pid, cgroup },
             &spec,
             &argv,
             &env,
-            None,
+            stdio,
+            tty,
         )?;
-        let status = child.wait()?;
+        let status = match &console {
+            Some(c) => c.attach(&mut child)?,
+            None => child.wait()?,
+        };
         use std::os::unix::process::ExitStatusExt;
         Ok(status
             .code()

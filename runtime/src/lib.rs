@@ -10,6 +10,7 @@
 //! ([`cgroup`]) and a small supervising monitor process ([`monitor`]).
 
 pub mod cgroup;
+pub mod console;
 pub mod container;
 pub mod context;
 pub mod engine;

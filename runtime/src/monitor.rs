@@ -16,6 +16,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::Spec;
 
+use crate::console::Console;
 use crate::container::{self, ExecTarget};
 use crate::context::Runtime;
 use crate::logfile::LogSink;
@@ -54,6 +55,8 @@ struct Monitor<'a> {
     /// A detached container's log (its output arrives on a pipe); None in
     /// the foreground, where the output is the terminal's.
     log: Option<LogSink>,
+    /// A foreground `run -t`: the container's pseudo-terminal.
+    console: Option<Console>,
 }
 
 /// A pidfd of `pid` (Linux ≥ 5.3), readable once it has exited; `None`
@@ -238,10 +241,19 @@ impl Monitor<'_> {
             _ => None,
         };
         // The container inherits stdout and stderr: the log's pipe while it
-        // is made, the log file again for the monitor's own messages.
+        // is made, the log file again for the monitor's own messages. With
+        // a console, stdin, stdout and stderr are its terminal, and ours
+        // come back afterwards.
         if let Some(log) = &self.log {
             for fd in [1, 2] {
                 nix::unistd::dup2(log.writer().as_raw_fd(), fd)?;
+            }
+        }
+        let mut ours = Vec::new();
+        if let Some(console) = &self.console {
+            for fd in [0, 1, 2] {
+                ours.push((fd, nix::unistd::dup(fd)?));
+                nix::unistd::dup2(console.slave().as_raw_fd(), fd)?;
             }
         }
         let launched = container::launch(
@@ -251,6 +263,10 @@ impl Monitor<'_> {
             prepare,
             userns,
         );
+        for (fd, saved) in ours {
+            nix::unistd::dup2(saved, fd)?;
+            let _ = nix::unistd::close(saved);
+        }
         if let Some(log) = &self.log {
             for fd in [1, 2] {
                 nix::unistd::dup2(log.file().as_raw_fd(), fd)?;
@@ -283,33 +299,59 @@ impl Monitor<'_> {
             if let Some(c) = child {
                 fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
             }
+            let log_at = fds.len();
             if let Some(log) = &self.log {
                 fds.push(PollFd::new(log.reader(), PollFlags::POLLIN));
+            }
+            let stdin = std::io::stdin();
+            let (mut typed_at, mut shown_at) = (usize::MAX, usize::MAX);
+            if let Some(console) = &self.console {
+                if console.input_open() {
+                    typed_at = fds.len();
+                    fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+                }
+                if console.output_open() {
+                    shown_at = fds.len();
+                    fds.push(PollFd::new(console.master(), PollFlags::POLLIN));
+                }
             }
             let n = match nix::poll::poll(&mut fds, t) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => return Ok(None),
                 Err(e) => return Err(e).context("poll"),
             };
-            let signalled = fds[0].any().unwrap_or(false);
-            let exited = child.is_some() && fds[1].any().unwrap_or(false);
-            let output = self.log.is_some() && fds.last().and_then(|f| f.any()).unwrap_or(false);
+            let ready = |i: usize| fds.get(i).and_then(|f| f.any()).unwrap_or(false);
+            let signalled = ready(0);
+            let exited = child.is_some() && ready(1);
+            let output = self.log.is_some() && ready(log_at);
+            let (typed, shown) = (ready(typed_at), ready(shown_at));
             drop(fds);
             if output {
                 self.drain_log();
             }
-            if n == 0 || signalled || exited {
-                if !signalled {
-                    return Ok(None);
+            if let Some(console) = &self.console {
+                if typed || shown {
+                    console.pump(typed, shown);
                 }
-                break;
             }
-            // Only output: keep waiting for the rest.
+            if signalled {
+                let sig = self
+                    .sfd
+                    .read_signal()?
+                    .and_then(|si| Signal::try_from(si.ssi_signo as i32).ok());
+                if sig == Some(Signal::SIGWINCH) {
+                    if let Some(console) = &self.console {
+                        console.resize();
+                    }
+                    continue;
+                }
+                return Ok(sig);
+            }
+            if n == 0 || exited {
+                return Ok(None);
+            }
+            // Only output or input: keep waiting for the rest.
         }
-        Ok(self
-            .sfd
-            .read_signal()?
-            .and_then(|si| Signal::try_from(si.ssi_signo as i32).ok()))
     }
 
     /// Copy the container's pending output into its log. A log that cannot
@@ -402,6 +444,7 @@ impl Monitor<'_> {
                             .as_deref()
                             .unwrap_or(&[]),
                         Some((null(), null(), null())),
+                        false,
                     ) {
                         Ok(child) => {
                             check_pid = Some((Pid::from_raw(child.id() as i32), now + interval))
@@ -449,10 +492,22 @@ fn monitor_signals() -> SigSet {
         Signal::SIGINT,
         Signal::SIGHUP,
         Signal::SIGQUIT,
+        // A console's window changed size (see wait_signal).
+        Signal::SIGWINCH,
     ] {
         s.add(sig);
     }
     s
+}
+
+/// Where a supervised container's stdin, stdout and stderr go.
+pub(crate) enum Output {
+    /// This process's own (a foreground `run`).
+    Inherited,
+    /// A detached container's rotated log.
+    Log(LogSink),
+    /// A pseudo-terminal wired to this process's terminal (`run -t`).
+    Console(Console),
 }
 
 /// Be the background monitor of container `name` until it has exited for
@@ -473,7 +528,7 @@ pub fn supervise(rt: &Runtime, name: &str) -> Result<i32> {
         .with_context(|| format!("opening the log of {name}"))?;
     let spec: Spec = read_json(&dir.join("config.json"))?;
     let state: ContainerState = read_json(&dir.join("state.json")).unwrap_or_default();
-    supervise_loaded(rt, record, spec, state, None, ready, Some(log))
+    supervise_loaded(rt, record, spec, state, None, ready, Output::Log(log))
 }
 
 /// Supervise a container in this process, its records already in hand:
@@ -488,8 +543,13 @@ pub(crate) fn supervise_loaded(
     mut state: ContainerState,
     early_userns: Option<container::PendingUserns>,
     ready: Option<std::fs::File>,
-    log: Option<LogSink>,
+    output: Output,
 ) -> Result<i32> {
+    let (log, console) = match output {
+        Output::Inherited => (None, None),
+        Output::Log(l) => (Some(l), None),
+        Output::Console(c) => (None, Some(c)),
+    };
     let name = record.name.clone();
     let name = name.as_str();
     let me = std::process::id() as i32;
@@ -518,10 +578,14 @@ pub(crate) fn supervise_loaded(
         ready,
         registered: false,
         log,
+        console,
     };
     let res = supervise_inner(&mut m);
     // What the container wrote last.
     m.drain_log();
+    if let Some(console) = &m.console {
+        console.drain();
+    }
     if m.cgroup.is_some() {
         if let Err(e) = rt.cgroups.remove(name) {
             eprintln!("monitor: {e:#}");

@@ -752,6 +752,7 @@ pub(crate) mod tests {
             limits: &Default::default(),
             cgroups_path: None,
             userns,
+            terminal: false,
         })
         .unwrap()
     }

@@ -135,6 +135,8 @@ pub struct SpecInput<'a> {
     /// The container's own host id range (a user namespace); `None` runs it
     /// with the host's ids (`--userns=host`).
     pub userns: Option<IdRange>,
+    /// Its stdin, stdout and stderr are a console (`-t`).
+    pub terminal: bool,
 }
 
 /// The argv to run: Entrypoint + (command or Cmd), per the OCI image spec.
@@ -311,7 +313,11 @@ pub fn userns_range(spec: &Spec) -> Option<IdRange> {
 
 /// The OCI runtime config of a container.
 pub fn build(input: &SpecInput) -> Result<Spec> {
-    let env = merged_env(&input.image.env, input.env)?;
+    let mut env = merged_env(&input.image.env, input.env)?;
+    if input.terminal && !env.iter().any(|e| e.starts_with("TERM=")) {
+        // What podman and docker give a container with a terminal.
+        env.push("TERM=xterm".into());
+    }
     let mut args = argv(input.image, input.command);
     if args.is_empty() {
         bail!("the image has no Entrypoint or Cmd: give a command after the image name");
@@ -320,7 +326,7 @@ pub fn build(input: &SpecInput) -> Result<Spec> {
     let (uid, gid, extra) = resolve_user(input.image_root, input.image.user.as_deref())?;
     let caps: HashSet<Capability> = DEFAULT_CAPABILITIES.iter().copied().collect();
     let process = ProcessBuilder::default()
-        .terminal(false)
+        .terminal(input.terminal)
         .args(args)
         .env(env)
         .cwd(
@@ -529,6 +535,7 @@ mod tests {
             limits: &limits,
             cgroups_path: Some("/cairn.slice/web1".into()),
             userns: None,
+            terminal: false,
         })
         .unwrap();
         let p = spec.process().as_ref().unwrap();
@@ -598,6 +605,7 @@ mod tests {
             limits: &Limits::default(),
             cgroups_path: None,
             userns: None,
+            terminal: false,
         });
         assert!(r.unwrap_err().to_string().contains("no Entrypoint or Cmd"));
         assert!(Volume::parse("/tmp").is_err());

@@ -1161,20 +1161,20 @@ fn health_exec_stop_and_restart() {
     health(Health::Unhealthy);
     assert_eq!(
         env.rt
-            .exec("hc", &["touch".into(), "/tmp/ok".into()])
+            .exec("hc", &["touch".into(), "/tmp/ok".into()], false)
             .unwrap(),
         0
     );
     health(Health::Healthy);
     assert_eq!(
         env.rt
-            .exec("hc", &["sh".into(), "-c".into(), "exit 3".into()])
+            .exec("hc", &["sh".into(), "-c".into(), "exit 3".into()], false)
             .unwrap(),
         3
     );
     assert!(env
         .rt
-        .exec("hc", &["nosuch".into()])
+        .exec("hc", &["nosuch".into()], false)
         .unwrap_err()
         .to_string()
         .contains("not found"));
@@ -1357,7 +1357,7 @@ fn cleanup_after_rm_and_after_a_crashed_monitor() {
     );
     let err = env
         .rt
-        .exec("crash", &["true".into()])
+        .exec("crash", &["true".into()], false)
         .unwrap_err()
         .to_string();
     assert!(err.contains("not running"), "{err}");
@@ -1464,7 +1464,7 @@ fn auto_remove_records_live_on_tmpfs() {
         (ps[0].name.as_str(), ps[0].status),
         ("brief", Status::Running)
     );
-    assert_eq!(env.rt.exec("brief", &["true".into()]).unwrap(), 0);
+    assert_eq!(env.rt.exec("brief", &["true".into()], false).unwrap(), 0);
     // The name is taken while it runs.
     let err = format!("{:#}", env.rt.run(&opts).unwrap_err());
     assert!(err.contains("already exists"), "{err}");
@@ -1537,7 +1537,11 @@ fn prune_keeps_what_tags_and_containers_use() {
     assert!(co.join(&v1.commit).is_dir());
     assert_eq!(
         env.rt
-            .exec("old", &["cat", "/etc/image-version"].map(String::from))
+            .exec(
+                "old",
+                &["cat", "/etc/image-version"].map(String::from),
+                false
+            )
             .unwrap(),
         0
     );
@@ -1706,7 +1710,7 @@ fn user_namespace_maps_root_and_keeps_image_owners() {
     );
     assert!(u2.abs_diff(u3) >= range, "ranges overlap: {u2} and {u3}");
     // exec and health checks enter the same namespace.
-    assert_eq!(env.rt.exec("u2", &["true".into()]).unwrap(), 0);
+    assert_eq!(env.rt.exec("u2", &["true".into()], false).unwrap(), 0);
     // rm frees the range; the next container may take it again.
     let claims = env.rt.paths.userns_claims();
     let taken = || {
@@ -1827,7 +1831,7 @@ fn exec_cannot_rewrite_the_host_binary() {
     };
     env.rt.run(&o).unwrap();
     env.wait_status("target", &[Status::Running], Duration::from_secs(10));
-    let code = env.rt.exec("target", &["/evil".into()]).unwrap();
+    let code = env.rt.exec("target", &["/evil".into()], false).unwrap();
     assert_eq!(
         code, ATTACK_DENIED,
         "exec'ing the host binary inside the container must not let it write that binary (exit {code})"
