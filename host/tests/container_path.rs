@@ -491,26 +491,14 @@ fn run_and_exec_with_a_terminal() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    let run = |script: &str| {
-        OnPty::start(
-            &[
-                "app",
-                "--root",
-                &root_s,
-                "run",
-                "-it",
-                "--rm",
-                "--network",
-                "none",
-                "tty:1",
-                "sh",
-                "-c",
-                script,
-            ],
-            33,
-            101,
-        )
+    // `host app run -it` of the image, on a terminal of ROWS x COLS.
+    let run_it = |command: &[&str], rows: u16, cols: u16| {
+        let mut args = vec!["app", "--root", &root_s, "run", "-it", "--rm"];
+        args.extend(["--network", "none", "tty:1"]);
+        args.extend_from_slice(command);
+        OnPty::start(&args, rows, cols)
     };
+    let run = |script: &str| run_it(&["sh", "-c", script], 33, 101);
 
     // A terminal of the caller's size; the exit code comes back.
     let mut t = run("test -t 0 && test -t 1 && test -t 2 && echo TTY-OK; stty size; exit 7");
@@ -529,22 +517,7 @@ fn run_and_exec_with_a_terminal() {
 
     // An interactive shell, as a user gets one: Ctrl-C interrupts what it
     // runs, and its exit code comes back.
-    let mut t = OnPty::start(
-        &[
-            "app",
-            "--root",
-            &root_s,
-            "run",
-            "-it",
-            "--rm",
-            "--network",
-            "none",
-            "tty:1",
-            "sh",
-        ],
-        33,
-        101,
-    );
+    let mut t = run_it(&["sh"], 33, 101);
     t.expect("# ");
     t.send(b"sleep 60\r");
     std::thread::sleep(std::time::Duration::from_millis(1500));

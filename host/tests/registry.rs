@@ -117,6 +117,15 @@ impl Node {
     }
 }
 
+/// A busybox layout named `name` pushed to `registry` as `repo_tag`;
+/// returns the digest the registry stores.
+fn pushed(registry: &Registry, dir: &Path, name: &str, repo_tag: &str) -> String {
+    let (layout, _) = busybox(dir, name);
+    registry
+        .push(&format!("oci:{}", layout.display()), repo_tag, false)
+        .unwrap()
+}
+
 fn busybox(dir: &Path, name: &str) -> (PathBuf, String) {
     let layout = dir.join(name);
     let digest = busybox_layout(
@@ -135,10 +144,7 @@ fn busybox(dir: &Path, name: &str) -> (PathBuf, String) {
 fn pull_by_tag_and_by_digest_and_registries_conf_marks_the_registry_insecure() {
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
-    let (layout, _) = busybox(work.path(), "web");
-    let digest = registry
-        .push(&format!("oci:{}", layout.display()), "team/web:1.0", false)
-        .unwrap();
+    let digest = pushed(&registry, work.path(), "web", "team/web:1.0");
     let node = Node::new();
     let reference = format!("{}/team/web:1.0", registry.host());
 
@@ -291,10 +297,7 @@ fn basic_auth_takes_credentials_from_an_authfile() {
     })
     .unwrap();
     let work = tempfile::tempdir().unwrap();
-    let (layout, _) = busybox(work.path(), "private");
-    let digest = registry
-        .push(&format!("oci:{}", layout.display()), "private:1", false)
-        .unwrap();
+    let digest = pushed(&registry, work.path(), "private", "private:1");
     let node = Node::new();
     let reference = format!("{}/private:1", registry.host());
     let insecure = "--tls-verify=false";
@@ -342,10 +345,7 @@ fn tls_is_verified_against_the_system_cas_unless_told_otherwise() {
     })
     .unwrap();
     let work = tempfile::tempdir().unwrap();
-    let (layout, _) = busybox(work.path(), "tls");
-    let digest = registry
-        .push(&format!("oci:{}", layout.display()), "tls:1", false)
-        .unwrap();
+    let digest = pushed(&registry, work.path(), "tls", "tls:1");
     let node = Node::new();
     let reference = format!("{}/tls:1", registry.host());
 
@@ -366,10 +366,7 @@ fn a_corrupted_blob_is_refused_and_nothing_is_stored() {
     let name = "corrupt";
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
-    let (layout, _) = busybox(work.path(), "corrupt");
-    let digest = registry
-        .push(&format!("oci:{}", layout.display()), "corrupt:1", false)
-        .unwrap();
+    let digest = pushed(&registry, work.path(), "corrupt", "corrupt:1");
     let manifest = registry.manifest(&format!("{name}@{digest}")).unwrap();
     let layer = manifest["layers"][0]["digest"].as_str().unwrap();
     let data = registry.blob_data(layer.trim_start_matches("sha256:"));
@@ -505,10 +502,7 @@ fn a_connection_dropped_in_the_middle_of_a_blob_resumes() {
     let name = "dropped";
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
-    let (layout, _) = busybox(work.path(), "dropped");
-    let digest = registry
-        .push(&format!("oci:{}", layout.display()), "dropped:1", false)
-        .unwrap();
+    let digest = pushed(&registry, work.path(), "dropped", "dropped:1");
     let manifest = registry.manifest(&format!("{name}@{digest}")).unwrap();
     let layer = manifest["layers"][0]["digest"]
         .as_str()
