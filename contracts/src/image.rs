@@ -139,7 +139,8 @@ pub fn baked_image_name(app: &str) -> String {
     format!("{BAKED_IMAGE_PREFIX}{app}")
 }
 
-/// Reads a record file without following a symlink, bounded.
+/// Reads a record file (a checkout's or a baked app's) without following a
+/// symlink, bounded.
 fn read_record(path: &Path) -> Option<ImageInfo> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
@@ -265,13 +266,7 @@ pub fn resolve_checked_out(
         return None;
     }
     let tree = checkouts.join(commit);
-    let mut record = Vec::new();
-    std::fs::File::open(checkout_record(checkouts, commit))
-        .ok()?
-        .take(MAX_RECORD_SIZE)
-        .read_to_end(&mut record)
-        .ok()?;
-    let info: ImageInfo = serde_json::from_slice(&record).ok()?;
+    let info = read_record(&checkout_record(checkouts, commit))?;
     if info.commit != commit || info.name != name.name || info.tag != name.tag || !tree.is_dir() {
         return None;
     }

@@ -1,7 +1,8 @@
 //! One grammar for every size a flag or config key takes (`--memory`,
 //! `--log-max-size`, the import limits): a number of bytes, or with a
-//! binary unit `k`, `m`, `g`, `t` (either case, an optional `b` after it),
-//! decimals allowed with a unit (`1.5G`).
+//! binary unit `k`, `m`, `g`, `t` (either case, an optional `b` or `ib`
+//! after it, spaces before it), decimals allowed with a unit (`1.5G`).
+//! Disk images (`host compose image --size`) take it too.
 
 use anyhow::{anyhow, bail, Result};
 
@@ -24,6 +25,7 @@ pub fn parse(text: &str) -> Result<u64> {
         ),
         _ => (body, 0),
     };
+    let num = num.trim_end();
     let bad = || anyhow!("size {text:?} is not a size like 4096, 256M or 1.5G");
     if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return Err(bad());
@@ -58,6 +60,9 @@ mod tests {
             ("16G", 16 << 30),
             ("1T", 1 << 40),
             ("10mb", 10 << 20),
+            ("8GiB", 8 << 30),
+            ("8 G", 8 << 30),
+            ("4096", 4096),
             ("0", 0),
         ] {
             assert_eq!(parse(text).unwrap(), bytes, "{text}");

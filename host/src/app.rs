@@ -12,7 +12,7 @@ use cairn_oci::registry::{ClientOptions, Platform, PullOptions, Reference};
 use cairn_oci::store::Store;
 use clap::{Args, Subcommand};
 
-use crate::containers::{self, AppGlobals, ContainerSub};
+use crate::containers::{self, parse_size, AppGlobals, ContainerSub};
 
 /// Immutable application containers: import OCI images, run, supervise.
 #[derive(Debug, Args)]
@@ -294,11 +294,6 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A size flag (cairn_contracts::size's grammar).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    cairn_contracts::size::parse(s).map_err(|e| format!("{e:#}"))
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ pub struct ImageArgs {
     pub format: String,
 
     /// Virtual disk size (K, M, G, T suffixes; binary units).
-    #[arg(long, default_value = "8G", value_parser = image::parse_size)]
+    #[arg(long, default_value = "8G", value_parser = crate::containers::parse_size)]
     pub size: u64,
 
     /// Where the node pulls updates from (remote `cairn`); default: file:// of --repo.

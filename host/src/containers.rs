@@ -201,7 +201,7 @@ pub struct RunArgs {
     stop_timeout: u64,
     /// A detached container's log is rotated once it reaches this size
     /// (0: never).
-    #[arg(long, value_name = "SIZE", default_value = "10M", value_parser = parse_log_size)]
+    #[arg(long, value_name = "SIZE", default_value = "10M", value_parser = parse_size)]
     log_max_size: u64,
     /// Log files kept, the current one included.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -426,14 +426,15 @@ fn parse_service(s: &str) -> Result<ServicePort, String> {
     s.parse().map_err(|e: anyhow::Error| format!("{e:#}"))
 }
 
-/// `--log-max-size`: a size.
-fn parse_log_size(s: &str) -> Result<u64, String> {
+/// A size flag (`--log-max-size`, `--memory`, the import limits, a disk
+/// image's `--size`): cairn_contracts::size's grammar.
+pub fn parse_size(s: &str) -> Result<u64, String> {
     cairn_contracts::size::parse(s).map_err(|e| format!("{e:#}"))
 }
 
 /// `--memory`: a size (`256M`, `1.5G`, `1048576`) of at least 1M.
 fn parse_memory(s: &str) -> Result<u64, String> {
-    let bytes = cairn_contracts::size::parse(s).map_err(|e| format!("memory limit: {e:#}"))?;
+    let bytes = parse_size(s).map_err(|e| format!("memory limit: {e}"))?;
     if bytes < cgroup::MIN_MEMORY {
         return Err(format!(
             "memory limit {s:?} is below 1M: the container could not start"

@@ -1183,16 +1183,19 @@ fn apps_baked_from_a_registry_are_pinned_in_the_lock() {
             &["show", &format!("--print-metadata-key={key}"), commit],
         )
     };
+    // The app's page as baked into a commit of a repository.
+    let page = |repo: &str, commit: &str| {
+        env.ostree(
+            repo,
+            &[
+                "cat",
+                commit,
+                "/usr/lib/cairn/apps/web/rootfs/www/index.html",
+            ],
+        )
+    };
     assert_eq!(show("cairn.apps", &first).trim(), format!("['web@{v1}']"));
-    let page = env.ostree(
-        "repo",
-        &[
-            "cat",
-            &first,
-            "/usr/lib/cairn/apps/web/rootfs/www/index.html",
-        ],
-    );
-    assert_eq!(page, "one\n");
+    assert_eq!(page("repo", &first), "one\n");
     let out = env.host(&[
         "compose",
         "lock",
@@ -1226,15 +1229,7 @@ fn apps_baked_from_a_registry_are_pinned_in_the_lock() {
     assert!(out.status.success());
     let locked = field(&out, "commit").to_string();
     assert_eq!(show("cairn.apps", &locked).trim(), format!("['web@{v1}']"));
-    let page = env.ostree(
-        "other",
-        &[
-            "cat",
-            &locked,
-            "/usr/lib/cairn/apps/web/rootfs/www/index.html",
-        ],
-    );
-    assert_eq!(page, "one\n");
+    assert_eq!(page("other", &locked), "one\n");
 
     // A digest in the manifest pins as the lock does: the tag is only a
     // name for the reader, the pinned image is what is baked.

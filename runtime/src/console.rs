@@ -10,6 +10,7 @@ use std::cell::Cell;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
+use nix::poll::{PollFd, PollFlags};
 use nix::sys::termios::{self, SetArg, Termios};
 
 nix::ioctl_read_bad!(get_winsize, libc::TIOCGWINSZ, libc::winsize);
@@ -66,27 +67,27 @@ impl Console {
                 return Ok(status);
             }
             let mut fds = Vec::new();
-            let (mut typed_at, mut shown_at) = (usize::MAX, usize::MAX);
-            if self.input_open() {
-                typed_at = fds.len();
-                fds.push(nix::poll::PollFd::new(
-                    stdin.as_fd(),
-                    nix::poll::PollFlags::POLLIN,
-                ));
-            }
-            if self.output_open() {
-                shown_at = fds.len();
-                fds.push(nix::poll::PollFd::new(
-                    self.master(),
-                    nix::poll::PollFlags::POLLIN,
-                ));
-            }
+            let slots = self.poll_fds(stdin.as_fd(), &mut fds);
             // The child's end is looked at every 100 ms.
             let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u8));
-            let ready = |i: usize| fds.get(i).and_then(|f| f.any()).unwrap_or(false);
-            let (typed, shown) = (ready(typed_at), ready(shown_at));
+            let (typed, shown) = slots.ready(&fds);
             drop(fds);
             self.pump(typed, shown);
+        }
+    }
+
+    /// Add the directions still open, the caller's `stdin` and the master,
+    /// to a poll set.
+    pub fn poll_fds<'a>(&'a self, stdin: BorrowedFd<'a>, fds: &mut Vec<PollFd<'a>>) -> PollSlots {
+        let mut slot = |open: bool, fd: BorrowedFd<'a>| {
+            open.then(|| {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                fds.len() - 1
+            })
+        };
+        PollSlots {
+            typed: slot(self.input_open(), stdin),
+            shown: slot(self.output_open(), self.master()),
         }
     }
 
@@ -172,6 +173,25 @@ fn write_all(fd: BorrowedFd, mut data: &[u8]) -> nix::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where [`Console::poll_fds`] put the console's descriptors.
+pub struct PollSlots {
+    typed: Option<usize>,
+    shown: Option<usize>,
+}
+
+impl PollSlots {
+    /// Whether the caller typed something and the container showed
+    /// something, as `poll` found them.
+    pub fn ready(&self, fds: &[PollFd]) -> (bool, bool) {
+        let ready = |slot: Option<usize>| {
+            slot.and_then(|i| fds.get(i))
+                .and_then(|f| f.any())
+                .unwrap_or(false)
+        };
+        (ready(self.typed), ready(self.shown))
+    }
 }
 
 impl Drop for Console {

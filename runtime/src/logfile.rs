@@ -168,15 +168,21 @@ mod tests {
         v
     }
 
+    /// A sink for `dir` and the write end a container would hold.
+    fn open_sink(dir: &Path, max_size: u64, max_files: u32) -> (LogSink, std::fs::File) {
+        let config = LogConfig {
+            max_size,
+            max_files,
+        };
+        let sink = LogSink::open(dir, config, false).unwrap();
+        let pipe = std::fs::File::from(sink.writer().try_clone_to_owned().unwrap());
+        (sink, pipe)
+    }
+
     #[test]
     fn rotates_by_size_and_keeps_max_files() {
         let dir = tempfile::tempdir().unwrap();
-        let config = LogConfig {
-            max_size: 100,
-            max_files: 3,
-        };
-        let mut sink = LogSink::open(dir.path(), config, false).unwrap();
-        let mut pipe = std::fs::File::from(sink.writer().try_clone_to_owned().unwrap());
+        let (mut sink, mut pipe) = open_sink(dir.path(), 100, 3);
         pipe.write_all(&[b'a'; 100]).unwrap();
         sink.drain().unwrap();
         assert_eq!(files(dir.path()), [("container.log".into(), 100)]);
@@ -200,12 +206,7 @@ mod tests {
 
         // One file kept: it starts over.
         let one = tempfile::tempdir().unwrap();
-        let config = LogConfig {
-            max_size: 10,
-            max_files: 1,
-        };
-        let mut sink = LogSink::open(one.path(), config, false).unwrap();
-        let mut pipe = std::fs::File::from(sink.writer().try_clone_to_owned().unwrap());
+        let (mut sink, mut pipe) = open_sink(one.path(), 10, 1);
         pipe.write_all(b"0123456789abc").unwrap();
         sink.drain().unwrap();
         assert_eq!(files(one.path()), [("container.log".into(), 3)]);
@@ -213,12 +214,7 @@ mod tests {
 
         // No limit.
         let free = tempfile::tempdir().unwrap();
-        let config = LogConfig {
-            max_size: 0,
-            max_files: 3,
-        };
-        let mut sink = LogSink::open(free.path(), config, false).unwrap();
-        let mut pipe = std::fs::File::from(sink.writer().try_clone_to_owned().unwrap());
+        let (mut sink, mut pipe) = open_sink(free.path(), 0, 3);
         pipe.write_all(&[b'x'; 5000]).unwrap();
         sink.drain().unwrap();
         assert_eq!(files(free.path()), [("container.log".into(), 5000)]);

@@ -304,17 +304,10 @@ impl Monitor<'_> {
                 fds.push(PollFd::new(log.reader(), PollFlags::POLLIN));
             }
             let stdin = std::io::stdin();
-            let (mut typed_at, mut shown_at) = (usize::MAX, usize::MAX);
-            if let Some(console) = &self.console {
-                if console.input_open() {
-                    typed_at = fds.len();
-                    fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
-                }
-                if console.output_open() {
-                    shown_at = fds.len();
-                    fds.push(PollFd::new(console.master(), PollFlags::POLLIN));
-                }
-            }
+            let console_slots = self
+                .console
+                .as_ref()
+                .map(|c| c.poll_fds(stdin.as_fd(), &mut fds));
             let n = match nix::poll::poll(&mut fds, t) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => return Ok(None),
@@ -324,7 +317,9 @@ impl Monitor<'_> {
             let signalled = ready(0);
             let exited = child.is_some() && ready(1);
             let output = self.log.is_some() && ready(log_at);
-            let (typed, shown) = (ready(typed_at), ready(shown_at));
+            let (typed, shown) = console_slots
+                .map(|slots| slots.ready(&fds))
+                .unwrap_or_default();
             drop(fds);
             if output {
                 self.drain_log();

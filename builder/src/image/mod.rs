@@ -110,30 +110,6 @@ pub struct ImageReport {
     pub elapsed: Duration,
 }
 
-/// Parse a size like `8G`, `512M`, `8GiB` or a plain byte count (binary units).
-pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
-    let t = text.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits_end);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("size {text:?}: expected a number with an optional K/M/G/T suffix"))?;
-    let shift = match unit.trim().trim_end_matches("iB").trim_end_matches('B') {
-        "" => 0,
-        "K" | "k" => 10,
-        "M" | "m" => 20,
-        "G" | "g" => 30,
-        "T" | "t" => 40,
-        other => {
-            return Err(format!(
-                "size {text:?}: unknown unit {other:?} (use K, M, G or T)"
-            ))
-        }
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {text:?} is too large"))
-}
-
 /// Smallest disk that holds /boot, the GPT and a root file system worth having.
 const MIN_SIZE: u64 = (BOOT_MIB + disk::BIOS_BOOT_MIB + 1024) << 20;
 
@@ -357,20 +333,6 @@ fn fill(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("8G"), Ok(8 << 30));
-        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("1T"), Ok(1 << 40));
-        assert!(parse_size("8X").unwrap_err().contains("unknown unit"));
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("99999999999T")
-            .unwrap_err()
-            .contains("too large"));
-    }
 
     #[test]
     fn formats() {
