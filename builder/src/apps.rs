@@ -141,7 +141,7 @@ pub fn bake(
             &rootfs,
         )
         .with_context(ctx)?;
-        let stripped = strip_privileges(&rootfs).with_context(ctx)?;
+        let stripped = cairn_oci::image::strip_privileges(&rootfs).with_context(ctx)?;
         if stripped > 0 {
             tracing::info!(
                 "apps: {}: {stripped} setuid, setgid or file-capability bits cleared",
@@ -205,38 +205,6 @@ pub fn bake(
     Ok(baked)
 }
 
-/// Clear setuid and setgid bits and file capabilities in an unpacked app.
-/// Inside a container they grant nothing (it runs with no_new_privs), but
-/// a baked app's files are objects of the host's repository too, where a
-/// local user could find and execute them: an image's setuid-root binary
-/// must not become one of the host's. Returns how many files changed.
-fn strip_privileges(rootfs: &Path) -> Result<usize> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::PermissionsExt;
-    let mut changed = 0;
-    for entry in walkdir::WalkDir::new(rootfs).follow_links(false) {
-        let entry = entry.with_context(|| format!("walking {}", rootfs.display()))?;
-        if !entry.file_type().is_file() {
-            continue;
-        }
-        let path = entry.path();
-        let mode = entry.metadata()?.permissions().mode();
-        let path_c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-        // SAFETY: a NUL-terminated path and a static name; lremovexattr
-        // never follows a symlink (and this is a regular file).
-        let had_caps =
-            unsafe { libc::lremovexattr(path_c.as_ptr(), c"security.capability".as_ptr()) == 0 };
-        if mode & 0o6000 != 0 {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o1777))
-                .with_context(|| format!("clearing setuid/setgid of {}", path.display()))?;
-        }
-        if had_caps || mode & 0o6000 != 0 {
-            changed += 1;
-        }
-    }
-    Ok(changed)
-}
-
 /// The unit that runs baked app `app` from the booted tree, pinned to the
 /// manifest digest it was baked with.
 pub fn unit_text(app: &App, manifest_digest: &str) -> String {
@@ -271,39 +239,6 @@ pub fn unit_text(app: &App, manifest_digest: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn baked_files_lose_setuid_setgid_and_capabilities() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let mode = |p: &str| {
-            std::fs::metadata(dir.path().join(p))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o7777
-        };
-        std::fs::create_dir(dir.path().join("bin")).unwrap();
-        std::fs::create_dir(dir.path().join("shared")).unwrap();
-        for (p, m) in [("bin/su", 0o4755), ("bin/wall", 0o2755), ("bin/ls", 0o755)] {
-            std::fs::write(dir.path().join(p), "x").unwrap();
-            std::fs::set_permissions(dir.path().join(p), std::fs::Permissions::from_mode(m))
-                .unwrap();
-        }
-        std::fs::set_permissions(
-            dir.path().join("shared"),
-            std::fs::Permissions::from_mode(0o3777),
-        )
-        .unwrap();
-        std::os::unix::fs::symlink("/usr/bin/passwd", dir.path().join("bin/passwd")).unwrap();
-        assert_eq!(strip_privileges(dir.path()).unwrap(), 2);
-        assert_eq!(
-            (mode("bin/su"), mode("bin/wall"), mode("bin/ls")),
-            (0o755, 0o755, 0o755)
-        );
-        assert_eq!(mode("shared"), 0o3777, "directories keep theirs");
-        assert_eq!(strip_privileges(dir.path()).unwrap(), 0);
-    }
 
     #[test]
     fn units_quote_for_systemd_and_pin_the_digest() {

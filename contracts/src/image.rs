@@ -4,10 +4,15 @@
 //! container runtime, which reads a checked-out image without libostree:
 //!
 //! ```text
-//! <root>/repo                          OSTree repository, refs cairn/app/NAME/TAG
+//! <repo>                               OSTree repository, refs cairn/app/NAME/TAG (see [`repo_dir`])
 //! <root>/checkouts/<commit>/           read-only tree of an image commit
 //! <root>/checkouts/<commit>.json       its record ([`ImageInfo`])
 //! ```
+//!
+//! On a booted node the default state root's repository is the host's own
+//! (`/ostree/repo`): a pulled image's files are objects next to the host's
+//! and the baked apps', each stored once. Any other state root (tests,
+//! `--root`) keeps a private `<root>/repo`.
 //!
 //! Apps baked into a host tree are not in the store: their files are part
 //! of the host commit (one OSTree store for host and apps, so an app
@@ -201,8 +206,35 @@ pub fn baked_images(apps_dir: &Path) -> Vec<ImageInfo> {
     out
 }
 
-/// The image repository of a state root.
+/// The default state root of a node's container runtime and image store.
+pub const DEFAULT_ROOT: &str = "/var/lib/cairn";
+
+/// The booted host's OSTree repository.
+pub const HOST_REPO: &str = "/ostree/repo";
+
+/// Present on a system booted from an OSTree deployment (written by
+/// ostree-prepare-root).
+pub const OSTREE_BOOTED: &str = "/run/ostree-booted";
+
+/// Whether `root`'s images live in the host's repository: the node's
+/// default state root on a booted OSTree system.
+pub fn uses_host_repo(root: &Path) -> bool {
+    root == Path::new(DEFAULT_ROOT) && Path::new(OSTREE_BOOTED).exists()
+}
+
+/// The image repository of a state root: the host's ([`uses_host_repo`])
+/// or the root's own.
 pub fn repo_dir(root: &Path) -> PathBuf {
+    if uses_host_repo(root) {
+        HOST_REPO.into()
+    } else {
+        own_repo_dir(root)
+    }
+}
+
+/// A state root's private repository: where every image lived before nodes
+/// kept them in the host's (moved from there on first use).
+pub fn own_repo_dir(root: &Path) -> PathBuf {
     root.join("repo")
 }
 

@@ -260,19 +260,32 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
         AppSub::Rmi { image } => {
             let info = store.rmi(&image, &rt.images_in_use()?)?;
             writeln!(out, "removed {} {}", info.reference(), info.manifest_digest)?;
+            if store.uses_host_repo() {
+                let freed = host_repo_cleanup()?;
+                writeln!(out, "the host repository's cleanup freed {freed} bytes")?;
+            }
         }
         AppSub::Prune => {
             let p = store.prune(&rt.images_in_use()?)?;
             for c in &p.checkouts {
                 writeln!(out, "removed checkout {c}")?;
             }
-            writeln!(
-                out,
-                "pruned {} checkouts, {} objects, {} bytes",
-                p.checkouts.len(),
-                p.objects,
-                p.bytes
-            )?;
+            if p.objects_left_to_host {
+                let freed = host_repo_cleanup()?;
+                writeln!(
+                    out,
+                    "pruned {} checkouts; the host repository's cleanup freed {freed} bytes",
+                    p.checkouts.len()
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "pruned {} checkouts, {} objects, {} bytes",
+                    p.checkouts.len(),
+                    p.objects,
+                    p.bytes
+                )?;
+            }
         }
         AppSub::Verify { image } => {
             let (info, n) = store.verify(&image)?;
@@ -294,6 +307,21 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// On a node, images are objects of the host's repository: only the host's
+/// cleanup (`host cleanup` without options), which also knows the
+/// deployments, deletes what no ref reaches. Returns the bytes it freed.
+fn host_repo_cleanup() -> Result<u64> {
+    let report = cairn_updater::cleanup(
+        &cairn_updater::SysrootTarget::from_option(None),
+        &cairn_updater::CleanupOptions {
+            pending: false,
+            rollback: false,
+        },
+        &mut crate::node::show_step(true),
+    )?;
+    Ok(report.freed_bytes)
 }
 
 #[cfg(test)]

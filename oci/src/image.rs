@@ -121,6 +121,20 @@ pub fn open_repo(path: &Path) -> Result<ostree::Repo> {
     Ok(repo)
 }
 
+/// Open the booted host's repository to keep images in (it must exist; its
+/// modes are libostree's and stay as they are).
+pub fn open_host_repo(path: &Path) -> Result<ostree::Repo> {
+    if !path.join("config").is_file() {
+        bail!(
+            "{} is not an OSTree repository: is this a booted cairn node?",
+            path.display()
+        );
+    }
+    let p = path.to_str().context("repository path is not UTF-8")?;
+    ostree::Repo::open_at(libc::AT_FDCWD, p, gio::Cancellable::NONE)
+        .with_context(|| format!("opening the host repository {}", path.display()))
+}
+
 fn repo_path(repo: &ostree::Repo) -> Result<PathBuf> {
     repo.path().path().context("repository has no local path")
 }
@@ -170,8 +184,9 @@ const STAGING_PREFIX: &str = "cairn-import-";
 /// error return and when unwinding); those of killed imports and pulls are
 /// removed first.
 pub(crate) fn staging_dir(repo: &ostree::Repo) -> Result<tempfile::TempDir> {
+    // The directory itself is 0700 (tempfile's): the repository's tmp may
+    // be the host's, whose mode is libostree's to keep.
     let staging_parent = repo_path(repo)?.join("tmp");
-    private_dir(&staging_parent)?;
     remove_stale_staging(&staging_parent);
     tempfile::Builder::new()
         .prefix(&format!("{STAGING_PREFIX}{}-", std::process::id()))
@@ -206,9 +221,24 @@ fn remove_stale_staging(dir: &Path) {
 
 /// [`import`] with a tag and limits (see [`ImportOptions`]).
 pub fn import_with(repo: &ostree::Repo, path: &Path, opts: &ImportOptions) -> Result<ImageInfo> {
+    import_into(repo, path, opts, false)
+}
+
+/// [`import_with`], clearing setuid/setgid bits and file capabilities
+/// first when `strip` (a repository others can read, see
+/// [`strip_privileges`]).
+pub(crate) fn import_into(
+    repo: &ostree::Repo,
+    path: &Path,
+    opts: &ImportOptions,
+    strip: bool,
+) -> Result<ImageInfo> {
     let staging = staging_dir(repo)?;
     let rootfs = staging.path().join("rootfs");
     let image = unpack(path, opts, &rootfs)?;
+    if strip {
+        strip_privileges(&rootfs)?;
+    }
     let image_name = match opts.name.as_deref() {
         Some(n) => ImageName::parse(n)?,
         None => image.name.ok_or_else(|| {
@@ -823,16 +853,97 @@ pub fn resolve(repo: &ostree::Repo, reference: &str) -> Result<ImageInfo> {
     load(repo, &r, &commit)
 }
 
-/// Drop an image's ref and prune objects nothing references any more.
+/// Drop an image's ref (its objects stay until a prune).
 pub fn remove(repo: &ostree::Repo, reference: &str) -> Result<ImageInfo> {
     let info = resolve(repo, reference)?;
     repo.set_ref_immediate(None, &info.ostree_ref, None, gio::Cancellable::NONE)
         .with_context(|| format!("deleting ref {}", info.ostree_ref))?;
-    prune_objects(repo)?;
     Ok(info)
 }
 
+/// Copy image `info` of `from` into `to` as the same name, digest and
+/// config (a state root's private repository moving into the host's),
+/// clearing privileges when `strip`. Returns the new commit.
+pub fn copy_image(
+    from: &ostree::Repo,
+    to: &ostree::Repo,
+    info: &ImageInfo,
+    strip: bool,
+) -> Result<String> {
+    let staging = staging_dir(to)?;
+    let rootfs = staging.path().join("rootfs");
+    let opts = ostree::RepoCheckoutAtOptions {
+        mode: if from.mode() == ostree::RepoMode::Bare {
+            ostree::RepoCheckoutMode::None
+        } else {
+            ostree::RepoCheckoutMode::User
+        },
+        ..Default::default()
+    };
+    from.checkout_at(
+        Some(&opts),
+        libc::AT_FDCWD,
+        &rootfs,
+        &info.commit,
+        gio::Cancellable::NONE,
+    )
+    .with_context(|| format!("checking out {} ({})", info.reference(), info.commit))?;
+    if strip {
+        strip_privileges(&rootfs)?;
+    }
+    let (v, _) = from.load_commit(&info.commit)?;
+    let dict = glib::VariantDict::new(Some(&v.child_value(0)));
+    let format = dict
+        .lookup::<String>(META_SOURCE)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "oci".into());
+    commit_tree(
+        to,
+        &rootfs,
+        &ImageName::parse(&info.reference())?,
+        &Sha256::parse(&info.manifest_digest)?,
+        &info.config,
+        &format,
+        ostree::commit_get_timestamp(&v),
+    )
+}
+
+/// Clear setuid and setgid bits and file capabilities in an unpacked image.
+/// Inside a container they grant nothing (it runs with no_new_privs), but
+/// in a repository others can read (the host's: baked apps, and pulled
+/// images on a node) its objects are files a local user could find and
+/// execute: an image's setuid-root binary must not become one of the
+/// host's. Returns how many files changed.
+pub fn strip_privileges(rootfs: &Path) -> Result<usize> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut changed = 0;
+    for entry in walkdir::WalkDir::new(rootfs).follow_links(false) {
+        let entry = entry.with_context(|| format!("walking {}", rootfs.display()))?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let path = entry.path();
+        let mode = entry.metadata()?.permissions().mode();
+        let path_c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+        // SAFETY: a NUL-terminated path and a static name; lremovexattr
+        // never follows a symlink (and this is a regular file).
+        let had_caps =
+            unsafe { libc::lremovexattr(path_c.as_ptr(), c"security.capability".as_ptr()) == 0 };
+        if mode & 0o6000 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o1777))
+                .with_context(|| format!("clearing setuid/setgid of {}", path.display()))?;
+        }
+        if had_caps || mode & 0o6000 != 0 {
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
+
 /// Delete the objects no ref reaches; returns how many and their bytes.
+/// Only for a repository of images alone: the host's also holds
+/// deployments, which its sysroot cleanup accounts for.
 pub fn prune_objects(repo: &ostree::Repo) -> Result<(u64, u64)> {
     let (_, objects, bytes) = repo
         .prune(
@@ -868,6 +979,39 @@ pub fn verify(repo: &ostree::Repo, reference: &str) -> Result<(ImageInfo, usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stripped_files_lose_setuid_and_setgid_directories_keep_theirs() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &str| {
+            std::fs::metadata(dir.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        std::fs::create_dir(dir.path().join("shared")).unwrap();
+        for (p, m) in [("bin/su", 0o4755), ("bin/wall", 0o2755), ("bin/ls", 0o755)] {
+            std::fs::write(dir.path().join(p), "x").unwrap();
+            std::fs::set_permissions(dir.path().join(p), std::fs::Permissions::from_mode(m))
+                .unwrap();
+        }
+        std::fs::set_permissions(
+            dir.path().join("shared"),
+            std::fs::Permissions::from_mode(0o3777),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/usr/bin/passwd", dir.path().join("bin/passwd")).unwrap();
+        assert_eq!(strip_privileges(dir.path()).unwrap(), 2);
+        assert_eq!(
+            (mode("bin/su"), mode("bin/wall"), mode("bin/ls")),
+            (0o755, 0o755, 0o755)
+        );
+        assert_eq!(mode("shared"), 0o3777, "directories keep theirs");
+        assert_eq!(strip_privileges(dir.path()).unwrap(), 0);
+    }
 
     #[test]
     fn image_names() {

@@ -12,6 +12,7 @@
 pub mod image;
 pub mod layer;
 pub mod limits;
+mod mounts;
 pub mod registry;
 pub mod source;
 pub mod store;

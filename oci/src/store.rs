@@ -3,15 +3,23 @@
 //! [`cairn_contracts::image`]). The container runtime reads checkouts
 //! without libostree; everything that needs the repository — import, list,
 //! verify, check out, remove, prune — is here.
+//!
+//! On a booted node the repository is the host's own, so an image's files
+//! are stored once, next to the host's and the baked apps'. Objects there
+//! are readable by every local user, so images lose their setuid/setgid
+//! bits and file capabilities on the way in (containers run with
+//! no_new_privs: those grant nothing there), and unreferenced objects are
+//! left to the host's cleanup, which knows the deployments too.
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cairn_contracts::image::{
-    baked_images, checkouts_dir, remove_checkout, repo_dir, resolve_baked, resolve_checked_out,
-    write_checkout_record, ImageInfo, InUse, BAKED_APPS_DIR,
+    baked_images, checkouts_dir, own_repo_dir, remove_checkout, repo_dir, resolve_baked,
+    resolve_checked_out, uses_host_repo, write_checkout_record, ImageInfo, InUse, BAKED_APPS_DIR,
 };
+use gio::prelude::*;
 
 use crate::image::{self, ImportOptions};
 use crate::registry::{self, Client, ClientOptions, PullOptions, PullProgress, Reference};
@@ -35,21 +43,45 @@ pub struct Pruned {
     pub checkouts: Vec<String>,
     pub objects: u64,
     pub bytes: u64,
+    /// The repository is the host's: its unreferenced objects are for the
+    /// host's cleanup (`host cleanup`) to remove, not counted here.
+    pub objects_left_to_host: bool,
 }
 
 /// The image store of a state root, and the apps baked into the host tree.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    repo: PathBuf,
+    /// The repository is the host's (see the module docs).
+    shared: bool,
     baked_apps: PathBuf,
 }
 
 impl Store {
+    /// The store of state root `root`; its repository is
+    /// [`repo_dir`]`(root)`: the host's for a node's default root.
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
         Self {
-            root: root.into(),
+            repo: repo_dir(&root),
+            shared: uses_host_repo(&root),
+            root,
             baked_apps: BAKED_APPS_DIR.into(),
         }
+    }
+
+    /// Keep images in the host repository at `repo` (what [`Store::new`]
+    /// does for a node's default state root).
+    pub fn with_host_repo(mut self, repo: impl Into<PathBuf>) -> Self {
+        self.repo = repo.into();
+        self.shared = true;
+        self
+    }
+
+    /// Whether the images live in the host's repository.
+    pub fn uses_host_repo(&self) -> bool {
+        self.shared
     }
 
     /// Baked apps from `dir` instead of the booted tree's.
@@ -65,24 +97,73 @@ impl Store {
     }
 
     fn has_repo(&self) -> bool {
-        repo_dir(&self.root).join("config").exists()
+        self.repo.join("config").exists()
     }
 
-    /// The image repository, created on first use; the state root holding
-    /// it is kept 0700 (it holds images' setuid files, see
-    /// [`image::private_dir`]).
+    /// The image repository. A private one is created on first use, and the
+    /// state root holding it is kept 0700 (it holds images' setuid files,
+    /// see [`image::private_dir`]). The host's is opened as it is, after
+    /// moving in the images of the root's private repository, if any.
     pub fn repo(&self) -> Result<ostree::Repo> {
         image::private_dir(&self.root)?;
-        image::open_repo(&repo_dir(&self.root))
+        if !self.shared {
+            return image::open_repo(&self.repo);
+        }
+        let repo = image::open_host_repo(&self.repo)?;
+        self.move_in_own_repo(&repo)?;
+        Ok(repo)
+    }
+
+    /// The images of a node whose store had a repository of its own (from
+    /// before images moved into the host's) are copied into the host's,
+    /// privileges cleared, unless the host's has that name already; then
+    /// the old repository goes. Containers keep running from their
+    /// checkouts, which stay until nothing uses them (`prune`).
+    fn move_in_own_repo(&self, host: &ostree::Repo) -> Result<()> {
+        let own = own_repo_dir(&self.root);
+        if own == self.repo || !own.join("config").is_file() {
+            return Ok(());
+        }
+        let old = image::open_repo(&own)?;
+        let have: HashSet<String> = image::list(host)?
+            .into_iter()
+            .map(|i| i.ostree_ref)
+            .collect();
+        for info in image::list(&old)? {
+            if have.contains(&info.ostree_ref) {
+                continue;
+            }
+            let commit = image::copy_image(&old, host, &info, true).with_context(|| {
+                format!(
+                    "moving image {} from {} into the host repository {}",
+                    info.reference(),
+                    own.display(),
+                    self.repo.display()
+                )
+            })?;
+            tracing::info!(
+                "image {} moved into {} as commit {commit}",
+                info.reference(),
+                self.repo.display()
+            );
+        }
+        drop(old);
+        std::fs::remove_dir_all(&own).with_context(|| format!("removing {}", own.display()))
     }
 
     pub fn import(&self, path: &Path, name: Option<&str>) -> Result<ImageInfo> {
-        image::import(&self.repo()?, path, name)
+        self.import_with(
+            path,
+            &ImportOptions {
+                name: name.map(str::to_string),
+                ..Default::default()
+            },
+        )
     }
 
     /// [`Store::import`] with a tag and limits.
     pub fn import_with(&self, path: &Path, opts: &ImportOptions) -> Result<ImageInfo> {
-        image::import_with(&self.repo()?, path, opts)
+        image::import_into(&self.repo()?, path, opts, self.shared)
     }
 
     /// Pull `reference` from its registry and store it as `name` (default:
@@ -123,7 +204,7 @@ impl Store {
         let staging = image::staging_dir(&repo)?;
         let layout = staging.path().join("layout");
         let fetched = registry::pull_layout(&client, &resolved, &layout, opts, progress)?;
-        let image = image::import_with(
+        let image = image::import_into(
             &repo,
             &layout,
             &ImportOptions {
@@ -131,6 +212,7 @@ impl Store {
                 tag: None,
                 limits: opts.limits.clone(),
             },
+            self.shared,
         )
         .with_context(|| format!("importing {reference}"))?;
         Ok(Pulled {
@@ -173,7 +255,7 @@ impl Store {
             return Ok(found);
         }
         let checkouts = checkouts_dir(&self.root);
-        if let Some(found) = resolve_checked_out(&repo_dir(&self.root), &checkouts, reference) {
+        if let Some(found) = resolve_checked_out(&self.repo, &checkouts, reference) {
             return Ok(found);
         }
         let repo = self.repo()?;
@@ -196,6 +278,9 @@ impl Store {
             );
         }
         let removed = image::remove(&repo, &info.reference())?;
+        if !self.shared {
+            image::prune_objects(&repo)?;
+        }
         let still_used = image::list(&repo)?
             .iter()
             .any(|i| i.commit == removed.commit);
@@ -255,7 +340,11 @@ impl Store {
                 pruned.checkouts.push(commit);
             }
         }
-        (pruned.objects, pruned.bytes) = image::prune_objects(&repo)?;
+        if self.shared {
+            pruned.objects_left_to_host = true;
+        } else {
+            (pruned.objects, pruned.bytes) = image::prune_objects(&repo)?;
+        }
         Ok(pruned)
     }
 }
@@ -279,6 +368,15 @@ pub fn ensure_checkout(repo: &ostree::Repo, commit: &str, dir: &Path) -> Result<
     if dest.exists() {
         return Ok(dest);
     }
+    // Hardlinks only work within one mount: write through the repository's
+    // mount when `dir` is the same directory seen through another (on a
+    // node, /var is a bind mount of the sysroot that holds /ostree/repo).
+    let repo_dir = repo
+        .path()
+        .path()
+        .context("image repository has no local path")?;
+    let writable = crate::mounts::alias_in_mount_of(dir, &repo_dir);
+    let dir = writable.as_deref().unwrap_or(dir);
     let tmp = dir.join(format!(".tmp-{commit}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let opts = ostree::RepoCheckoutAtOptions {
@@ -299,7 +397,8 @@ pub fn ensure_checkout(repo: &ostree::Repo, commit: &str, dir: &Path) -> Result<
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e).with_context(|| format!("checking out {commit} into {}", tmp.display()));
     }
-    match std::fs::rename(&tmp, &dest) {
+    let final_path = dir.join(commit);
+    match std::fs::rename(&tmp, &final_path) {
         Ok(()) => Ok(dest),
         // Another process won the race: theirs is as good as ours.
         Err(_) if dest.exists() => {

@@ -27,8 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::cgroup::Limits;
 use crate::net::NetworkConfig;
 
-/// Default state directory on a node.
-pub const DEFAULT_ROOT: &str = "/var/lib/cairn";
+pub use cairn_contracts::image::DEFAULT_ROOT;
 
 #[derive(Debug, Clone)]
 pub struct Paths {

@@ -359,6 +359,122 @@ fn the_store_is_private_and_setuid_files_unreachable() {
     assert_eq!(mode(&env.rt.paths.repo()), 0o700);
 }
 
+/// A store in the host's repository (a node's, `Store::with_host_repo`):
+/// images lose their setuid/setgid bits and file capabilities (the
+/// repository's objects are readable by every local user), checkouts are
+/// hardlinks to those objects, the repository's own modes stay libostree's,
+/// the images of the state root's older private repository move in (their
+/// containers' checkouts stay), and removing an image leaves its objects to
+/// the host's cleanup.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn a_store_in_the_host_repository_holds_no_privileged_files() {
+    let env = Env::new();
+    let cap = expected_cap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = hdr(tar::EntryType::Regular, 0o6755, 0);
+    h.set_size(4);
+    b.append_data(&mut h, "bin/suid", &b"\x7fELF"[..]).unwrap();
+    b.append_pax_extensions([("SCHILY.xattr.security.capability", &cap[..])])
+        .unwrap();
+    let mut h = hdr(tar::EntryType::Regular, 0o755, 0);
+    h.set_size(4);
+    b.append_data(&mut h, "bin/pinger", &b"\x7fELF"[..])
+        .unwrap();
+    let l = b.into_inner().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    layout_of(dir.path(), &[(l.clone(), gzip(&l))]);
+
+    // Before: the root's own repository, privileges kept (0700 all round).
+    let private = cairn_oci::store::Store::new(env.root.path());
+    let old = private.import_with(dir.path(), &named()).unwrap();
+    let (_, old_tree) = private.checkout(&old.reference()).unwrap();
+    assert_eq!(mode(&old_tree.join("bin/suid")), 0o6755);
+
+    let host = tempfile::tempdir().unwrap();
+    let host_repo = host.path().join("repo");
+    ostree::Repo::create_at(
+        libc::AT_FDCWD,
+        host_repo.to_str().unwrap(),
+        ostree::RepoMode::Bare,
+        None,
+        ostree::gio::Cancellable::NONE,
+    )
+    .unwrap();
+    for p in [host_repo.clone(), host_repo.join("tmp")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let shared = cairn_oci::store::Store::new(env.root.path()).with_host_repo(&host_repo);
+    let images = shared.images().unwrap();
+    assert_eq!(images.len(), 1, "{images:?}");
+    let moved = &images[0];
+    assert_eq!(
+        (&moved.reference(), &moved.manifest_digest),
+        (&old.reference(), &old.manifest_digest)
+    );
+    assert_ne!(moved.commit, old.commit, "stripped, so another tree");
+    assert!(
+        !env.root.path().join("repo").exists(),
+        "the private repository is gone once its images moved"
+    );
+    assert!(old_tree.join("bin/suid").exists(), "old checkouts stay");
+    for p in [host_repo.clone(), host_repo.join("tmp")] {
+        assert_eq!(mode(&p), 0o755, "{} keeps its mode", p.display());
+    }
+
+    let (_, tree) = shared.checkout(&moved.reference()).unwrap();
+    let check = |tree: &Path, what: &str| {
+        assert_eq!(
+            mode(&tree.join("bin/suid")),
+            0o755,
+            "{what}: setuid/setgid cleared"
+        );
+        for f in ["bin/suid", "bin/pinger"] {
+            assert_eq!(
+                xattr(&tree.join(f), "security.capability"),
+                None,
+                "{what}: no file capability on {f}"
+            );
+        }
+        assert!(
+            std::fs::metadata(tree.join("bin/suid")).unwrap().nlink() >= 2,
+            "{what}: the checkout hardlinks the repository's object"
+        );
+    };
+    check(&tree, "moved in");
+
+    // A new import goes straight in, stripped.
+    let again = shared
+        .import_with(
+            dir.path(),
+            &ImportOptions {
+                name: Some("hostile:2".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let (_, tree2) = shared.checkout(&again.reference()).unwrap();
+    check(&tree2, "imported");
+    let ino = |t: &Path| std::fs::metadata(t.join("bin/suid")).unwrap().ino();
+    assert_eq!(ino(&tree), ino(&tree2), "one file, stored once");
+
+    // Removing leaves the objects to the host's cleanup.
+    let objects = || {
+        walkdir::WalkDir::new(host_repo.join("objects"))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .count()
+    };
+    let before = objects();
+    shared.rmi("hostile:1", &[]).unwrap();
+    shared.rmi("hostile:2", &[]).unwrap();
+    let pruned = shared.prune(&[]).unwrap();
+    assert!(pruned.objects_left_to_host, "{pruned:?}");
+    assert_eq!(objects(), before, "no object deleted by the image store");
+    assert!(!tree.exists() && !old_tree.exists(), "{pruned:?}");
+}
+
 // ---------------------------------------------------------------- real tools
 
 fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
