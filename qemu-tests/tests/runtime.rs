@@ -159,16 +159,81 @@ fn assert_baked_app_after_first_boot(vm: &mut Vm, image: &AppsImage) -> Value {
     first
 }
 
-/// A baked app is never imported: the node's image store has no image and
-/// no checkout.
+/// A baked app is never imported: the node's image store holds no
+/// `cairn-app-` image and no checkout of one (only what the test pulled).
 fn assert_store_empty(vm: &mut Vm, when: &str) {
-    let store = must(vm.ok(
-        "ls /var/lib/cairn/checkouts 2>/dev/null; ls /var/lib/cairn/repo/refs/heads/cairn/app 2>/dev/null; true",
-    ));
+    let store = must(vm.ok("ostree --repo=/ostree/repo refs | grep cairn-app-; \
+         grep -l '\"name\": \"cairn-app-' /var/lib/cairn/checkouts/*.json 2>/dev/null; true"));
     assert!(
         store.trim().is_empty(),
-        "{when}: the image store is not empty: {store}"
+        "{when}: a baked app is in the image store: {store}"
     );
+}
+
+/// The image pulled into the node, from the registry on the build
+/// machine's loopback.
+const PULLED: &str = "busybox:v1";
+
+/// `host app pull` stores the image in the host's repository (issue 17):
+/// its ref is one of /ostree/repo's, its checkout hardlinks the
+/// repository's objects, and files it shares with the host tree (the baked
+/// app's busybox: the same layout) are the same object, so the pull adds
+/// little to the repository. Returns the pulled commit.
+fn assert_pulled_image_is_stored_with_the_host(
+    vm: &mut Vm,
+    registry_port: u16,
+    layer: u64,
+) -> String {
+    let objects_bytes = |vm: &mut Vm| -> u64 {
+        must(vm.ok("du -sb /ostree/repo/objects | cut -f1"))
+            .trim()
+            .parse()
+            .expect("du of the repository's objects")
+    };
+    let before = objects_bytes(vm);
+    let pull = must(vm.ok(&format!(
+        "host app pull --tls-verify=false 10.0.2.2:{registry_port}/apps/{PULLED}"
+    )));
+    let added = objects_bytes(vm).saturating_sub(before);
+    let commit = must(vm.ok("ostree --repo=/ostree/repo rev-parse cairn/app/busybox/v1"))
+        .trim()
+        .to_string();
+    let out = must(vm.ok(&format!(
+        "host app run --rm --network none {PULLED} /bin/echo pulled-ok"
+    )));
+    assert!(out.contains("pulled-ok"), "{out}");
+    let stat = |vm: &mut Vm, p: &str| must(vm.ok(&format!("stat -c '%i %h' {p}")));
+    let pulled = stat(
+        vm,
+        &format!("/var/lib/cairn/checkouts/{commit}/bin/busybox"),
+    );
+    let baked = stat(vm, &format!("/usr/lib/cairn/apps/{APP}/rootfs/bin/busybox"));
+    eprintln!(
+        "runtime: figures: pulling {PULLED} (a {layer}-byte layer) added {added} bytes to /ostree/repo/objects; \
+         its busybox and the baked app's: inode and links {} / {}; pull said: {}",
+        pulled.trim(),
+        baked.trim(),
+        pull.lines().last().unwrap_or("").trim()
+    );
+    assert_eq!(
+        pulled.split(' ').next(),
+        baked.split(' ').next(),
+        "the pulled image's busybox is the host tree's object, not a copy"
+    );
+    assert!(
+        added < layer / 4,
+        "the pull added {added} bytes to the host repository: its files are the host's"
+    );
+    commit
+}
+
+/// The pulled image still runs (its ref kept it through the host update's
+/// prune).
+fn assert_pulled_image_runs(vm: &mut Vm, when: &str) {
+    let out = must(vm.run(&format!(
+        "host app run --rm --network none {PULLED} /bin/echo pulled-ok"
+    )));
+    assert!(out.stdout.contains("pulled-ok"), "{when}: {out}");
 }
 
 /// Value of `key` in a flat-keyed cgroup file (`key value` lines).
@@ -348,11 +413,24 @@ fn baked_app_and_limits_hold_through_host_upgrade_and_rollback_reboots() {
     let (repo, v2, v2_digest) = must(prepare_apps_v2(v1));
     let http_log = repo.with_file_name("http.log");
     let server = must(HttpServer::start(&repo, Some(&http_log)));
+    let registry = cairn_test_support::registry::Registry::start();
+    let layout = v1.repo.parent().unwrap().join("busybox-oci");
+    must(
+        registry
+            .push(
+                &format!("oci:{}", layout.display()),
+                &format!("apps/{PULLED}"),
+                false,
+            )
+            .map_err(anyhow::Error::from),
+    );
+    let layer = largest_blob(&layout);
     let mut vm = boot("runtime");
 
     // Boot 1, v1.
     let first = assert_baked_app_after_first_boot(&mut vm, v1);
     assert_limits_hold_pids_memory_cpu(&mut vm);
+    let pulled = assert_pulled_image_is_stored_with_the_host(&mut vm, registry.port(), layer);
 
     // Boot 2: `host upgrade --reboot` to v2.
     must(vm.ok(&format!(
@@ -366,7 +444,6 @@ fn baked_app_and_limits_hold_through_host_upgrade_and_rollback_reboots() {
     run_rebooting(&mut vm, "host upgrade --reboot", log);
     let upgrade = rebooting_output(&mut vm, "host upgrade --reboot", log);
     let (requests, fetched, mark) = server.served_since(mark);
-    let layer = largest_blob(&v1.repo.parent().unwrap().join("busybox-oci"));
     eprintln!(
         "runtime: figures: a one-file app change fetched {fetched} bytes in {requests} HTTP requests \
          (the app's layer alone is {layer} bytes); host upgrade said: {}",
@@ -391,6 +468,7 @@ fn baked_app_and_limits_hold_through_host_upgrade_and_rollback_reboots() {
     let inspect = must(vm.ok(&format!("host app inspect {APP}")));
     assert!(inspect.contains(&v2_digest), "{inspect}");
     assert_store_empty(&mut vm, "after the upgrade");
+    assert_pulled_image_runs(&mut vm, "after the upgrade");
     let upgraded = entry;
 
     // Boot 3: `host rollback --reboot` to v1.
@@ -406,6 +484,16 @@ fn baked_app_and_limits_hold_through_host_upgrade_and_rollback_reboots() {
     assert!(inspect.contains(&v1.digest), "{inspect}");
     assert!(!inspect.contains(&v2_digest), "{inspect}");
     assert_store_empty(&mut vm, "after the rollback");
+    assert_pulled_image_runs(&mut vm, "after the rollback");
+    let rmi = must(vm.ok(&format!("host app rmi {PULLED}")));
+    assert!(rmi.contains("cleanup freed"), "{rmi}");
+    let left = must(vm.run(&format!(
+        "ostree --repo=/ostree/repo refs | grep cairn/app/; ls /var/lib/cairn/checkouts | grep {pulled}"
+    )));
+    assert!(
+        left.stdout.trim().is_empty(),
+        "the pulled image is gone: {left}"
+    );
     let (requests, bytes, _) = server.served_since(mark);
     eprintln!("runtime: figures: the rollback fetched {bytes} bytes in {requests} HTTP requests");
     assert!(
