@@ -10,7 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::app;
 use crate::node;
-use crate::{agent, compose, fleet, health, net, provision};
+use crate::{agent, compose, fleet, health, net, provision, test};
 
 /// cairn: an immutable container host, composed from a manifest, updated atomically.
 #[derive(Debug, Parser)]
@@ -67,6 +67,10 @@ pub enum Command {
     #[command(subcommand)]
     Service(net::ServiceCommand),
 
+    /// Boot tests: boot an image in QEMU and run checks in it.
+    #[command(subcommand)]
+    Test(test::TestCommand),
+
     /// Print a shell completion script to stdout.
     Completions {
         /// The shell to complete for.
@@ -92,6 +96,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Agent(args) => agent::run(args),
         Command::Health(cmd) => health::run(cmd),
         Command::Provision(cmd) => provision::run(cmd),
+        Command::Test(cmd) => test::run(cmd),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "host", &mut std::io::stdout());

@@ -16,6 +16,7 @@ mod net;
 mod node;
 mod provision;
 mod pull_progress;
+mod test;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,375 @@
+//! One QEMU machine booted from a user's disk image on a throwaway qcow2
+//! overlay, reached over SSH (port 22 forwarded to loopback) with an
+//! ephemeral key.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The most of a check's output kept (its head and tail are what matter).
+const MAX_OUTPUT: usize = 1 << 20;
+
+/// How QEMU runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Tcg,
+    Kvm,
+}
+
+/// What a machine is started with.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub image: PathBuf,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub accel: Accel,
+    /// The node config handed to first-boot provisioning (QEMU fw_cfg
+    /// `opt/org.cairn/config`).
+    pub node_config: PathBuf,
+    /// Where the overlay, key and logs go (removed by the caller).
+    pub workdir: PathBuf,
+}
+
+/// An SSH key pair made for one run.
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub private: PathBuf,
+    pub public: String,
+}
+
+/// Make an ed25519 key pair in `dir` with openssh-client's ssh-keygen.
+pub fn ephemeral_key(dir: &Path) -> Result<Key> {
+    let private = dir.join("id_ed25519");
+    let out = Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "cairn-host-test",
+            "-f",
+        ])
+        .arg(&private)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ssh-keygen (Debian package openssh-client)")?;
+    if !out.status.success() {
+        bail!(
+            "ssh-keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let public = std::fs::read_to_string(private.with_extension("pub"))?
+        .trim()
+        .to_string();
+    Ok(Key { private, public })
+}
+
+/// A running (or powered-off) machine. Dropping it kills QEMU.
+pub struct Machine {
+    config: MachineConfig,
+    overlay: PathBuf,
+    pub serial_log: PathBuf,
+    ssh_port: u16,
+    known_hosts: PathBuf,
+    key: PathBuf,
+    qemu: Option<Child>,
+    powered_on: Instant,
+    /// When the console first showed a login prompt (getty at multi-user),
+    /// from power-on: a bare boot's time, seen in the same run.
+    pub console_login_at: Option<Duration>,
+}
+
+/// What a command in the machine did.
+#[derive(Debug)]
+pub struct Ran {
+    /// The exit status (ssh's own failures are 255); None when killed by
+    /// the local deadline (or by a signal).
+    pub status: Option<i32>,
+    pub output: String,
+    pub elapsed: Duration,
+}
+
+impl Machine {
+    /// Make the overlay and start QEMU.
+    pub fn start(config: MachineConfig, key: &Key) -> Result<Machine> {
+        let format = image_format(&config.image)?;
+        let overlay = config.workdir.join("overlay.qcow2");
+        let image = config
+            .image
+            .canonicalize()
+            .with_context(|| format!("image {}", config.image.display()))?;
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", &format, "-b"])
+            .arg(&image)
+            .arg(&overlay)
+            .stdin(Stdio::null())
+            .output()
+            .context("running qemu-img (Debian package qemu-utils)")?;
+        if !out.status.success() {
+            bail!(
+                "qemu-img could not make an overlay of {}: {}",
+                image.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let mut m = Machine {
+            serial_log: config.workdir.join("serial.log"),
+            known_hosts: config.workdir.join("known_hosts"),
+            key: key.private.clone(),
+            ssh_port: free_port()?,
+            overlay,
+            config,
+            qemu: None,
+            powered_on: Instant::now(),
+            console_login_at: None,
+        };
+        m.power_on()?;
+        Ok(m)
+    }
+
+    fn power_on(&mut self) -> Result<()> {
+        let c = &self.config;
+        let accel = match c.accel {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        };
+        let stderr = std::fs::File::create(c.workdir.join("qemu.stderr"))?;
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                accel,
+                "-machine",
+                "pc",
+                "-nodefaults",
+                "-display",
+                "none",
+            ])
+            .args(["-m", &c.memory_mib.to_string(), "-smp", &c.cpus.to_string()])
+            .arg("-chardev")
+            .arg(format!(
+                "file,id=serial0,path={}",
+                self.serial_log.display()
+            ))
+            .args(["-serial", "chardev:serial0"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=qcow2,if=virtio,cache=writeback",
+                self.overlay.display()
+            ))
+            .arg("-netdev")
+            .arg(format!(
+                "user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22",
+                self.ssh_port
+            ))
+            .args(["-device", "virtio-net-pci,netdev=net0"])
+            .arg("-fw_cfg")
+            .arg(format!(
+                "name=opt/org.cairn/config,file={}",
+                c.node_config.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+        self.qemu = Some(child);
+        self.powered_on = Instant::now();
+        self.console_login_at = None;
+        Ok(())
+    }
+
+    fn watch_console(&mut self) {
+        if self.console_login_at.is_some() {
+            return;
+        }
+        let text = std::fs::read(&self.serial_log).unwrap_or_default();
+        if text.windows(7).any(|w| w == b"login: ") {
+            self.console_login_at = Some(self.powered_on.elapsed());
+        }
+    }
+
+    /// QEMU's exit status if it has ended.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.qemu.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Kill QEMU at once (a power cut).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.qemu.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn ssh(&self) -> Command {
+        let mut c = Command::new("ssh");
+        c.arg("-i")
+            .arg(&self.key)
+            .args(["-p", &self.ssh_port.to_string()])
+            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+            // The machine makes its host key at first boot: trusted on
+            // first use, for this run only (and loopback only).
+            .args(["-o", "StrictHostKeyChecking=accept-new"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
+            .args(["-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"])
+            .args(["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6"])
+            .arg("root@127.0.0.1")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Run `script` (a shell command line) as root in the machine, with
+    /// `input` as its standard input, killed after `deadline`.
+    pub fn run(&self, script: &str, input: Option<&Path>, deadline: Duration) -> Result<Ran> {
+        let mut cmd = self.ssh();
+        cmd.arg(script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(p) = input {
+            cmd.stdin(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?);
+        }
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .context("running ssh (Debian package openssh-client)")?;
+        // Both pipes drained on threads so that neither can fill and stall.
+        let out = drain(child.stdout.take());
+        let err = drain(child.stderr.take());
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break Some(s);
+            }
+            if started.elapsed() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut output = out.join().unwrap_or_default();
+        output.push_str(&err.join().unwrap_or_default());
+        Ok(Ran {
+            status: status.and_then(|s| s.code()),
+            output,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// A command's standard output, or an error with what it printed.
+    pub fn ok(&self, script: &str) -> Result<String> {
+        let r = self.run(script, None, Duration::from_secs(120))?;
+        match r.status {
+            Some(0) => Ok(r.output),
+            s => bail!(
+                "`{script}` in the machine failed ({s:?}): {}",
+                r.output.trim()
+            ),
+        }
+    }
+
+    /// Wait until SSH answers, giving up after `timeout` or when QEMU ends.
+    /// Returns the boot id.
+    pub fn wait_for_ssh(&mut self, timeout: Duration, not_boot: Option<&str>) -> Result<String> {
+        let started = Instant::now();
+        loop {
+            self.watch_console();
+            if let Some(status) = self.exited() {
+                let stderr = std::fs::read_to_string(self.config.workdir.join("qemu.stderr"))
+                    .unwrap_or_default();
+                bail!(
+                    "QEMU ended ({status}) before the machine came up: {}\n{}",
+                    stderr.trim(),
+                    self.serial_tail()
+                );
+            }
+            if let Ok(r) = self.run(
+                "cat /proc/sys/kernel/random/boot_id",
+                None,
+                Duration::from_secs(30),
+            ) {
+                let id = r.output.trim().to_string();
+                if r.status == Some(0) && !id.is_empty() && Some(id.as_str()) != not_boot {
+                    return Ok(id);
+                }
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "{} did not come up: no SSH login within {} s (a config it refused, no network, \
+                     or it does not boot; see its serial console below)\n{}",
+                    self.config.image.display(),
+                    timeout.as_secs(),
+                    self.serial_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
+    /// The end of the serial console, for errors.
+    pub fn serial_tail(&self) -> String {
+        let text = std::fs::read(&self.serial_log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text[text.len().saturating_sub(4000)..]).into_owned();
+        format!("--- last of {} ---\n{text}", self.serial_log.display())
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn drain<R: std::io::Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let Some(mut r) = r else {
+            return String::new();
+        };
+        let mut buf = Vec::new();
+        let _ = r.by_ref().take(MAX_OUTPUT as u64).read_to_end(&mut buf);
+        // Keep reading (and dropping) so the writer never blocks.
+        let _ = std::io::copy(&mut r, &mut std::io::sink());
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+/// The format qemu-img sees in `image` (raw or qcow2, usually).
+fn image_format(image: &Path) -> Result<String> {
+    if !image.is_file() {
+        bail!("image {} is not a file", image.display());
+    }
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(image)
+        .stdin(Stdio::null())
+        .output()
+        .context("running qemu-img (Debian package qemu-utils)")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img cannot read {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let format = info["format"]
+        .as_str()
+        .ok_or_else(|| anyhow!("qemu-img names no format for {}", image.display()))?;
+    if !format.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        bail!("{}: unexpected image format {format:?}", image.display());
+    }
+    Ok(format.to_string())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port on 127.0.0.1")?
+        .port())
+}
