@@ -557,6 +557,16 @@ pub struct Promotion {
     pub content_checksum: String,
 }
 
+/// The test result a promotion is gated on (`--tested-by`): every test
+/// passed; recorded in the promoted commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestEvidence {
+    /// `sha256:<hex>` of the result file.
+    pub digest: String,
+    /// What it counted, e.g. `12 tests passed`.
+    pub summary: String,
+}
+
 /// Moves a tested commit from one channel (ref) to another without
 /// rebuilding: a new commit on `to` with the very same tree (same content
 /// checksum) and metadata, its own version, and its parent on `to`.
@@ -567,6 +577,7 @@ pub fn promote(
     from: &str,
     to: &str,
     rev: Option<&str>,
+    tested_by: Option<&TestEvidence>,
 ) -> Result<Promotion> {
     crate::manifest::check_ref(to).map_err(|m| anyhow::anyhow!("--to: {m}"))?;
     if let Some(v) = &opts.version {
@@ -620,6 +631,12 @@ pub fn promote(
     dict.insert_value(meta_keys::PROMOTED_FROM_REF, &from.to_variant());
     if let Some(v) = source.version() {
         dict.insert_value(meta_keys::PROMOTED_FROM_VERSION, &v.to_variant());
+    }
+    // An earlier promotion's evidence is for the same tree: it stays unless
+    // this one brings its own.
+    if let Some(t) = tested_by {
+        dict.insert_value(meta_keys::TESTED_BY, &t.digest.to_variant());
+        dict.insert_value(meta_keys::TESTED_BY_SUMMARY, &t.summary.to_variant());
     }
     let metadata = dict.end();
     let parent = target.first().map(|c| c.checksum.clone());

@@ -479,7 +479,9 @@ fn command_line_versions_and_refs_are_validated() {
         opts.version = Some(bad.to_string());
         let e = compose_tree(&m, &opts).unwrap_err().to_string();
         assert!(e.contains("--version"), "{bad:?}: {e}");
-        let e = promote(&opts, "a/b", "c/d", None).unwrap_err().to_string();
+        let e = promote(&opts, "a/b", "c/d", None, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--version"), "{bad:?}: {e}");
         let e = commit_prepared(
             &opts,
@@ -508,7 +510,9 @@ fn command_line_versions_and_refs_are_validated() {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--ref"), "{bad:?}: {e}");
-        let e = promote(&opts, "a/b", bad, None).unwrap_err().to_string();
+        let e = promote(&opts, "a/b", bad, None, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--to"), "{bad:?}: {e}");
     }
     assert!(!dir.path().join("repo").exists() && !dir.path().join("cache").exists());

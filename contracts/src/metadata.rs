@@ -26,6 +26,10 @@ pub const LOCK: &str = "cairn.lock";
 pub const PROMOTED_FROM: &str = "cairn.promoted-from";
 pub const PROMOTED_FROM_REF: &str = "cairn.promoted-from-ref";
 pub const PROMOTED_FROM_VERSION: &str = "cairn.promoted-from-version";
+/// On a commit promoted with `--tested-by FILE`: `sha256:<hex>` of that
+/// JUnit result (every test passed), and what it counted.
+pub const TESTED_BY: &str = "cairn.tested-by";
+pub const TESTED_BY_SUMMARY: &str = "cairn.tested-by-summary";
 
 /// Where a commit's tree carries its SBOM (an SPDX 2.3 JSON document of the
 /// installed Debian packages), relative to the tree's root. A file rather
@@ -49,7 +53,10 @@ pub const COMPOSE_WRITTEN: &[&str] = &[
 
 /// True for a key that only the compose (or libostree) may write.
 pub fn is_reserved(key: &str) -> bool {
-    COMPOSE_WRITTEN.contains(&key) || key.starts_with(PROMOTED_FROM) || key.starts_with("ostree.")
+    COMPOSE_WRITTEN.contains(&key)
+        || key.starts_with(PROMOTED_FROM)
+        || key.starts_with(TESTED_BY)
+        || key.starts_with("ostree.")
 }
 
 #[cfg(test)]
@@ -58,7 +65,14 @@ mod tests {
 
     #[test]
     fn reserved_keys() {
-        for key in [VERSION, KARGS, LOCK, PROMOTED_FROM_REF, "ostree.bootable"] {
+        for key in [
+            VERSION,
+            KARGS,
+            LOCK,
+            PROMOTED_FROM_REF,
+            TESTED_BY_SUMMARY,
+            "ostree.bootable",
+        ] {
             assert!(is_reserved(key), "{key}");
         }
         for key in ["cairn.variant", "org.example.team", "versions"] {

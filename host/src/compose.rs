@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use cairn_builder::compose::{compose_tree, ComposeOptions, Outcome};
 use cairn_builder::keys::Signer;
 use cairn_builder::manifest::Manifest;
@@ -215,6 +215,12 @@ pub struct PromoteArgs {
     /// Version of the new commit instead of the automatic one.
     #[arg(long)]
     pub version: Option<String>,
+
+    /// A JUnit XML result of the commit's tests (`host test boot --junit`,
+    /// or any tool's): refused unless every test passed; its sha256 goes
+    /// into the promoted commit (`cairn.tested-by`).
+    #[arg(long, value_name = "FILE")]
+    pub tested_by: Option<PathBuf>,
 
     #[command(flatten)]
     pub signing: SigningArgs,
@@ -445,13 +451,61 @@ fn promote(args: PromoteArgs) -> Result<ExitCode> {
     let mut opts = ComposeOptions::new(args.repo, PathBuf::new());
     opts.version = args.version;
     opts.signer = args.signing.signer()?;
-    let p = cairn_builder::compose::promote(&opts, &args.from, &args.to, args.commit.as_deref())?;
+    let evidence = match &args.tested_by {
+        Some(path) => Some(test_evidence(path)?),
+        None => None,
+    };
+    let p = cairn_builder::compose::promote(
+        &opts,
+        &args.from,
+        &args.to,
+        args.commit.as_deref(),
+        evidence.as_ref(),
+    )?;
     println!("ref {}", args.to);
     println!("commit {}", p.commit);
     println!("version {}", p.version);
     println!("content-checksum {}", p.content_checksum);
     println!("promoted-from {}", p.source);
+    if let Some(e) = &evidence {
+        println!("tested-by {} ({})", e.digest, e.summary);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The most of a JUnit result read.
+const MAX_JUNIT_SIZE: u64 = 64 << 20;
+
+/// A JUnit result's digest and count, or why it cannot gate a promotion.
+fn test_evidence(path: &std::path::Path) -> Result<cairn_builder::compose::TestEvidence> {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("--tested-by: opening {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_JUNIT_SIZE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_JUNIT_SIZE {
+        anyhow::bail!(
+            "--tested-by {}: over {MAX_JUNIT_SIZE} bytes",
+            path.display()
+        );
+    }
+    let text = std::str::from_utf8(&bytes)
+        .with_context(|| format!("--tested-by {}: not UTF-8 text", path.display()))?;
+    let v = cairn_testbed::report::junit_verdict(text)
+        .with_context(|| format!("--tested-by {}", path.display()))?;
+    if v.failed > 0 {
+        anyhow::bail!(
+            "--tested-by {}: {} of {} tests failed or erred: a commit is promoted only when every test passed",
+            path.display(),
+            v.failed,
+            v.tests
+        );
+    }
+    Ok(cairn_builder::compose::TestEvidence {
+        digest: format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes))),
+        summary: format!("{} tests passed", v.tests),
+    })
 }
 
 fn keygen(args: KeygenArgs) -> Result<ExitCode> {

@@ -1047,6 +1047,75 @@ fn promote_moves_a_tested_tree_to_another_channel_without_rebuilding() {
         .contains("is not in the history of test/x86_64/stable"));
 }
 
+/// `promote --tested-by FILE` gates on a JUnit result: a failing or empty
+/// one is refused and moves nothing; a passing one's sha256 goes into the
+/// promoted commit.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn promote_is_gated_on_a_passing_test_result_and_records_it() {
+    let env = Env::new();
+    env.manifest("");
+    assert!(env.compose("repo", &[]).status.success());
+    let promote = |junit: &str| {
+        env.host(&[
+            "compose",
+            "promote",
+            "--repo",
+            "repo",
+            "--from",
+            "test/x86_64/base",
+            "--to",
+            "test/x86_64/stable",
+            "--tested-by",
+            junit,
+        ])
+    };
+    env.write(
+        "failed.xml",
+        r#"<testsuites tests="2" failures="1"><testsuite name="host test boot x" tests="2" failures="1"><testcase name="a"/><testcase name="b"><failure message="exited with status 3"/></testcase></testsuite></testsuites>"#,
+    );
+    env.write(
+        "empty.xml",
+        "<testsuite name=\"x\" tests=\"0\"></testsuite>",
+    );
+    for (file, says) in [
+        ("failed.xml", "1 of 2 tests failed"),
+        ("empty.xml", "no test case"),
+        ("missing.xml", "missing.xml"),
+    ] {
+        let out = promote(file);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{file}: {err}");
+        assert!(
+            !env.path("repo")
+                .join("refs/heads/test/x86_64/stable")
+                .exists(),
+            "{file}: nothing promoted"
+        );
+    }
+    let passed = r#"<testsuites tests="2" failures="0" errors="0"><testsuite name="host test boot x" tests="2"><testcase name="a"/><testcase name="b"/></testsuite></testsuites>"#;
+    env.write("passed.xml", passed);
+    let out = promote("passed.xml");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(passed.as_bytes()))
+    );
+    let commit = field(&out, "commit").to_string();
+    let show = |key: &str| {
+        env.ostree(
+            "repo",
+            &["show", &format!("--print-metadata-key={key}"), &commit],
+        )
+    };
+    assert_eq!(show("cairn.tested-by").trim(), format!("'{digest}'"));
+    assert_eq!(show("cairn.tested-by-summary").trim(), "'2 tests passed'");
+}
+
 /// An OCI image layout (`DIR/oci`) of a busybox root with one uncompressed
 /// layer; returns the manifest digest (`sha256:…`).
 fn make_oci_layout(dir: &Path) -> String {

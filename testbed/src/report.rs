@@ -146,6 +146,53 @@ pub fn junit(suite: &str, results: &[CheckResult], total: Duration) -> String {
     s
 }
 
+/// What a JUnit document says as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub tests: usize,
+    /// Failures and errors.
+    pub failed: usize,
+}
+
+/// Read a JUnit XML result (any tool's) for promotion: how many test cases,
+/// and how many failed or erred, counted from both the `<failure>` and
+/// `<error>` elements and the suites' `failures`/`errors` attributes,
+/// whichever says more (fail closed). A document with no test case is an
+/// error: it proves nothing.
+pub fn junit_verdict(xml: &str) -> anyhow::Result<Verdict> {
+    let elements = |name: &str| {
+        let open = format!("<{name}");
+        xml.match_indices(&open)
+            .filter(|(i, _)| {
+                matches!(
+                    xml.as_bytes().get(i + open.len()),
+                    Some(b' ' | b'>' | b'/' | b'\t' | b'\n' | b'\r')
+                )
+            })
+            .count()
+    };
+    let attribute_total = |name: &str| -> usize {
+        let key = format!(" {name}=\"");
+        xml.match_indices(&key)
+            .filter_map(|(i, _)| {
+                let rest = &xml[i + key.len()..];
+                rest[..rest.find('"')?].trim().parse::<usize>().ok()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    if !xml.contains("<testsuite") {
+        anyhow::bail!("not a JUnit XML document (no <testsuite> element)");
+    }
+    let tests = elements("testcase");
+    if tests == 0 {
+        anyhow::bail!("the JUnit result holds no test case: it proves nothing");
+    }
+    let failed = (elements("failure") + elements("error"))
+        .max(attribute_total("failures") + attribute_total("errors"));
+    Ok(Verdict { tests, failed })
+}
+
 /// Text for XML content and attributes: the five entities, and control
 /// characters XML 1.0 cannot carry dropped.
 fn xml(s: &str) -> String {
@@ -240,6 +287,49 @@ mod tests {
             doc.contains("&lt;b&gt;&amp;\n"),
             "control characters dropped: {doc}"
         );
+    }
+
+    #[test]
+    fn verdicts_fail_closed() {
+        let ok = junit("s", &[result("a", Outcome::Passed)], Duration::from_secs(1));
+        assert_eq!(
+            junit_verdict(&ok).unwrap(),
+            Verdict {
+                tests: 1,
+                failed: 0
+            }
+        );
+        let bad = junit(
+            "s",
+            &[
+                result("a", Outcome::Passed),
+                result("b", Outcome::Failed { exit: 1 }),
+            ],
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            junit_verdict(&bad).unwrap(),
+            Verdict {
+                tests: 2,
+                failed: 1
+            }
+        );
+        // Another tool's document: attributes alone, or elements alone.
+        let attr = r#"<testsuites><testsuite name="x" tests="2" errors="1"><testcase name="a"/><testcase name="b"/></testsuite></testsuites>"#;
+        assert_eq!(junit_verdict(attr).unwrap().failed, 1);
+        let elem = "<testsuite><testcase name=\"a\"><error/></testcase></testsuite>";
+        assert_eq!(junit_verdict(elem).unwrap().failed, 1);
+        // A test named like an element is escaped, and does not count.
+        let named = "<testsuite><testcase name=\"&lt;failure\"></testcase></testsuite>";
+        assert_eq!(
+            junit_verdict(named).unwrap(),
+            Verdict {
+                tests: 1,
+                failed: 0
+            }
+        );
+        assert!(junit_verdict("<testsuite></testsuite>").is_err());
+        assert!(junit_verdict("TAP version 14\n1..1\nok 1\n").is_err());
     }
 
     #[test]
