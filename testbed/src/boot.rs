@@ -107,10 +107,13 @@ pub fn boot(
         .filter_map(|c| c.memory_mib)
         .fold(opts.memory_mib, u64::max);
     obs.step(&format!(
-        "booting {} ({memory_mib} MiB, {} CPUs, {:?})",
+        "booting {} ({memory_mib} MiB, {} CPUs, {})",
         opts.image.display(),
         opts.cpus,
-        opts.accel
+        match opts.accel {
+            Accel::Tcg => "TCG",
+            Accel::Kvm => "KVM",
+        }
     ));
     let mut machine = Machine::start(
         MachineConfig {

@@ -68,9 +68,11 @@ pub fn tap_line(number: usize, r: &CheckResult) -> String {
         if let Some(a) = &r.artifacts {
             let _ = writeln!(s, "  artifacts: {}", yaml_string(&a.display().to_string()));
         }
-        let _ = writeln!(s, "  output: |");
-        for line in tail(&r.output, 40).lines() {
-            let _ = writeln!(s, "    {line}");
+        if !r.output.trim().is_empty() {
+            let _ = writeln!(s, "  output: |");
+            for line in tail(&r.output, 40).lines() {
+                let _ = writeln!(s, "    {line}");
+            }
         }
         let _ = writeln!(s, "  ...");
     }
