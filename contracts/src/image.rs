@@ -216,6 +216,28 @@ pub const HOST_REPO: &str = "/ostree/repo";
 /// ostree-prepare-root).
 pub const OSTREE_BOOTED: &str = "/run/ostree-booted";
 
+/// Make the objects of the host repository at `repo` root's alone (0700).
+/// Images keep their owners there (an app's files owned by uid 1000 are
+/// objects owned by uid 1000 on the node): a local user with that uid
+/// could otherwise open and rewrite them by their predictable path, and
+/// with them every container (and baked app) that shares the object. The
+/// image writer sets it, the image store keeps it; libostree's own users
+/// are root.
+pub fn protect_host_repo_objects(repo: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let objects = repo.join("objects");
+    let meta = std::fs::symlink_metadata(&objects)
+        .with_context(|| format!("reading {}", objects.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory", objects.display());
+    }
+    if meta.permissions().mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(&objects, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} root's alone (0700)", objects.display()))?;
+    }
+    Ok(())
+}
+
 /// Whether `root`'s images live in the host's repository: the node's
 /// default state root on a booted OSTree system.
 pub fn uses_host_repo(root: &Path) -> bool {

@@ -909,12 +909,13 @@ pub fn copy_image(
     )
 }
 
-/// Clear setuid and setgid bits and file capabilities in an unpacked image.
-/// Inside a container they grant nothing (it runs with no_new_privs), but
-/// in a repository others can read (the host's: baked apps, and pulled
-/// images on a node) its objects are files a local user could find and
-/// execute: an image's setuid-root binary must not become one of the
-/// host's. Returns how many files changed.
+/// Clear setuid and setgid bits, file capabilities and group/other write
+/// bits of the regular files in an unpacked image. Inside a container they
+/// grant nothing (it runs with no_new_privs, from a read-only root), but in
+/// the host's repository (baked apps, and pulled images on a node) its
+/// files are objects shared with the host tree and other images: an
+/// image's setuid-root binary must not become one of the host's, nor may
+/// anyone but root rewrite an object. Returns how many files changed.
 pub fn strip_privileges(rootfs: &Path) -> Result<usize> {
     use std::os::unix::ffi::OsStrExt;
     let mut changed = 0;
@@ -930,11 +931,15 @@ pub fn strip_privileges(rootfs: &Path) -> Result<usize> {
         // never follows a symlink (and this is a regular file).
         let had_caps =
             unsafe { libc::lremovexattr(path_c.as_ptr(), c"security.capability".as_ptr()) == 0 };
-        if mode & 0o6000 != 0 {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o1777))
-                .with_context(|| format!("clearing setuid/setgid of {}", path.display()))?;
+        const CLEARED: u32 = 0o6022;
+        if mode & CLEARED != 0 {
+            std::fs::set_permissions(
+                path,
+                std::fs::Permissions::from_mode(mode & 0o7777 & !CLEARED),
+            )
+            .with_context(|| format!("clearing setuid/setgid/write bits of {}", path.display()))?;
         }
-        if had_caps || mode & 0o6000 != 0 {
+        if had_caps || mode & CLEARED != 0 {
             changed += 1;
         }
     }
@@ -981,7 +986,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stripped_files_lose_setuid_and_setgid_directories_keep_theirs() {
+    fn stripped_files_lose_setuid_setgid_and_write_for_others_directories_keep_theirs() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let mode = |p: &str| {
@@ -993,7 +998,13 @@ mod tests {
         };
         std::fs::create_dir(dir.path().join("bin")).unwrap();
         std::fs::create_dir(dir.path().join("shared")).unwrap();
-        for (p, m) in [("bin/su", 0o4755), ("bin/wall", 0o2755), ("bin/ls", 0o755)] {
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        for (p, m) in [
+            ("bin/su", 0o4755),
+            ("bin/wall", 0o2755),
+            ("bin/ls", 0o755),
+            ("etc/shared", 0o666),
+        ] {
             std::fs::write(dir.path().join(p), "x").unwrap();
             std::fs::set_permissions(dir.path().join(p), std::fs::Permissions::from_mode(m))
                 .unwrap();
@@ -1004,7 +1015,8 @@ mod tests {
         )
         .unwrap();
         std::os::unix::fs::symlink("/usr/bin/passwd", dir.path().join("bin/passwd")).unwrap();
-        assert_eq!(strip_privileges(dir.path()).unwrap(), 2);
+        assert_eq!(strip_privileges(dir.path()).unwrap(), 3);
+        assert_eq!(mode("etc/shared"), 0o644);
         assert_eq!(
             (mode("bin/su"), mode("bin/wall"), mode("bin/ls")),
             (0o755, 0o755, 0o755)

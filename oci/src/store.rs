@@ -110,6 +110,7 @@ impl Store {
             return image::open_repo(&self.repo);
         }
         let repo = image::open_host_repo(&self.repo)?;
+        cairn_contracts::image::protect_host_repo_objects(&self.repo)?;
         self.move_in_own_repo(&repo)?;
         Ok(repo)
     }

@@ -202,6 +202,12 @@ fn assert_pulled_image_is_stored_with_the_host(
         "host app run --rm --network none {PULLED} /bin/echo pulled-ok"
     )));
     assert!(out.contains("pulled-ok"), "{out}");
+    let objects = must(vm.ok("stat -c %a /ostree/repo/objects"));
+    assert_eq!(
+        objects.trim(),
+        "700",
+        "the image writer makes objects root's alone"
+    );
     let stat = |vm: &mut Vm, p: &str| must(vm.ok(&format!("stat -c '%i %h' {p}")));
     let pulled = stat(
         vm,

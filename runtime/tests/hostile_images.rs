@@ -421,6 +421,11 @@ fn a_store_in_the_host_repository_holds_no_privileged_files() {
     for p in [host_repo.clone(), host_repo.join("tmp")] {
         assert_eq!(mode(&p), 0o755, "{} keeps its mode", p.display());
     }
+    assert_eq!(
+        mode(&host_repo.join("objects")),
+        0o700,
+        "objects keep their image owners: root's alone"
+    );
 
     let (_, tree) = shared.checkout(&moved.reference()).unwrap();
     let check = |tree: &Path, what: &str| {

@@ -173,6 +173,7 @@ pub fn deploy(
     // change on the node goes through libostree's grub2 backend.
     let repo = sysroot.repo();
     set_bootloader(&repo, "none")?;
+    cairn_contracts::image::protect_host_repo_objects(&sysroot_path.join("ostree/repo"))?;
 
     // Signed commits and a signed summary, or (a lab image) neither.
     let verify = trusted.is_some();
