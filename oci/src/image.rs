@@ -872,16 +872,8 @@ pub fn copy_image(
 ) -> Result<String> {
     let staging = staging_dir(to)?;
     let rootfs = staging.path().join("rootfs");
-    let opts = ostree::RepoCheckoutAtOptions {
-        mode: if from.mode() == ostree::RepoMode::Bare {
-            ostree::RepoCheckoutMode::None
-        } else {
-            ostree::RepoCheckoutMode::User
-        },
-        ..Default::default()
-    };
     from.checkout_at(
-        Some(&opts),
+        Some(&checkout_options(from)),
         libc::AT_FDCWD,
         &rootfs,
         &info.commit,
@@ -907,6 +899,19 @@ pub fn copy_image(
         &format,
         ostree::commit_get_timestamp(&v),
     )
+}
+
+/// How a commit of `repo` is checked out: hardlinks keeping owners from a
+/// bare repository (as root), a user checkout otherwise.
+pub(crate) fn checkout_options(repo: &ostree::Repo) -> ostree::RepoCheckoutAtOptions {
+    ostree::RepoCheckoutAtOptions {
+        mode: if repo.mode() == ostree::RepoMode::Bare {
+            ostree::RepoCheckoutMode::None
+        } else {
+            ostree::RepoCheckoutMode::User
+        },
+        ..Default::default()
+    }
 }
 
 /// Clear setuid and setgid bits, file capabilities and group/other write

@@ -380,16 +380,8 @@ pub fn ensure_checkout(repo: &ostree::Repo, commit: &str, dir: &Path) -> Result<
     let dir = writable.as_deref().unwrap_or(dir);
     let tmp = dir.join(format!(".tmp-{commit}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let opts = ostree::RepoCheckoutAtOptions {
-        mode: if repo.mode() == ostree::RepoMode::Bare {
-            ostree::RepoCheckoutMode::None
-        } else {
-            ostree::RepoCheckoutMode::User
-        },
-        ..Default::default()
-    };
     if let Err(e) = repo.checkout_at(
-        Some(&opts),
+        Some(&image::checkout_options(repo)),
         libc::AT_FDCWD,
         &tmp,
         commit,

@@ -132,23 +132,8 @@ impl Vm {
         let _ = std::fs::remove_dir_all(&config.workdir);
         std::fs::create_dir_all(&config.workdir)
             .with_context(|| format!("creating {}", config.workdir.display()))?;
-        let image = std::fs::canonicalize(&config.image)
-            .with_context(|| format!("disk image {}", config.image.display()))?;
-        let format = image_format(&image)?;
         let overlay = config.workdir.join("overlay.qcow2");
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", &format, "-b"])
-            .arg(&image)
-            .arg(&overlay)
-            .output()
-            .context("running qemu-img (Debian package qemu-utils)")?;
-        if !out.status.success() {
-            bail!(
-                "qemu-img create overlay over {}: {}",
-                image.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        cairn_testbed::machine::make_overlay(&config.image, &overlay)?;
         let mut vm = Vm {
             transcript: config.workdir.join("control.log"),
             config,
@@ -466,14 +451,6 @@ impl Drop for Vm {
 }
 
 /// `qcow2` or `raw`, as qemu-img sees the file.
-fn image_format(image: &Path) -> Result<String> {
-    let mut head = [0u8; 4];
-    std::fs::File::open(image)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .with_context(|| format!("reading {}", image.display()))?;
-    Ok(if &head == b"QFI\xfb" { "qcow2" } else { "raw" }.to_string())
-}
-
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }

@@ -98,26 +98,8 @@ pub struct Ran {
 impl Machine {
     /// Make the overlay and start QEMU.
     pub fn start(config: MachineConfig, key: &Key) -> Result<Machine> {
-        let format = image_format(&config.image)?;
         let overlay = config.workdir.join("overlay.qcow2");
-        let image = config
-            .image
-            .canonicalize()
-            .with_context(|| format!("image {}", config.image.display()))?;
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", &format, "-b"])
-            .arg(&image)
-            .arg(&overlay)
-            .stdin(Stdio::null())
-            .output()
-            .context("running qemu-img (Debian package qemu-utils)")?;
-        if !out.status.success() {
-            bail!(
-                "qemu-img could not make an overlay of {}: {}",
-                image.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        make_overlay(&config.image, &overlay)?;
         let mut m = Machine {
             serial_log: config.workdir.join("serial.log"),
             known_hosts: config.workdir.join("known_hosts"),
@@ -337,6 +319,31 @@ fn drain<R: std::io::Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHa
         let _ = std::io::copy(&mut r, &mut std::io::sink());
         String::from_utf8_lossy(&buf).into_owned()
     })
+}
+
+/// A qcow2 overlay at `overlay` over `image` (raw or qcow2), which is then
+/// never written: every machine boots from one, which also survives its
+/// power cuts (unlike `-snapshot`).
+pub fn make_overlay(image: &Path, overlay: &Path) -> Result<()> {
+    let format = image_format(image)?;
+    let image = image
+        .canonicalize()
+        .with_context(|| format!("image {}", image.display()))?;
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", &format, "-b"])
+        .arg(&image)
+        .arg(overlay)
+        .stdin(Stdio::null())
+        .output()
+        .context("running qemu-img (Debian package qemu-utils)")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img could not make an overlay of {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// The format qemu-img sees in `image` (raw or qcow2, usually).
