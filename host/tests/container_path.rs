@@ -434,6 +434,36 @@ impl OnPty {
         self.master.write_all(bytes).unwrap();
     }
 
+    /// Type `bytes` as fast as the terminal takes them while reading what
+    /// it shows, until all went in and `what` appeared (60 s at most).
+    fn send_while_reading(&mut self, mut bytes: &[u8], what: &str) {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !bytes.is_empty() || !self.seen.contains(what) {
+            let mut idle = true;
+            if !bytes.is_empty() {
+                if let Ok(n @ 1..) = self.master.write(&bytes[..bytes.len().min(1024)]) {
+                    bytes = &bytes[n..];
+                    idle = false;
+                }
+            }
+            let mut buf = [0u8; 16 << 10];
+            if let Ok(n @ 1..) = self.master.read(&mut buf) {
+                self.seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                idle = false;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stalled with {} bytes still to type; the terminal showed (last 2000 bytes):\n{}",
+                bytes.len(),
+                &self.seen[self.seen.len().saturating_sub(2000)..]
+            );
+            if idle {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
+
     fn exit_code(mut self) -> i32 {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
@@ -513,6 +543,19 @@ fn run_and_exec_with_a_terminal() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     t.send(b"go\r");
     t.expect("50 120");
+    assert_eq!(t.exit_code(), 0);
+
+    // Input the container does not read yet does not stop its output from
+    // being shown (each side would wait for the other): 60 KiB typed while
+    // it prints 200 KiB, then it reads every line.
+    let mut t = run(
+        "i=0; while test $i -lt 2500; do echo output-line-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; \
+         i=$((i+1)); done; echo OUT-DONE; n=0; \
+         while read l; do n=$((n+1)); test $n -ge 600 && break; done; echo READ-$n",
+    );
+    let line = format!("{}\r", "y".repeat(99));
+    t.send_while_reading(line.repeat(600).as_bytes(), "READ-600");
+    assert!(t.seen.contains("OUT-DONE"), "all output shown");
     assert_eq!(t.exit_code(), 0);
 
     // An interactive shell, as a user gets one: Ctrl-C interrupts what it

@@ -6,7 +6,7 @@
 //! friends reach the container's foreground processes as the characters
 //! they are, and passes window size changes on (SIGWINCH).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
@@ -24,6 +24,11 @@ pub struct Console {
     /// The caller's stdin has not ended; the master still reads.
     input_open: Cell<bool>,
     output_open: Cell<bool>,
+    /// Typed input the container has not taken yet. The master is
+    /// non-blocking: a container that does not read (its input queue full)
+    /// must not stop its output from being shown, or both sides wait on
+    /// each other. While this holds bytes, the caller's input waits.
+    pending: RefCell<Vec<u8>>,
 }
 
 impl Console {
@@ -41,12 +46,17 @@ impl Console {
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
             )?;
         }
+        nix::fcntl::fcntl(
+            pty.master.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
         let mut console = Self {
             master: pty.master,
             slave: pty.slave,
             saved: None,
             input_open: Cell::new(true),
             output_open: Cell::new(true),
+            pending: RefCell::new(Vec::new()),
         };
         console.resize();
         let saved = termios::tcgetattr(stdin.as_fd()).context("reading the terminal's settings")?;
@@ -77,17 +87,31 @@ impl Console {
     }
 
     /// Add the directions still open, the caller's `stdin` and the master,
-    /// to a poll set.
+    /// to a poll set: the caller's input only when the container took what
+    /// came before, the master for output and, while input waits, for room.
     pub fn poll_fds<'a>(&'a self, stdin: BorrowedFd<'a>, fds: &mut Vec<PollFd<'a>>) -> PollSlots {
-        let mut slot = |open: bool, fd: BorrowedFd<'a>| {
-            open.then(|| {
-                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        let waiting = !self.pending.borrow().is_empty();
+        let mut slot = |flags: PollFlags, fd: BorrowedFd<'a>| {
+            (!flags.is_empty()).then(|| {
+                fds.push(PollFd::new(fd, flags));
                 fds.len() - 1
             })
         };
+        let mut master = PollFlags::empty();
+        if self.output_open() {
+            master |= PollFlags::POLLIN;
+        }
+        if waiting {
+            master |= PollFlags::POLLOUT;
+        }
+        let typed = if self.input_open() && !waiting {
+            PollFlags::POLLIN
+        } else {
+            PollFlags::empty()
+        };
         PollSlots {
-            typed: slot(self.input_open(), stdin),
-            shown: slot(self.output_open(), self.master()),
+            typed: slot(typed, stdin),
+            shown: slot(master, self.master()),
         }
     }
 
@@ -125,12 +149,12 @@ impl Console {
     /// an error on either side, ends that direction.
     pub fn pump(&self, input_ready: bool, output_ready: bool) {
         let mut buf = [0u8; 16 << 10];
-        if input_ready {
+        self.flush_input();
+        if input_ready && self.pending.borrow().is_empty() {
             match nix::unistd::read(std::io::stdin().as_raw_fd(), &mut buf) {
                 Ok(n @ 1..) => {
-                    if write_all(self.master.as_fd(), &buf[..n]).is_err() {
-                        self.input_open.set(false);
-                    }
+                    self.pending.borrow_mut().extend_from_slice(&buf[..n]);
+                    self.flush_input();
                 }
                 Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
                 Ok(_) | Err(_) => self.input_open.set(false),
@@ -143,6 +167,25 @@ impl Console {
                 }
                 Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
                 Ok(_) | Err(_) => self.output_open.set(false),
+            }
+        }
+    }
+
+    /// Hand the container as much of the waiting input as it takes now.
+    fn flush_input(&self) {
+        let mut pending = self.pending.borrow_mut();
+        while !pending.is_empty() {
+            match nix::unistd::write(self.master.as_fd(), &pending) {
+                Ok(n) => {
+                    pending.drain(..n);
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(_) => {
+                    // The container's side is gone: nothing more goes in.
+                    pending.clear();
+                    self.input_open.set(false);
+                }
             }
         }
     }
