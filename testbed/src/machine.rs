@@ -346,7 +346,10 @@ pub fn make_overlay(image: &Path, overlay: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The format qemu-img sees in `image` (raw or qcow2, usually).
+/// The format qemu-img sees in `image`: raw or qcow2, standing alone. A
+/// hostile qcow2 could name a backing file or an external data file (any
+/// file of this machine, `/etc/shadow` say) and hand its bytes to the guest
+/// as a disk, so either is refused.
 fn image_format(image: &Path) -> Result<String> {
     if !image.is_file() {
         bail!("image {} is not a file", image.display());
@@ -365,11 +368,31 @@ fn image_format(image: &Path) -> Result<String> {
         );
     }
     let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    check_standalone(image, &info)
+}
+
+fn check_standalone(image: &Path, info: &serde_json::Value) -> Result<String> {
     let format = info["format"]
         .as_str()
         .ok_or_else(|| anyhow!("qemu-img names no format for {}", image.display()))?;
-    if !format.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        bail!("{}: unexpected image format {format:?}", image.display());
+    if !matches!(format, "raw" | "qcow2") {
+        bail!(
+            "{}: a {format:?} image; raw or qcow2 expected (as host compose image writes them)",
+            image.display()
+        );
+    }
+    if let Some(backing) = info.get("backing-filename") {
+        bail!(
+            "{}: refused, it names a backing file ({backing}): give a standalone image \
+             (qemu-img convert -O qcow2 IMAGE OUT)",
+            image.display()
+        );
+    }
+    if let Some(data) = info["format-specific"]["data"].get("data-file") {
+        bail!(
+            "{}: refused, it names an external data file ({data}): give a standalone image",
+            image.display()
+        );
     }
     Ok(format.to_string())
 }
@@ -379,4 +402,53 @@ fn free_port() -> Result<u16> {
         .and_then(|l| l.local_addr())
         .context("finding a free port on 127.0.0.1")?
         .port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_that_reach_other_files_are_refused() {
+        let image = Path::new("disk.qcow2");
+        let plain: serde_json::Value =
+            serde_json::from_str(r#"{"format": "qcow2", "format-specific": {"data": {}}}"#)
+                .unwrap();
+        assert_eq!(check_standalone(image, &plain).unwrap(), "qcow2");
+        for (info, says) in [
+            (
+                r#"{"format": "qcow2", "backing-filename": "/etc/shadow"}"#,
+                "backing file",
+            ),
+            (
+                r#"{"format": "qcow2", "format-specific": {"data": {"data-file": "/etc/shadow"}}}"#,
+                "data file",
+            ),
+            (r#"{"format": "vmdk"}"#, "raw or qcow2"),
+        ] {
+            let v: serde_json::Value = serde_json::from_str(info).unwrap();
+            let e = format!("{:#}", check_standalone(image, &v).unwrap_err());
+            assert!(e.contains(says) && e.contains("disk.qcow2"), "{e}");
+        }
+    }
+
+    /// The same through the real qemu-img (scripts/setup installs
+    /// qemu-utils): a qcow2 over a host file is refused, a plain one taken.
+    #[test]
+    fn qemu_img_sees_the_backing_file() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, vec![7u8; 1 << 20]).unwrap();
+        let over = d.path().join("over.qcow2");
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&secret)
+            .arg(&over)
+            .status()
+            .expect("qemu-img (Debian package qemu-utils) is needed by this test");
+        assert!(made.success());
+        let e = format!("{:#}", image_format(&over).unwrap_err());
+        assert!(e.contains("backing file"), "{e}");
+        assert_eq!(image_format(&secret).unwrap(), "raw");
+    }
 }

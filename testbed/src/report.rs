@@ -71,12 +71,27 @@ pub fn tap_line(number: usize, r: &CheckResult) -> String {
         if !r.output.trim().is_empty() {
             let _ = writeln!(s, "  output: |");
             for line in tail(&r.output, 40).lines() {
-                let _ = writeln!(s, "    {line}");
+                let _ = writeln!(s, "    {}", printable(line));
             }
         }
         let _ = writeln!(s, "  ...");
     }
     s
+}
+
+/// A line of a check's output for a terminal: control characters (escape
+/// sequences a hostile guest could send to the reader's terminal) become
+/// U+FFFD.
+fn printable(line: &str) -> String {
+    line.chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 fn yaml_string(s: &str) -> String {
@@ -248,6 +263,10 @@ mod tests {
         assert!(
             failed.contains("    line 1\n") && failed.ends_with("  ...\n"),
             "{failed}"
+        );
+        assert!(
+            failed.contains("    <b>&\u{fffd}\n"),
+            "no escape reaches a terminal: {failed}"
         );
     }
 
