@@ -6,10 +6,12 @@
 //!
 //! On a booted node the repository is the host's own, so an image's files
 //! are stored once, next to the host's and the baked apps'. Objects there
-//! are readable by every local user, so images lose their setuid/setgid
-//! bits and file capabilities on the way in (containers run with
-//! no_new_privs: those grant nothing there), and unreferenced objects are
-//! left to the host's cleanup, which knows the deployments too.
+//! are shared, so images lose their setuid/setgid bits, file capabilities
+//! and group/other write bits on the way in (containers run with
+//! no_new_privs from a read-only root: those grant nothing there), the
+//! objects directory is root's alone (image files keep their owners), and
+//! unreferenced objects are left to the host's cleanup, which knows the
+//! deployments too.
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
