@@ -479,7 +479,7 @@ fn parse_volume(s: &str) -> Result<Volume, String> {
     Volume::parse(s).map_err(|e| format!("{e:#}"))
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     cairn_contracts::duration::parse(s).map_err(|e| format!("{e:#}"))
 }
 

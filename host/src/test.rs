@@ -55,16 +55,12 @@ pub struct BootArgs {
     #[arg(long, value_name = "N", default_value_t = 2)]
     cpus: u32,
     /// How long a boot may take to answer SSH (each reboot too).
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::containers::parse_duration)]
     boot_timeout: Duration,
     /// How QEMU runs the machine. TCG unless asked: on machines that are
     /// themselves VMs, KVM often starts and then hangs the guest's kernel.
     #[arg(long, value_enum, default_value = "tcg")]
     accel: AccelArg,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    cairn_contracts::duration::parse(s).map_err(|e| format!("{e:#}"))
 }
 
 pub fn run(cmd: TestCommand) -> Result<ExitCode> {
@@ -145,7 +141,7 @@ fn boot(args: BootArgs) -> Result<ExitCode> {
             "host test: first check ran {:.1} s after the start (console login prompt: {console}); \
              {} of {} checks passed in {:.1} s",
             first.as_secs_f64(),
-            report.results.len() - report.results.iter().filter(|r| !r.passed()).count(),
+            report.results.iter().filter(|r| r.passed()).count(),
             report.results.len(),
             report.total.as_secs_f64()
         );

@@ -16,7 +16,7 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -151,7 +151,8 @@ impl Vm {
 
     /// Start a QEMU process on the overlay (first start, or after a power cut).
     fn power_on(&mut self) -> Result<()> {
-        let qemu = qemu_binary()?;
+        // Loudly, when it is missing.
+        qemu_binary()?;
         let run = self.logs.len();
         let log = self.config.workdir.join(format!("serial-{run}.log"));
         let socket = self.config.workdir.join(format!("control-{run}.sock"));
@@ -161,23 +162,14 @@ impl Vm {
         listener.set_nonblocking(true)?;
         let stderr_path = self.config.workdir.join(format!("qemu-{run}.stderr"));
         let stderr = std::fs::File::create(&stderr_path)?;
-        let mut cmd = Command::new(qemu);
-        cmd.args(["-accel", "tcg", "-nodefaults", "-display", "none"])
-            .args(["-machine", "pc"])
-            .args(["-m", &self.config.memory_mib.to_string()])
-            .args(["-smp", &self.config.cpus.to_string()])
-            .arg("-chardev")
-            .arg(format!("file,id=serial0,path={}", log.display()))
-            .args(["-serial", "chardev:serial0"])
-            // cache=writeback (QEMU's default, spelled out): the guest's flushes
-            // reach the host file, so a power cut (SIGKILL) loses only what the
-            // guest had not synced, as on real hardware. Never cache=unsafe here.
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=qcow2,if=virtio,cache=writeback",
-                self.overlay.display()
-            ))
-            .arg("-netdev")
+        let mut cmd = cairn_testbed::machine::qemu_command(
+            cairn_testbed::Accel::Tcg,
+            self.config.memory_mib.into(),
+            self.config.cpus,
+            &log,
+            &self.overlay,
+        );
+        cmd.arg("-netdev")
             .arg(format!("user,id=net0{}", self.config.net_options))
             .args(["-device", "virtio-net-pci,netdev=net0"])
             .args(["-device", "virtio-serial-pci,id=vser0"])
@@ -188,8 +180,6 @@ impl Vm {
                 "virtserialport,bus=vser0.0,chardev=control,name={CONTROL_PORT}"
             ))
             .args(&self.config.extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(stderr);
         let child = cmd.spawn().context("starting qemu-system-x86_64")?;
         self.logs.push(log);

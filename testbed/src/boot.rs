@@ -110,10 +110,7 @@ pub fn boot(
         "booting {} ({memory_mib} MiB, {} CPUs, {})",
         opts.image.display(),
         opts.cpus,
-        match opts.accel {
-            Accel::Tcg => "TCG",
-            Accel::Kvm => "KVM",
-        }
+        opts.accel.name()
     ));
     let mut machine = Machine::start(
         MachineConfig {

@@ -16,9 +16,9 @@ use anyhow::{bail, Context, Result};
 
 /// The header's marker; `key = value` follows it.
 const MARKER: &str = "cairn-test:";
-/// How much of a check is read for its header (and the most a check may be:
-/// it is copied into the machine whole).
+/// The most a check may be: it is copied into the machine whole.
 const MAX_CHECK_SIZE: u64 = 16 << 20;
+/// How much of a check is read for its header.
 const HEADER_BYTES: usize = 8 << 10;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -92,8 +92,14 @@ fn read(path: &Path) -> Result<Check> {
             path.display()
         );
     }
-    let mut head = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    head.truncate(HEADER_BYTES);
+    // Only the header is read here; the whole file goes to the machine.
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            use std::io::Read as _;
+            f.take(HEADER_BYTES as u64).read_to_end(&mut head)
+        })
+        .with_context(|| format!("reading {}", path.display()))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

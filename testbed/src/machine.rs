@@ -19,6 +19,47 @@ pub enum Accel {
     Kvm,
 }
 
+impl Accel {
+    /// QEMU's name for it (`-accel`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+}
+
+/// The QEMU command line every cairn machine starts from (the users' runner
+/// and the project's own QEMU tests): a PC without default devices or
+/// display, `memory_mib` and `cpus`, the serial console into `serial_log`,
+/// and `overlay` as its virtio disk.
+pub fn qemu_command(
+    accel: Accel,
+    memory_mib: u64,
+    cpus: u32,
+    serial_log: &Path,
+    overlay: &Path,
+) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", accel.name(), "-nodefaults", "-display", "none"])
+        .args(["-machine", "pc"])
+        .args(["-m", &memory_mib.to_string(), "-smp", &cpus.to_string()])
+        .arg("-chardev")
+        .arg(format!("file,id=serial0,path={}", serial_log.display()))
+        .args(["-serial", "chardev:serial0"])
+        // cache=writeback (QEMU's default, spelled out): the guest's flushes
+        // reach the host file, so a power cut (SIGKILL) loses only what the
+        // guest had not synced, as on real hardware. Never cache=unsafe here.
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=qcow2,if=virtio,cache=writeback",
+            overlay.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
+}
+
 /// What a machine is started with.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
@@ -117,49 +158,28 @@ impl Machine {
 
     fn power_on(&mut self) -> Result<()> {
         let c = &self.config;
-        let accel = match c.accel {
-            Accel::Tcg => "tcg",
-            Accel::Kvm => "kvm",
-        };
         let stderr = std::fs::File::create(c.workdir.join("qemu.stderr"))?;
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                accel,
-                "-machine",
-                "pc",
-                "-nodefaults",
-                "-display",
-                "none",
-            ])
-            .args(["-m", &c.memory_mib.to_string(), "-smp", &c.cpus.to_string()])
-            .arg("-chardev")
-            .arg(format!(
-                "file,id=serial0,path={}",
-                self.serial_log.display()
-            ))
-            .args(["-serial", "chardev:serial0"])
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=qcow2,if=virtio,cache=writeback",
-                self.overlay.display()
-            ))
-            .arg("-netdev")
-            .arg(format!(
-                "user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22",
-                self.ssh_port
-            ))
-            .args(["-device", "virtio-net-pci,netdev=net0"])
-            .arg("-fw_cfg")
-            .arg(format!(
-                "name=opt/org.cairn/config,file={}",
-                c.node_config.display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+        let child = qemu_command(
+            c.accel,
+            c.memory_mib,
+            c.cpus,
+            &self.serial_log,
+            &self.overlay,
+        )
+        .arg("-netdev")
+        .arg(format!(
+            "user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22",
+            self.ssh_port
+        ))
+        .args(["-device", "virtio-net-pci,netdev=net0"])
+        .arg("-fw_cfg")
+        .arg(format!(
+            "name=opt/org.cairn/config,file={}",
+            c.node_config.display()
+        ))
+        .stderr(stderr)
+        .spawn()
+        .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
         self.qemu = Some(child);
         self.powered_on = Instant::now();
         self.console_login_at = None;
