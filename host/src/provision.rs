@@ -104,6 +104,9 @@ fn print_plan(plan: &Plan) {
     if let Some(r) = &plan.follow {
         println!("  follow {r} (its next update comes from there)");
     }
+    if let Some(u) = &plan.remote_url {
+        println!("  fetch updates from {u}");
+    }
     if !plan.kernel_args.is_empty() {
         println!(
             "  kernel arguments {} (a new deployment, then a reboot)",
@@ -143,6 +146,9 @@ pub fn render_state(s: &ProvisionState) -> String {
     }
     if let Some(r) = &s.follows {
         t.push_str(&format!("  follows: {r}\n"));
+    }
+    if let Some(u) = &s.remote_url {
+        t.push_str(&format!("  updates from: {u}\n"));
     }
     if !s.kernel_args.is_empty() {
         t.push_str(&format!(
@@ -240,6 +246,13 @@ fn activate(plan: &Plan, state: &mut ProvisionState) -> Result<()> {
     }
     let target = cairn_updater::SysrootTarget::from_option(None);
     if let Some(refspec) = &plan.follow {
+        // The URL first: following a ref only rewrites the origin, but a
+        // remote pointed at the wrong server must not stay half-changed.
+        if let (Some(url), Some((remote, _))) = (&plan.remote_url, refspec.split_once(':')) {
+            cairn_updater::set_remote_url(&target, remote, url)
+                .with_context(|| format!("pointing remote {remote} at {url}"))?;
+            state.remote_url = Some(url.clone());
+        }
         let mut step = crate::node::show_step(false);
         cairn_updater::follow(&target, refspec, &mut step)
             .with_context(|| format!("following {refspec}"))?;

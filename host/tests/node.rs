@@ -981,6 +981,58 @@ impl Drop for ReleaseKey {
 /// remote's keyring, as `compose image --trust` writes it); a tree shipping
 /// A, then one signed by A shipping B, rotate the node to B: afterwards A is
 /// refused, B accepted, nothing staged by the refusal.
+/// A node config's `[update] url` (what `host test upgrade` provisions):
+/// the remote fetches from the new URL and verifies exactly as before.
+#[test]
+#[ignore = "privileged: needs root; run by scripts/test"]
+fn a_new_remote_url_keeps_the_remotes_signature_checks() {
+    let fx = Fixture::build(true, None);
+    let target = cairn_updater::SysrootTarget::from_option(Some(fx.sysroot()));
+    let open = || {
+        let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(fx.sysroot())));
+        sysroot.load(gio::Cancellable::NONE).unwrap();
+        sysroot.repo()
+    };
+    let repo = open();
+    let url = repo.remote_get_url("cairn").unwrap().to_string();
+    let key = repo.remote_option("cairn", "gpgkeypath", None).unwrap();
+    assert!(key.is_some());
+
+    let before =
+        cairn_updater::set_remote_url(&target, "cairn", "http://127.0.0.1:9/repo").unwrap();
+    assert_eq!(before, url);
+    let repo = open();
+    assert_eq!(
+        repo.remote_get_url("cairn").unwrap(),
+        "http://127.0.0.1:9/repo"
+    );
+    assert!(repo.remote_get_gpg_verify("cairn").unwrap());
+    assert_eq!(
+        repo.remote_option("cairn", "gpgkeypath", None).unwrap(),
+        key
+    );
+    let err =
+        cairn_updater::set_remote_url(&target, "elsewhere", "http://127.0.0.1:9/").unwrap_err();
+    assert!(
+        format!("{err:#}").contains("remote `elsewhere` is not configured"),
+        "{err:#}"
+    );
+
+    // Back on the real URL, an unsigned commit is still refused and a
+    // signed one still deploys.
+    cairn_updater::set_remote_url(&target, "cairn", &url).unwrap();
+    fx.commit(REF, &Tree::new("2.0-unsigned", 2));
+    let err = fx.fails(&["upgrade"]);
+    assert!(err.contains("GPG") || err.contains("signature"), "{err}");
+    let v3 = fx.commit(REF, &Tree::new("3.0", 3));
+    let g = fx.gnupg.as_ref().unwrap();
+    fx.src
+        .sign_commit(&v3, &g.key, Some(g.home_str()), gio::Cancellable::NONE)
+        .unwrap();
+    fx.ok(&["upgrade"]);
+    assert_eq!(fx.versions(), ["3.0", "1.0"]);
+}
+
 #[test]
 #[ignore = "privileged: needs root; run by scripts/test"]
 fn trusted_keys_follow_the_deployment_and_rotate_from_a_to_b() {

@@ -25,8 +25,8 @@ pub mod sysroot;
 pub mod trust;
 
 pub use ops::{
-    cleanup, deploy, follow, kargs, pin, rollback, switch, upgrade, CleanupOptions, KargsEdit,
-    Outcome, UpgradeOptions,
+    cleanup, deploy, follow, kargs, pin, rollback, set_remote_url, switch, upgrade, CleanupOptions,
+    KargsEdit, Outcome, UpgradeOptions,
 };
 pub use plan::Refusal;
 pub use report::{

@@ -730,6 +730,54 @@ pub fn follow(target: &SysrootTarget, refspec: &str, obs: &mut dyn Observer) -> 
     Ok(before)
 }
 
+/// Remote options a new URL keeps: how the remote verifies what it serves
+/// and how it reaches its server. Anything else a remote had is dropped
+/// with its old URL (a `contenturl`, say, would point at the old server).
+const KEPT_REMOTE_OPTIONS: &[&str] = &[
+    "gpg-verify",
+    "gpg-verify-summary",
+    "gpgkeypath",
+    "sign-verify",
+    "sign-verify-summary",
+    "verification-ed25519-file",
+    "verification-ed25519-key",
+    "tls-permissive",
+    "tls-ca-path",
+    "tls-client-cert-path",
+    "tls-client-key-path",
+];
+
+/// Points `remote` at `url`, keeping how it verifies what it serves (its
+/// signature settings and trusted keys). What a node config's
+/// `[update] url` does at first boot. Returns the URL it had.
+pub fn set_remote_url(target: &SysrootTarget, remote: &str, url: &str) -> Result<String> {
+    let mut quiet = |_: &crate::report::Step| {};
+    let s = Session::begin(target, "set-remote-url", &mut quiet)?;
+    s.require_remote(remote)?;
+    let before = s
+        .repo
+        .remote_get_url(remote)
+        .map(|u| u.to_string())
+        .unwrap_or_default();
+    let options = glib::VariantDict::new(None);
+    for key in KEPT_REMOTE_OPTIONS {
+        if let Ok(Some(value)) = s.repo.remote_option(remote, key, None) {
+            options.insert_value(key, &glib::variant::ToVariant::to_variant(value.as_str()));
+        }
+    }
+    s.repo
+        .remote_change(
+            None::<&gio::File>,
+            ostree::RepoRemoteChange::Replace,
+            remote,
+            Some(url),
+            Some(&options.end()),
+            gio::Cancellable::NONE,
+        )
+        .with_context(|| format!("pointing remote {remote} at {url}"))?;
+    Ok(before)
+}
+
 fn describe_deployment(repo: &ostree::Repo, d: &ostree::Deployment) -> String {
     deployment_ref(repo, 0, d).describe()
 }

@@ -59,6 +59,9 @@ pub struct ProvisionState {
     /// The `REMOTE:REF` updates follow since.
     #[serde(default)]
     pub follows: Option<String>,
+    /// The URL updates are fetched from since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_url: Option<String>,
 }
 
 impl ProvisionState {
@@ -86,6 +89,7 @@ impl ProvisionState {
             units: Vec::new(),
             kernel_args: Vec::new(),
             follows: None,
+            remote_url: None,
         }
     }
 
@@ -301,6 +305,7 @@ pub fn apply(root: &Path, plan: &Plan, found: &Found) -> Result<ProvisionState> 
         units: plan.units.clone(),
         kernel_args: Vec::new(),
         follows: None,
+        remote_url: None,
     })
 }
 

@@ -180,6 +180,11 @@ pub struct Update {
     /// agent's next check, moves it to that ref's head.
     #[serde(rename = "ref")]
     pub ref_: String,
+    /// Where that remote fetches from, replacing the URL the image was
+    /// written with (its signature checks and keys stay as they are):
+    /// `https://…`, or `http://…` for a repository on a trusted network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -319,6 +324,9 @@ impl NodeConfig {
         }
         if let Some(update) = &self.update {
             check_refspec(&update.ref_).context("update.ref")?;
+            if let Some(url) = &update.url {
+                check_remote_url(url).context("update.url")?;
+            }
         }
         if let Some(agent) = &self.agent {
             // The agent's own reader checks it; the node's machine id is
@@ -634,6 +642,27 @@ fn check_refspec(r: &str) -> Result<()> {
     match r.split_once(':') {
         Some((remote, ref_)) if ok_part(remote, false) && ok_part(ref_, true) => Ok(()),
         _ => bail!("{r:?} is not REMOTE:REF, e.g. cairn:cairn/bookworm/x86_64/container-host"),
+    }
+}
+
+/// A remote's URL: http(s), at most 2 KiB, without spaces, control
+/// characters or anything that would end a line of the repository's config.
+fn check_remote_url(url: &str) -> Result<()> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    match rest {
+        Some(rest)
+            if !rest.is_empty()
+                && !rest.starts_with('/')
+                && url.len() <= 2048
+                && !url.contains(|c: char| c.is_whitespace() || c.is_control()) =>
+        {
+            Ok(())
+        }
+        _ => bail!(
+            "{url:?} is not an http:// or https:// URL of a repository, e.g. https://updates.example.net/cairn/repo"
+        ),
     }
 }
 

@@ -73,6 +73,8 @@ pub struct Plan {
     pub kernel_args: Vec<String>,
     /// `REMOTE:REF` the node follows from now on.
     pub follow: Option<String>,
+    /// The URL that remote fetches from from now on.
+    pub remote_url: Option<String>,
     /// Units to enable, by name (their files are in `entries`).
     pub units: Vec<String>,
 }
@@ -101,6 +103,7 @@ pub fn render(c: &NodeConfig) -> Result<Plan> {
     let mut plan = Plan {
         kernel_args: c.kernel_args.clone(),
         follow: c.update.as_ref().map(|u| u.ref_.clone()),
+        remote_url: c.update.as_ref().and_then(|u| u.url.clone()),
         ..Plan::default()
     };
     let e = &mut plan.entries;

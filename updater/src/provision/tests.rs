@@ -95,6 +95,10 @@ fn the_documented_example_parses_and_renders() {
         plan.follow.as_deref(),
         Some("cairn:cairn/bookworm/x86_64/green")
     );
+    assert_eq!(
+        plan.remote_url.as_deref(),
+        Some("https://updates.example.net/cairn/repo")
+    );
 }
 
 #[test]
@@ -250,6 +254,18 @@ fn bad_values_are_refused_naming_their_key() {
         ("version = 1\nkernel-args = [\"a b\"]", "kernel-args[0]"),
         ("version = 1\n[update]\nref = \"cairn/x\"", "not REMOTE:REF"),
         ("version = 1\n[update]\nref = \"cairn:../x\"", "update.ref"),
+        (
+            "version = 1\n[update]\nref = \"cairn:x\"\nurl = \"file:///etc\"",
+            "update.url",
+        ),
+        (
+            "version = 1\n[update]\nref = \"cairn:x\"\nurl = \"http://h/r\\n[remote \\\"evil\\\"]\"",
+            "update.url",
+        ),
+        (
+            "version = 1\n[update]\nref = \"cairn:x\"\nurl = \"https:///path\"",
+            "update.url",
+        ),
         (
             "version = 1\n[[apps]]\nname = \"a\"\nimage = \"x\"\n[[apps]]\nname = \"a\"\nimage = \"y\"",
             "listed twice",
