@@ -26,8 +26,9 @@ pub const LOCK: &str = "cairn.lock";
 pub const PROMOTED_FROM: &str = "cairn.promoted-from";
 pub const PROMOTED_FROM_REF: &str = "cairn.promoted-from-ref";
 pub const PROMOTED_FROM_VERSION: &str = "cairn.promoted-from-version";
-/// On a commit promoted with `--tested-by FILE`: `sha256:<hex>` of that
-/// JUnit result (every test passed), and what it counted.
+/// On a commit promoted with `--tested-by FILE`…: `sha256:<hex>` of each
+/// JUnit result (every test passed), space-separated in the order given,
+/// and what they counted, `; `-separated.
 pub const TESTED_BY: &str = "cairn.tested-by";
 pub const TESTED_BY_SUMMARY: &str = "cairn.tested-by-summary";
 

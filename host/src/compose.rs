@@ -217,10 +217,12 @@ pub struct PromoteArgs {
     pub version: Option<String>,
 
     /// A JUnit XML result of the commit's tests (`host test boot --junit`,
-    /// or any tool's): refused unless every test passed; its sha256 goes
-    /// into the promoted commit (`cairn.tested-by`).
+    /// `host test upgrade --junit`, or any tool's; repeat for several):
+    /// refused unless every test passed; the sha256 of each goes into the
+    /// promoted commit (`cairn.tested-by`, space-separated in the order
+    /// given).
     #[arg(long, value_name = "FILE")]
-    pub tested_by: Option<PathBuf>,
+    pub tested_by: Vec<PathBuf>,
 
     #[command(flatten)]
     pub signing: SigningArgs,
@@ -451,9 +453,26 @@ fn promote(args: PromoteArgs) -> Result<ExitCode> {
     let mut opts = ComposeOptions::new(args.repo, PathBuf::new());
     opts.version = args.version;
     opts.signer = args.signing.signer()?;
-    let evidence = match &args.tested_by {
-        Some(path) => Some(test_evidence(path)?),
-        None => None,
+    let evidence = if args.tested_by.is_empty() {
+        None
+    } else {
+        let each = args
+            .tested_by
+            .iter()
+            .map(|p| test_evidence(p))
+            .collect::<Result<Vec<_>>>()?;
+        Some(cairn_builder::compose::TestEvidence {
+            digest: each
+                .iter()
+                .map(|e| e.digest.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            summary: each
+                .iter()
+                .map(|e| e.summary.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
     };
     let p = cairn_builder::compose::promote(
         &opts,

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cairn_testbed::report::{junit, tap_line, tap_plan};
-use cairn_testbed::{Accel, BootOptions, CheckResult, Observer, Outcome};
-use cairn_updater::provision::config::User;
+use cairn_testbed::{
+    Accel, BootOptions, CheckResult, Observer, Outcome, UpdateSource, UpgradeOptions,
+};
+use cairn_updater::provision::config::{Update, User};
 use cairn_updater::provision::NodeConfig;
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -20,6 +22,13 @@ pub enum TestCommand {
     /// each check in it as root. TAP on stdout; exit status 1 when a check
     /// fails or the machine does not come up.
     Boot(BootArgs),
+    /// Boot the release a fleet runs now (--from), upgrade it to the head
+    /// of --ref in the archive repository --repo (served over HTTP on
+    /// loopback) with `host upgrade --reboot`, run the checks; `host
+    /// rollback --reboot`, run them again; then cut the power --power-cut
+    /// times at random moments of further upgrades and rollbacks, checking
+    /// that it boots a complete deployment each time. TAP on stdout.
+    Upgrade(UpgradeArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -39,6 +48,13 @@ pub struct BootArgs {
     /// `# cairn-test: timeout = 5m`, `reboot = true`, `memory = 2G`.
     #[arg(long = "check", value_name = "PATH", required = true)]
     checks: Vec<PathBuf>,
+    #[command(flatten)]
+    machine: MachineArgs,
+}
+
+/// What both runs take: the machine and where results go.
+#[derive(Debug, Args)]
+pub struct MachineArgs {
     /// A node config (docs/provisioning.md) to provision the machine with;
     /// the run's SSH key is added to root's keys.
     #[arg(long, value_name = "FILE")]
@@ -63,9 +79,59 @@ pub struct BootArgs {
     accel: AccelArg,
 }
 
+impl MachineArgs {
+    fn accel(&self) -> Accel {
+        match self.accel {
+            AccelArg::Tcg => Accel::Tcg,
+            AccelArg::Kvm => Accel::Kvm,
+        }
+    }
+
+    fn user_config(&self) -> Result<Option<NodeConfig>> {
+        let Some(p) = &self.config else {
+            return Ok(None);
+        };
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(Some(NodeConfig::parse(&text, &p.display().to_string())?))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// The disk image of the release to upgrade from (raw or qcow2).
+    #[arg(long, value_name = "IMAGE")]
+    from: PathBuf,
+    /// The archive repository holding the new release, as `host compose`
+    /// writes it (and as the fleet's server will serve it).
+    #[arg(long, value_name = "DIR")]
+    repo: PathBuf,
+    /// The ref the machine follows in that repository; its head is the
+    /// release under test.
+    #[arg(long = "ref", value_name = "REF")]
+    ref_: String,
+    /// A check, run after the upgrade and again after the rollback: an
+    /// executable, or a directory whose executable files are each one.
+    #[arg(long = "check", value_name = "PATH")]
+    checks: Vec<PathBuf>,
+    /// Cut the power N times after the rollback, each at a random moment
+    /// of an upgrade or a rollback (within the time the first one took).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    power_cut: u32,
+    /// Seeds the moments of the power cuts (printed when not given).
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// How long `host upgrade` may take to fetch and stage the release.
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = crate::containers::parse_duration)]
+    upgrade_timeout: Duration,
+    #[command(flatten)]
+    machine: MachineArgs,
+}
+
 pub fn run(cmd: TestCommand) -> Result<ExitCode> {
     match cmd {
         TestCommand::Boot(args) => boot(args),
+        TestCommand::Upgrade(args) => upgrade(args),
     }
 }
 
@@ -85,33 +151,23 @@ impl Observer for Tap {
 
 fn boot(args: BootArgs) -> Result<ExitCode> {
     let checks = cairn_testbed::discover(&args.checks)?;
-    let user_config = match &args.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            Some(NodeConfig::parse(&text, &p.display().to_string())?)
-        }
-        None => None,
-    };
+    let m = &args.machine;
+    let user_config = m.user_config()?;
     let opts = BootOptions {
         image: args.image.clone(),
         checks,
-        memory_mib: args.memory.div_ceil(1 << 20),
-        cpus: args.cpus,
-        accel: match args.accel {
-            AccelArg::Tcg => Accel::Tcg,
-            AccelArg::Kvm => Accel::Kvm,
-        },
-        boot_timeout: args.boot_timeout,
-        artifacts: args.artifacts.clone(),
+        memory_mib: m.memory.div_ceil(1 << 20),
+        cpus: m.cpus,
+        accel: m.accel(),
+        boot_timeout: m.boot_timeout,
+        artifacts: m.artifacts.clone(),
     };
     print!("{}", tap_plan(opts.checks.len()));
     let report = cairn_testbed::boot(
         &opts,
-        &|key| with_root_key(user_config.as_ref(), key),
+        &|key| node_config(user_config.as_ref(), key, None),
         &mut Tap,
     )?;
-    let suite = format!("host test boot {}", args.image.display());
     let mut results = report.results.clone();
     if let Some(why) = &report.boot_error {
         println!("Bail out! {} did not come up", args.image.display());
@@ -128,35 +184,107 @@ fn boot(args: BootArgs) -> Result<ExitCode> {
             artifacts: report.boot_artifacts.clone(),
         });
     }
-    if let Some(path) = &args.junit {
-        write_junit(path, &junit(&suite, &results, report.total))?;
-    }
-    let failed = results.iter().filter(|r| !r.passed()).count();
     if let Some(first) = report.time_to_first_check {
         let console = match report.console_login_at {
             Some(t) => format!("{:.1} s", t.as_secs_f64()),
             None => "not seen".into(),
         };
         eprintln!(
-            "host test: first check ran {:.1} s after the start (console login prompt: {console}); \
-             {} of {} checks passed in {:.1} s",
+            "host test: first check ran {:.1} s after the start (console login prompt: {console})",
             first.as_secs_f64(),
-            report.results.iter().filter(|r| r.passed()).count(),
-            report.results.len(),
-            report.total.as_secs_f64()
         );
     }
-    if failed > 0 && report.boot_error.is_none() {
+    let suite = format!("host test boot {}", args.image.display());
+    finish(m, &suite, &results, report.total)
+}
+
+fn upgrade(args: UpgradeArgs) -> Result<ExitCode> {
+    let checks = if args.checks.is_empty() {
+        Vec::new()
+    } else {
+        cairn_testbed::discover(&args.checks)?
+    };
+    let m = &args.machine;
+    let user_config = m.user_config()?;
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let opts = UpgradeOptions {
+        from: args.from.clone(),
+        repo: args.repo.clone(),
+        ref_: args.ref_.clone(),
+        checks,
+        power_cuts: args.power_cut,
+        seed,
+        memory_mib: m.memory.div_ceil(1 << 20),
+        cpus: m.cpus,
+        accel: m.accel(),
+        boot_timeout: m.boot_timeout,
+        upgrade_timeout: args.upgrade_timeout,
+        artifacts: m.artifacts.clone(),
+    };
+    // Fail on a bad repository or ref before anything boots.
+    cairn_testbed::upgrade::ref_head(&opts.repo, &opts.ref_)?;
+    print!("{}", tap_plan(opts.planned()));
+    let report = cairn_testbed::upgrade(
+        &opts,
+        &|key, source| node_config(user_config.as_ref(), key, Some(source)),
+        &mut Tap,
+    )?;
+    if report.results.len() < opts.planned() {
+        if let Some(failed) = report.results.iter().find(|r| !r.passed()) {
+            println!(
+                "Bail out! {} failed: the steps after it did not run",
+                failed.name
+            );
+        }
+    }
+    let secs = |d: Option<Duration>| match d {
+        Some(d) => format!("{:.1} s", d.as_secs_f64()),
+        None => "-".into(),
+    };
+    eprintln!(
+        "host test: {} -> {}: upgrade and reboot {}, rollback and reboot {};          {} HTTP requests, {} bytes served\nhost test: static delta requests: {}",
+        report.from_commit.as_deref().unwrap_or("?"),
+        report.to_commit,
+        secs(report.upgrade_wall),
+        secs(report.rollback_wall),
+        report.served.0,
+        report.served.1,
+        report.delta_requests
+    );
+    let suite = format!("host test upgrade {} -> {}", args.from.display(), args.ref_);
+    finish(m, &suite, &report.results, report.total)
+}
+
+/// JUnit if asked, the summary line, and the exit status.
+fn finish(
+    m: &MachineArgs,
+    suite: &str,
+    results: &[CheckResult],
+    total: Duration,
+) -> Result<ExitCode> {
+    if let Some(path) = &m.junit {
+        write_junit(path, &junit(suite, results, total))?;
+    }
+    let failed = results.iter().filter(|r| !r.passed()).count();
+    eprintln!(
+        "host test: {} of {} passed in {:.1} s",
+        results.len() - failed,
+        results.len(),
+        total.as_secs_f64()
+    );
+    if failed > 0 {
         eprintln!(
             "host test: {failed} failed; their console, journal and output are under {}",
-            args.artifacts.display()
+            m.artifacts.display()
         );
+        return Ok(ExitCode::FAILURE);
     }
-    Ok(if report.passed() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::SUCCESS)
 }
 
 fn write_junit(path: &Path, xml: &str) -> Result<()> {
@@ -165,8 +293,13 @@ fn write_junit(path: &Path, xml: &str) -> Result<()> {
 }
 
 /// The user's node config (or an empty one) with `key` among root's SSH
-/// keys, checked as provisioning will check it.
-fn with_root_key(user: Option<&NodeConfig>, key: &str) -> Result<String> {
+/// keys and, for an upgrade run, following the served repository; checked
+/// as provisioning will check it.
+fn node_config(
+    user: Option<&NodeConfig>,
+    key: &str,
+    source: Option<&UpdateSource>,
+) -> Result<String> {
     let mut config = user.cloned().unwrap_or_else(|| NodeConfig {
         version: 1,
         ..Default::default()
@@ -178,6 +311,14 @@ fn with_root_key(user: Option<&NodeConfig>, key: &str) -> Result<String> {
             ssh_authorized_keys: vec![key.to_string()],
             ..Default::default()
         }),
+    }
+    if let Some(source) = source {
+        // The run decides where updates come from: the user's [update]
+        // would point the machine elsewhere.
+        config.update = Some(Update {
+            ref_: source.refspec.clone(),
+            url: Some(source.url.clone()),
+        });
     }
     let text = toml::to_string(&config).context("writing the node config")?;
     NodeConfig::parse(&text, "(the config with the run's SSH key)")?;
@@ -193,7 +334,7 @@ mod tests {
 
     #[test]
     fn the_runs_key_joins_roots_keys() {
-        let alone = NodeConfig::parse(&with_root_key(None, KEY).unwrap(), "t").unwrap();
+        let alone = NodeConfig::parse(&node_config(None, KEY, None).unwrap(), "t").unwrap();
         assert_eq!(alone.users.len(), 1);
         assert_eq!(alone.users[0].ssh_authorized_keys, [KEY]);
         let user = NodeConfig::parse(
@@ -204,7 +345,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let merged = NodeConfig::parse(&with_root_key(Some(&user), KEY).unwrap(), "t").unwrap();
+        let merged = NodeConfig::parse(&node_config(Some(&user), KEY, None).unwrap(), "t").unwrap();
         assert_eq!(merged.hostname.as_deref(), Some("n1"));
         assert_eq!(merged.users.len(), 1);
         assert_eq!(merged.users[0].ssh_authorized_keys.len(), 2);

@@ -1114,6 +1114,57 @@ fn promote_is_gated_on_a_passing_test_result_and_records_it() {
     };
     assert_eq!(show("cairn.tested-by").trim(), format!("'{digest}'"));
     assert_eq!(show("cairn.tested-by-summary").trim(), "'2 tests passed'");
+
+    // A boot test and an upgrade test: both must pass, both are recorded.
+    let upgrade = r#"<testsuite name="host test upgrade x" tests="3"><testcase name="boot"/><testcase name="upgrade"/><testcase name="rollback"/></testsuite>"#;
+    env.write("upgrade.xml", upgrade);
+    let promote_both = |second: &str| {
+        env.host(&[
+            "compose",
+            "promote",
+            "--repo",
+            "repo",
+            "--from",
+            "test/x86_64/base",
+            "--to",
+            "test/x86_64/both",
+            "--tested-by",
+            "passed.xml",
+            "--tested-by",
+            second,
+        ])
+    };
+    let out = promote_both("failed.xml");
+    assert!(!out.status.success());
+    assert!(!env
+        .path("repo")
+        .join("refs/heads/test/x86_64/both")
+        .exists());
+    let out = promote_both("upgrade.xml");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let both = field(&out, "commit").to_string();
+    let show = |key: &str| {
+        env.ostree(
+            "repo",
+            &["show", &format!("--print-metadata-key={key}"), &both],
+        )
+    };
+    let upgrade_digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(upgrade.as_bytes()))
+    );
+    assert_eq!(
+        show("cairn.tested-by").trim(),
+        format!("'{digest} {upgrade_digest}'")
+    );
+    assert_eq!(
+        show("cairn.tested-by-summary").trim(),
+        "'2 tests passed; 3 tests passed'"
+    );
 }
 
 /// An OCI image layout (`DIR/oci`) of a busybox root with one uncompressed

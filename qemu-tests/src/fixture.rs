@@ -13,7 +13,7 @@
 //! that CI produced.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -290,110 +290,9 @@ impl DirLock {
     }
 }
 
-/// `python3 -m http.server` serving a directory on 127.0.0.1 (the guest's
-/// 10.0.2.2), as any static server would serve a repository; killed on drop.
-pub struct HttpServer {
-    child: std::process::Child,
-    pub port: u16,
-    pub root: PathBuf,
-    /// Its request log (stderr), when asked for one.
-    pub log: Option<PathBuf>,
-}
-
-impl HttpServer {
-    /// What it answered (its request log):
-    /// (requests, body bytes) served since the log had `from` lines, and the
-    /// log's current line count. Body bytes are the sizes of the files
-    /// answered with 200 (http.server logs no sizes; it sends whole files).
-    pub fn served_since(&self, from: usize) -> (usize, u64, usize) {
-        let Some(log) = &self.log else {
-            return (0, 0, from);
-        };
-        let file = match std::fs::File::open(log) {
-            Ok(f) => f,
-            Err(_) => return (0, 0, from),
-        };
-        let lines: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(file))
-            .map_while(|l| l.ok())
-            .collect();
-        let (mut requests, mut bytes) = (0, 0);
-        for line in lines.iter().skip(from) {
-            let Some(req) = line.split('"').nth(1) else {
-                continue;
-            };
-            let mut parts = req.split_whitespace();
-            let (Some("GET"), Some(path)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            requests += 1;
-            let status = line.split('"').nth(2).unwrap_or("").trim();
-            if status.starts_with("200") {
-                let path = path
-                    .split('?')
-                    .next()
-                    .unwrap_or(path)
-                    .trim_start_matches('/');
-                bytes += std::fs::metadata(self.root.join(path))
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-            }
-        }
-        (requests, bytes, lines.len())
-    }
-
-    pub fn start(root: &Path, log: Option<&Path>) -> Result<HttpServer> {
-        // A free port: bind port 0, note the port, let it go for python.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let stderr = match log {
-            Some(log) => Stdio::from(
-                std::fs::File::create(log)
-                    .with_context(|| format!("creating {}", log.display()))?,
-            ),
-            None => Stdio::null(),
-        };
-        let child = Command::new("python3")
-            .args(["-u", "-m", "http.server", "--bind", "127.0.0.1"])
-            .arg("--directory")
-            .arg(root)
-            .arg(port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .context(
-                "starting python3 -m http.server (Debian package python3; scripts/setup installs it)",
-            )?;
-        let mut server = HttpServer {
-            child,
-            port,
-            root: root.to_owned(),
-            log: log.map(Path::to_owned),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = server.child.try_wait()? {
-                let logged = log
-                    .and_then(|l| std::fs::read_to_string(l).ok())
-                    .unwrap_or_default();
-                bail!("the HTTP server exited ({status}): {logged}");
-            }
-            if Instant::now() > deadline {
-                bail!("the HTTP server did not listen on 127.0.0.1:{port} within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(server)
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// A directory served on 127.0.0.1 (the guest's 10.0.2.2): the users'
+/// runner's server, so both serve repositories alike.
+pub use cairn_testbed::http::HttpServer;
 
 /// The value of a `key value` line.
 pub use cairn_test_support::line_value;

@@ -1,34 +1,37 @@
-//! A node's life under QEMU, one guest from first boot to a broken update
-//! (issues 5 and 7). Every reboot serves several checks: under TCG a boot
-//! costs one to two minutes, so the guest is booted as few times as the
-//! proof allows.
+//! A node's life under QEMU (issues 5, 7 and 18). Under TCG a boot costs
+//! one to two minutes, so every boot serves several checks.
 //!
-//! 1. **First boot of v1** (the test image): multi-user with nothing failed,
-//!    read-only `/usr`, the tree's kernel, the composed commit with its origin
-//!    and remote, `host status`, pure cgroup v2, the container bridge, the
-//!    build machine's loopback reachable, GRUB's menu and environment block,
-//!    the kernel arguments in order. A deployment written by stock libostree
-//!    (`ostree admin deploy --karg-append`) gets its own menu entry from our
-//!    generator, and is undeployed again.
-//! 2. **`host upgrade --reboot`** to v2, served over HTTP from the build
-//!    machine's loopback (10.0.2.2 in the guest) with a static delta: v2
-//!    boots, v1 is the rollback, the node's `/etc` and `/var` are kept, the
-//!    boot counter was armed and v2's health check proved it.
-//! 3. **`host rollback --reboot`**: v1 again, the node's state kept.
-//! 4. **A power cut** in the middle of another `host upgrade`: the node boots
-//!    a complete deployment (v1, or v2 if the cut came late) with its state.
-//! 5. **It upgrades again, to a v3 that never reaches user space** (its
+//! 1. **`host test upgrade`, as a user runs it** (its own machine of the
+//!    test image, provisioned through fw_cfg with the node's own `/etc` and
+//!    `/var` files and `[update]` pointing at v2's repository served over
+//!    HTTP from the build machine's loopback): `host upgrade --reboot` to
+//!    v2 with its static delta, a check on v2 (the node's state kept, the
+//!    boot counter proven and cleared, v2's file), `host rollback --reboot`,
+//!    the check on v1, then **three power cuts** at seeded random moments of
+//!    further upgrades and rollbacks, each followed by a boot of a complete
+//!    deployment. TAP and JUnit are read back.
+//! 2. **First boot of v1** on the control-shell machine: multi-user with
+//!    nothing failed, read-only `/usr`, the tree's kernel, the composed
+//!    commit with its origin and remote, `host status`, pure cgroup v2, the
+//!    container bridge, the build machine's loopback reachable, GRUB's menu
+//!    and environment block, the kernel arguments in order. A deployment
+//!    written by stock libostree (`ostree admin deploy --karg-append`) gets
+//!    its own menu entry from our generator, and is undeployed again. Its
+//!    remote verifies signatures: an unsigned summary is refused before
+//!    anything is staged.
+//! 3. **It upgrades to a v3 that never reaches user space** (its
 //!    `/usr/lib/systemd/systemd` exits, so the kernel panics and `panic=10`
 //!    reboots): `host upgrade` arms the counter, one reboot, and without
-//!    anyone v3 panics on its 3 attempts, GRUB boots the previous deployment
-//!    with `boot_counter=-1`, and its health check records v3 as bad and
-//!    makes it the default again.
+//!    anyone v3 panics on its 3 attempts, GRUB boots v1 with
+//!    `boot_counter=-1`, and its health check records v3 as bad and makes v1
+//!    the default again. This is what SSH cannot watch: the control shell's
+//!    machine and its serial console see it.
 //!
 //! v2 (v1 plus a file) and v3 (v2 with a broken init) are composed with
 //! `host compose tree` into an archive repository of their own under
 //! `build/qemu-tests/updates/<v1>/` that starts from v1 (imported from the
 //! fixture repository by hardlinks), so `host compose publish` writes the
-//! static deltas. The ref serves v2 until phase 5 moves it to v3.
+//! static deltas. The ref serves v2 until phase 3 moves it to v3.
 //! (That an `/etc` edit made after staging is kept is proven without a
 //! reboot in `host/tests/node.rs`.) The
 //! fixture repository is never moved, so the image stays cached; the updates
@@ -45,10 +48,7 @@ use qemu_tests::fixture::{
     build_dir, compose_into, host_binary, ostree_cli, run_host, start_update_repo, workspace,
     DirLock, HttpServer, TEST_KARG, TEST_MANIFEST,
 };
-use qemu_tests::guest::{
-    booted, deployments, rebooting_output, run_rebooting, running_commit, running_deployment,
-    status,
-};
+use qemu_tests::guest::{booted, deployments, running_commit, running_deployment, status};
 use qemu_tests::{boot_test_image, test_image, TestImage, Vm};
 use serde_json::Value;
 
@@ -269,16 +269,6 @@ fn assert_boot_finished(vm: &mut Vm, what: &str) {
     );
 }
 
-/// The deployment marked rollback; exactly one.
-fn rollback(status: &Value) -> &Value {
-    let rb: Vec<_> = deployments(status)
-        .iter()
-        .filter(|d| d["rollback"] == true)
-        .collect();
-    assert_eq!(rb.len(), 1, "one rollback deployment: {status:#}");
-    rb[0]
-}
-
 /// The kernel command line of the running guest, one argument per item.
 fn cmdline(vm: &mut Vm) -> Vec<String> {
     must(vm.ok("cat /proc/cmdline"))
@@ -291,23 +281,136 @@ fn grubenv(vm: &mut Vm) -> String {
     must(vm.ok("grep -v '^#' /boot/grub/grubenv || true"))
 }
 
-/// The node's own state made on v1 is all there.
-fn assert_node_state_kept(vm: &mut Vm, what: &str) {
-    assert_eq!(
-        must(vm.ok(&format!("cat {ETC_FILE}"))),
-        "made on v1 before the upgrade\n",
-        "{what}: new /etc file"
+/// The check `host test upgrade` runs after the upgrade and again after the
+/// rollback: the node's state from the first boot is kept, the boot was
+/// proven healthy (the counter the upgrade armed is cleared), and the tree
+/// is the one it should be (v2 has its file, v1 not).
+fn updated_node_check(v1: &str, v2: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+# cairn-test: timeout = 3m
+set -eu
+# SSH answers before the boot has finished: the health check may still run.
+systemctl is-system-running --wait || true
+test "$(cat {ETC_FILE})" = "made on v1 before the upgrade"
+test "$(cat {VAR_FILE})" = "node data from v1"
+systemctl is-active cairn-health.service
+grep -qx 'boot_success=1' /boot/grub/grubenv
+if grep -q '^boot_counter=' /boot/grub/grubenv; then
+    echo "the boot counter is still armed"; exit 1
+fi
+deployment=$(readlink -f "/sysroot$(sed 's/.*ostree=\([^ ]*\).*/\1/' /proc/cmdline)")
+commit=$(basename "$deployment" | cut -d. -f1)
+case "$commit" in
+{v2}) test "$(cat {V2_FILE})" = "{v2_text}" ;;
+{v1}) if [ -e {V2_FILE} ]; then echo "v1 has {V2_FILE}"; exit 1; fi ;;
+*) echo "booted $commit, neither v1 nor v2"; exit 1 ;;
+esac
+echo "on $commit, the node's state kept"
+"#,
+        v2_text = V2_TEXT.trim_end()
+    )
+}
+
+/// Phases 2 to 4 as a user runs them: `host test upgrade` boots the image
+/// (its own machine, provisioned with the node's state and pointed at the
+/// served updates), upgrades to v2, rolls back, runs the check after each,
+/// and cuts the power three times. Its time.
+fn test_upgrade(image: &TestImage, updates: &Updates) -> Duration {
+    let run =
+        build_dir("qemu-tests/runs").join(format!("lifecycle-upgrade.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run);
+    std::fs::create_dir_all(run.join("checks")).expect("run dir");
+    let check = run.join("checks/10-updated-node");
+    std::fs::write(&check, updated_node_check(&image.commit, &updates.v2)).expect("check");
+    std::fs::set_permissions(&check, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let config = run.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\n\
+             [[files]]\npath = \"{ETC_FILE}\"\ncontent = \"made on v1 before the upgrade\\n\"\n\
+             [[files]]\npath = \"{VAR_FILE}\"\ncontent = \"node data from v1\\n\"\n"
+        ),
+    )
+    .expect("node config");
+    let junit = run.join("junit.xml");
+    let started = Instant::now();
+    let out = std::process::Command::new(must(host_binary()))
+        .args(["test", "upgrade", "--from"])
+        .arg(&image.image)
+        .arg("--repo")
+        .arg(&updates.repo)
+        .args([
+            "--ref",
+            &updates.ref_,
+            "--power-cut",
+            "3",
+            "--seed",
+            "20261203",
+        ])
+        .arg("--check")
+        .arg(run.join("checks"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--junit")
+        .arg(&junit)
+        .arg("--artifacts")
+        .arg(run.join("artifacts"))
+        .args(["--memory", "1536M", "--boot-timeout", "15m"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running host test upgrade");
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "lifecycle: host test upgrade took {:.1} s:\n{stdout}{stderr}",
+        took.as_secs_f64()
     );
-    let fstab = must(vm.ok("tail -n 1 /etc/fstab"));
-    assert_eq!(
-        fstab, "# cairn-test: edited on v1\n",
-        "{what}: edited /etc/fstab"
+    assert!(
+        out.status.success(),
+        "host test upgrade failed: {}",
+        out.status
     );
-    assert_eq!(
-        must(vm.ok(&format!("cat {VAR_FILE}"))),
-        "node data from v1\n",
-        "{what}: /var data"
+    for (n, name) in [
+        "boot",
+        "upgrade",
+        "upgrade/10-updated-node",
+        "rollback",
+        "rollback/10-updated-node",
+        "power cut 1",
+        "power cut 2",
+        "power cut 3",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let line = format!("ok {} - {name}\n", n + 1);
+        assert!(stdout.contains(&line), "no {line:?} in:\n{stdout}");
+    }
+    assert!(stdout.starts_with("TAP version 14\n1..8\n"), "{stdout}");
+    let xml = std::fs::read_to_string(&junit).expect("JUnit written");
+    assert!(
+        xml.contains("<testsuites tests=\"8\" failures=\"0\" errors=\"0\""),
+        "{xml}"
     );
+    // v2 came over HTTP with its static delta.
+    let deltas = stderr
+        .lines()
+        .find_map(|l| l.split_once("static delta requests: "))
+        .and_then(|(_, n)| n.trim().parse::<u32>().ok());
+    assert!(
+        matches!(deltas, Some(n) if n > 0),
+        "no static delta fetched:\n{stderr}"
+    );
+    // The cuts' moments and outcomes, as the runner saw them.
+    for line in stderr.lines().filter(|l| l.contains("power cut")) {
+        eprintln!("lifecycle: {line}");
+    }
+    let _ = std::fs::remove_dir_all(&run);
+    took
 }
 
 /// Phase 1: what a freshly booted node must be.
@@ -488,6 +591,9 @@ fn a_node_boots_upgrades_rolls_back_survives_a_power_cut_and_falls_back_from_a_b
         t0.elapsed().as_secs_f64()
     );
 
+    // ---- 1. upgrade, rollback and power cuts: the users' runner
+    let upgrade_run = test_upgrade(image, &updates);
+
     // Not in the machine's work directory, which Vm::start empties.
     let http_log = updates
         .repo
@@ -495,7 +601,7 @@ fn a_node_boots_upgrades_rolls_back_survives_a_power_cut_and_falls_back_from_a_b
     let server = must(HttpServer::start(&updates.repo, Some(&http_log)));
     let url = format!("http://10.0.2.2:{}/", server.port);
 
-    // ---- 1. first boot of v1
+    // ---- 2. first boot of v1
     let mut vm = must(boot_test_image("lifecycle"));
     assert_boot_finished(&mut vm, "v1");
     let boot_time = vm.since_power_on();
@@ -533,167 +639,9 @@ fn a_node_boots_upgrades_rolls_back_survives_a_power_cut_and_falls_back_from_a_b
         "{refused}"
     );
     assert_eq!(status(&mut vm)["deployments"], before, "nothing staged");
-    must(updates.publish(&updates.v2));
 
-    // The node's own state, made on v1.
-    must(vm.ok(&format!(
-        "set -e; mkdir -p $(dirname {ETC_FILE}) $(dirname {VAR_FILE}); \
-         echo 'made on v1 before the upgrade' > {ETC_FILE}; \
-         echo '# cairn-test: edited on v1' >> /etc/fstab; \
-         echo 'node data from v1' > {VAR_FILE}; sync"
-    )));
-
-    // ---- 2. host upgrade --reboot to v2
-    let check = must(vm.run("host upgrade --check --unchanged-exit-77"));
-    assert!(check.success(), "host upgrade --check: {check}");
-    assert!(check.stdout.contains(&updates.v2_version), "{check}");
-
-    let (_, _, mark) = server.served_since(0);
-    let (_, upgrade_wall) = run_rebooting(
-        &mut vm,
-        "host upgrade --reboot",
-        "/var/lib/cairn-test/upgrade-1.log",
-    );
-    let (requests, bytes, mark) = server.served_since(mark);
-    assert_boot_finished(&mut vm, "v2 after host upgrade --reboot");
-    let log = rebooting_output(
-        &mut vm,
-        "host upgrade --reboot",
-        "/var/lib/cairn-test/upgrade-1.log",
-    );
-    eprintln!(
-        "lifecycle: host upgrade --reboot: {requests} HTTP requests, {bytes} bytes served; \
-         {:.1} s from the command to the next boot's control shell; output:\n{log}",
-        upgrade_wall.as_secs_f64()
-    );
-    assert!(log.contains("Staged"), "{log}");
-    assert!(requests > 0, "the upgrade fetched nothing over HTTP");
-    let deltas = std::fs::read_to_string(&http_log).unwrap_or_default();
-    assert!(
-        deltas.contains("GET /deltas/"),
-        "the upgrade did not use the static delta:\n{deltas}"
-    );
-
-    // v2 booted, v1 is the rollback, the node's state kept; the counter the
-    // upgrade armed was cleared by v2's health check.
-    assert_eq!(running_commit(&mut vm), v2);
-    let st = status(&mut vm);
-    let b = booted(&st);
-    assert_eq!(b["checksum"], v2.as_str(), "{st:#}");
-    assert_eq!(b["version"], updates.v2_version.as_str(), "{st:#}");
-    assert_eq!(b["index"], 0, "{st:#}");
-    let rb = rollback(&st);
-    assert_eq!(rb["checksum"], v1.as_str(), "{st:#}");
-    assert_eq!(rb["version"], v1_version.as_str(), "{st:#}");
-    assert_eq!(
-        b["origin"]["refspec"],
-        format!("cairn:{}", image.ref_).as_str(),
-        "{st:#}"
-    );
-    assert_eq!(st["bootCounter"]["state"], "off", "{st:#}");
-    assert_eq!(st["bootCounter"]["bootSuccess"], true, "{st:#}");
-    assert_eq!(st["bootCounter"]["bootCounter"], Value::Null, "{st:#}");
-    let env = grubenv(&mut vm);
-    assert!(
-        env.contains("boot_success=1\n") && !env.contains("boot_counter="),
-        "v2 proven:\n{env}"
-    );
-    assert_eq!(must(vm.ok(&format!("cat {V2_FILE}"))), V2_TEXT);
-    assert_node_state_kept(&mut vm, "after the upgrade");
-    let text = must(vm.ok("host status"));
-    eprintln!("lifecycle: host status on v2:\n{text}");
-
-    // ---- 3. host rollback --reboot
-    let rb_log = "/var/lib/cairn-test/rollback.log";
-    let (_, rollback_wall) = run_rebooting(&mut vm, "host rollback --reboot", rb_log);
-    assert_boot_finished(&mut vm, "v1 after host rollback --reboot");
-    let log = rebooting_output(&mut vm, "host rollback --reboot", rb_log);
-    eprintln!(
-        "lifecycle: host rollback --reboot: {:.1} s to the next boot's control shell; output:\n{log}",
-        rollback_wall.as_secs_f64()
-    );
-    assert_eq!(running_commit(&mut vm), v1);
-    let st = status(&mut vm);
-    assert_eq!(booted(&st)["checksum"], v1.as_str(), "{st:#}");
-    assert_eq!(rollback(&st)["checksum"], v2.as_str(), "{st:#}");
-    let gone = must(vm.run(&format!("test -e {V2_FILE}")));
-    assert!(!gone.success(), "v1 has {V2_FILE}");
-    assert_node_state_kept(&mut vm, "after the rollback");
-    let (_, _, mark) = server.served_since(mark);
-
-    // ---- 4. power cut in the middle of an upgrade
-    must(vm.ok(
-        "setsid -f sh -c 'host upgrade >/run/cairn-upgrade.log 2>&1; echo \"exit $?\" >>/run/cairn-upgrade.log' \
-         </dev/null >/dev/null 2>&1",
-    ));
-    let started = Instant::now();
-    let at_cut = loop {
-        let log = must(vm.ok("cat /run/cairn-upgrade.log 2>/dev/null || true"));
-        // Cut once the deploy has begun (after the pull and the change
-        // report), or when it finished, or when it takes too long.
-        if log.contains("Update on")
-            || log.contains("exit ")
-            || started.elapsed() > Duration::from_secs(300)
-        {
-            break log;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let cut_after = started.elapsed();
-    let phase = if at_cut.contains("exit ") {
-        "after `host upgrade` exited (staged, not finalized)"
-    } else if at_cut.contains("Staged") {
-        "after staging, before `host upgrade` exited"
-    } else if at_cut.contains("Update on") {
-        "while staging the deployment"
-    } else {
-        "while pulling"
-    };
-    eprintln!(
-        "lifecycle: power cut {:.1} s into `host upgrade`, {phase}; its output so far:\n{at_cut}",
-        cut_after.as_secs_f64()
-    );
-    let before_cut = vm.boot_id().expect("booted").to_string();
-    let after_cut = must(vm.power_cut_and_restart());
-    assert_ne!(before_cut, after_cut);
-    assert_boot_finished(&mut vm, "after the power cut");
-    let now = running_commit(&mut vm);
-    assert!(now == v1 || now == v2, "booted {now}, neither v1 nor v2");
-    let st = status(&mut vm);
-    assert_eq!(booted(&st)["checksum"], now.as_str(), "{st:#}");
-    // Stock ostree for comparison, as a diagnostic only: with the remote
-    // verifying, it fails on v1, which the fixture image deployed unsigned
-    // (a node written with --trust never has an unsigned deployment).
-    let text = must(vm.ok("host status && { ostree admin status 2>&1 || true; }"));
-    eprintln!(
-        "lifecycle: after the power cut booted {} ({}):\n{text}",
-        if now == v1 { "v1" } else { "v2" },
-        now
-    );
-    // Every deployment listed is complete: its directory and origin exist.
-    for d in deployments(&st) {
-        let dir = format!(
-            "/ostree/deploy/cairn/deploy/{}.{}",
-            d["checksum"].as_str().expect("checksum"),
-            d["serial"]
-        );
-        must(vm.ok(&format!("test -d {dir}/usr/bin && test -f {dir}.origin")));
-    }
-    assert_eq!(
-        must(vm.ok(&format!("cat {VAR_FILE}"))),
-        "node data from v1\n"
-    );
-
-    if now == v2 {
-        assert_eq!(must(vm.ok(&format!("cat {V2_FILE}"))), V2_TEXT);
-    }
-    assert_node_state_kept(&mut vm, "after the power cut");
-    let (requests, bytes, _) = server.served_since(mark);
-    eprintln!(
-        "lifecycle: after the rollback: {requests} HTTP requests, {bytes} bytes served (objects were local)"
-    );
-
-    // ---- 5. the node upgrades again, to a v3 that never reaches user space;
+    let now = v1.clone();
+    // ---- 3. the node upgrades, to a v3 that never reaches user space;
     // GRUB and the health check fall back to what ran before (`now`)
     must(updates.publish(&v3));
     let out = must(vm.ok("host upgrade"));
@@ -792,17 +740,16 @@ fn a_node_boots_upgrades_rolls_back_survives_a_power_cut_and_falls_back_from_a_b
     let runs = vm.serial_logs().len();
     drop(vm);
     eprintln!(
-        "lifecycle: figures: v1 boot {:.1} s; upgrade+reboot {:.1} s; rollback+reboot {:.1} s; \
-         3 failed boots of v3 + fallback {:.1} s; {runs} QEMU runs; total {:.0} s",
+        "lifecycle: figures: host test upgrade (upgrade, rollback, 3 power cuts) {:.1} s; \
+         v1 boot {:.1} s; 3 failed boots of v3 + fallback {:.1} s; total {:.0} s",
+        upgrade_run.as_secs_f64(),
         boot_time.as_secs_f64(),
-        upgrade_wall.as_secs_f64(),
-        rollback_wall.as_secs_f64(),
         fallback_time.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
     assert_eq!(
-        runs, 2,
-        "one serial log per QEMU run: the first and the power cut"
+        runs, 1,
+        "one QEMU run: the fallback happened without anyone"
     );
 
     // The image under test was only ever read.

@@ -153,7 +153,16 @@ pub fn boot(
             report.time_to_first_check = Some(started.elapsed());
         }
         obs.step(&format!("running {}", check.name));
-        let result = run_check(&mut machine, check, &mut boot_id, opts, obs);
+        let result = run_check(
+            &mut machine,
+            check,
+            &mut boot_id,
+            &Limits {
+                boot_timeout: opts.boot_timeout,
+                artifacts: &opts.artifacts,
+            },
+            obs,
+        );
         obs.result(i + 1, &result);
         report.results.push(result);
     }
@@ -161,7 +170,14 @@ pub fn boot(
     Ok(report)
 }
 
-fn install_helpers(m: &Machine) -> Result<()> {
+/// What a check's run needs besides the check: how long a reboot it asks
+/// for may take, and where its failure's logs go.
+pub(crate) struct Limits<'a> {
+    pub boot_timeout: Duration,
+    pub artifacts: &'a Path,
+}
+
+pub(crate) fn install_helpers(m: &Machine) -> Result<()> {
     let helper = format!("{GUEST_DIR}/bin/cairn-test-reboot");
     m.ok(&format!(
         "set -e; mkdir -p {GUEST_DIR}/bin {GUEST_DIR}/checks; chmod 0700 {GUEST_DIR}; \
@@ -174,15 +190,15 @@ fn install_helpers(m: &Machine) -> Result<()> {
 }
 
 /// Single-quoted for the machine's shell.
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-fn run_check(
+pub(crate) fn run_check(
     m: &mut Machine,
     check: &Check,
     boot_id: &mut String,
-    opts: &BootOptions,
+    opts: &Limits,
     obs: &mut dyn Observer,
 ) -> CheckResult {
     let started = Instant::now();
@@ -215,7 +231,7 @@ fn drive(
     m: &mut Machine,
     check: &Check,
     boot_id: &mut String,
-    opts: &BootOptions,
+    opts: &Limits,
     obs: &mut dyn Observer,
     result: &mut CheckResult,
 ) -> Result<Outcome> {
@@ -309,14 +325,14 @@ fn drive(
     }
 }
 
-fn save_console(m: &Machine, dir: &Path) -> Result<()> {
+pub(crate) fn save_console(m: &Machine, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::copy(&m.serial_log, dir.join("serial.log"))?;
     Ok(())
 }
 
 /// The console, the journal of the boot the check failed in and its output.
-fn save_failure(m: &Machine, dir: &Path, output: &str) -> Result<()> {
+pub(crate) fn save_failure(m: &Machine, dir: &Path, output: &str) -> Result<()> {
     save_console(m, dir)?;
     std::fs::write(dir.join("output.txt"), output)?;
     let journal = match m.run(

@@ -111,6 +111,10 @@ pub fn ephemeral_key(dir: &Path) -> Result<Key> {
     Ok(Key { private, public })
 }
 
+/// The build machine's address as the machine sees it (QEMU's user
+/// network): a server on 127.0.0.1 here is reached there.
+pub const HOST_FROM_GUEST: &str = "10.0.2.2";
+
 /// A running (or powered-off) machine. Dropping it kills QEMU.
 pub struct Machine {
     config: MachineConfig,
@@ -132,7 +136,10 @@ pub struct Ran {
     /// The exit status (ssh's own failures are 255); None when killed by
     /// the local deadline (or by a signal).
     pub status: Option<i32>,
+    /// Its standard output, then its standard error.
     pub output: String,
+    /// Its standard output alone.
+    pub stdout: String,
     pub elapsed: Duration,
 }
 
@@ -209,6 +216,35 @@ impl Machine {
         }
     }
 
+    /// Cut the power and switch the machine on again, on the same disk.
+    /// The console so far is kept as `serial.N.log` (N = 1, 2, …); its
+    /// path is returned.
+    pub fn power_cut_and_restart(&mut self) -> Result<PathBuf> {
+        self.kill();
+        let kept = (1..)
+            .map(|n| self.config.workdir.join(format!("serial.{n}.log")))
+            .find(|p| !p.exists())
+            .expect("an unused name");
+        std::fs::rename(&self.serial_log, &kept)
+            .with_context(|| format!("keeping the console in {}", kept.display()))?;
+        self.power_on()?;
+        Ok(kept)
+    }
+
+    /// Start `script` in the machine without waiting: its output goes to
+    /// `output`. The returned ssh process ends with the command, or when
+    /// the machine goes away.
+    pub fn spawn(&self, script: &str, output: &Path) -> Result<Child> {
+        let out = std::fs::File::create(output)
+            .with_context(|| format!("creating {}", output.display()))?;
+        self.ssh()
+            .arg(script)
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("running ssh (Debian package openssh-client)")
+    }
+
     fn ssh(&self) -> Command {
         let mut c = Command::new("ssh");
         c.arg("-i")
@@ -255,20 +291,27 @@ impl Machine {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let mut output = out.join().unwrap_or_default();
+        let stdout = out.join().unwrap_or_default();
+        let mut output = stdout.clone();
         output.push_str(&err.join().unwrap_or_default());
         Ok(Ran {
             status: status.and_then(|s| s.code()),
             output,
+            stdout,
             elapsed: started.elapsed(),
         })
     }
 
-    /// A command's standard output, or an error with what it printed.
+    /// What a command printed (stdout, then stderr), or an error with it.
     pub fn ok(&self, script: &str) -> Result<String> {
+        self.ok_stdout(script).map(|r| r.output)
+    }
+
+    /// A command that must succeed; its run, to read its stdout alone.
+    pub fn ok_stdout(&self, script: &str) -> Result<Ran> {
         let r = self.run(script, None, Duration::from_secs(120))?;
         match r.status {
-            Some(0) => Ok(r.output),
+            Some(0) => Ok(r),
             s => bail!(
                 "`{script}` in the machine failed ({s:?}): {}",
                 r.output.trim()
