@@ -337,7 +337,8 @@ fn test_upgrade(image: &TestImage, updates: &Updates) -> Duration {
     .expect("node config");
     let junit = run.join("junit.xml");
     let started = Instant::now();
-    let out = std::process::Command::new(must(host_binary()))
+    // Its progress (stderr) is shown as it comes, and kept for the figures.
+    let mut child = std::process::Command::new(must(host_binary()))
         .args(["test", "upgrade", "--from"])
         .arg(&image.image)
         .arg("--repo")
@@ -360,13 +361,26 @@ fn test_upgrade(image: &TestImage, updates: &Updates) -> Duration {
         .arg(run.join("artifacts"))
         .args(["--memory", "1536M", "--boot-timeout", "15m"])
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("running host test upgrade");
+    let err = child.stderr.take().expect("stderr");
+    let progress = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(err)).map_while(|l| l.ok()) {
+            eprintln!("lifecycle: {line}");
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let out = child.wait_with_output().expect("host test upgrade");
+    let stderr = progress.join().expect("its stderr");
     let took = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!(
-        "lifecycle: host test upgrade took {:.1} s:\n{stdout}{stderr}",
+        "lifecycle: host test upgrade took {:.1} s:\n{stdout}",
         took.as_secs_f64()
     );
     assert!(

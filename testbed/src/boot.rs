@@ -94,10 +94,7 @@ pub fn boot(
     obs: &mut dyn Observer,
 ) -> Result<BootReport> {
     let started = Instant::now();
-    let work = tempfile::Builder::new()
-        .prefix("cairn-host-test-")
-        .tempdir()
-        .context("creating a work directory")?;
+    let work = crate::machine::work_dir()?;
     let key = ephemeral_key(work.path())?;
     let config_path = work.path().join("node.toml");
     std::fs::write(&config_path, node_config(&key.public)?)?;

@@ -35,7 +35,8 @@ impl HttpServer {
             ),
             None => Stdio::null(),
         };
-        let mut child = Command::new("python3")
+        let mut cmd = Command::new("python3");
+        let mut child = crate::machine::die_with_runner(&mut cmd)
             .args(["-u", "-m", "http.server", "--bind", "127.0.0.1"])
             .arg("--directory")
             .arg(root)

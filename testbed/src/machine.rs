@@ -111,6 +111,33 @@ pub fn ephemeral_key(dir: &Path) -> Result<Key> {
     Ok(Key { private, public })
 }
 
+/// Ends `cmd`'s process when the runner dies, however it dies (a killed
+/// runner must not leave a machine or a server running).
+pub fn die_with_runner(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A run's directory (overlay, key, console, logs): 0700, as the overlay
+/// holds the machine's disk with its host keys; removed when dropped.
+pub fn work_dir() -> Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::Builder::new()
+        .prefix("cairn-host-test-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .context("creating a work directory")?;
+    Ok(dir)
+}
+
 /// The build machine's address as the machine sees it (QEMU's user
 /// network): a server on 127.0.0.1 here is reached there.
 pub const HOST_FROM_GUEST: &str = "10.0.2.2";
@@ -166,27 +193,28 @@ impl Machine {
     fn power_on(&mut self) -> Result<()> {
         let c = &self.config;
         let stderr = std::fs::File::create(c.workdir.join("qemu.stderr"))?;
-        let child = qemu_command(
+        let mut cmd = qemu_command(
             c.accel,
             c.memory_mib,
             c.cpus,
             &self.serial_log,
             &self.overlay,
-        )
-        .arg("-netdev")
-        .arg(format!(
-            "user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22",
-            self.ssh_port
-        ))
-        .args(["-device", "virtio-net-pci,netdev=net0"])
-        .arg("-fw_cfg")
-        .arg(format!(
-            "name=opt/org.cairn/config,file={}",
-            c.node_config.display()
-        ))
-        .stderr(stderr)
-        .spawn()
-        .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+        );
+        let child = die_with_runner(&mut cmd)
+            .arg("-netdev")
+            .arg(format!(
+                "user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22",
+                self.ssh_port
+            ))
+            .args(["-device", "virtio-net-pci,netdev=net0"])
+            .arg("-fw_cfg")
+            .arg(format!(
+                "name=opt/org.cairn/config,file={}",
+                c.node_config.display()
+            ))
+            .stderr(stderr)
+            .spawn()
+            .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
         self.qemu = Some(child);
         self.powered_on = Instant::now();
         self.console_login_at = None;
@@ -470,6 +498,14 @@ fn free_port() -> Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runs_directory_is_the_runners_alone() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = work_dir().unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
 
     #[test]
     fn images_that_reach_other_files_are_refused() {

@@ -96,10 +96,7 @@ pub fn upgrade(
 ) -> Result<UpgradeReport> {
     let started = Instant::now();
     let to_commit = ref_head(&opts.repo, &opts.ref_)?;
-    let work = tempfile::Builder::new()
-        .prefix("cairn-host-test-")
-        .tempdir()
-        .context("creating a work directory")?;
+    let work = crate::machine::work_dir()?;
     let server = HttpServer::start(&opts.repo, Some(&work.path().join("http.log")))?;
     let source = UpdateSource {
         refspec: format!("{REMOTE}:{}", opts.ref_),

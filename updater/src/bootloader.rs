@@ -23,6 +23,63 @@ use anyhow::{Context, Result};
 use cairn_contracts::grub::{GrubEnv, BOOT_ATTEMPTS, BOOT_COUNTER, BOOT_SUCCESS, GRUBENV};
 use serde::{Deserialize, Serialize};
 
+/// Makes what was just written to `/boot` visible to GRUB before anything
+/// it replaced goes. GRUB reads ext4 without replaying its journal: a
+/// committed rename of `/boot/loader` that is still only in the journal is
+/// invisible to it, so after a power cut it would boot the old menu, whose
+/// `ostree=/ostree/boot.N` paths libostree's cleanup may already have
+/// removed from the root file system (the QEMU power-cut test found this
+/// after an interrupted `host rollback`). A freeze/thaw cycle checkpoints
+/// the journal. Done only when `/boot` is a file system of its own (as on
+/// every cairn disk): freezing the root file system would stall the
+/// machine; where the file system cannot freeze, a sync must do.
+///
+/// The two ioctls follow each other at once; a SIGKILL between them would
+/// leave `/boot` frozen until `fsfreeze -u /boot`.
+pub fn checkpoint_boot(sysroot: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::MetadataExt as _;
+    const FIFREEZE: nix::libc::c_ulong = 0xC004_5877; // _IOWR('X', 119, int)
+    const FITHAW: nix::libc::c_ulong = 0xC004_5878; // _IOWR('X', 120, int)
+    let boot = sysroot.join("boot");
+    let dir = std::fs::File::open(&boot).with_context(|| format!("opening {}", boot.display()))?;
+    let separate = std::fs::metadata(sysroot)
+        .map(|root| root.dev() != dir.metadata().map(|m| m.dev()).unwrap_or(root.dev()))
+        .unwrap_or(false);
+    // SAFETY: syncfs on a descriptor this function owns.
+    if unsafe { nix::libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("syncing the file system of {}", boot.display()));
+    }
+    if !separate {
+        return Ok(());
+    }
+    // SAFETY: FIFREEZE and FITHAW take no argument; the descriptor is ours.
+    if unsafe { nix::libc::ioctl(dir.as_raw_fd(), FIFREEZE as _, 0) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // Cannot freeze (tmpfs, vfat), or another process froze it and
+            // will thaw it: the sync above is what there is.
+            Some(nix::libc::EOPNOTSUPP) | Some(nix::libc::ENOTTY) | Some(nix::libc::EBUSY) => {
+                Ok(())
+            }
+            _ => Err(e)
+                .with_context(|| format!("freezing {} to checkpoint its journal", boot.display())),
+        };
+    }
+    // SAFETY: as above.
+    if unsafe { nix::libc::ioctl(dir.as_raw_fd(), FITHAW as _, 0) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "thawing {} (run `fsfreeze -u {}`)",
+                boot.display(),
+                boot.display()
+            )
+        });
+    }
+    Ok(())
+}
+
 /// Does this sysroot boot with GRUB (libostree's grub2 backend)?
 pub fn uses_grub(repo: &ostree::Repo) -> bool {
     repo.copy_config()
@@ -158,6 +215,66 @@ pub fn disarm(sysroot: &Path, repo: &ostree::Repo) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What GRUB would read: the file system's on-disk metadata, without
+    /// replaying its journal (debugfs does not replay it either).
+    fn on_disk_link(image: &Path, name: &str) -> String {
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", &format!("stat /{name}")])
+            .arg(image)
+            .output()
+            .expect("debugfs (e2fsprogs)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    #[ignore = "privileged: needs root (mounts an ext4 image); run by scripts/test"]
+    fn a_swapped_loader_link_is_on_disk_for_grub_after_the_checkpoint() {
+        assert!(nix::unistd::geteuid().is_root(), "run as root");
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("boot.ext4");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let ok =
+            |cmd: &mut std::process::Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
+        ok(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image));
+        let sysroot = dir.path().join("sysroot");
+        let boot = sysroot.join("boot");
+        std::fs::create_dir_all(&boot).unwrap();
+        ok(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&boot));
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _mounted = Unmount(boot.clone());
+        std::fs::create_dir(boot.join("loader.0")).unwrap();
+        std::os::unix::fs::symlink("loader.0", boot.join("loader")).unwrap();
+        checkpoint_boot(&sysroot).unwrap();
+        // libostree's swap: a new link renamed over the old one, then fsync.
+        std::fs::create_dir(boot.join("loader.1")).unwrap();
+        std::os::unix::fs::symlink("loader.1", boot.join("loader.tmp")).unwrap();
+        std::fs::rename(boot.join("loader.tmp"), boot.join("loader")).unwrap();
+        std::fs::File::open(&boot).unwrap().sync_all().unwrap();
+        checkpoint_boot(&sysroot).unwrap();
+        let seen = on_disk_link(&image, "loader");
+        assert!(seen.contains("Fast link dest: \"loader.1\""), "{seen}");
+        let tmp = on_disk_link(&image, "loader.tmp");
+        assert!(
+            !tmp.contains("Fast link dest"),
+            "the rename is on disk: {tmp}"
+        );
+        // Still writable: thawed.
+        std::fs::write(boot.join("after"), "x").unwrap();
+    }
 
     fn env(pairs: &[(&str, &str)]) -> GrubEnv {
         let mut e = GrubEnv::default();

@@ -400,10 +400,25 @@ fn write_deployment(
     failpoint!("deploy::after-bootloader-swap");
     crate::bootloader::arm(&s.path, &s.repo)
         .context("the deployment is written, but GRUB's boot counter could not be armed")?;
+    crate::bootloader::checkpoint_boot(&s.path)?;
     s.sysroot
         .cleanup(gio::Cancellable::NONE)
         .context("cleaning up old deployments")?;
     Ok(written)
+}
+
+/// The new boot configuration, without libostree's cleanup after it: the
+/// caller removes what it replaced only once GRUB can see the new one
+/// ([`crate::bootloader::checkpoint_boot`]).
+fn write_deployments(s: &Session, deployments: &[ostree::Deployment]) -> Result<()> {
+    s.sysroot.write_deployments_with_options(
+        deployments,
+        &ostree::SysrootWriteDeploymentsOpts {
+            do_postclean: false,
+        },
+        gio::Cancellable::NONE,
+    )?;
+    Ok(())
 }
 
 /// What a failed boot configuration write says: libostree runs the GRUB
@@ -819,13 +834,16 @@ pub fn rollback(target: &SysrootTarget, obs: &mut dyn Observer) -> Result<Rollba
     let next = deployment_ref(&s.repo, 0, &new_order[0]);
     crate::bootloader::require_generator(&s.path, &s.repo)?;
     failpoint!("rollback::before-write");
-    s.sysroot
-        .write_deployments(&new_order, gio::Cancellable::NONE)
+    write_deployments(&s, &new_order)
         .with_context(|| boot_config_failed("the new boot order", &s.path))
         .map_err(|e| discard_unwritten(&s.path, e))?;
     failpoint!("rollback::after-write");
     // What boots next has booted before: no counting.
     crate::bootloader::disarm(&s.path, &s.repo)?;
+    crate::bootloader::checkpoint_boot(&s.path)?;
+    s.sysroot
+        .cleanup(gio::Cancellable::NONE)
+        .context("cleaning up after the new boot order")?;
     follow_keys_after_write(&s);
     Ok(RollbackReport {
         dropped_staged,
@@ -955,8 +973,7 @@ pub fn cleanup(
     if removed > 0 {
         crate::bootloader::require_generator(&s.path, &s.repo)?;
         failpoint!("cleanup::before-write");
-        s.sysroot
-            .write_deployments(&keep, gio::Cancellable::NONE)
+        write_deployments(&s, &keep)
             .with_context(|| boot_config_failed("the remaining deployments", &s.path))
             .map_err(|e| discard_unwritten(&s.path, e))?;
         if let (Some(b), Some(first)) = (roles.booted, keep.first()) {
@@ -966,6 +983,7 @@ pub fn cleanup(
             }
         }
     }
+    crate::bootloader::checkpoint_boot(&s.path)?;
     failpoint!("cleanup::before-prune");
     let objects = s.path.join("ostree/repo/objects");
     let before = dir_size(&objects);
