@@ -419,10 +419,6 @@ fn test_upgrade(image: &TestImage, updates: &Updates) -> Duration {
         matches!(deltas, Some(n) if n > 0),
         "no static delta fetched:\n{stderr}"
     );
-    // The cuts' moments and outcomes, as the runner saw them.
-    for line in stderr.lines().filter(|l| l.contains("power cut")) {
-        eprintln!("lifecycle: {line}");
-    }
     let _ = std::fs::remove_dir_all(&run);
     took
 }

@@ -424,11 +424,36 @@ impl Run<'_> {
             });
         match checked {
             Ok(now) => {
+                let which = if now == allowed[0] {
+                    "the old release"
+                } else {
+                    "the new release"
+                };
                 output.push_str(&format!("booted {now}, every deployment complete\n"));
+                self.obs.step(&format!(
+                    "power cut {:.1} s into `{op}` ({}): booted {which}, every deployment complete",
+                    at.as_secs_f64(),
+                    cut_phase(&said)
+                ));
                 Ok((now, output))
             }
             Err(e) => Err((output, e)),
         }
+    }
+}
+
+/// Where a cut landed, from what the command had printed by then.
+fn cut_phase(said: &str) -> &'static str {
+    if said.contains("closed by remote host") || said.contains("Connection to") {
+        "after it rebooted the machine: during shutdown or the next boot"
+    } else if said.contains("Staged") || said.contains("boots next") {
+        "after it wrote the new boot configuration, before the reboot"
+    } else if said.contains("Update on") || said.contains("fetched") {
+        "while it wrote the deployment"
+    } else if said.contains("Fetching") {
+        "while it fetched"
+    } else {
+        "before it printed anything"
     }
 }
 
