@@ -95,30 +95,17 @@ pub fn boot(
 ) -> Result<BootReport> {
     let started = Instant::now();
     let work = crate::machine::work_dir()?;
-    let key = ephemeral_key(work.path())?;
-    let config_path = work.path().join("node.toml");
-    std::fs::write(&config_path, node_config(&key.public)?)?;
-    let memory_mib = opts
-        .checks
-        .iter()
-        .filter_map(|c| c.memory_mib)
-        .fold(opts.memory_mib, u64::max);
-    obs.step(&format!(
-        "booting {} ({memory_mib} MiB, {} CPUs, {})",
-        opts.image.display(),
-        opts.cpus,
-        opts.accel.name()
-    ));
-    let mut machine = Machine::start(
-        MachineConfig {
-            image: opts.image.clone(),
-            memory_mib,
+    let mut machine = start_machine(
+        &MachineSpec {
+            image: &opts.image,
+            checks: &opts.checks,
+            memory_mib: opts.memory_mib,
             cpus: opts.cpus,
             accel: opts.accel,
-            node_config: config_path,
-            workdir: work.path().to_path_buf(),
         },
-        &key,
+        work.path(),
+        |key| node_config(key),
+        obs,
     )?;
     let mut report = BootReport {
         results: Vec::new(),
@@ -165,6 +152,51 @@ pub fn boot(
     }
     report.total = started.elapsed();
     Ok(report)
+}
+
+/// The machine a run boots.
+pub(crate) struct MachineSpec<'a> {
+    pub image: &'a Path,
+    pub checks: &'a [Check],
+    /// Memory in MiB; a check's `memory` raises it.
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub accel: Accel,
+}
+
+/// Make the run's SSH key, write the node config `node_config` makes from
+/// its public half, and power the machine on (in `work`).
+pub(crate) fn start_machine(
+    spec: &MachineSpec,
+    work: &Path,
+    node_config: impl FnOnce(&str) -> Result<String>,
+    obs: &mut dyn Observer,
+) -> Result<Machine> {
+    let key = ephemeral_key(work)?;
+    let config_path = work.join("node.toml");
+    std::fs::write(&config_path, node_config(&key.public)?)?;
+    let memory_mib = spec
+        .checks
+        .iter()
+        .filter_map(|c| c.memory_mib)
+        .fold(spec.memory_mib, u64::max);
+    obs.step(&format!(
+        "booting {} ({memory_mib} MiB, {} CPUs, {})",
+        spec.image.display(),
+        spec.cpus,
+        spec.accel.name()
+    ));
+    Machine::start(
+        MachineConfig {
+            image: spec.image.to_path_buf(),
+            memory_mib,
+            cpus: spec.cpus,
+            accel: spec.accel,
+            node_config: config_path,
+            workdir: work.to_path_buf(),
+        },
+        &key,
+    )
 }
 
 /// What a check's run needs besides the check: how long a reboot it asks

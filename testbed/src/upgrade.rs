@@ -16,10 +16,13 @@ use anyhow::{bail, Context, Result};
 use cairn_contracts::names::{REMOTE, STATEROOT};
 use serde_json::Value;
 
-use crate::boot::{install_helpers, quote, run_check, save_console, save_failure, Limits};
+use crate::boot::{
+    install_helpers, quote, run_check, save_console, save_failure, start_machine, Limits,
+    MachineSpec,
+};
 use crate::check::Check;
 use crate::http::HttpServer;
-use crate::machine::{ephemeral_key, Accel, Machine, MachineConfig, HOST_FROM_GUEST};
+use crate::machine::{Accel, Machine, HOST_FROM_GUEST};
 use crate::report::{CheckResult, Outcome};
 use crate::Observer;
 
@@ -109,30 +112,17 @@ pub fn upgrade(
         source.url,
         opts.ref_
     ));
-    let key = ephemeral_key(work.path())?;
-    let config_path = work.path().join("node.toml");
-    std::fs::write(&config_path, node_config(&key.public, &source)?)?;
-    let memory_mib = opts
-        .checks
-        .iter()
-        .filter_map(|c| c.memory_mib)
-        .fold(opts.memory_mib, u64::max);
-    obs.step(&format!(
-        "booting {} ({memory_mib} MiB, {} CPUs, {})",
-        opts.from.display(),
-        opts.cpus,
-        opts.accel.name()
-    ));
-    let mut m = Machine::start(
-        MachineConfig {
-            image: opts.from.clone(),
-            memory_mib,
+    let mut m = start_machine(
+        &MachineSpec {
+            image: &opts.from,
+            checks: &opts.checks,
+            memory_mib: opts.memory_mib,
             cpus: opts.cpus,
             accel: opts.accel,
-            node_config: config_path,
-            workdir: work.path().to_path_buf(),
         },
-        &key,
+        work.path(),
+        |key| node_config(key, &source),
+        obs,
     )?;
     let mut run = Run {
         report: UpgradeReport {
