@@ -247,7 +247,7 @@ fn upgrade(args: UpgradeArgs) -> Result<ExitCode> {
         None => "-".into(),
     };
     eprintln!(
-        "host test: {} -> {}: upgrade and reboot {}, rollback and reboot {};          {} HTTP requests, {} bytes served\nhost test: static delta requests: {}",
+        "host test: {} -> {}: upgrade and reboot {}, rollback and reboot {}; {} HTTP requests, {} bytes served\nhost test: static delta requests: {}",
         report.from_commit.as_deref().unwrap_or("?"),
         report.to_commit,
         secs(report.upgrade_wall),
