@@ -22,12 +22,14 @@ pub enum TestCommand {
     /// each check in it as root. TAP on stdout; exit status 1 when a check
     /// fails or the machine does not come up.
     Boot(BootArgs),
-    /// Boot the release a fleet runs now (--from), upgrade it to the head
-    /// of --ref in the archive repository --repo (served over HTTP on
-    /// loopback) with `host upgrade --reboot`, run the checks; `host
-    /// rollback --reboot`, run them again; then cut the power --power-cut
-    /// times at random moments of further upgrades and rollbacks, checking
-    /// that it boots a complete deployment each time. TAP on stdout.
+    /// Boot the release a fleet runs now (--from) and run the checks;
+    /// upgrade it to the head of --ref in the archive repository --repo
+    /// (served over HTTP on loopback) with `host upgrade --reboot`, run
+    /// them again; `host rollback --reboot`, run them once more (a check
+    /// reads CAIRN_TEST_PHASE: boot, upgrade, rollback); then cut the
+    /// power --power-cut times at random moments of further upgrades and
+    /// rollbacks, checking that it boots a complete deployment each time.
+    /// TAP on stdout.
     Upgrade(UpgradeArgs),
 }
 
@@ -110,8 +112,9 @@ pub struct UpgradeArgs {
     /// release under test.
     #[arg(long = "ref", value_name = "REF")]
     ref_: String,
-    /// A check, run after the upgrade and again after the rollback: an
-    /// executable, or a directory whose executable files are each one.
+    /// A check, run on the old release, after the upgrade and after the
+    /// rollback: an executable, or a directory whose executable files are
+    /// each one.
     #[arg(long = "check", value_name = "PATH")]
     checks: Vec<PathBuf>,
     /// Cut the power N times after the rollback, each at a random moment

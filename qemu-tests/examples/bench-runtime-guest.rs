@@ -1,7 +1,7 @@
 //! Start-to-exit latency of `/bin/true` from a busybox image inside the
 //! booted cgroup-v2 cairn guest, side by side in one run: `host app run --rm`
 //! (with its bridge NIC and with `--network none`), crun 1.8 (Debian's, from
-//! `qemu-tests/manifests/bench-host.toml`, which the runtime test's image
+//! `qemu-tests/manifests/bench-host.toml`, which the apps test image
 //! leaves out) on a bundle of the same tree, and the bare
 //! `unshare -mpnui -f --mount-proc chroot ROOTFS /bin/true` floor. Rounds are
 //! interleaved so load changes hit every tool alike; `host --help` shows what

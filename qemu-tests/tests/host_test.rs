@@ -1,5 +1,5 @@
 //! `host test boot` (issue 18) proven by running it: the real runner, as a
-//! user runs it, on the runtime test's apps image (cached by that test; a
+//! user runs it, on the apps test image (written by whichever test needs it first; a
 //! plain cairn image with openssh-server, provisioned through fw_cfg).
 //!
 //! 1. One run, one machine, four checks: one passes, one fails (exit
@@ -45,7 +45,7 @@ fn checks_pass_fail_time_out_and_reboot_in_one_run() {
     write_check(
         &checks,
         "10-pass",
-        "#!/bin/sh\nset -e\nhost status\ntest \"$(id -u)\" = 0\necho check-passed\n",
+        "#!/bin/sh\nset -e\nhost status\ntest \"$(id -u)\" = 0\ntest \"$CAIRN_TEST_PHASE\" = boot\necho check-passed\n",
     );
     write_check(
         &checks,

@@ -1,6 +1,6 @@
 //! First-boot provisioning proven on booted nodes (issue 15, QEMU).
 //!
-//! Node A boots the runtime test's apps image (cached by that test; its
+//! Node A boots the apps test image (support/apps_image.rs; its
 //! baked busybox image is what the config's app runs) with a node config in
 //! QEMU fw_cfg and port 22 forwarded to 127.0.0.1:
 //!

@@ -144,6 +144,7 @@ pub fn boot(
             &Limits {
                 boot_timeout: opts.boot_timeout,
                 artifacts: &opts.artifacts,
+                phase: Phase::Boot,
             },
             obs,
         );
@@ -204,6 +205,34 @@ pub(crate) fn start_machine(
 pub(crate) struct Limits<'a> {
     pub boot_timeout: Duration,
     pub artifacts: &'a Path,
+    /// What the machine runs now, given to the check as
+    /// `CAIRN_TEST_PHASE`.
+    pub phase: Phase,
+}
+
+/// Where in a run a check runs; a check reads it from `CAIRN_TEST_PHASE`
+/// (e.g. to write state before an upgrade and verify it after).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The image as it boots: `test boot`, and `test upgrade` before it
+    /// upgrades.
+    Boot,
+    /// After `host upgrade --reboot`: the new release.
+    Upgrade,
+    /// After `host rollback --reboot`: the old release again.
+    Rollback,
+}
+
+impl Phase {
+    /// Its name: the value of `CAIRN_TEST_PHASE`, and the prefix of a
+    /// `test upgrade` result (`upgrade/NAME`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Boot => "boot",
+            Phase::Upgrade => "upgrade",
+            Phase::Rollback => "rollback",
+        }
+    }
 }
 
 pub(crate) fn install_helpers(m: &Machine) -> Result<()> {
@@ -280,13 +309,13 @@ fn drive(
     }
     let mut mark: Option<String> = None;
     loop {
-        let env = match &mark {
-            Some(m) => format!(
+        let mut env = format!("CAIRN_TEST_PHASE={} ", opts.phase.name());
+        if let Some(m) = &mark {
+            env.push_str(&format!(
                 "CAIRN_TEST_REBOOT_MARK={0} AUTOPKGTEST_REBOOT_MARK={0} ",
                 quote(m)
-            ),
-            None => String::new(),
-        };
+            ));
+        }
         let script = format!(
             "rm -f {MARK_FILE}; cd {GUEST_DIR} && {env}PATH={GUEST_DIR}/bin:$PATH \
              timeout -k 10 {secs} {q} 2>&1",

@@ -4,8 +4,10 @@
 //! random moments of further upgrades and rollbacks and prove that each
 //! time the machine boots a complete deployment.
 //!
-//! Each step is one result (TAP point, JUnit case): `boot`, `upgrade`, the
-//! checks as `upgrade/NAME`, `rollback`, `rollback/NAME`, `power cut N`.
+//! Each step is one result (TAP point, JUnit case): `boot`, the checks on
+//! the old release as `boot/NAME`, `upgrade`, the checks again as
+//! `upgrade/NAME`, `rollback`, `rollback/NAME`, `power cut N`. A check
+//! learns which from `CAIRN_TEST_PHASE` (`boot`, `upgrade`, `rollback`).
 //! When the boot, the upgrade or the rollback fails, the steps after it do
 //! not run (the caller bails out).
 
@@ -18,7 +20,7 @@ use serde_json::Value;
 
 use crate::boot::{
     install_helpers, quote, run_check, save_console, save_failure, start_machine, Limits,
-    MachineSpec,
+    MachineSpec, Phase,
 };
 use crate::check::Check;
 use crate::http::HttpServer;
@@ -53,7 +55,7 @@ pub struct UpgradeOptions {
 impl UpgradeOptions {
     /// How many results a run that goes to its end reports.
     pub fn planned(&self) -> usize {
-        3 + 2 * self.checks.len() + self.power_cuts as usize
+        3 + 3 * self.checks.len() + self.power_cuts as usize
     }
 }
 
@@ -229,6 +231,11 @@ impl Run<'_> {
         ));
         let r = self.step_result(m, "boot", t, String::new(), Ok(()));
         self.push(r)?;
+        // The checks on the old release first: a check that fails here
+        // fails without the upgrade, and one can leave state for later.
+        // (A machine that cannot take the helpers fails each check.)
+        let _ = install_helpers(m);
+        self.checks(m, &mut boot_id, Phase::Boot);
 
         // ---- upgrade, then the checks on the new deployment
         let (wall, output, outcome) = self.switch(m, &mut boot_id, "host upgrade --reboot", &to);
@@ -245,7 +252,7 @@ impl Run<'_> {
         });
         let r = self.step_result(m, "upgrade", Instant::now() - wall, output, outcome);
         self.push(r)?;
-        self.checks(m, &mut boot_id, "upgrade");
+        self.checks(m, &mut boot_id, Phase::Upgrade);
 
         // ---- rollback, then the checks on the old release again
         let (wall, output, outcome) = self.switch(m, &mut boot_id, "host rollback --reboot", &from);
@@ -258,7 +265,7 @@ impl Run<'_> {
             outcome.map(drop),
         );
         self.push(r)?;
-        self.checks(m, &mut boot_id, "rollback");
+        self.checks(m, &mut boot_id, Phase::Rollback);
 
         // ---- power cuts
         if opts.power_cuts > 0 {
@@ -339,11 +346,12 @@ impl Run<'_> {
     }
 
     /// Each check as `PHASE/NAME`, its failure's logs under `artifacts/PHASE`.
-    fn checks(&mut self, m: &mut Machine, boot_id: &mut String, phase: &str) {
+    fn checks(&mut self, m: &mut Machine, boot_id: &mut String, phase: Phase) {
         let opts = self.opts;
-        let artifacts = opts.artifacts.join(phase);
+        let artifacts = opts.artifacts.join(phase.name());
         for check in &opts.checks {
-            self.obs.step(&format!("{phase}: running {}", check.name));
+            self.obs
+                .step(&format!("{}: running {}", phase.name(), check.name));
             let mut r = run_check(
                 m,
                 check,
@@ -351,10 +359,11 @@ impl Run<'_> {
                 &Limits {
                     boot_timeout: opts.boot_timeout,
                     artifacts: &artifacts,
+                    phase,
                 },
                 self.obs,
             );
-            r.name = format!("{phase}/{}", r.name);
+            r.name = format!("{}/{}", phase.name(), r.name);
             // A failed check does not stop the scenario: the next phase
             // is worth knowing about too.
             let _ = self.push(r);

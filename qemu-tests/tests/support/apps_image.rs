@@ -1,5 +1,6 @@
-//! The apps test image shared by the runtime's QEMU test
-//! (`tests/runtime.rs`) and the guest benchmark
+//! The apps test image shared by the QEMU tests that boot a node with an app
+//! (`tests/upgrade.rs`, `provision.rs`, `host_test.rs`, `fleet_network.rs`)
+//! and the guest benchmark
 //! (`examples/bench-runtime-guest.rs`): a busybox OCI layout this code writes
 //! (deterministic tar, so the same busybox gives the same digest and an
 //! unchanged compose is skipped) and a manifest under `build/qemu-tests/`
@@ -23,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use qemu_tests::fixture::{
-    build_dir, compose_unless_changed, workspace, write_image_unless_present, TEST_MANIFEST,
+    build_dir, compose_unless_changed, workspace, write_image_unless_present, DirLock,
+    TEST_MANIFEST,
 };
 use qemu_tests::{remove_stale_runs, Vm, VmConfig};
 
@@ -105,6 +107,9 @@ pub fn build_apps_image(apps_host: &AppsHost) -> Result<AppsImage> {
         format!("{}-release", apps_host.dir)
     });
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // scripts/test runs two lanes of tests that boot this image: whichever
+    // comes first composes and writes it, the other waits, then finds it.
+    let _lock = DirLock::take(&dir, libc::LOCK_EX)?;
 
     let digest = write_busybox_layout(&dir.join("busybox-oci"), APP_PAGE)?;
     let manifest = dir.join("apps-host.toml");
@@ -118,14 +123,14 @@ pub fn build_apps_image(apps_host: &AppsHost) -> Result<AppsImage> {
     let started = Instant::now();
     let (ref_, commit) = compose_unless_changed(&repo, &manifest)?;
     eprintln!(
-        "runtime: composed {commit} in {:.1} s",
+        "apps image: composed {commit} in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
     let (image, took) = write_image_unless_present(&dir.join("images"), &repo, &ref_, &commit)?;
     if took > Duration::ZERO {
         eprintln!(
-            "runtime: wrote {} in {:.1} s",
+            "apps image: wrote {} in {:.1} s",
             image.display(),
             took.as_secs_f64()
         );
@@ -187,14 +192,9 @@ pub fn write_busybox_layout(layout: &Path, page: &str) -> Result<String> {
         .with_context(|| format!("writing the busybox layout {}", layout.display()))
 }
 
-/// Boot the test's apps image in a fresh overlay
-/// (`build/qemu-tests/runs/apps-<name>.<pid>`) and wait until systemd says
-/// the boot finished; fails if it ends degraded.
-pub fn boot(name: &str) -> Vm {
-    boot_with(apps_image(), name, Vec::new())
-}
-
-/// [`boot`] of `image`, with more QEMU arguments.
+/// Boot `image` (with more QEMU arguments) on its control shell in a fresh
+/// overlay (`build/qemu-tests/runs/apps-<name>.<pid>`) and wait until
+/// systemd says the boot finished; fails if it ends degraded.
 pub fn boot_with(image: &AppsImage, name: &str, extra_args: Vec<String>) -> Vm {
     let runs = build_dir("qemu-tests/runs");
     remove_stale_runs(&runs, &format!("apps-{name}"));
@@ -207,10 +207,10 @@ pub fn boot_with(image: &AppsImage, name: &str, extra_args: Vec<String>) -> Vm {
     vm
 }
 
-pub fn assert_boot_finished(vm: &mut Vm) {
+fn assert_boot_finished(vm: &mut Vm) {
     let state = must(vm.wait_booted());
     eprintln!(
-        "runtime: boot finished ({state}) {:.1} s after QEMU started",
+        "apps image: boot finished ({state}) {:.1} s after QEMU started",
         vm.since_power_on().as_secs_f64()
     );
     if state != "running" {
