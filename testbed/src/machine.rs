@@ -126,16 +126,53 @@ pub fn die_with_runner(cmd: &mut Command) -> &mut Command {
     }
 }
 
+/// What every run's directory is named after: `cairn-host-test-PID-…`.
+const WORK_DIR_PREFIX: &str = "cairn-host-test-";
+
 /// A run's directory (overlay, key, console, logs): 0700, as the overlay
 /// holds the machine's disk with its host keys; removed when dropped.
+/// Directories that killed runs left behind are removed first.
 pub fn work_dir() -> Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt as _;
+    let tmp = std::env::temp_dir();
+    remove_abandoned_work_dirs(&tmp);
     let dir = tempfile::Builder::new()
-        .prefix("cairn-host-test-")
+        .prefix(&format!("{WORK_DIR_PREFIX}{}-", std::process::id()))
         .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir()
+        .tempdir_in(&tmp)
         .context("creating a work directory")?;
     Ok(dir)
+}
+
+/// Remove the work directories in `tmp` of runs that no longer exist
+/// (a SIGKILL skips their cleanup; each holds a disk overlay of gigabytes).
+/// Only real directories this user owns, named with a pid that has no
+/// process: a live process with that pid, even another program, keeps it.
+fn remove_abandoned_work_dirs(tmp: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(WORK_DIR_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Not followed: a symlink planted here is not a directory of ours.
+        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        if !meta.is_dir() || meta.uid() != me || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
 }
 
 /// The build machine's address as the machine sees it (QEMU's user
@@ -498,6 +535,40 @@ fn free_port() -> Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn directories_of_runs_that_are_gone_are_removed_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Above the kernel's largest pid_max: no process has it.
+        let gone = 4_194_305;
+        let mine = std::process::id();
+        let path = |n: &str| tmp.path().join(n);
+        for dir in [
+            format!("{WORK_DIR_PREFIX}{gone}-abc"),
+            format!("{WORK_DIR_PREFIX}{mine}-abc"),
+            format!("{WORK_DIR_PREFIX}x-abc"),
+            "unrelated".to_string(),
+        ] {
+            std::fs::create_dir(path(&dir)).unwrap();
+            std::fs::write(path(&dir).join("overlay.qcow2"), "disk").unwrap();
+        }
+        // A symlink with a dead run's name is not followed or removed.
+        std::os::unix::fs::symlink(
+            path("unrelated"),
+            path(&format!("{WORK_DIR_PREFIX}{gone}-link")),
+        )
+        .unwrap();
+        remove_abandoned_work_dirs(tmp.path());
+        assert!(!path(&format!("{WORK_DIR_PREFIX}{gone}-abc")).exists());
+        for kept in [
+            format!("{WORK_DIR_PREFIX}{mine}-abc"),
+            format!("{WORK_DIR_PREFIX}x-abc"),
+            "unrelated/overlay.qcow2".to_string(),
+            format!("{WORK_DIR_PREFIX}{gone}-link"),
+        ] {
+            assert!(path(&kept).exists(), "{kept} was removed");
+        }
+    }
 
     #[test]
     fn a_runs_directory_is_the_runners_alone() {
