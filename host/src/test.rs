@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use cairn_testbed::report::{junit, tap_line, tap_plan};
 use cairn_testbed::{
-    Accel, BootOptions, CheckResult, Observer, Outcome, UpdateSource, UpgradeOptions,
+    Accel, BootOptions, CheckResult, Network, Observer, Outcome, UpdateSource, UpgradeOptions,
 };
 use cairn_updater::provision::config::{Update, User};
 use cairn_updater::provision::NodeConfig;
@@ -31,6 +31,10 @@ pub enum TestCommand {
     /// rollbacks, checking that it boots a complete deployment each time.
     /// TAP on stdout.
     Upgrade(UpgradeArgs),
+    /// What QEMU starts for each connection the machine opens to a
+    /// forwarded port: relays stdin and stdout to 127.0.0.1:PORT.
+    #[command(hide = true)]
+    Relay { port: u16 },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -79,6 +83,17 @@ pub struct MachineArgs {
     /// themselves VMs, KVM often starts and then hangs the guest's kernel.
     #[arg(long, value_enum, default_value = "tcg")]
     accel: AccelArg,
+    /// Let the machine reach this port of the build machine's loopback,
+    /// as 10.0.2.4:PORT (CAIRN_TEST_HOST in a check's environment).
+    /// Repeat for more ports.
+    #[arg(long = "forward", value_name = "PORT")]
+    forwards: Vec<u16>,
+    /// Give the machine QEMU's whole user network: the build machine's
+    /// loopback as 10.0.2.2 and whatever the build machine reaches.
+    /// Without it the machine reaches only its forwarded ports: the image
+    /// under test is not trusted with the build machine's services.
+    #[arg(long)]
+    open_network: bool,
 }
 
 impl MachineArgs {
@@ -87,6 +102,15 @@ impl MachineArgs {
             AccelArg::Tcg => Accel::Tcg,
             AccelArg::Kvm => Accel::Kvm,
         }
+    }
+
+    fn network(&self) -> Result<Network> {
+        let exe = std::env::current_exe().context("finding this executable for the port relay")?;
+        Ok(Network {
+            forwards: self.forwards.clone(),
+            open: self.open_network,
+            relay: vec![exe.into(), "test".into(), "relay".into()],
+        })
     }
 
     fn user_config(&self) -> Result<Option<NodeConfig>> {
@@ -135,6 +159,12 @@ pub fn run(cmd: TestCommand) -> Result<ExitCode> {
     match cmd {
         TestCommand::Boot(args) => boot(args),
         TestCommand::Upgrade(args) => upgrade(args),
+        // Its streams are the machine's connection: an error goes nowhere
+        // but the exit status, and QEMU closes the connection.
+        TestCommand::Relay { port } => Ok(match cairn_testbed::relay(port) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        }),
     }
 }
 
@@ -164,6 +194,7 @@ fn boot(args: BootArgs) -> Result<ExitCode> {
         accel: m.accel(),
         boot_timeout: m.boot_timeout,
         artifacts: m.artifacts.clone(),
+        network: m.network()?,
     };
     print!("{}", tap_plan(opts.checks.len()));
     let report = cairn_testbed::boot(
@@ -228,6 +259,7 @@ fn upgrade(args: UpgradeArgs) -> Result<ExitCode> {
         boot_timeout: m.boot_timeout,
         upgrade_timeout: args.upgrade_timeout,
         artifacts: m.artifacts.clone(),
+        network: m.network()?,
     };
     // Fail on a bad repository or ref before anything boots.
     cairn_testbed::upgrade::ref_head(&opts.repo, &opts.ref_)?;

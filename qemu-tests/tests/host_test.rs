@@ -2,11 +2,13 @@
 //! user runs it, on the apps test image (written by whichever test needs it first; a
 //! plain cairn image with openssh-server, provisioned through fw_cfg).
 //!
-//! 1. One run, one machine, four checks: one passes, one fails (exit
+//! 1. One run, one machine, five checks: one passes, one fails (exit
 //!    status, TAP, JUnit, the console, journal and output saved), one times
-//!    out, and one reboots the machine once (autopkgtest's mark API) and
-//!    passes on its second run. The time to the first check is printed
-//!    beside the console's first login prompt of the same boot.
+//!    out, one reboots the machine once (autopkgtest's mark API) and passes
+//!    on its second run, and one reaches the build machine's loopback port
+//!    given with `--forward` and no other (another listener there sees no
+//!    connection). The time to the first check is printed beside the
+//!    console's first login prompt of the same boot.
 //! 2. A disk that does not boot: a clear error within the boot timeout,
 //!    not a hang.
 //!
@@ -86,6 +88,37 @@ step-1)
 esac
 "#,
     );
+    // The machine reaches a forwarded port of the build machine's loopback
+    // and nothing else of it: another listener there sees no connection.
+    let forwarded = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let not_forwarded = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (fwd, closed) = (
+        forwarded.local_addr().unwrap().port(),
+        not_forwarded.local_addr().unwrap().port(),
+    );
+    std::thread::spawn(move || {
+        for conn in forwarded.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut &conn, b"forwarded-ok\n");
+        }
+    });
+    not_forwarded.set_nonblocking(true).unwrap();
+    write_check(
+        &checks,
+        "50-network",
+        &format!(
+            r#"#!/bin/sh
+# cairn-test: timeout = 3m
+reply=$(timeout 60 bash -c "exec 3<>/dev/tcp/$CAIRN_TEST_HOST/{fwd} && cat <&3")
+test "$reply" = forwarded-ok || {{ echo "the forwarded port said: '$reply'"; exit 1; }}
+for to in 10.0.2.2/{closed} 10.0.2.2/{fwd}; do
+    if timeout 15 bash -c "exec 3<>/dev/tcp/$to" 2>/dev/null; then
+        echo "reached the build machine at $to"; exit 1
+    fi
+done
+echo "only the forwarded port answers"
+"#
+        ),
+    );
     let junit = work.join("results.xml");
     let artifacts = work.join("artifacts");
     let started = Instant::now();
@@ -94,6 +127,7 @@ esac
         .arg(&image.image)
         .arg("--check")
         .arg(&checks)
+        .args(["--forward", &fwd.to_string()])
         .arg("--junit")
         .arg(&junit)
         .arg("--artifacts")
@@ -109,7 +143,7 @@ esac
         started.elapsed().as_secs_f64()
     );
     assert_eq!(out.status.code(), Some(1), "two checks fail: {all}");
-    assert!(stdout.starts_with("TAP version 14\n1..4\n"), "{all}");
+    assert!(stdout.starts_with("TAP version 14\n1..5\n"), "{all}");
     assert!(stdout.contains("ok 1 - 10-pass\n"), "{all}");
     assert!(stdout.contains("not ok 2 - 20-fail\n"), "{all}");
     assert!(stdout.contains("exited with status 3"), "{all}");
@@ -118,10 +152,16 @@ esac
     assert!(stdout.contains("timed out after 5 s"), "{all}");
     assert!(stdout.contains("ok 4 - 40-reboot\n"), "{all}");
     assert!(!stdout.contains("not ok 4"), "{all}");
+    assert!(stdout.contains("ok 5 - 50-network\n"), "{all}");
+    assert!(!stdout.contains("not ok 5"), "{all}");
+    assert!(
+        not_forwarded.accept().is_err(),
+        "the machine reached a port that was not forwarded"
+    );
 
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert!(
-        xml.contains("<testsuites tests=\"4\" failures=\"2\" errors=\"0\""),
+        xml.contains("<testsuites tests=\"5\" failures=\"2\" errors=\"0\""),
         "{xml}"
     );
     assert!(

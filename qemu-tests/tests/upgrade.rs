@@ -33,7 +33,7 @@
 //!   `cpu.max` throttles a busy loop; later boots find none of those
 //!   containers back.
 //! - `40-pulled-image`: `host app pull` from the registry on the build
-//!   machine's loopback stores the image in the host's repository, sharing
+//!   machine's loopback (forwarded into the machine: `--forward`) stores the image in the host's repository, sharing
 //!   the host tree's objects; it still runs after the upgrade and the
 //!   rollback; `host app rmi` then removes it.
 //!
@@ -331,7 +331,7 @@ ran() {{ host app run --rm --network none {PULLED} /bin/echo pulled-ok | grep -q
 case $phase in
 boot)
     before=$(du -sb /ostree/repo/objects | cut -f1)
-    said=$(host app pull --tls-verify=false 10.0.2.2:{registry_port}/apps/{PULLED} 2>&1) ||
+    said=$(host app pull --tls-verify=false "$CAIRN_TEST_HOST:{registry_port}/apps/{PULLED}" 2>&1) ||
         fail "the pull failed: $said"
     added=$(( $(du -sb /ostree/repo/objects | cut -f1) - before ))
     commit=$(ostree --repo=/ostree/repo rev-parse cairn/app/busybox/v1)
@@ -448,6 +448,7 @@ fn a_release_upgrades_rolls_back_and_survives_power_cuts_with_its_apps_under_hos
         .arg("--artifacts")
         .arg(run.join("artifacts"))
         .args(["--memory", "1536M", "--boot-timeout", "15m"])
+        .args(["--forward", &facts.registry_port.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::check::Check;
-use crate::machine::{ephemeral_key, Accel, Machine, MachineConfig};
+use crate::machine::{ephemeral_key, Accel, Machine, MachineConfig, Network, FORWARDED_HOST};
 use crate::report::{CheckResult, Outcome};
 
 /// The machine's directory for checks, helpers and the reboot mark.
@@ -51,6 +51,7 @@ pub struct BootOptions {
     pub boot_timeout: Duration,
     /// Where a failure's serial console and journal are saved.
     pub artifacts: PathBuf,
+    pub network: Network,
 }
 
 /// What a run found.
@@ -102,6 +103,7 @@ pub fn boot(
             memory_mib: opts.memory_mib,
             cpus: opts.cpus,
             accel: opts.accel,
+            network: &opts.network,
         },
         work.path(),
         |key| node_config(key),
@@ -163,6 +165,7 @@ pub(crate) struct MachineSpec<'a> {
     pub memory_mib: u64,
     pub cpus: u32,
     pub accel: Accel,
+    pub network: &'a Network,
 }
 
 /// Make the run's SSH key, write the node config `node_config` makes from
@@ -195,6 +198,7 @@ pub(crate) fn start_machine(
             accel: spec.accel,
             node_config: config_path,
             workdir: work.to_path_buf(),
+            network: spec.network.clone(),
         },
         &key,
     )
@@ -309,7 +313,10 @@ fn drive(
     }
     let mut mark: Option<String> = None;
     loop {
-        let mut env = format!("CAIRN_TEST_PHASE={} ", opts.phase.name());
+        let mut env = format!(
+            "CAIRN_TEST_PHASE={} CAIRN_TEST_HOST={FORWARDED_HOST} ",
+            opts.phase.name()
+        );
         if let Some(m) = &mark {
             env.push_str(&format!(
                 "CAIRN_TEST_REBOOT_MARK={0} AUTOPKGTEST_REBOOT_MARK={0} ",

@@ -1,5 +1,6 @@
-//! A directory served over HTTP on 127.0.0.1 (a QEMU user-network guest's
-//! 10.0.2.2), by Python's static server, as any static server would serve
+//! A directory served over HTTP on 127.0.0.1 (forwarded into a `host test`
+//! machine, or a QEMU user-network guest's 10.0.2.2), by Python's static
+//! server, as any static server would serve
 //! an archive repository; killed on drop.
 //!
 //! It listens on loopback only and serves the directory as it is: what the

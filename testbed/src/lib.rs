@@ -19,6 +19,6 @@ pub mod upgrade;
 
 pub use boot::{boot, BootOptions, BootReport, Observer};
 pub use check::{discover, Check};
-pub use machine::Accel;
+pub use machine::{relay, Accel, Network, FORWARDED_HOST};
 pub use report::{CheckResult, Outcome};
 pub use upgrade::{upgrade, UpdateSource, UpgradeOptions, UpgradeReport};

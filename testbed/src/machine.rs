@@ -72,6 +72,87 @@ pub struct MachineConfig {
     pub node_config: PathBuf,
     /// Where the overlay, key and logs go (removed by the caller).
     pub workdir: PathBuf,
+    pub network: Network,
+}
+
+/// What the machine's network reaches besides its own SSH port, which the
+/// runner reaches on 127.0.0.1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    /// Ports of the build machine's loopback the machine reaches, as
+    /// [`FORWARDED_HOST`]`:PORT` (the run's HTTP server, `--forward`).
+    pub forwards: Vec<u16>,
+    /// QEMU's whole user network besides: the build machine's loopback
+    /// as 10.0.2.2 and whatever the build machine reaches. Off, nothing
+    /// but `forwards` (QEMU's `restrict=on`): the image under test is
+    /// not trusted with the build machine's services.
+    pub open: bool,
+    /// The program QEMU starts for each connection to a forwarded port,
+    /// with the port appended: it must relay its stdin and stdout to
+    /// 127.0.0.1:PORT ([`relay`]).
+    pub relay: Vec<std::ffi::OsString>,
+}
+
+/// Where the machine reaches a forwarded port of the build machine: the
+/// address QEMU's user network gives forwards (`guestfwd`), beside the
+/// gateway 10.0.2.2 and the resolver 10.0.2.3, which it does not allow.
+pub const FORWARDED_HOST: &str = "10.0.2.4";
+
+impl Network {
+    /// QEMU's `-netdev` value: SSH forwarded in, `forwards` out through a
+    /// relay per connection (a `cmd:` guestfwd; a chardev one takes a
+    /// single connection), restricted unless `open`.
+    pub fn netdev(&self, ssh_port: u16) -> String {
+        let mut v = format!("user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22");
+        if !self.open {
+            v.push_str(",restrict=on");
+        }
+        for port in &self.forwards {
+            let argv: Vec<String> = self
+                .relay
+                .iter()
+                .map(|a| shell_word(&a.to_string_lossy()))
+                .chain([port.to_string()])
+                .collect();
+            // QEMU's option syntax: a comma in a value is written twice.
+            let cmd = argv.join(" ").replace(',', ",,");
+            v.push_str(&format!(",guestfwd=tcp:{FORWARDED_HOST}:{port}-cmd:{cmd}"));
+        }
+        v
+    }
+}
+
+/// `s` single-quoted for QEMU's (GLib's) parse of a `cmd:` command line.
+fn shell_word(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Relay stdin and stdout to 127.0.0.1:`port` until the server closes the
+/// connection: what QEMU starts for each connection the machine opens to
+/// a forwarded port (stdin, stdout and stderr are that connection, so
+/// nothing else may be written to them).
+pub fn relay(port: u16) -> Result<()> {
+    use std::io::Write as _;
+    use std::net::{Shutdown, TcpStream};
+    let server = TcpStream::connect(("127.0.0.1", port))?;
+    let mut to_server = server.try_clone()?;
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_server);
+        // The machine is done sending: the server sees the end of its
+        // request, and its answer still comes back.
+        let _ = to_server.shutdown(Shutdown::Write);
+    });
+    let mut from_server = server;
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = from_server.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        out.write_all(&buf[..n])?;
+        out.flush()?;
+    }
 }
 
 /// An SSH key pair made for one run.
@@ -175,10 +256,6 @@ fn remove_abandoned_work_dirs(tmp: &Path) {
     }
 }
 
-/// The build machine's address as the machine sees it (QEMU's user
-/// network): a server on 127.0.0.1 here is reached there.
-pub const HOST_FROM_GUEST: &str = "10.0.2.2";
-
 /// A running (or powered-off) machine. Dropping it kills QEMU.
 pub struct Machine {
     config: MachineConfig,
@@ -239,10 +316,7 @@ impl Machine {
         );
         let child = die_with_runner(&mut cmd)
             .arg("-netdev")
-            .arg(format!(
-                "user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22",
-                self.ssh_port
-            ))
+            .arg(c.network.netdev(self.ssh_port))
             .args(["-device", "virtio-net-pci,netdev=net0"])
             .arg("-fw_cfg")
             .arg(format!(
@@ -535,6 +609,27 @@ fn free_port() -> Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_network_is_restricted_to_its_forwards_unless_open() {
+        let mut n = Network {
+            forwards: vec![8080, 5000],
+            open: false,
+            relay: vec!["/opt/a,b/host's".into(), "test".into(), "relay".into()],
+        };
+        assert_eq!(
+            n.netdev(2222),
+            "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,restrict=on,\
+             guestfwd=tcp:10.0.2.4:8080-cmd:'/opt/a,,b/host'\\''s' 'test' 'relay' 8080,\
+             guestfwd=tcp:10.0.2.4:5000-cmd:'/opt/a,,b/host'\\''s' 'test' 'relay' 5000"
+        );
+        n.open = true;
+        n.forwards.clear();
+        assert_eq!(
+            n.netdev(2222),
+            "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22"
+        );
+    }
 
     #[test]
     fn directories_of_runs_that_are_gone_are_removed_and_nothing_else() {

@@ -24,7 +24,7 @@ use crate::boot::{
 };
 use crate::check::Check;
 use crate::http::HttpServer;
-use crate::machine::{Accel, Machine, HOST_FROM_GUEST};
+use crate::machine::{Accel, Machine, Network, FORWARDED_HOST};
 use crate::report::{CheckResult, Outcome};
 use crate::Observer;
 
@@ -50,6 +50,8 @@ pub struct UpgradeOptions {
     /// How long `host upgrade` may take to fetch and stage.
     pub upgrade_timeout: Duration,
     pub artifacts: PathBuf,
+    /// The run's HTTP server is forwarded besides.
+    pub network: Network,
 }
 
 impl UpgradeOptions {
@@ -105,7 +107,7 @@ pub fn upgrade(
     let server = HttpServer::start(&opts.repo, Some(&work.path().join("http.log")))?;
     let source = UpdateSource {
         refspec: format!("{REMOTE}:{}", opts.ref_),
-        url: format!("http://{HOST_FROM_GUEST}:{}/", server.port),
+        url: format!("http://{FORWARDED_HOST}:{}/", server.port),
     };
     obs.step(&format!(
         "serving {} on 127.0.0.1:{} ({} in the machine); {} is at {to_commit}",
@@ -114,6 +116,8 @@ pub fn upgrade(
         source.url,
         opts.ref_
     ));
+    let mut network = opts.network.clone();
+    network.forwards.push(server.port);
     let mut m = start_machine(
         &MachineSpec {
             image: &opts.from,
@@ -121,6 +125,7 @@ pub fn upgrade(
             memory_mib: opts.memory_mib,
             cpus: opts.cpus,
             accel: opts.accel,
+            network: &network,
         },
         work.path(),
         |key| node_config(key, &source),
