@@ -104,6 +104,12 @@ fn require_root() -> Result<()> {
 fn build_test_image() -> Result<TestImage> {
     require_root()?;
     let ws = workspace();
+    // scripts/test runs tests that boot this image in two lanes at once:
+    // whichever comes first composes and writes it, the other waits, then
+    // finds it.
+    let images = build_dir("qemu-tests/images");
+    std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
+    let _lock = DirLock::take(&images, libc::LOCK_EX)?;
 
     let started = Instant::now();
     let (repo, ref_, commit, compose_time) = match std::env::var_os("CAIRN_TEST_REPO") {
@@ -124,8 +130,7 @@ fn build_test_image() -> Result<TestImage> {
         .with_context(|| format!("commit {commit} has no cairn.kernel metadata"))?;
     let version = metadata_string(&repo, &commit, "version")?;
 
-    let (image, image_time) =
-        write_image_unless_present(&build_dir("qemu-tests/images"), &repo, &ref_, &commit)?;
+    let (image, image_time) = write_image_unless_present(&images, &repo, &ref_, &commit)?;
     eprintln!(
         "qemu-tests: test image of {commit}: compose {:.0} s, image {:.0} s (0: reused)",
         compose_time.as_secs_f64(),

@@ -62,7 +62,7 @@ fn start(name: &'static str, n: u8, config: &Path, l2: &Path, server: bool) -> N
     let workdir = runs.join(format!("fleetnet-{name}.{}", std::process::id()));
     let mut cfg = VmConfig::new(&apps_image().image, &workdir);
     cfg.memory_mib = 1024;
-    // One vCPU each: in CI these two boot beside the lifecycle guest on a
+    // One vCPU each: in CI these two boot beside the other lane's guest on a
     // two-core machine, and every vCPU is a host thread under TCG.
     cfg.cpus = 1;
     cfg.extra_args = vec![
