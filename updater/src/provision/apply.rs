@@ -154,6 +154,9 @@ pub fn find_config(root: &Path) -> Result<Option<Found>> {
         }));
     }
     let drive = root.join("dev/disk/by-label").join(CONFIG_DRIVE_LABEL);
+    if root == Path::new("/") {
+        wait_for_devices();
+    }
     if drive.exists() {
         return read_config_drive(&drive).map(Some);
     }
@@ -172,6 +175,23 @@ pub fn find_config(root: &Path) -> Result<Option<Found>> {
         }));
     }
     Ok(None)
+}
+
+/// Waits (at most a minute) until udev has named the devices the kernel
+/// found at boot, so that a config drive's label link exists if the drive
+/// does. Only a boot that looks for its config waits: the unit does not
+/// order itself after systemd-udev-settle.service, which every boot would
+/// wait for (seconds on real hardware, 7-12 s under TCG).
+fn wait_for_devices() {
+    let settled = std::process::Command::new("udevadm")
+        .args(["settle", "--timeout=60"])
+        .stdin(std::process::Stdio::null())
+        .status();
+    if !matches!(settled, Ok(s) if s.success()) {
+        tracing::warn!(
+            "udevadm settle did not finish ({settled:?}); looking for a config drive anyway"
+        );
+    }
 }
 
 /// Mounts the labelled filesystem read-only (no devices, setuid or exec)
