@@ -209,11 +209,28 @@ pub fn die_with_runner(cmd: &mut Command) -> &mut Command {
 
 /// What every run's directory is named after: `cairn-host-test-PID-…`.
 const WORK_DIR_PREFIX: &str = "cairn-host-test-";
+/// In a run's directory, locked (flock) while the run lives: the lock goes
+/// with the run however it ends, in any PID namespace.
+const WORK_DIR_LOCK: &str = ".run.lock";
 
 /// A run's directory (overlay, key, console, logs): 0700, as the overlay
 /// holds the machine's disk with its host keys; removed when dropped.
-/// Directories that killed runs left behind are removed first.
-pub fn work_dir() -> Result<tempfile::TempDir> {
+pub struct WorkDir {
+    dir: tempfile::TempDir,
+    /// Held for the run's life (see [`WORK_DIR_LOCK`]).
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl WorkDir {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A new run's directory. Directories that killed runs left behind (a
+/// SIGKILL skips the cleanup; each holds a disk overlay of gigabytes) are
+/// removed first.
+pub fn work_dir() -> Result<WorkDir> {
     use std::os::unix::fs::PermissionsExt as _;
     let tmp = std::env::temp_dir();
     remove_abandoned_work_dirs(&tmp);
@@ -222,37 +239,51 @@ pub fn work_dir() -> Result<tempfile::TempDir> {
         .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(&tmp)
         .context("creating a work directory")?;
-    Ok(dir)
+    let file = std::fs::File::create(dir.path().join(WORK_DIR_LOCK))
+        .context("creating the work directory's lock")?;
+    let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .context("locking the work directory")?;
+    Ok(WorkDir { dir, _lock: lock })
 }
 
-/// Remove the work directories in `tmp` of runs that no longer exist
-/// (a SIGKILL skips their cleanup; each holds a disk overlay of gigabytes).
-/// Only real directories this user owns, named with a pid that has no
-/// process: a live process with that pid, even another program, keeps it.
+/// Remove the work directories in `tmp` of runs that have ended: real
+/// directories (a symlink is not followed) this user owns whose lock file
+/// nobody holds. A directory without its lock file (a run that is just
+/// starting) is left alone.
 fn remove_abandoned_work_dirs(tmp: &Path) {
-    use std::os::unix::fs::MetadataExt as _;
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
     let Ok(entries) = std::fs::read_dir(tmp) else {
         return;
     };
     let me = nix::unistd::geteuid().as_raw();
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
+        if !entry
+            .file_name()
             .to_str()
-            .and_then(|n| n.strip_prefix(WORK_DIR_PREFIX))
-            .and_then(|rest| rest.split_once('-'))
-            .and_then(|(pid, _)| pid.parse::<u32>().ok())
-        else {
+            .is_some_and(|n| n.starts_with(WORK_DIR_PREFIX))
+        {
             continue;
-        };
-        // Not followed: a symlink planted here is not a directory of ours.
+        }
         let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
             continue;
         };
-        if !meta.is_dir() || meta.uid() != me || Path::new(&format!("/proc/{pid}")).exists() {
+        if !meta.is_dir() || meta.uid() != me {
             continue;
         }
-        let _ = std::fs::remove_dir_all(entry.path());
+        let Ok(lock) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(entry.path().join(WORK_DIR_LOCK))
+        else {
+            continue;
+        };
+        // Held until the directory is gone, so no run takes it meanwhile.
+        if let Ok(_held) =
+            nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -632,37 +663,49 @@ mod tests {
     }
 
     #[test]
-    fn directories_of_runs_that_are_gone_are_removed_and_nothing_else() {
+    fn directories_of_runs_that_ended_are_removed_and_nothing_else() {
         let tmp = tempfile::tempdir().unwrap();
-        // Above the kernel's largest pid_max: no process has it.
-        let gone = 4_194_305;
-        let mine = std::process::id();
         let path = |n: &str| tmp.path().join(n);
-        for dir in [
-            format!("{WORK_DIR_PREFIX}{gone}-abc"),
-            format!("{WORK_DIR_PREFIX}{mine}-abc"),
-            format!("{WORK_DIR_PREFIX}x-abc"),
-            "unrelated".to_string(),
-        ] {
-            std::fs::create_dir(path(&dir)).unwrap();
-            std::fs::write(path(&dir).join("overlay.qcow2"), "disk").unwrap();
-        }
-        // A symlink with a dead run's name is not followed or removed.
-        std::os::unix::fs::symlink(
-            path("unrelated"),
-            path(&format!("{WORK_DIR_PREFIX}{gone}-link")),
+        let dir = |n: &str, lock: bool| {
+            std::fs::create_dir(path(n)).unwrap();
+            std::fs::write(path(n).join("overlay.qcow2"), "disk").unwrap();
+            if lock {
+                std::fs::write(path(n).join(WORK_DIR_LOCK), "").unwrap();
+            }
+        };
+        dir(&format!("{WORK_DIR_PREFIX}1-ended"), true);
+        dir(&format!("{WORK_DIR_PREFIX}2-starting"), false);
+        dir(&format!("{WORK_DIR_PREFIX}3-running"), true);
+        dir("unrelated", true);
+        let running = nix::fcntl::Flock::lock(
+            std::fs::File::open(path(&format!("{WORK_DIR_PREFIX}3-running/{WORK_DIR_LOCK}")))
+                .unwrap(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
         )
         .unwrap();
+        // A symlink with a run's name is not followed or removed.
+        std::os::unix::fs::symlink(path("unrelated"), path(&format!("{WORK_DIR_PREFIX}4-link")))
+            .unwrap();
         remove_abandoned_work_dirs(tmp.path());
-        assert!(!path(&format!("{WORK_DIR_PREFIX}{gone}-abc")).exists());
+        assert!(!path(&format!("{WORK_DIR_PREFIX}1-ended")).exists());
         for kept in [
-            format!("{WORK_DIR_PREFIX}{mine}-abc"),
-            format!("{WORK_DIR_PREFIX}x-abc"),
+            format!("{WORK_DIR_PREFIX}2-starting"),
+            format!("{WORK_DIR_PREFIX}3-running"),
             "unrelated/overlay.qcow2".to_string(),
-            format!("{WORK_DIR_PREFIX}{gone}-link"),
+            format!("{WORK_DIR_PREFIX}4-link"),
         ] {
             assert!(path(&kept).exists(), "{kept} was removed");
         }
+        drop(running);
+        remove_abandoned_work_dirs(tmp.path());
+        assert!(!path(&format!("{WORK_DIR_PREFIX}3-running")).exists());
+    }
+
+    #[test]
+    fn a_live_runs_directory_is_kept() {
+        let run = work_dir().unwrap();
+        remove_abandoned_work_dirs(&std::env::temp_dir());
+        assert!(run.path().join(WORK_DIR_LOCK).exists());
     }
 
     #[test]
