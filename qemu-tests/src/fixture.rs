@@ -336,6 +336,15 @@ fn image_key(commit: &str, host: &Path) -> Result<String> {
     Ok(hex::encode(&hasher.finalize()[..12]))
 }
 
+/// Write an executable check for `host test` (mode 0755) as `dir/name`.
+pub fn write_check(dir: &Path, name: &str, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("making {} executable: {e}", p.display()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,19 +17,11 @@
 #[path = "support/apps_image.rs"]
 mod apps_image;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use apps_image::*;
-use qemu_tests::fixture::{build_dir, host_binary};
-
-fn write_check(dir: &Path, name: &str, text: &str) {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
+use qemu_tests::fixture::{build_dir, host_binary, write_check};
 
 fn workdir(name: &str) -> std::path::PathBuf {
     let d = build_dir("qemu-tests/runs").join(format!("host-test-{name}.{}", std::process::id()));

@@ -48,14 +48,15 @@
 #[path = "support/apps_image.rs"]
 mod apps_image;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::Result;
 use apps_image::*;
-use qemu_tests::fixture::{build_dir, compose_into, host_binary, ostree_cli, run_host};
+use qemu_tests::fixture::{
+    build_dir, compose_into, host_binary, ostree_cli, run_host, write_check,
+};
 
 /// The file only v2 has.
 const V2_FILE: &str = "/usr/share/cairn-test/upgrade-v2";
@@ -360,12 +361,6 @@ echo "the pulled image is the host's ($phase)"
 "#,
         prelude = check_prelude("5m")
     )
-}
-
-fn write_check(dir: &Path, name: &str, text: &str) {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("writing a check");
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
 
 /// Size of the largest blob of an OCI layout (its one layer).
