@@ -751,12 +751,10 @@ fn input_hash(
         h.update(app);
     }
     if let Some(bin) = host_binary {
-        // Both executables (see tree::self_install).
-        for (label, path) in [
-            ("\nhost ", bin.to_path_buf()),
-            ("\nhost-full ", cairn_contracts::names::full_executable(bin)),
-        ] {
-            h.update(label);
+        // Every executable (see tree::self_install), by its name.
+        for path in cairn_contracts::names::executables(bin) {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            h.update(format!("\n{name} "));
             h.update(
                 crate::manifest::file_sha256(&path)
                     .with_context(|| format!("reading {}", path.display()))?,

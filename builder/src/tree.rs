@@ -95,22 +95,16 @@ pub fn install_file(root: &Root, src: &Path, dst: &str, mode: u32) -> Result<()>
     Ok(())
 }
 
-/// Installs the running `host` binary (debug info stripped: it is dead
-/// weight on a node). It is stripped in `scratch`, outside the tree, and
-/// then copied in.
 /// Install the running `host`: its container executable at `dst` and the
-/// full one next to it (`cairn_contracts::names::full_executable`), debug
-/// info stripped.
+/// others next to it (`cairn_contracts::names::executables`), debug info
+/// stripped (dead weight on a node).
 pub fn self_install(root: &Root, binary: &Path, dst: &str, scratch: &Path) -> Result<()> {
-    use cairn_contracts::names::full_executable;
-    let full_dst = full_executable(Path::new(dst));
-    let full_dst = full_dst
-        .to_str()
-        .context("self-install path is not UTF-8")?;
-    for (from, to) in [
-        (binary.to_path_buf(), dst),
-        (full_executable(binary), full_dst),
-    ] {
+    use cairn_contracts::names::executables;
+    for (from, to) in executables(binary)
+        .into_iter()
+        .zip(executables(Path::new(dst)))
+    {
+        let to = to.to_str().context("self-install path is not UTF-8")?;
         install_stripped(root, &from, to, scratch)?;
     }
     Ok(())
@@ -119,7 +113,7 @@ pub fn self_install(root: &Root, binary: &Path, dst: &str, scratch: &Path) -> Re
 fn install_stripped(root: &Root, binary: &Path, dst: &str, scratch: &Path) -> Result<()> {
     if !binary.is_file() {
         bail!(
-            "self-install: {} does not exist (build both executables: cargo build -p host)",
+            "self-install: {} does not exist (build all of host's executables: cargo build -p host)",
             binary.display()
         );
     }

@@ -11,10 +11,11 @@ pub const REMOTE: &str = "cairn";
 /// for `host compose image --trust`.
 pub const PUBLIC_KEY_FILE: &str = "cairn-release.asc";
 
-/// `host` is two executables side by side: `host`, which serves the
+/// `host` is three executables side by side: `host`, which serves the
 /// container commands without libostree (their start latency and the
-/// monitor's memory are the product), and `host-full`, every command,
-/// which `host` hands everything else to. This is the suffix of the second.
+/// monitor's memory are the product), `host-full`, every command, which
+/// `host` hands everything else to, and `host-monitor` (see
+/// [`monitor_executable`]). This is the suffix of the second.
 pub const FULL_EXECUTABLE_SUFFIX: &str = "-full";
 
 /// The full executable next to the container one: `/usr/bin/host` →
@@ -41,6 +42,30 @@ pub fn container_executable(executable: &std::path::Path) -> std::path::PathBuf 
     }
 }
 
+/// The third executable, the one an idle detached monitor waits in (see
+/// `cairn_runtime::idle`): `/usr/bin/host` → `/usr/bin/host-monitor`.
+pub const MONITOR_EXECUTABLE_SUFFIX: &str = "-monitor";
+
+/// The idle monitor's executable next to the container one.
+pub fn monitor_executable(container_executable: &std::path::Path) -> std::path::PathBuf {
+    let mut name = container_executable
+        .file_name()
+        .unwrap_or_default()
+        .to_os_string();
+    name.push(MONITOR_EXECUTABLE_SUFFIX);
+    container_executable.with_file_name(name)
+}
+
+/// Every executable `host` is made of, the container one first: what a
+/// tree installs and what an image's identity hashes.
+pub fn executables(container_executable: &std::path::Path) -> [std::path::PathBuf; 3] {
+    [
+        container_executable.to_path_buf(),
+        full_executable(container_executable),
+        monitor_executable(container_executable),
+    ]
+}
+
 /// A node config `host compose image --config` writes into the image's
 /// /var (the stateroot's), the last source first-boot provisioning reads.
 pub const PROVISION_EMBEDDED_CONFIG: &str = "/var/lib/cairn/provision/embedded.toml";
@@ -56,6 +81,14 @@ mod tests {
         assert_eq!(full_executable(light), Path::new("/usr/bin/host-full"));
         assert_eq!(container_executable(&full_executable(light)), light);
         assert_eq!(container_executable(light), light);
+        assert_eq!(
+            executables(light),
+            [
+                light.to_path_buf(),
+                Path::new("/usr/bin/host-full").to_path_buf(),
+                Path::new("/usr/bin/host-monitor").to_path_buf()
+            ]
+        );
         assert_eq!(
             container_executable(Path::new("/x/-full")),
             Path::new("/x/-full")

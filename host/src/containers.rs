@@ -284,7 +284,19 @@ pub fn supervise(globals: &AppGlobals, name: &str) -> Result<ExitCode> {
 }
 
 fn monitor(rt: &Runtime, name: &str) -> Result<ExitCode> {
-    let code = cairn_runtime::monitor::supervise(rt, name)?;
+    // Idle, the monitor waits in `host-monitor`, which runs it again with
+    // this same command line (see cairn_runtime::idle). Without that
+    // executable it waits in this process.
+    let exe = crate::exe::container_executable();
+    let waiter = cairn_contracts::names::monitor_executable(&exe);
+    let idle = waiter.is_file().then(|| cairn_runtime::monitor::IdleExec {
+        waiter,
+        waiter_args: Vec::new(),
+        resume: std::iter::once(exe.into_os_string())
+            .chain(std::env::args_os().skip(1))
+            .collect(),
+    });
+    let code = cairn_runtime::monitor::supervise(rt, name, idle)?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 

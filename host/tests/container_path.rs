@@ -36,14 +36,19 @@ const LAZY: [&str; 4] = [
 
 #[test]
 fn only_the_full_executable_links_libostree() {
-    let libs = needed(Path::new(env!("CARGO_BIN_EXE_host")));
-    // The parse is real: what the binary does need is there.
-    assert!(libs.iter().any(|l| l == "libc.so.6"), "{libs:?}");
-    for lazy in LAZY {
-        assert!(
-            !libs.iter().any(|l| l == lazy),
-            "host links {lazy}: {libs:?}"
-        );
+    for exe in [
+        env!("CARGO_BIN_EXE_host"),
+        env!("CARGO_BIN_EXE_host-monitor"),
+    ] {
+        let libs = needed(Path::new(exe));
+        // The parse is real: what the binary does need is there.
+        assert!(libs.iter().any(|l| l == "libc.so.6"), "{libs:?}");
+        for lazy in LAZY {
+            assert!(
+                !libs.iter().any(|l| l == lazy),
+                "{exe} links {lazy}: {libs:?}"
+            );
+        }
     }
     let full = needed(Path::new(env!("CARGO_BIN_EXE_host-full")));
     assert!(full.iter().any(|l| l == LAZY[0]), "{full:?}");
@@ -53,11 +58,15 @@ fn only_the_full_executable_links_libostree() {
 /// by the object crate's version here).
 const DT_RELR: u32 = 36;
 
-/// Both executables are position independent (ET_DYN with DF_1_PIE), with
-/// packed relocations.
+/// The three executables are position independent (ET_DYN with DF_1_PIE),
+/// with packed relocations.
 #[test]
-fn both_executables_are_pie() {
-    for exe in [env!("CARGO_BIN_EXE_host"), env!("CARGO_BIN_EXE_host-full")] {
+fn every_executable_is_pie() {
+    for exe in [
+        env!("CARGO_BIN_EXE_host"),
+        env!("CARGO_BIN_EXE_host-full"),
+        env!("CARGO_BIN_EXE_host-monitor"),
+    ] {
         let data = std::fs::read(exe).unwrap();
         let elf = ElfFile64::<object::Endianness>::parse(&*data).unwrap();
         let endian = elf.endian();
@@ -266,7 +275,23 @@ fn the_container_path_maps_none_of_them() {
     let monitor = inspect["state"]["monitor_pid"]
         .as_u64()
         .expect("a monitor pid");
-    mapped(monitor as u32, "the monitor");
+    // Idle, it waits in `host-monitor`, the same process, which maps
+    // neither these nor the container executable.
+    let exe = || std::fs::read_link(format!("/proc/{monitor}/exe")).unwrap();
+    for _ in 0..100 {
+        if exe().ends_with("host-monitor") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(exe().ends_with("host-monitor"), "{:?}", exe());
+    mapped(monitor as u32, "the idle monitor");
+    let maps = std::fs::read_to_string(format!("/proc/{monitor}/maps")).unwrap();
+    let container_exe = Path::new(env!("CARGO_BIN_EXE_host")).display().to_string();
+    assert!(
+        !maps.lines().any(|l| l.ends_with(&container_exe)),
+        "the idle monitor maps {container_exe}:\n{maps}"
+    );
     for name in ["fg", "bg"] {
         let out = host()
             .args(["app", "--root", &root_s, "rm", "--force", name])

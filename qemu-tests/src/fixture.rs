@@ -326,11 +326,10 @@ fn image_key(commit: &str, host: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     hasher.update(commit.as_bytes());
     hasher.update(TEST_KARG.as_bytes());
-    // The writer is `host-full`, and the image holds both executables.
-    let full = cairn_contracts::names::full_executable(host);
-    for exe in [host, full.as_path()] {
+    // The writer is `host-full`, and the image holds every executable.
+    for exe in cairn_contracts::names::executables(host) {
         let mut file =
-            std::fs::File::open(exe).with_context(|| format!("reading {}", exe.display()))?;
+            std::fs::File::open(&exe).with_context(|| format!("reading {}", exe.display()))?;
         std::io::copy(&mut file, &mut hasher)?;
     }
     Ok(hex::encode(&hasher.finalize()[..12]))

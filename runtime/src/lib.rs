@@ -14,6 +14,7 @@ pub mod console;
 pub mod container;
 pub mod context;
 pub mod engine;
+pub mod idle;
 pub mod logfile;
 pub mod monitor;
 pub mod mountfd;

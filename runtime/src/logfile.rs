@@ -71,6 +71,44 @@ impl LogSink {
         Ok(sink)
     }
 
+    /// The log a monitor had before an exec (see [`crate::idle`]): its
+    /// current `file` and pipe, this process's stdout and stderr following
+    /// the file. The descriptors become close-on-exec again.
+    pub fn adopt(
+        dir: PathBuf,
+        config: LogConfig,
+        file: OwnedFd,
+        read: OwnedFd,
+        write: OwnedFd,
+    ) -> Result<Self> {
+        for fd in [&file, &read, &write] {
+            crate::idle::set_inherited(fd.as_fd(), false)?;
+        }
+        nix::fcntl::fcntl(
+            read.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        let file = File::from(file);
+        let size = file.metadata()?.len();
+        let sink = Self {
+            dir,
+            config,
+            file,
+            size,
+            read,
+            write,
+            own_output: true,
+        };
+        sink.redirect_own_output()?;
+        Ok(sink)
+    }
+
+    /// The current file, the pipe's read end and its write end, to hand
+    /// over across an exec.
+    pub fn into_fds(self) -> (OwnedFd, OwnedFd, OwnedFd) {
+        (self.file.into(), self.read, self.write)
+    }
+
     /// The current file (the monitor's own stdout and stderr).
     pub fn file(&self) -> BorrowedFd<'_> {
         self.file.as_fd()

@@ -5,12 +5,14 @@
 //! It is single-threaded and event driven: a signalfd delivers SIGCHLD and
 //! stop requests, `poll` times the health checks and back-off.
 
+use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -19,6 +21,7 @@ use oci_spec::runtime::Spec;
 use crate::console::Console;
 use crate::container::{self, ExecTarget};
 use crate::context::Runtime;
+use crate::idle::{monitor_signals, Handoff};
 use crate::logfile::LogSink;
 use crate::state::{
     read_json, write_json, ContainerRecord, ContainerState, Health, HealthState, RestartPolicy,
@@ -38,6 +41,20 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A run this long resets the back-off.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
+/// A detached monitor waits shorter spells (before a frequent health
+/// check) in place: going idle and back costs two execs and reading the
+/// records again, a few ms.
+const MIN_IDLE: Duration = Duration::from_secs(1);
+
+/// Where a detached monitor goes while it is idle (see [`crate::idle`]):
+/// the small executable, and the command line that runs this monitor
+/// again. The binary knows both; the library does not.
+pub struct IdleExec {
+    pub waiter: PathBuf,
+    /// Arguments before [`crate::idle::wait`]'s own (none for `host-monitor`).
+    pub waiter_args: Vec<OsString>,
+    pub resume: Vec<OsString>,
+}
 
 struct Monitor<'a> {
     rt: &'a Runtime,
@@ -57,11 +74,15 @@ struct Monitor<'a> {
     log: Option<LogSink>,
     /// A foreground `run -t`: the container's pseudo-terminal.
     console: Option<Console>,
+    /// Where to wait while idle; None: wait in this process.
+    idle: Option<IdleExec>,
+    /// The wait before the next restart.
+    backoff: Duration,
 }
 
 /// A pidfd of `pid` (Linux ≥ 5.3), readable once it has exited; `None`
 /// where the kernel has none (SIGCHLD alone then tells).
-fn pidfd_open(pid: Pid) -> Option<OwnedFd> {
+pub(crate) fn pidfd_open(pid: Pid) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
     // SAFETY: a new descriptor that nothing else owns.
@@ -359,23 +380,40 @@ impl Monitor<'_> {
         }
     }
 
-    /// Supervise one run of the container; returns its exit code.
-    fn run_once(&mut self, pid: Pid) -> Result<i32> {
+    /// Supervise one run of the container, begun at `started`; returns its
+    /// exit code. `resumed_check`: when a resumed monitor's next health
+    /// check is due.
+    fn run_once(
+        &mut self,
+        pid: Pid,
+        started: Instant,
+        resumed_check: Option<Instant>,
+    ) -> Result<i32> {
         let health = self.record.health.clone();
-        let mut next_check = health
-            .as_ref()
-            .map(|h| Instant::now() + Duration::from_millis(h.interval_ms));
+        let mut next_check = resumed_check.or_else(|| {
+            health
+                .as_ref()
+                .map(|h| Instant::now() + Duration::from_millis(h.interval_ms))
+        });
         let mut check_pid: Option<(Pid, Instant)> = None;
         let mut kill_at: Option<Instant> = None;
         let child = pidfd_open(pid);
         loop {
             let now = Instant::now();
             let deadlines = [next_check, kill_at, check_pid.map(|(_, d)| d)];
-            let timeout = deadlines
-                .iter()
-                .flatten()
-                .min()
-                .map(|d| d.saturating_duration_since(now));
+            let quiet = check_pid.is_none()
+                && kill_at.is_none()
+                && next_check.map_or(true, |at| at.saturating_duration_since(now) >= MIN_IDLE);
+            // About to go idle: only look at what is already pending.
+            let timeout = if self.idle.is_some() && quiet {
+                Some(Duration::ZERO)
+            } else {
+                deadlines
+                    .iter()
+                    .flatten()
+                    .min()
+                    .map(|d| d.saturating_duration_since(now))
+            };
             let sig = self.wait_signal(timeout, child.as_ref())?;
             match sig {
                 Some(Signal::SIGCHLD) | None => {}
@@ -452,7 +490,59 @@ impl Monitor<'_> {
                     next_check = Some(now + interval);
                 }
             }
+            let now = Instant::now();
+            let quiet = check_pid.is_none()
+                && kill_at.is_none()
+                && next_check.map_or(true, |at| at.saturating_duration_since(now) >= MIN_IDLE);
+            if quiet {
+                // Returns only if the idle executable could not be run.
+                self.hand_off(pid, started, next_check);
+            }
         }
+    }
+
+    /// Nothing in flight: wait in the idle executable (see [`crate::idle`]),
+    /// which execs this monitor again at its next event. Returns only if
+    /// that exec failed; the monitor then waits in this process from now on.
+    fn hand_off(&mut self, pid: Pid, started: Instant, next_check: Option<Instant>) {
+        use std::os::unix::process::CommandExt;
+        let (Some(idle), Some(log)) = (&self.idle, &self.log) else {
+            return;
+        };
+        let handoff = Handoff {
+            pid: pid.as_raw(),
+            log_read: log.reader().as_raw_fd(),
+            log_write: log.writer().as_raw_fd(),
+            log_file: log.file().as_raw_fd(),
+            log: self.record.log,
+            wake_at: next_check.map(crate::idle::ns_of),
+            started: crate::idle::ns_of(started),
+            backoff_ms: self.backoff.as_millis() as u64,
+        };
+        let fds = [log.reader(), log.writer(), log.file()];
+        let err = match fds
+            .iter()
+            .try_for_each(|fd| crate::idle::set_inherited(*fd, true))
+        {
+            Ok(()) => std::process::Command::new(&idle.waiter)
+                .args(&idle.waiter_args)
+                .arg(&self.record.name)
+                .arg(self.rt.paths.container(&self.record.name))
+                .arg(handoff.encode())
+                .arg("--")
+                .args(&idle.resume)
+                .exec()
+                .into(),
+            Err(e) => e,
+        };
+        for fd in fds {
+            let _ = crate::idle::set_inherited(fd, false);
+        }
+        eprintln!(
+            "monitor: idling in {} failed ({err:#}); the monitor waits itself from now on",
+            idle.waiter.display()
+        );
+        self.idle = None;
     }
 
     fn record_health(&mut self, code: Option<i32>) -> Result<()> {
@@ -478,23 +568,6 @@ impl Monitor<'_> {
     }
 }
 
-/// Signals the monitor handles itself, blocked so only the signalfd sees them.
-fn monitor_signals() -> SigSet {
-    let mut s = SigSet::empty();
-    for sig in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        // A console's window changed size (see wait_signal).
-        Signal::SIGWINCH,
-    ] {
-        s.add(sig);
-    }
-    s
-}
-
 /// Where a supervised container's stdin, stdout and stderr go.
 pub(crate) enum Output {
     /// This process's own (a foreground `run`).
@@ -512,18 +585,74 @@ pub(crate) enum Output {
 /// [`supervise_loaded`].)
 ///
 /// Started by `run -d`, it reports the first start on the pipe named by
-/// [`READY_FD_ENV`].
-pub fn supervise(rt: &Runtime, name: &str) -> Result<i32> {
+/// [`READY_FD_ENV`]. With `idle`, it waits there between events; run again
+/// from it, it carries on where it left off (see [`crate::idle`]).
+pub fn supervise(rt: &Runtime, name: &str, idle: Option<IdleExec>) -> Result<i32> {
+    let resumed = take_resume()?;
     let ready = take_ready_fd();
     let dir = rt.paths.container(name);
     let record: ContainerRecord = read_json(&dir.join("container.json"))?;
     let null = std::fs::File::open("/dev/null")?;
     nix::unistd::dup2(null.as_raw_fd(), 0)?;
-    let log = LogSink::open(&dir, record.log, true)
-        .with_context(|| format!("opening the log of {name}"))?;
+    let log = match &resumed {
+        // SAFETY: the idle executable exec'd us with these open for us alone.
+        Some(h) => unsafe {
+            LogSink::adopt(
+                dir.clone(),
+                record.log,
+                crate::idle::adopt_fd(h.log_file, libc::S_IFREG, "log file")?,
+                crate::idle::adopt_fd(h.log_read, libc::S_IFIFO, "log pipe")?,
+                crate::idle::adopt_fd(h.log_write, libc::S_IFIFO, "log pipe")?,
+            )
+        },
+        None => LogSink::open(&dir, record.log, true),
+    }
+    .with_context(|| format!("opening the log of {name}"))?;
     let spec: Spec = read_json(&dir.join("config.json"))?;
     let state: ContainerState = read_json(&dir.join("state.json")).unwrap_or_default();
-    supervise_loaded(rt, record, spec, state, None, ready, Output::Log(log))
+    let start = Start {
+        early_userns: None,
+        ready,
+        idle,
+        resumed,
+    };
+    supervise_with(rt, record, spec, state, Output::Log(log), start)
+}
+
+/// The hand-off this monitor was run again with, if it was (see
+/// [`crate::idle`]). Taken out of the environment, so nothing it starts
+/// inherits it.
+fn take_resume() -> Result<Option<Handoff>> {
+    let Some(text) = std::env::var_os(crate::idle::RESUME_ENV) else {
+        return Ok(None);
+    };
+    // Single-threaded here: the monitor has not started anything yet.
+    std::env::remove_var(crate::idle::RESUME_ENV);
+    let h = Handoff::decode(text.to_str().context("monitor hand-off is not UTF-8")?)?;
+    // Only a container that is our child, exited or not (WNOWAIT: it stays
+    // to be reaped by run_once): a stale or forged hand-off names another.
+    // SAFETY: waitid fills the siginfo it is given; nothing else.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    if unsafe { libc::waitid(libc::P_PID, h.pid as libc::id_t, &mut info, flags) } != 0 {
+        bail!(
+            "monitor hand-off: pid {} is not this monitor's container: {}",
+            h.pid,
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(Some(h))
+}
+
+/// How a monitor's supervision begins.
+struct Start {
+    /// The first start's namespaces, begun by a foreground `run`.
+    early_userns: Option<container::PendingUserns>,
+    /// Where `run -d` waits to hear how the first start went.
+    ready: Option<std::fs::File>,
+    idle: Option<IdleExec>,
+    /// Run again from the idle executable: the container already runs.
+    resumed: Option<Handoff>,
 }
 
 /// Supervise a container in this process, its records already in hand:
@@ -535,10 +664,27 @@ pub(crate) fn supervise_loaded(
     rt: &Runtime,
     record: ContainerRecord,
     spec: Spec,
-    mut state: ContainerState,
+    state: ContainerState,
     early_userns: Option<container::PendingUserns>,
     ready: Option<std::fs::File>,
     output: Output,
+) -> Result<i32> {
+    let start = Start {
+        early_userns,
+        ready,
+        idle: None,
+        resumed: None,
+    };
+    supervise_with(rt, record, spec, state, output, start)
+}
+
+fn supervise_with(
+    rt: &Runtime,
+    record: ContainerRecord,
+    spec: Spec,
+    mut state: ContainerState,
+    output: Output,
+    start: Start,
 ) -> Result<i32> {
     let (log, console) = match output {
         Output::Inherited => (None, None),
@@ -547,21 +693,25 @@ pub(crate) fn supervise_loaded(
     };
     let name = record.name.clone();
     let name = name.as_str();
-    let me = std::process::id() as i32;
-    state.monitor_pid = Some(me);
-    state.monitor_start = crate::state::proc_start_time(me);
-    state.boot_id = crate::state::boot_id();
-    state.stop_requested = false;
-    state.error = None;
-    state.health = record.health.as_ref().map(|_| HealthState {
-        status: Health::Starting,
-        failing_streak: 0,
-        last_exit: None,
-        last_check: None,
-    });
+    if start.resumed.is_none() {
+        let me = std::process::id() as i32;
+        state.monitor_pid = Some(me);
+        state.monitor_start = crate::state::proc_start_time(me);
+        state.boot_id = crate::state::boot_id();
+        state.stop_requested = false;
+        state.error = None;
+        state.health = record.health.as_ref().map(|_| HealthState {
+            status: Health::Starting,
+            failing_streak: 0,
+            last_exit: None,
+            last_check: None,
+        });
+    }
     let mask = monitor_signals();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;
     let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC).context("signalfd")?;
+    // Only a detached monitor idles: a foreground one is its caller's process.
+    let idle = start.idle.filter(|_| log.is_some() && console.is_none());
     let mut m = Monitor {
         rt,
         record,
@@ -569,13 +719,15 @@ pub(crate) fn supervise_loaded(
         state,
         sfd,
         cgroup: None,
-        early_userns,
-        ready,
+        early_userns: start.early_userns,
+        ready: start.ready,
         registered: false,
         log,
         console,
+        idle,
+        backoff: BACKOFF_START,
     };
-    let res = supervise_inner(&mut m);
+    let res = supervise_inner(&mut m, start.resumed);
     // What the container wrote last.
     m.drain_log();
     if let Some(console) = &m.console {
@@ -618,51 +770,71 @@ pub(crate) fn supervise_loaded(
     }
 }
 
-fn supervise_inner(m: &mut Monitor) -> Result<i32> {
+fn supervise_inner(m: &mut Monitor, mut resumed: Option<Handoff>) -> Result<i32> {
     let rt = m.rt;
     let t0 = Instant::now();
-    if crate::cgroup::detect(&rt.cgroups.root) == crate::cgroup::Layout::Unified {
-        m.cgroup = Some(rt.cgroups.create(&m.record.name, &m.record.limits)?);
-        tracing::debug!("monitor: cgroup made in {:?}", t0.elapsed());
-    } else {
-        rt.cgroups.check_supported(&m.record.limits)?;
+    let unified = crate::cgroup::detect(&rt.cgroups.root) == crate::cgroup::Layout::Unified;
+    match (&resumed, unified) {
+        (Some(h), _) => {
+            // Made by this monitor before it went idle.
+            m.cgroup = unified.then(|| rt.cgroups.path(&m.record.name));
+            m.backoff = Duration::from_millis(h.backoff_ms);
+            m.registered = m
+                .record
+                .registration_dir
+                .as_ref()
+                .is_some_and(|d| d.join(format!("{}.json", m.record.name)).exists());
+        }
+        (None, true) => {
+            m.cgroup = Some(rt.cgroups.create(&m.record.name, &m.record.limits)?);
+            tracing::debug!("monitor: cgroup made in {:?}", t0.elapsed());
+        }
+        (None, false) => rt.cgroups.check_supported(&m.record.limits)?,
     }
-    if let Some(net) = &m.record.network {
+    if let (Some(net), None) = (&m.record.network, &resumed) {
         crate::net::ensure_bridge(net)?;
     }
-    let mut backoff = BACKOFF_START;
-    let mut first = true;
+    let mut first = resumed.is_none();
     loop {
-        let t0 = Instant::now();
-        let pid = match m.start() {
-            Ok(pid) => {
-                tracing::debug!("monitor: {} started in {:?}", m.record.name, t0.elapsed());
-                pid
-            }
-            // The first start reports its failure to `run`; later ones are retried.
-            Err(e) if first => return Err(e),
-            Err(e) => {
-                eprintln!("monitor: restart failed: {e:#}");
-                m.state.exit_code = Some(127);
-                if !backoff_wait(m, &mut backoff)? {
-                    return Ok(127);
-                }
-                continue;
+        let (pid, started, next_check) = match resumed.take() {
+            Some(h) => (
+                Pid::from_raw(h.pid),
+                crate::idle::instant_of(h.started),
+                h.wake_at.map(crate::idle::instant_of),
+            ),
+            None => {
+                let t0 = Instant::now();
+                let pid = match m.start() {
+                    Ok(pid) => {
+                        tracing::debug!("monitor: {} started in {:?}", m.record.name, t0.elapsed());
+                        pid
+                    }
+                    // The first start reports its failure to `run`; later ones are retried.
+                    Err(e) if first => return Err(e),
+                    Err(e) => {
+                        eprintln!("monitor: restart failed: {e:#}");
+                        m.state.exit_code = Some(127);
+                        if !backoff_wait(m)? {
+                            return Ok(127);
+                        }
+                        continue;
+                    }
+                };
+                first = false;
+                m.state.status = Status::Running;
+                m.state.pid = Some(pid.as_raw());
+                m.state.started_at = Some(crate::state::now());
+                m.state.exit_code = None;
+                m.save()?;
+                m.report_ready(Ok(()));
+                (pid, Instant::now(), None)
             }
         };
-        first = false;
-        let started = Instant::now();
-        m.state.status = Status::Running;
-        m.state.pid = Some(pid.as_raw());
-        m.state.started_at = Some(crate::state::now());
-        m.state.exit_code = None;
-        m.save()?;
-        m.report_ready(Ok(()));
-        let code = m.run_once(pid)?;
+        let code = m.run_once(pid, started, next_check)?;
         tracing::debug!(
             "monitor: {} exited with {code} after {:?}",
             m.record.name,
-            t0.elapsed()
+            started.elapsed()
         );
         m.state.exit_code = Some(code);
         m.state.pid = None;
@@ -677,21 +849,21 @@ fn supervise_inner(m: &mut Monitor) -> Result<i32> {
             return Ok(code);
         }
         if started.elapsed() >= BACKOFF_RESET_AFTER {
-            backoff = BACKOFF_START;
+            m.backoff = BACKOFF_START;
         }
-        if !backoff_wait(m, &mut backoff)? {
+        if !backoff_wait(m)? {
             return Ok(code);
         }
     }
 }
 
 /// Wait before a restart; false when a stop request arrived meanwhile.
-fn backoff_wait(m: &mut Monitor, backoff: &mut Duration) -> Result<bool> {
+fn backoff_wait(m: &mut Monitor) -> Result<bool> {
     m.state.status = Status::Restarting;
     m.state.restarts += 1;
     m.save()?;
-    let until = Instant::now() + *backoff;
-    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    let until = Instant::now() + m.backoff;
+    m.backoff = (m.backoff * 2).min(BACKOFF_MAX);
     loop {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {

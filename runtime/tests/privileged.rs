@@ -59,6 +59,10 @@ const TESTS: &[(&str, TestFn)] = &[
     ),
     ("health_exec_stop_and_restart", health_exec_stop_and_restart),
     (
+        "an_idle_monitor_stays_one_process_and_wakes_for_each_event",
+        an_idle_monitor_stays_one_process_and_wakes_for_each_event,
+    ),
+    (
         "cleanup_after_rm_and_after_a_crashed_monitor",
         cleanup_after_rm_and_after_a_crashed_monitor,
     ),
@@ -126,12 +130,31 @@ fn main() {
             && open.is_err_and(|e| e.raw_os_error() == Some(libc::EACCES));
         std::process::exit(if denied { ATTACK_DENIED } else { ATTACK_WORKED });
     }
+    if args.get(1).map(String::as_str) == Some("--idle") {
+        // An idle monitor's waiting room, as host-monitor is (idle::wait
+        // takes "--idle" for the program name).
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        if let Err(e) = cairn_runtime::idle::wait(&args) {
+            eprintln!("idle: {e:#}");
+        }
+        std::process::exit(1);
+    }
     if args.get(1).map(String::as_str) == Some("--monitor") {
         // Entry point of a detached container's monitor:
         // --monitor ROOT BRIDGE SUBNET NAME [CGROUP_ROOT SLICE]
         let cg = (args.len() > 7).then(|| (args[6].as_str(), args[7].as_str()));
         let rt = runtime_at(Path::new(&args[2]), &args[3], &args[4], cg);
-        let code = match cairn_runtime::monitor::supervise(&rt, &args[5]) {
+        // Idle, it waits in this same binary (--idle above), so these tests
+        // cover the hand-off the product's monitor makes.
+        let exe = std::env::current_exe().expect("own path");
+        let idle = cairn_runtime::monitor::IdleExec {
+            waiter: exe.clone(),
+            waiter_args: vec!["--idle".into()],
+            resume: std::iter::once(exe.into_os_string())
+                .chain(std::env::args_os().skip(1))
+                .collect(),
+        };
+        let code = match cairn_runtime::monitor::supervise(&rt, &args[5], Some(idle)) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("monitor: {e:#}");
@@ -1243,6 +1266,93 @@ fn health_exec_stop_and_restart() {
         ..env.opts("fine", &["true"])
     });
     assert_eq!((code, env.rt.state("fine").unwrap().restarts), (0, 0));
+}
+
+/// A detached monitor with nothing in flight waits in the idle executable
+/// (here this binary's `--idle`), the same process, and comes back for
+/// each event: output, a health check, the container's end and restart,
+/// a stop request.
+fn an_idle_monitor_stays_one_process_and_wakes_for_each_event() {
+    let env = Env::new();
+    env.import();
+    let idle_now = |name: &str| -> bool {
+        let st = env.rt.state(name).unwrap();
+        std::fs::read(format!("/proc/{}/cmdline", st.monitor_pid.unwrap()))
+            .map(|c| c.split(|b| *b == 0).any(|a| a == b"--idle"))
+            .unwrap_or(false)
+    };
+    let until = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what} never happened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    env.rt
+        .run(&RunOptions {
+            detach: true,
+            restart: RestartPolicy::OnFailure,
+            health: Some(HealthCheck {
+                cmd: "test -e /tmp/ok".into(),
+                interval: Duration::from_millis(1200),
+                retries: 1,
+            }),
+            stop_timeout: 1,
+            ..env.opts(
+                "idler",
+                &[
+                    "sh",
+                    "-c",
+                    "echo run; while [ ! -e /tmp/stop ]; do sleep 0.1; done; exit 3",
+                ],
+            )
+        })
+        .unwrap();
+    let first = env.rt.state("idler").unwrap();
+    until("going idle after the start", &|| idle_now("idler"));
+    // Output written while idle reaches the log.
+    env.wait_log("idler", "run");
+    // The health check brings it back, and it goes idle again.
+    until("an unhealthy check", &|| {
+        env.rt.state("idler").unwrap().health.map(|h| h.status) == Some(Health::Unhealthy)
+    });
+    assert_eq!(
+        env.rt
+            .exec("idler", &["touch".into(), "/tmp/ok".into()], false)
+            .unwrap(),
+        0
+    );
+    until("a healthy check", &|| {
+        env.rt.state("idler").unwrap().health.map(|h| h.status) == Some(Health::Healthy)
+    });
+    until("going idle after the check", &|| idle_now("idler"));
+    // The container's end: restarted (a new /tmp, so the check fails again).
+    env.rt
+        .exec("idler", &["touch".into(), "/tmp/stop".into()], false)
+        .unwrap();
+    until("a restart", &|| {
+        let st = env.rt.state("idler").unwrap();
+        st.restarts == 1 && st.observed() == Status::Running
+    });
+    until("going idle after the restart", &|| idle_now("idler"));
+    assert_eq!(
+        env.log("idler").matches("run").count(),
+        2,
+        "{}",
+        env.log("idler")
+    );
+    let now = env.rt.state("idler").unwrap();
+    assert_eq!(
+        (now.monitor_pid, now.monitor_start),
+        (first.monitor_pid, first.monitor_start),
+        "one monitor process throughout"
+    );
+    assert_ne!(now.pid, first.pid, "a new container process");
+    // A stop request while idle.
+    assert!(env.rt.stop("idler", Duration::from_secs(5)).unwrap());
+    let st = env.rt.state("idler").unwrap();
+    assert_eq!((st.observed(), st.restarts), (Status::Exited, 1));
+    assert!(st.stop_requested);
 }
 
 /// A chatty detached container fills its log only up to the limit:
