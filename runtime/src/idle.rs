@@ -30,6 +30,9 @@ use crate::state::LogConfig;
 /// The environment variable that hands a [`Handoff`] back to the monitor.
 pub const RESUME_ENV: &str = "CAIRN_MONITOR_RESUME";
 
+/// How often `host-monitor` tries to exec the monitor back, a second apart.
+const EXEC_ATTEMPTS: u32 = 30;
+
 /// What an idle monitor carries across the two execs. Descriptors are
 /// inherited (not close-on-exec) for the exec only; times are
 /// CLOCK_MONOTONIC nanoseconds, which an exec does not reset.
@@ -288,15 +291,28 @@ pub fn wait(args: &[OsString]) -> Result<()> {
         log_file: file.as_raw_fd(),
         ..h
     };
-    let err = std::process::Command::new(&resume[0])
-        .arg0(&resume[0])
-        .args(&resume[1..])
-        .env(RESUME_ENV, back.encode())
-        .exec();
-    bail!(
-        "host-monitor: running the monitor again ({}): {err}",
-        std::path::Path::new(&resume[0]).display()
-    )
+    // A failed exec (a passing ENOMEM, say) is tried again for a while:
+    // giving up ends this process, and the container with it (PDEATHSIG).
+    let program = std::path::Path::new(&resume[0]);
+    let mut attempt = 1;
+    loop {
+        let err = std::process::Command::new(program)
+            .args(&resume[1..])
+            .env(RESUME_ENV, back.encode())
+            .exec();
+        if attempt == EXEC_ATTEMPTS {
+            bail!(
+                "host-monitor: running the monitor again ({}): {err}; gave up after {attempt} tries",
+                program.display()
+            );
+        }
+        eprintln!(
+            "monitor: running the monitor again ({}): {err}; trying again in a second",
+            program.display()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        attempt += 1;
+    }
 }
 
 #[cfg(test)]

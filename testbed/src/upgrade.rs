@@ -435,9 +435,9 @@ impl Run<'_> {
                 };
                 output.push_str(&format!("booted {now}, every deployment complete\n"));
                 self.obs.step(&format!(
-                    "power cut {:.1} s into `{op}` ({}): booted {which}, every deployment complete",
+                    "power cut {:.1} s into `{op}` (last output seen: {}): booted {which}, every deployment complete",
                     at.as_secs_f64(),
-                    cut_phase(&said)
+                    last_output_seen(&said)
                 ));
                 Ok((now, output))
             }
@@ -446,18 +446,22 @@ impl Run<'_> {
     }
 }
 
-/// Where a cut landed, from what the command had printed by then.
-fn cut_phase(said: &str) -> &'static str {
+/// What the command had been seen to print when the cut came. Output in
+/// flight is lost with the machine, so this names the last thing seen, not
+/// the phase the cut landed in: an upgrade to a release that is already the
+/// rollback target, for one, only reorders the boot entries and reboots
+/// within seconds of its last line.
+fn last_output_seen(said: &str) -> &'static str {
     if said.contains("closed by remote host") || said.contains("Connection to") {
-        "after it rebooted the machine: during shutdown or the next boot"
+        "the connection closed by the reboot"
     } else if said.contains("Staged") || said.contains("boots next") {
-        "after it wrote the new boot configuration, before the reboot"
+        "the new boot configuration written"
     } else if said.contains("Update on") || said.contains("fetched") {
-        "while it wrote the deployment"
+        "the update fetched"
     } else if said.contains("Fetching") {
-        "while it fetched"
+        "the fetch begun"
     } else {
-        "before it printed anything"
+        "nothing yet"
     }
 }
 
