@@ -21,12 +21,14 @@ pub const FULL_EXECUTABLE_SUFFIX: &str = "-full";
 /// The full executable next to the container one: `/usr/bin/host` →
 /// `/usr/bin/host-full`.
 pub fn full_executable(container_executable: &std::path::Path) -> std::path::PathBuf {
-    let mut name = container_executable
-        .file_name()
-        .unwrap_or_default()
-        .to_os_string();
-    name.push(FULL_EXECUTABLE_SUFFIX);
-    container_executable.with_file_name(name)
+    sibling(container_executable, FULL_EXECUTABLE_SUFFIX)
+}
+
+/// `exe` with `suffix` appended to its file name.
+fn sibling(exe: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = exe.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    exe.with_file_name(name)
 }
 
 /// The container executable next to the full one (the inverse of
@@ -48,12 +50,7 @@ pub const MONITOR_EXECUTABLE_SUFFIX: &str = "-monitor";
 
 /// The idle monitor's executable next to the container one.
 pub fn monitor_executable(container_executable: &std::path::Path) -> std::path::PathBuf {
-    let mut name = container_executable
-        .file_name()
-        .unwrap_or_default()
-        .to_os_string();
-    name.push(MONITOR_EXECUTABLE_SUFFIX);
-    container_executable.with_file_name(name)
+    sibling(container_executable, MONITOR_EXECUTABLE_SUFFIX)
 }
 
 /// Every executable `host` is made of, the container one first: what a
