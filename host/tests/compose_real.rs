@@ -34,12 +34,10 @@ fn container_host_manifest_composes_a_bootable_container_host() {
     // A private copy: the binary is an input of the tree, and must not change
     // between the two composes even if the workspace is rebuilt meanwhile.
     let host = tmp.path().join("host");
-    std::fs::copy(env!("CARGO_BIN_EXE_host"), &host).unwrap();
-    std::fs::copy(
-        env!("CARGO_BIN_EXE_host-full"),
-        tmp.path().join("host-full"),
-    )
-    .unwrap();
+    let built = cairn_contracts::names::executables(Path::new(env!("CARGO_BIN_EXE_host")));
+    for (from, to) in built.iter().zip(cairn_contracts::names::executables(&host)) {
+        std::fs::copy(from, to).unwrap();
+    }
     let run = |extra: &[&str]| {
         let mut cmd = Command::new(&host);
         let mut all = vec!["--bare-user"];
