@@ -3,7 +3,8 @@
 //! health check and restarts it per policy with back-off.
 //!
 //! It is single-threaded and event driven: a signalfd delivers SIGCHLD and
-//! stop requests, `poll` times the health checks and back-off.
+//! stop requests, `poll` times the health checks and back-off. A detached
+//! one waits in `host-monitor` while it is idle (see [`crate::idle`]).
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -45,6 +46,19 @@ const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
 /// check) in place: going idle and back costs two execs and reading the
 /// records again, a few ms.
 const MIN_IDLE: Duration = Duration::from_secs(1);
+
+/// Whether nothing is in flight (no health check running, no stop under
+/// way) and the next check is far enough off to go idle until it.
+fn quiet(
+    checking: bool,
+    kill_at: Option<Instant>,
+    next_check: Option<Instant>,
+    now: Instant,
+) -> bool {
+    !checking
+        && kill_at.is_none()
+        && next_check.map_or(true, |at| at.saturating_duration_since(now) >= MIN_IDLE)
+}
 
 /// Where a detached monitor goes while it is idle (see [`crate::idle`]):
 /// the small executable, and the command line that runs this monitor
@@ -401,11 +415,9 @@ impl Monitor<'_> {
         loop {
             let now = Instant::now();
             let deadlines = [next_check, kill_at, check_pid.map(|(_, d)| d)];
-            let quiet = check_pid.is_none()
-                && kill_at.is_none()
-                && next_check.map_or(true, |at| at.saturating_duration_since(now) >= MIN_IDLE);
+            let idle_now = quiet(check_pid.is_some(), kill_at, next_check, now);
             // About to go idle: only look at what is already pending.
-            let timeout = if self.idle.is_some() && quiet {
+            let timeout = if self.idle.is_some() && idle_now {
                 Some(Duration::ZERO)
             } else {
                 deadlines
@@ -490,11 +502,7 @@ impl Monitor<'_> {
                     next_check = Some(now + interval);
                 }
             }
-            let now = Instant::now();
-            let quiet = check_pid.is_none()
-                && kill_at.is_none()
-                && next_check.map_or(true, |at| at.saturating_duration_since(now) >= MIN_IDLE);
-            if quiet {
+            if quiet(check_pid.is_some(), kill_at, next_check, Instant::now()) {
                 // Returns only if the idle executable could not be run.
                 self.hand_off(pid, started, next_check);
             }
