@@ -291,6 +291,12 @@ impl Runtime {
                 &name,
             )?;
         }
+        // Its namespaces take a while: begun now, they are made while the
+        // image is resolved and the records are written (see PendingUserns).
+        // A detached container's monitor begins its own.
+        let early_userns = (!opts.userns_host && !opts.detach)
+            .then(crate::container::PendingUserns::spawn)
+            .transpose()?;
         let (img, checkout) = match image {
             Some(found) => found,
             None => self.image_and_checkout(&opts.image)?,
@@ -341,15 +347,9 @@ impl Runtime {
             }),
             dns: opts.dns.or(self.dns).filter(|_| !opts.no_network),
         };
-        let mut early_userns = None;
         if !opts.userns_host {
             let range = crate::userns::Allocator::new(&self.paths.userns_claims()).allocate(&id)?;
             record.userns = Some(range);
-            if !opts.detach {
-                // Its namespaces take a while: begun now, they are made while
-                // the records are written (see PendingUserns).
-                early_userns = Some(crate::container::PendingUserns::spawn(range)?);
-            }
         }
         undo.record = Some(record.clone());
         // Made by the monitor at each start, on tmpfs (see Paths::run_root).

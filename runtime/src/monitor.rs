@@ -246,7 +246,7 @@ impl Monitor<'_> {
         let userns = match self.early_userns.take() {
             Some(p) => Some(p),
             None => crate::spec::userns_range(&self.spec)
-                .map(container::PendingUserns::spawn)
+                .map(|_| container::PendingUserns::spawn())
                 .transpose()?,
         };
         crate::state::create_private_dir(&paths.run_root())?;
