@@ -34,12 +34,22 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<()> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .with_context(|| format!("{} has no directory", path.display()))?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .permissions(std::fs::Permissions::from_mode(mode))
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let temporary = || {
+        tempfile::Builder::new()
+            .prefix(".tmp-")
+            .permissions(std::fs::Permissions::from_mode(mode))
+            .tempfile_in(dir)
+    };
+    // The directory is made only when missing: most writes replace a file
+    // in one that exists, and a start writes several.
+    let mut tmp = match temporary() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            temporary()
+        }
+        other => other,
+    }
+    .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(bytes)
         .and_then(|()| {
             if sync {

@@ -12,6 +12,7 @@ pub mod metadata;
 pub mod names;
 pub mod network;
 pub mod packages;
+pub mod procfs;
 pub mod rootpath;
 pub mod services;
 pub mod size;

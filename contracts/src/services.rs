@@ -137,7 +137,7 @@ pub fn parse_etcd_key(key: &str) -> Option<(&str, &str, &str)> {
 /// /proc/PID/stat; None for a missing or zombie process. With the pid it
 /// names one process for good: pids are reused, start times are not.
 pub fn proc_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = crate::procfs::read_small(&format!("/proc/{pid}/stat")).ok()?;
     let after = stat.get(stat.rfind(')')? + 2..)?;
     let mut fields = after.split_whitespace();
     if matches!(fields.next(), Some("Z") | Some("X")) {

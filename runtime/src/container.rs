@@ -885,10 +885,13 @@ fn kill_child(pid: Pid) {
 /// across a raw clone3, see [`clone3_fork`]).
 fn single_threaded() -> bool {
     // Field 20 of /proc/self/stat, counted after the ")" that ends the name.
-    fs::read_to_string("/proc/self/stat").ok().and_then(|s| {
-        let rest = s.rsplit_once(')')?.1.to_string();
-        rest.split_whitespace().nth(17)?.parse::<u32>().ok()
-    }) == Some(1)
+    cairn_contracts::procfs::read_small("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            rest.split_whitespace().nth(17)?.parse::<u32>().ok()
+        })
+        == Some(1)
 }
 
 /// A fork-like clone3(2): the child in new namespaces `flags` and, with

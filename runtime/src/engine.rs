@@ -148,7 +148,19 @@ pub fn check_name(name: &str) -> Result<()> {
 
 fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    let mut filled = 0;
+    while filled < bytes {
+        // SAFETY: writes at most the rest of `buf`, which we own.
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), bytes - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("getrandom");
+        }
+        filled += n as usize;
+    }
     Ok(hex::encode(buf))
 }
 

@@ -314,14 +314,13 @@ pub fn parse_signal(s: &str) -> anyhow::Result<nix::sys::signal::Signal> {
 
 /// Kernel boot id: tells a reboot apart from a live host.
 pub fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+    cairn_contracts::procfs::read_small("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }
 
 pub use cairn_contracts::services::proc_start_time;
 
-/// Write a file so readers never see half of it.
 /// Remove a container's record directory: the directory itself, or the
 /// symlink of a `--rm` container together with what it points to.
 pub fn remove_record_dir(dir: &Path) -> Result<()> {
