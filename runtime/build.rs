@@ -5,10 +5,12 @@
 //! of compiled filters for the same reason.
 
 include!("src/denied_syscalls.rs");
+include!("src/seccomp_bpf.rs");
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/denied_syscalls.rs");
+    println!("cargo:rerun-if-changed=src/seccomp_bpf.rs");
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets CARGO_CFG_TARGET_ARCH");
     // An architecture seccompiler does not know gets no precompiled program;
     // the runtime then says so when a filter is asked for.
@@ -23,10 +25,17 @@ fn main() {
                 r#"{{"main":{{"mismatch_action":"allow","match_action":{{"errno":1}},"filter":[{}]}}}}"#,
                 rules.join(",")
             );
-            seccompiler::compile_from_json(json.as_bytes(), target)
+            let program: Vec<Insn> = seccompiler::compile_from_json(json.as_bytes(), target)
                 .unwrap_or_else(|e| panic!("compiling the default seccomp profile for {arch}: {e}"))
                 .remove("main")
                 .expect("the profile's one filter")
+                .iter()
+                .map(|i| (i.code, i.jt, i.jf, i.k))
+                .collect();
+            // Compacted where it decides the same (see seccomp_bpf.rs).
+            audit_arch(&arch)
+                .and_then(|a| compact(&program, a))
+                .unwrap_or(program)
         }
         Err(_) => Vec::new(),
     };
@@ -35,8 +44,8 @@ fn main() {
          /// where seccompiler does not know the architecture.\n\
          pub const DEFAULT_SECCOMP_BPF: &[(u16, u8, u8, u32)] = &[\n",
     );
-    for i in &program {
-        out.push_str(&format!("    ({}, {}, {}, {}),\n", i.code, i.jt, i.jf, i.k));
+    for (code, jt, jf, k) in &program {
+        out.push_str(&format!("    ({code}, {jt}, {jf}, {k}),\n"));
     }
     out.push_str("];\n");
     let path = std::path::Path::new(&std::env::var("OUT_DIR").unwrap()).join("default_seccomp.rs");

@@ -22,6 +22,7 @@ use nix::unistd::{Gid, Pid, Uid};
 use oci_spec::runtime::{LinuxSeccompAction, Spec};
 
 use crate::mountplan::{MountPlan, SysOps};
+use crate::seccomp_bpf;
 use crate::userns::IdRange;
 
 /// What the child needs, computed before the clone.
@@ -122,8 +123,22 @@ fn compile_errno_filter(names: &[String], errno: u32) -> Result<seccompiler::Bpf
     }});
     let mut map = seccompiler::compile_from_json(json.to_string().as_bytes(), arch)
         .map_err(|e| anyhow!("compiling the seccomp filter: {e}"))?;
-    map.remove("main")
-        .ok_or_else(|| anyhow!("compiling the seccomp filter: no program came out"))
+    let program = map
+        .remove("main")
+        .ok_or_else(|| anyhow!("compiling the seccomp filter: no program came out"))?;
+    let insns: Vec<seccomp_bpf::Insn> = program.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect();
+    // Compacted where it decides the same (see seccomp_bpf.rs).
+    Ok(
+        match seccomp_bpf::audit_arch(std::env::consts::ARCH)
+            .and_then(|a| seccomp_bpf::compact(&insns, a))
+        {
+            Some(short) => short
+                .into_iter()
+                .map(|(code, jt, jf, k)| seccompiler::sock_filter { code, jt, jf, k })
+                .collect(),
+            None => program,
+        },
+    )
 }
 
 impl Security {
@@ -227,7 +242,7 @@ pub fn make_scaffold(
         let rel = dst.strip_prefix("/").unwrap_or(dst);
         // Symlinks are not followed: a scaffold entry shadows one, so a
         // hostile `/tmp -> /` in an image cannot put a mount over its root.
-        let in_image = plain_path_kind(image_root, rel);
+        let in_image = plain_path_meta(image_root, rel).map(|m| m.file_type());
         let source_is_file =
             m.typ().as_deref() == Some("bind") && m.source().as_ref().is_some_and(|s| s.is_file());
         let target = scaffold.join(rel);
@@ -241,9 +256,15 @@ pub fn make_scaffold(
                 .with_context(|| format!("creating mount point {}", target.display()))?;
         }
     }
+    let mut made: Option<PathBuf> = None;
     for (path, content) in files {
         let target = scaffold.join(path.trim_start_matches('/'));
-        fs::create_dir_all(target.parent().unwrap_or(scaffold))?;
+        let dir = target.parent().unwrap_or(scaffold);
+        // The files share /etc: its directory is made once.
+        if made.as_deref() != Some(dir) {
+            fs::create_dir_all(dir)?;
+            made = Some(dir.to_path_buf());
+        }
         fs::write(&target, content).with_context(|| format!("writing {}", target.display()))?;
     }
     if let Some(range) = crate::spec::userns_range(spec) {
@@ -261,14 +282,12 @@ fn own_scaffold(scaffold: &Path, image_root: &Path, rel: &Path, range: &IdRange)
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let path = scaffold.join(rel);
     let meta = fs::symlink_metadata(&path)?;
-    let in_image = if rel.as_os_str().is_empty() {
-        Some(meta.file_type())
+    let image = if rel.as_os_str().is_empty() {
+        fs::symlink_metadata(image_root).ok()
     } else {
-        plain_path_kind(image_root, rel)
-    };
-    let image = in_image
-        .and_then(|_| fs::symlink_metadata(image_root.join(rel)).ok())
-        .filter(|m| m.file_type() == meta.file_type());
+        plain_path_meta(image_root, rel)
+    }
+    .filter(|m| m.file_type() == meta.file_type());
     let (uid, gid) = image.as_ref().map_or((0, 0), |m| (m.uid(), m.gid()));
     let host = |id: u32| range.host_id(id).unwrap_or(range.host_start);
     nix::unistd::fchownat(
@@ -290,22 +309,23 @@ fn own_scaffold(scaffold: &Path, image_root: &Path, rel: &Path, range: &IdRange)
     Ok(())
 }
 
-/// The type of `rel` in `root` when no component of it is a symlink.
-fn plain_path_kind(root: &Path, rel: &Path) -> Option<fs::FileType> {
+/// What `rel` in `root` is (its metadata, not followed) when no component
+/// of it is a symlink.
+fn plain_path_meta(root: &Path, rel: &Path) -> Option<fs::Metadata> {
     let mut p = root.to_path_buf();
-    let mut kind = None;
+    let mut last: Option<fs::Metadata> = None;
     for c in rel.components() {
-        if kind.is_some_and(|k: fs::FileType| !k.is_dir()) {
+        if last.as_ref().is_some_and(|m| !m.is_dir()) {
             return None;
         }
         p.push(c);
-        let t = fs::symlink_metadata(&p).ok()?.file_type();
-        if t.is_symlink() {
+        let m = fs::symlink_metadata(&p).ok()?;
+        if m.file_type().is_symlink() {
             return None;
         }
-        kind = Some(t);
+        last = Some(m);
     }
-    kind
+    last
 }
 
 /// The container's side of the launch, in its new namespaces. Every mount
@@ -1087,6 +1107,122 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// seccompiler's own program for `names`, uncompacted.
+    fn seccompiler_program(names: &[&str], errno: u32) -> Vec<seccomp_bpf::Insn> {
+        let rules: Vec<_> = names
+            .iter()
+            .map(|n| serde_json::json!({ "syscall": n }))
+            .collect();
+        let json = serde_json::json!({ "main": {
+            "mismatch_action": "allow",
+            "match_action": { "errno": errno },
+            "filter": rules,
+        }});
+        let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH).unwrap();
+        seccompiler::compile_from_json(json.to_string().as_bytes(), arch)
+            .unwrap()
+            .remove("main")
+            .unwrap()
+            .iter()
+            .map(|i| (i.code, i.jt, i.jf, i.k))
+            .collect()
+    }
+
+    #[test]
+    fn the_compact_seccomp_filter_decides_as_seccompilers() {
+        use seccomp_bpf::decide;
+        let arch = seccomp_bpf::audit_arch(std::env::consts::ARCH).unwrap();
+        let long = seccompiler_program(crate::spec::DENIED_SYSCALLS, libc::EPERM as u32);
+        let short = compile_seccomp(&crate::mountplan::tests::built_spec(None))
+            .unwrap()
+            .unwrap();
+        let short: Vec<_> = short.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect();
+        assert!(
+            short.len() * 4 < long.len(),
+            "{} vs {}",
+            short.len(),
+            long.len()
+        );
+        let mut denied = 0;
+        for nr in 0..4096 {
+            let want = decide(&long, arch, nr).unwrap();
+            assert_eq!(decide(&short, arch, nr), Some(want), "syscall {nr}");
+            denied += usize::from(want != 0x7fff_0000);
+        }
+        assert_eq!(denied, crate::spec::DENIED_SYSCALLS.len());
+        assert_eq!(
+            decide(&short, !arch, 0),
+            decide(&long, !arch, 0),
+            "another arch"
+        );
+        if std::env::consts::ARCH == "x86_64" {
+            // x32 numbers name the same calls: refused, not allowed.
+            for nr in [0x4000_0000 + libc::SYS_mount as u32, 0x4000_0000, u32::MAX] {
+                assert_eq!(decide(&short, arch, nr), Some(0x0005_0001), "x32 {nr:#x}");
+            }
+        }
+        // A list of its own (not the precompiled default) is compacted too.
+        let custom = compile_errno_filter(&["chroot".to_string()], 38).unwrap();
+        let custom: Vec<_> = custom.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect();
+        let chroot = libc::SYS_chroot as u32;
+        assert_eq!(decide(&custom, arch, chroot), Some(0x0005_0000 | 38));
+        assert_eq!(decide(&custom, arch, chroot + 1), Some(0x7fff_0000));
+        assert!(custom.len() < 10, "{custom:?}");
+    }
+
+    #[test]
+    fn a_filter_that_is_no_plain_deny_list_is_kept_as_it_is() {
+        let arch = seccomp_bpf::audit_arch(std::env::consts::ARCH).unwrap();
+        let ld_nr = (0x20, 0, 0, 0);
+        let ret = |k| (0x06u16, 0u8, 0u8, k);
+        // An opcode outside the subset (a load of an argument).
+        assert_eq!(
+            seccomp_bpf::compact(&[(0x20, 0, 0, 16), ret(0)], arch),
+            None
+        );
+        // Two actions for refused calls.
+        let two = [
+            ld_nr,
+            (0x15, 2, 0, 1),
+            (0x15, 2, 0, 2),
+            ret(0x7fff_0000),
+            ret(0x0005_0001),
+            ret(0x0005_0002),
+        ];
+        assert_eq!(seccomp_bpf::compact(&two, arch), None);
+        // A number beyond the simulated range refused, next to one within.
+        let far = [
+            ld_nr,
+            (0x15, 2, 0, 7),
+            (0x15, 1, 0, 5000),
+            ret(0x7fff_0000),
+            ret(0x0005_0001),
+        ];
+        assert_eq!(seccomp_bpf::decide(&far, arch, 5000), Some(0x0005_0001));
+        assert_eq!(seccomp_bpf::compact(&far, arch), None);
+        let near = [
+            ld_nr,
+            (0x15, 2, 0, 7),
+            (0x15, 1, 0, 9),
+            ret(0x7fff_0000),
+            ret(0x0005_0001),
+        ];
+        assert!(seccomp_bpf::compact(&near, arch).is_some());
+        // A bit test.
+        let bits = [ld_nr, (0x45, 1, 0, 4), ret(0x7fff_0000), ret(0x0005_0001)];
+        assert_eq!(seccomp_bpf::compact(&bits, arch), None);
+        // A jump out of the program.
+        assert_eq!(seccomp_bpf::decide(&[(0x05, 0, 0, 9)], arch, 0), None);
+        // Too long for 8-bit jumps.
+        let mut many = vec![ld_nr];
+        for nr in 0..300u32 {
+            many.push((0x15, 0, 1, nr));
+            many.push(ret(0x0005_0001));
+        }
+        many.push(ret(0x7fff_0000));
+        assert_eq!(seccomp_bpf::compact(&many, arch), None);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod monitor;
 pub mod mountfd;
 mod mountplan;
 pub mod net;
+mod seccomp_bpf;
 pub mod spec;
 pub mod state;
 pub mod userns;
