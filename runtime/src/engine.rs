@@ -150,8 +150,13 @@ fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
     let mut filled = 0;
     while filled < bytes {
+        // Names and ids need to be unique, not secret: GRND_INSECURE never
+        // blocks, as /dev/urandom did not, even before the kernel's
+        // generator is seeded early at boot (when baked apps start).
+        let flags = libc::GRND_INSECURE;
         // SAFETY: writes at most the rest of `buf`, which we own.
-        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), bytes - filled, 0) };
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), bytes - filled, flags) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -808,6 +813,15 @@ fn wait_ready(pipe: OwnedFd, timeout: Duration) -> Result<Ready> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_ids_are_hex_of_the_length_asked_and_differ() {
+        let a = random_hex(16).unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, random_hex(16).unwrap());
+        assert_eq!(random_hex(4).unwrap().len(), 8);
+    }
 
     #[test]
     fn container_names() {
