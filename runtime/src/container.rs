@@ -110,22 +110,7 @@ pub fn compile_seccomp(spec: &Spec) -> Result<Option<seccompiler::BpfProgram>> {
 
 /// A filter refusing `names` with `errno`, compiled now.
 fn compile_errno_filter(names: &[String], errno: u32) -> Result<seccompiler::BpfProgram> {
-    let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH)
-        .map_err(|e| anyhow!("seccomp: {e}: no filters on this architecture"))?;
-    let rules: Vec<_> = names
-        .iter()
-        .map(|n| serde_json::json!({ "syscall": n }))
-        .collect();
-    let json = serde_json::json!({ "main": {
-        "mismatch_action": "allow",
-        "match_action": { "errno": errno },
-        "filter": rules,
-    }});
-    let mut map = seccompiler::compile_from_json(json.to_string().as_bytes(), arch)
-        .map_err(|e| anyhow!("compiling the seccomp filter: {e}"))?;
-    let program = map
-        .remove("main")
-        .ok_or_else(|| anyhow!("compiling the seccomp filter: no program came out"))?;
+    let program = seccompiler_errno_filter(names, errno)?;
     let insns: Vec<seccomp_bpf::Insn> = program.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect();
     // Compacted where it decides the same (see seccomp_bpf.rs).
     Ok(
@@ -139,6 +124,28 @@ fn compile_errno_filter(names: &[String], errno: u32) -> Result<seccompiler::Bpf
             None => program,
         },
     )
+}
+
+/// seccompiler's own program refusing `names` with `errno`.
+fn seccompiler_errno_filter<S: AsRef<str>>(
+    names: &[S],
+    errno: u32,
+) -> Result<seccompiler::BpfProgram> {
+    let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| anyhow!("seccomp: {e}: no filters on this architecture"))?;
+    let rules: Vec<_> = names
+        .iter()
+        .map(|n| serde_json::json!({ "syscall": n.as_ref() }))
+        .collect();
+    let json = serde_json::json!({ "main": {
+        "mismatch_action": "allow",
+        "match_action": { "errno": errno },
+        "filter": rules,
+    }});
+    let mut map = seccompiler::compile_from_json(json.to_string().as_bytes(), arch)
+        .map_err(|e| anyhow!("compiling the seccomp filter: {e}"))?;
+    map.remove("main")
+        .ok_or_else(|| anyhow!("compiling the seccomp filter: no program came out"))
 }
 
 impl Security {
@@ -1109,32 +1116,16 @@ mod tests {
         }
     }
 
-    /// seccompiler's own program for `names`, uncompacted.
-    fn seccompiler_program(names: &[&str], errno: u32) -> Vec<seccomp_bpf::Insn> {
-        let rules: Vec<_> = names
-            .iter()
-            .map(|n| serde_json::json!({ "syscall": n }))
-            .collect();
-        let json = serde_json::json!({ "main": {
-            "mismatch_action": "allow",
-            "match_action": { "errno": errno },
-            "filter": rules,
-        }});
-        let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH).unwrap();
-        seccompiler::compile_from_json(json.to_string().as_bytes(), arch)
-            .unwrap()
-            .remove("main")
-            .unwrap()
-            .iter()
-            .map(|i| (i.code, i.jt, i.jf, i.k))
-            .collect()
-    }
-
     #[test]
     fn the_compact_seccomp_filter_decides_as_seccompilers() {
         use seccomp_bpf::decide;
         let arch = seccomp_bpf::audit_arch(std::env::consts::ARCH).unwrap();
-        let long = seccompiler_program(crate::spec::DENIED_SYSCALLS, libc::EPERM as u32);
+        let long: Vec<_> =
+            seccompiler_errno_filter(crate::spec::DENIED_SYSCALLS, libc::EPERM as u32)
+                .unwrap()
+                .iter()
+                .map(|i| (i.code, i.jt, i.jf, i.k))
+                .collect();
         let short = compile_seccomp(&crate::mountplan::tests::built_spec(None))
             .unwrap()
             .unwrap();
