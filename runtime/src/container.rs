@@ -509,10 +509,6 @@ fn child_main(
 /// hardware. When the parent has nothing to do before the child goes on
 /// (no network, no cgroup move) the two do not wait for each other.
 ///
-/// `alongside`, if any, runs in the parent once the child is let go, while
-/// it makes its mounts (the records of a foreground `run`); if it fails,
-/// the child is killed.
-///
 /// `userns`: the namespaces begun earlier (see [`PendingUserns`]), which
 /// a spec with a user namespace needs.
 pub fn launch(
@@ -520,7 +516,6 @@ pub fn launch(
     lowers: &[&Path],
     cgroup: Option<&Path>,
     prepare: Option<&mut dyn FnMut(Pid) -> Result<()>>,
-    alongside: Option<&mut dyn FnMut() -> Result<()>>,
     userns: Option<PendingUserns>,
 ) -> Result<Pid> {
     let t0 = std::time::Instant::now();
@@ -601,7 +596,6 @@ pub fn launch(
         }
     };
     drop(err_w);
-    let mut alongside = alongside;
     if let Some((ready_r, sync_w)) = pipes {
         let mut ready = [0u8; 1];
         if !matches!(fs::File::from(ready_r).read(&mut ready), Ok(1)) {
@@ -628,12 +622,6 @@ pub fn launch(
         if let Err(e) = w.write_all(b"g") {
             kill_child(pid);
             return Err(e).context("starting the container process");
-        }
-    }
-    if let Some(work) = alongside.as_mut() {
-        if let Err(e) = work() {
-            kill_child(pid);
-            return Err(e);
         }
     }
     let mut msg = String::new();

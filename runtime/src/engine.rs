@@ -146,20 +146,6 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// A container's records: its OCI config, its record and its state.
-pub(crate) fn write_records(
-    paths: &state::Paths,
-    record: &ContainerRecord,
-    spec: &oci_spec::runtime::Spec,
-    state: &ContainerState,
-) -> Result<()> {
-    let dir = paths.container(&record.name);
-    let durability = state::Durability::of(record);
-    write_json(&dir.join("config.json"), spec, durability)?;
-    write_json(&dir.join("container.json"), record, durability)?;
-    write_json(&dir.join("state.json"), state, durability)
-}
-
 fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
     let mut filled = 0;
@@ -419,6 +405,14 @@ impl Runtime {
                 }
             }
         }
+        let durability = state::Durability::of(&record);
+        write_json(&dir.join("config.json"), &spec, durability)?;
+        write_json(&dir.join("container.json"), &record, durability)?;
+        write_json(
+            &dir.join("state.json"),
+            &ContainerState::default(),
+            durability,
+        )?;
         undo.record = Some(record.clone());
 
         tracing::debug!("run: container {name} prepared after {:?}", t0.elapsed());
@@ -442,8 +436,6 @@ impl Runtime {
         let make = self.monitor_command.as_ref().ok_or_else(|| {
             anyhow!("this program cannot start detached containers (no monitor command)")
         })?;
-        // The monitor reads them back.
-        write_records(&self.paths, &record, &spec, &ContainerState::default())?;
         // The monitor points its own stdio at the log (see supervise).
         let mut cmd = make(&self.paths.root, &name);
         let null = std::process::Stdio::null;

@@ -92,9 +92,6 @@ struct Monitor<'a> {
     idle: Option<IdleExec>,
     /// The wait before the next restart.
     backoff: Duration,
-    /// A foreground `run`'s records, written by the first start while the
-    /// container's process sets itself up (see [`supervise_loaded`]).
-    records_unwritten: bool,
 }
 
 /// A pidfd of `pid` (Linux ≥ 5.3), readable once it has exited; `None`
@@ -294,18 +291,11 @@ impl Monitor<'_> {
                 nix::unistd::dup2(console.slave().as_raw_fd(), fd)?;
             }
         }
-        // A foreground run's records, written while the child mounts.
-        let unwritten = std::mem::take(&mut self.records_unwritten);
-        let (spec, state) = (&self.spec, &self.state);
-        let mut write_records = || crate::engine::write_records(paths, record, spec, state);
-        let alongside: Option<&mut dyn FnMut() -> Result<()>> =
-            unwritten.then_some(&mut write_records as _);
         let launched = container::launch(
             &self.spec,
             &[&scaffold, &checkout],
             self.cgroup.as_deref(),
             prepare,
-            alongside,
             userns,
         );
         for (fd, saved) in ours {
@@ -633,7 +623,6 @@ pub fn supervise(rt: &Runtime, name: &str, idle: Option<IdleExec>) -> Result<i32
         ready,
         idle,
         resumed,
-        records_unwritten: false,
     };
     supervise_with(rt, record, spec, state, Output::Log(log), start)
 }
@@ -672,15 +661,12 @@ struct Start {
     idle: Option<IdleExec>,
     /// Run again from the idle executable: the container already runs.
     resumed: Option<Handoff>,
-    /// The records are not on disk yet (a foreground `run`).
-    records_unwritten: bool,
 }
 
-/// Supervise a container in this process, its records in hand but not yet
-/// written: `run` in the foreground has claimed the name (and begun the
-/// first start's namespaces, `early_userns`); the first start writes the
-/// records while the container's process makes its mounts, which takes
-/// the parent's longest wait off a short container's start. `ready`: where
+/// Supervise a container in this process, its records already in hand:
+/// `run` in the foreground has just written them (and begun the first
+/// start's namespaces, `early_userns`), and parsing the OCI config back
+/// would cost a short container's start several ms in a VM. `ready`: where
 /// `run -d` waits to hear how the first start went.
 pub(crate) fn supervise_loaded(
     rt: &Runtime,
@@ -696,7 +682,6 @@ pub(crate) fn supervise_loaded(
         ready,
         idle: None,
         resumed: None,
-        records_unwritten: true,
     };
     supervise_with(rt, record, spec, state, output, start)
 }
@@ -749,7 +734,6 @@ fn supervise_with(
         console,
         idle,
         backoff: BACKOFF_START,
-        records_unwritten: start.records_unwritten,
     };
     let res = supervise_inner(&mut m, start.resumed);
     // What the container wrote last.
