@@ -303,7 +303,7 @@ pub fn run(cmd: AppCommand) -> Result<ExitCode> {
                 ContainerSub::Run(a) => Some(store.checkout(&a.image)?),
                 _ => None,
             };
-            return containers::run(&rt, c, image);
+            return containers::run(&rt, c, image, None);
         }
     }
     Ok(ExitCode::SUCCESS)

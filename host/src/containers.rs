@@ -13,6 +13,7 @@ use anyhow::{bail, Result};
 use cairn_contracts::network::{read_node_network, DEFAULT_BRIDGE, DEFAULT_SUBNET, NODE_NETWORK};
 use cairn_contracts::services::{ServicePort, REGISTRATION_DIR};
 use cairn_runtime::cgroup::{self, Limits};
+use cairn_runtime::container::PendingUserns;
 use cairn_runtime::engine::{HealthCheck, MIN_HEALTH_INTERVAL};
 use cairn_runtime::image::ImageInfo;
 use cairn_runtime::net::NetworkConfig;
@@ -303,14 +304,20 @@ fn monitor(rt: &Runtime, name: &str) -> Result<ExitCode> {
 /// Run a container command. `image` is `run`'s image when the caller's
 /// image store has checked it out; without it, `run` of an image that is
 /// not checked out fails with [`cairn_runtime::NotCheckedOut`] before
-/// anything is made.
-pub fn run(rt: &Runtime, cmd: ContainerSub, image: Option<CheckedOut>) -> Result<ExitCode> {
+/// anything is made. `begun`: `run`'s namespaces, if the caller began them
+/// (see `begin_namespaces` in main.rs).
+pub fn run(
+    rt: &Runtime,
+    cmd: ContainerSub,
+    image: Option<CheckedOut>,
+    begun: Option<PendingUserns>,
+) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     match cmd {
         ContainerSub::Run(a) => {
             let opts = run_options(*a)?;
             drop(out);
-            match rt.run_image(&opts, image)? {
+            match rt.run_image(&opts, image, begun)? {
                 RunOutcome::Detached { name, ip } => {
                     let ip = ip.map(|i| format!(" {i}")).unwrap_or_default();
                     println!("{name}{ip}");

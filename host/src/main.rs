@@ -9,6 +9,7 @@ mod exe;
 use std::ffi::OsString;
 use std::process::ExitCode;
 
+use cairn_runtime::container::PendingUserns;
 use clap::{Args, Parser, Subcommand};
 
 use containers::{AppGlobals, ContainerSub};
@@ -55,11 +56,12 @@ fn main() -> ExitCode {
         .skip(1)
         .find(|a| !a.to_string_lossy().starts_with('-'));
     if first_command.is_some_and(|c| c == "app") {
+        let begun = begin_namespaces(&args);
         if let Ok(cli) = ContainerCli::try_parse_from(&args) {
             exe::init_logging(cli.verbose);
             let TopCommand::App(app) = cli.command;
             let result = containers::runtime(&app.globals)
-                .and_then(|rt| containers::run(&rt, app.command, None));
+                .and_then(|rt| containers::run(&rt, app.command, None, begun));
             match result {
                 Ok(code) => return code,
                 // The image store checks it out: that needs libostree.
@@ -72,4 +74,69 @@ fn main() -> ExitCode {
         }
     }
     exe::exec_full(&args)
+}
+
+/// A container's namespaces begun before the command line is parsed, when
+/// it reads as a foreground `app run` with a user namespace: making them
+/// (0.45 ms, mostly the network namespace) then overlaps the parsing and
+/// the image lookup. A cheap look at the words, not a parse: a wrong guess
+/// costs that kernel work on another CPU, and `run` drops what it does not
+/// use.
+fn begin_namespaces(args: &[OsString]) -> Option<PendingUserns> {
+    foreground_run_with_own_ids(args)
+        .then(PendingUserns::spawn)
+        .and_then(Result::ok)
+}
+
+/// Whether `args` look like `host [FLAGS] app run …` without `-d` or
+/// `--userns host` (nor a request for help).
+fn foreground_run_with_own_ids(args: &[OsString]) -> bool {
+    let words: Vec<&str> = args
+        .iter()
+        .skip(1)
+        .map(|a| a.to_str().unwrap_or(""))
+        .collect();
+    // The first two words that are not flags: `app`, then `run`.
+    let mut plain = words
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| !w.starts_with('-'));
+    let (Some((_, first)), Some((at, second))) = (plain.next(), plain.next()) else {
+        return false;
+    };
+    if (*first, *second) != ("app", "run") {
+        return false;
+    }
+    let rest = &words[at + 1..];
+    !rest.iter().enumerate().any(|(i, w)| {
+        let short_detach = w.starts_with('-') && !w.starts_with("--") && w.contains('d');
+        short_detach
+            || matches!(*w, "--detach" | "--userns=host" | "--help" | "-h")
+            || (*w == "--userns" && rest.get(i + 1) == Some(&"host"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_foreground_run_is_told_from_its_words() {
+        let yes = |line: &str| {
+            let args: Vec<std::ffi::OsString> = line.split(' ').map(Into::into).collect();
+            super::foreground_run_with_own_ids(&args)
+        };
+        assert!(yes("host app run --rm busybox true"));
+        assert!(yes("host -v app run -it --network none busybox sh"));
+        assert!(yes("host app run --userns auto busybox"));
+        assert!(!yes("host app run -d busybox sleep 9"));
+        assert!(!yes("host app run -dit busybox sh"));
+        assert!(!yes("host app run --detach busybox"));
+        assert!(!yes("host app run --userns host busybox"));
+        assert!(!yes("host app run --userns=host busybox"));
+        assert!(!yes("host app run --help"));
+        assert!(!yes("host app ps"));
+        assert!(!yes("host app"));
+        assert!(!yes("host status"));
+        // A global's value where the subcommand would be: no guess.
+        assert!(!yes("host app --root /srv/cairn run busybox"));
+    }
 }

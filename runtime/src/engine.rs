@@ -234,15 +234,19 @@ impl Runtime {
     /// Create a container and start it: in the foreground (returns its exit
     /// code) or under a detached monitor.
     pub fn run(&self, opts: &RunOptions) -> Result<RunOutcome> {
-        self.run_image(opts, None)
+        self.run_image(opts, None, None)
     }
 
     /// [`Runtime::run`] of an image the caller has resolved and checked out
     /// (the image store's `checkout`; `None`: find it from `opts.image`).
+    /// `begun`: the container's namespaces, begun by a caller that expected
+    /// a foreground run with a user namespace before it had parsed its
+    /// command line (they take half a ms); dropped if it guessed wrong.
     pub fn run_image(
         &self,
         opts: &RunOptions,
         image: Option<(ImageInfo, PathBuf)>,
+        begun: Option<crate::container::PendingUserns>,
     ) -> Result<RunOutcome> {
         let t0 = Instant::now();
         if !nix::unistd::geteuid().is_root() {
@@ -308,12 +312,15 @@ impl Runtime {
                 &name,
             )?;
         }
-        // Its namespaces take a while: begun now, they are made while the
-        // image is resolved and the records are written (see PendingUserns).
-        // A detached container's monitor begins its own.
-        let early_userns = (!opts.userns_host && !opts.detach)
-            .then(crate::container::PendingUserns::spawn)
-            .transpose()?;
+        // Its namespaces take a while: begun now (if the caller has not),
+        // they are made while the image is resolved and the records are
+        // written (see PendingUserns). A detached container's monitor begins
+        // its own.
+        let early_userns = match (!opts.userns_host && !opts.detach, begun) {
+            (false, _) => None,
+            (true, Some(begun)) => Some(begun),
+            (true, None) => Some(crate::container::PendingUserns::spawn()?),
+        };
         let (img, checkout) = match image {
             Some(found) => found,
             None => self.image_and_checkout(&opts.image)?,
