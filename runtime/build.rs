@@ -32,10 +32,7 @@ fn main() {
                 .iter()
                 .map(|i| (i.code, i.jt, i.jf, i.k))
                 .collect();
-            // Compacted where it decides the same (see seccomp_bpf.rs).
-            audit_arch(&arch)
-                .and_then(|a| compact(&program, a))
-                .unwrap_or(program)
+            compact_for(&program, &arch).unwrap_or(program)
         }
         Err(_) => Vec::new(),
     };

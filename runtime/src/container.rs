@@ -112,11 +112,8 @@ pub fn compile_seccomp(spec: &Spec) -> Result<Option<seccompiler::BpfProgram>> {
 fn compile_errno_filter(names: &[String], errno: u32) -> Result<seccompiler::BpfProgram> {
     let program = seccompiler_errno_filter(names, errno)?;
     let insns: Vec<seccomp_bpf::Insn> = program.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect();
-    // Compacted where it decides the same (see seccomp_bpf.rs).
     Ok(
-        match seccomp_bpf::audit_arch(std::env::consts::ARCH)
-            .and_then(|a| seccomp_bpf::compact(&insns, a))
-        {
+        match seccomp_bpf::compact_for(&insns, std::env::consts::ARCH) {
             Some(short) => short
                 .into_iter()
                 .map(|(code, jt, jf, k)| seccompiler::sock_filter { code, jt, jf, k })
@@ -824,11 +821,12 @@ impl PendingUserns {
     pub fn spawn() -> Result<Self> {
         let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let away = other_cpus();
         let stack = HolderStack::new(HolderArgs {
             ready: ready_w.as_raw_fd(),
             hold: hold_r.as_raw_fd(),
             hold_parent_end: hold_w.as_raw_fd(),
-            away: other_cpus(),
+            away,
         })?;
         // SAFETY: the child shares our memory (CLONE_VM) but touches only
         // its stack and its HolderArgs, with raw syscalls (see holder_main);
@@ -848,8 +846,7 @@ impl PendingUserns {
         }
         // The holder moves itself when it runs first; when it waits behind
         // us on our CPU, it is moved here (see other_cpus).
-        // SAFETY: `stack.args()` is the HolderArgs written above, read only.
-        if let Some(away) = unsafe { &(*stack.args().cast::<HolderArgs>()).away } {
+        if let Some(away) = &away {
             // SAFETY: `away` is a valid set of the size given.
             unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), away) };
         }

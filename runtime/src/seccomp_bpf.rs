@@ -38,6 +38,13 @@ pub fn audit_arch(target_arch: &str) -> Option<u32> {
         _ => None,
     }
 }
+
+/// [`compact`] for a Rust target architecture: the short form where it
+/// decides as `prog` does, else None (keep `prog`).
+pub fn compact_for(prog: &[Insn], target_arch: &str) -> Option<Vec<Insn>> {
+    compact(prog, audit_arch(target_arch)?)
+}
+
 /// Set in the number of an x32 syscall, which x86_64 filters see with the
 /// x86_64 arch: the same calls under other numbers.
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
