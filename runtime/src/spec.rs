@@ -584,6 +584,29 @@ mod tests {
         assert_eq!(back, spec);
     }
 
+    /// The check of execCPUAffinity that third_party/oci-spec writes out
+    /// instead of a regex: CPU lists of ASCII numbers and ranges only.
+    #[test]
+    fn a_read_back_spec_checks_exec_cpu_affinity() {
+        let process = |affinity: &str| {
+            serde_json::from_value::<oci_spec::runtime::Process>(serde_json::json!({
+                "cwd": "/",
+                "user": {"uid": 0, "gid": 0},
+                "execCPUAffinity": {"initial": affinity, "final": affinity},
+            }))
+        };
+        for good in ["0", "7", "0-3", "0-3,7", "1,2,3", "10-20,30-40"] {
+            let p = process(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+            let affinity = p.exec_cpu_affinity().as_ref().unwrap();
+            assert_eq!(affinity.cpu_affinity_final().as_deref(), Some(good));
+        }
+        for bad in [
+            "", ",", "1,", ",1", "1-", "-1", "1-2-3", "1--2", "a", "1 ", "\u{0663}", "1,,2",
+        ] {
+            assert!(process(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
     #[test]
     fn missing_command_and_bad_input() {
         let tree = image_tree();
