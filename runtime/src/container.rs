@@ -51,7 +51,13 @@ pub struct Security {
     effective: HashSet<caps::Capability>,
     no_new_privs: bool,
     seccomp: Option<seccompiler::BpfProgram>,
+    /// The process's umask: the spec's, else 0022 (as runc and crun), never
+    /// the one of whoever ran `host`.
+    umask: nix::sys::stat::Mode,
 }
+
+/// A process's umask when its spec names none.
+const DEFAULT_UMASK: u32 = 0o022;
 
 fn oci_caps(set: &Option<oci_spec::runtime::Capabilities>) -> Result<HashSet<caps::Capability>> {
     let mut out = HashSet::new();
@@ -157,6 +163,10 @@ impl Security {
             effective: oci_caps(c.map_or(&None, |c| c.effective()))?,
             no_new_privs: p.no_new_privileges().unwrap_or(false),
             seccomp: compile_seccomp(spec)?,
+            umask: match p.user().umask().unwrap_or(DEFAULT_UMASK) {
+                m if m <= 0o777 => nix::sys::stat::Mode::from_bits_truncate(m),
+                m => bail!("process.user.umask {m:#o} is not a umask (at most 0777)"),
+            },
         })
     }
 
@@ -184,6 +194,7 @@ impl Security {
             caps::set(None, caps::CapSet::Permitted, &self.effective)
                 .context("setting permitted capabilities")?;
         }
+        nix::sys::stat::umask(self.umask);
         if self.no_new_privs {
             nix::sys::prctl::set_no_new_privs().context("no_new_privs")?;
         }
@@ -1230,6 +1241,24 @@ mod tests {
         let sec = Security::from_spec(&spec).unwrap();
         assert!(sec.bounding.contains(&caps::Capability::CAP_NET_RAW));
         assert!(!sec.bounding.contains(&caps::Capability::CAP_SYS_ADMIN));
+    }
+
+    #[test]
+    fn the_umask_is_the_specs_or_0022() {
+        let mut spec = crate::mountplan::tests::built_spec(None);
+        let umask = |spec: &Spec| Security::from_spec(spec).map(|s| s.umask.bits());
+        assert_eq!(umask(&spec).unwrap(), 0o022);
+        let mut process = spec.process().clone().unwrap();
+        let mut user = process.user().clone();
+        user.set_umask(Some(0o077));
+        process.set_user(user.clone());
+        spec.set_process(Some(process.clone()));
+        assert_eq!(umask(&spec).unwrap(), 0o077);
+        user.set_umask(Some(0o1777));
+        process.set_user(user);
+        spec.set_process(Some(process));
+        let err = umask(&spec).err().unwrap().to_string();
+        assert!(err.contains("process.user.umask 0o1777"), "{err}");
     }
 
     #[test]

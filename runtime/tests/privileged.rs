@@ -1016,6 +1016,7 @@ fn read_only_root_and_isolation() {
         ls /dev | sort | tr '\n' ,
         echo
         echo "env=$GREETING"
+        echo "umask=$(umask)"
     "#;
     let rw = tempfile::tempdir().unwrap();
     let o = RunOptions {
@@ -1026,7 +1027,10 @@ fn read_only_root_and_isolation() {
         ],
         ..env.opts("iso", &["sh", "-c", script])
     };
+    // The container's umask is its own (0022 by default), not its caller's.
+    let caller = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let (code, log) = env.run_to_end(o);
+    nix::sys::stat::umask(caller);
     assert_eq!(code, 0, "{log}");
     let has = |s: &str| assert!(log.contains(s), "missing {s:?} in:\n{log}");
     has("Read-only file system");
@@ -1048,6 +1052,7 @@ fn read_only_root_and_isolation() {
     has("user=0:0");
     has("unshare=denied");
     has("env=hi");
+    has("umask=0022");
     assert!(
         log.contains(",null,") && log.contains(",pts,") && !log.contains(",sda"),
         "{log}"
