@@ -51,10 +51,14 @@ pub fn init_logging(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse::<Targets>().ok())
-        .unwrap_or_else(|| default.parse().expect("a level"));
+    // Levels per target (`debug`, `warn,cairn_runtime=debug`); not
+    // env-filter's span and field filters, which would link regex.
+    let from_env = std::env::var("RUST_LOG").ok().and_then(|v| {
+        v.parse::<Targets>()
+            .inspect_err(|e| eprintln!("warning: RUST_LOG={v:?} ignored: {e}"))
+            .ok()
+    });
+    let filter = from_env.unwrap_or_else(|| default.parse().expect("a level"));
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
