@@ -25,30 +25,43 @@ use cairn_runtime::{RunOptions, RunOutcome, Runtime};
 pub type CheckedOut = (ImageInfo, PathBuf);
 use clap::{Args, Subcommand};
 
+mod quick;
+#[allow(unused_imports)] // used by the container executable only
+pub use quick::{quick_run, QuickRun};
+
+/// The environment variables that stand in for flags (clap's `env`, and
+/// [`quick_run`]).
+pub const ENV_ROOT: &str = "CAIRN_ROOT";
+pub const ENV_BAKED_APPS: &str = "CAIRN_BAKED_APPS";
+pub const ENV_BRIDGE: &str = "CAIRN_BRIDGE";
+pub const ENV_SUBNET: &str = "CAIRN_SUBNET";
+pub const ENV_NODE_NETWORK: &str = "CAIRN_NODE_NETWORK";
+pub const ENV_REGISTRATION_DIR: &str = "CAIRN_REGISTRATION_DIR";
+
 /// Options of every `host app` command.
 #[derive(Debug, Args)]
 pub struct AppGlobals {
     /// State directory: image repository, checkouts, containers, addresses.
-    #[arg(long, env = "CAIRN_ROOT", default_value = DEFAULT_ROOT, global = true)]
+    #[arg(long, env = ENV_ROOT, default_value = DEFAULT_ROOT, global = true)]
     pub root: PathBuf,
 
     /// Where the host tree's baked apps are (tests point it elsewhere).
-    #[arg(long, env = "CAIRN_BAKED_APPS", default_value = cairn_contracts::image::BAKED_APPS_DIR, global = true, hide = true)]
+    #[arg(long, env = ENV_BAKED_APPS, default_value = cairn_contracts::image::BAKED_APPS_DIR, global = true, hide = true)]
     pub baked_apps: PathBuf,
 
     /// Host bridge that containers attach to [default: the fleet network's,
     /// else cairn0].
-    #[arg(long, env = "CAIRN_BRIDGE", global = true)]
+    #[arg(long, env = ENV_BRIDGE, global = true)]
     bridge: Option<String>,
 
     /// The bridge's address and prefix; containers get addresses from this
     /// subnet [default: the subnet this node leased in its fleet network,
     /// else 10.88.0.1/16].
-    #[arg(long, env = "CAIRN_SUBNET", global = true)]
+    #[arg(long, env = ENV_SUBNET, global = true)]
     subnet: Option<String>,
 
     /// What the fleet network agent leased (see `host net status`).
-    #[arg(long, env = "CAIRN_NODE_NETWORK", default_value = NODE_NETWORK, global = true, hide = true)]
+    #[arg(long, env = ENV_NODE_NETWORK, default_value = NODE_NETWORK, global = true, hide = true)]
     node_network: PathBuf,
 }
 
@@ -133,6 +146,17 @@ pub enum ContainerSub {
     Monitor { name: String },
 }
 
+/// `app run`'s defaults (clap's and [`quick_run`]'s).
+const DEFAULT_NETWORK: &str = "bridge";
+const DEFAULT_USERNS: &str = "auto";
+const DEFAULT_HEALTH_INTERVAL: &str = "10s";
+const DEFAULT_HEALTH_RETRIES: u32 = 3;
+const DEFAULT_RESTART: &str = "no";
+const DEFAULT_STOP_TIMEOUT: u64 = 10;
+const DEFAULT_LOG_MAX_SIZE: &str = "10M";
+const DEFAULT_LOG_MAX_FILES: u32 = 3;
+const LOG_MAX_FILES: std::ops::RangeInclusive<i64> = 1..=100;
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Container name (default: a random one).
@@ -168,7 +192,7 @@ pub struct RunArgs {
     #[arg(long)]
     ip: Option<Ipv4Addr>,
     /// `bridge` (default) or `none` (loopback only).
-    #[arg(long, default_value = "bridge", value_parser = ["bridge", "none"])]
+    #[arg(long, default_value = DEFAULT_NETWORK, value_parser = ["bridge", "none"])]
     network: String,
     /// Set an environment variable (KEY=VALUE); repeatable.
     #[arg(short, long = "env")]
@@ -180,10 +204,10 @@ pub struct RunArgs {
     #[arg(long)]
     health_cmd: Option<String>,
     /// Time between health checks.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = DEFAULT_HEALTH_INTERVAL, value_parser = parse_duration)]
     health_interval: Duration,
     /// Consecutive failures before the container counts as unhealthy.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = DEFAULT_HEALTH_RETRIES)]
     health_retries: u32,
     /// Register the container as an instance of service NAME (port PORT)
     /// while it runs and passes its health check: NAME.service.cairn
@@ -192,25 +216,25 @@ pub struct RunArgs {
     services: Vec<ServicePort>,
     /// Where the monitor publishes its registration (the fleet network
     /// agent reads it).
-    #[arg(long, env = "CAIRN_REGISTRATION_DIR", default_value = REGISTRATION_DIR, hide = true)]
+    #[arg(long, env = ENV_REGISTRATION_DIR, default_value = REGISTRATION_DIR, hide = true)]
     registration_dir: PathBuf,
     /// Restart policy: no, on-failure or always (with back-off).
-    #[arg(long, default_value = "no", value_parser = parse_restart)]
+    #[arg(long, default_value = DEFAULT_RESTART, value_parser = parse_restart)]
     restart: RestartPolicy,
     /// Seconds between SIGTERM and SIGKILL when stopping.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = DEFAULT_STOP_TIMEOUT)]
     stop_timeout: u64,
     /// A detached container's log is rotated once it reaches this size
     /// (0: never).
-    #[arg(long, value_name = "SIZE", default_value = "10M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = DEFAULT_LOG_MAX_SIZE, value_parser = parse_size)]
     log_max_size: u64,
     /// Log files kept, the current one included.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LOG_MAX_FILES, value_parser = clap::value_parser!(u32).range(LOG_MAX_FILES))]
     log_max_files: u32,
     /// User namespace: `auto` (default) gives the container its own range
     /// of host ids, so its root is no one on the host; `host` runs it with
     /// the host's ids (root in the container is root on the node).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "host"])]
+    #[arg(long, default_value = DEFAULT_USERNS, value_parser = ["auto", "host"])]
     userns: String,
     /// Image: NAME[:TAG], NAME@sha256:… or sha256:…
     pub image: String,

@@ -56,12 +56,26 @@ fn main() -> ExitCode {
         .skip(1)
         .find(|a| !a.to_string_lossy().starts_with('-'));
     if first_command.is_some_and(|c| c == "app") {
-        let begun = begin_namespaces(&args);
-        if let Ok(cli) = ContainerCli::try_parse_from(&args) {
-            exe::init_logging(cli.verbose);
-            let TopCommand::App(app) = cli.command;
-            let result = containers::runtime(&app.globals)
-                .and_then(|rt| containers::run(&rt, app.command, None, begun));
+        // A plain `app run` is read without clap (see containers/quick.rs).
+        let quick = containers::quick_run(&args);
+        let begun = match &quick {
+            Some(q) => q
+                .foreground_with_own_ids()
+                .then(PendingUserns::spawn)
+                .and_then(Result::ok),
+            None => begin_namespaces(&args),
+        };
+        let parsed = match quick {
+            Some(q) => Some((q.verbose, q.globals, ContainerSub::Run(Box::new(q.run)))),
+            None => ContainerCli::try_parse_from(&args).ok().map(|cli| {
+                let TopCommand::App(app) = cli.command;
+                (cli.verbose, app.globals, app.command)
+            }),
+        };
+        if let Some((verbose, globals, command)) = parsed {
+            exe::init_logging(verbose);
+            let result = containers::runtime(&globals)
+                .and_then(|rt| containers::run(&rt, command, None, begun));
             match result {
                 Ok(code) => return code,
                 // The image store checks it out: that needs libostree.

@@ -27,7 +27,7 @@ pub enum NetCommand {
         #[arg(long)]
         json: bool,
         /// The agent's published state.
-        #[arg(long, value_name = "FILE", env = "CAIRN_NODE_NETWORK", default_value = NODE_NETWORK)]
+        #[arg(long, value_name = "FILE", env = crate::containers::ENV_NODE_NETWORK, default_value = NODE_NETWORK)]
         node_network: PathBuf,
     },
 }
@@ -41,7 +41,7 @@ pub struct AgentArgs {
     #[arg(long, default_value = DEFAULT_BRIDGE)]
     bridge: String,
     /// Where the agent publishes what it leased (read by `host app`).
-    #[arg(long, value_name = "FILE", env = "CAIRN_NODE_NETWORK", default_value = NODE_NETWORK)]
+    #[arg(long, value_name = "FILE", env = crate::containers::ENV_NODE_NETWORK, default_value = NODE_NETWORK)]
     node_network: PathBuf,
     /// Where the agent remembers its subnet across reboots.
     #[arg(long, value_name = "DIR", default_value = NETWORK_STATE_DIR)]
@@ -57,7 +57,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE", default_value = "/etc/machine-id")]
     machine_id: PathBuf,
     /// Where container monitors publish serving instances.
-    #[arg(long, value_name = "DIR", env = "CAIRN_REGISTRATION_DIR", default_value = REGISTRATION_DIR)]
+    #[arg(long, value_name = "DIR", env = crate::containers::ENV_REGISTRATION_DIR, default_value = REGISTRATION_DIR)]
     registration_dir: PathBuf,
     /// The DNS responder's port on the bridge address.
     #[arg(long, default_value_t = 53)]
@@ -77,7 +77,7 @@ pub enum ServiceCommand {
         #[arg(long = "etcd", value_name = "URL")]
         endpoints: Vec<String>,
         /// The agent's published state (names etcd when --etcd does not).
-        #[arg(long, value_name = "FILE", env = "CAIRN_NODE_NETWORK", default_value = NODE_NETWORK)]
+        #[arg(long, value_name = "FILE", env = crate::containers::ENV_NODE_NETWORK, default_value = NODE_NETWORK)]
         node_network: PathBuf,
     },
 }
