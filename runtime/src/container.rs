@@ -532,7 +532,9 @@ pub fn launch(
             let pending = userns.context(
                 "internal error: a container with a user namespace was launched without one begun",
             )?;
-            Some((range, pending.finish(&range)?))
+            let fds = pending.finish(&range)?;
+            tracing::debug!("launch: user namespace ready after {:?}", t0.elapsed());
+            Some((range, fds))
         }
         None => None,
     };
