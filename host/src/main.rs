@@ -73,7 +73,13 @@ fn main() -> ExitCode {
             }),
         };
         if let Some((verbose, globals, command)) = parsed {
-            exe::init_logging(verbose);
+            // The container path logs nothing at the default level (warn):
+            // without -v or RUST_LOG, no subscriber (its set-up was 4 % of
+            // the distinct instructions of a `run`, see containers/quick.rs
+            // for why those count). A monitor does the same.
+            if verbose > 0 || std::env::var_os("RUST_LOG").is_some() {
+                exe::init_logging(verbose);
+            }
             let result = containers::runtime(&globals)
                 .and_then(|rt| containers::run(&rt, command, None, begun));
             match result {
