@@ -402,6 +402,124 @@ mod tests {
         assert!(quick_run(&bad).is_none());
     }
 
+    /// Random lines from words of every kind: whatever the quick reading
+    /// takes, clap must read the same.
+    #[test]
+    fn random_lines_read_quickly_read_the_same_with_clap() {
+        const WORDS: &[&str] = &[
+            "-v",
+            "-vv",
+            "--verbose",
+            "app",
+            "run",
+            "ps",
+            "--rm",
+            "-d",
+            "-i",
+            "-t",
+            "-it",
+            "-dit",
+            "-di",
+            "-td",
+            "--detach",
+            "--tty",
+            "--interactive",
+            "--name",
+            "web",
+            "--name=web",
+            "-e",
+            "A=1",
+            "--env",
+            "--env=B=2",
+            "--network",
+            "none",
+            "bridge",
+            "--network=none",
+            "--userns",
+            "host",
+            "auto",
+            "--userns=host",
+            "--memory",
+            "64M",
+            "--memory=12Q",
+            "--cpus",
+            "0.5",
+            "0",
+            "--pids",
+            "16",
+            "--ip",
+            "10.88.0.5",
+            "--restart",
+            "always",
+            "on-failure",
+            "--stop-timeout",
+            "5",
+            "+5",
+            "-1",
+            "--log-max-files",
+            "3",
+            "101",
+            "--log-max-size",
+            "1M",
+            "--health-cmd",
+            "true",
+            "--health-interval",
+            "1s",
+            "10ms",
+            "--health-retries",
+            "2",
+            "--service",
+            "web:80",
+            "--registration-dir",
+            "/x",
+            "--root",
+            "/srv",
+            "--bridge=b0",
+            "--",
+            "-x",
+            "-",
+            "busybox",
+            "sh",
+            "-c",
+            "/tmp:/data",
+            "--volume",
+            "-h",
+            "--help",
+            "=",
+            "--=",
+            "-e=A",
+        ];
+        // A fixed generator: the same lines on every run.
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut quick = 0;
+        for _ in 0..5_000 {
+            let mut line: Vec<&str> = Vec::new();
+            if next(10) < 8 {
+                line.extend(["app", "run"]);
+            }
+            for _ in 0..next(9) {
+                line.push(WORDS[next(WORDS.len())]);
+            }
+            if next(2) == 0 {
+                line.push("busybox");
+            }
+            let (q, clap) = both(&line.join(" "));
+            if q.is_some() {
+                quick += 1;
+                assert_eq!(q, clap, "{line:?}");
+            }
+        }
+        // Not a test of nothing: a good share of the lines was read quickly.
+        assert!(quick > 250, "only {quick} lines read quickly");
+        eprintln!("{quick} of 5000 lines read quickly, as clap reads them");
+    }
+
     /// Every flag of `app run` that clap knows is one the quick reading
     /// takes or leaves to clap on purpose; a new flag fails here until it
     /// is read both ways.
