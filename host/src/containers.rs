@@ -554,6 +554,31 @@ pub fn check_run_args(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The container commands of `host`'s command tree, as the container
+/// executable parses them (full.rs parses all of it).
+#[derive(Debug, clap::Parser)]
+#[command(name = "host")]
+#[allow(dead_code)] // parsed by the container executable only
+pub struct ContainerCli {
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: ContainerTop,
+}
+
+#[derive(Debug, clap::Subcommand)]
+#[allow(dead_code)] // parsed by the container executable only
+pub enum ContainerTop {
+    App {
+        #[command(flatten)]
+        globals: AppGlobals,
+
+        #[command(subcommand)]
+        command: ContainerSub,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -570,21 +595,8 @@ mod tests {
         );
         // The same line parses the same through clap (the hidden subcommand).
         use clap::Parser;
-        #[derive(Parser)]
-        struct T {
-            #[command(subcommand)]
-            app: Top,
-        }
-        #[derive(clap::Subcommand)]
-        enum Top {
-            App {
-                #[command(flatten)]
-                globals: AppGlobals,
-                #[command(subcommand)]
-                command: ContainerSub,
-            },
-        }
-        let Top::App { globals, command } = T::try_parse_from(&args).unwrap().app;
+        let ContainerTop::App { globals, command } =
+            ContainerCli::try_parse_from(&args).unwrap().command;
         assert_eq!(globals.root, root);
         assert!(matches!(command, ContainerSub::Monitor { name } if name == "web"));
         // Anything else goes through clap.

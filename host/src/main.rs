@@ -10,34 +10,9 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 
 use cairn_runtime::container::PendingUserns;
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
 
-use containers::{AppGlobals, ContainerSub};
-
-/// The container commands of `host`'s command tree (full.rs has all of it).
-#[derive(Debug, Parser)]
-#[command(name = "host")]
-struct ContainerCli {
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    verbose: u8,
-
-    #[command(subcommand)]
-    command: TopCommand,
-}
-
-#[derive(Debug, Subcommand)]
-enum TopCommand {
-    App(ContainerApp),
-}
-
-#[derive(Debug, Args)]
-struct ContainerApp {
-    #[command(flatten)]
-    globals: AppGlobals,
-
-    #[command(subcommand)]
-    command: ContainerSub,
-}
+use containers::{ContainerCli, ContainerSub, ContainerTop};
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
@@ -68,8 +43,8 @@ fn main() -> ExitCode {
         let parsed = match quick {
             Some(q) => Some((q.verbose, q.globals, ContainerSub::Run(Box::new(q.run)))),
             None => ContainerCli::try_parse_from(&args).ok().map(|cli| {
-                let TopCommand::App(app) = cli.command;
-                (cli.verbose, app.globals, app.command)
+                let ContainerTop::App { globals, command } = cli.command;
+                (cli.verbose, globals, command)
             }),
         };
         if let Some((verbose, globals, command)) = parsed {

@@ -287,25 +287,6 @@ mod tests {
     use super::*;
     use clap::{CommandFactory, Parser};
 
-    /// `host`'s container command line as clap reads it (main.rs's shape).
-    #[derive(Debug, Parser)]
-    #[command(name = "host")]
-    struct Cli {
-        #[arg(short, long, action = clap::ArgAction::Count)]
-        verbose: u8,
-        #[command(subcommand)]
-        top: Top,
-    }
-    #[derive(Debug, clap::Subcommand)]
-    enum Top {
-        App {
-            #[command(flatten)]
-            globals: AppGlobals,
-            #[command(subcommand)]
-            command: ContainerSub,
-        },
-    }
-
     fn argv(line: &str) -> Vec<OsString> {
         std::iter::once("host")
             .chain(line.split(' ').filter(|w| !w.is_empty()))
@@ -317,8 +298,8 @@ mod tests {
     fn both(line: &str) -> (Option<String>, Option<String>) {
         let args = argv(line);
         let quick = quick_run(&args).map(|q| format!("{:?}", (q.verbose, q.globals, q.run)));
-        let clap = Cli::try_parse_from(&args).ok().and_then(|c| {
-            let Top::App { globals, command } = c.top;
+        let clap = ContainerCli::try_parse_from(&args).ok().and_then(|c| {
+            let ContainerTop::App { globals, command } = c.command;
             match command {
                 ContainerSub::Run(run) => Some(format!("{:?}", (c.verbose, globals, *run))),
                 _ => None,
@@ -525,7 +506,7 @@ mod tests {
     /// is read both ways.
     #[test]
     fn every_run_flag_is_read_quickly() {
-        let cmd = Cli::command();
+        let cmd = ContainerCli::command();
         let app = cmd.find_subcommand("app").unwrap().clone();
         let mut app = app;
         app.build();
