@@ -1,7 +1,8 @@
-//! `host` is two executables (see `cairn_contracts::names::full_executable`):
-//! `host` runs, execs and supervises containers and loads no libostree or
-//! glib (about 70 shared libraries: most of a short container's start, and
-//! most of an idle monitor's memory); `host-full` links everything. `host`
+//! `host` is two executables (see `cairn_contracts::names::full_executable`),
+//! and a third where an idle monitor waits (idle.rs): `host` runs, execs
+//! and supervises containers and loads no libostree or glib (about 60
+//! shared libraries: most of a short container's start, and most of an idle
+//! monitor's memory); `host-full` links everything. `host`
 //! hands every other command to `host-full` with `execve`, so the process,
 //! its arguments, standard streams and exit code stay the caller's.
 
