@@ -146,9 +146,11 @@ pub enum ContainerSub {
     Monitor { name: String },
 }
 
-/// `app run`'s defaults (clap's and [`quick_run`]'s).
-const DEFAULT_NETWORK: &str = "bridge";
-const DEFAULT_USERNS: &str = "auto";
+/// `app run`'s choices and defaults (clap's and [`quick_run`]'s).
+const NETWORKS: [&str; 2] = ["bridge", "none"];
+const USERNS_MODES: [&str; 2] = ["auto", "host"];
+const DEFAULT_NETWORK: &str = NETWORKS[0];
+const DEFAULT_USERNS: &str = USERNS_MODES[0];
 const DEFAULT_HEALTH_INTERVAL: &str = "10s";
 const DEFAULT_HEALTH_RETRIES: u32 = 3;
 const DEFAULT_RESTART: &str = "no";
@@ -192,7 +194,7 @@ pub struct RunArgs {
     #[arg(long)]
     ip: Option<Ipv4Addr>,
     /// `bridge` (default) or `none` (loopback only).
-    #[arg(long, default_value = DEFAULT_NETWORK, value_parser = ["bridge", "none"])]
+    #[arg(long, default_value = DEFAULT_NETWORK, value_parser = NETWORKS)]
     network: String,
     /// Set an environment variable (KEY=VALUE); repeatable.
     #[arg(short, long = "env")]
@@ -234,7 +236,7 @@ pub struct RunArgs {
     /// User namespace: `auto` (default) gives the container its own range
     /// of host ids, so its root is no one on the host; `host` runs it with
     /// the host's ids (root in the container is root on the node).
-    #[arg(long, default_value = DEFAULT_USERNS, value_parser = ["auto", "host"])]
+    #[arg(long, default_value = DEFAULT_USERNS, value_parser = USERNS_MODES)]
     userns: String,
     /// Image: NAME[:TAG], NAME@sha256:… or sha256:…
     pub image: String,

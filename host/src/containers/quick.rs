@@ -248,7 +248,7 @@ impl Flags {
             "ip" => once(&mut self.ip, value.parse().ok()),
             "network" => once(
                 &mut self.network,
-                ["bridge", "none"].into_iter().find(|v| *v == value),
+                NETWORKS.into_iter().find(|v| *v == value),
             ),
             "env" => {
                 self.env.push(value.to_string());
@@ -275,7 +275,7 @@ impl Flags {
             ),
             "userns" => once(
                 &mut self.userns,
-                ["auto", "host"].into_iter().find(|v| *v == value),
+                USERNS_MODES.into_iter().find(|v| *v == value),
             ),
             _ => None,
         }
