@@ -179,11 +179,23 @@ fn main() {
     // Supervision memory: the idle baked app's monitor. From smaps_rollup,
     // which walks the page tables: the guest kernel (6.1) counts VmRSS in
     // /proc/PID/status per task and adds it up only every 64 faults, so a
-    // process that faulted less since its exec shows a few kB there.
+    // process that faulted less since its exec shows a few kB there. Read
+    // while it waits in host-monitor: each health check resumes it in
+    // `host` for a moment, so the executable is read before and after the
+    // figures, and the reading is taken again until both name host-monitor
+    // (at most 5 s; then what was last seen is printed).
+    let waiter = cairn_contracts::names::monitor_executable(std::path::Path::new("/usr/bin/host"));
+    let waiter = waiter.display();
     let rss = must(vm.ok(&format!(
         "pid=$(host app inspect {APP} | sed -n 's/.*\"monitor_pid\": *\\([0-9]*\\).*/\\1/p'); \
-         printf '%s: ' \"$(readlink /proc/$pid/exe)\"; \
-         grep -E '^(Rss|Pss|Anonymous):' /proc/$pid/smaps_rollup | tr -s ' ' | tr '\\n' ' '"
+         for try in $(seq 20); do \
+           before=$(readlink /proc/$pid/exe); \
+           figures=$(grep -E '^(Rss|Pss|Anonymous):' /proc/$pid/smaps_rollup | tr -s ' ' | tr '\\n' ' '); \
+           after=$(readlink /proc/$pid/exe); \
+           [ \"$before\" = \"$after\" ] && [ \"$after\" = {waiter} ] && break; \
+           sleep 0.25; \
+         done; \
+         printf '%s: %s' \"$after\" \"$figures\""
     )));
     println!("monitor of the idle baked app: {}", rss.trim());
 }
