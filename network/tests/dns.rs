@@ -194,9 +194,16 @@ fn fake_reply(query: &[u8]) -> Vec<u8> {
 
 impl FakeUpstream {
     fn start() -> FakeUpstream {
-        let udp = UdpSocket::bind(LOCAL).unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).unwrap();
+        // The port UDP got may be taken for TCP (another test, a guest's
+        // forwarded port): draw again, as the responder does.
+        let (udp, addr, tcp) = (0..16)
+            .find_map(|_| {
+                let udp = UdpSocket::bind(LOCAL).unwrap();
+                let addr = udp.local_addr().unwrap();
+                let tcp = TcpListener::bind(addr).ok()?;
+                Some((udp, addr, tcp))
+            })
+            .expect("a port free for both UDP and TCP");
         udp.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         tcp.set_nonblocking(true).unwrap();
