@@ -151,6 +151,8 @@ const NETWORKS: [&str; 2] = ["bridge", "none"];
 const USERNS_MODES: [&str; 2] = ["auto", "host"];
 const DEFAULT_NETWORK: &str = NETWORKS[0];
 const DEFAULT_USERNS: &str = USERNS_MODES[0];
+/// `--userns host`: the container keeps the host's ids.
+pub const USERNS_HOST: &str = USERNS_MODES[1];
 const DEFAULT_HEALTH_INTERVAL: &str = "10s";
 const DEFAULT_HEALTH_RETRIES: u32 = 3;
 const DEFAULT_RESTART: &str = "no";
@@ -460,7 +462,7 @@ fn run_options(a: RunArgs) -> Result<RunOptions> {
             max_size: a.log_max_size,
             max_files: a.log_max_files,
         },
-        userns_host: a.userns == "host",
+        userns_host: a.userns == USERNS_HOST,
         services: a.services,
         registration_dir: Some(a.registration_dir),
         dns: None,

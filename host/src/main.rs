@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use cairn_runtime::container::PendingUserns;
 use clap::Parser;
 
-use containers::{ContainerCli, ContainerSub, ContainerTop};
+use containers::{ContainerCli, ContainerSub, ContainerTop, USERNS_HOST};
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
@@ -33,13 +33,10 @@ fn main() -> ExitCode {
     if first_command.is_some_and(|c| c == "app") {
         // A plain `app run` is read without clap (see containers/quick.rs).
         let quick = containers::quick_run(&args);
-        let begun = match &quick {
-            Some(q) => q
-                .foreground_with_own_ids()
-                .then(PendingUserns::spawn)
-                .and_then(Result::ok),
-            None => begin_namespaces(&args),
-        };
+        let begun = begin_namespaces(match &quick {
+            Some(q) => q.foreground_with_own_ids(),
+            None => foreground_run_with_own_ids(&args),
+        });
         let parsed = match quick {
             Some(q) => Some((q.verbose, q.globals, ContainerSub::Run(Box::new(q.run)))),
             None => ContainerCli::try_parse_from(&args).ok().map(|cli| {
@@ -74,11 +71,11 @@ fn main() -> ExitCode {
 /// A container's namespaces begun before the command line is parsed, when
 /// it reads as a foreground `app run` with a user namespace: making them
 /// (0.45 ms, mostly the network namespace) then overlaps the parsing and
-/// the image lookup. A cheap look at the words, not a parse: a wrong guess
-/// costs that kernel work on another CPU, and `run` drops what it does not
-/// use.
-fn begin_namespaces(args: &[OsString]) -> Option<PendingUserns> {
-    foreground_run_with_own_ids(args)
+/// the image lookup. A line clap must parse is told by a cheap look at its
+/// words: a wrong guess costs that kernel work on another CPU, and `run`
+/// drops what it does not use.
+fn begin_namespaces(foreground_with_own_ids: bool) -> Option<PendingUserns> {
+    foreground_with_own_ids
         .then(PendingUserns::spawn)
         .and_then(Result::ok)
 }
@@ -106,8 +103,9 @@ fn foreground_run_with_own_ids(args: &[OsString]) -> bool {
     !rest.iter().enumerate().any(|(i, w)| {
         let short_detach = w.starts_with('-') && !w.starts_with("--") && w.contains('d');
         short_detach
-            || matches!(*w, "--detach" | "--userns=host" | "--help" | "-h")
-            || (*w == "--userns" && rest.get(i + 1) == Some(&"host"))
+            || matches!(*w, "--detach" | "--help" | "-h")
+            || w.strip_prefix("--userns=") == Some(USERNS_HOST)
+            || (*w == "--userns" && rest.get(i + 1) == Some(&USERNS_HOST))
     })
 }
 

@@ -32,7 +32,7 @@ impl QuickRun {
     /// `begin_namespaces` in main.rs).
     #[allow(dead_code)] // used by the container executable only
     pub fn foreground_with_own_ids(&self) -> bool {
-        !self.run.detach && self.run.userns != "host"
+        !self.run.detach && self.run.userns != USERNS_HOST
     }
 }
 
