@@ -209,7 +209,7 @@ impl Runtime {
             return Ok(out);
         };
         for e in rd {
-            let p = e?.path().join("container.json");
+            let p = e?.path().join(state::RECORD_FILE);
             if p.exists() {
                 out.push(read_json(&p)?);
             }
@@ -220,7 +220,7 @@ impl Runtime {
 
     pub fn record(&self, name: &str) -> Result<ContainerRecord> {
         check_name(name)?;
-        let p = self.paths.container(name).join("container.json");
+        let p = self.paths.container(name).join(state::RECORD_FILE);
         if !p.exists() {
             bail!("no container named {name}");
         }
@@ -228,7 +228,7 @@ impl Runtime {
     }
 
     pub fn state(&self, name: &str) -> Result<ContainerState> {
-        Ok(read_json(&self.paths.container(name).join("state.json")).unwrap_or_default())
+        Ok(read_json(&self.paths.container(name).join(state::STATE_FILE)).unwrap_or_default())
     }
 
     /// Create a container and start it: in the foreground (returns its exit
@@ -413,10 +413,10 @@ impl Runtime {
             }
         }
         let durability = state::Durability::of(&record);
-        write_json(&dir.join("config.json"), &spec, durability)?;
-        write_json(&dir.join("container.json"), &record, durability)?;
+        write_json(&dir.join(state::CONFIG_FILE), &spec, durability)?;
+        write_json(&dir.join(state::RECORD_FILE), &record, durability)?;
         write_json(
-            &dir.join("state.json"),
+            &dir.join(state::STATE_FILE),
             &ContainerState::default(),
             durability,
         )?;
@@ -684,7 +684,7 @@ impl Runtime {
             bail!("exec needs a command");
         }
         let spec: oci_spec::runtime::Spec =
-            read_json(&self.paths.container(name).join("config.json"))?;
+            read_json(&self.paths.container(name).join(state::CONFIG_FILE))?;
         let env = spec
             .process()
             .as_ref()
@@ -731,7 +731,8 @@ impl Runtime {
     pub fn inspect(&self, name: &str) -> Result<serde_json::Value> {
         let r = self.record(name)?;
         let st = self.state(name)?;
-        let config: serde_json::Value = read_json(&self.paths.container(name).join("config.json"))?;
+        let config: serde_json::Value =
+            read_json(&self.paths.container(name).join(state::CONFIG_FILE))?;
         let mut state = serde_json::to_value(&st)?;
         state["status"] = serde_json::to_value(st.observed())?;
         Ok(serde_json::json!({ "container": r, "state": state, "config": config }))

@@ -340,6 +340,12 @@ pub fn remove_record_dir(dir: &Path) -> Result<()> {
     }
 }
 
+/// A container's records, in its directory (`Paths::container`).
+pub const RECORD_FILE: &str = "container.json";
+pub const STATE_FILE: &str = "state.json";
+/// Its OCI runtime config.
+pub const CONFIG_FILE: &str = "config.json";
+
 /// How a record is written (both atomically, see `cairn_contracts::durable`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
