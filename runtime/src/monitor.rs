@@ -177,7 +177,7 @@ impl Monitor<'_> {
                 .rt
                 .paths
                 .container(&self.record.name)
-                .join("state.json"),
+                .join(crate::state::STATE_FILE),
             &self.state,
             crate::state::Durability::of(&self.record),
         )?;
@@ -599,7 +599,7 @@ pub fn supervise(rt: &Runtime, name: &str, idle: Option<IdleExec>) -> Result<i32
     let resumed = take_resume()?;
     let ready = take_ready_fd();
     let dir = rt.paths.container(name);
-    let record: ContainerRecord = read_json(&dir.join("container.json"))?;
+    let record: ContainerRecord = read_json(&dir.join(crate::state::RECORD_FILE))?;
     let null = std::fs::File::open("/dev/null")?;
     nix::unistd::dup2(null.as_raw_fd(), 0)?;
     let log = match &resumed {
@@ -616,8 +616,8 @@ pub fn supervise(rt: &Runtime, name: &str, idle: Option<IdleExec>) -> Result<i32
         None => LogSink::open(&dir, record.log, true),
     }
     .with_context(|| format!("opening the log of {name}"))?;
-    let spec: Spec = read_json(&dir.join("config.json"))?;
-    let state: ContainerState = read_json(&dir.join("state.json")).unwrap_or_default();
+    let spec: Spec = read_json(&dir.join(crate::state::CONFIG_FILE))?;
+    let state: ContainerState = read_json(&dir.join(crate::state::STATE_FILE)).unwrap_or_default();
     let start = Start {
         early_userns: None,
         ready,
@@ -717,7 +717,11 @@ fn supervise_with(
     }
     let mask = monitor_signals();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;
-    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC).context("signalfd")?;
+    // Non-blocking: in a threaded program another thread that does not
+    // block SIGCHLD can take a signal between our poll and our read (the
+    // container's end is then seen on its pidfd, see wait_signal).
+    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .context("signalfd")?;
     // Only a detached monitor idles: a foreground one is its caller's process.
     let idle = start.idle.filter(|_| log.is_some() && console.is_none());
     let mut m = Monitor {

@@ -843,6 +843,40 @@ fn exit_codes_and_bad_input_leave_nothing() {
         other => panic!("{other:?}"),
     }
     assert!(!env.rt.paths.container("fg").exists(), "--rm removed it");
+    // A foreground run from a threaded program: exec (from another thread)
+    // and inspect find the container once it runs, the run ends with it,
+    // and its records stay. Another thread may take the SIGCHLD of its end;
+    // the monitor must not wait for it (its signalfd is non-blocking).
+    std::thread::scope(|s| {
+        let wait = "while [ ! -e /tmp/done ]; do sleep 0.05; done";
+        let fg = s.spawn(|| env.rt.run(&env.opts("fgexec", &["sh", "-c", wait])));
+        let running = env.wait_status("fgexec", &[Status::Running], Duration::from_secs(20));
+        let checks = || -> anyhow::Result<()> {
+            let inspect = env.rt.inspect("fgexec")?;
+            anyhow::ensure!(inspect["config"]["hostname"] == "fgexec", "{inspect}");
+            let touch = ["touch".into(), "/tmp/done".into()];
+            anyhow::ensure!(env.rt.exec("fgexec", &touch, false)? == 0, "touch failed");
+            Ok(())
+        };
+        let checked = checks();
+        if let (Err(_), Some(pid)) = (&checked, running.pid) {
+            // Its end, or this test would wait for it forever (its monitor
+            // is this process: no stop).
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let outcome = fg.join().unwrap();
+        checked.unwrap();
+        match outcome.unwrap() {
+            RunOutcome::Exited { code, .. } => assert_eq!(code, 0),
+            other => panic!("{other:?}"),
+        }
+    });
+    let fgexec = env.rt.paths.container("fgexec");
+    assert!(fgexec.join(cairn_runtime::state::CONFIG_FILE).is_file());
+    env.rt.rm("fgexec", false).unwrap();
     // The image's own Cmd.
     let (code, log) = env.run_to_end(env.opts("cmd", &[]));
     assert_eq!((code, log.trim()), (0, "hello from busybox"));
