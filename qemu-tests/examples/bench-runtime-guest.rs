@@ -4,11 +4,12 @@
 //! `qemu-tests/manifests/bench-host.toml`, which the apps test image
 //! leaves out) on a bundle of the same tree, and the bare
 //! `unshare -mpnui -f --mount-proc chroot ROOTFS /bin/true` floor. Rounds are
-//! interleaved so load changes hit every tool alike; `host --help` shows what
-//! starting the `host` binary alone costs. With `NOPIE_HOST=FILE` (the same
-//! `host` linked without PIE) one more row runs that binary, copied into the
-//! guest over 9p. Also the memory (RSS) of the idle baked app's monitor.
-//! Printed, never asserted.
+//! interleaved so load changes hit every tool alike, each in a random order
+//! (see the loop); `host app ps` shows what starting the `host` binary
+//! costs, with no container started. With `NOPIE_HOST=FILE` (the same
+//! `host` linked without PIE) one more row runs that binary, copied into
+//! the guest over 9p. Also the memory (RSS) of the idle baked app's
+//! monitor. Printed, never asserted.
 //!
 //! Run as root: `scripts/bench-runtime-guest [ROUNDS]` (or
 //! `cargo run -p qemu-tests --example bench-runtime-guest -- [ROUNDS]`).
@@ -106,13 +107,21 @@ fn main() {
             format!("/var/tmp/host-nopie app run --rm --network none {APP_IMAGE} /bin/true"),
         ));
     }
-    let mut script = format!("set -e; for i in $(seq {rounds}); do\n");
+    // Each round runs the tools in a new random order: a start leaves work
+    // to the kernel (a network namespace and its veth are torn down
+    // asynchronously, RCU grace periods), which lands on whatever runs next.
+    // In a fixed order one tool always followed the bridged run and paid
+    // for it (the same binary read 90 ms there and 68 ms elsewhere).
+    let numbers: Vec<String> = (0..tools.len()).map(|n| n.to_string()).collect();
+    let mut script = format!(
+        "set -e; for i in $(seq {rounds}); do for n in $(shuf -e {}); do\n\
+         t0=$EPOCHREALTIME\ncase $n in\n",
+        numbers.join(" ")
+    );
     for (n, (_, cmd)) in tools.iter().enumerate() {
-        script.push_str(&format!(
-            "t0=$EPOCHREALTIME; {cmd} >/dev/null; t1=$EPOCHREALTIME; echo \"{n} $t0 $t1\"\n"
-        ));
+        script.push_str(&format!("{n}) {cmd} >/dev/null;;\n"));
     }
-    script.push_str("done");
+    script.push_str("esac\nt1=$EPOCHREALTIME; echo \"$n $t0 $t1\"\ndone; done");
     let out = must(vm.run_timeout(
         &format!("bash -c '{}'", script.replace('\'', "'\\''")),
         std::time::Duration::from_secs(3600),
