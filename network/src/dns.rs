@@ -413,7 +413,7 @@ pub fn start(
     directory: Arc<RwLock<Directory>>,
     upstreams: Vec<SocketAddr>,
 ) -> Result<Server> {
-    let (udp, tcp) = bind_both(bind)?;
+    let (udp, tcp) = bind_udp_and_tcp(bind)?;
     let udp_addr = udp.local_addr()?;
     let tcp_addr = tcp.local_addr()?;
     udp.set_read_timeout(Some(TICK))?;
@@ -448,14 +448,15 @@ pub fn start(
     Ok(server)
 }
 
-fn bind_both(bind: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
+/// A UDP socket and a TCP listener on one address (DNS answers on both).
+/// With port 0, the port UDP drew may be taken for TCP: it draws again.
+pub fn bind_udp_and_tcp(bind: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
     let mut tries = 0;
     loop {
         let udp = UdpSocket::bind(bind).with_context(|| format!("binding DNS on udp {bind}"))?;
         let addr = udp.local_addr()?;
         match TcpListener::bind(addr) {
             Ok(tcp) => return Ok((udp, tcp)),
-            // Port 0: the port UDP got may be taken for TCP; draw again.
             Err(_) if bind.port() == 0 && tries < 16 => tries += 1,
             Err(e) => return Err(e).with_context(|| format!("binding DNS on tcp {addr}")),
         }

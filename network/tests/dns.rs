@@ -194,16 +194,8 @@ fn fake_reply(query: &[u8]) -> Vec<u8> {
 
 impl FakeUpstream {
     fn start() -> FakeUpstream {
-        // The port UDP got may be taken for TCP (another test, a guest's
-        // forwarded port): draw again, as the responder does.
-        let (udp, addr, tcp) = (0..16)
-            .find_map(|_| {
-                let udp = UdpSocket::bind(LOCAL).unwrap();
-                let addr = udp.local_addr().unwrap();
-                let tcp = TcpListener::bind(addr).ok()?;
-                Some((udp, addr, tcp))
-            })
-            .expect("a port free for both UDP and TCP");
+        let (udp, tcp) = dns::bind_udp_and_tcp(LOCAL.parse().unwrap()).unwrap();
+        let addr = udp.local_addr().unwrap();
         udp.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         tcp.set_nonblocking(true).unwrap();
